@@ -1,0 +1,548 @@
+// jax_tilek launcher: one XLA FFI target, "tilek_launch", that runs any precompiled TileLang kernel.
+//
+// Stages (XLA FFI):
+//   instantiate  decode the launch record (attributes) into a LaunchState, once per call site.
+//   initialize   load the cubin into the current CUDA context, look up every entry, raise the
+//                dynamic shared-memory limit. Runs before XLA records a command buffer.
+//   execute      encode TMA descriptors from the buffer pointers and launch each device kernel on
+//                XLA's stream with cuLaunchKernelEx. Nothing else: no loading, no allocation, no sync,
+//                so the handler is command-buffer (CUDA graph) compatible.
+//
+// The launch record layout is written by jax_tilek/_record.py (encode_record); keep the two in step.
+// The CUDA driver is reached through dlopen("libcuda.so.1"), so this module loads on machines without
+// a GPU (where it is simply never called).
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <cuda.h>
+#include <dlfcn.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRecordVersion = 1;
+constexpr size_t kMaxBuffers = 64;
+constexpr size_t kMaxTma = 16;
+constexpr size_t kMaxArgs = 128;
+constexpr size_t kMaxRank = 5;
+
+// ---------------------------------------------------------------------------------------------
+// CUDA driver entry points.
+
+struct Driver {
+  CUresult (*GetErrorName)(CUresult, const char**) = nullptr;
+  CUresult (*GetErrorString)(CUresult, const char**) = nullptr;
+  CUresult (*CtxGetCurrent)(CUcontext*) = nullptr;
+  CUresult (*CtxGetDevice)(CUdevice*) = nullptr;
+  CUresult (*DeviceGetAttribute)(int*, CUdevice_attribute, CUdevice) = nullptr;
+  CUresult (*ModuleLoadData)(CUmodule*, const void*) = nullptr;
+  CUresult (*ModuleGetFunction)(CUfunction*, CUmodule, const char*) = nullptr;
+  CUresult (*FuncSetAttribute)(CUfunction, CUfunction_attribute, int) = nullptr;
+  CUresult (*LaunchKernelEx)(const CUlaunchConfig*, CUfunction, void**, void**) = nullptr;
+  CUresult (*TensorMapEncodeTiled)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*,
+                                   CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
+                                   CUtensorMapFloatOOBfill) = nullptr;
+  CUresult (*MemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream) = nullptr;
+  CUresult (*StreamIsCapturing)(CUstream, CUstreamCaptureStatus*) = nullptr;
+  std::string problem;  // why the driver is unusable; empty when it is fine
+};
+
+template <typename Fn>
+bool Resolve(void* lib, const char* name, Fn& fn, std::string& problem) {
+  fn = reinterpret_cast<Fn>(dlsym(lib, name));
+  if (fn == nullptr && problem.empty()) problem = std::string("libcuda.so.1 has no symbol ") + name;
+  return fn != nullptr;
+}
+
+const Driver& GetDriver() {
+  static const Driver* driver = [] {
+    auto* d = new Driver();
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      d->problem = std::string("cannot load libcuda.so.1: ") + dlerror();
+      return d;
+    }
+    Resolve(lib, "cuGetErrorName", d->GetErrorName, d->problem);
+    Resolve(lib, "cuGetErrorString", d->GetErrorString, d->problem);
+    Resolve(lib, "cuCtxGetCurrent", d->CtxGetCurrent, d->problem);
+    Resolve(lib, "cuCtxGetDevice", d->CtxGetDevice, d->problem);
+    Resolve(lib, "cuDeviceGetAttribute", d->DeviceGetAttribute, d->problem);
+    Resolve(lib, "cuModuleLoadData", d->ModuleLoadData, d->problem);
+    Resolve(lib, "cuModuleGetFunction", d->ModuleGetFunction, d->problem);
+    Resolve(lib, "cuFuncSetAttribute", d->FuncSetAttribute, d->problem);
+    Resolve(lib, "cuLaunchKernelEx", d->LaunchKernelEx, d->problem);
+    Resolve(lib, "cuTensorMapEncodeTiled", d->TensorMapEncodeTiled, d->problem);
+    Resolve(lib, "cuMemsetD8Async", d->MemsetD8Async, d->problem);
+    Resolve(lib, "cuStreamIsCapturing", d->StreamIsCapturing, d->problem);
+    return d;
+  }();
+  return *driver;
+}
+
+// An error result for functions returning ffi::ErrorOr<T>.
+ffi::Unexpected<ffi::Error> Fail(ffi::ErrorCode code, std::string message) {
+  return ffi::Unexpected(ffi::Error(code, std::move(message)));
+}
+
+std::string DescribeCuda(CUresult r) {
+  const Driver& d = GetDriver();
+  const char* name = "unknown CUDA error";
+  const char* text = "";
+  if (d.GetErrorName) d.GetErrorName(r, &name);
+  if (d.GetErrorString) d.GetErrorString(r, &text);
+  std::ostringstream s;
+  s << name << " (" << static_cast<int>(r) << "): " << text;
+  return s.str();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decoded launch record.
+
+enum ArgKind : int64_t { kBufferArg = 0, kTmaArg = 1, kScalarArg = 2 };
+
+struct Arg {
+  int64_t kind;
+  int64_t a;  // buffer index | TMA index | scalar size in bytes
+  int64_t b;  // byte offset  | unused    | scalar bits (little-endian, low `a` bytes)
+};
+
+struct TmaRecipe {
+  int64_t buffer;
+  int64_t byte_offset;
+  CUtensorMapDataType dtype;
+  cuuint32_t rank;
+  cuuint64_t dims[kMaxRank];
+  cuuint64_t strides[kMaxRank - 1];
+  cuuint32_t box[kMaxRank];
+  cuuint32_t element_strides[kMaxRank];
+  CUtensorMapInterleave interleave;
+  CUtensorMapSwizzle swizzle;
+  CUtensorMapL2promotion l2_promotion;
+  CUtensorMapFloatOOBfill oob_fill;
+};
+
+struct KernelLaunch {
+  std::string entry;
+  unsigned grid[3];
+  unsigned block[3];
+  unsigned cluster[3];
+  unsigned smem;
+  bool pdl;
+  bool cooperative;
+  std::vector<Arg> args;
+};
+
+struct LaunchState {
+  static ffi::TypeId id;
+
+  std::string name;       // the op or kernel name, for error messages
+  std::string cubin;      // the module image
+  std::string cubin_key;  // content hash of the image, keys the per-context module cache
+  int64_t num_buffers = 0;
+  std::vector<int64_t> zero_fill;
+  std::vector<TmaRecipe> tma;
+  std::vector<KernelLaunch> kernels;
+
+  std::mutex mu;
+  std::vector<std::pair<CUcontext, std::vector<CUfunction>>> functions;  // per CUDA context
+
+  std::string Where(const KernelLaunch* k = nullptr) const {
+    std::string s = "jax_tilek kernel '" + name + "'";
+    if (k != nullptr) s += " (entry " + k->entry + ")";
+    return s;
+  }
+};
+
+ffi::TypeId LaunchState::id = {};
+
+class Reader {
+ public:
+  explicit Reader(ffi::Span<const int64_t> data) : data_(data) {}
+  bool ok() const { return ok_; }
+  int64_t Next() {
+    if (pos_ >= data_.size()) {
+      ok_ = false;
+      return 0;
+    }
+    return data_[pos_++];
+  }
+  bool AtEnd() const { return pos_ == data_.size(); }
+
+ private:
+  ffi::Span<const int64_t> data_;
+  size_t pos_ = 0;
+  bool ok_ = true;
+};
+
+ffi::Error Invalid(const LaunchState& st, const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, st.Where() + ": bad launch record: " + what);
+}
+
+ffi::Error DecodeRecord(ffi::Span<const int64_t> record, std::string_view entries, LaunchState& st) {
+  Reader r(record);
+  if (r.Next() != kRecordVersion) return Invalid(st, "unsupported record version");
+  st.num_buffers = r.Next();
+  const int64_t num_zero = r.Next();
+  const int64_t num_tma = r.Next();
+  const int64_t num_kernels = r.Next();
+  if (!r.ok() || st.num_buffers < 0 || st.num_buffers > static_cast<int64_t>(kMaxBuffers) || num_zero < 0 ||
+      num_tma < 0 || num_tma > static_cast<int64_t>(kMaxTma) || num_kernels < 0) {
+    return Invalid(st, "header out of range");
+  }
+  for (int64_t i = 0; i < num_zero; ++i) st.zero_fill.push_back(r.Next());
+  for (int64_t i = 0; i < num_tma; ++i) {
+    TmaRecipe t{};
+    t.buffer = r.Next();
+    t.byte_offset = r.Next();
+    t.dtype = static_cast<CUtensorMapDataType>(r.Next());
+    t.rank = static_cast<cuuint32_t>(r.Next());
+    if (t.rank < 1 || t.rank > kMaxRank) return Invalid(st, "TMA rank out of range");
+    for (cuuint32_t d = 0; d < t.rank; ++d) t.dims[d] = static_cast<cuuint64_t>(r.Next());
+    for (cuuint32_t d = 0; d + 1 < t.rank; ++d) t.strides[d] = static_cast<cuuint64_t>(r.Next());
+    for (cuuint32_t d = 0; d < t.rank; ++d) t.box[d] = static_cast<cuuint32_t>(r.Next());
+    for (cuuint32_t d = 0; d < t.rank; ++d) t.element_strides[d] = static_cast<cuuint32_t>(r.Next());
+    t.interleave = static_cast<CUtensorMapInterleave>(r.Next());
+    t.swizzle = static_cast<CUtensorMapSwizzle>(r.Next());
+    t.l2_promotion = static_cast<CUtensorMapL2promotion>(r.Next());
+    t.oob_fill = static_cast<CUtensorMapFloatOOBfill>(r.Next());
+    if (t.buffer < 0 || t.buffer >= st.num_buffers) return Invalid(st, "TMA buffer index out of range");
+    st.tma.push_back(t);
+  }
+  std::vector<std::string> names;
+  for (size_t start = 0; start <= entries.size();) {
+    size_t end = entries.find(';', start);
+    if (end == std::string_view::npos) end = entries.size();
+    names.emplace_back(entries.substr(start, end - start));
+    start = end + 1;
+  }
+  if (static_cast<int64_t>(names.size()) != num_kernels) return Invalid(st, "entry names do not match kernels");
+  for (int64_t i = 0; i < num_kernels; ++i) {
+    KernelLaunch k{};
+    k.entry = names[i];
+    for (unsigned& g : k.grid) g = static_cast<unsigned>(r.Next());
+    for (unsigned& b : k.block) b = static_cast<unsigned>(r.Next());
+    k.smem = static_cast<unsigned>(r.Next());
+    for (unsigned& c : k.cluster) c = static_cast<unsigned>(r.Next());
+    const int64_t flags = r.Next();
+    k.pdl = (flags & 1) != 0;
+    k.cooperative = (flags & 2) != 0;
+    const int64_t num_args = r.Next();
+    if (!r.ok() || num_args < 0 || num_args > static_cast<int64_t>(kMaxArgs)) return Invalid(st, "too many args");
+    for (int64_t j = 0; j < num_args; ++j) {
+      Arg a{r.Next(), r.Next(), r.Next()};
+      const bool good = (a.kind == kBufferArg && a.a >= 0 && a.a < st.num_buffers) ||
+                        (a.kind == kTmaArg && a.a >= 0 && a.a < num_tma) ||
+                        (a.kind == kScalarArg && (a.a == 1 || a.a == 2 || a.a == 4 || a.a == 8));
+      if (!good) return Invalid(st, "bad argument in " + k.entry);
+      k.args.push_back(a);
+    }
+    st.kernels.push_back(std::move(k));
+  }
+  for (int64_t z : st.zero_fill) {
+    if (z < 0 || z >= st.num_buffers) return Invalid(st, "zero-fill index out of range");
+  }
+  if (!r.ok() || !r.AtEnd()) return Invalid(st, "record length mismatch");
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Module loading: one CUmodule per (context, cubin), shared by every call site of that cubin.
+
+std::mutex module_mu;
+std::vector<std::pair<std::pair<CUcontext, std::string>, CUmodule>>& Modules() {
+  static auto* modules = new std::vector<std::pair<std::pair<CUcontext, std::string>, CUmodule>>();
+  return *modules;
+}
+
+ffi::ErrorOr<CUmodule> LoadModule(CUcontext ctx, const LaunchState& st) {
+  std::lock_guard<std::mutex> lock(module_mu);
+  for (auto& [key, mod] : Modules()) {
+    if (key.first == ctx && key.second == st.cubin_key) return mod;
+  }
+  CUmodule mod;
+  CUresult r = GetDriver().ModuleLoadData(&mod, st.cubin.data());
+  if (r != CUDA_SUCCESS) {
+    return Fail(ffi::ErrorCode::kInternal,
+                      st.Where() + ": cuModuleLoadData failed: " + DescribeCuda(r) +
+                          " (was the cubin built for this GPU's architecture?)");
+  }
+  Modules().push_back({{ctx, st.cubin_key}, mod});
+  return mod;
+}
+
+ffi::ErrorOr<std::vector<CUfunction>> LoadFunctions(CUcontext ctx, const LaunchState& st) {
+  const Driver& d = GetDriver();
+  auto mod = LoadModule(ctx, st);
+  if (mod.has_error()) return ffi::Unexpected(mod.error());
+  CUdevice dev;
+  int smem_optin = 0;
+  if (d.CtxGetDevice(&dev) == CUDA_SUCCESS) {
+    d.DeviceGetAttribute(&smem_optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev);
+  }
+  std::vector<CUfunction> fns;
+  for (const KernelLaunch& k : st.kernels) {
+    CUfunction fn;
+    CUresult r = d.ModuleGetFunction(&fn, mod.value(), k.entry.c_str());
+    if (r != CUDA_SUCCESS) {
+      return Fail(ffi::ErrorCode::kInternal, st.Where(&k) + ": cuModuleGetFunction failed: " + DescribeCuda(r));
+    }
+    if (smem_optin > 0 && k.smem > static_cast<unsigned>(smem_optin)) {
+      return Fail(ffi::ErrorCode::kResourceExhausted,
+                        st.Where(&k) + ": needs " + std::to_string(k.smem) +
+                            " bytes of dynamic shared memory, this GPU allows " + std::to_string(smem_optin));
+    }
+    if (k.smem > 0) {
+      r = d.FuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(k.smem));
+      if (r != CUDA_SUCCESS) {
+        return Fail(ffi::ErrorCode::kInternal,
+                          st.Where(&k) + ": setting the dynamic shared-memory limit failed: " + DescribeCuda(r));
+      }
+    }
+    if (k.cluster[0] * k.cluster[1] * k.cluster[2] > 8) {
+      r = d.FuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1);
+      if (r != CUDA_SUCCESS) {
+        return Fail(ffi::ErrorCode::kInternal,
+                          st.Where(&k) + ": allowing a non-portable cluster size failed: " + DescribeCuda(r));
+      }
+    }
+    fns.push_back(fn);
+  }
+  return fns;
+}
+
+ffi::ErrorOr<CUcontext> CurrentContext(const LaunchState& st) {
+  const Driver& d = GetDriver();
+  if (!d.problem.empty()) return Fail(ffi::ErrorCode::kFailedPrecondition, st.Where() + ": " + d.problem);
+  CUcontext ctx = nullptr;
+  CUresult r = d.CtxGetCurrent(&ctx);
+  if (r != CUDA_SUCCESS || ctx == nullptr) {
+    return Fail(ffi::ErrorCode::kFailedPrecondition, st.Where() + ": no current CUDA context");
+  }
+  return ctx;
+}
+
+// Returns the entry functions for the current context, loading them unless `may_load` is false.
+ffi::ErrorOr<const std::vector<CUfunction>*> Functions(LaunchState& st, bool may_load) {
+  auto ctx = CurrentContext(st);
+  if (ctx.has_error()) return ffi::Unexpected(ctx.error());
+  std::lock_guard<std::mutex> lock(st.mu);
+  for (auto& [c, fns] : st.functions) {
+    if (c == ctx.value()) return &fns;
+  }
+  if (!may_load) {
+    return Fail(ffi::ErrorCode::kFailedPrecondition,
+                      st.Where() + ": module not loaded before CUDA graph capture (initialize stage did not run)");
+  }
+  auto fns = LoadFunctions(ctx.value(), st);
+  if (fns.has_error()) return ffi::Unexpected(fns.error());
+  st.functions.push_back({ctx.value(), std::move(fns.value())});
+  return &st.functions.back().second;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three stages.
+
+ffi::ErrorOr<std::unique_ptr<LaunchState>> Instantiate(std::string_view name, std::string_view cubin,
+                                                       std::string_view cubin_key, std::string_view entries,
+                                                       ffi::Span<const int64_t> record) {
+  auto st = std::make_unique<LaunchState>();
+  st->name = std::string(name);
+  st->cubin = std::string(cubin);
+  st->cubin_key = std::string(cubin_key);
+  if (ffi::Error e = DecodeRecord(record, entries, *st); e.failure()) return ffi::Unexpected(e);
+  return st;
+}
+
+ffi::Error Initialize(LaunchState* st) {
+  auto fns = Functions(*st, /*may_load=*/true);
+  if (fns.has_error()) return fns.error();
+  return ffi::Error::Success();
+}
+
+ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  const Driver& d = GetDriver();
+  bool may_load = true;
+  if (d.problem.empty()) {
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (d.StreamIsCapturing(stream, &capture) == CUDA_SUCCESS) may_load = capture == CU_STREAM_CAPTURE_STATUS_NONE;
+  }
+  auto fns = Functions(*st, may_load);
+  if (fns.has_error()) return fns.error();
+
+  const size_t num_args = args.size();
+  if (static_cast<int64_t>(num_args + rets.size()) != st->num_buffers) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      st->Where() + ": expected " + std::to_string(st->num_buffers) + " buffers, got " +
+                          std::to_string(num_args + rets.size()));
+  }
+  std::array<char*, kMaxBuffers> ptrs;
+  std::array<size_t, kMaxBuffers> sizes;
+  for (size_t i = 0; i < num_args; ++i) {
+    auto buf = args.get<ffi::AnyBuffer>(i);
+    if (buf.has_error()) return buf.error();
+    ptrs[i] = static_cast<char*>(buf.value().untyped_data());
+    sizes[i] = buf.value().size_bytes();
+  }
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto buf = rets.get<ffi::AnyBuffer>(i);
+    if (buf.has_error()) return buf.error();
+    ptrs[num_args + i] = static_cast<char*>(buf.value()->untyped_data());
+    sizes[num_args + i] = buf.value()->size_bytes();
+  }
+
+  for (int64_t z : st->zero_fill) {
+    if (sizes[z] == 0) continue;
+    CUresult r = d.MemsetD8Async(reinterpret_cast<CUdeviceptr>(ptrs[z]), 0, sizes[z], stream);
+    if (r != CUDA_SUCCESS) return ffi::Error(ffi::ErrorCode::kInternal, st->Where() + ": zero fill failed: " + DescribeCuda(r));
+  }
+
+  alignas(64) std::array<CUtensorMap, kMaxTma> maps;
+  for (size_t i = 0; i < st->tma.size(); ++i) {
+    const TmaRecipe& t = st->tma[i];
+    CUresult r = d.TensorMapEncodeTiled(&maps[i], t.dtype, t.rank, ptrs[t.buffer] + t.byte_offset, t.dims, t.strides,
+                                        t.box, t.element_strides, t.interleave, t.swizzle, t.l2_promotion,
+                                        t.oob_fill);
+    if (r != CUDA_SUCCESS) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        st->Where() + ": cuTensorMapEncodeTiled failed for TMA descriptor " + std::to_string(i) +
+                            " (buffer " + std::to_string(t.buffer) + "): " + DescribeCuda(r));
+    }
+  }
+
+  for (size_t n = 0; n < st->kernels.size(); ++n) {
+    const KernelLaunch& k = st->kernels[n];
+    std::array<void*, kMaxArgs> values;
+    std::array<void*, kMaxArgs> params;
+    for (size_t j = 0; j < k.args.size(); ++j) {
+      const Arg& a = k.args[j];
+      if (a.kind == kBufferArg) {
+        values[j] = ptrs[a.a] + a.b;
+        params[j] = &values[j];
+      } else if (a.kind == kTmaArg) {
+        params[j] = &maps[a.a];
+      } else {
+        params[j] = const_cast<int64_t*>(&a.b);
+      }
+    }
+    CUlaunchAttribute attrs[3];
+    unsigned num_attrs = 0;
+    if (k.cluster[0] * k.cluster[1] * k.cluster[2] > 1) {
+      attrs[num_attrs].id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+      attrs[num_attrs].value.clusterDim.x = k.cluster[0];
+      attrs[num_attrs].value.clusterDim.y = k.cluster[1];
+      attrs[num_attrs].value.clusterDim.z = k.cluster[2];
+      ++num_attrs;
+    }
+    if (k.pdl) {
+      attrs[num_attrs].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+      attrs[num_attrs].value.programmaticStreamSerializationAllowed = 1;
+      ++num_attrs;
+    }
+    if (k.cooperative) {
+      attrs[num_attrs].id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+      attrs[num_attrs].value.cooperative = 1;
+      ++num_attrs;
+    }
+    CUlaunchConfig config{};
+    config.gridDimX = k.grid[0];
+    config.gridDimY = k.grid[1];
+    config.gridDimZ = k.grid[2];
+    config.blockDimX = k.block[0];
+    config.blockDimY = k.block[1];
+    config.blockDimZ = k.block[2];
+    config.sharedMemBytes = k.smem;
+    config.hStream = stream;
+    config.attrs = attrs;
+    config.numAttrs = num_attrs;
+    CUresult r = d.LaunchKernelEx(&config, (*fns.value())[n], params.data(), nullptr);
+    if (r != CUDA_SUCCESS) {
+      return ffi::Error(ffi::ErrorCode::kInternal, st->Where(&k) + ": cuLaunchKernelEx failed: " + DescribeCuda(r));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(kTilekInstantiate, Instantiate,
+                       ffi::Ffi::BindInstantiate()
+                           .Attr<std::string_view>("name")        // op or kernel name, for errors
+                           .Attr<std::string_view>("cubin")       // module image bytes
+                           .Attr<std::string_view>("cubin_key")   // sha256 of the image
+                           .Attr<std::string_view>("entries")     // entry names, ';'-separated, launch order
+                           .Attr<ffi::Span<const int64_t>>("launch"));  // the launch record
+
+XLA_FFI_DEFINE_HANDLER(kTilekInitialize, Initialize,
+                       ffi::Ffi::Bind<ffi::ExecutionStage::kInitialize>().Ctx<ffi::State<LaunchState>>());
+
+XLA_FFI_DEFINE_HANDLER(kTilekExecute, Execute,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<CUstream>>()
+                           .Ctx<ffi::State<LaunchState>>()
+                           .RemainingArgs()
+                           .RemainingRets(),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+// ---------------------------------------------------------------------------------------------
+// Python module: capsules for jax.ffi.register_ffi_target / register_ffi_type.
+
+namespace {
+
+PyObject* Capsule(void* ptr) { return PyCapsule_New(ptr, nullptr, nullptr); }
+
+PyObject* Handlers(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  const std::pair<const char*, void*> stages[] = {
+      {"instantiate", reinterpret_cast<void*>(kTilekInstantiate)},
+      {"initialize", reinterpret_cast<void*>(kTilekInitialize)},
+      {"execute", reinterpret_cast<void*>(kTilekExecute)},
+  };
+  for (const auto& [stage, fn] : stages) {
+    PyObject* c = Capsule(fn);
+    PyDict_SetItemString(d, stage, c);
+    Py_DECREF(c);
+  }
+  return d;
+}
+
+PyObject* StateType(PyObject*, PyObject*) {
+  static XLA_FFI_TypeInfo info = ffi::MakeTypeInfo<LaunchState>();
+  PyObject* d = PyDict_New();
+  PyObject* id = Capsule(&LaunchState::id);
+  PyObject* ti = Capsule(&info);
+  PyDict_SetItemString(d, "type_id", id);
+  PyDict_SetItemString(d, "type_info", ti);
+  Py_DECREF(id);
+  Py_DECREF(ti);
+  return d;
+}
+
+PyObject* DriverProblem(PyObject*, PyObject*) { return PyUnicode_FromString(GetDriver().problem.c_str()); }
+
+PyMethodDef kMethods[] = {
+    {"handlers", Handlers, METH_NOARGS, "Stage name -> PyCapsule of the tilek_launch FFI handlers."},
+    {"state_type", StateType, METH_NOARGS, "type_id/type_info PyCapsules of the launcher's FFI state."},
+    {"driver_problem", DriverProblem, METH_NOARGS, "Why the CUDA driver cannot be used here ('' when it can)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_launcher", "jax_tilek's XLA FFI launcher.", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__launcher() { return PyModule_Create(&kModule); }
