@@ -1,0 +1,74 @@
+"""The Python side of the launcher: registering ``tilek_launch`` with XLA and emitting calls to it."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.interpreters import mlir
+
+from jax_tilek.compiler import Artifact
+
+TARGET = "tilek_launch"
+STATE_TYPE = "jax_tilek.LaunchState"
+
+
+class LauncherUnavailableError(RuntimeError):
+    """The compiled launcher extension is missing (jax_tilek imported from a source tree)."""
+
+
+@functools.cache
+def _launcher():
+    try:
+        from jax_tilek import _launcher
+    except ImportError as e:
+        raise LauncherUnavailableError(
+            "jax_tilek's launcher extension (jax_tilek._launcher) is not built; install the package "
+            f"with `pip install .` (it builds ffi/ with CMake) rather than importing the source tree: {e}"
+        ) from e
+    return _launcher
+
+
+@functools.cache
+def register() -> None:
+    """Registers the launcher's FFI state type and handlers for the CUDA platform (once)."""
+    launcher = _launcher()
+    jax.ffi.register_ffi_type(STATE_TYPE, launcher.state_type(), platform="CUDA")
+    jax.ffi.register_ffi_target(TARGET, launcher.handlers(), platform="CUDA", api_version=1)
+
+
+def driver_problem() -> str:
+    """Why the CUDA driver cannot be used in this process ('' when it can)."""
+    return _launcher().driver_problem()
+
+
+@functools.lru_cache(maxsize=None)
+def _cubin_key(cubin: bytes) -> str:
+    return hashlib.sha256(cubin).hexdigest()
+
+
+def emit(
+    ctx: mlir.LoweringRuleContext,
+    operands: Sequence,
+    result_avals: Sequence[jax.core.ShapedArray],
+    *,
+    name: str,
+    artifact: Artifact,
+    record: np.ndarray,
+    entries: str,
+):
+    """Emits one ``tilek_launch`` custom call; returns its result values."""
+    register()
+    rule = jax.ffi.ffi_lowering(TARGET)
+    return rule(
+        ctx.replace(avals_out=tuple(result_avals)),
+        *operands,
+        name=name,
+        cubin=artifact.cubin,
+        cubin_key=_cubin_key(artifact.cubin),
+        entries=entries,
+        launch=record,
+    )

@@ -1,0 +1,304 @@
+"""The op helper: a TileLang kernel + a pure-JAX reference + shape rules -> a JAX function.
+
+Every op binds one generic primitive, ``tilek_call``, whose
+
+- abstract eval gives exact output shapes and dtypes (``eval_shape`` of the reference, or an
+  explicit ``out_shape`` rule);
+- lowering for platform "cuda" compiles (or loads from the cache) the kernel for the target GPU and
+  emits one ``tilek_launch`` custom call whose attributes carry the cubin and a launch record already
+  evaluated for the concrete shapes; on GPUs without jax_tilek kernels, and on every other platform,
+  it lowers the reference instead;
+- batching rule folds the vmapped axis into the op (when the op provides a rule) or maps the op over
+  it sequentially.
+
+``impl=None`` takes the kernel where it can run and the reference elsewhere; ``impl="tilelang"``
+insists on the kernel (an error where it cannot run); ``impl="xla"`` calls the reference directly,
+so JAX differentiates and fuses it like any other code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import dispatch  # apply_primitive: the standard eager impl for a lowered primitive
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jax_tilek import _ffi, platform
+from jax_tilek.kernel import TileKernel
+from jax_tilek.spec import LaunchSpec, TensorBinding, compact_strides
+
+Impl = Optional[Literal["tilelang", "xla"]]
+IMPLS = (None, "tilelang", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """How a kernel tensor parameter sees its XLA buffer, when not as the whole compact buffer.
+
+    ``shape`` and ``strides`` are in elements of ``dtype`` (default: the buffer's dtype); ``offset`` is
+    the first element's index. Use it for strided rows, column windows, or reinterpreted bytes.
+    """
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    offset: int = 0
+    dtype: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How one call maps onto a TileLang kernel.
+
+    Attributes:
+      kernel: the kernel factory.
+      params: static parameters passed to the factory (one cubin per distinct set).
+      scalars: values for the prim_func's scalar parameters, fixed at lowering.
+      buffers: prim_func tensor parameter -> index into (operands, results, workspace). Default: the
+        tensor parameters in order are the operands, then the results, then the workspace.
+      views: per tensor parameter, a :class:`View` of its buffer.
+      workspace: extra buffers the kernel needs, allocated by XLA and dropped after the call.
+      zero_fill: indices into (results, workspace) that the launcher zero-fills before the launch.
+    """
+
+    kernel: TileKernel
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    scalars: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    buffers: Mapping[str, int] | None = None
+    views: Mapping[str, View] = dataclasses.field(default_factory=dict)
+    workspace: tuple[jax.ShapeDtypeStruct, ...] = ()
+    zero_fill: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TileOp:
+    """A JAX op backed by a TileLang kernel, with a pure-JAX reference.
+
+    Each callable receives the arrays (``check``, ``reference``) or their abstract values (``launch``,
+    ``out_shape``) positionally and the op's static options as keywords.
+
+    Attributes:
+      name: the op's name, used in errors and as the custom call's label.
+      launch: ``(*avals, **static) -> Launch``.
+      reference: the pure-JAX definition of the op; also gives output shapes unless ``out_shape``.
+      check: raises ValueError naming the argument and the rule for inputs the op does not accept.
+      out_shape: ``(*avals, **static) -> ShapeDtypeStruct pytree``, when there is no reference.
+      batch: ``(args, dims, *, impl, **static) -> (flat outputs, out dims)``, a vmap rule; without
+        one, vmap maps the op over the batch sequentially.
+    """
+
+    name: str
+    launch: Callable[..., Launch]
+    reference: Callable[..., Any] | None = None
+    check: Callable[..., None] | None = None
+    out_shape: Callable[..., Any] | None = None
+    batch: Callable[..., tuple[Sequence[Any], Sequence[Any]]] | None = None
+
+    def __call__(self, *args: Any, impl: Impl = None, **static: Any) -> Any:
+        if impl not in IMPLS:
+            raise ValueError(f"{self.name}: impl must be one of {IMPLS}, got {impl!r}")
+        args = tuple(jnp.asarray(a) for a in args)
+        if self.check is not None:
+            self.check(*args, **static)
+        if impl == "xla":
+            return self.reference_or_raise()(*args, **static)
+        frozen = freeze(static)
+        _, tree = _out_signature(self, _signature(args), frozen)
+        flat = tilek_call_p.bind(*args, op=self, static=frozen, impl=impl)
+        return jax.tree.unflatten(tree, flat)
+
+    def reference_or_raise(self) -> Callable[..., Any]:
+        if self.reference is None:
+            raise ValueError(f"{self.name} has no reference implementation: it runs only as a GPU kernel")
+        return self.reference
+
+
+def freeze(value: Any) -> Any:
+    """A hashable form of static options (dicts and lists become tuples)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return tuple(value.tolist())
+    return value
+
+
+def _signature(args: Sequence[Any]) -> tuple[tuple[tuple[int, ...], np.dtype], ...]:
+    return tuple((tuple(a.shape), np.dtype(a.dtype)) for a in args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _out_signature(op: TileOp, in_sig, static) -> tuple[tuple[jax.core.ShapedArray, ...], Any]:
+    structs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in in_sig]
+    kwargs = dict(static)
+    if op.out_shape is not None:
+        out = op.out_shape(*structs, **kwargs)
+    else:
+        out = jax.eval_shape(functools.partial(op.reference_or_raise(), **kwargs), *structs)
+    leaves, tree = jax.tree.flatten(out)
+    return tuple(jax.core.ShapedArray(tuple(l.shape), l.dtype) for l in leaves), tree
+
+
+# ---------------------------------------------------------------------------------------------
+# The primitive.
+
+tilek_call_p = Primitive("tilek_call")
+tilek_call_p.multiple_results = True
+tilek_call_p.def_impl(functools.partial(dispatch.apply_primitive, tilek_call_p))
+
+
+@tilek_call_p.def_abstract_eval
+def _abstract_eval(*avals, op: TileOp, static, impl):
+    return _out_signature(op, _signature(avals), static)[0]
+
+
+def _reference_lowering(ctx, *operands, op: TileOp, static, impl):
+    if impl == "tilelang":
+        raise ValueError(
+            f"{op.name}: impl='tilelang' needs an NVIDIA Hopper or Blackwell GPU, but this program is "
+            f"lowered for {ctx.module_context.platforms}; use impl=None to fall back to the reference"
+        )
+    reference = op.reference_or_raise()
+    kwargs = dict(static)
+    return mlir.lower_fun(lambda *a: jax.tree.leaves(reference(*a, **kwargs)), multiple_results=True)(ctx, *operands)
+
+
+def _cuda_lowering(ctx, *operands, op: TileOp, static, impl):
+    arch = platform.lowering_arch()
+    if arch is None:
+        if impl == "tilelang":
+            raise ValueError(f"{op.name}: impl='tilelang' but jax_tilek has no kernels for this GPU")
+        return _reference_lowering(ctx, *operands, op=op, static=static, impl=impl)
+    launch = op.launch(*ctx.avals_in, **dict(static))
+    artifact = launch.kernel.artifact(launch.params, arch)
+    workspace = [jax.core.ShapedArray(tuple(w.shape), w.dtype) for w in launch.workspace]
+    results = list(ctx.avals_out) + workspace
+    buffers = list(ctx.avals_in) + results
+    tensors = bind_tensors(artifact.spec, launch, buffers)
+    env = artifact.spec.bind(tensors, dict(launch.scalars))
+    zero_fill = [len(operands) + i for i in launch.zero_fill]
+    record, entries = artifact.spec.record(env, tensors, len(buffers), zero_fill)
+    if not entries:  # no device kernel has work (e.g. zero tokens): define every result as zeros
+        record, entries = artifact.spec.record(env, tensors, len(buffers), range(len(operands), len(buffers)))
+    out = _ffi.emit(ctx, operands, results, name=op.name, artifact=artifact, record=record, entries=entries)
+    return out[: len(ctx.avals_out)]
+
+
+def bind_tensors(spec: LaunchSpec, launch: Launch, buffers: Sequence[Any]) -> dict[str, TensorBinding]:
+    """Maps each tensor parameter of the kernel onto an XLA buffer (operands, results, workspace)."""
+    params = spec.tensor_params
+    if launch.buffers is not None:
+        mapping = dict(launch.buffers)
+    elif len(params) == len(buffers):
+        mapping = {p.name: i for i, p in enumerate(params)}
+    else:
+        raise ValueError(
+            f"kernel {spec.name!r} has {len(params)} tensor parameters {[p.name for p in params]} but the call "
+            f"has {len(buffers)} buffers (operands, results, workspace); map them with Launch(buffers=...)"
+        )
+    bound = {}
+    for p in params:
+        if p.name not in mapping:
+            raise ValueError(f"kernel {spec.name!r}: tensor parameter {p.name!r} is not mapped to a buffer")
+        index = mapping[p.name]
+        aval = buffers[index]
+        view = launch.views.get(p.name)
+        shape = tuple(view.shape) if view else tuple(aval.shape)
+        strides = tuple(view.strides) if view and view.strides is not None else compact_strides(shape)
+        offset = view.offset if view else 0
+        dtype = np.dtype(view.dtype if view and view.dtype is not None else aval.dtype)
+        if dtype.name != p.dtype:
+            raise ValueError(f"kernel {spec.name!r}: tensor {p.name!r} must be {p.dtype}, got {dtype.name}")
+        if view and math.prod(shape) > 0:
+            last = offset + sum((d - 1) * s for d, s in zip(shape, strides))
+            capacity = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize // dtype.itemsize
+            if offset < 0 or min(strides) < 0 or last >= capacity:
+                raise ValueError(f"kernel {spec.name!r}: the view of {p.name!r} reaches outside its buffer")
+        bound[p.name] = TensorBinding(index, shape, strides, offset)
+    return bound
+
+
+def _batch(args, dims, *, op: TileOp, static, impl):
+    if op.batch is not None:
+        return op.batch(args, dims, impl=impl, **dict(static))
+    return map_batch(args, dims, lambda *xs: tilek_call_p.bind(*xs, op=op, static=static, impl=impl))
+
+
+def map_batch(args, dims, fn: Callable[..., Sequence[Any]]):
+    """A vmap rule that runs ``fn`` once per batch element (``lax.map``)."""
+    moved = [a if d is batching.not_mapped else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    mapped = [i for i, d in enumerate(dims) if d is not batching.not_mapped]
+
+    def body(xs):
+        full = list(moved)
+        for i, x in zip(mapped, xs):
+            full[i] = x
+        return fn(*full)
+
+    outs = jax.lax.map(body, [moved[i] for i in mapped])
+    return outs, [0] * len(outs)
+
+
+def _jvp(primals, tangents, *, op: TileOp, static, impl):
+    raise TypeError(
+        f"jax_tilek op {op.name!r} has no derivative rule on its kernel path; call it with impl='xla' to "
+        "differentiate the reference"
+    )
+
+
+mlir.register_lowering(tilek_call_p, _reference_lowering)
+mlir.register_lowering(tilek_call_p, _cuda_lowering, platform="cuda")
+batching.primitive_batchers[tilek_call_p] = _batch
+ad.primitive_jvps[tilek_call_p] = _jvp
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients.
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Wraps non-array data (shapes, dtypes) so it can ride in custom_vjp residuals."""
+
+    value: Any
+
+
+def with_vjp(
+    primal: Callable[..., Any],
+    fwd: Callable[..., tuple[Any, Any]],
+    bwd: Callable[..., tuple[Any, ...]],
+) -> Callable[..., Any]:
+    """Makes ``primal(*arrays, impl=None, **static)`` differentiable with a custom VJP.
+
+    ``fwd(*arrays, impl, **static)`` returns ``(output, residuals)``; ``bwd(residuals, cotangent, impl,
+    **static)`` returns one cotangent (or None) per array. Residuals are arrays, or :class:`Static`
+    for shapes and dtypes. With ``impl="xla"`` the primal (the
+    reference) is differentiated by JAX directly.
+    """
+
+    @functools.lru_cache(maxsize=256)
+    def differentiable(impl: Impl, static) -> Callable[..., Any]:
+        kwargs = dict(static)
+        f = jax.custom_vjp(lambda *arrays: primal(*arrays, impl=impl, **kwargs))
+        f.defvjp(
+            lambda *arrays: fwd(*arrays, impl=impl, **kwargs),
+            lambda residuals, g: tuple(bwd(residuals, g, impl=impl, **kwargs)),
+        )
+        return f
+
+    @functools.wraps(primal)
+    def wrapped(*arrays: Any, impl: Impl = None, **static: Any) -> Any:
+        if impl == "xla":
+            return primal(*arrays, impl=impl, **static)
+        return differentiable(impl, freeze(static))(*arrays)
+
+    return wrapped

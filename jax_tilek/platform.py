@@ -1,0 +1,55 @@
+"""Which GPU architecture a kernel is compiled for when a program is lowered for "cuda"."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jax_tilek import config
+
+# Compute capability -> the arch-specific target TileLang's Hopper/Blackwell code needs.
+ARCH_BY_COMPUTE_CAPABILITY = {"9.0": "sm_90a", "10.0": "sm_100a", "10.3": "sm_103a"}
+
+
+class NoTargetArchError(ValueError):
+    """Lowering for "cuda" with no GPU present and no architecture given."""
+
+
+def device_arch(device: jax.Device) -> str | None:
+    """The kernel target for a CUDA device, or None when jax_tilek has no kernels for it."""
+    return ARCH_BY_COMPUTE_CAPABILITY.get(str(getattr(device, "compute_capability", "")))
+
+
+@functools.cache
+def _local_gpu_arch() -> tuple[bool, str | None]:
+    try:
+        gpus = jax.devices("cuda")
+    except RuntimeError:
+        return False, None
+    return True, device_arch(gpus[0])
+
+
+def lowering_arch() -> str | None:
+    """The architecture to compile for: explicit setting first, else the local GPU's.
+
+    Returns None for a GPU jax_tilek has no kernels for (callers fall back to the reference).
+    """
+    override = config.arch_override()
+    if override:
+        return override
+    has_gpu, arch = _local_gpu_arch()
+    if not has_gpu:
+        raise NoTargetArchError(
+            "lowering for 'cuda' on a machine without an NVIDIA GPU: say which GPU to compile for with "
+            "JAX_TILEK_ARCH=sm_90a (or sm_100a) or `with jax_tilek.target_arch('sm_90a'):`"
+        )
+    return arch
+
+
+def kernels_available() -> bool:
+    """True when the default backend is a GPU that jax_tilek has kernels for."""
+    try:
+        return jax.default_backend() == "gpu" and _local_gpu_arch()[1] is not None
+    except RuntimeError:
+        return False

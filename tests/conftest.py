@@ -1,0 +1,58 @@
+"""Shared fixtures.
+
+GPU tests carry ``@pytest.mark.gpu`` and run their jitted program through the ``on_gpu`` fixture,
+exactly once per test. They are skipped without a supported GPU, except in precompile mode:
+``JAX_TILEK_PRECOMPILE=sm_90a pytest -m gpu`` on a machine with TileLang lowers each GPU test's
+program for "cuda" (compiling its kernels into the cache) and then skips it. That cache is what a GPU
+machine without TileLang runs from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import jax_tilek
+
+PRECOMPILE_ARCH = os.environ.get("JAX_TILEK_PRECOMPILE") or None
+HAS_GPU = jax_tilek.kernels_available()
+
+jax.config.update("jax_enable_x64", False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU or PRECOMPILE_ARCH:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA Hopper/Blackwell GPU (see tests/conftest.py)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def on_gpu():
+    """``run(fn, *args)``: ``jax.jit(fn)(*args)`` on the GPU; in precompile mode, lower and skip."""
+
+    def run(fn, *args, **kwargs):
+        if PRECOMPILE_ARCH and not HAS_GPU:
+            jax_tilek.precompile(fn, *args, arch=PRECOMPILE_ARCH, **kwargs)
+            pytest.skip(f"precompiled for {PRECOMPILE_ARCH}")
+        return jax.block_until_ready(jax.jit(fn)(*args, **kwargs))
+
+    return run
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded from the test's id: fresh inputs per test, reproducible per test."""
+    seed = int.from_bytes(hashlib.sha256(request.node.nodeid.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def key(rng) -> jax.Array:
+    return jax.random.key(int(rng.integers(2**31)))
