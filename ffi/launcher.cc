@@ -224,7 +224,7 @@ ffi::Error DecodeRecord(ffi::Span<const int64_t> record, std::string_view entrie
     st.tma.push_back(t);
   }
   std::vector<std::string> names;
-  for (size_t start = 0; start <= entries.size();) {
+  for (size_t start = 0; !entries.empty() && start <= entries.size();) {
     size_t end = entries.find(';', start);
     if (end == std::string_view::npos) end = entries.size();
     names.emplace_back(entries.substr(start, end - start));
