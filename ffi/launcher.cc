@@ -336,20 +336,21 @@ ffi::ErrorOr<CUcontext> CurrentContext(const LaunchState& st) {
   return ctx;
 }
 
-// Returns the entry functions for the current context, loading them unless `may_load` is false.
-ffi::ErrorOr<const std::vector<CUfunction>*> Functions(LaunchState& st, bool may_load) {
+// Returns the entry functions for the current context, loading the module on first use in it.
+// `capturing` only sharpens the error message: a load normally happens in the initialize stage,
+// before XLA records a command buffer.
+ffi::ErrorOr<const std::vector<CUfunction>*> Functions(LaunchState& st, bool capturing) {
   auto ctx = CurrentContext(st);
   if (ctx.has_error()) return ffi::Unexpected(ctx.error());
   std::lock_guard<std::mutex> lock(st.mu);
   for (auto& [c, fns] : st.functions) {
     if (c == ctx.value()) return &fns;
   }
-  if (!may_load) {
-    return Fail(ffi::ErrorCode::kFailedPrecondition,
-                      st.Where() + ": module not loaded before CUDA graph capture (initialize stage did not run)");
-  }
   auto fns = LoadFunctions(ctx.value(), st);
-  if (fns.has_error()) return ffi::Unexpected(fns.error());
+  if (fns.has_error()) {
+    if (!capturing) return ffi::Unexpected(fns.error());
+    return Fail(fns.error().errc().value_or(ffi::ErrorCode::kInternal), std::string(fns.error().message()) + " (while the stream was capturing a CUDA graph)");
+  }
   st.functions.push_back({ctx.value(), std::move(fns.value())});
   return &st.functions.back().second;
 }
@@ -365,23 +366,28 @@ ffi::ErrorOr<std::unique_ptr<LaunchState>> Instantiate(std::string_view name, st
   st->cubin = std::string(cubin);
   st->cubin_key = std::string(cubin_key);
   if (ffi::Error e = DecodeRecord(record, entries, *st); e.failure()) return ffi::Unexpected(e);
+  // Load now if a CUDA context is current; otherwise the initialize stage (or first execute) does.
+  CUcontext ctx = nullptr;
+  if (GetDriver().problem.empty() && GetDriver().CtxGetCurrent(&ctx) == CUDA_SUCCESS && ctx != nullptr) {
+    (void)Functions(*st, /*capturing=*/false);
+  }
   return st;
 }
 
 ffi::Error Initialize(LaunchState* st) {
-  auto fns = Functions(*st, /*may_load=*/true);
+  auto fns = Functions(*st, /*capturing=*/false);
   if (fns.has_error()) return fns.error();
   return ffi::Error::Success();
 }
 
 ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   const Driver& d = GetDriver();
-  bool may_load = true;
-  if (d.problem.empty()) {
+  auto fns = Functions(*st, /*capturing=*/false);
+  if (fns.has_error() && d.problem.empty()) {
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
-    if (d.StreamIsCapturing(stream, &capture) == CUDA_SUCCESS) may_load = capture == CU_STREAM_CAPTURE_STATUS_NONE;
+    d.StreamIsCapturing(stream, &capture);
+    if (capture != CU_STREAM_CAPTURE_STATUS_NONE) fns = Functions(*st, /*capturing=*/true);
   }
-  auto fns = Functions(*st, may_load);
   if (fns.has_error()) return fns.error();
 
   const size_t num_args = args.size();

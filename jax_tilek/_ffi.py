@@ -20,16 +20,39 @@ class LauncherUnavailableError(RuntimeError):
     """The compiled launcher extension is missing (jax_tilek imported from a source tree)."""
 
 
+def _installed_launcher():
+    """The launcher of an installed jax_tilek, when this jax_tilek is a source tree that shadows it."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        files = importlib.metadata.distribution("jax_tilek").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.parts[:1] == ("jax_tilek",) and f.name.startswith("_launcher") and f.suffix == ".so":
+            spec = importlib.util.spec_from_file_location("jax_tilek._launcher", f.locate())
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    return None
+
+
 @functools.cache
 def _launcher():
     try:
         from jax_tilek import _launcher
+
+        return _launcher
     except ImportError as e:
+        error = e
+    launcher = _installed_launcher()
+    if launcher is None:
         raise LauncherUnavailableError(
             "jax_tilek's launcher extension (jax_tilek._launcher) is not built; install the package "
-            f"with `pip install .` (it builds ffi/ with CMake) rather than importing the source tree: {e}"
-        ) from e
-    return _launcher
+            f"with `pip install .` (it builds ffi/ with CMake): {error}"
+        )
+    return launcher
 
 
 @functools.cache

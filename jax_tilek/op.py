@@ -234,8 +234,8 @@ def _batch(args, dims, *, op: TileOp, static, impl):
 
 def map_batch(args, dims, fn: Callable[..., Sequence[Any]]):
     """A vmap rule that runs ``fn`` once per batch element (``lax.map``)."""
-    moved = [a if d is batching.not_mapped else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-    mapped = [i for i, d in enumerate(dims) if d is not batching.not_mapped]
+    moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    mapped = [i for i, d in enumerate(dims) if d is not None]
 
     def body(xs):
         full = list(moved)

@@ -1,0 +1,75 @@
+"""Transpose benchmarks: large batched transposes (expert weights, activations) against jnp.swapaxes."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jax_tilek.transpose import batched_transpose, transpose
+
+from benchmarks.harness import Case
+
+
+def _random(shape, dtype):
+    def make(rng):
+        return ((rng.standard_normal(shape, np.float32) * 4).astype(dtype),)
+
+    return make
+
+
+def _case(name, shape, dtype, columns=None):
+    itemsize = np.dtype(dtype).itemsize
+    width = shape[-1] if columns is None else columns[1] - columns[0]
+    moved = 2 * int(np.prod(shape[:-1])) * width * itemsize
+
+    def xla(x):
+        start, stop = columns or (0, x.shape[-1])
+        return jnp.swapaxes(x[..., start:stop], -1, -2)
+
+    return Case(
+        family="transpose",
+        name=name,
+        make_inputs=_random(shape, dtype),
+        kernel=lambda x: batched_transpose(x, columns=columns, impl="tilelang")
+        if len(shape) == 3
+        else transpose(x, columns=columns, impl="tilelang"),
+        xla=xla,
+        min_bytes=moved,
+        params={"shape": "x".join(map(str, shape)), "dtype": np.dtype(dtype).name},
+    )
+
+
+CASES = [
+    _case("batched", (8, 4096, 7168), ml_dtypes.bfloat16),
+    _case("batched", (8, 4096, 7168), ml_dtypes.float8_e4m3fn),
+    _case("batched", (4, 4096, 4096), np.float32),
+    _case("2d", (16384, 7168), ml_dtypes.bfloat16),
+    _case("2d_window", (8192, 14336), ml_dtypes.bfloat16, columns=(0, 7168)),
+    _case("batched_small", (2, 2048, 2048), ml_dtypes.bfloat16),
+]
+
+
+def _tiles(shape, dtype, tile_m, tile_n):
+    """The kernel with fixed tile sizes (the op picks 128 when the axis allows it), to compare tilings."""
+    import jax
+    import jax_tilek
+    from jax_tilek.transpose import batched_transpose_kernel
+
+    def kernel(x):
+        b, m, n = x.shape
+        return jax_tilek.tilelang_call(
+            batched_transpose_kernel, x,
+            out_shape=jax.ShapeDtypeStruct((b, n, m), x.dtype),
+            params=dict(dtype=x.dtype.name, tile_m=tile_m, tile_n=tile_n),
+        )  # fmt: skip
+
+    case = _case(f"tiles{tile_m}x{tile_n}", shape, dtype)
+    case.kernel = kernel
+    return case
+
+
+VARIANTS = [
+    _tiles(shape, dtype, tm, tn)
+    for shape, dtype in [((8, 4096, 7168), ml_dtypes.bfloat16), ((8, 4096, 7168), ml_dtypes.float8_e4m3fn), ((4, 4096, 4096), np.float32)]
+    for tm in (64, 128)
+    for tn in (64, 128)
+]

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU workflow, run from the repository root on a GPU machine that has no TileLang:
+#   install jax_tilek (builds the launcher), run the GPU tests from the shipped kernel cache with XLA
+#   command buffers at their default, run the benchmarks, print a short table. Logs go to $OUT.
+#
+# Build machine first (TileLang + nvcc, no GPU needed):   bash benchmarks/gpu_prepare.sh
+# Then ship the checkout with .tilek_cache/ and run:     bash benchmarks/gpu_run.sh [pytest args]
+set -uo pipefail
+OUT=${OUT:-/tmp/jax_tilek_gpu}
+mkdir -p "$OUT"
+export JAX_TILEK_CACHE_DIR="$PWD/.tilek_cache" JAX_TILEK_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+$PY -m pip install --no-deps --no-build-isolation . > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
+$PY -c "import jax, jax_tilek; print('jax', jax.__version__, jax.devices(), 'kernels:', jax_tilek.kernels_available())"
+
+$PY -m pytest -q -m gpu -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+tests_rc=${PIPESTATUS[0]}
+$PY -m benchmarks.run --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
+bench_rc=${PIPESTATUS[0]}
+echo "gpu tests rc=$tests_rc benchmarks rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))

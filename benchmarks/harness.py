@@ -1,0 +1,132 @@
+"""A benchmark harness every kernel family reuses.
+
+Method (per case):
+- each input set is made once on the device; several sets are rotated so that the data touched
+  between two uses of one set exceeds the L2 cache (``ROTATE_BYTES``);
+- a jitted function is warmed up, then timed as ``REPEATS`` batches of back-to-back calls, each batch
+  ending in ``jax.block_until_ready``; the reported time is the median over batches of the mean per
+  call (asynchronous dispatch keeps the GPU busy, so this is device time for calls longer than the
+  host's dispatch cost);
+- bandwidth counts the fewest bytes the op must move (inputs read once, outputs written once) and
+  is reported as a fraction of a device-to-device copy of the same input bytes, timed the same way
+  in the same run;
+- the same op written in plain JAX runs under ``jax.jit`` beside it, and the speed-up is its time
+  over the kernel's.
+
+Precompile mode (``precompile_arch``) only lowers every case for "cuda", filling the kernel cache on
+a build machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_tilek
+
+ROTATE_BYTES = 512 * 2**20  # > 8x the L2 of an H100 (50 MB) or H200 (60 MB)
+REPEATS = 15
+MIN_BATCH_SECONDS = 0.02
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark: the kernel op, the same op in plain JAX, and the bytes it must move."""
+
+    family: str
+    name: str
+    make_inputs: Callable[[np.random.Generator], tuple[np.ndarray, ...]]
+    kernel: Callable[..., Any]
+    xla: Callable[..., Any] | None
+    min_bytes: int
+    params: dict = dataclasses.field(default_factory=dict)
+
+
+def _input_bytes(inputs: Sequence[Any]) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in inputs)
+
+
+def time_per_call(fn: Callable[..., Any], input_sets: Sequence[tuple[Any, ...]]) -> float:
+    """Median over batches of the mean seconds per call, rotating through ``input_sets``."""
+    out = None
+    for inputs in input_sets:  # warm-up: compile, load, touch every set
+        out = fn(*inputs)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*input_sets[0]))
+    once = max(time.perf_counter() - start, 1e-6)
+    calls = max(len(input_sets), int(math.ceil(MIN_BATCH_SECONDS / once)))
+    samples = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for i in range(calls):
+            out = fn(*input_sets[i % len(input_sets)])
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def _copy(x):
+    return jnp.copy(x)  # a jit output never aliases an undonated input: XLA emits a device copy
+
+
+def run_case(case: Case, rng: np.random.Generator) -> dict:
+    first = case.make_inputs(rng)
+    sets = max(2, int(math.ceil(ROTATE_BYTES / max(_input_bytes(first), 1))))
+    sets = min(sets, 64)
+    host_sets = [first] + [case.make_inputs(rng) for _ in range(sets - 1)]
+    device_sets = [tuple(jax.device_put(x) for x in inputs) for inputs in host_sets]
+
+    t_kernel = time_per_call(jax.jit(case.kernel), device_sets)
+    result = {"family": case.family, "case": case.name, **case.params, "time_us": t_kernel * 1e6}
+    result["gbps"] = case.min_bytes / t_kernel / 1e9
+    copy_sets = [inputs[:1] for inputs in device_sets]
+    copy_bytes = 2 * _input_bytes(host_sets[0][:1])
+    t_copy = time_per_call(jax.jit(_copy), copy_sets)
+    result["copy_gbps"] = copy_bytes / t_copy / 1e9
+    result["frac_of_copy"] = result["gbps"] / result["copy_gbps"]
+    if case.xla is not None:
+        t_xla = time_per_call(jax.jit(case.xla), device_sets)
+        result["xla_time_us"] = t_xla * 1e6
+        result["speedup_vs_xla"] = t_xla / t_kernel
+    return result
+
+
+def precompile_case(case: Case, arch: str) -> None:
+    inputs = case.make_inputs(np.random.default_rng(0))
+    jax_tilek.precompile(case.kernel, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs), arch=arch)
+
+
+def run(cases: Sequence[Case], *, json_path: str | None = None, precompile_arch: str | None = None) -> list[dict]:
+    if precompile_arch:
+        for case in cases:
+            precompile_case(case, precompile_arch)
+            print(f"precompiled {case.family}/{case.name}", flush=True)
+        return []
+    rng = np.random.default_rng(0)
+    results = []
+    for case in cases:
+        results.append(run_case(case, rng))
+        print(json.dumps(results[-1]), flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": str(jax.devices()[0].device_kind), "results": results}, f, indent=1)
+    return results
+
+
+def table(results: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A fixed-width text table; ``columns`` are (header, key, format)."""
+    rows = [[header for header, _, _ in columns]]
+    for r in results:
+        rows.append([format(r[key], fmt) if key in r else "-" for _, key, fmt in columns])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)

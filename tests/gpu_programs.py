@@ -1,0 +1,94 @@
+"""Programs that test_gpu_runtime.py runs in fresh processes: ``python gpu_programs.py MODE [ARG]``.
+
+Modes:
+  run                 run the program, print a JSON line: output digest, and whether XLA put a
+                      tilek_launch inside a command buffer
+  run-cached DIR      the same, with JAX's persistent compilation cache in DIR; also print the number
+                      of cache hits
+  exported FILE       deserialize a jax.export artifact and run it; print its output digest
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+import jax_tilek
+from jax_tilek.transpose import batched_transpose
+
+SHAPE = (4, 256, 512)
+DTYPE = jnp.bfloat16
+
+
+def program(x):
+    y = batched_transpose(x, impl="tilelang")
+    y = (y.astype(jnp.float32) * 2 + 1).astype(x.dtype)
+    z = batched_transpose(y, impl="tilelang")
+    return z, batched_transpose(z, columns=(128, 384), impl="tilelang")
+
+
+def example_input() -> np.ndarray:
+    return np.random.default_rng(1234).standard_normal(SHAPE, np.float32).astype(ml_dtypes.bfloat16)
+
+
+def expected_output() -> tuple[np.ndarray, np.ndarray]:
+    x = example_input()
+    z = (np.swapaxes(x, 1, 2).astype(np.float32) * 2 + 1).astype(ml_dtypes.bfloat16)
+    z = np.ascontiguousarray(np.swapaxes(z, 1, 2))
+    return z, np.ascontiguousarray(np.swapaxes(z[..., 128:384], 1, 2))
+
+
+def digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a)).view(np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def in_command_buffer(hlo: str) -> bool:
+    """True if a tilek_launch custom call sits in a computation XLA turned into a command buffer."""
+    for block in re.split(r"\n(?=\S)", hlo):
+        if 'custom_call_target="tilek_launch"' in block and "command_buffer" in block.split("\n", 1)[0]:
+            return True
+    return False
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    x = jnp.asarray(example_input())
+    if mode in ("run", "run-cached"):
+        hits = []
+        if mode == "run-cached":
+            from jax._src import monitoring
+
+            monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+            jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        compiled = jax.jit(program).lower(x).compile()
+        out = jax.block_until_ready(compiled(x))
+        print(json.dumps({
+            "digest": digest(out),
+            "expected": digest(expected_output()),
+            "command_buffer": in_command_buffer(compiled.as_text()),
+            "cache_hits": len(hits),
+        }))  # fmt: skip
+    elif mode == "exported":
+        with open(sys.argv[2], "rb") as f:
+            exported = jax.export.deserialize(bytearray(f.read()))
+        out = jax.block_until_ready(exported.call(x))
+        print(json.dumps({"digest": digest(out), "expected": digest(expected_output())}))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    assert jax_tilek  # registers the launcher before anything runs
+    main()

@@ -1,0 +1,145 @@
+"""The op helper: impl choice, abstract eval, errors, vmap, custom_vjp, lowering, export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_tilek
+from jax_tilek import platform
+from jax_tilek.op import Launch, Static, TileOp, View, with_vjp
+
+import byo_kernels
+from helpers import decode_record, lower_for_cuda, random_array, tilek_calls
+
+
+def _scale_reference(x, s, *, factor=1.0):
+    return (x.astype(jnp.float32) * (s[:, None] * factor)).astype(x.dtype)
+
+
+def _scale_check(x, s, *, factor=1.0):
+    if x.ndim != 2 or s.shape != x.shape[:1]:
+        raise ValueError(f"scale: x must be [M, N] and s [M], got {x.shape} and {s.shape}")
+
+
+scale = TileOp(
+    name="scale",
+    launch=lambda x, s, factor=1.0: Launch(byo_kernels.scale_rows, params=dict(n_cols=x.shape[1], dtype=x.dtype.name)),
+    reference=_scale_reference,
+    check=_scale_check,
+)
+
+
+def test_impl_must_be_known():
+    with pytest.raises(ValueError, match=r"impl must be one of \(None, 'tilelang', 'xla'\), got 'cuda'"):
+        scale(jnp.ones((4, 8)), jnp.ones(4), impl="cuda")
+
+
+def test_check_runs_at_trace_time():
+    with pytest.raises(ValueError, match=r"s \[M\], got \(4, 8\) and \(5,\)"):
+        jax.eval_shape(scale, jax.ShapeDtypeStruct((4, 8), jnp.float32), jax.ShapeDtypeStruct((5,), jnp.float32))
+
+
+def test_reference_path_off_gpu(rng):
+    x = random_array(rng, (5, 64), np.float32)
+    s = random_array(rng, (5,), np.float32)
+    expected = x * (s[:, None] * 2.0)
+    for impl in (None, "xla"):
+        np.testing.assert_allclose(jax.jit(lambda x, s: scale(x, s, factor=2.0, impl=impl))(x, s), expected, rtol=1e-6)
+
+
+def test_sequential_vmap_fallback(rng):
+    x = random_array(rng, (3, 5, 64), np.float32)
+    s = random_array(rng, (5,), np.float32)
+    y = jax.jit(jax.vmap(scale, in_axes=(0, None)))(x, s)
+    np.testing.assert_allclose(y, x * s[None, :, None], rtol=1e-6)
+    text = lower_for_cuda(jax.vmap(scale, in_axes=(0, None)), jax.ShapeDtypeStruct((3, 5, 64), jnp.float32), jax.ShapeDtypeStruct((5,), jnp.float32))
+    assert "stablehlo.while" in text and len(tilek_calls(text)) == 1
+
+
+def test_no_derivative_without_vjp():
+    with pytest.raises(TypeError, match="has no derivative rule on its kernel path"):
+        jax.grad(lambda x: scale(x, jnp.ones(4)).sum())(jnp.ones((4, 8)))
+
+
+def test_with_vjp_and_static_residuals(rng):
+    def primal(x, *, impl=None, power=2):
+        return x**power if impl == "xla" else scale(x, jnp.ones(x.shape[0]), impl=impl) ** power
+
+    def fwd(x, *, impl=None, power=2):
+        return primal(x, impl=impl, power=power), (x, Static(x.dtype))
+
+    def bwd(res, g, *, impl=None, power=2):
+        x, dtype = res
+        return ((power * x ** (power - 1) * g).astype(dtype.value),)
+
+    f = with_vjp(primal, fwd, bwd)
+    x = random_array(rng, (4, 64), np.float32)
+    expected = 3 * x**2
+    for impl in (None, "xla"):
+        np.testing.assert_allclose(jax.grad(lambda x: f(x, impl=impl, power=3).sum())(x), expected, rtol=1e-5)
+
+
+def test_lowering_for_cuda_needs_an_arch():
+    if platform._local_gpu_arch()[0]:
+        pytest.skip("a GPU is present")
+    with pytest.raises(platform.NoTargetArchError, match="JAX_TILEK_ARCH=sm_90a"):
+        jax.jit(scale).trace(jnp.ones((4, 64)), jnp.ones(4)).lower(lowering_platforms=("cuda",))
+
+
+def test_kernel_dtype_and_views_are_checked():
+    wrong_dtype = TileOp(
+        name="wrong", launch=lambda x, s: Launch(byo_kernels.scale_rows, params=dict(n_cols=64, dtype="bfloat16")),
+        reference=_scale_reference,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="tensor 'x' must be bfloat16, got float32"):
+        lower_for_cuda(wrong_dtype, jax.ShapeDtypeStruct((4, 64), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32))
+    outside = TileOp(
+        name="outside",
+        launch=lambda x, s: Launch(
+            byo_kernels.scale_rows, params=dict(n_cols=64, dtype="float32"), views={"x": View((4, 64), offset=64)}
+        ),
+        reference=_scale_reference,
+    )
+    with pytest.raises(ValueError, match="the view of 'x' reaches outside its buffer"):
+        lower_for_cuda(outside, jax.ShapeDtypeStruct((4, 64), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32))
+    too_many = TileOp(
+        name="too_many",
+        launch=lambda x: Launch(byo_kernels.scale_rows, params=dict(n_cols=64, dtype="float32")),
+        reference=lambda x: x,
+    )
+    with pytest.raises(ValueError, match=r"has 3 tensor parameters \['x', 's', 'y'\] but the call has 2 buffers"):
+        lower_for_cuda(too_many, jax.ShapeDtypeStruct((4, 64), jnp.float32))
+
+
+def test_launch_record_in_the_lowered_module():
+    x, s = jax.ShapeDtypeStruct((1001, 64), jnp.bfloat16), jax.ShapeDtypeStruct((1001,), jnp.float32)
+    (call,) = tilek_calls(lower_for_cuda(scale, x, s))
+    record = decode_record(call["launch"])
+    assert call["name"] == "scale" and call["entries"] == "main_kernel" and call["has_cubin"]
+    assert record["num_buffers"] == 3 and record["zero_fill"] == [] and record["tma"] == []
+    (k,) = record["kernels"]
+    assert k["grid"] == [251, 1, 1] and k["block"] == [128, 1, 1]
+    assert k["args"] == [(0, 1, 0), (0, 0, 0), (0, 2, 0), (2, 4, 1001)]  # s, x, y, M
+    (call,) = tilek_calls(lower_for_cuda(scale, jax.ShapeDtypeStruct((0, 64), jnp.bfloat16), jax.ShapeDtypeStruct((0,), jnp.float32)))
+    assert decode_record(call["launch"])["kernels"] == [] and call["entries"] == ""
+
+
+def test_export_serializes_with_the_cubin(tmp_path):
+    pytest.importorskip("flatbuffers")
+    x, s = jax.ShapeDtypeStruct((64, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.float32)
+    exported = jax_tilek.export(scale, x, s, arch="sm_90a")
+    restored = jax.export.deserialize(exported.serialize())
+    assert restored.platforms == ("cuda",)
+    (call,) = tilek_calls(restored.mlir_module())
+    assert call["has_cubin"] and call["entries"] == "main_kernel"
+    both = jax_tilek.export(scale, x, s, arch="sm_90a", platforms=("cpu", "cuda"))
+    y = both.call(jnp.ones((64, 64), jnp.bfloat16), jnp.full((64,), 2.0))  # runs the CPU lowering here
+    np.testing.assert_array_equal(np.asarray(y, np.float32), 2.0)
+
+
+def test_precompile_reports_kernels():
+    used = jax_tilek.precompile(scale, jax.ShapeDtypeStruct((9, 64), jnp.bfloat16), jax.ShapeDtypeStruct((9,), jnp.float32), arch="sm_90a")
+    assert [(name.rsplit(".", 1)[-1], params, arch) for name, params, arch, _ in used] == [
+        ("scale_rows", {"dtype": "bfloat16", "n_cols": 64}, "sm_90a")
+    ]
