@@ -10,8 +10,10 @@ from benchmarks.harness import Case
 
 
 def _random(shape, dtype):
-    def make(rng):
-        return ((rng.standard_normal(shape, np.float32) * 4).astype(dtype),)
+    import jax
+
+    def make(key):
+        return ((jax.random.normal(key, shape, jnp.float32) * 4).astype(dtype),)
 
     return make
 
@@ -48,8 +50,8 @@ CASES = [
 ]
 
 
-def _tiles(shape, dtype, tile_m, tile_n):
-    """The kernel with fixed tile sizes (the op picks 128 when the axis allows it), to compare tilings."""
+def _tiles(shape, dtype, tile_m, tile_n, threads=256, m_fastest=False):
+    """The kernel with fixed tile sizes, to compare tilings."""
     import jax
     import jax_tilek
     from jax_tilek.transpose import batched_transpose_kernel
@@ -59,17 +61,25 @@ def _tiles(shape, dtype, tile_m, tile_n):
         return jax_tilek.tilelang_call(
             batched_transpose_kernel, x,
             out_shape=jax.ShapeDtypeStruct((b, n, m), x.dtype),
-            params=dict(dtype=x.dtype.name, tile_m=tile_m, tile_n=tile_n),
+            params=dict(dtype=x.dtype.name, tile_m=tile_m, tile_n=tile_n, threads=threads, m_fastest=m_fastest),
         )  # fmt: skip
 
-    case = _case(f"tiles{tile_m}x{tile_n}", shape, dtype)
+    case = _case(f"t{tile_m}x{tile_n}/{threads}{'/m' if m_fastest else ''}", shape, dtype)
     case.kernel = kernel
     return case
 
 
+_BIG = {
+    "bfloat16": ((8, 4096, 7168), ml_dtypes.bfloat16),
+    "float8_e4m3fn": ((8, 4096, 7168), ml_dtypes.float8_e4m3fn),
+    "float32": ((4, 4096, 4096), np.float32),
+}
 VARIANTS = [
-    _tiles(shape, dtype, tm, tn)
-    for shape, dtype in [((8, 4096, 7168), ml_dtypes.bfloat16), ((8, 4096, 7168), ml_dtypes.float8_e4m3fn), ((4, 4096, 4096), np.float32)]
-    for tm in (64, 128)
-    for tn in (64, 128)
+    _tiles(*_BIG[dtype], *config)
+    for dtype, configs in {
+        "bfloat16": [(128, 128), (128, 128, 256, True), (128, 64), (256, 64), (256, 128), (256, 128, 512), (128, 256), (256, 256, 512)],
+        "float8_e4m3fn": [(128, 128), (128, 128, 256, True), (256, 128), (256, 256), (128, 256)],
+        "float32": [(128, 128), (128, 64), (256, 64), (64, 128), (128, 128, 512)],
+    }.items()
+    for config in configs
 ]

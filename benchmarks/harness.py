@@ -1,16 +1,16 @@
 """A benchmark harness every kernel family reuses.
 
 Method (per case):
-- each input set is made once on the device; several sets are rotated so that the data touched
-  between two uses of one set exceeds the L2 cache (``ROTATE_BYTES``);
-- a jitted function is warmed up, then timed as ``REPEATS`` batches of back-to-back calls, each batch
-  ending in ``jax.block_until_ready``; the reported time is the median over batches of the mean per
-  call (asynchronous dispatch keeps the GPU busy, so this is device time for calls longer than the
-  host's dispatch cost);
+- input sets are made on the device; there are enough of them that together they exceed the L2
+  cache (``ROTATE_BYTES``), and one jitted program applies the function once to each set, the calls
+  chained by ``optimization_barrier`` so XLA neither merges nor reorders them. Timing a program of
+  many calls amortises the host's dispatch cost, so small kernels are measured too;
+- the program is warmed up, then timed as ``REPEATS`` batches of back-to-back runs, each batch ending
+  in ``jax.block_until_ready``; the reported time per call is the median over batches;
 - bandwidth counts the fewest bytes the op must move (inputs read once, outputs written once) and
   is reported as a fraction of a device-to-device copy of the same input bytes, timed the same way
   in the same run;
-- the same op written in plain JAX runs under ``jax.jit`` beside it, and the speed-up is its time
+- the same op written in plain JAX runs under ``jax.jit`` the same way, and the speed-up is its time
   over the kernel's.
 
 Precompile mode (``precompile_arch``) only lowers every case for "cuda", filling the kernel cache on
@@ -34,6 +34,7 @@ import numpy as np
 import jax_tilek
 
 ROTATE_BYTES = 512 * 2**20  # > 8x the L2 of an H100 (50 MB) or H200 (60 MB)
+MIN_CALLS = 16  # calls per timed program, at least
 REPEATS = 15
 MIN_BATCH_SECONDS = 0.02
 
@@ -44,7 +45,7 @@ class Case:
 
     family: str
     name: str
-    make_inputs: Callable[[np.random.Generator], tuple[np.ndarray, ...]]
+    make_inputs: Callable[[jax.Array], tuple[jax.Array, ...]]  # a PRNG key -> one input set, on device
     kernel: Callable[..., Any]
     xla: Callable[..., Any] | None
     min_bytes: int
@@ -55,23 +56,36 @@ def _input_bytes(inputs: Sequence[Any]) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in inputs)
 
 
+def _program(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One call of ``fn`` per input set, in order, each call's inputs fenced on the previous output."""
+
+    def program(input_sets):
+        outs = []
+        for inputs in input_sets:
+            if outs:
+                inputs, _ = jax.lax.optimization_barrier((inputs, outs[-1]))
+            outs.append(fn(*inputs))
+        return outs
+
+    return jax.jit(program)
+
+
 def time_per_call(fn: Callable[..., Any], input_sets: Sequence[tuple[Any, ...]]) -> float:
-    """Median over batches of the mean seconds per call, rotating through ``input_sets``."""
-    out = None
-    for inputs in input_sets:  # warm-up: compile, load, touch every set
-        out = fn(*inputs)
-    jax.block_until_ready(out)
+    """Median over batches of the seconds per call of ``fn``, one call per input set per program."""
+    program = _program(fn)
+    sets = list(input_sets)
+    jax.block_until_ready(program(sets))  # compile, load, touch every set
     start = time.perf_counter()
-    jax.block_until_ready(fn(*input_sets[0]))
+    jax.block_until_ready(program(sets))
     once = max(time.perf_counter() - start, 1e-6)
-    calls = max(len(input_sets), int(math.ceil(MIN_BATCH_SECONDS / once)))
+    runs = max(1, int(math.ceil(MIN_BATCH_SECONDS / once)))
     samples = []
     for _ in range(REPEATS):
         start = time.perf_counter()
-        for i in range(calls):
-            out = fn(*input_sets[i % len(input_sets)])
+        for _ in range(runs):
+            out = program(sets)
         jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
+        samples.append((time.perf_counter() - start) / (runs * len(sets)))
     return statistics.median(samples)
 
 
@@ -79,18 +93,18 @@ def _copy(x):
     return jnp.copy(x)  # a jit output never aliases an undonated input: XLA emits a device copy
 
 
-def run_case(case: Case, rng: np.random.Generator) -> dict:
-    first = case.make_inputs(rng)
-    sets = max(2, int(math.ceil(ROTATE_BYTES / max(_input_bytes(first), 1))))
-    sets = min(sets, 64)
-    host_sets = [first] + [case.make_inputs(rng) for _ in range(sets - 1)]
-    device_sets = [tuple(jax.device_put(x) for x in inputs) for inputs in host_sets]
+def run_case(case: Case, key: jax.Array) -> dict:
+    keys = iter(jax.random.split(key, 65))
+    make = jax.jit(case.make_inputs)
+    first = make(next(keys))
+    sets = min(64, max(MIN_CALLS, int(math.ceil(ROTATE_BYTES / max(_input_bytes(first), 1)))))
+    device_sets = [first] + [make(next(keys)) for _ in range(sets - 1)]
 
     t_kernel = time_per_call(jax.jit(case.kernel), device_sets)
     result = {"family": case.family, "case": case.name, **case.params, "time_us": t_kernel * 1e6}
     result["gbps"] = case.min_bytes / t_kernel / 1e9
     copy_sets = [inputs[:1] for inputs in device_sets]
-    copy_bytes = 2 * _input_bytes(host_sets[0][:1])
+    copy_bytes = 2 * _input_bytes(device_sets[0][:1])
     t_copy = time_per_call(jax.jit(_copy), copy_sets)
     result["copy_gbps"] = copy_bytes / t_copy / 1e9
     result["frac_of_copy"] = result["gbps"] / result["copy_gbps"]
@@ -102,8 +116,8 @@ def run_case(case: Case, rng: np.random.Generator) -> dict:
 
 
 def precompile_case(case: Case, arch: str) -> None:
-    inputs = case.make_inputs(np.random.default_rng(0))
-    jax_tilek.precompile(case.kernel, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs), arch=arch)
+    inputs = jax.eval_shape(case.make_inputs, jax.random.key(0))
+    jax_tilek.precompile(case.kernel, *inputs, arch=arch)
 
 
 def run(cases: Sequence[Case], *, json_path: str | None = None, precompile_arch: str | None = None) -> list[dict]:
@@ -112,10 +126,11 @@ def run(cases: Sequence[Case], *, json_path: str | None = None, precompile_arch:
             precompile_case(case, precompile_arch)
             print(f"precompiled {case.family}/{case.name}", flush=True)
         return []
-    rng = np.random.default_rng(0)
+    key = jax.random.key(0)
     results = []
     for case in cases:
-        results.append(run_case(case, rng))
+        key, sub = jax.random.split(key)
+        results.append(run_case(case, sub))
         print(json.dumps(results[-1]), flush=True)
     if json_path:
         with open(json_path, "w") as f:

@@ -1,8 +1,10 @@
-"""Launch overhead: a chain of 100 tiny kernel calls inside one jit, per call, beside a chain of 100
-non-fusible XLA ops of the same size, with XLA command buffers (CUDA graphs) on and off.
+"""Launch overhead: a chain of 100 tiny calls inside one jit, time per call, beside a chain of 100
+non-fusible XLA ops of the same size (kept apart with ``optimization_barrier``), with XLA command
+buffers (CUDA graphs) on and off. Two pairs: a one-CTA elementwise TileLang kernel against the same
+elementwise op in XLA, and our transpose against XLA's transpose.
 
-Each setting runs in its own process (``python -m benchmarks.overhead --child``), since XLA reads its
-flags once.
+Each command-buffer setting runs in its own process (``python -m benchmarks.overhead --child``),
+since XLA reads its flags once.
 """
 
 from __future__ import annotations
@@ -16,33 +18,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jax_tilek
+
 CHAIN = 100
-SHAPE = (1, 64, 64)
+SHAPE = (64, 64)
 FLAGS = {
     "on": "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1",
     "off": "--xla_gpu_enable_command_buffer=",
 }
 
 
-def kernel_chain(x):
-    from jax_tilek.transpose import batched_transpose
+@jax_tilek.kernel
+def affine_kernel(n_cols: int):
+    """y = x * 2 + 1 on bf16 rows; one CTA per 64 rows."""
+    import tilelang.language as T
 
-    for _ in range(CHAIN):
-        x = batched_transpose(x, impl="tilelang")
-    return x
+    M = T.dynamic("M")
+
+    @T.prim_func
+    def affine(x: T.Tensor((M, n_cols), "bfloat16"), y: T.Tensor((M, n_cols), "bfloat16")):
+        with T.Kernel(T.ceildiv(M, 64), threads=128) as bx:
+            for i, j in T.Parallel(64, n_cols):
+                if bx * 64 + i < M:
+                    y[bx * 64 + i, j] = x[bx * 64 + i, j] * T.bfloat16(2) + T.bfloat16(1)
+
+    return affine
 
 
-def xla_chain(x):
-    for _ in range(CHAIN):
-        x = jax.lax.optimization_barrier(x * 2 + 1)
-    return x
+def affine(x):
+    return jax_tilek.tilelang_call(
+        affine_kernel, x, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), params=dict(n_cols=x.shape[1])
+    )
+
+
+def _chain(step, barrier: bool):
+    def chain(x):
+        for _ in range(CHAIN):
+            x = step(x)
+            if barrier:
+                x = jax.lax.optimization_barrier(x)
+        return x
+
+    return chain
+
+
+def _transpose(x):
+    from jax_tilek.transpose import transpose
+
+    return transpose(x, impl="tilelang")
+
+
+PAIRS = {
+    "elementwise": (_chain(affine, False), _chain(lambda x: x * 2 + 1, True)),
+    "transpose": (_chain(_transpose, False), _chain(lambda x: x.T, True)),
+}
 
 
 def _child() -> None:
     from benchmarks.harness import time_per_call
 
     x = jax.device_put(np.random.default_rng(0).standard_normal(SHAPE, np.float32).astype(jnp.bfloat16))
-    out = {name: time_per_call(jax.jit(fn), [(x,)]) / CHAIN * 1e6 for name, fn in [("kernel", kernel_chain), ("xla", xla_chain)]}
+    out = {}
+    for name, (ours, xla) in PAIRS.items():
+        out[name] = {"kernel": time_per_call(ours, [(x,)]) / CHAIN * 1e6, "xla": time_per_call(xla, [(x,)]) / CHAIN * 1e6}
     print(json.dumps(out))
 
 
@@ -53,19 +91,18 @@ def measure() -> list[dict]:
         done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--child"], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
-        us = json.loads(done.stdout.strip().splitlines()[-1])
-        results.append({
-            "family": "overhead", "case": f"chain{CHAIN}", "command_buffers": setting,
-            "kernel_us_per_call": us["kernel"], "xla_us_per_call": us["xla"], "ratio": us["kernel"] / us["xla"],
-        })  # fmt: skip
-        print(json.dumps(results[-1]), flush=True)
+        for name, us in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            results.append({
+                "family": "overhead", "case": f"{name} x{CHAIN}", "command_buffers": setting,
+                "kernel_us_per_call": us["kernel"], "xla_us_per_call": us["xla"], "ratio": us["kernel"] / us["xla"],
+            })  # fmt: skip
+            print(json.dumps(results[-1]), flush=True)
     return results
 
 
 def precompile(arch: str) -> None:
-    import jax_tilek
-
-    jax_tilek.precompile(kernel_chain, jax.ShapeDtypeStruct(SHAPE, jnp.bfloat16), arch=arch)
+    for ours, _ in PAIRS.values():
+        jax_tilek.precompile(ours, jax.ShapeDtypeStruct(SHAPE, jnp.bfloat16), arch=arch)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 
@@ -52,12 +53,18 @@ def digest(arrays) -> str:
     return h.hexdigest()
 
 
+def launch_computations(hlo: str) -> list[str]:
+    """The header lines of the HLO computations that contain a tilek_launch custom call."""
+    return [
+        block.split("\n", 1)[0][:160]
+        for block in re.split(r"\n(?=\S)", hlo)
+        if 'custom_call_target="tilek_launch"' in block
+    ]
+
+
 def in_command_buffer(hlo: str) -> bool:
     """True if a tilek_launch custom call sits in a computation XLA turned into a command buffer."""
-    for block in re.split(r"\n(?=\S)", hlo):
-        if 'custom_call_target="tilek_launch"' in block and "command_buffer" in block.split("\n", 1)[0]:
-            return True
-    return False
+    return any("command_buffer" in header for header in launch_computations(hlo))
 
 
 def main() -> None:
@@ -74,10 +81,15 @@ def main() -> None:
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
         compiled = jax.jit(program).lower(x).compile()
         out = jax.block_until_ready(compiled(x))
+        if os.environ.get("OUT") and mode == "run":
+            flags = os.environ.get("XLA_FLAGS", "").replace(" ", "_").replace("=", "-").replace(",", "+")[:60]
+            with open(os.path.join(os.environ["OUT"], f"hlo{abs(hash(flags)) % 1000}.txt"), "w") as f:
+                f.write(os.environ.get("XLA_FLAGS", "") + "\n" + compiled.as_text())
         print(json.dumps({
             "digest": digest(out),
             "expected": digest(expected_output()),
             "command_buffer": in_command_buffer(compiled.as_text()),
+            "launch_computations": launch_computations(compiled.as_text()),
             "cache_hits": len(hits),
         }))  # fmt: skip
     elif mode == "exported":

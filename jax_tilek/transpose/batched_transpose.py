@@ -3,9 +3,11 @@
 Semantics follow TileKernels' ``batched_transpose``: M and N are multiples of 64, any 1-, 2- or 4-byte
 dtype, rows may be strided (here: a window ``columns=(start, stop)`` of the last axis, read in place,
 with no slice materialised).
+
+(No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
+its closure, so they must be evaluated when the kernel is built.)
 """
 
-from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
@@ -15,33 +17,36 @@ from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, Static, TileOp, View, with_vjp
 
 ALIGN = 64  # M and N must be multiples of this
-THREADS = 256
 
 
 @kernel
-def batched_transpose_kernel(dtype: str, tile_m: int, tile_n: int):
+def batched_transpose_kernel(dtype: str, tile_m: int, tile_n: int, threads: int = 256, m_fastest: bool = False):
     """One CTA moves a ``tile_m x tile_n`` tile through shared memory with 16-byte accesses.
 
     Loads are row-vectors of x; stores are row-vectors of y, gathered from a shared-memory column.
     The 16-byte chunks of each shared row are XOR-swizzled by the row's chunk index so both the
     vector stores into shared memory and the column gathers are free of bank conflicts.
+    ``m_fastest`` orders the grid so consecutive CTAs take consecutive tiles along M.
     """
     import tilelang.language as T
 
     vec = 16 // np.dtype(jnp.dtype(dtype)).itemsize  # elements per 16 bytes
     chunks_n, chunks_m = tile_n // vec, tile_m // vec  # 16-byte chunks per tile row / per output row
-    rows_per_pass = THREADS // chunks_n
+    rows_per_pass = threads // chunks_n
     gather_c = min(chunks_m, 8)  # lanes of a warp along an output row, and rows per warp:
     gather_r = 32 // gather_c
-    passes_out = (tile_n // gather_r) * (chunks_m // gather_c) // (THREADS // 32)
+    passes_out = (tile_n // gather_r) * (chunks_m // gather_c) // (threads // 32)
+    assert rows_per_pass >= 1 and tile_m % rows_per_pass == 0 and passes_out >= 1, (tile_m, tile_n, threads)
     B, M, N, S = T.dynamic("B, M, N, S")
+    grid = (M // tile_m, N // tile_n, B) if m_fastest else (N // tile_n, M // tile_m, B)
 
     @T.prim_func
     def batched_transpose(
         x: T.StridedTensor((B, M, N), (M * S, S, 1), dtype),
         y: T.Tensor((B, N, M), dtype),
     ):
-        with T.Kernel(N // tile_n, M // tile_m, B, threads=THREADS) as (bn, bm, b):
+        with T.Kernel(*grid, threads=threads) as (g0, g1, b):
+            bm, bn = (g0, g1) if m_fastest else (g1, g0)
             T.assume(S % vec == 0)
             T.assume(M % tile_m == 0)
             T.assume(N % tile_n == 0)
@@ -61,7 +66,7 @@ def batched_transpose_kernel(dtype: str, tile_m: int, tile_n: int):
             c = t % 32 % gather_c
             r = t % 32 // gather_c
             for k in T.unroll(passes_out):
-                block = k * (THREADS // 32) + warp
+                block = k * (threads // 32) + warp
                 n = block % (tile_n // gather_r) * gather_r + r
                 cm = block // (tile_n // gather_r) * gather_c + c
                 for v in T.unroll(vec):
