@@ -18,7 +18,9 @@
 #include <dlfcn.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -147,9 +149,16 @@ struct KernelLaunch {
   std::vector<Arg> args;
 };
 
+// Opt-in counters (JAX_TILEK_LAUNCH_STATS=1 when a call site is instantiated): how often execute ran,
+// and how often it ran while XLA was capturing a CUDA graph. Replays of a captured graph do not call
+// execute at all, which is what makes command-buffer capture observable from tests.
+std::atomic<int64_t> g_executions{0};
+std::atomic<int64_t> g_captured_executions{0};
+
 struct LaunchState {
   static ffi::TypeId id;
 
+  bool count_stats = false;
   std::string name;       // the op or kernel name, for error messages
   std::string cubin;      // the module image
   std::string cubin_key;  // content hash of the image, keys the per-context module cache
@@ -365,6 +374,8 @@ ffi::ErrorOr<std::unique_ptr<LaunchState>> Instantiate(std::string_view name, st
   st->name = std::string(name);
   st->cubin = std::string(cubin);
   st->cubin_key = std::string(cubin_key);
+  const char* stats = std::getenv("JAX_TILEK_LAUNCH_STATS");
+  st->count_stats = stats != nullptr && stats[0] == '1';
   if (ffi::Error e = DecodeRecord(record, entries, *st); e.failure()) return ffi::Unexpected(e);
   // Load now if a CUDA context is current; otherwise the initialize stage (or first execute) does.
   CUcontext ctx = nullptr;
@@ -382,6 +393,14 @@ ffi::Error Initialize(LaunchState* st) {
 
 ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   const Driver& d = GetDriver();
+  if (st->count_stats) {
+    g_executions.fetch_add(1, std::memory_order_relaxed);
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (d.problem.empty() && d.StreamIsCapturing(stream, &capture) == CUDA_SUCCESS &&
+        capture != CU_STREAM_CAPTURE_STATUS_NONE) {
+      g_captured_executions.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
   auto fns = Functions(*st, /*capturing=*/false);
   if (fns.has_error() && d.problem.empty()) {
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
@@ -540,10 +559,16 @@ PyObject* StateType(PyObject*, PyObject*) {
 
 PyObject* DriverProblem(PyObject*, PyObject*) { return PyUnicode_FromString(GetDriver().problem.c_str()); }
 
+PyObject* LaunchStats(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:L,s:L}", "executions", static_cast<long long>(g_executions.load()), "captured",
+                       static_cast<long long>(g_captured_executions.load()));
+}
+
 PyMethodDef kMethods[] = {
     {"handlers", Handlers, METH_NOARGS, "Stage name -> PyCapsule of the tilek_launch FFI handlers."},
     {"state_type", StateType, METH_NOARGS, "type_id/type_info PyCapsules of the launcher's FFI state."},
     {"driver_problem", DriverProblem, METH_NOARGS, "Why the CUDA driver cannot be used here ('' when it can)."},
+    {"launch_stats", LaunchStats, METH_NOARGS, "Counts of execute calls (JAX_TILEK_LAUNCH_STATS=1 call sites)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -63,6 +63,12 @@ def register() -> None:
     jax.ffi.register_ffi_target(TARGET, launcher.handlers(), platform="CUDA", api_version=1)
 
 
+def launch_stats() -> dict[str, int]:
+    """Execute-stage calls so far, and those made while XLA captured a CUDA graph, at call sites
+    instantiated with ``JAX_TILEK_LAUNCH_STATS=1`` (a diagnostic; off by default)."""
+    return _launcher().launch_stats()
+
+
 def driver_problem() -> str:
     """Why the CUDA driver cannot be used in this process ('' when it can)."""
     return _launcher().driver_problem()

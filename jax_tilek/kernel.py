@@ -165,9 +165,11 @@ def kernel(
     """
 
     def wrap(f: Callable[..., Any]) -> TileKernel:
+        module = sys.modules.get(f.__module__)
+        spec = getattr(module, "__spec__", None)  # under `python -m pkg.mod`, __module__ is "__main__"
         return TileKernel(
             factory=f,
-            name=name or f"{f.__module__}.{f.__qualname__}",
+            name=name or f"{spec.name if spec else f.__module__}.{f.__qualname__}",
             pass_configs=dict(pass_configs or {}),
             depends=tuple(depends),
         )

@@ -1,8 +1,8 @@
 """Programs that test_gpu_runtime.py runs in fresh processes: ``python gpu_programs.py MODE [ARG]``.
 
 Modes:
-  run                 run the program, print a JSON line: output digest, and whether XLA put a
-                      tilek_launch inside a command buffer
+  run                 run the program RUNS times, print a JSON line: output digest, and the
+                      launcher's execute counts (JAX_TILEK_LAUNCH_STATS=1)
   run-cached DIR      the same, with JAX's persistent compilation cache in DIR; also print the number
                       of cache hits
   exported FILE       deserialize a jax.export artifact and run it; print its output digest
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import sys
 
 import jax
@@ -25,6 +23,8 @@ import jax_tilek
 from jax_tilek.transpose import batched_transpose
 
 SHAPE = (4, 256, 512)
+RUNS = 5
+LAUNCHES_PER_RUN = 3
 DTYPE = jnp.bfloat16
 
 
@@ -53,20 +53,6 @@ def digest(arrays) -> str:
     return h.hexdigest()
 
 
-def launch_computations(hlo: str) -> list[str]:
-    """The header lines of the HLO computations that contain a tilek_launch custom call."""
-    return [
-        block.split("\n", 1)[0][:160]
-        for block in re.split(r"\n(?=\S)", hlo)
-        if 'custom_call_target="tilek_launch"' in block
-    ]
-
-
-def in_command_buffer(hlo: str) -> bool:
-    """True if a tilek_launch custom call sits in a computation XLA turned into a command buffer."""
-    return any("command_buffer" in header for header in launch_computations(hlo))
-
-
 def main() -> None:
     mode = sys.argv[1]
     x = jnp.asarray(example_input())
@@ -80,16 +66,13 @@ def main() -> None:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
         compiled = jax.jit(program).lower(x).compile()
-        out = jax.block_until_ready(compiled(x))
-        if os.environ.get("OUT") and mode == "run":
-            flags = os.environ.get("XLA_FLAGS", "").replace(" ", "_").replace("=", "-").replace(",", "+")[:60]
-            with open(os.path.join(os.environ["OUT"], f"hlo{abs(hash(flags)) % 1000}.txt"), "w") as f:
-                f.write(os.environ.get("XLA_FLAGS", "") + "\n" + compiled.as_text())
+        for _ in range(RUNS):
+            out = jax.block_until_ready(compiled(x))
         print(json.dumps({
             "digest": digest(out),
             "expected": digest(expected_output()),
-            "command_buffer": in_command_buffer(compiled.as_text()),
-            "launch_computations": launch_computations(compiled.as_text()),
+            "launches": RUNS * LAUNCHES_PER_RUN,
+            **jax_tilek._ffi.launch_stats(),
             "cache_hits": len(hits),
         }))  # fmt: skip
     elif mode == "exported":

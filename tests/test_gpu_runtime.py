@@ -51,10 +51,13 @@ def _run(*args, **env) -> dict:
 def test_command_buffers_on_and_off_agree():
     if not HAS_GPU:
         _precompile_and_skip()
-    runs = {mode: _run("run", XLA_FLAGS=flags) for mode, flags in COMMAND_BUFFERS.items()}
+    runs = {mode: _run("run", XLA_FLAGS=flags, JAX_TILEK_LAUNCH_STATS="1") for mode, flags in COMMAND_BUFFERS.items()}
     assert runs["on"]["digest"] == runs["off"]["digest"] == runs["on"]["expected"]
-    assert runs["on"]["command_buffer"], f"not in a command buffer: {runs['on']['launch_computations']}"
-    assert not runs["off"]["command_buffer"]
+    # Off: XLA calls the handler for every launch, never while capturing.
+    assert runs["off"]["executions"] == runs["off"]["launches"] and runs["off"]["captured"] == 0
+    # On: the handler ran while XLA captured a graph, and replays skipped it.
+    assert runs["on"]["captured"] >= 1, runs["on"]
+    assert runs["on"]["executions"] < runs["on"]["launches"], runs["on"]
 
 
 @pytest.mark.gpu

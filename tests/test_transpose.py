@@ -112,15 +112,16 @@ def test_lowers_to_one_launch_per_call(dtype, shape, columns):
         assert record["kernels"] == [] and record["zero_fill"] == [1] and call["entries"] == ""
         return
     tile_m, tile_n = (128 if m % 128 == 0 else 64), (128 if n % 128 == 0 else 64)
+    itemsize = np.dtype(dtype).itemsize
     (k,) = record["kernels"]
     assert call["entries"] == "batched_transpose_kernel"
     assert k["grid"] == [n // tile_n, m // tile_m, b]
-    assert k["block"] == [256, 1, 1]
-    assert k["smem"] == tile_m * tile_n * np.dtype(dtype).itemsize
-    itemsize = np.dtype(dtype).itemsize
-    assert k["args"][0] == (0, 0, start * itemsize)  # x: operand 0, offset to the window
+    assert k["block"] == [min(256, tile_m * tile_n * itemsize**2 // 64), 1, 1]
+    assert k["smem"] == tile_m * tile_n * itemsize
+    per_word = 4 // itemsize  # the kernel moves 32-bit words
+    assert k["args"][0] == (0, 0, start * itemsize)  # x: operand 0, byte offset to the window
     assert k["args"][1] == (0, 1, 0)  # y: result 0
-    assert [a[2] for a in k["args"][2:]] == [b, m, n, s]  # B, M, N, row stride
+    assert [a[2] for a in k["args"][2:]] == [b, m, n // per_word, s // per_word]  # B, M, N and row stride in words
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,64 +18,93 @@ from jax_tilek.op import Launch, Static, TileOp, View, with_vjp
 
 ALIGN = 64  # M and N must be multiples of this
 
+# A 16-byte global store the compiler cannot split (nvcc splits uint4 stores from 4-byte-aligned arrays).
+_STORE16 = """
+__device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+"""
+
 
 @kernel
-def batched_transpose_kernel(dtype: str, tile_m: int, tile_n: int, threads: int = 256, m_fastest: bool = False):
-    """One CTA moves a ``tile_m x tile_n`` tile through shared memory with 16-byte accesses.
+def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int = 256):
+    """Transposes ``esize``-byte elements, seen as 32-bit words, one ``tile_m x tile_n`` tile per CTA.
 
-    Loads are row-vectors of x; stores are row-vectors of y, gathered from a shared-memory column.
-    The 16-byte chunks of each shared row are XOR-swizzled by the row's chunk index so both the
-    vector stores into shared memory and the column gathers are free of bank conflicts.
-    ``m_fastest`` orders the grid so consecutive CTAs take consecutive tiles along M.
+    x is ``[B, M, N]`` and y ``[B, N * per_word, M / per_word]`` in words (``per_word = 4 / esize``
+    elements each). A CTA loads its tile with 16-byte vectors into shared memory, whose 16-byte
+    chunks are XOR-swizzled by row group so that the column reads that follow are free of bank
+    conflicts. Each thread then reads one word per row for ``4 * per_word`` rows, regroups the
+    elements with ``__byte_perm`` into ``per_word`` output rows, and stores each as a 16-byte vector.
     """
     import tilelang.language as T
 
-    vec = 16 // np.dtype(jnp.dtype(dtype)).itemsize  # elements per 16 bytes
-    chunks_n, chunks_m = tile_n // vec, tile_m // vec  # 16-byte chunks per tile row / per output row
+    per_word = 4 // esize  # elements per 32-bit word
+    span = 4 * per_word  # tile rows that make one 16-byte chunk of an output row
+    tile_nw = tile_n // per_word  # words per tile row
+    chunks_n = tile_nw // 4  # 16-byte chunks per tile row
+    chunks_m = tile_m // span  # 16-byte chunks per output row
     rows_per_pass = threads // chunks_n
-    gather_c = min(chunks_m, 8)  # lanes of a warp along an output row, and rows per warp:
-    gather_r = 32 // gather_c
-    passes_out = (tile_n // gather_r) * (chunks_m // gather_c) // (threads // 32)
-    assert rows_per_pass >= 1 and tile_m % rows_per_pass == 0 and passes_out >= 1, (tile_m, tile_n, threads)
-    B, M, N, S = T.dynamic("B, M, N, S")
-    grid = (M // tile_m, N // tile_n, B) if m_fastest else (N // tile_n, M // tile_m, B)
+    gather_c = min(chunks_m, 8)  # a warp covers gather_c chunks along M ...
+    gather_r = 32 // gather_c  # ... of gather_r word columns
+    warps = threads // 32
+    passes = (tile_nw // gather_r) * (chunks_m // gather_c) // warps
+    assert rows_per_pass >= 1 and tile_m % rows_per_pass == 0 and passes >= 1, (esize, tile_m, tile_n, threads)
+    B, M, N, S = T.dynamic("B, M, N, S")  # M in rows; N and the row stride S in words
+
+    def regroup(w, j, q):
+        """Word q of output row j: element j of the words of ``per_word`` consecutive rows."""
+        if per_word == 1:
+            return w[q]
+        if per_word == 2:
+            select = T.if_then_else(j == 0, T.uint32(0x5410), T.uint32(0x7632))
+            return T.call_extern("uint32", "__byte_perm", w[2 * q], w[2 * q + 1], select)
+        select = T.Cast("uint32", j | ((j + 4) << 4))
+        lo = T.call_extern("uint32", "__byte_perm", w[4 * q], w[4 * q + 1], select)
+        hi = T.call_extern("uint32", "__byte_perm", w[4 * q + 2], w[4 * q + 3], select)
+        return T.call_extern("uint32", "__byte_perm", lo, hi, T.uint32(0x5410))
 
     @T.prim_func
     def batched_transpose(
-        x: T.StridedTensor((B, M, N), (M * S, S, 1), dtype),
-        y: T.Tensor((B, N, M), dtype),
+        x: T.StridedTensor((B, M, N), (M * S, S, 1), "uint32"),
+        y: T.Tensor((B, N * per_word, M // per_word), "uint32"),
     ):
-        with T.Kernel(*grid, threads=threads) as (g0, g1, b):
-            bm, bn = (g0, g1) if m_fastest else (g1, g0)
-            T.assume(S % vec == 0)
+        with T.Kernel(N // tile_nw, M // tile_m, B, threads=threads, prelude=_STORE16) as (bn, bm, b):
+            T.assume(S % 4 == 0)
             T.assume(M % tile_m == 0)
-            T.assume(N % tile_n == 0)
-            tile = T.alloc_shared((tile_m, tile_n), dtype)
-            column = T.alloc_local((vec,), dtype)
+            T.assume(N % tile_nw == 0)
+            tile = T.alloc_shared((tile_m, tile_nw), "uint32")
+            w = T.alloc_local((span,), "uint32")
+            out = T.alloc_local((4,), "uint32")
             t = T.get_thread_binding(0)
-            m0 = bm * tile_m
-            n0 = bn * tile_n
             chunk = t % chunks_n
             for k in T.unroll(tile_m // rows_per_pass):
                 m = k * rows_per_pass + t // chunks_n
-                swizzled = (chunk ^ ((m // vec) % chunks_n)) * vec
-                for v in T.vectorized(vec):
-                    tile[m, swizzled + v] = x[b, m0 + m, n0 + chunk * vec + v]
+                for v in T.vectorized(4):
+                    tile[m, (chunk ^ (m // span % chunks_n)) * 4 + v] = x[b, bm * tile_m + m, bn * tile_nw + chunk * 4 + v]
             T.sync_threads()
             warp = t // 32
             c = t % 32 % gather_c
             r = t % 32 // gather_c
-            for k in T.unroll(passes_out):
-                block = k * (threads // 32) + warp
-                n = block % (tile_n // gather_r) * gather_r + r
-                cm = block // (tile_n // gather_r) * gather_c + c
-                for v in T.unroll(vec):
-                    m = cm * vec + v
-                    column[v] = tile[m, ((n // vec) ^ ((m // vec) % chunks_n)) * vec + n % vec]
-                for v in T.vectorized(vec):
-                    y[b, n0 + n, m0 + cm * vec + v] = column[v]
+            for k in T.unroll(passes):
+                block = k * warps + warp
+                nw = block % (tile_nw // gather_r) * gather_r + r
+                cm = block // (tile_nw // gather_r) * gather_c + c
+                for v in T.unroll(span):
+                    m = cm * span + v
+                    w[v] = tile[m, (nw // 4 ^ (m // span % chunks_n)) * 4 + nw % 4]
+                for j in T.unroll(per_word):
+                    for q in T.unroll(4):
+                        out[q] = regroup(w, j, q)
+                    row = (bn * tile_nw + nw) * per_word + j
+                    column = bm * (tile_m // per_word) + cm * 4
+                    T.evaluate(T.call_extern("handle", "tilek_store16", T.address_of(y[b, row, column]), out[0], out[1], out[2], out[3]))
 
     return batched_transpose
+
+
+def threads_for(esize: int, tile_m: int, tile_n: int) -> int:
+    """256 threads, or fewer when a tile has less work: each thread stores 4 / esize 16-byte rows."""
+    return min(256, tile_m * tile_n * esize // (16 * (4 // esize)))
 
 
 def _window(x: jax.Array, columns: tuple[int, int] | None) -> tuple[int, int]:
@@ -111,14 +140,16 @@ def _launch(x, *, columns: tuple[int, int] | None = None) -> Launch:
     b, m, s = x.shape
     start, stop = _window(x, columns)
     n = stop - start
+    esize = np.dtype(x.dtype).itemsize
+    per_word = 4 // esize  # the kernel sees every dtype as 32-bit words
+    tile_m, tile_n = (128 if m % 128 == 0 else 64), (128 if n % 128 == 0 else 64)
     return Launch(
         kernel=batched_transpose_kernel,
-        params=dict(
-            dtype=np.dtype(x.dtype).name,
-            tile_m=128 if m % 128 == 0 else 64,
-            tile_n=128 if n % 128 == 0 else 64,
-        ),
-        views={"x": View(shape=(b, m, n), strides=(m * s, s, 1), offset=start)},
+        params=dict(esize=esize, tile_m=tile_m, tile_n=tile_n, threads=threads_for(esize, tile_m, tile_n)),
+        views={
+            "x": View((b, m, n // per_word), (m * s // per_word, s // per_word, 1), start // per_word, np.uint32),
+            "y": View((b, n, m // per_word), dtype=np.uint32),
+        },
     )
 
 
