@@ -4,7 +4,8 @@
 #   command buffers at their default, run the benchmarks, print a short table. Logs go to $OUT.
 #
 # Build machine first (TileLang + nvcc, no GPU needed):   bash benchmarks/gpu_prepare.sh
-# Then ship the checkout with .tilek_cache/ and run:     bash benchmarks/gpu_run.sh [pytest args]
+# Then ship the checkout with .tilek_cache/ and run:     bash benchmarks/gpu_run.sh [pytest paths/args]
+# BENCH_ONLY=family,... limits the benchmarks (default: all); BENCH_ONLY=none skips them.
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_tilek_gpu}
 mkdir -p "$OUT"
@@ -16,9 +17,13 @@ cat "$OUT/gpu.txt"
 $PY -m pip install --no-deps --no-build-isolation . > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
 $PY -c "import jax, jax_tilek; print('jax', jax.__version__, jax.devices(), 'kernels:', jax_tilek.kernels_available())"
 
-$PY -m pytest -q -m gpu -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+[ $# -gt 0 ] || set -- tests
+$PY -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
-$PY -m benchmarks.run --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
-bench_rc=${PIPESTATUS[0]}
+bench_rc=0
+if [ "${BENCH_ONLY:-}" != none ]; then
+  $PY -m benchmarks.run --json "$OUT/bench.json" --only "${BENCH_ONLY:-}" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
+  bench_rc=${PIPESTATUS[0]}
+fi
 echo "gpu tests rc=$tests_rc benchmarks rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

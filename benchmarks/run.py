@@ -2,18 +2,34 @@
 
     python -m benchmarks.run [--json out.json] [--only transpose,overhead]
     python -m benchmarks.run --precompile sm_90a   # build machine: fill the kernel cache only
+
+A family is a module ``benchmarks/bench_<family>.py`` with a list ``CASES`` of harness cases (and
+optionally ``VARIANTS``, run as family ``<family>_variants``); ``overhead`` is the launch-overhead chain.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pkgutil
 
 import jax
 
-from benchmarks import bench_transpose, harness, overhead
+import benchmarks
+from benchmarks import harness, overhead
 
-FAMILIES = {"transpose": bench_transpose.CASES, "transpose_tiles": bench_transpose.VARIANTS}
+
+def families() -> dict[str, list]:
+    found = {}
+    for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda i: i.name):
+        if info.name.startswith("bench_"):
+            module = importlib.import_module(f"benchmarks.{info.name}")
+            family = info.name.removeprefix("bench_")
+            found[family] = list(module.CASES)
+            if getattr(module, "VARIANTS", None):
+                found[family + "_variants"] = list(module.VARIANTS)
+    return found
 
 
 def main() -> None:
@@ -23,7 +39,7 @@ def main() -> None:
     parser.add_argument("--precompile", metavar="ARCH")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
-    cases = [c for family, cs in FAMILIES.items() if not only or family in only for c in cs]
+    cases = [c for family, cs in families().items() if not only or family in only for c in cs]
     if args.precompile:
         harness.run(cases, precompile_arch=args.precompile)
         if not only or "overhead" in only:

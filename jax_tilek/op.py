@@ -33,7 +33,7 @@ from jax.interpreters import ad, batching, mlir
 
 from jax_tilek import _ffi, platform
 from jax_tilek.kernel import TileKernel
-from jax_tilek.spec import LaunchSpec, TensorBinding, compact_strides
+from jax_tilek.spec import LaunchSpec, TensorBinding, bits_of, compact_strides
 
 Impl = Optional[Literal["tilelang", "xla"]]
 IMPLS = (None, "tilelang", "xla")
@@ -177,7 +177,8 @@ def _cuda_lowering(ctx, *operands, op: TileOp, static, impl):
         if impl == "tilelang":
             raise ValueError(f"{op.name}: impl='tilelang' but jax_tilek has no kernels for this GPU")
         return _reference_lowering(ctx, *operands, op=op, static=static, impl=impl)
-    launch = op.launch(*ctx.avals_in, **dict(static))
+    with platform.lowering_target(arch):
+        launch = op.launch(*ctx.avals_in, **dict(static))
     artifact = launch.kernel.artifact(launch.params, arch)
     workspace = [jax.core.ShapedArray(tuple(w.shape), w.dtype) for w in launch.workspace]
     results = list(ctx.avals_out) + workspace
@@ -219,7 +220,7 @@ def bind_tensors(spec: LaunchSpec, launch: Launch, buffers: Sequence[Any]) -> di
             raise ValueError(f"kernel {spec.name!r}: tensor {p.name!r} must be {p.dtype}, got {dtype.name}")
         if view and math.prod(shape) > 0:
             last = offset + sum((d - 1) * s for d, s in zip(shape, strides))
-            capacity = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize // dtype.itemsize
+            capacity = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize * 8 // bits_of(dtype.name)
             if offset < 0 or min(strides) < 0 or last >= capacity:
                 raise ValueError(f"kernel {spec.name!r}: the view of {p.name!r} reaches outside its buffer")
         bound[p.name] = TensorBinding(index, shape, strides, offset)

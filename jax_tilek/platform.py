@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import threading
+from collections.abc import Iterator
 
 import jax
 
@@ -45,6 +49,51 @@ def lowering_arch() -> str | None:
             "JAX_TILEK_ARCH=sm_90a (or sm_100a) or `with jax_tilek.target_arch('sm_90a'):`"
         )
     return arch
+
+
+# Multiprocessor counts for persistent grids when lowering without the GPU at hand (JAX_TILEK_NUM_SMS
+# overrides); kernels must be correct for any grid size, only their speed depends on it.
+DEFAULT_NUM_SMS = {"sm_90a": 132, "sm_100a": 148, "sm_103a": 148}
+
+
+def num_sms(arch: str) -> int:
+    """Streaming multiprocessors of the GPU a kernel is compiled for."""
+    override = os.environ.get("JAX_TILEK_NUM_SMS")
+    if override:
+        return int(override)
+    has_gpu, local_arch = _local_gpu_arch()
+    if has_gpu and local_arch == arch:
+        count = getattr(jax.devices("cuda")[0], "core_count", None)
+        if count:
+            return int(count)
+    return DEFAULT_NUM_SMS[arch]
+
+
+_lowering = threading.local()
+
+
+@contextlib.contextmanager
+def lowering_target(arch: str) -> Iterator[None]:
+    """Marks the architecture a kernel launch is being prepared for (set by the op's CUDA lowering)."""
+    old = getattr(_lowering, "arch", None)
+    _lowering.arch = arch
+    try:
+        yield
+    finally:
+        _lowering.arch = old
+
+
+def target_arch() -> str:
+    """The architecture of the kernel launch being prepared; for use inside an op's ``launch``."""
+    arch = getattr(_lowering, "arch", None)
+    if arch is None:
+        raise RuntimeError("target_arch() is only defined while an op is lowered for 'cuda'")
+    return arch
+
+
+def target_num_sms() -> int:
+    """Multiprocessors of the GPU being compiled for; for sizing persistent grids inside ``launch``."""
+    return num_sms(target_arch())
 
 
 def kernels_available() -> bool:

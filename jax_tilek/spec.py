@@ -107,6 +107,11 @@ def _np_dtype(name: str) -> Any:
     return np.dtype(name)
 
 
+def bits_of(dtype: str) -> int:
+    """Storage bits per element; TileLang packs float4 two to a byte."""
+    return 4 if dtype.startswith("float4") else np.dtype(_np_dtype(dtype)).itemsize * 8
+
+
 def compact_strides(shape: Sequence[int]) -> tuple[int, ...]:
     """Row-major strides, in elements."""
     strides, step = [], 1
@@ -332,10 +337,13 @@ class LaunchSpec:
 
         Device kernels whose grid is empty are dropped, with the TMA descriptors only they use.
         """
-        itemsize = {p.name: _np_dtype(p.dtype) for p in self.tensor_params}
+        element_bits = {p.name: bits_of(p.dtype) for p in self.tensor_params}
 
         def byte_offset(name: str) -> int:
-            return tensors[name].offset * np.dtype(itemsize[name]).itemsize
+            offset_bits = tensors[name].offset * element_bits[name]
+            if offset_bits % 8:
+                raise ValueError(f"kernel {self.name!r}: tensor {name!r} starts inside a byte (offset {tensors[name].offset})")
+            return offset_bits // 8
 
         kernels = []
         for k in self.kernels:
