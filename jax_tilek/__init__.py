@@ -7,7 +7,7 @@ from jax_tilek.compiler import CompileError
 from jax_tilek.config import offline_mode, target_arch, use_cache_dir
 from jax_tilek.deploy import EXPORT_DISABLED_CHECKS, export, precompile
 from jax_tilek.kernel import TileKernel, kernel, record_kernels
-from jax_tilek.op import Launch, TileOp, View, with_vjp
+from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, with_vjp
 from jax_tilek.platform import kernels_available
 
 __version__ = "0.1.0"
@@ -18,6 +18,8 @@ __all__ = [
     "EXPORT_DISABLED_CHECKS",
     "KernelNotCompiledError",
     "Launch",
+    "ShardingRule",
+    "Static",
     "TileKernel",
     "TileOp",
     "View",

@@ -9,7 +9,11 @@ Every op binds one generic primitive, ``tilek_call``, whose
   evaluated for the concrete shapes; on GPUs without jax_tilek kernels, and on every other platform,
   it lowers the reference instead;
 - batching rule folds the vmapped axis into the op (when the op provides a rule) or maps the op over
-  it sequentially.
+  it sequentially;
+- sharding: an op with a :class:`ShardingRule` lowers through ``custom_partitioning`` when the
+  program is partitioned over several devices, so each device launches the kernel on its local
+  shard (no gathers for the factors the rule lets stay sharded); the per-shard function binds the
+  primitive again with ``local=True`` and its launch record is evaluated for the local shapes.
 
 ``impl=None`` takes the kernel where it can run and the reference elsewhere; ``impl="tilelang"``
 insists on the kernel (an error where it cannot run); ``impl="xla"`` calls the reference directly,
@@ -77,6 +81,16 @@ class Launch:
     zero_fill: tuple[int, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardingRule:
+    """How an op partitions: a Shardy einsum-like rule over named factors, e.g. ``"b m n -> b n m"``
+    (operands separated by commas, results after ``->``). Factors in ``replicated`` must not be
+    sharded, e.g. an axis whose extent has a global meaning such as a column window."""
+
+    rule: str
+    replicated: tuple[str, ...] = ()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TileOp:
     """A JAX op backed by a TileLang kernel, with a pure-JAX reference.
@@ -92,6 +106,8 @@ class TileOp:
       out_shape: ``(*avals, **static) -> ShapeDtypeStruct pytree``, when there is no reference.
       batch: ``(args, dims, *, impl, **static) -> (flat outputs, out dims)``, a vmap rule; without
         one, vmap maps the op over the batch sequentially.
+      sharding: ``(*avals, **static) -> ShardingRule | None``; without one (or for None) a sharded
+        program replicates the op's inputs.
     """
 
     name: str
@@ -100,6 +116,7 @@ class TileOp:
     check: Callable[..., None] | None = None
     out_shape: Callable[..., Any] | None = None
     batch: Callable[..., tuple[Sequence[Any], Sequence[Any]]] | None = None
+    sharding: Callable[..., ShardingRule | None] | None = None
 
     def __call__(self, *args: Any, impl: Impl = None, **static: Any) -> Any:
         if impl not in IMPLS:
@@ -111,7 +128,7 @@ class TileOp:
             return self.reference_or_raise()(*args, **static)
         frozen = freeze(static)
         _, tree = _out_signature(self, _signature(args), frozen)
-        flat = tilek_call_p.bind(*args, op=self, static=frozen, impl=impl)
+        flat = tilek_call_p.bind(*args, op=self, static=frozen, impl=impl, local=False)
         return jax.tree.unflatten(tree, flat)
 
     def reference_or_raise(self) -> Callable[..., Any]:
@@ -156,11 +173,24 @@ tilek_call_p.def_impl(functools.partial(dispatch.apply_primitive, tilek_call_p))
 
 
 @tilek_call_p.def_abstract_eval
-def _abstract_eval(*avals, op: TileOp, static, impl):
+def _abstract_eval(*avals, op: TileOp, static, impl, local):
     return _out_signature(op, _signature(avals), static)[0]
 
 
-def _reference_lowering(ctx, *operands, op: TileOp, static, impl):
+def _partitioned_lowering(ctx, operands, op: TileOp, static, impl, local):
+    """Lowers through custom_partitioning when the op has a sharding rule; None otherwise."""
+    if local or op.sharding is None:
+        return None
+    rule = op.sharding(*ctx.avals_in, **dict(static))
+    if rule is None:
+        return None
+    return mlir.lower_fun(_partitioned(op, static, impl, rule), multiple_results=True)(ctx, *operands)
+
+
+def _reference_lowering(ctx, *operands, op: TileOp, static, impl, local):
+    partitioned = _partitioned_lowering(ctx, operands, op, static, impl, local)
+    if partitioned is not None:
+        return partitioned
     if impl == "tilelang":
         raise ValueError(
             f"{op.name}: impl='tilelang' needs an NVIDIA Hopper or Blackwell GPU, but this program is "
@@ -171,12 +201,15 @@ def _reference_lowering(ctx, *operands, op: TileOp, static, impl):
     return mlir.lower_fun(lambda *a: jax.tree.leaves(reference(*a, **kwargs)), multiple_results=True)(ctx, *operands)
 
 
-def _cuda_lowering(ctx, *operands, op: TileOp, static, impl):
+def _cuda_lowering(ctx, *operands, op: TileOp, static, impl, local):
+    partitioned = _partitioned_lowering(ctx, operands, op, static, impl, local)
+    if partitioned is not None:
+        return partitioned
     arch = platform.lowering_arch()
     if arch is None:
         if impl == "tilelang":
             raise ValueError(f"{op.name}: impl='tilelang' but jax_tilek has no kernels for this GPU")
-        return _reference_lowering(ctx, *operands, op=op, static=static, impl=impl)
+        return _reference_lowering(ctx, *operands, op=op, static=static, impl=impl, local=True)
     with platform.lowering_target(arch):
         launch = op.launch(*ctx.avals_in, **dict(static))
     artifact = launch.kernel.artifact(launch.params, arch)
@@ -227,10 +260,10 @@ def bind_tensors(spec: LaunchSpec, launch: Launch, buffers: Sequence[Any]) -> di
     return bound
 
 
-def _batch(args, dims, *, op: TileOp, static, impl):
+def _batch(args, dims, *, op: TileOp, static, impl, local):
     if op.batch is not None:
         return op.batch(args, dims, impl=impl, **dict(static))
-    return map_batch(args, dims, lambda *xs: tilek_call_p.bind(*xs, op=op, static=static, impl=impl))
+    return map_batch(args, dims, lambda *xs: tilek_call_p.bind(*xs, op=op, static=static, impl=impl, local=local))
 
 
 def map_batch(args, dims, fn: Callable[..., Sequence[Any]]):
@@ -248,13 +281,81 @@ def map_batch(args, dims, fn: Callable[..., Sequence[Any]]):
     return outs, [0] * len(outs)
 
 
-def _jvp(primals, tangents, *, op: TileOp, static, impl):
+def _jvp(primals, tangents, *, op: TileOp, static, impl, local):
     raise TypeError(
         f"jax_tilek op {op.name!r} has no derivative rule on its kernel path; call it with impl='xla' to "
         "differentiate the reference"
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Sharding.
+
+
+def _parse_rule(rule: str) -> tuple[list[list[str]], list[list[str]]]:
+    operands, results = rule.split("->")
+
+    def side(text: str) -> list[list[str]]:
+        return [part.split() for part in text.split(",")]
+
+    return side(operands), side(results)
+
+
+def propagate_specs(rule: ShardingRule, arg_specs: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """PartitionSpecs of operands and results under ``rule``, given the operands' current specs.
+
+    Each factor takes the mesh axes of its first sharded occurrence; replicated factors and axes
+    already used by another factor get none.
+    """
+    from jax.sharding import PartitionSpec
+
+    operands, results = _parse_rule(rule.rule)
+    axes: dict[str, Any] = {}
+    used: set = set()
+    for factors, spec in zip(operands, arg_specs):
+        spec = tuple(spec) + (None,) * (len(factors) - len(tuple(spec)))
+        for factor, axis in zip(factors, spec):
+            names = {axis} if isinstance(axis, str) else set(axis or ())
+            if axis is None or factor in rule.replicated or factor in axes or names & used:
+                continue
+            axes[factor] = axis
+            used |= names
+    specs = lambda groups: [PartitionSpec(*(axes.get(f) for f in factors)) for factors in groups]  # noqa: E731
+    return specs(operands), specs(results)
+
+
+@functools.lru_cache(maxsize=512)
+def _partitioned(op: TileOp, static, impl, rule: ShardingRule) -> Callable[..., Any]:
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding
+
+    def local(*args):
+        return tilek_call_p.bind(*args, op=op, static=static, impl=impl, local=True)
+
+    def shardings(mesh, arg_shapes):
+        in_specs, out_specs = propagate_specs(rule, [a.sharding.spec for a in arg_shapes])
+        # Arguments as a tuple, results in the structure the function returns (a list).
+        return tuple(NamedSharding(mesh, s) for s in in_specs), [NamedSharding(mesh, s) for s in out_specs]
+
+    def partition(mesh, arg_shapes, result_shape):
+        arg_shardings, result_shardings = shardings(mesh, arg_shapes)
+        return mesh, local, result_shardings, arg_shardings
+
+    def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[1]
+
+    fn = custom_partitioning(local)
+    fn.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer_sharding_from_operands,
+        sharding_rule=rule.rule,
+        need_replication_factors=rule.replicated,
+    )
+    return fn
+
+
+# Ops with a sharding rule lower through custom_partitioning, which needs the device assignment.
+dispatch.prim_requires_devices_during_lowering.add(tilek_call_p)
 mlir.register_lowering(tilek_call_p, _reference_lowering)
 mlir.register_lowering(tilek_call_p, _cuda_lowering, platform="cuda")
 batching.primitive_batchers[tilek_call_p] = _batch

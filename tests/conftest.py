@@ -12,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 
-import jax
-import numpy as np
-import pytest
+# Eight host devices for the multi-device tests; set before JAX starts. GPU programs are unaffected.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import jax_tilek
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jax_tilek  # noqa: E402
 
 PRECOMPILE_ARCH = os.environ.get("JAX_TILEK_PRECOMPILE") or None
 HAS_GPU = jax_tilek.kernels_available()

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, Static, TileOp, View, with_vjp
+from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, with_vjp
 
 ALIGN = 64  # M and N must be multiples of this
 
@@ -162,8 +162,15 @@ def _batch(args, dims, *, impl, columns=None):
     return [y.reshape(v, b, *y.shape[1:])], [0]
 
 
+def _sharding(x, *, columns=None) -> ShardingRule:
+    """Every axis may stay sharded; a column window has global offsets, so then its axis may not."""
+    if columns is None:
+        return ShardingRule("b m n -> b n m")
+    return ShardingRule("b m s -> b n m", replicated=("s", "n"))
+
+
 _batched_transpose_op = TileOp(
-    name="batched_transpose", launch=_launch, reference=_reference, check=_check, batch=_batch
+    name="batched_transpose", launch=_launch, reference=_reference, check=_check, batch=_batch, sharding=_sharding
 )
 
 
