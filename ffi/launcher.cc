@@ -169,6 +169,9 @@ struct LaunchState {
 
   std::mutex mu;
   std::vector<std::pair<CUcontext, std::vector<CUfunction>>> functions;  // per CUDA context
+  // The first context's functions, readable without the lock once `first_context` is published.
+  std::atomic<CUcontext> first_context{nullptr};
+  std::vector<CUfunction> first_functions;
 
   std::string Where(const KernelLaunch* k = nullptr) const {
     std::string s = "jax_tilek kernel '" + name + "'";
@@ -351,6 +354,7 @@ ffi::ErrorOr<CUcontext> CurrentContext(const LaunchState& st) {
 ffi::ErrorOr<const std::vector<CUfunction>*> Functions(LaunchState& st, bool capturing) {
   auto ctx = CurrentContext(st);
   if (ctx.has_error()) return ffi::Unexpected(ctx.error());
+  if (st.first_context.load(std::memory_order_acquire) == ctx.value()) return &st.first_functions;
   std::lock_guard<std::mutex> lock(st.mu);
   for (auto& [c, fns] : st.functions) {
     if (c == ctx.value()) return &fns;
@@ -359,6 +363,11 @@ ffi::ErrorOr<const std::vector<CUfunction>*> Functions(LaunchState& st, bool cap
   if (fns.has_error()) {
     if (!capturing) return ffi::Unexpected(fns.error());
     return Fail(fns.error().errc().value_or(ffi::ErrorCode::kInternal), std::string(fns.error().message()) + " (while the stream was capturing a CUDA graph)");
+  }
+  if (st.first_context.load(std::memory_order_relaxed) == nullptr) {
+    st.first_functions = std::move(fns.value());
+    st.first_context.store(ctx.value(), std::memory_order_release);
+    return &st.first_functions;
   }
   st.functions.push_back({ctx.value(), std::move(fns.value())});
   return &st.functions.back().second;

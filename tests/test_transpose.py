@@ -151,3 +151,26 @@ def test_kernel_grad_and_vmap(on_gpu, rng):
     expected = np.zeros_like(x)
     expected[..., 128:] = np.swapaxes(w, -1, -2)
     np.testing.assert_array_equal(np.asarray(g), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,group_m", [(ml_dtypes.bfloat16, 4), (ml_dtypes.float8_e4m3fn, 8), (np.float32, 2)], ids=str)
+def test_grouped_cta_order_is_bit_exact(on_gpu, rng, dtype, group_m):
+    import jax_tilek
+    from jax_tilek.transpose.batched_transpose import batched_transpose_kernel, threads_for
+
+    x = random_array(rng, (3, 1024, 384), dtype)
+    esize = np.dtype(dtype).itemsize
+    per_word = 4 // esize
+
+    def program(x):
+        b, m, n = x.shape
+        return jax_tilek.tilelang_call(
+            batched_transpose_kernel, x,
+            out_shape=jax.ShapeDtypeStruct((b, n, m), x.dtype),
+            params=dict(esize=esize, tile_m=128, tile_n=128, threads=threads_for(esize, 128, 128), group_m=group_m),
+            views={"x": jax_tilek.View((b, m, n // per_word), dtype=np.uint32), "y": jax_tilek.View((b, n, m // per_word), dtype=np.uint32)},
+        )  # fmt: skip
+
+    y = on_gpu(program, x)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint8), _expected(x, None).view(np.uint8))

@@ -27,7 +27,7 @@ __device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned 
 
 
 @kernel
-def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int = 256):
+def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int = 256, group_m: int = 0):
     """Transposes ``esize``-byte elements, seen as 32-bit words, one ``tile_m x tile_n`` tile per CTA.
 
     x is ``[B, M, N]`` and y ``[B, N * per_word, M / per_word]`` in words (``per_word = 4 / esize``
@@ -35,6 +35,8 @@ def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int 
     chunks are XOR-swizzled by row group so that the column reads that follow are free of bank
     conflicts. Each thread then reads one word per row for ``4 * per_word`` rows, regroups the
     elements with ``__byte_perm`` into ``per_word`` output rows, and stores each as a 16-byte vector.
+    ``group_m > 0`` orders the CTAs in groups of ``group_m`` consecutive M tiles per N tile (M must be
+    a multiple of ``group_m * tile_m``), so neighbouring CTAs also write neighbouring output bytes.
     """
     import tilelang.language as T
 
@@ -68,7 +70,16 @@ def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int 
         x: T.StridedTensor((B, M, N), (M * S, S, 1), "uint32"),
         y: T.Tensor((B, N * per_word, M // per_word), "uint32"),
     ):
-        with T.Kernel(N // tile_nw, M // tile_m, B, threads=threads, prelude=_STORE16) as (bn, bm, b):
+        grid = (B * (M // tile_m) * (N // tile_nw),) if group_m else (N // tile_nw, M // tile_m, B)
+        with T.Kernel(*grid, threads=threads, prelude=_STORE16) as blocks:
+            if group_m:
+                tiles = (M // tile_m) * (N // tile_nw)
+                b = blocks // tiles
+                in_group = blocks % tiles % (group_m * (N // tile_nw))
+                bm = blocks % tiles // (group_m * (N // tile_nw)) * group_m + in_group % group_m
+                bn = in_group // group_m
+            else:
+                bn, bm, b = blocks
             T.assume(S % 4 == 0)
             T.assume(M % tile_m == 0)
             T.assume(N % tile_nw == 0)
