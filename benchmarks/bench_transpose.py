@@ -50,7 +50,7 @@ CASES = [
 ]
 
 
-def _tiles(shape, dtype, tile_m, tile_n, threads=None, group_m=0):
+def _tiles(shape, dtype, tile_m, tile_n, threads=None, group_m=0, cache_hints=False):
     """The kernel with fixed tile sizes, to compare tilings."""
     import jax
     import jax_tilek
@@ -65,11 +65,11 @@ def _tiles(shape, dtype, tile_m, tile_n, threads=None, group_m=0):
         return jax_tilek.tilelang_call(
             batched_transpose_kernel, x,
             out_shape=jax.ShapeDtypeStruct((b, n, m), x.dtype),
-            params=dict(esize=esize, tile_m=tile_m, tile_n=tile_n, threads=threads, group_m=group_m),
+            params=dict(esize=esize, tile_m=tile_m, tile_n=tile_n, threads=threads, group_m=group_m, cache_hints=cache_hints),
             views={"x": jax_tilek.View((b, m, n // per_word), dtype=np.uint32), "y": jax_tilek.View((b, n, m // per_word), dtype=np.uint32)},
         )  # fmt: skip
 
-    case = _case(f"t{tile_m}x{tile_n}/{threads}" + (f"/g{group_m}" if group_m else ""), shape, dtype)
+    case = _case(f"t{tile_m}x{tile_n}/{threads}" + (f"/g{group_m}" if group_m else "") + ("/hints" if cache_hints else ""), shape, dtype)
     case.kernel = kernel
     return case
 
@@ -82,9 +82,9 @@ _BIG = {
 VARIANTS = [
     _tiles(*_BIG[dtype], *config)
     for dtype, configs in {
-        "bfloat16": [(128, 128, None, 4), (128, 128, None, 8), (128, 128, None, 32), (256, 128, None, 8), (128, 64, None, 8)],
-        "float8_e4m3fn": [(128, 128, None, 8), (256, 128, None, 8)],
-        "float32": [(128, 64, None, 8), (64, 64, None, 8), (128, 128, None, 8)],
+        "bfloat16": [(128, 128, None, 0, True), (256, 128, None, 0, True), (128, 256, None, 0, True), (128, 256), (256, 256, 512)],
+        "float8_e4m3fn": [(128, 128, None, 0, True), (256, 256, None, 0, True)],
+        "float32": [(128, 128, None, 0, True), (128, 64, None, 0, True), (64, 128, None, 0, True)],
     }.items()
     for config in configs
 ]

@@ -18,16 +18,29 @@ from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, with_vjp
 
 ALIGN = 64  # M and N must be multiples of this
 
-# A 16-byte global store the compiler cannot split (nvcc splits uint4 stores from 4-byte-aligned arrays).
-_STORE16 = """
+# 16-byte global accesses the compiler cannot split (nvcc splits uint4 stores from 4-byte-aligned
+# arrays), with optional cache-policy hints: streaming stores, loads that skip L1 and prefetch 256 B.
+_ACCESS16 = """
 __device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+  asm volatile("st.global@STORE@.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+__device__ __forceinline__ void tilek_copy16_to_shared(unsigned* dst, const unsigned* src) {
+  unsigned a, b, c, d;
+  asm volatile("ld.global.nc@LOAD@.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "l"(src));
+  *reinterpret_cast<uint4*>(dst) = make_uint4(a, b, c, d);
 }
 """
 
 
+def _access_prelude(cache_hints: bool) -> str:
+    store, load = (".cs", ".L1::no_allocate.L2::256B") if cache_hints else ("", "")
+    return _ACCESS16.replace("@STORE@", store).replace("@LOAD@", load)
+
+
 @kernel
-def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int = 256, group_m: int = 0):
+def batched_transpose_kernel(
+    esize: int, tile_m: int, tile_n: int, threads: int = 256, group_m: int = 0, cache_hints: bool = False
+):
     """Transposes ``esize``-byte elements, seen as 32-bit words, one ``tile_m x tile_n`` tile per CTA.
 
     x is ``[B, M, N]`` and y ``[B, N * per_word, M / per_word]`` in words (``per_word = 4 / esize``
@@ -37,6 +50,7 @@ def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int 
     elements with ``__byte_perm`` into ``per_word`` output rows, and stores each as a 16-byte vector.
     ``group_m > 0`` orders the CTAs in groups of ``group_m`` consecutive M tiles per N tile (M must be
     a multiple of ``group_m * tile_m``), so neighbouring CTAs also write neighbouring output bytes.
+    ``cache_hints`` streams the stores (``.cs``) and loads past L1 with 256-byte L2 prefetches.
     """
     import tilelang.language as T
 
@@ -71,7 +85,7 @@ def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int 
         y: T.Tensor((B, N * per_word, M // per_word), "uint32"),
     ):
         grid = (B * (M // tile_m) * (N // tile_nw),) if group_m else (N // tile_nw, M // tile_m, B)
-        with T.Kernel(*grid, threads=threads, prelude=_STORE16) as blocks:
+        with T.Kernel(*grid, threads=threads, prelude=_access_prelude(cache_hints)) as blocks:
             if group_m:
                 tiles = (M // tile_m) * (N // tile_nw)
                 b = blocks // tiles
@@ -90,8 +104,15 @@ def batched_transpose_kernel(esize: int, tile_m: int, tile_n: int, threads: int 
             chunk = t % chunks_n
             for k in T.unroll(tile_m // rows_per_pass):
                 m = k * rows_per_pass + t // chunks_n
-                for v in T.vectorized(4):
-                    tile[m, (chunk ^ (m // span % chunks_n)) * 4 + v] = x[b, bm * tile_m + m, bn * tile_nw + chunk * 4 + v]
+                if cache_hints:
+                    T.evaluate(T.call_extern(
+                        "handle", "tilek_copy16_to_shared",
+                        T.address_of(tile[m, (chunk ^ (m // span % chunks_n)) * 4]),
+                        T.address_of(x[b, bm * tile_m + m, bn * tile_nw + chunk * 4]),
+                    ))  # fmt: skip
+                else:
+                    for v in T.vectorized(4):
+                        tile[m, (chunk ^ (m // span % chunks_n)) * 4 + v] = x[b, bm * tile_m + m, bn * tile_nw + chunk * 4 + v]
             T.sync_threads()
             warp = t // 32
             c = t % 32 % gather_c
