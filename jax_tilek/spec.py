@@ -274,23 +274,21 @@ class LaunchSpec:
 
     # -- binding to concrete shapes ------------------------------------------------------------
 
+    def _check_names(self, kind: str, given: Mapping[str, Any], params: Sequence[Any]) -> None:
+        missing = [p.name for p in params if p.name not in given]
+        if missing:
+            raise ValueError(f"kernel {self.name!r}: {kind} parameter(s) {missing} need values")
+        unknown = set(given) - {p.name for p in params}
+        if unknown:
+            raise ValueError(f"kernel {self.name!r} has no {kind} parameter(s) {sorted(unknown)}")
+
     def bind(self, tensors: Mapping[str, TensorBinding], scalars: Mapping[str, Any]) -> dict[str, Any]:
         """Solves every dynamic symbol from concrete shapes and checks each tensor against the kernel.
 
         Raises ValueError naming the tensor, dimension and rule on any mismatch.
         """
-        missing = [p.name for p in self.tensor_params if p.name not in tensors]
-        if missing:
-            raise ValueError(f"kernel {self.name!r}: no binding for tensor parameter(s) {missing}")
-        unknown = set(tensors) - {p.name for p in self.tensor_params}
-        if unknown:
-            raise ValueError(f"kernel {self.name!r} has no tensor parameter(s) {sorted(unknown)}")
-        missing = [p.name for p in self.scalar_params if p.name not in scalars]
-        if missing:
-            raise ValueError(f"kernel {self.name!r}: scalar parameter(s) {missing} need values")
-        unknown = set(scalars) - {p.name for p in self.scalar_params}
-        if unknown:
-            raise ValueError(f"kernel {self.name!r} has no scalar parameter(s) {sorted(unknown)}")
+        self._check_names("tensor", tensors, self.tensor_params)
+        self._check_names("scalar", scalars, self.scalar_params)
 
         env: dict[str, Any] = {p.name: scalars[p.name] for p in self.scalar_params}
         checks = []
