@@ -26,9 +26,12 @@ def assert_bytes_equal(actual, expected) -> None:
     """Bit-exact comparison (raw bytes; NaN payloads and signed zeros count), with a useful message."""
     a, e = np.ascontiguousarray(np.asarray(actual)), np.ascontiguousarray(np.asarray(expected))
     assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, a.dtype, e.shape, e.dtype)
-    ab, eb = a.view(np.uint8).reshape(a.shape[0] if a.ndim else 1, -1), e.view(np.uint8).reshape(e.shape[0] if e.ndim else 1, -1)
-    mismatch = np.argwhere(ab != eb)
-    assert mismatch.size == 0, f"{len(mismatch)} bytes differ, first at {mismatch[:5].tolist()}"
+    if a.size == 0:
+        return
+    itemsize = a.dtype.itemsize
+    differ = (a.view(np.uint8).reshape(-1, itemsize) != e.view(np.uint8).reshape(-1, itemsize)).any(axis=1)
+    where = np.argwhere(differ.reshape(a.shape))
+    assert where.size == 0, f"{len(where)} of {a.size} elements differ, first at {where[:5].tolist()}"
 
 
 def rand_float(rng: np.random.Generator, shape, scale_exp: tuple[int, int] = (-20, 20)) -> np.ndarray:
