@@ -1,0 +1,551 @@
+"""Per-channel FP8 casts: one scale per ``npt`` tokens x 1 channel (TileKernels v1 §2.7-2.9, v2.1).
+
+``x[T, H] -> (data e4m3, sf)`` with ``sf[b, h] = max(|x[b*npt:(b+1)*npt, h]|, 1e-4) / 448`` (or its
+power-of-two ceiling with ``round_sf``) and ``data = e4m3(x · sf_inv)``; see
+:mod:`jax_tilek.quant.formats` for the rules. Three ops share one kernel:
+
+- :func:`per_channel_cast` (v2.1): bf16 input, or a QuantTensor re-scaled from per-token scales;
+  sf row-major fp32, or packed UE8M0 along M.
+- :func:`per_channel_cast_fused` (v1): optional fused cast-back input and row gather.
+- :func:`per_channel_cast_and_transpose` (v1): the data comes out transposed, ``[H, T]``.
+
+(No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
+its closure.)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tilek.kernel import kernel
+from jax_tilek.op import Launch, TileOp, View
+from jax_tilek.quant import formats as F
+
+TILE_T = 128  # tokens per CTA
+THREADS = 256
+
+# Device helpers: bf16 / e4m3 unpacking, exact e4m3 packing, stores the compiler cannot split.
+_PRELUDE = r"""
+__device__ __forceinline__ float tilek_bf16_lo(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float tilek_bf16_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+// Element j (0..3) of four e4m3 codes packed in a word, exactly, as fp32.
+__device__ __forceinline__ float tilek_e4m3_at(unsigned w, int j) {
+  unsigned short pair = (unsigned short)(j < 2 ? w : w >> 16);
+  unsigned h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(pair));
+  unsigned short h = (unsigned short)((j & 1) ? h2 >> 16 : h2);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+// Four fp32 values -> four e4m3 codes (round to nearest even, saturating at +-448), a first.
+__device__ __forceinline__ unsigned tilek_e4m3x4(float a, float b, float c, float d) {
+  unsigned short lo, hi;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
+  return (unsigned)lo | ((unsigned)hi << 16);
+}
+__device__ __forceinline__ float tilek_ue8m0(unsigned char e) { return __uint_as_float(((unsigned)e) << 23); }
+__device__ __forceinline__ void tilek_store8(unsigned* p, unsigned a, unsigned b) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(a), "r"(b) : "memory");
+}
+__device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+"""
+
+SF_INPUTS = (None, "row", "col", "col_ue8m0")
+
+
+def _static(n: int) -> tuple[int, ...]:
+    """A loop over Python ints, unrolled when the kernel is built (``range`` would make a TIR loop)."""
+    return tuple(range(n))
+
+
+@kernel(pass_configs={"tl.disable_warp_specialized": True})
+def per_channel_cast_kernel(
+    tile_h: int,
+    npt: int,
+    round_sf: bool = False,
+    sf_in: str | None = None,
+    npc: int = 128,
+    packed_sf: bool = False,
+    gather: bool = False,
+    transpose: bool = False,
+    min_blocks: int = 2,
+):
+    """One CTA per 128 tokens x ``tile_h`` channels, 256 threads.
+
+    Thread (tr, tc) holds ``R = tile_h / 16`` consecutive token rows of 8 channels in registers
+    (16-byte loads of bf16, 8-byte loads of e4m3). Per-thread column maxima go to shared memory;
+    then thread h < tile_h reduces channel h for every ``npt`` block of the tile, computes the scale
+    (stored to global memory) and its inverse (shared memory). Every thread then scales and packs its
+    values into e4m3 words and either stores 8 bytes per row, or (``transpose``) writes them into an
+    XOR-swizzled byte tile that is read back column-wise and regrouped with ``__byte_perm`` into
+    16-byte rows of the transposed output.
+
+    Static options: ``sf_in`` (None: bf16 input; else the layout of the per-token fp32 / packed
+    UE8M0 scales of an e4m3 input with blocks of ``npc`` channels), ``packed_sf`` (UE8M0 output
+    packed along M), ``gather`` (input row of output row p is ``pos[p]``, zeros for -1).
+    """
+    import tilelang.language as T
+
+    assert tile_h in (64, 128, 256) and npt in (32, 128) and sf_in in SF_INPUTS
+    assert not (transpose and (gather or sf_in or packed_sf))
+    quant_in = sf_in is not None
+    groups = tile_h // 8  # threads across a tile row
+    rows = THREADS // groups  # thread rows
+    R = TILE_T // rows  # token rows per thread
+    blocks = TILE_T // npt  # npt blocks per tile
+    words = 2 if quant_in else 4  # input words per thread row (8 channels)
+    assert R % 4 == 0 and 16 % R == 0 and npt % R == 0
+    per_block = npt // R  # thread rows per npt block
+
+    Tn, P, XW, S0, TA, GW = T.dynamic("Tn, P, XW, S0, TA, GW")  # XW: 32-bit words per input row
+    if transpose:
+        P = Tn  # output tokens = input tokens
+    H = XW * (4 if quant_in else 2)  # channels
+    x_shape = (Tn, XW)
+    if sf_in == "row":
+        sf_in_shape, sf_in_dtype = (Tn, H // npc), "float32"
+    elif sf_in == "col":
+        sf_in_shape, sf_in_dtype = (H // npc, TA), "float32"
+    else:  # col_ue8m0 as bytes [word row, token, byte]; unused shapes for bf16 input
+        sf_in_shape, sf_in_dtype = (GW, TA, 4), "uint8"
+    out_shape = (H, Tn // 4) if transpose else (P, H // 4)
+    if not packed_sf:
+        sf_shape, sf_dtype = (S0, H), "float32"
+    elif npt == 32:  # a tile fills whole int32 words [ceil(M_b/4), H]
+        sf_shape, sf_dtype = (S0, H), "uint32"
+    else:  # a tile writes one byte of each word: the words as bytes
+        sf_shape, sf_dtype = (S0, H, 4), "uint8"
+
+    # Transposed store phase (batched_transpose's scheme for 1-byte elements).
+    tile_w = tile_h // 4  # words per tile row
+    chunks = tile_h // 16  # 16-byte chunks per tile row
+    store_warps = min(THREADS // 32, tile_h // 16)
+
+    def value(xw, xs, r, c):
+        """Channel c of row r as fp32 (decoded and scaled for a QuantTensor input)."""
+        if quant_in:
+            e = T.call_extern("float32", "tilek_e4m3_at", xw[r * 2 + c // 4], c % 4)
+            return T.call_extern("float32", "__fmul_rn", e, xs[r])
+        return T.call_extern("float32", "tilek_bf16_hi" if c % 2 else "tilek_bf16_lo", xw[r * 4 + c // 2])
+
+    def quad(xw, xs, inv, r, q):
+        """Channels 4q..4q+3 of row r, scaled, as four e4m3 codes in a word."""
+        return T.call_extern(
+            "uint32", "tilek_e4m3x4",
+            *(T.call_extern("float32", "__fmul_rn", value(xw, xs, r, 4 * q + i), inv[4 * q + i]) for i in range(4)),
+        )  # fmt: skip
+
+    @T.macro
+    def body(x, x_sf, pos, out, sf):
+        with T.Kernel(T.ceildiv(P, TILE_T), H // tile_h, threads=THREADS, prelude=_PRELUDE) as (bm, bh):
+            T.annotate_min_blocks_per_sm(min_blocks)
+            T.assume(XW % (tile_h // (4 if quant_in else 2)) == 0)
+            if not gather:
+                T.assume(P % TILE_T == 0)
+            else:
+                T.assume(P % 16 == 0)
+            xw = T.alloc_local((R * words,), "uint32")
+            xs = T.alloc_local((R,), "float32")
+            src = T.alloc_local((R,), "int32")
+            amax = T.alloc_local((8,), "float32")
+            inv = T.alloc_local((8,), "float32")
+            o = T.alloc_local((4,), "uint32")
+            w = T.alloc_local((16,), "uint32")
+            a = T.alloc_local((1,), "float32")
+            packed = T.alloc_local((1,), "uint32")
+            part = T.alloc_shared((rows, tile_h), "float32")
+            sf_inv = T.alloc_shared((blocks, tile_h), "float32")
+            t = T.get_thread_binding(0)
+            tc = t % groups
+            tr = t // groups
+            row0 = bm * TILE_T + tr * R
+            col = bh * tile_h + tc * 8  # first channel of this thread
+            valid = row0 < P
+
+            # 1. Load R rows x 8 channels (gathered rows; -1 rows and rows past P read as zeros).
+            if gather:
+                for r in T.vectorized(R):
+                    src[r] = T.if_then_else(valid, pos[row0 + r], -1)
+            else:
+                for r in T.unroll(R):
+                    src[r] = row0 + r
+            for r in T.unroll(R):
+                for v in T.vectorized(words):
+                    xw[r * words + v] = 0
+                if src[r] >= 0:
+                    for v in T.vectorized(words):
+                        xw[r * words + v] = x[src[r], col // (8 // words) + v]
+                if quant_in:
+                    xs[r] = 0.0
+                    if src[r] >= 0:
+                        g = col // npc
+                        if sf_in == "row":
+                            xs[r] = x_sf[src[r], g]
+                        elif sf_in == "col":
+                            xs[r] = x_sf[g, src[r]]
+                        else:
+                            xs[r] = T.call_extern("float32", "tilek_ue8m0", x_sf[g // 4, src[r], g % 4])
+
+            # 2. Column maxima of this thread's rows, then of each npt block.
+            for c in T.unroll(8):
+                amax[c] = 0.0
+            for r in T.unroll(R):
+                for c in _static(8):  # unrolled while building: value() branches on c
+                    amax[c] = T.max(amax[c], T.abs(value(xw, xs, r, c)))
+            for c in T.vectorized(8):
+                part[tr, tc * 8 + c] = amax[c]
+            T.sync_threads()
+            if t < tile_h:
+                h = bh * tile_h + t
+                packed[0] = 0
+                for b in T.unroll(blocks):
+                    a[0] = T.float32(F.E4M3.amax_floor)
+                    for k in T.unroll(per_block):
+                        a[0] = T.max(a[0], part[b * per_block + k, t])
+                    s = T.call_extern("float32", "__fdiv_rn", a[0], T.float32(F.E4M3.max_value))
+                    gb = bm * blocks + b  # global block index
+                    if round_sf:
+                        bits = T.call_extern("uint32", "__float_as_uint", s)
+                        e = T.shift_right(bits - T.uint32(1), T.uint32(23)) + T.uint32(1)  # biased exponent
+                        s = T.call_extern("float32", "__uint_as_float", T.shift_left(e, T.uint32(23)))
+                        sf_inv[b, t] = T.call_extern("float32", "__uint_as_float", T.shift_left(T.uint32(254) - e, T.uint32(23)))
+                        if packed_sf:
+                            if npt == 32:
+                                packed[0] = packed[0] | T.shift_left(e, T.uint32(8 * b))
+                            else:
+                                sf[gb // 4, h, gb % 4] = T.Cast("uint8", e)
+                                if gb == T.ceildiv(P, npt) - 1:  # the last word's unused bytes are zero
+                                    for j in T.unroll(1, 4):
+                                        if j > gb % 4:
+                                            sf[gb // 4, h, j] = T.uint8(0)
+                    else:
+                        sf_inv[b, t] = T.call_extern("float32", "__fdiv_rn", T.float32(F.E4M3.max_value), a[0])
+                    if not packed_sf:
+                        if gb < T.ceildiv(P, npt):
+                            sf[gb, h] = s
+                if packed_sf and npt == 32:
+                    sf[bm, h] = packed[0]
+            T.sync_threads()
+
+            # 3. Scale, pack to e4m3, store.
+            blk = tr * R // npt
+            for c in T.vectorized(8):
+                inv[c] = sf_inv[blk, tc * 8 + c]
+
+            if not transpose:
+                if valid:
+                    for r in T.unroll(R):
+                        T.evaluate(T.call_extern(
+                            "handle", "tilek_store8", T.address_of(out[row0 + r, col // 4]), quad(xw, xs, inv, r, 0), quad(xw, xs, inv, r, 1)
+                        ))  # fmt: skip
+            else:
+                tile = T.alloc_shared((TILE_T, tile_w), "uint32")
+                for r in T.unroll(R):
+                    m = tr * R + r
+                    chunk = (tc // 2) ^ (m // 16 % chunks)
+                    tile[m, chunk * 4 + (tc % 2) * 2] = quad(xw, xs, inv, r, 0)
+                    tile[m, chunk * 4 + (tc % 2) * 2 + 1] = quad(xw, xs, inv, r, 1)
+                T.sync_threads()
+                warp = t // 32
+                cm = t % 32 % 8  # 16-token chunk of the tile
+                nw = warp * 4 + t % 32 // 8  # word column of the tile
+                if warp < store_warps:
+                    for v in T.unroll(16):
+                        m = cm * 16 + v
+                        w[v] = tile[m, ((nw // 4) ^ (m // 16 % chunks)) * 4 + nw % 4]
+                    for j in T.unroll(4):
+                        select = T.uint32(j | ((j + 4) << 4))
+                        for q in T.unroll(4):
+                            lo = T.call_extern("uint32", "__byte_perm", w[4 * q], w[4 * q + 1], select)
+                            hi = T.call_extern("uint32", "__byte_perm", w[4 * q + 2], w[4 * q + 3], select)
+                            o[q] = T.call_extern("uint32", "__byte_perm", lo, hi, T.uint32(0x5410))
+                        channel = (bh * tile_w + nw) * 4 + j
+                        T.evaluate(T.call_extern(
+                            "handle", "tilek_store16", T.address_of(out[channel, bm * (TILE_T // 4) + cm * 4]),
+                            o[0], o[1], o[2], o[3],
+                        ))  # fmt: skip
+
+    if sf_in is None and not gather:
+
+        @T.prim_func
+        def per_channel_cast(
+            x: T.Tensor(x_shape, "uint32"), out: T.Tensor(out_shape, "uint32"), sf: T.Tensor(sf_shape, sf_dtype)
+        ):
+            body(x, None, None, out, sf)
+
+    elif sf_in is None:
+
+        @T.prim_func
+        def per_channel_cast(
+            x: T.Tensor(x_shape, "uint32"), pos: T.Tensor((P,), "int32"),
+            out: T.Tensor(out_shape, "uint32"), sf: T.Tensor(sf_shape, sf_dtype),
+        ):  # fmt: skip
+            body(x, None, pos, out, sf)
+
+    elif not gather:
+
+        @T.prim_func
+        def per_channel_cast(
+            x: T.Tensor(x_shape, "uint32"), x_sf: T.Tensor(sf_in_shape, sf_in_dtype),
+            out: T.Tensor(out_shape, "uint32"), sf: T.Tensor(sf_shape, sf_dtype),
+        ):  # fmt: skip
+            body(x, x_sf, None, out, sf)
+
+    else:
+
+        @T.prim_func
+        def per_channel_cast(
+            x: T.Tensor(x_shape, "uint32"), x_sf: T.Tensor(sf_in_shape, sf_in_dtype), pos: T.Tensor((P,), "int32"),
+            out: T.Tensor(out_shape, "uint32"), sf: T.Tensor(sf_shape, sf_dtype),
+        ):  # fmt: skip
+            body(x, x_sf, pos, out, sf)
+
+    return per_channel_cast
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: reference, rules, launch. Arguments are ``x`` then ``x_sf`` (if ``sf_in``) then ``pos`` (if
+# ``gather``); outputs ``(data, sf)``.
+
+
+def _operands(args, sf_in, gather):
+    x, rest = args[0], list(args[1:])
+    x_sf = rest.pop(0) if sf_in else None
+    pos = rest.pop(0) if gather else None
+    return x, x_sf, pos
+
+
+def _reference(*args, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, tile_h=None, min_blocks=None):
+    x, x_sf, pos = _operands(args, sf_in, gather)
+    t, h = x.shape
+    if sf_in:  # the kernel's cast-back: fp32 product of the e4m3 value and its per-token scale
+        x = F.dequantize_blocks(x, F.load_sf(x_sf, sf_in, (t, h // npc)), "e4m3", (1, npc))
+    if gather:  # row p = x[pos[p]], zeros for -1
+        padded = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])
+        x = padded[jnp.where(pos >= 0, pos, t)]
+    data, sf = F.quantize_blocks(x, "e4m3", (npt, 1), round_sf=round_sf)
+    sf = F.store_sf(sf, "ue8m0_along_m" if packed_sf else "row")
+    return (data.T if transpose else data), sf
+
+
+def tiling(h: int, *, quant_in: bool = False, transpose: bool = False) -> tuple[int, int]:
+    """``(tile_h, min_blocks)``: the widest tile that divides H (64 for the transposed cast, whose
+    smaller tiles ran faster on an H200), and CTAs per SM the registers are budgeted for."""
+    if transpose:
+        return 64, 2  # 55 registers: 4 CTAs per SM fit anyway
+    tile_h = 256 if h % 256 == 0 else 128 if h % 128 == 0 else 64
+    return tile_h, 3 if quant_in else 2  # bf16: 64 data registers a thread, which 3 CTAs per SM would spill
+
+
+def _launch(*avals, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, tile_h=None, min_blocks=None) -> Launch:
+    x, x_sf, pos = _operands(avals, sf_in, gather)
+    t, h = x.shape
+    p = pos.shape[0] if gather else t
+    default_tile, default_blocks = tiling(h, quant_in=sf_in is not None, transpose=transpose)
+    tile_h, min_blocks = tile_h or default_tile, min_blocks or default_blocks
+    m_b = F.ceil_div(p, npt)
+    views = {"x": View((t, h // (4 if sf_in else 2)), dtype=np.uint32)}
+    if sf_in == "col_ue8m0":
+        views["x_sf"] = View((*x_sf.shape, 4), dtype=np.uint8)
+    # (explicit strides: the compact strides of an empty [H, 0] are not the kernel's [H, T/4] ones)
+    views["out"] = View((h, t // 4), (t // 4, 1), dtype=np.uint32) if transpose else View((p, h // 4), dtype=np.uint32)
+    if packed_sf:
+        words = F.ceil_div(m_b, 4)
+        views["sf"] = View((words, h), dtype=np.uint32) if npt == 32 else View((words, h, 4), dtype=np.uint8)
+    params = dict(
+        tile_h=tile_h, npt=npt, round_sf=round_sf, sf_in=sf_in, npc=npc if sf_in else 128,
+        packed_sf=packed_sf, gather=gather, transpose=transpose, min_blocks=min_blocks,
+    )  # fmt: skip
+    return Launch(kernel=per_channel_cast_kernel, params=params, views=views)
+
+
+_per_channel_cast_op = TileOp(name="per_channel_cast", launch=_launch, reference=_reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules and public functions.
+
+NUM_PER_TOKENS = (32, 128)
+NUM_PER_CHANNELS = (32, 128)
+H_ALIGN = 64  # hidden must be a multiple of this (v1; v2.1 asks for 128)
+
+
+def _check_common(name: str, data, fmt: str, num_per_tokens: int, t_rule: int | None) -> tuple[int, int]:
+    if fmt != "e4m3":
+        raise ValueError(f"{name}: fmt must be 'e4m3', got {fmt!r}")
+    if num_per_tokens not in NUM_PER_TOKENS:
+        raise ValueError(f"{name}: num_per_tokens must be one of {NUM_PER_TOKENS}, got {num_per_tokens}")
+    if data.ndim != 2:
+        raise ValueError(f"{name}: x must be [num_tokens, hidden], got shape {data.shape}")
+    t, h = data.shape
+    if h == 0 or h % H_ALIGN:
+        raise ValueError(f"{name}: hidden ({h}) must be a positive multiple of {H_ALIGN}")
+    if t_rule and t % t_rule:
+        raise ValueError(f"{name}: num_tokens ({t}) must be a multiple of {t_rule}")
+    return t, h
+
+
+def _split_input(name: str, x, plain_dtypes=(jnp.bfloat16,)):
+    """``x`` or a QuantTensor ``(data, sf)`` -> (data, sf or None), with dtype checks."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name}: a QuantTensor x must be a pair (data, sf), got {len(x)} items")
+        data, x_sf = jnp.asarray(x[0]), jnp.asarray(x[1])
+        if data.dtype != jnp.float8_e4m3fn:
+            raise ValueError(f"{name}: QuantTensor data must be float8_e4m3fn, got {data.dtype}")
+        return data, x_sf
+    x = jnp.asarray(x)
+    if x.dtype not in plain_dtypes:
+        raise ValueError(f"{name}: x must be bfloat16 or a QuantTensor (e4m3 data, sf), got {x.dtype}")
+    return x, None
+
+
+def _input_sf_layout(name: str, x_sf, t: int, h: int, npc: int, layouts, given: str | None) -> str:
+    """Which layout the per-token input scales ``[T, H/npc]`` are stored in (from shape and dtype)."""
+    groups = h // npc
+    shapes = {
+        "row": ((t, groups), jnp.float32),
+        "col": ((groups, F.align(t, 4)), jnp.float32),
+        "col_ue8m0": ((F.ceil_div(groups, 4), F.align(t, 4)), jnp.int32),
+    }
+    shapes = {k: v for k, v in shapes.items() if k in layouts}
+    if given is not None and given not in shapes:
+        raise ValueError(f"{name}: x_sf_layout must be one of {tuple(shapes)}, got {given!r}")
+    for layout in [given] if given else shapes:
+        shape, dtype = shapes[layout]
+        if tuple(x_sf.shape) == shape and x_sf.dtype == dtype:
+            return layout
+    expected = ", ".join(f"{k}: {np.dtype(d).name} {s}" for k, (s, d) in shapes.items() if given in (None, k))
+    raise ValueError(
+        f"{name}: the QuantTensor's sf must be per-token scales with blocks of (1, {npc}) in a supported layout "
+        f"({expected}), got {x_sf.dtype} {tuple(x_sf.shape)}"
+    )
+
+
+def per_channel_cast(
+    x,
+    fmt: str = "e4m3",
+    num_per_tokens: int = 128,
+    round_sf: bool = False,
+    num_per_channels: int | None = None,
+    use_packed_ue8m0: bool = False,
+    impl=None,
+    *,
+    x_sf_layout: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Casts ``x[T, H]`` to e4m3 with one scale per ``num_per_tokens`` tokens x 1 channel (v2.1).
+
+    Args:
+      x: bfloat16 ``[T, H]``, or a QuantTensor ``(data e4m3 [T, H], sf)`` with per-token scales of
+        blocks ``(1, num_per_channels)``, decoded as ``fp32(data) · sf`` first. Its sf is fp32 row-major
+        ``[T, H/npc]``, fp32 column-major storage ``[H/npc, align(T, 4)]`` or packed UE8M0 int32
+        ``[ceil(H/npc/4), align(T, 4)]``, told apart by shape and dtype (``x_sf_layout`` =
+        ``"row" | "col" | "col_ue8m0"`` settles a tie; row-major wins otherwise).
+      num_per_tokens: 32 or 128. T % 128 == 0 (0 allowed); H % 64 == 0 (v2.1 needs 128, v1 64).
+      num_per_channels: 32 or 128, QuantTensor input only.
+      round_sf: power-of-two scales. use_packed_ue8m0 (needs round_sf): sf packed along M.
+
+    Returns:
+      ``(data float8_e4m3fn [T, H], sf)``: sf fp32 ``[T/npt, H]``, or with ``use_packed_ue8m0`` int32
+      ``[ceil(T/npt/4), H]`` (``formats`` layout ``"ue8m0_along_m"``: word ``[i, h]`` holds blocks
+      ``4i..4i+3`` of channel h, first in the low byte; unused bytes 0).
+    """
+    name = "per_channel_cast"
+    data, x_sf = _split_input(name, x)
+    t, h = _check_common(name, data, fmt, num_per_tokens, 128)
+    if use_packed_ue8m0 and not round_sf:
+        raise ValueError(f"{name}: use_packed_ue8m0 needs round_sf=True (UE8M0 holds powers of two only)")
+    sf_in = None
+    if x_sf is None:
+        if num_per_channels is not None:
+            raise ValueError(f"{name}: num_per_channels is for a QuantTensor x only (a bfloat16 x has no input scales)")
+    else:
+        if num_per_channels not in NUM_PER_CHANNELS:
+            raise ValueError(f"{name}: a QuantTensor x needs num_per_channels in {NUM_PER_CHANNELS}, got {num_per_channels}")
+        if h % num_per_channels:
+            raise ValueError(f"{name}: hidden ({h}) must be a multiple of num_per_channels={num_per_channels}")
+        sf_in = _input_sf_layout(name, x_sf, t, h, num_per_channels, ("row", "col", "col_ue8m0"), x_sf_layout)
+    args = (data,) if x_sf is None else (data, x_sf)
+    return _per_channel_cast_op(
+        *args, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=sf_in, npc=num_per_channels,
+        packed_sf=bool(use_packed_ue8m0), gather=False, transpose=False,
+    )  # fmt: skip
+
+
+def per_channel_cast_fused(
+    x,
+    fmt: str = "e4m3",
+    num_per_tokens: int = 128,
+    round_sf: bool = False,
+    num_per_channels: int | None = None,
+    pos_to_token: jax.Array | None = None,
+    impl=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-channel cast with a fused cast-back input and row gather (v1).
+
+    Args:
+      x: bfloat16 ``[T, H]``, or a QuantTensor ``(data e4m3 [T, H], sf fp32 [T, H/128])`` (per-token
+        scales, row-major; num_per_channels must be 128 or None), decoded as ``fp32(data) · sf``.
+      pos_to_token: optional int32 ``[T_out]``: output row p is input row ``pos_to_token[p]``, or zeros
+        where it is -1 (values must be -1 or in [0, T)). T_out % 16 == 0; without it T_out = T and
+        T % 128 == 0. H % 64 == 0.
+      num_per_tokens: 128 (v1), or 32.
+
+    Returns:
+      ``(data float8_e4m3fn [T_out, H], sf fp32 [ceil(T_out/npt), H])``; a partial last block's
+      scale covers its rows only.
+    """
+    name = "per_channel_cast_fused"
+    data, x_sf = _split_input(name, x)
+    gather = pos_to_token is not None
+    t, h = _check_common(name, data, fmt, num_per_tokens, None if gather else 128)
+    args = [data]
+    sf_in = None
+    if x_sf is not None:
+        if num_per_channels not in (None, 128):
+            raise ValueError(f"{name}: the fused cast-back needs num_per_channels=128, got {num_per_channels}")
+        if h % 128:
+            raise ValueError(f"{name}: the fused cast-back needs hidden ({h}) to be a multiple of 128")
+        sf_in = _input_sf_layout(name, x_sf, t, h, 128, ("row",), None)
+        args.append(x_sf)
+    elif num_per_channels is not None:
+        raise ValueError(f"{name}: num_per_channels is for a QuantTensor x only (a bfloat16 x has no input scales)")
+    if gather:
+        pos_to_token = jnp.asarray(pos_to_token)
+        if pos_to_token.ndim != 1 or pos_to_token.dtype != jnp.int32:
+            raise ValueError(f"{name}: pos_to_token must be int32 [T_out], got {pos_to_token.dtype} {pos_to_token.shape}")
+        if pos_to_token.shape[0] % 16:
+            raise ValueError(f"{name}: pos_to_token's length ({pos_to_token.shape[0]}) must be a multiple of 16")
+        args.append(pos_to_token)
+    return _per_channel_cast_op(
+        *args, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=sf_in, npc=128 if sf_in else None,
+        packed_sf=False, gather=gather, transpose=False,
+    )  # fmt: skip
+
+
+def per_channel_cast_and_transpose(
+    x: jax.Array, fmt: str = "e4m3", num_per_tokens: int = 128, round_sf: bool = False, impl=None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-channel cast with the data transposed (v1).
+
+    Args:
+      x: bfloat16 ``[T, H]``, T % 128 == 0 (0 allowed), H % 64 == 0.
+      num_per_tokens: 32 or 128.
+
+    Returns:
+      ``(data float8_e4m3fn [H, T], sf fp32 [T/npt, H])``: exactly the transpose of
+      :func:`per_channel_cast`'s data, and the same sf.
+    """
+    name = "per_channel_cast_and_transpose"
+    data, x_sf = _split_input(name, x)
+    if x_sf is not None:
+        raise ValueError(f"{name}: x must be bfloat16 (no QuantTensor input)")
+    _check_common(name, data, fmt, num_per_tokens, 128)
+    return _per_channel_cast_op(
+        data, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=None, npc=None,
+        packed_sf=False, gather=False, transpose=True,
+    )  # fmt: skip

@@ -1,0 +1,469 @@
+"""Per-channel casts (per_channel_cast, per_channel_cast_fused, per_channel_cast_and_transpose):
+the reference against independent numpy math, the rules, the lowering, and the GPU kernel bit for bit."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_tilek.quant import formats as F
+from jax_tilek.quant.per_channel_cast import (
+    _per_channel_cast_op,
+    per_channel_cast,
+    per_channel_cast_and_transpose,
+    per_channel_cast_fused,
+)
+
+from helpers import decode_record, lower_for_cuda, tilek_calls
+from quant_testing import assert_bytes_equal as _assert_bytes_equal
+from quant_testing import calc_diff, check_bias
+
+E4M3 = ml_dtypes.float8_e4m3fn
+BF16 = ml_dtypes.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and expected values.
+
+
+def assert_bytes_equal(actual, expected) -> None:
+    """quant_testing.assert_bytes_equal, which cannot compare empty arrays (reshape of size 0 to
+    (0, -1)): those compare by shape and dtype."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    if a.size == 0 or e.size == 0:
+        assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, a.dtype, e.shape, e.dtype)
+        return
+    _assert_bytes_equal(a, e)
+
+
+def _input(rng, t: int, h: int) -> np.ndarray:
+    """bf16 [T, H] with a wide dynamic range across channels and rows, and one tiny channel (below
+    the amax floor)."""
+    col = np.exp2(rng.integers(-16, 16, size=(1, h))).astype(np.float32)
+    row = np.exp2(rng.integers(-3, 4, size=(t, 1))).astype(np.float32)
+    x = rng.standard_normal((t, h), np.float32) * col * row
+    if h:
+        x[:, h // 3] *= np.float32(2.0**-30)
+    return x.astype(BF16)
+
+
+def _quant_tensor(rng, t: int, h: int, npc: int, layout: str):
+    """An e4m3 QuantTensor with per-token (1, npc) scales stored in ``layout`` (computed on the host)."""
+    x = _input(rng, t, h)
+    with jax.default_device(jax.devices("cpu")[0]):
+        data, sf = F.quantize_blocks(jnp.asarray(x), "e4m3", (1, npc), round_sf=layout == "col_ue8m0")
+        return np.asarray(data), np.asarray(F.store_sf(sf, layout))
+
+
+def _expected(x, npt, round_sf=False, packed=False, x_sf=None, npc=None, layout=None, pos=None, transpose=False):
+    """formats.quantize_blocks with block (npt, 1) + store_sf, on the host: what every kernel must match."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        v = jnp.asarray(x)
+        t, h = x.shape
+        if x_sf is not None:
+            v = F.dequantize_blocks(v, F.load_sf(jnp.asarray(x_sf), layout, (t, h // npc)), "e4m3", (1, npc))
+        if pos is not None:
+            v = jnp.concatenate([v, jnp.zeros((1, h), v.dtype)])[np.where(pos >= 0, pos, t)]
+        data, sf = F.quantize_blocks(v, "e4m3", (npt, 1), round_sf=round_sf)
+        sf = F.store_sf(sf, "ue8m0_along_m" if packed else "row")
+        return np.asarray(data.T if transpose else data), np.asarray(sf)
+
+
+def _numpy_cast(v: np.ndarray, npt: int, round_sf: bool):
+    """Independent math: fp32 values -> (e4m3 data, fp32 sf [ceil(T/npt), H]) with blocks (npt, 1)."""
+    t, h = v.shape
+    m_b = -(-t // npt)
+    padded = np.zeros((m_b * npt, h), np.float32)
+    padded[:t] = np.abs(v)
+    a = np.maximum(padded.reshape(m_b, npt, h).max(axis=1), np.float32(1e-4))
+    if round_sf:
+        mantissa, exponent = np.frexp(a.astype(np.float64) / 448.0)  # exact quotient, then its ceil power of 2
+        e = np.where(mantissa == 0.5, exponent - 1, exponent)
+        sf, inv = np.ldexp(1.0, e).astype(np.float32), np.ldexp(1.0, -e).astype(np.float32)
+    else:
+        sf, inv = a / np.float32(448), np.float32(448) / a
+    scaled = v * np.repeat(inv, npt, axis=0)[:t]
+    return np.clip(scaled, -448, 448).astype(E4M3), sf
+
+
+def _numpy_pack_along_m(sf: np.ndarray) -> np.ndarray:
+    """Power-of-two sf [M_b, H] -> int32 [ceil(M_b/4), H], block 4i+j in byte j of word i."""
+    m_b, h = sf.shape
+    e = np.zeros((-(-m_b // 4) * 4, h), np.uint32)
+    e[:m_b] = np.log2(sf.astype(np.float64)).astype(np.int64) + 127
+    e = e.reshape(-1, 4, h)
+    return (e[:, 0] | e[:, 1] << 8 | e[:, 2] << 16 | e[:, 3] << 24).view(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference (impl="xla") against independent numpy math.
+
+
+@pytest.mark.parametrize("t,h,npt,round_sf", [(256, 192, 128, False), (384, 128, 32, True), (128, 64, 32, False)])
+def test_reference_against_numpy(rng, t, h, npt, round_sf):
+    x = _input(rng, t, h)
+    data, sf = per_channel_cast(x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
+    expected_data, expected_sf = _numpy_cast(x.astype(np.float32), npt, round_sf)
+    assert_bytes_equal(data, expected_data)
+    assert_bytes_equal(sf, expected_sf)
+    back = np.asarray(data, np.float32) * np.repeat(np.asarray(sf), npt, axis=0)
+    assert calc_diff(back, x.astype(np.float32)) < 1e-3
+    expected = _expected(x, npt, round_sf)
+    assert_bytes_equal(data, expected[0])
+    assert_bytes_equal(sf, expected[1])
+
+
+def test_reference_rounding_is_unbiased(rng):
+    x = (rng.standard_normal((512, 512), np.float32) * 3).astype(BF16)
+    data, sf = per_channel_cast(x, impl="xla")
+    exact = x.astype(np.float64) / np.repeat(np.asarray(sf, np.float64), 128, axis=0)
+    check_bias(np.asarray(data, np.float32), exact)
+
+
+@pytest.mark.parametrize("npt,t", [(128, 384), (128, 512), (32, 128), (32, 256)])
+def test_reference_packed_along_m(rng, npt, t):
+    x = _input(rng, t, 128)
+    data, sf = per_channel_cast(x, num_per_tokens=npt, round_sf=True, use_packed_ue8m0=True, impl="xla")
+    expected_data, expected_sf = _numpy_cast(x.astype(np.float32), npt, True)
+    assert_bytes_equal(data, expected_data)
+    assert sf.shape == (-(-t // npt // 4), 128) and sf.dtype == jnp.int32
+    assert_bytes_equal(sf, _numpy_pack_along_m(expected_sf))
+
+
+@pytest.mark.parametrize("layout,npc", [("row", 128), ("col", 32), ("col_ue8m0", 32), ("col_ue8m0", 128)])
+def test_reference_quant_tensor_input(rng, layout, npc):
+    t, h = 256, 256
+    data_in, sf_in = _quant_tensor(rng, t, h, npc, layout)
+    data, sf = per_channel_cast((data_in, sf_in), num_per_tokens=32, num_per_channels=npc, impl="xla")
+    logical = np.asarray(F.load_sf(jnp.asarray(sf_in), layout, (t, h // npc)))
+    decoded = data_in.astype(np.float32) * np.repeat(logical, npc, axis=1)  # fp32 product, as the kernel
+    expected_data, expected_sf = _numpy_cast(decoded, 32, False)
+    assert_bytes_equal(data, expected_data)
+    assert_bytes_equal(sf, expected_sf)
+
+
+def test_reference_quant_tensor_layout_can_be_named(rng):
+    # T = 128 tokens of H/npc = 128 groups: row-major [128, 128] and column-major [128, 128] look alike.
+    data_in, sf_in = _quant_tensor(rng, 128, 4096, 32, "col")
+    by_name = per_channel_cast((data_in, sf_in), num_per_channels=32, x_sf_layout="col", impl="xla")
+    as_row = per_channel_cast((data_in, sf_in.T.copy()), num_per_channels=32, impl="xla")  # the same scales, row-major
+    for a, b in zip(by_name, as_row):
+        assert_bytes_equal(a, b)
+
+
+def test_reference_fused_gather(rng):
+    t, h = 200, 128
+    x = _input(rng, t, h)
+    pos = rng.integers(-1, t, size=272).astype(np.int32)
+    pos[:3] = -1
+    data, sf = per_channel_cast_fused(x, pos_to_token=pos, impl="xla")
+    gathered = np.where(pos[:, None] >= 0, x.astype(np.float32)[np.maximum(pos, 0)], 0).astype(np.float32)
+    expected_data, expected_sf = _numpy_cast(gathered, 128, False)
+    assert sf.shape == (3, h)  # ceil(272 / 128): the last block has 16 rows
+    assert_bytes_equal(data, expected_data)
+    assert_bytes_equal(sf, expected_sf)
+    assert not np.asarray(data, np.float32)[:3].any()
+
+
+def test_reference_fused_cast_back(rng):
+    t, h = 256, 256
+    data_in, sf_in = _quant_tensor(rng, t, h, 128, "row")
+    pos = rng.integers(-1, t, size=48).astype(np.int32)
+    data, sf = per_channel_cast_fused((data_in, sf_in), round_sf=True, pos_to_token=pos, impl="xla")
+    decoded = data_in.astype(np.float32) * np.repeat(sf_in, 128, axis=1)
+    gathered = np.where(pos[:, None] >= 0, decoded[np.maximum(pos, 0)], 0).astype(np.float32)
+    expected_data, expected_sf = _numpy_cast(gathered, 128, True)
+    assert_bytes_equal(data, expected_data)
+    assert_bytes_equal(sf, expected_sf)
+    plain = per_channel_cast_fused((data_in, sf_in), num_per_channels=128, impl="xla")
+    assert_bytes_equal(plain[0], per_channel_cast((data_in, sf_in), num_per_channels=128, impl="xla")[0])
+
+
+@pytest.mark.parametrize("npt,round_sf", [(32, False), (128, True)])
+def test_reference_transposed(rng, npt, round_sf):
+    x = _input(rng, 256, 192)
+    data_t, sf_t = per_channel_cast_and_transpose(x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
+    data, sf = per_channel_cast(x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
+    assert data_t.shape == (192, 256)
+    assert_bytes_equal(data_t, np.asarray(data).T)
+    assert_bytes_equal(sf_t, sf)
+
+
+def test_zero_tokens():
+    x = np.zeros((0, 128), BF16)
+    for data, sf in [
+        per_channel_cast(x, impl="xla"),
+        per_channel_cast(x, round_sf=True, use_packed_ue8m0=True, impl="xla"),
+        per_channel_cast_fused(x, pos_to_token=np.zeros(0, np.int32), impl="xla"),
+    ]:
+        assert data.shape == (0, 128) and sf.shape == (0, 128)
+    data, sf = per_channel_cast_and_transpose(x, impl="xla")
+    assert data.shape == (128, 0) and sf.shape == (0, 128)
+    data, sf = per_channel_cast_fused(x, pos_to_token=np.full(16, -1, np.int32), impl="xla")  # nothing to gather from
+    assert not np.asarray(data, np.float32).any()
+    np.testing.assert_array_equal(np.asarray(sf), np.full((1, 128), np.float32(1e-4) / np.float32(448)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules.
+
+S = jax.ShapeDtypeStruct
+_BF = S((256, 256), jnp.bfloat16)
+_Q = S((256, 256), jnp.float8_e4m3fn)
+
+
+@pytest.mark.parametrize(
+    "fn,args,message",
+    [
+        (lambda x: per_channel_cast(x, fmt="e2m1"), (_BF,), "fmt must be 'e4m3'"),
+        (lambda x: per_channel_cast(x, num_per_tokens=64), (_BF,), r"num_per_tokens must be one of \(32, 128\)"),
+        (lambda x: per_channel_cast(x), (S((256, 96), jnp.bfloat16),), r"hidden \(96\) must be a positive multiple of 64"),
+        (lambda x: per_channel_cast(x), (S((192, 256), jnp.bfloat16),), r"num_tokens \(192\) must be a multiple of 128"),
+        (lambda x: per_channel_cast(x), (S((256, 256), jnp.float32),), "x must be bfloat16 or a QuantTensor"),
+        (lambda x: per_channel_cast(x), (S((2, 128, 256), jnp.bfloat16),), r"x must be \[num_tokens, hidden\]"),
+        (lambda x: per_channel_cast(x, use_packed_ue8m0=True), (_BF,), "use_packed_ue8m0 needs round_sf=True"),
+        (lambda x: per_channel_cast(x, num_per_channels=128), (_BF,), "num_per_channels is for a QuantTensor x only"),
+        (lambda x, s: per_channel_cast((x, s)), (_Q, S((256, 2), jnp.float32)), "needs num_per_channels in"),
+        (lambda x, s: per_channel_cast((x, s), num_per_channels=128), (S((256, 256), jnp.bfloat16), S((256, 2), jnp.float32)), "QuantTensor data must be float8_e4m3fn"),
+        (lambda x, s: per_channel_cast((x, s), num_per_channels=128), (S((256, 192), jnp.float8_e4m3fn), S((256, 2), jnp.float32)), r"hidden \(192\) must be a multiple of num_per_channels=128"),
+        (lambda x, s: per_channel_cast((x, s), num_per_channels=128), (_Q, S((256, 4), jnp.float32)), r"sf must be per-token scales with blocks of \(1, 128\)"),
+        (lambda x, s: per_channel_cast((x, s), num_per_channels=32, x_sf_layout="col"), (_Q, S((256, 8), jnp.float32)), r"col: float32 \(8, 256\)"),
+        (lambda x, s: per_channel_cast((x, s), num_per_channels=32, x_sf_layout="tma"), (_Q, S((256, 8), jnp.float32)), "x_sf_layout must be one of"),
+        (lambda x: per_channel_cast_fused(x), (S((200, 256), jnp.bfloat16),), r"num_tokens \(200\) must be a multiple of 128"),
+        (lambda x, p: per_channel_cast_fused(x, pos_to_token=p), (_BF, S((40,), jnp.int32)), r"length \(40\) must be a multiple of 16"),
+        (lambda x, p: per_channel_cast_fused(x, pos_to_token=p), (_BF, S((32,), jnp.int64 if jax.config.jax_enable_x64 else jnp.uint32)), "pos_to_token must be int32"),
+        (lambda x, s: per_channel_cast_fused((x, s), num_per_channels=32), (_Q, S((256, 8), jnp.float32)), "needs num_per_channels=128"),
+        (lambda x, s: per_channel_cast_fused((x, s)), (_Q, S((2, 256), jnp.float32)), r"row: float32 \(256, 2\)"),
+        (lambda x, s: per_channel_cast_fused((x, s)), (S((256, 192), jnp.float8_e4m3fn), S((256, 2), jnp.float32)), r"hidden \(192\) to be a multiple of 128"),
+        (lambda x: per_channel_cast_and_transpose(x, num_per_tokens=16), (_BF,), "num_per_tokens must be one of"),
+        (lambda x: per_channel_cast_and_transpose(x), (S((64, 256), jnp.bfloat16),), r"num_tokens \(64\) must be a multiple of 128"),
+        (lambda x, s: per_channel_cast_and_transpose((x, s)), (_Q, S((256, 2), jnp.float32)), "no QuantTensor input"),
+        (lambda x: per_channel_cast(x, impl="cuda"), (_BF,), "impl must be one of"),
+    ],
+)
+def test_bad_inputs_raise_at_trace_time(fn, args, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(fn, *args)
+
+
+def test_abstract_eval_is_exact():
+    out = jax.eval_shape(lambda x: per_channel_cast(x, num_per_tokens=32, round_sf=True, use_packed_ue8m0=True), S((640, 7168), jnp.bfloat16))
+    assert (out[0].shape, out[0].dtype, out[1].shape, out[1].dtype) == ((640, 7168), jnp.float8_e4m3fn, (5, 7168), jnp.int32)
+    out = jax.eval_shape(lambda x, p: per_channel_cast_fused(x, pos_to_token=p), S((100, 576), jnp.bfloat16), S((144,), jnp.int32))
+    assert (out[0].shape, out[1].shape, out[1].dtype) == ((144, 576), (2, 576), jnp.float32)
+    out = jax.eval_shape(lambda x: per_channel_cast_and_transpose(x, num_per_tokens=32), S((256, 576), jnp.bfloat16))
+    assert (out[0].shape, out[0].dtype, out[1].shape) == ((576, 256), jnp.float8_e4m3fn, (8, 576))
+
+
+def test_impl_tilelang_refuses_to_run_off_gpu():
+    with pytest.raises(ValueError, match="impl='tilelang' needs an NVIDIA Hopper or Blackwell GPU"):
+        jax.jit(lambda x: per_channel_cast(x, impl="tilelang"))(jnp.zeros((128, 128), jnp.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU configurations: each is cross-lowered on CPU (compiling its cubin) and run on the GPU.
+
+# per_channel_cast, bf16: (T, H, npt, round_sf, use_packed_ue8m0). H picks the tile width
+# (256 | H: 256; else 128 | H: 128; else 64); T = 0 and the smallest T = 128 included.
+CAST = [
+    (128, 7168, 128, False, False),
+    (4096, 4096, 128, True, False),
+    (256, 1152, 32, False, False),
+    (384, 576, 32, True, False),
+    (384, 7168, 128, True, True),  # 3 blocks: the last packed word has an unused byte
+    (256, 1152, 32, True, True),
+    (0, 4096, 128, False, False),
+]
+# per_channel_cast, QuantTensor input: (T, H, npt, npc, input sf layout, round_sf, use_packed_ue8m0).
+QUANT = [
+    (256, 7168, 128, 128, "row", False, False),
+    (384, 4096, 32, 32, "col", True, False),
+    (512, 1152, 128, 32, "col_ue8m0", True, True),
+]
+# per_channel_cast_fused: (T_in, H, T_out (None: no gather), cast-back input, round_sf).
+FUSED = [
+    (200, 7168, 272, False, False),
+    (128, 4096, 48, True, True),
+    (256, 2560, None, True, False),
+    (0, 576, 32, False, False),  # nothing to gather from: every position is -1
+    (64, 576, 16, False, False),  # the smallest T_out
+    (64, 576, 0, False, False),
+]
+# per_channel_cast_and_transpose: (T, H, npt, round_sf).
+TRANSPOSE = [
+    (128, 7168, 32, False),
+    (4096, 576, 128, True),
+    (256, 4096, 128, False),
+    (0, 7168, 32, False),
+]
+
+
+def _tile_h(h, transpose=False):
+    return 64 if transpose else 256 if h % 256 == 0 else 128 if h % 128 == 0 else 64
+
+
+def _positions(rng, t_in, t_out):
+    pos = rng.integers(-1, max(t_in, 1), size=t_out).astype(np.int32) if t_in else np.full(t_out, -1, np.int32)
+    pos[: min(t_out, 5)] = -1
+    return pos
+
+
+def _check_launch(fn, args, *, t_out, h, tile_h, num_buffers):
+    (call,) = tilek_calls(lower_for_cuda(fn, *args))
+    assert call["name"] == "per_channel_cast" and call["has_cubin"]
+    record = decode_record(call["launch"])
+    assert record["num_buffers"] == num_buffers
+    if t_out == 0:  # no work: no launch, every output is zero-filled
+        assert record["kernels"] == [] and call["entries"] == ""
+        return
+    (k,) = record["kernels"]
+    assert k["grid"] == [-(-t_out // 128), h // tile_h, 1] and k["block"] == [256, 1, 1]
+    return k
+
+
+@pytest.mark.parametrize("t,h,npt,round_sf,packed", CAST)
+def test_lowering_cast(t, h, npt, round_sf, packed):
+    fn = lambda x: per_channel_cast(x, num_per_tokens=npt, round_sf=round_sf, use_packed_ue8m0=packed, impl="tilelang")
+    k = _check_launch(fn, (S((t, h), jnp.bfloat16),), t_out=t, h=h, tile_h=_tile_h(h), num_buffers=3)
+    if k:
+        assert k["args"][:3] == [(0, 1, 0), (0, 2, 0), (0, 0, 0)]  # out, sf, x
+        assert [a[2] for a in k["args"][3:]] == [t, -(-t // npt // 4) if packed else t // npt, t, h // 2]  # P, S0, Tn, XW
+
+
+@pytest.mark.parametrize("t,h,npt,npc,layout,round_sf,packed", QUANT)
+def test_lowering_quant_tensor(t, h, npt, npc, layout, round_sf, packed):
+    shape, dtype = F.sf_storage_shape(layout, (t, h // npc))
+    fn = lambda x, s: per_channel_cast((x, s), num_per_tokens=npt, num_per_channels=npc, round_sf=round_sf, use_packed_ue8m0=packed, impl="tilelang")
+    _check_launch(fn, (S((t, h), jnp.float8_e4m3fn), S(shape, dtype)), t_out=t, h=h, tile_h=_tile_h(h), num_buffers=4)
+
+
+@pytest.mark.parametrize("t_in,h,t_out,quant,round_sf", FUSED)
+def test_lowering_fused(t_in, h, t_out, quant, round_sf):
+    args = [S((t_in, h), jnp.float8_e4m3fn if quant else jnp.bfloat16)] + ([S((t_in, h // 128), jnp.float32)] if quant else [])
+    if t_out is not None:
+        args.append(S((t_out,), jnp.int32))
+
+    def fn(*a):
+        x = (a[0], a[1]) if quant else a[0]
+        return per_channel_cast_fused(x, round_sf=round_sf, pos_to_token=a[-1] if t_out is not None else None, impl="tilelang")
+
+    _check_launch(fn, args, t_out=t_in if t_out is None else t_out, h=h, tile_h=_tile_h(h), num_buffers=len(args) + 2)
+
+
+@pytest.mark.parametrize("t,h,npt,round_sf", TRANSPOSE)
+def test_lowering_transpose(t, h, npt, round_sf):
+    fn = lambda x: per_channel_cast_and_transpose(x, num_per_tokens=npt, round_sf=round_sf, impl="tilelang")
+    tile_h = _tile_h(h, transpose=True)
+    k = _check_launch(fn, (S((t, h), jnp.bfloat16),), t_out=t, h=h, tile_h=tile_h, num_buffers=3)
+    if k:
+        assert k["smem"] >= 128 * tile_h  # the byte tile for the transposed store
+        assert [a[2] for a in k["args"][3:]] == [t // npt, t, h // 2]  # S0, Tn, XW
+
+
+# Non-default tilings (benchmarked as variants): (T, H, operand kind, tile_h, min_blocks).
+TILINGS = [
+    (256, 4096, "bf16", 128, 3),
+    (256, 4096, "e4m3", 256, 2),
+    (384, 4096, "transpose", 128, 3),
+]
+
+
+def _tiling_program(kind, tile_h, min_blocks):
+    def fn(*args):
+        return _per_channel_cast_op(
+            *args, impl="tilelang", npt=128, round_sf=False, sf_in="row" if kind == "e4m3" else None,
+            npc=128 if kind == "e4m3" else None, packed_sf=False, gather=False, transpose=kind == "transpose",
+            tile_h=tile_h, min_blocks=min_blocks,
+        )  # fmt: skip
+
+    return fn
+
+
+def _tiling_inputs(rng, t, h, kind):
+    return list(_quant_tensor(rng, t, h, 128, "row")) if kind == "e4m3" else [_input(rng, t, h)]
+
+
+@pytest.mark.parametrize("t,h,kind,tile_h,min_blocks", TILINGS)
+def test_lowering_tilings(t, h, kind, tile_h, min_blocks):
+    args = [S((t, h), jnp.float8_e4m3fn), S((t, h // 128), jnp.float32)] if kind == "e4m3" else [S((t, h), jnp.bfloat16)]
+    _check_launch(_tiling_program(kind, tile_h, min_blocks), args, t_out=t, h=h, tile_h=tile_h, num_buffers=len(args) + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,npt,round_sf,packed", CAST)
+def test_kernel_cast(on_gpu, rng, t, h, npt, round_sf, packed):
+    x = _input(rng, t, h)
+    data, sf = on_gpu(lambda x: per_channel_cast(x, num_per_tokens=npt, round_sf=round_sf, use_packed_ue8m0=packed, impl="tilelang"), x)
+    expected_data, expected_sf = _expected(x, npt, round_sf, packed)
+    assert_bytes_equal(data, expected_data)
+    assert_bytes_equal(sf, expected_sf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,npt,npc,layout,round_sf,packed", QUANT)
+def test_kernel_quant_tensor(on_gpu, rng, t, h, npt, npc, layout, round_sf, packed):
+    data_in, sf_in = _quant_tensor(rng, t, h, npc, layout)
+    fn = lambda x, s: per_channel_cast((x, s), num_per_tokens=npt, num_per_channels=npc, round_sf=round_sf, use_packed_ue8m0=packed, impl="tilelang")
+    data, sf = on_gpu(fn, data_in, sf_in)
+    expected_data, expected_sf = _expected(data_in, npt, round_sf, packed, x_sf=sf_in, npc=npc, layout=layout)
+    assert_bytes_equal(data, expected_data)
+    assert_bytes_equal(sf, expected_sf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t_in,h,t_out,quant,round_sf", FUSED)
+def test_kernel_fused(on_gpu, rng, t_in, h, t_out, quant, round_sf):
+    if quant:
+        data_in, sf_in = _quant_tensor(rng, t_in, h, 128, "row")
+        args = [data_in, sf_in]
+    else:
+        data_in, sf_in = _input(rng, t_in, h), None
+        args = [data_in]
+    pos = None if t_out is None else _positions(rng, t_in, t_out)
+    if pos is not None:
+        args.append(pos)
+
+    def fn(*a):
+        x = (a[0], a[1]) if quant else a[0]
+        return per_channel_cast_fused(x, round_sf=round_sf, pos_to_token=a[-1] if pos is not None else None, impl="tilelang")
+
+    data, sf = on_gpu(fn, *args)
+    expected = _expected(data_in, 128, round_sf, x_sf=sf_in, npc=128 if quant else None, layout="row" if quant else None, pos=pos)
+    assert_bytes_equal(data, expected[0])
+    assert_bytes_equal(sf, expected[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,npt,round_sf", TRANSPOSE)
+def test_kernel_transpose(on_gpu, rng, t, h, npt, round_sf):
+    x = _input(rng, t, h)
+    data, sf = on_gpu(lambda x: per_channel_cast_and_transpose(x, num_per_tokens=npt, round_sf=round_sf, impl="tilelang"), x)
+    expected_data, expected_sf = _expected(x, npt, round_sf)  # the non-transposed cast ...
+    assert_bytes_equal(data, np.ascontiguousarray(expected_data.T))  # ... transposed
+    assert_bytes_equal(sf, expected_sf)
+
+
+@pytest.mark.gpu
+def test_kernel_rounding_is_unbiased(on_gpu, rng):
+    x = (rng.standard_normal((4096, 4096), np.float32) * 3).astype(BF16)
+    data, sf = on_gpu(lambda x: per_channel_cast(x, impl="tilelang"), x)
+    exact = x.astype(np.float64) / np.repeat(np.asarray(sf, np.float64), 128, axis=0)
+    check_bias(np.asarray(data, np.float32), exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,kind,tile_h,min_blocks", TILINGS)
+def test_kernel_tilings(on_gpu, rng, t, h, kind, tile_h, min_blocks):
+    args = _tiling_inputs(rng, t, h, kind)
+    data, sf = on_gpu(_tiling_program(kind, tile_h, min_blocks), *args)
+    if kind == "e4m3":
+        expected_data, expected_sf = _expected(args[0], 128, x_sf=args[1], npc=128, layout="row")
+    else:
+        expected_data, expected_sf = _expected(args[0], 128)
+    assert_bytes_equal(data, expected_data.T if kind == "transpose" else expected_data)
+    assert_bytes_equal(sf, expected_sf)
