@@ -44,6 +44,12 @@ def test_expressions():
 def test_compact_strides():
     assert compact_strides((2, 3, 4)) == (12, 4, 1)
     assert compact_strides((0, 5)) == (5, 1)
+    assert compact_strides((5, 0)) == (0, 1)
+
+
+def test_empty_tensors_bind_without_stride_checks():
+    spec = LaunchSpec("t", (TensorParam("y", "float32", ("H", "T"), ("T", 1)),), ())
+    assert spec.bind({"y": TensorBinding(0, (64, 0), (1, 1))}, {}) == {"H": 64, "T": 0}
 
 
 def _spec() -> LaunchSpec:
