@@ -1,0 +1,572 @@
+"""Dequantization: ``cast_back`` / ``per_token_cast_back`` (TileKernels v1 §2.2, §2.4; v2.1 §1.4), the
+quantize-dequantize round trip ``per_token_cast_and_cast_back`` (v2.1, made functional), and the FP4
+debug decoder ``unpack_from_e2m1fn_x2``.
+
+A QuantTensor is ``(data, sf)``: data is float8_e4m3fn ``[T, H]``, packed FP4 uint8 ``[T, H/2]`` or packed
+E5M6 uint8 ``[T, 3H/2]``; sf holds one scale per ``(bm, bk)`` block in one of ``formats.SF_LAYOUTS``.
+
+(No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
+its closure, so they must be evaluated when the kernel is built.)
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tilek.kernel import kernel
+from jax_tilek.op import Launch, TileOp, View
+from jax_tilek.quant import e5m6
+from jax_tilek.quant import formats as F
+
+PRELUDE = """
+__device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+__device__ __forceinline__ unsigned tilek_bf16x2(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ unsigned tilek_e4m3x2_f16x2(float lo, float hi) {
+  unsigned short q;
+  unsigned r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(q) : "f"(hi), "f"(lo));
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(q));
+  return r;
+}
+__device__ __forceinline__ float tilek_f16_to_f32(unsigned bits) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)bits));
+  return f;
+}
+"""
+
+OUT_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+ROW_ALIGN = 64  # the logical hidden size must be a multiple of this (TileKernels)
+MAX_ELEMENTS = 2**31 - 1  # the kernels index elements with int32
+SF_DTYPES = {"row": ("float32", "float8_e4m3fn"), "col": ("float32", "float8_e4m3fn"), "col_ue8m0": ("int32",), "ue8m0_along_m": ("int32",)}
+
+
+# ---------------------------------------------------------------------------------------------
+# TIR helpers: each builds expressions while a prim_func is parsed.
+
+
+def _static(n: int) -> tuple[int, ...]:
+    """A loop that TileLang expands while parsing (its variable is a Python int), unlike ``range``."""
+    return tuple(range(n))
+
+
+def _e4m3_top_to_f32(top):
+    """Exact fp32 value of an e4m3 byte held in bits 31..24 (NaN codes stay NaN)."""
+    import tilelang.language as T
+
+    bits = T.reinterpret(T.reinterpret(top, "int32") >> 4, "uint32") & T.uint32(0x87F00000)
+    nan = (bits & T.uint32(0x07F00000)) == T.uint32(0x07F00000)
+    return T.reinterpret(T.if_then_else(nan, bits | T.uint32(0x78000000), bits), "float32") * T.float32(2.0**120)
+
+
+def _e2m1_top_to_f32(top):
+    """Exact fp32 value of an FP4 nibble held in bits 31..28."""
+    import tilelang.language as T
+
+    bits = T.reinterpret(T.reinterpret(top, "int32") >> 6, "uint32") & T.uint32(0x81C00000)
+    return T.reinterpret(bits, "float32") * T.float32(2.0**126)
+
+
+def _load_scale(sf, layout: str, sf_dtype: str, mb, kb):
+    """Scale of block (mb, kb) as fp32, from its storage in ``layout``."""
+    import tilelang.language as T
+
+    if layout in ("row", "col"):
+        raw = sf[mb, kb] if layout == "row" else sf[kb, mb]
+        if sf_dtype == "float32":
+            return raw
+        return _e4m3_top_to_f32(T.Cast("uint32", raw) << T.uint32(24))  # float8 scales seen as bytes
+    word, byte = (sf[kb // 4, mb], kb % 4) if layout == "col_ue8m0" else (sf[mb // 4, kb], mb % 4)
+    exponent = (T.reinterpret(word, "uint32") >> T.Cast("uint32", byte * 8)) & T.uint32(0xFF)
+    return T.reinterpret(exponent << T.uint32(23), "float32")
+
+
+def _sf_shape(layout: str, n, bm: int, k_b: int):
+    """The kernel's view of the scale storage for ``n`` tokens (``formats.sf_storage_shape``)."""
+    import tilelang.language as T
+
+    m_b = T.ceildiv(n, bm)
+    m_pad = T.ceildiv(m_b, 4) * 4
+    return {"row": (m_b, k_b), "col": (k_b, m_pad), "col_ue8m0": (F.ceil_div(k_b, 4), m_pad), "ue8m0_along_m": (T.ceildiv(m_b, 4), k_b)}[layout]
+
+
+# ---------------------------------------------------------------------------------------------
+# cast_back.
+
+ELEMENTS_PER_CHUNK = {"e4m3": 16, "e2m1": 32, "e5m6": 32}  # one 16-byte load (three for e5m6)
+WORDS_PER_CHUNK = {"e4m3": 4, "e2m1": 4, "e5m6": 12}
+UNROLL = {"e4m3": 4, "e2m1": 4, "e5m6": 2}
+
+
+@kernel(pass_configs={"tl.disable_warp_specialized": True}, depends=(e5m6,))
+def cast_back_kernel(
+    hidden: int, fmt: str, out_dtype: str, block: tuple, sf_layout: str, sf_dtype: str, threads: int = 256, unroll: int = 4
+):
+    """``y = data · sf`` over a flat sequence of chunks (16 e4m3 or 32 FP4 / E5M6 values of one row).
+
+    A thread loads ``unroll`` chunks with 16-byte loads first, then for each: loads its scale(s),
+    decodes every value to fp32 with integer bit moves (exact; the format's exponent bias is restored by
+    one exact power-of-two product), multiplies by the scale in fp32 (``__fmul_rn``), rounds pairs to
+    bf16 with ``cvt.rn.bf16x2.f32`` (or keeps fp32) and writes 16-byte stores.
+    """
+    import tilelang.language as T
+
+    bm, bk = block
+    per_chunk = ELEMENTS_PER_CHUNK[fmt]
+    in_words = WORDS_PER_CHUNK[fmt]
+    out_words = per_chunk * np.dtype(out_dtype).itemsize // 4
+    chunks = hidden // per_chunk  # per row
+    k_b = F.ceil_div(hidden, bk)
+    scales = per_chunk // bk if bk < per_chunk else 1  # distinct scales in one chunk
+    N = T.dynamic("N")
+
+    def value(w, u, j):
+        """Value j of chunk u as exact fp32."""
+        if fmt == "e4m3":
+            return _e4m3_top_to_f32(w[u, j // 4] << T.uint32(24 - 8 * (j % 4)))
+        if fmt == "e2m1":
+            return _e2m1_top_to_f32(w[u, j // 8] << T.uint32(28 - 4 * (j % 8)))
+        base = (j // 8) * 3
+        return e5m6.top_code_to_f32(e5m6.code_at_top(w[u, base], w[u, base + 1], w[u, base + 2], j % 8))
+
+    def scaled(w, u, s, j: int):
+        return T.call_extern("float32", "__fmul_rn", value(w, u, j), s[j // bk if bk < per_chunk else 0])
+
+    @T.prim_func
+    def cast_back(
+        x: T.Tensor((N, chunks * in_words), "uint32"),
+        sf: T.Tensor(_sf_shape(sf_layout, N, bm, k_b), "uint8" if sf_dtype == "float8_e4m3fn" else sf_dtype),
+        y: T.Tensor((N, chunks * out_words), "uint32"),
+    ):
+        with T.Kernel(T.ceildiv(N * chunks, threads * unroll), threads=threads, prelude=PRELUDE) as bx:
+            w = T.alloc_local((unroll, in_words), "uint32")
+            s = T.alloc_local((scales,), "float32")
+            o = T.alloc_local((4,), "uint32")
+            t = T.get_thread_binding(0)
+            for u in T.unroll(unroll):
+                c = (bx * unroll + u) * threads + t
+                if c < N * chunks:
+                    for l in T.unroll(in_words // 4):
+                        for v in T.vectorized(4):
+                            w[u, l * 4 + v] = x[c // chunks, (c % chunks) * in_words + l * 4 + v]
+            for u in T.unroll(unroll):
+                c = (bx * unroll + u) * threads + t
+                if c < N * chunks:
+                    row = c // chunks
+                    k0 = (c % chunks) * per_chunk
+                    for i in T.unroll(scales):
+                        s[i] = _load_scale(sf, sf_layout, sf_dtype, row // bm, (k0 + i * bk) // bk)
+                    for q in _static(out_words // 4):  # Python loops: j is a constant
+                        for p in _static(4):
+                            if out_dtype == "bfloat16":
+                                j = q * 8 + p * 2
+                                o[p] = T.call_extern("uint32", "tilek_bf16x2", scaled(w, u, s, j), scaled(w, u, s, j + 1))
+                            else:
+                                o[p] = T.reinterpret(scaled(w, u, s, q * 4 + p), "uint32")
+                        T.evaluate(
+                            T.call_extern(
+                                "handle", "tilek_store16", T.address_of(y[row, (c % chunks) * out_words + q * 4]), o[0], o[1], o[2], o[3]
+                            )
+                        )
+
+    return cast_back
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """What a QuantTensor is, as worked out (and checked) from its arrays."""
+
+    fmt: str  # element format
+    tokens: int
+    hidden: int
+    block: tuple[int, int]
+    layout: str
+    num_blocks: tuple[int, int]
+
+
+def _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name: str) -> _Config:
+    """Checks a QuantTensor and infers its element format, logical shape and scale layout."""
+    if x_special_fmt not in (None, "e5m6"):
+        raise ValueError(f"{name}: x_special_fmt must be None or 'e5m6', got {x_special_fmt!r}")
+    if data.ndim != 2:
+        raise ValueError(f"{name}: the data of x must be 2-D [T, ...], got shape {data.shape}")
+    if x_special_fmt == "e5m6":
+        if data.dtype != jnp.uint8:
+            raise ValueError(f"{name}: E5M6 data (x_special_fmt='e5m6') must be uint8 [T, 3H/2], got {data.dtype}")
+        if data.shape[1] % 3:
+            raise ValueError(f"{name}: E5M6 data must be uint8 [T, 3H/2]; its width {data.shape[1]} is not a multiple of 3")
+        fmt = "e5m6"
+    elif data.dtype == jnp.float8_e4m3fn:
+        fmt = "e4m3"
+    elif data.dtype == jnp.uint8:
+        fmt = "e2m1"
+    else:
+        raise ValueError(f"{name}: the data of x must be float8_e4m3fn, or uint8 (packed FP4, or E5M6 with x_special_fmt='e5m6'), got {data.dtype}")
+    tokens, hidden = data.shape[0], F.logical_width(data, fmt)
+    if hidden == 0 or hidden % ROW_ALIGN:
+        raise ValueError(f"{name}: the logical hidden size must be a positive multiple of {ROW_ALIGN}, got {hidden}")
+    if tokens * hidden > MAX_ELEMENTS:
+        raise ValueError(f"{name}: T * H must be below 2^31, got {tokens} * {hidden}")
+    if (
+        not isinstance(x_block_size, (tuple, list))
+        or len(x_block_size) != 2
+        or not all(isinstance(b, (int, np.integer)) and b > 0 for b in x_block_size)
+    ):
+        raise ValueError(f"{name}: x_block_size must be two positive ints (num_per_tokens, num_per_channels), got {x_block_size!r}")
+    bm, bk = int(x_block_size[0]), int(x_block_size[1])
+    if not (64 % bk == 0 or bk % 64 == 0):
+        raise ValueError(f"{name}: num_per_channels (x_block_size[1]) must divide 64 or be a multiple of 64, got {bk}")
+    num_blocks = F.num_blocks((tokens, hidden), (bm, bk))
+    if sf.ndim != 2:
+        raise ValueError(f"{name}: the scales of x must be 2-D, got shape {sf.shape}")
+    candidates = [layout for layout, dtypes in SF_DTYPES.items() if np.dtype(sf.dtype).name in dtypes]
+    if not candidates:
+        raise ValueError(f"{name}: the scales of x must be float32, float8_e4m3fn or int32 (packed UE8M0), got {sf.dtype}")
+    if sf_layout is not None:
+        if sf_layout not in candidates:
+            raise ValueError(f"{name}: sf_layout={sf_layout!r} does not hold {sf.dtype} scales; for them it must be one of {candidates}")
+        candidates = [sf_layout]
+    elif sf.dtype == jnp.int32:  # packed UE8M0 packs along M for one-column blocks (v2.1), else along K
+        candidates = ["ue8m0_along_m" if bk == 1 else "col_ue8m0"]
+    shapes = {layout: F.sf_storage_shape(layout, num_blocks)[0] for layout in candidates}
+    matches = [layout for layout in candidates if tuple(sf.shape) == shapes[layout]]
+    if not matches:
+        expected = ", ".join(f"{shape} ({layout})" for layout, shape in shapes.items())
+        raise ValueError(
+            f"{name}: scales of shape {tuple(sf.shape)} do not fit {fmt} data [{tokens}, {hidden}] with block {(bm, bk)}; "
+            f"expected {expected}"
+        )
+    if len(matches) > 1:
+        raise ValueError(
+            f"{name}: scales of shape {tuple(sf.shape)} fit both layouts {matches} for this data and block; say which with sf_layout"
+        )
+    return _Config(fmt, tokens, hidden, (bm, bk), matches[0], num_blocks)
+
+
+def _cast_back_check(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None):
+    if fmt not in OUT_DTYPES:
+        raise ValueError(f"cast_back: fmt (the output type) must be 'bf16' or 'fp32', got {fmt!r}")
+    _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, "cast_back")
+
+
+def _cast_back_reference(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None):
+    cfg = _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, "cast_back")
+    if cfg.tokens == 0:  # (formats.load_sf cannot unpack empty UE8M0 storage)
+        return jnp.zeros((0, cfg.hidden), OUT_DTYPES[fmt])
+    scales = F.load_sf(sf, cfg.layout, cfg.num_blocks)
+    return F.dequantize_blocks(data, scales, cfg.fmt, cfg.block, out_dtype=OUT_DTYPES[fmt])
+
+
+def _cast_back_launch(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None) -> Launch:
+    cfg = _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, "cast_back")
+    out_dtype = np.dtype(OUT_DTYPES[fmt])
+    t, h = cfg.tokens, cfg.hidden
+    bits = F.FORMATS[cfg.fmt].bits
+    return Launch(
+        kernel=cast_back_kernel,
+        params=dict(
+            hidden=h, fmt=cfg.fmt, out_dtype=out_dtype.name, block=cfg.block, sf_layout=cfg.layout,
+            sf_dtype=np.dtype(sf.dtype).name, unroll=UNROLL[cfg.fmt],
+        ),  # fmt: skip
+        views={
+            "x": View((t, h * bits // 32), dtype=np.uint32),
+            "y": View((t, h * out_dtype.itemsize // 4), dtype=np.uint32),
+            # explicit row-major strides: also right for empty storage (T = 0), which the kernel expects
+            "sf": View(tuple(sf.shape), (sf.shape[1], 1), dtype=np.uint8 if sf.dtype == jnp.float8_e4m3fn else None),
+        },
+    )
+
+
+_cast_back_op = TileOp(name="cast_back", launch=_cast_back_launch, reference=_cast_back_reference, check=_cast_back_check)
+
+
+def cast_back(x, fmt: str, x_block_size, x_special_fmt: str | None = None, *, sf_layout: str | None = None, impl=None) -> jax.Array:
+    """Dequantizes a QuantTensor: ``out = data · sf`` per ``x_block_size`` block, in fp32, rounded to ``fmt``.
+
+    Args:
+      x: ``(data, sf)``. data: float8_e4m3fn ``[T, H]``; uint8 ``[T, H/2]`` packed FP4 (even column in
+        the low nibble); or, with ``x_special_fmt="e5m6"``, uint8 ``[T, 3H/2]`` packed E5M6. H is a
+        multiple of 64. sf: the scales of ``[ceil(T/bm), ceil(H/bk)]`` blocks as stored in a
+        ``formats`` layout: fp32 or float8_e4m3fn row-major ``[M_b, K_b]`` or TMA-aligned column-major
+        storage ``[K_b, align(M_b, 4)]``; int32 packed UE8M0 column-major ``[ceil(K_b/4), align(M_b, 4)]``
+        (for ``bk == 1``: packed along M, ``[ceil(M_b/4), K_b]``). The layout is inferred from dtype and
+        shape (sf_layout overrides).
+      fmt: the output type, ``"bf16"`` or ``"fp32"`` (TileKernels' naming).
+      x_block_size: ``(bm, bk)``, e.g. ``(1, 128)``, ``(128, 128)``, ``(128, 1)``; bk divides 64 or is a
+        multiple of 64.
+      x_special_fmt: None, or ``"e5m6"`` for E5M6 data.
+      sf_layout: one of ``formats.SF_LAYOUTS``; needed only where fp32 / e4m3 storage fits both "row" and
+        "col" (``M_b == K_b``, a multiple of 4).
+      impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
+
+    Returns:
+      ``[T, H]`` bfloat16 or float32, bit-exact with ``formats.dequantize_blocks``.
+    """
+    data, sf = x
+    return _cast_back_op(
+        data, sf, impl=impl, fmt=fmt, x_block_size=tuple(x_block_size) if isinstance(x_block_size, (list, tuple)) else x_block_size,
+        x_special_fmt=x_special_fmt, sf_layout=sf_layout,
+    )  # fmt: skip
+
+
+def per_token_cast_back(
+    x, fmt: str, num_per_channels: int, x_special_fmt: str | None = None, *, sf_layout: str | None = None, impl=None
+) -> jax.Array:
+    """:func:`cast_back` with per-token blocks ``(1, num_per_channels)``."""
+    return cast_back(x, fmt, (1, num_per_channels), x_special_fmt, sf_layout=sf_layout, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# per_token_cast_and_cast_back.
+
+ROUND_TRIP_NPC = (16, 32, 64, 128)
+
+
+@kernel(pass_configs={"tl.disable_warp_specialized": True})
+def cast_round_trip_kernel(
+    hidden: int, in_dtype: str, fmt: str, num_per_channels: int, round_sf: bool, use_e4m3_sf: bool, threads: int = 256, unroll: int = 2
+):
+    """``y = cast_x(q · sf)`` with ``q = cast_fmt(x · sf_inv)`` per 1 x npc group.
+
+    A thread owns 32 bytes of a row (16 bf16 or 8 fp32 values, two 16-byte loads); a group spans
+    ``npc / values`` neighbouring lanes, whose absolute maxima (unsigned integer maxima of the
+    sign-cleared bits) meet through ``__shfl_xor_sync``. Rounding to e4m3 uses ``cvt.rn.satfinite``
+    (= clamp to ±448, then round to nearest even); to FP4, ``(|v| + M) - M`` with ``M = 1.5 · 2^23 · step``
+    rounds to the nearest even multiple of the grid step (0.5 below 2, 1 below 4, else 2) after clamping
+    to 6, which is round-to-nearest-even on the e2m1 grid.
+    """
+    import tilelang.language as T
+
+    esize = np.dtype(in_dtype).itemsize
+    per_chunk = 32 // esize  # values per thread chunk (8 words)
+    chunks = hidden // per_chunk
+    lanes = num_per_channels // per_chunk  # threads per group
+    f = F.get_format(fmt)
+    N, S = T.dynamic("N, S")  # tokens; row stride of x in words
+
+    def element(w, u, j):
+        if esize == 4:
+            return T.reinterpret(w[u, j], "float32")
+        word = w[u, j // 2]
+        return T.reinterpret(T.if_then_else(j % 2 == 0, word << T.uint32(16), word & T.uint32(0xFFFF0000)), "float32")
+
+    def round_e2m1(v):
+        a = T.min(T.abs(v), T.float32(6.0))
+        magic = T.if_then_else(
+            a < T.float32(2.0), T.float32(1.5 * 2**22), T.if_then_else(a < T.float32(4.0), T.float32(1.5 * 2**23), T.float32(1.5 * 2**24))
+        )
+        r = T.call_extern("float32", "__fsub_rn", T.call_extern("float32", "__fadd_rn", a, magic), magic)
+        return T.reinterpret(T.reinterpret(r, "uint32") | (T.reinterpret(v, "uint32") & T.uint32(0x80000000)), "float32")
+
+    @T.prim_func
+    def cast_round_trip(
+        x: T.StridedTensor((N, chunks * 8), (S, 1), "uint32"),
+        y: T.Tensor((N, chunks * 8), "uint32"),
+    ):
+        with T.Kernel(T.ceildiv(N * chunks, threads * unroll), threads=threads, prelude=PRELUDE) as bx:
+            T.assume(S % 4 == 0)
+            w = T.alloc_local((unroll, 8), "uint32")
+            r = T.alloc_local((8,), "float32")
+            m = T.alloc_var("uint32")
+            scale = T.alloc_var("float32")
+            inv = T.alloc_var("float32")
+            t = T.get_thread_binding(0)
+            for u in T.unroll(unroll):
+                c = (bx * unroll + u) * threads + t
+                if c < N * chunks:
+                    for l in T.unroll(2):
+                        for v in T.vectorized(4):
+                            w[u, l * 4 + v] = x[c // chunks, (c % chunks) * 8 + l * 4 + v]
+                else:
+                    for v in T.unroll(8):
+                        w[u, v] = T.uint32(0)
+            for u in T.unroll(unroll):
+                c = (bx * unroll + u) * threads + t
+                m = T.uint32(0)
+                for v in T.unroll(8):
+                    if esize == 2:
+                        m = T.call_extern("uint32", "__vmaxu2", m, w[u, v] & T.uint32(0x7FFF7FFF))
+                    else:
+                        m = T.max(m, w[u, v] & T.uint32(0x7FFFFFFF))
+                if esize == 2:
+                    m = T.max(m >> T.uint32(16), m & T.uint32(0xFFFF)) << T.uint32(16)
+                if lanes > 1:
+                    for s in T.unroll(lanes.bit_length() - 1):
+                        m = T.max(m, T.call_extern("uint32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF), m, lanes >> (s + 1)))
+                a = T.max(T.reinterpret(m, "float32"), T.float32(f.amax_floor))
+                if round_sf:
+                    e = ((T.reinterpret(a / T.float32(f.max_value), "int32") - 1) >> 23) + 1 - 127
+                    scale = T.reinterpret((e + 127) << 23, "float32")
+                    inv = T.reinterpret((127 - e) << 23, "float32")
+                elif use_e4m3_sf:
+                    scale = T.call_extern("float32", "tilek_f16_to_f32", T.call_extern("uint32", "tilek_e4m3x2_f16x2", a / T.float32(f.max_value), T.float32(0.0)))
+                    inv = T.float32(1.0) / scale
+                else:
+                    scale = a / T.float32(f.max_value)
+                    inv = T.float32(f.max_value) / a
+                if c < N * chunks:
+                    for q in T.unroll(per_chunk // 4 if esize == 4 else per_chunk // 8):
+                        # one 16-byte store: 8 bf16 or 4 fp32 values
+                        if esize == 2:
+                            for p in T.unroll(4):
+                                for h in T.unroll(2):
+                                    r[p * 2 + h] = T.call_extern(
+                                        "float32", "__fmul_rn", element(w, u, q * 8 + p * 2 + h), inv
+                                    )
+                                if fmt == "e4m3":
+                                    hh = T.call_extern("uint32", "tilek_e4m3x2_f16x2", r[p * 2], r[p * 2 + 1])
+                                    r[p * 2] = T.call_extern("float32", "tilek_f16_to_f32", hh)
+                                    r[p * 2 + 1] = T.call_extern("float32", "tilek_f16_to_f32", hh >> T.uint32(16))
+                                else:
+                                    r[p * 2] = round_e2m1(r[p * 2])
+                                    r[p * 2 + 1] = round_e2m1(r[p * 2 + 1])
+                            T.evaluate(
+                                T.call_extern(
+                                    "handle", "tilek_store16", T.address_of(y[c // chunks, (c % chunks) * 8 + q * 4]),
+                                    T.call_extern("uint32", "tilek_bf16x2", T.call_extern("float32", "__fmul_rn", r[0], scale), T.call_extern("float32", "__fmul_rn", r[1], scale)),
+                                    T.call_extern("uint32", "tilek_bf16x2", T.call_extern("float32", "__fmul_rn", r[2], scale), T.call_extern("float32", "__fmul_rn", r[3], scale)),
+                                    T.call_extern("uint32", "tilek_bf16x2", T.call_extern("float32", "__fmul_rn", r[4], scale), T.call_extern("float32", "__fmul_rn", r[5], scale)),
+                                    T.call_extern("uint32", "tilek_bf16x2", T.call_extern("float32", "__fmul_rn", r[6], scale), T.call_extern("float32", "__fmul_rn", r[7], scale)),
+                                )
+                            )  # fmt: skip
+                        else:
+                            for p in T.unroll(4):
+                                r[p] = T.call_extern("float32", "__fmul_rn", element(w, u, q * 4 + p), inv)
+                            for p in T.unroll(2):
+                                if fmt == "e4m3":
+                                    hh = T.call_extern("uint32", "tilek_e4m3x2_f16x2", r[p * 2], r[p * 2 + 1])
+                                    r[p * 2] = T.call_extern("float32", "tilek_f16_to_f32", hh)
+                                    r[p * 2 + 1] = T.call_extern("float32", "tilek_f16_to_f32", hh >> T.uint32(16))
+                                else:
+                                    r[p * 2] = round_e2m1(r[p * 2])
+                                    r[p * 2 + 1] = round_e2m1(r[p * 2 + 1])
+                            T.evaluate(
+                                T.call_extern(
+                                    "handle", "tilek_store16", T.address_of(y[c // chunks, (c % chunks) * 8 + q * 4]),
+                                    T.reinterpret(T.call_extern("float32", "__fmul_rn", r[0], scale), "uint32"),
+                                    T.reinterpret(T.call_extern("float32", "__fmul_rn", r[1], scale), "uint32"),
+                                    T.reinterpret(T.call_extern("float32", "__fmul_rn", r[2], scale), "uint32"),
+                                    T.reinterpret(T.call_extern("float32", "__fmul_rn", r[3], scale), "uint32"),
+                                )
+                            )  # fmt: skip
+
+    return cast_round_trip
+
+
+def _window(x, columns) -> tuple[int, int]:
+    return (0, x.shape[-1]) if columns is None else (int(columns[0]), int(columns[1]))
+
+
+def _round_trip_check(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None):
+    name = "per_token_cast_and_cast_back"
+    if x.ndim != 2:
+        raise ValueError(f"{name}: x must be [T, S], got shape {x.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"{name}: x must be bfloat16 or float32, got {x.dtype}")
+    if fmt not in ("e4m3", "e2m1"):
+        raise ValueError(f"{name}: fmt must be 'e4m3' or 'e2m1', got {fmt!r}")
+    if num_per_channels not in ROUND_TRIP_NPC:
+        raise ValueError(f"{name}: num_per_channels must be one of {ROUND_TRIP_NPC}, got {num_per_channels}")
+    if round_sf and use_e4m3_sf:
+        raise ValueError(f"{name}: round_sf and use_e4m3_sf are exclusive")
+    start, stop = _window(x, columns)
+    if not 0 <= start < stop <= x.shape[1]:
+        raise ValueError(f"{name}: columns={columns} is not a window of x's last axis ({x.shape[1]})")
+    h = stop - start
+    if h % ROW_ALIGN or h % num_per_channels:
+        raise ValueError(f"{name}: the hidden size (window width) {h} must be a multiple of {ROW_ALIGN} and of num_per_channels={num_per_channels}")
+    vec = 16 // np.dtype(x.dtype).itemsize
+    if start % vec or x.shape[1] % vec:
+        raise ValueError(
+            f"{name}: rows must stay 16-byte aligned: columns start ({start}) and the row length ({x.shape[1]}) must be multiples of {vec} for {x.dtype}"
+        )
+    if x.shape[0] * x.shape[1] > MAX_ELEMENTS:
+        raise ValueError(f"{name}: x must have fewer than 2^31 elements, got shape {x.shape}")
+
+
+def _round_trip_reference(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None):
+    start, stop = _window(x, columns)
+    xs = x[:, start:stop]
+    block = (1, num_per_channels)
+    data, sf = F.quantize_blocks(xs, fmt, block, round_sf=round_sf, use_e4m3_sf=use_e4m3_sf)
+    return F.dequantize_blocks(data, sf, fmt, block, out_dtype=x.dtype)
+
+
+def _round_trip_launch(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None) -> Launch:
+    t, width = x.shape
+    start, stop = _window(x, columns)
+    per_word = 4 // np.dtype(x.dtype).itemsize
+    h = stop - start
+    return Launch(
+        kernel=cast_round_trip_kernel,
+        params=dict(
+            hidden=h, in_dtype=np.dtype(x.dtype).name, fmt=fmt, num_per_channels=num_per_channels,
+            round_sf=bool(round_sf), use_e4m3_sf=bool(use_e4m3_sf),
+        ),  # fmt: skip
+        views={
+            "x": View((t, h // per_word), (width // per_word, 1), start // per_word, np.uint32),
+            "y": View((t, h // per_word), dtype=np.uint32),
+        },
+    )
+
+
+_round_trip_op = TileOp(name="per_token_cast_and_cast_back", launch=_round_trip_launch, reference=_round_trip_reference, check=_round_trip_check)
+
+
+def per_token_cast_and_cast_back(
+    x: jax.Array,
+    fmt: str,
+    num_per_channels: int,
+    round_sf: bool = False,
+    use_e4m3_sf: bool = False,
+    columns: tuple[int, int] | None = None,
+    impl=None,
+) -> jax.Array:
+    """Quantizes and dequantizes per 1 x npc group: TileKernels v2.1's in-place op, made functional.
+
+    Per group: ``amax = max(max|x|, floor)``, ``sf, sf_inv = formats.scale_factors(amax, fmt, round_sf=...,
+    use_e4m3_sf=...)``, ``q = cast_fmt(x · sf_inv)``, result ``= cast_x(q · sf)`` (products in fp32).
+
+    Args:
+      x: ``[T, S]`` bfloat16 or float32.
+      fmt: ``"e4m3"`` or ``"e2m1"``.
+      num_per_channels: 16, 32, 64 or 128; divides the hidden size.
+      round_sf: power-of-two scales. use_e4m3_sf: scales rounded to float8_e4m3fn (exclusive).
+      columns: ``(start, stop)``: use only ``x[:, start:stop]`` (read in place; strided rows). The
+        hidden size ``stop - start`` is a multiple of 64; start and S keep rows 16-byte aligned.
+      impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
+
+    Returns:
+      ``[T, stop - start]`` in x's dtype, bit-exact with ``formats.quantize_blocks`` followed by
+      ``formats.dequantize_blocks``.
+    """
+    return _round_trip_op(
+        x, impl=impl, fmt=fmt, num_per_channels=int(num_per_channels), round_sf=bool(round_sf), use_e4m3_sf=bool(use_e4m3_sf),
+        columns=None if columns is None else (int(columns[0]), int(columns[1])),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# unpack_from_e2m1fn_x2.
+
+
+def unpack_from_e2m1fn_x2(x: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """Decodes packed FP4: uint8 (or int8) ``[..., K]`` -> ``[..., 2K]`` of ``out_dtype`` (a debug helper).
+
+    Byte k holds values 2k (low nibble) and 2k+1 (high nibble), each sign · e2m1 (bias 1).
+    """
+    x = jnp.asarray(x)
+    if x.dtype not in (jnp.uint8, jnp.int8):
+        raise ValueError(f"unpack_from_e2m1fn_x2: x must be uint8 or int8, got {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError("unpack_from_e2m1fn_x2: x must have at least 1 dimension so the last dim can be doubled")
+    codes = F.unpack_e2m1(jax.lax.bitcast_convert_type(x, jnp.uint8))
+    return F.decode_e2m1(codes).astype(out_dtype)

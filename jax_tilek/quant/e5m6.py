@@ -1,0 +1,261 @@
+"""E5M6: per-token cast of whole rows to the 12-bit 1-5-6 float, and the element decoder that
+:func:`jax_tilek.quant.cast_back` uses for ``x_special_fmt="e5m6"`` (TileKernels v1 §2.3-2.4).
+
+An E5M6 value is the top 12 bits of an fp16. Eight values pack big-endian into three little-endian
+uint32 words (``formats.pack_e5m6``), so a row of H values is ``3H/2`` bytes.
+
+(No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
+its closure, so they must be evaluated when the kernel is built.)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tilek.kernel import kernel
+from jax_tilek.op import Launch, TileOp, View
+from jax_tilek.quant import formats as F
+
+PRELUDE = """
+__device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+__device__ __forceinline__ unsigned tilek_f16_rz_bits(float v) {
+  unsigned short h;
+  asm("cvt.rz.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return h;
+}
+"""
+
+ROW_ALIGN = 64  # H must be a multiple of this (TileKernels' per-token rule)
+CHUNK = 32  # values per thread: 16 words in (bf16), 12 words = three 16-byte stores out
+
+
+# ---------------------------------------------------------------------------------------------
+# TIR helpers (build expressions while a prim_func is parsed; TileLang is imported lazily).
+
+
+def code_at_top(w0, w1, w2, i: int):
+    """The i-th (0..7) 12-bit code of the words ``w0, w1, w2``, in bits 31..20 of a uint32 (the bits
+    below it are garbage)."""
+    import tilelang.language as T
+
+    return [
+        w0,
+        w0 << T.uint32(12),
+        (w0 << T.uint32(24)) | (w1 >> T.uint32(8)),
+        w1 << T.uint32(4),
+        w1 << T.uint32(16),
+        (w1 << T.uint32(28)) | (w2 >> T.uint32(4)),
+        w2 << T.uint32(8),
+        w2 << T.uint32(20),
+    ][i]
+
+
+def top_code_to_f32(top):
+    """Exact fp32 value of an E5M6 code held in bits 31..20 (as ``formats.decode_e5m6``).
+
+    The sign goes to bit 31 and the 11 magnitude bits to bits 27..17 of an fp32, whose value is then
+    2^-112 times the fp16's (fp16 subnormals become fp32 subnormals, exactly); exponent 31 (fp16
+    inf/NaN) becomes fp32 exponent 255. Multiplying by 2^112 is exact.
+    """
+    import tilelang.language as T
+
+    bits = T.reinterpret(T.reinterpret(top, "int32") >> 3, "uint32") & T.uint32(0x8FFE0000)
+    special = (bits & T.uint32(0x0F800000)) == T.uint32(0x0F800000)
+    bits = T.if_then_else(special, bits | T.uint32(0x70000000), bits)
+    return T.reinterpret(bits, "float32") * T.float32(2.0**112)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cast.
+
+
+@kernel(pass_configs={"tl.disable_warp_specialized": True})
+def per_token_cast_to_e5m6_kernel(hidden: int, in_dtype: str, sf_layout: str, round_sf: bool):
+    """One CTA per row: every thread loads 32 consecutive values (16-byte loads), the row's absolute
+    maximum is reduced over the CTA (warp shuffles, then shared memory), every thread derives the scale,
+    encodes its 32 values (``__float2half_rz``, then the 17-bit round-to-nearest-even carry) and writes
+    their 48 packed bytes as three 16-byte stores; thread 0 stores the scale.
+    """
+    import tilelang.language as T
+
+    esize = np.dtype(in_dtype).itemsize
+    in_words = CHUNK * esize // 4  # 16 (bf16) or 32 (fp32)
+    out_words = CHUNK * 12 // 32  # 12
+    chunks = hidden // CHUNK
+    threads = min(1024, F.align(chunks, 32))
+    per_thread = F.ceil_div(chunks, threads)
+    threads = F.align(F.ceil_div(chunks, per_thread), 32)
+    warps = threads // 32
+    N = T.dynamic("N")
+    sf_shape = {"row": (N, 1), "col": (1, T.ceildiv(N, 4) * 4), "col_ue8m0": (1, T.ceildiv(N, 4) * 4)}[sf_layout]
+    sf_dtype = "int32" if sf_layout == "col_ue8m0" else "float32"
+    zero_bits = T.uint32(0x7FFF7FFF) if esize == 2 else T.uint32(0x7FFFFFFF)
+
+    def element(w, k, j):
+        """Value j of chunk k as fp32."""
+        if esize == 4:
+            return T.reinterpret(w[k, j], "float32")
+        word = w[k, j // 2]
+        return T.reinterpret(T.if_then_else(j % 2 == 0, word << T.uint32(16), word & T.uint32(0xFFFF0000)), "float32")
+
+    @T.prim_func
+    def per_token_cast_to_e5m6(
+        x: T.Tensor((N, hidden * esize // 4), "uint32"),
+        y: T.Tensor((N, hidden * 3 // 8), "uint32"),
+        sf: T.Tensor(sf_shape, sf_dtype),
+    ):
+        with T.Kernel(N, threads=threads, prelude=PRELUDE) as row:
+            w = T.alloc_local((per_thread, in_words), "uint32")
+            codes = T.alloc_local((8,), "uint32")
+            o = T.alloc_local((out_words,), "uint32")
+            red = T.alloc_shared((warps,), "uint32")
+            m = T.alloc_var("uint32")
+            scale = T.alloc_var("float32")
+            inv = T.alloc_var("float32")
+            t = T.get_thread_binding(0)
+            m = T.uint32(0)
+            for k in T.unroll(per_thread):
+                c = k * threads + t
+                if c < chunks:
+                    for l in T.unroll(in_words // 4):
+                        for v in T.vectorized(4):
+                            w[k, l * 4 + v] = x[row, c * in_words + l * 4 + v]
+                else:
+                    for v in T.unroll(in_words):
+                        w[k, v] = T.uint32(0)
+                for v in T.unroll(in_words):
+                    if esize == 2:
+                        m = T.call_extern("uint32", "__vmaxu2", m, w[k, v] & zero_bits)
+                    else:
+                        m = T.max(m, w[k, v] & zero_bits)
+            if esize == 2:
+                m = T.max(m >> T.uint32(16), m & T.uint32(0xFFFF)) << T.uint32(16)
+            for s in T.unroll(5):
+                m = T.max(m, T.call_extern("uint32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF), m, 16 >> s))
+            if t % 32 == 0:
+                red[t // 32] = m
+            T.sync_threads()
+            for i in T.unroll(warps):
+                m = T.max(m, red[i])
+            a = T.max(T.reinterpret(m, "float32"), T.float32(F.E5M6.amax_floor))
+            if round_sf:
+                e = ((T.reinterpret(a / T.float32(F.E5M6.max_value), "int32") - 1) >> 23) + 1 - 127
+                scale = T.reinterpret((e + 127) << 23, "float32")
+                inv = T.reinterpret((127 - e) << 23, "float32")
+            else:
+                scale = a / T.float32(F.E5M6.max_value)
+                inv = T.float32(F.E5M6.max_value) / a
+            if t == 0:
+                if sf_layout == "row":
+                    sf[row, 0] = scale
+                elif sf_layout == "col":
+                    sf[0, row] = scale
+                else:
+                    sf[0, row] = T.reinterpret(T.reinterpret(scale, "uint32") >> T.uint32(23), "int32")
+            for k in T.unroll(per_thread):
+                c = k * threads + t
+                if c < chunks:
+                    for g in T.unroll(CHUNK // 8):
+                        for i in T.unroll(8):
+                            v = element(w, k, g * 8 + i) * inv
+                            h = T.call_extern("uint32", "tilek_f16_rz_bits", v) >> T.uint32(4)
+                            rest = T.reinterpret(v, "uint32") & T.uint32(0x1FFFF)
+                            codes[i] = h + T.Cast("uint32", (h & T.uint32(1)) + rest > T.uint32(0x10000))
+                        o[g * 3] = (codes[0] << T.uint32(20)) | (codes[1] << T.uint32(8)) | (codes[2] >> T.uint32(4))
+                        o[g * 3 + 1] = (
+                            (codes[2] << T.uint32(28)) | (codes[3] << T.uint32(16)) | (codes[4] << T.uint32(4)) | (codes[5] >> T.uint32(8))
+                        )
+                        o[g * 3 + 2] = (codes[5] << T.uint32(24)) | (codes[6] << T.uint32(12)) | codes[7]
+                    for q in T.unroll(out_words // 4):
+                        T.evaluate(
+                            T.call_extern(
+                                "handle", "tilek_store16", T.address_of(y[row, c * out_words + q * 4]),
+                                o[q * 4], o[q * 4 + 1], o[q * 4 + 2], o[q * 4 + 3],
+                            )
+                        )  # fmt: skip
+
+    return per_token_cast_to_e5m6
+
+
+def _layout(use_tma_aligned_col_major_sf: bool, use_packed_ue8m0: bool, round_sf: bool) -> str:
+    return F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+
+
+def _reference(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=False, use_packed_ue8m0=False):
+    layout = _layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    data, sf = F.quantize_blocks(x, "e5m6", (1, x.shape[1]), round_sf=round_sf)
+    return data, F.store_sf(sf, layout)
+
+
+def _check(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=False, use_packed_ue8m0=False):
+    if x.ndim != 2:
+        raise ValueError(f"per_token_cast_to_e5m6: x must be [T, H], got shape {x.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"per_token_cast_to_e5m6: x must be bfloat16 or float32, got {x.dtype}")
+    t, h = x.shape
+    if num_per_channels != h:
+        raise ValueError(f"per_token_cast_to_e5m6: num_per_channels must equal the hidden size {h} (whole-row scaling), got {num_per_channels}")
+    if h == 0 or h % ROW_ALIGN:
+        raise ValueError(f"per_token_cast_to_e5m6: the hidden size must be a positive multiple of {ROW_ALIGN}, got {h}")
+    if h // CHUNK > 32 * 1024:
+        raise ValueError(f"per_token_cast_to_e5m6: the hidden size must be at most {32 * 1024 * CHUNK}, got {h}")
+    try:
+        _layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    except ValueError as e:
+        raise ValueError(f"per_token_cast_to_e5m6: {e}") from None
+
+
+def _launch(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=False, use_packed_ue8m0=False) -> Launch:
+    t, h = x.shape
+    layout = _layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    esize = np.dtype(x.dtype).itemsize
+    shape = F.sf_storage_shape(layout, (t, 1))[0]
+    return Launch(
+        kernel=per_token_cast_to_e5m6_kernel,
+        params=dict(hidden=h, in_dtype=np.dtype(x.dtype).name, sf_layout=layout, round_sf=bool(round_sf)),
+        views={
+            "x": View((t, h * esize // 4), dtype=np.uint32),
+            "y": View((t, h * 3 // 8), dtype=np.uint32),
+            "sf": View(shape, (shape[1], 1)),  # explicit strides: also right for empty storage (T = 0)
+        },
+        zero_fill=(1,) if layout != "row" else (),  # the padding columns of column-major scale storage
+    )
+
+
+_per_token_cast_to_e5m6_op = TileOp(name="per_token_cast_to_e5m6", launch=_launch, reference=_reference, check=_check)
+
+
+def per_token_cast_to_e5m6(
+    x: jax.Array,
+    num_per_channels: int,
+    use_tma_aligned_col_major_sf: bool = False,
+    round_sf: bool = False,
+    use_packed_ue8m0: bool = False,
+    impl=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Casts each row to E5M6 with one scale per row (TileKernels' ``per_token_cast(fmt='e5m6')``).
+
+    Args:
+      x: ``[T, H]`` bfloat16 or float32, H a multiple of 64.
+      num_per_channels: must equal H (whole-row scaling only).
+      use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0: the scale layout and rounding
+        (``formats.sf_layout``); packed UE8M0 needs the other two.
+      impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
+
+    Returns:
+      ``(data, sf)``: data uint8 ``[T, 3H/2]`` (``formats.pack_e5m6`` of ``formats.encode_e5m6(x · sf_inv)``);
+      sf with ``amax = max(max|row|, 1e-4)``, ``sf = amax / 65024``, ``sf_inv = 65024 / amax`` (or the
+      power-of-two ceiling with ``round_sf``) in the chosen layout: fp32 ``[T, 1]``, fp32 ``[1, align(T, 4)]``
+      or int32 ``[1, align(T, 4)]`` (UE8M0 in byte 0); padding is zero. Bit-exact with
+      ``formats.quantize_blocks(x, "e5m6", (1, H))``.
+    """
+    return _per_token_cast_to_e5m6_op(
+        x,
+        impl=impl,
+        num_per_channels=int(num_per_channels),
+        use_tma_aligned_col_major_sf=bool(use_tma_aligned_col_major_sf),
+        round_sf=bool(round_sf),
+        use_packed_ue8m0=bool(use_packed_ue8m0),
+    )

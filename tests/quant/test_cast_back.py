@@ -1,0 +1,409 @@
+"""cast_back / per_token_cast_back / per_token_cast_and_cast_back / unpack_from_e2m1fn_x2: reference
+against independent numpy math, rules, lowering, and the GPU kernels (bit-exact)."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_tilek.quant import formats as F
+from jax_tilek.quant.cast_back import cast_back, per_token_cast_and_cast_back, per_token_cast_back, unpack_from_e2m1fn_x2
+
+from helpers import decode_record, lower_for_cuda, tilek_calls
+from quant_testing import assert_bytes_equal, calc_diff
+
+TOLERANCE = {"e4m3": 1e-3, "e2m1": 2e-2, "e5m6": 1e-4}
+OUT = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent math (numpy + ml_dtypes).
+
+
+def np_values(data: np.ndarray, fmt: str) -> np.ndarray:
+    """Stored data -> exact fp32 values."""
+    data = np.asarray(data)
+    if fmt == "e4m3":
+        return data.astype(np.float32)
+    raw = data.view(np.uint8)
+    if fmt == "e2m1":
+        codes = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(raw.shape[0], -1)
+        return codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    # e5m6: eight 12-bit codes per 3 little-endian words, a big-endian bit stream (test_formats checks it)
+    w0, w1, w2 = (w[..., 0] for w in np.split(np.ascontiguousarray(raw).reshape(raw.shape[0], -1, 12).view("<u4"), 3, axis=-1))
+    m = 0xFFF
+    codes = np.stack([
+        w0 >> 20, (w0 >> 8) & m, ((w0 & 0xFF) << 4) | (w1 >> 28), (w1 >> 16) & m,
+        (w1 >> 4) & m, ((w1 & 0xF) << 8) | (w2 >> 24), (w2 >> 12) & m, w2 & m,
+    ], axis=-1).reshape(raw.shape[0], -1)  # fmt: skip
+    return (codes << 4).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def np_dequantize(data, sf_logical, fmt, block, out) -> np.ndarray:
+    values = np_values(data, fmt)
+    t, h = values.shape
+    sf = np.asarray(sf_logical).astype(np.float32)
+    sf = np.repeat(np.repeat(sf, block[0], axis=0), block[1], axis=1)[:t, :h]
+    return (values * sf).astype(OUT[out])
+
+
+def quantized(rng, t, h, fmt, block, layout, e4m3_sf=False):
+    """(original x fp32, data, stored sf, logical sf) from formats.quantize_blocks + store_sf."""
+    x = rng.standard_normal((t, h), dtype=np.float32) * (64 if e4m3_sf and fmt == "e4m3" else 1)  # e4m3 scales stay normal
+    data, sf = F.quantize_blocks(jnp.asarray(x), fmt, block, round_sf=layout in ("col_ue8m0", "ue8m0_along_m"), use_e4m3_sf=e4m3_sf)
+    return x, np.asarray(data), np.asarray(F.store_sf(sf, layout)), np.asarray(sf)
+
+
+# ---------------------------------------------------------------------------------------------
+# cast_back: reference.
+
+# (fmt, block, layout, e4m3 scales, hidden, out dtype): every configuration the GPU tests run.
+CONFIGS = [
+    ("e4m3", (1, 128), "row", False, 7168, "bf16"),
+    ("e4m3", (1, 128), "col", False, 4096, "fp32"),
+    ("e4m3", (1, 128), "col_ue8m0", False, 7168, "bf16"),
+    ("e4m3", (1, 7168), "row", False, 7168, "fp32"),
+    ("e4m3", (1, 32), "row", True, 4096, "bf16"),
+    ("e4m3", (128, 128), "row", False, 7168, "bf16"),
+    ("e4m3", (128, 128), "col_ue8m0", False, 4096, "fp32"),
+    ("e4m3", (128, 1), "row", False, 4096, "bf16"),
+    ("e4m3", (128, 1), "ue8m0_along_m", False, 4096, "fp32"),
+    ("e4m3", (32, 32), "col", False, 7168, "fp32"),
+    ("e2m1", (1, 32), "row", False, 7168, "bf16"),
+    ("e2m1", (1, 16), "col_ue8m0", False, 4096, "fp32"),
+    ("e2m1", (1, 16), "row", True, 7168, "bf16"),
+    ("e2m1", (1, 4096), "col", False, 4096, "bf16"),
+    ("e2m1", (32, 32), "col_ue8m0", False, 7168, "fp32"),
+    ("e5m6", (1, 7168), "row", False, 7168, "bf16"),
+    ("e5m6", (1, 4096), "col", False, 4096, "fp32"),
+    ("e5m6", (1, 4096), "col_ue8m0", False, 4096, "fp32"),
+]
+CONFIG_IDS = [f"{f}-{b[0]}x{b[1]}-{l}{'-e4m3sf' if e else ''}-{h}-{o}" for f, b, l, e, h, o in CONFIGS]
+
+
+def _special(fmt):
+    return "e5m6" if fmt == "e5m6" else None
+
+
+@pytest.mark.parametrize("fmt,block,layout,e4m3_sf,out", [
+    ("e4m3", (1, 128), "row", False, "bf16"),
+    ("e4m3", (1, 64), "col", False, "fp32"),
+    ("e4m3", (1, 32), "col_ue8m0", False, "bf16"),
+    ("e4m3", (1, 32), "row", True, "fp32"),
+    ("e4m3", (1, 32), "col", True, "bf16"),
+    ("e4m3", (128, 1), "ue8m0_along_m", False, "bf16"),
+    ("e4m3", (32, 32), "col", False, "fp32"),
+    ("e2m1", (1, 16), "row", True, "fp32"),
+    ("e2m1", (1, 32), "col_ue8m0", False, "bf16"),
+    ("e2m1", (32, 128), "row", False, "bf16"),
+    ("e5m6", (1, 192), "row", False, "bf16"),
+    ("e5m6", (1, 192), "col_ue8m0", False, "fp32"),
+    ("e5m6", (32, 64), "col", False, "bf16"),
+])  # fmt: skip
+def test_reference_matches_numpy(rng, fmt, block, layout, e4m3_sf, out):
+    x, data, sf, logical = quantized(rng, 37, 192, fmt, block, layout, e4m3_sf)
+    expected = np_dequantize(data, logical, fmt, block, out)
+    y = jax.jit(lambda d, s: cast_back((d, s), out, block, _special(fmt), impl="xla"))(data, sf)
+    assert_bytes_equal(y, expected)
+    assert calc_diff(expected, x) < TOLERANCE[fmt]
+
+
+def test_default_impl_off_gpu_is_the_reference(rng):
+    _, data, sf, logical = quantized(rng, 1, 128, "e2m1", (1, 32), "col_ue8m0")
+    assert_bytes_equal(jax.jit(lambda d, s: cast_back((d, s), "bf16", (1, 32)))(data, sf), np_dequantize(data, logical, "e2m1", (1, 32), "bf16"))
+    x = _rt_input(rng, 3, np.float32, 128, None, "e4m3", False)
+    assert_bytes_equal(jax.jit(lambda x: per_token_cast_and_cast_back(x, "e4m3", 32))(x), np_round_trip(x, "e4m3", 32))
+    with pytest.raises(ValueError, match="impl='tilelang' needs an NVIDIA Hopper or Blackwell GPU"):
+        jax.jit(lambda d, s: cast_back((d, s), "bf16", (1, 32), impl="tilelang"))(data, sf)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e2m1", "e5m6"])
+def test_per_token_cast_back_and_zero_tokens(rng, fmt):
+    _, data, sf, logical = quantized(rng, 3, 128, fmt, (1, 64), "col")
+    assert_bytes_equal(per_token_cast_back((data, sf), "fp32", 64, _special(fmt)), np_dequantize(data, logical, fmt, (1, 64), "fp32"))
+    empty = np.zeros((0, data.shape[1]), data.dtype)
+    y = cast_back((empty, np.zeros((2, 0), np.float32)), "bf16", (1, 64), _special(fmt))
+    assert y.shape == (0, 128) and y.dtype == jnp.bfloat16
+
+
+def test_square_block_grids_need_sf_layout(rng):
+    x, data, sf, logical = quantized(rng, 512, 512, "e4m3", (128, 128), "col")  # 4 x 4 blocks: row and col fit
+    with pytest.raises(ValueError, match="fit both layouts"):
+        cast_back((data, sf), "fp32", (128, 128))
+    assert_bytes_equal(cast_back((data, sf), "fp32", (128, 128), sf_layout="col"), np_dequantize(data, logical, "e4m3", (128, 128), "fp32"))
+    row = np.ascontiguousarray(logical)
+    assert_bytes_equal(cast_back((data, row), "fp32", (128, 128), sf_layout="row"), np_dequantize(data, logical, "e4m3", (128, 128), "fp32"))
+
+
+E4M3 = jnp.float8_e4m3fn
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize(
+    "data,sf,kwargs,message",
+    [
+        (_sds((5, 128), E4M3), _sds((5, 1), jnp.float32), dict(fmt="fp16"), "fmt .* must be 'bf16' or 'fp32'"),
+        (_sds((5, 128), E4M3), _sds((5, 1), jnp.float32), dict(x_special_fmt="e4m3"), "x_special_fmt must be None or 'e5m6'"),
+        (_sds((128,), E4M3), _sds((5, 1), jnp.float32), {}, "must be 2-D"),
+        (_sds((5, 128), jnp.bfloat16), _sds((5, 1), jnp.float32), {}, "must be float8_e4m3fn, or uint8"),
+        (_sds((5, 192), E4M3), _sds((5, 1), jnp.float32), dict(x_special_fmt="e5m6"), "E5M6 data .* must be uint8"),
+        (_sds((5, 100), jnp.uint8), _sds((5, 1), jnp.float32), dict(x_special_fmt="e5m6"), "not a multiple of 3"),
+        (_sds((5, 96), E4M3), _sds((5, 1), jnp.float32), {}, "positive multiple of 64, got 96"),
+        (_sds((5, 48), jnp.uint8), _sds((5, 1), jnp.float32), {}, "positive multiple of 64, got 96"),
+        (_sds((5, 128), E4M3), _sds((5, 1), jnp.float32), dict(x_block_size=(1,)), "two positive ints"),
+        (_sds((5, 128), E4M3), _sds((5, 1), jnp.float32), dict(x_block_size=(0, 128)), "two positive ints"),
+        (_sds((5, 192), E4M3), _sds((5, 4), jnp.float32), dict(x_block_size=(1, 48)), "divide 64 or be a multiple of 64"),
+        (_sds((5, 128), E4M3), _sds((5,), jnp.float32), {}, "scales of x must be 2-D"),
+        (_sds((5, 128), E4M3), _sds((5, 1), jnp.bfloat16), {}, "must be float32, float8_e4m3fn or int32"),
+        (_sds((5, 128), E4M3), _sds((5, 2), jnp.float32), {}, r"expected \(5, 1\) \(row\), \(1, 8\) \(col\)"),
+        (_sds((5, 128), E4M3), _sds((1, 4), jnp.int32), {}, r"expected \(1, 8\) \(col_ue8m0\)"),
+        (_sds((5, 128), E4M3), _sds((1, 4), jnp.int32), dict(x_block_size=(1, 1)), r"expected \(2, 128\) \(ue8m0_along_m\)"),
+        (_sds((5, 128), E4M3), _sds((1, 8), jnp.int32), dict(sf_layout="row"), "sf_layout='row' does not hold int32"),
+        (_sds((2**20, 4096), E4M3), _sds((2**20, 32), jnp.float32), {}, "T \\* H must be below 2\\^31"),
+    ],
+)
+def test_cast_back_bad_inputs_raise_at_trace_time(data, sf, kwargs, message):
+    kwargs = {"fmt": "bf16", "x_block_size": (1, 128), **kwargs}
+    fmt, block = kwargs.pop("fmt"), kwargs.pop("x_block_size")
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda d, s: cast_back((d, s), fmt, block, **kwargs), data, sf)
+
+
+def test_abstract_eval_is_exact():
+    out = jax.eval_shape(lambda d, s: cast_back((d, s), "bf16", (1, 7168), "e5m6"), _sds((9, 10752), jnp.uint8), _sds((1, 12), jnp.int32))
+    assert out.shape == (9, 7168) and out.dtype == jnp.bfloat16
+    out = jax.eval_shape(lambda d, s: cast_back((d, s), "fp32", (1, 32)), _sds((9, 2048), jnp.uint8), _sds((9, 128), E4M3))
+    assert out.shape == (9, 4096) and out.dtype == jnp.float32
+
+
+def _sf_struct(fmt, block, layout, e4m3_sf, tokens, hidden):
+    m_b, k_b = F.num_blocks((tokens, hidden), block)
+    shape, dtype = F.sf_storage_shape(layout, (m_b, k_b))
+    return _sds(shape, E4M3 if e4m3_sf else dtype)
+
+
+def _data_struct(fmt, tokens, hidden):
+    return _sds((tokens, {"e4m3": hidden, "e2m1": hidden // 2, "e5m6": hidden * 3 // 2}[fmt]), E4M3 if fmt == "e4m3" else jnp.uint8)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("tokens", [5, 0])
+def test_cast_back_lowers_to_one_launch(config, tokens):
+    """Cross-lowers every GPU test configuration for "cuda" (compiling its cubin) and reads it back."""
+    fmt, block, layout, e4m3_sf, hidden, out = config
+    data, sf = _data_struct(fmt, tokens, hidden), _sf_struct(fmt, block, layout, e4m3_sf, tokens, hidden)
+    text = lower_for_cuda(lambda d, s: cast_back((d, s), out, block, _special(fmt), sf_layout=layout), data, sf)
+    (call,) = tilek_calls(text)
+    assert call["name"] == "cast_back" and call["has_cubin"]
+    record = decode_record(call["launch"])
+    if tokens == 0:
+        assert record["kernels"] == [] and record["zero_fill"] == [2]
+        return
+    (k,) = record["kernels"]
+    per_chunk, unroll = {"e4m3": (16, 4), "e2m1": (32, 4), "e5m6": (32, 2)}[fmt]
+    assert k["grid"] == [-(-tokens * hidden // per_chunk // (256 * unroll)), 1, 1] and k["block"] == [256, 1, 1]
+    assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2] and all(a[2] == 0 for a in k["args"] if a[0] == 0)
+    assert [a[2] for a in k["args"] if a[0] != 0] == [tokens]
+
+
+# ---------------------------------------------------------------------------------------------
+# per_token_cast_and_cast_back: reference.
+
+
+def np_round_trip(x, fmt, npc, round_sf=False, use_e4m3_sf=False, columns=None):
+    start, stop = columns or (0, x.shape[1])
+    xs = np.asarray(x)[:, start:stop].astype(np.float32)
+    t, h = xs.shape
+    g = xs.reshape(t, h // npc, npc)
+    fmax = np.float32(448 if fmt == "e4m3" else 6)
+    a = np.maximum(np.abs(g).max(-1), np.float32(1e-4 if fmt == "e4m3" else 6 * 2.0**-126))
+    sf = a / fmax
+    if round_sf:
+        mant, exp = np.frexp(sf)
+        exp = np.where(mant == 0.5, exp - 1, exp)  # ceil(log2(sf))
+        sf, inv = np.ldexp(np.float32(1), exp).astype(np.float32), np.ldexp(np.float32(1), -exp).astype(np.float32)
+    elif use_e4m3_sf:
+        sf = sf.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        inv = np.float32(1) / sf
+    else:
+        inv = fmax / a
+    v = g * inv[..., None]
+    q = np.clip(v, -fmax, fmax).astype(ml_dtypes.float8_e4m3fn if fmt == "e4m3" else ml_dtypes.float4_e2m1fn).astype(np.float32)
+    return (q * sf[..., None]).reshape(t, h).astype(x.dtype)
+
+
+RT_CONFIGS = [  # (dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns): every GPU configuration
+    (ml_dtypes.bfloat16, "e4m3", 128, False, False, 7168, None),
+    (ml_dtypes.bfloat16, "e4m3", 32, True, False, 4096, None),
+    (np.float32, "e4m3", 64, False, True, 4096, None),
+    (ml_dtypes.bfloat16, "e2m1", 16, False, True, 7168, None),
+    (np.float32, "e2m1", 32, True, False, 7168, None),
+    (ml_dtypes.bfloat16, "e2m1", 128, False, False, 4096, (512, 4608)),
+    (np.float32, "e4m3", 16, False, False, 7168, (1024, 8192)),
+]
+RT_IDS = [f"{np.dtype(d).name}-{f}-{n}{'-round' if r else ''}{'-e4m3sf' if e else ''}-{h}{'-window' if c else ''}" for d, f, n, r, e, h, c in RT_CONFIGS]
+
+
+def _rt_input(rng, tokens, dtype, hidden, columns, fmt, use_e4m3_sf):
+    """Rows scaled by 2^[-4, 4]; e4m3 scales of e4m3 data need larger values to stay normal."""
+    width = hidden if columns is None else columns[1] + 512
+    scale = np.exp2(rng.integers(-4, 5, size=(tokens, 1))).astype(np.float32) * (64 if use_e4m3_sf and fmt == "e4m3" else 1)
+    return (rng.standard_normal((tokens, width), dtype=np.float32) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("fmt,npc,round_sf,use_e4m3_sf", [
+    ("e4m3", 128, False, False), ("e4m3", 16, True, False), ("e4m3", 32, False, True),
+    ("e2m1", 16, False, True), ("e2m1", 32, True, False), ("e2m1", 64, False, False),
+])  # fmt: skip
+def test_round_trip_reference_matches_numpy(rng, dtype, fmt, npc, round_sf, use_e4m3_sf):
+    columns = (64, 320)
+    x = _rt_input(rng, 9, dtype, 256, columns, fmt, use_e4m3_sf)
+    expected = np_round_trip(x, fmt, npc, round_sf, use_e4m3_sf, columns)
+    y = jax.jit(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns=columns, impl="xla"))(x)
+    assert_bytes_equal(y, expected)
+    assert calc_diff(expected, x[:, 64:320]) < TOLERANCE[fmt]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,kwargs,message",
+    [
+        ((2, 5, 128), jnp.bfloat16, {}, r"x must be \[T, S\]"),
+        ((5, 128), jnp.float16, {}, "must be bfloat16 or float32"),
+        ((5, 128), jnp.bfloat16, dict(fmt="e5m6"), "fmt must be 'e4m3' or 'e2m1'"),
+        ((5, 256), jnp.bfloat16, dict(num_per_channels=256), r"num_per_channels must be one of \(16, 32, 64, 128\)"),
+        ((5, 128), jnp.bfloat16, dict(round_sf=True, use_e4m3_sf=True), "exclusive"),
+        ((5, 128), jnp.bfloat16, dict(columns=(64, 256)), "is not a window"),
+        ((5, 160), jnp.bfloat16, dict(num_per_channels=32), "must be a multiple of 64"),
+        ((5, 192), jnp.bfloat16, dict(num_per_channels=128), "and of num_per_channels=128"),
+        ((5, 264), jnp.bfloat16, dict(columns=(4, 132)), r"columns start \(4\) and the row length \(264\) must be multiples of 8"),
+        ((5, 130), jnp.float32, dict(columns=(0, 128)), r"the row length \(130\) must be multiples of 4"),
+        ((2**18, 2**13), jnp.bfloat16, {}, "fewer than 2\\^31 elements"),
+    ],
+)
+def test_round_trip_bad_inputs_raise_at_trace_time(shape, dtype, kwargs, message):
+    kwargs = {"fmt": "e4m3", "num_per_channels": 32, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda x: per_token_cast_and_cast_back(x, **kwargs), _sds(shape, dtype))
+
+
+@pytest.mark.parametrize("config", RT_CONFIGS, ids=RT_IDS)
+@pytest.mark.parametrize("tokens", [5, 0])
+def test_round_trip_lowers_to_one_launch(config, tokens):
+    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = config
+    width = hidden if columns is None else columns[1] + 512
+    text = lower_for_cuda(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns), _sds((tokens, width), dtype))
+    (call,) = tilek_calls(text)
+    assert call["name"] == "per_token_cast_and_cast_back" and call["has_cubin"]
+    record = decode_record(call["launch"])
+    if tokens == 0:
+        assert record["kernels"] == [] and record["zero_fill"] == [1]
+        return
+    (k,) = record["kernels"]
+    itemsize = np.dtype(dtype).itemsize
+    assert k["grid"] == [-(-tokens * hidden * itemsize // 32 // 512), 1, 1] and k["block"] == [256, 1, 1]
+    start = 0 if columns is None else columns[0]
+    assert (0, 0, start * itemsize) in k["args"] and (0, 1, 0) in k["args"]
+    assert [a[2] for a in k["args"] if a[0] != 0] == [tokens, width * itemsize // 4]  # N and the row stride in words
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' element arithmetic, emulated in numpy on every code (the GPU tests check the rest).
+
+
+def _f32(bits):
+    return np.asarray(bits, np.uint32).view(np.float32)
+
+
+def test_kernel_decoders_are_exact_on_every_code():
+    """cast_back decodes by moving a code's bits into an fp32 and rescaling by an exact power of two."""
+    e4m3 = np.arange(256, dtype=np.uint32)
+    bits = ((e4m3 << 24).view(np.int32) >> 4).view(np.uint32) & 0x87F00000
+    bits = np.where((bits & 0x07F00000) == 0x07F00000, bits | 0x78000000, bits)  # NaN codes stay NaN
+    got, want = _f32(bits) * np.float32(2.0**120), e4m3.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    e2m1 = np.arange(16, dtype=np.uint32)
+    got = _f32(((e2m1 << 28).view(np.int32) >> 6).view(np.uint32) & 0x81C00000) * np.float32(2.0**126)
+    assert_bytes_equal(got, e2m1.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32))
+    e5m6 = np.arange(4096, dtype=np.uint32)
+    bits = ((e5m6 << 20).view(np.int32) >> 3).view(np.uint32) & 0x8FFE0000
+    bits = np.where((bits & 0x0F800000) == 0x0F800000, bits | 0x70000000, bits)  # inf / NaN
+    with np.errstate(invalid="ignore"):
+        got = _f32(bits) * np.float32(2.0**112)
+    np.testing.assert_array_equal(got, (e5m6 << 4).astype(np.uint16).view(np.float16).astype(np.float32))
+
+
+def test_kernel_fp4_rounding_is_round_to_nearest_even(rng):
+    """The round trip rounds to the e2m1 grid with (|v| + M) - M, M = 1.5 * 2^23 * step."""
+    v = np.concatenate([rng.uniform(-8, 8, 100000), [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 6, 7, -0.25, -5, -0.0, 1e-30]]).astype(np.float32)
+    a = np.minimum(np.abs(v), np.float32(6))
+    magic = np.where(a < 2, 1.5 * 2**22, np.where(a < 4, 1.5 * 2**23, 1.5 * 2**24)).astype(np.float32)
+    got = _f32(((a + magic) - magic).view(np.uint32) | (v.view(np.uint32) & 0x80000000))
+    assert_bytes_equal(got, np.clip(v, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# unpack_from_e2m1fn_x2.
+
+
+def test_unpack_from_e2m1fn_x2(rng):
+    x = rng.integers(0, 256, size=(3, 2, 8), dtype=np.uint8)
+    expected = np.stack([x & 0xF, x >> 4], axis=-1).reshape(3, 2, 16).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    assert_bytes_equal(unpack_from_e2m1fn_x2(x), expected)
+    assert_bytes_equal(unpack_from_e2m1fn_x2(x.view(np.int8), jnp.bfloat16), expected.astype(ml_dtypes.bfloat16))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        unpack_from_e2m1fn_x2(np.uint8(3))
+    with pytest.raises(ValueError, match="must be uint8 or int8"):
+        unpack_from_e2m1fn_x2(np.zeros(4, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+# 4001 tokens (not a multiple of any block) for a subset that covers every format, block shape and layout
+BIG = {0, 2, 4, 5, 8, 9, 10, 11, 14, 15, 16, 17}
+GPU_CASES = [(c, i, 5) for i, c in enumerate(CONFIGS)] + [(c, i, 4001) for i, c in enumerate(CONFIGS) if i in BIG]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config,index,tokens", GPU_CASES, ids=[f"{CONFIG_IDS[i]}-{t}" for _, i, t in GPU_CASES])
+def test_cast_back_kernel_is_bit_exact(on_gpu, rng, config, index, tokens):
+    fmt, block, layout, e4m3_sf, hidden, out = config
+    x, data, sf, logical = quantized(rng, tokens, hidden, fmt, block, layout, e4m3_sf)
+    y = on_gpu(lambda d, s: cast_back((d, s), out, block, _special(fmt), sf_layout=layout, impl="tilelang"), data, sf)
+    assert_bytes_equal(y, np_dequantize(data, logical, fmt, block, out))
+    assert calc_diff(np.asarray(y[:512], np.float32), x[:512]) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[12], CONFIGS[15]], ids=[CONFIG_IDS[0], CONFIG_IDS[12], CONFIG_IDS[15]])
+@pytest.mark.parametrize("tokens", [1, 0])
+def test_cast_back_kernel_one_and_zero_tokens(on_gpu, rng, config, tokens):
+    fmt, block, layout, e4m3_sf, hidden, out = config
+    _, data, sf, logical = quantized(rng, tokens, hidden, fmt, block, layout, e4m3_sf)
+    y = on_gpu(lambda d, s: cast_back((d, s), out, block, _special(fmt), sf_layout=layout, impl="tilelang"), data, sf)
+    assert_bytes_equal(y, np_dequantize(data, logical, fmt, block, out))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", RT_CONFIGS, ids=RT_IDS)
+@pytest.mark.parametrize("tokens", [1, 4001])
+def test_round_trip_kernel_is_bit_exact(on_gpu, rng, config, tokens):
+    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = config
+    x = _rt_input(rng, tokens, dtype, hidden, columns, fmt, use_e4m3_sf)
+    y = on_gpu(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns, impl="tilelang"), x)
+    assert_bytes_equal(y, np_round_trip(x, fmt, npc, round_sf, use_e4m3_sf, columns))
+    start, stop = columns or (0, hidden)
+    assert calc_diff(np.asarray(y[:512], np.float32), x[:512, start:stop].astype(np.float32)) < TOLERANCE[fmt]
+
+
+@pytest.mark.gpu
+def test_round_trip_kernel_zero_tokens(on_gpu):
+    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = RT_CONFIGS[0]
+    y = on_gpu(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns, impl="tilelang"), np.zeros((0, hidden), dtype))
+    assert y.shape == (0, hidden) and y.dtype == dtype
