@@ -27,16 +27,17 @@ def np_values(data: np.ndarray, fmt: str) -> np.ndarray:
     if fmt == "e4m3":
         return data.astype(np.float32)
     raw = data.view(np.uint8)
+    t, width = raw.shape
     if fmt == "e2m1":
-        codes = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(raw.shape[0], -1)
+        codes = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(t, width * 2)
         return codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
     # e5m6: eight 12-bit codes per 3 little-endian words, a big-endian bit stream (test_formats checks it)
-    w0, w1, w2 = (w[..., 0] for w in np.split(np.ascontiguousarray(raw).reshape(raw.shape[0], -1, 12).view("<u4"), 3, axis=-1))
+    w0, w1, w2 = (w[..., 0] for w in np.split(np.ascontiguousarray(raw).reshape(t, width // 12, 12).view("<u4"), 3, axis=-1))
     m = 0xFFF
     codes = np.stack([
         w0 >> 20, (w0 >> 8) & m, ((w0 & 0xFF) << 4) | (w1 >> 28), (w1 >> 16) & m,
         (w1 >> 4) & m, ((w1 & 0xF) << 8) | (w2 >> 24), (w2 >> 12) & m, w2 & m,
-    ], axis=-1).reshape(raw.shape[0], -1)  # fmt: skip
+    ], axis=-1).reshape(t, width * 2 // 3)  # fmt: skip
     return (codes << 4).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
