@@ -1,0 +1,112 @@
+"""Per-token quantization benchmarks (DeepSeek sizes) and the dtype cast, against the same ops in plain JAX."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tilek.quant import formats as F
+from jax_tilek.quant import per_token_cast as ptc
+from jax_tilek.quant.cast import cast
+
+from benchmarks.harness import Case
+
+PACKED = dict(use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True)
+
+
+def _sf_bytes(tokens, hidden, npc, flags):
+    layout = F.sf_layout(flags.get("use_tma_aligned_col_major_sf", False), flags.get("use_packed_ue8m0", False), flags.get("round_sf", False))
+    shape, dtype = F.sf_storage_shape(layout, (tokens, hidden // npc))
+    return int(np.prod(shape)) * (1 if flags.get("use_e4m3_sf") else dtype.itemsize)
+
+
+def _per_token(name, tokens, hidden, fmt, npc, flags, dtype=jnp.bfloat16, tuning=None, **extra):
+    def make(key):
+        return ((jax.random.normal(key, (tokens, hidden), jnp.float32) * 3).astype(dtype),)
+
+    def run(impl):
+        def f(x):
+            if tuning is None:
+                return ptc.per_token_cast(x, fmt, npc, impl=impl, **flags, **extra)
+            static = ptc._static(fmt, npc, None, None, flags.get("use_tma_aligned_col_major_sf", False), flags.get("round_sf", False),
+                                 flags.get("use_packed_ue8m0", False), flags.get("use_e4m3_sf", False), extra.get("stochastic_cast", False),
+                                 None, None, "full")  # fmt: skip
+            args = (x, jnp.zeros((1,), jnp.uint32)) if extra.get("stochastic_cast") else (x,)
+            return ptc._op(*args, impl=impl, tuning=tuning, **static)
+
+        return f
+
+    data_bytes = tokens * hidden * (1 if fmt == "e4m3" else 0.5)
+    moved = tokens * hidden * np.dtype(dtype).itemsize + int(data_bytes) + _sf_bytes(tokens, hidden, npc, flags)
+    return Case(
+        family="quant_per_token",
+        name=name,
+        make_inputs=make,
+        kernel=run("tilelang"),
+        xla=run("xla"),
+        min_bytes=moved,
+        params={"shape": f"{tokens}x{hidden}", "dtype": f"{np.dtype(dtype).name}->{fmt}/{npc}"},
+    )
+
+
+def _requant(name, tokens, hidden, npc, flags):
+    """Packed FP4 with 1x32 UE8M0 scales -> e4m3 per-token 1 x npc."""
+
+    def make(key):
+        k1, k2 = jax.random.split(key)
+        data = jax.random.randint(k1, (tokens, hidden // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+        exponents = jax.random.randint(k2, (tokens, hidden // 32), 117, 137, jnp.int32).astype(jnp.uint32)
+        sf = F.store_sf(jax.lax.bitcast_convert_type(exponents << 23, jnp.float32), "col_ue8m0")
+        return data, sf
+
+    def run(impl):
+        return lambda d, s: ptc.per_token_cast((d, s), "e4m3", npc, x_block_size=(1, 32), impl=impl, **flags)
+
+    moved = tokens * hidden // 2 + tokens * hidden // 32 + tokens * hidden + _sf_bytes(tokens, hidden, npc, flags)
+    return Case(
+        family="quant_per_token",
+        name=name,
+        make_inputs=make,
+        kernel=run("tilelang"),
+        xla=run("xla"),
+        min_bytes=moved,
+        params={"shape": f"{tokens}x{hidden}", "dtype": f"fp4[1x32]->e4m3/{npc}"},
+    )
+
+
+def _cast(name, shape, src, dst, stochastic=False):
+    def make(key):
+        return ((jax.random.normal(key, shape, jnp.float32) * 3).astype(src),)
+
+    def run(impl):
+        return lambda x: cast(x, dst, stochastic, impl=impl)
+
+    n = int(np.prod(shape))
+    return Case(
+        family="quant_per_token",
+        name=name,
+        make_inputs=make,
+        kernel=run("tilelang"),
+        xla=run("xla"),
+        min_bytes=n * (np.dtype(src).itemsize + np.dtype(dst).itemsize),
+        params={"shape": "x".join(map(str, shape)), "dtype": f"{np.dtype(src).name}->{np.dtype(dst).name}{'/sr' if stochastic else ''}"},
+    )
+
+
+CASES = [
+    _per_token("e4m3_ue8m0", 4096, 7168, "e4m3", 128, PACKED),
+    _per_token("e4m3_ue8m0", 65536, 7168, "e4m3", 128, PACKED),
+    _per_token("e4m3_row", 16384, 4096, "e4m3", 128, {}),
+    _per_token("e2m1_ue8m0", 16384, 7168, "e2m1", 32, PACKED),
+    _per_token("e4m3_rowwise", 16384, 7168, "e4m3", 7168, dict(round_sf=True)),
+    _per_token("e4m3_ue8m0_sr", 16384, 7168, "e4m3", 128, PACKED, stochastic_cast=True),
+    _requant("fp4_to_e4m3", 16384, 7168, 128, PACKED),
+    _cast("cast", (16384, 7168), jnp.float32, jnp.bfloat16),
+    _cast("cast_sr", (16384, 7168), jnp.float32, jnp.bfloat16, True),
+    _cast("cast_sr", (16384, 7168), jnp.bfloat16, jnp.float8_e4m3fn, True),
+]
+
+# Thread mappings (elements per thread, threads per CTA) for the main case.
+VARIANTS = [
+    _per_token(f"e4m3_ue8m0/e{elems}t{threads}", 65536, 7168, "e4m3", 128, PACKED, tuning=(elems, threads))
+    for elems, threads in [(16, 256), (32, 512), (64, 128), (64, 256), (64, 512)]
+]

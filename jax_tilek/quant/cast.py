@@ -1,0 +1,412 @@
+"""Elementwise dtype cast with optional stochastic rounding (TileKernels v2.1 ``quant.cast``).
+
+Also home of the stochastic-rounding definition shared with :mod:`jax_tilek.quant.per_token_cast`:
+the random-bit hash, the rounding rules (JAX reference), and the CUDA helpers the kernels call.
+
+Random bits (seedless, deterministic). Elements are taken in groups of four consecutive values (a
+*quad*); quad ``i`` of a flat array (elements ``4i..4i+3``) gets two 32-bit words
+``r0, r1 = quad_hash(w0, w1, w2, w3, i, seed)`` where ``w`` are the fp32 bit patterns of the four
+values being rounded. ``quad_hash`` is a multiply-xorshift hash (our own constants, ``HASH``):
+
+    h = (i * 0x9E3779B1) ^ (seed * 0x2C1B3C6D)
+    h = (h ^ w0) * M0;  h = (h ^ (h >> s) ^ wk) * Mk   for k = 1, 2, 3
+    h ^= h >> 16;  r0 = h * F0;  r0 ^= r0 >> 15;  r1 = r0 * F1;  r1 ^= r1 >> 16
+
+Element ``j`` of the quad uses the 16 bits ``(r0, r0 >> 16, r1, r1 >> 16)[j] & 0xFFFF``. ``seed`` is an
+optional uint32 (default 0: the same bits on every call); pass a fresh one (e.g. the step number, a
+traced value is fine) for fresh randomness.
+
+Stochastic rounding with 16 random bits ``r``: ``|x|`` in units of the target's spacing at ``x``
+(``x_u``) is rounded down or up, up iff ``frac(x_u)`` truncated to 16 bits plus ``r`` reaches ``2^16``;
+so ``P(up) = frac(x_u)`` to within ``2^-16``. Results saturate at the largest finite value (also
+for infinities); NaN stays NaN. Targets: bfloat16, float8_e4m3fn (subnormals included), FP4 e2m1.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jax_tilek.kernel import kernel
+from jax_tilek.op import Launch, TileOp, View
+from jax_tilek.quant import formats
+
+# ---------------------------------------------------------------------------------------------
+# The hash: one table of constants, written out for JAX (``quad_hash``) and CUDA (``PRELUDE``).
+
+HASH_INDEX, HASH_SEED = 0x9E3779B1, 0x2C1B3C6D
+HASH_ROUNDS = ((0x85EBCA6B, 0), (0xC2B2AE35, 13), (0x27D4EB2F, 16), (0x165667B1, 15))  # (multiplier, shift)
+HASH_FINAL = ((0x7FEB352D, 15), (0x846CA68B, 16))
+
+_U32 = np.uint32
+
+
+def quad_hash(w0, w1, w2, w3, index, seed) -> tuple[jax.Array, jax.Array]:
+    """``(r0, r1)``: the two random words of each quad (uint32 arrays, broadcast together)."""
+    u = lambda a: jnp.asarray(a).astype(jnp.uint32)  # noqa: E731
+    h = (u(index) * _U32(HASH_INDEX)) ^ (u(seed) * _U32(HASH_SEED))
+    for w, (mul, shift) in zip((w0, w1, w2, w3), HASH_ROUNDS):
+        if shift:
+            h = h ^ (h >> shift)
+        h = (h ^ u(w)) * _U32(mul)
+    h = h ^ (h >> 16)
+    (m0, s0), (m1, s1) = HASH_FINAL
+    r0 = h * _U32(m0)
+    r0 = r0 ^ (r0 >> s0)
+    r1 = r0 * _U32(m1)
+    r1 = r1 ^ (r1 >> s1)
+    return r0, r1
+
+
+def random_bits(values: jax.Array, index, seed) -> jax.Array:
+    """16 random bits (uint32) per element of ``values[..., 4n]`` (fp32).
+
+    ``index`` gives the quad index of each quad (``[..., n]``, broadcast); ``seed`` a uint32 scalar.
+    """
+    words = _bits(values).reshape(*values.shape[:-1], values.shape[-1] // 4, 4)
+    r0, r1 = quad_hash(words[..., 0], words[..., 1], words[..., 2], words[..., 3], index, seed)
+    r = jnp.stack([r0 & _U32(0xFFFF), r0 >> 16, r1 & _U32(0xFFFF), r1 >> 16], axis=-1)
+    return r.reshape(values.shape)
+
+
+def flat_quad_index(shape: tuple[int, ...]) -> jax.Array:
+    """Quad indices of a contiguous array of ``shape`` (last axis a multiple of 4): ``[..., n/4]``."""
+    n = int(np.prod(shape))
+    return jnp.arange(n // 4, dtype=jnp.uint32).reshape(*shape[:-1], shape[-1] // 4)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+
+
+def _from_bits(b: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(b.astype(jnp.uint32), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stochastic rounding (the reference; the CUDA helpers below compute the same bits).
+
+BF16_MAX = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+E4M3_MIN_NORMAL = 2.0**-6
+
+
+def sr_bfloat16(v: jax.Array, r: jax.Array) -> jax.Array:
+    """fp32 -> bfloat16: ``(bits + r) & 0xFFFF0000``, saturated; NaN stays NaN."""
+    v = v.astype(jnp.float32)
+    y = _from_bits((_bits(v) + r) & _U32(0xFFFF0000))
+    y = jnp.where(jnp.isnan(v), v, jnp.clip(y, -BF16_MAX, BF16_MAX))
+    return y.astype(jnp.bfloat16)
+
+
+def sr_e4m3_values(v: jax.Array, r: jax.Array) -> jax.Array:
+    """fp32 -> fp32 values on the e4m3 grid (not yet saturated).
+
+    Normal range: ``(bits + (r << 4)) & 0xFFF00000``. Below 2^-6 (spacing 2^-9):
+    ``q = (floor(|x| 2^25) + r) >> 16`` and the value ``±q 2^-9``.
+    """
+    v = v.astype(jnp.float32)
+    a = jnp.abs(v)
+    normal = _from_bits((_bits(v) + (r << 4)) & _U32(0xFFF00000))
+    q = (jnp.floor(a * np.float32(2.0**25)).astype(jnp.uint32) + r) >> 16
+    small = jnp.copysign(q.astype(jnp.float32) * np.float32(2.0**-9), v)
+    y = jnp.where(a < E4M3_MIN_NORMAL, small, normal)
+    return jnp.where(jnp.isnan(v), v, y)
+
+
+def sr_e4m3(v: jax.Array, r: jax.Array) -> jax.Array:
+    """fp32 -> float8_e4m3fn with stochastic rounding, saturating at ±448."""
+    return jnp.clip(sr_e4m3_values(v, r), -448.0, 448.0).astype(jnp.float8_e4m3fn)
+
+
+def sr_e2m1_codes(v: jax.Array, r: jax.Array) -> jax.Array:
+    """fp32 -> FP4 e2m1 codes (uint8): spacing 0.5 below 2, 1 in [2, 4), 2 above; saturates at 6
+    (NaN too, as ``fmin``)."""
+    v = v.astype(jnp.float32)
+    a = jnp.fmin(jnp.abs(v), np.float32(6.0))
+    scale = jnp.where(a < 2, np.float32(2.0), jnp.where(a < 4, np.float32(1.0), np.float32(0.5)))
+    offset = jnp.where(a < 2, 0, jnp.where(a < 4, 2, 4)).astype(jnp.uint32)
+    f = jnp.floor(a * scale * np.float32(65536.0)).astype(jnp.uint32)
+    code = jnp.minimum(((f + r) >> 16) + offset, 7)
+    return (code | (jnp.signbit(v).astype(jnp.uint32) << 3)).astype(jnp.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA helpers shared by the cast kernels (injected with T.Kernel(..., prelude=PRELUDE)).
+
+
+def _hash_cuda() -> str:
+    lines = [f"  unsigned h = (index * {HASH_INDEX:#x}u) ^ (seed * {HASH_SEED:#x}u);"]
+    for k, (mul, shift) in enumerate(HASH_ROUNDS):
+        mix = f"h ^ (h >> {shift}) ^ w{k}" if shift else f"h ^ w{k}"
+        lines.append(f"  h = ({mix}) * {mul:#x}u;")
+    (m0, s0), (m1, s1) = HASH_FINAL
+    lines += [
+        "  h ^= h >> 16;",
+        f"  unsigned r0 = h * {m0:#x}u; r0 ^= r0 >> {s0};",
+        f"  unsigned r1 = r0 * {m1:#x}u; r1 ^= r1 >> {s1};",
+    ]
+    return "\n".join(lines)
+
+
+PRELUDE = (
+    """
+// ---- jax_tilek.quant.cast helpers ----
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+// Random words (r1 << 32 | r0) of one quad of fp32 bit patterns w0..w3 (see jax_tilek/quant/cast.py).
+__device__ __forceinline__ unsigned long long tilek_quad_hash(unsigned w0, unsigned w1, unsigned w2, unsigned w3,
+                                                              unsigned index, unsigned seed) {
+"""
+    + _hash_cuda()
+    + """
+  return ((unsigned long long)r1 << 32) | r0;
+}
+
+// The 16 random bits of element j (0..3) of a quad.
+__device__ __forceinline__ unsigned tilek_rbits(unsigned long long h, int j) {
+  return (unsigned)(h >> (16 * j)) & 0xFFFFu;
+}
+
+// fp32 -> a bf16-representable fp32, stochastically rounded, saturated; NaN stays NaN.
+__device__ __forceinline__ float tilek_sr_bf16(float x, unsigned r) {
+  float y = __uint_as_float((__float_as_uint(x) + r) & 0xFFFF0000u);
+  y = fminf(fmaxf(y, -0x1.fep127f), 0x1.fep127f);
+  return isnan(x) ? x : y;
+}
+
+// fp32 -> an e4m3-representable fp32, stochastically rounded (before saturation, which the satfinite
+// conversion that follows does). tilek_sr_e4m3_fast is exact for |x| >= 2^-6, zero and infinities;
+// tilek_sr_e4m3_slow(x) says when tilek_sr_e4m3 is needed (e4m3 subnormals, spacing 2^-9, and NaN).
+__device__ __forceinline__ float tilek_sr_e4m3_fast(float x, unsigned r) {
+  return __uint_as_float((__float_as_uint(x) + (r << 4)) & 0xFFF00000u);
+}
+__device__ __forceinline__ unsigned tilek_sr_e4m3_slow(float x) {
+  return (unsigned)(!(fabsf(x) >= 0x1p-6f)) & (unsigned)(x != 0.0f);
+}
+__device__ __forceinline__ float tilek_sr_e4m3(float x, unsigned r) {
+  if (!tilek_sr_e4m3_slow(x)) return tilek_sr_e4m3_fast(x, r);
+  if (isnan(x)) return x;
+  unsigned q = (__float2uint_rz(fabsf(x) * 0x1p25f) + r) >> 16;
+  return copysignf(__uint2float_rn(q) * 0x1p-9f, x);
+}
+
+// fp32 -> FP4 e2m1 code (0..15), round to nearest even, saturating at 6.
+__device__ __forceinline__ unsigned tilek_e2m1_rn(float x) {
+  float a = fminf(fabsf(x), 6.0f);
+  float s = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
+  unsigned o = a < 2.0f ? 0u : (a < 4.0f ? 2u : 4u);
+  unsigned code = __float_as_uint(__fmaf_rn(a, s, 0x1p23f)) - 0x4B000000u + o;  // rint(a * s) + o
+  return code | ((__float_as_uint(x) >> 28) & 8u);
+}
+
+// fp32 -> FP4 e2m1 code, stochastically rounded, saturating at 6.
+__device__ __forceinline__ unsigned tilek_e2m1_sr(float x, unsigned r) {
+  float a = fminf(fabsf(x), 6.0f);
+  float s = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
+  unsigned o = a < 2.0f ? 0u : (a < 4.0f ? 2u : 4u);
+  unsigned code = min(((__float2uint_rz(a * s * 65536.0f) + r) >> 16) + o, 7u);
+  return code | ((__float_as_uint(x) >> 28) & 8u);
+}
+
+// FP4 e2m1 code (low 4 bits) -> fp32, exactly: place the code in an fp32 and scale by 2^126.
+__device__ __forceinline__ float tilek_e2m1_to_float(unsigned c) {
+  return __uint_as_float(((c & 7u) << 22) | ((c & 8u) << 28)) * 0x1p126f;
+}
+
+// fp32 -> float8_e4m3fn bits without saturation (overflow -> NaN), as XLA converts.
+__device__ __forceinline__ unsigned char tilek_e4m3_nosat(float x) {
+  return (unsigned char)__nv_cvt_float_to_fp8(x, __NV_NOSAT, __NV_E4M3);
+}
+
+// float8_e4m3fn bits -> fp32.
+__device__ __forceinline__ float tilek_e4m3_to_float(unsigned char b) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw(b, __NV_E4M3);
+  return __half2float(*reinterpret_cast<__half *>(&h));
+}
+// ---- end of jax_tilek.quant.cast helpers ----
+"""
+)
+
+@functools.cache
+def tir_quad_hash():
+    """A TileLang macro ``(values, k, quad0, seed) -> uint64``: the random words of quad ``k`` of a
+    local fp32 array (``values[4k:4k+4]``), whose first quad has index ``quad0``."""
+    import tilelang.language as T
+
+    @T.macro
+    def quad_hash(values, k, quad0, seed):
+        return T.call_extern(
+            "uint64", "tilek_quad_hash",
+            T.reinterpret(values[4 * k], "uint32"), T.reinterpret(values[4 * k + 1], "uint32"),
+            T.reinterpret(values[4 * k + 2], "uint32"), T.reinterpret(values[4 * k + 3], "uint32"),
+            quad0 + T.cast(k, "uint32"), seed,
+        )  # fmt: skip
+
+    return quad_hash
+
+
+# ---------------------------------------------------------------------------------------------
+# The cast op.
+
+DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
+STOCHASTIC = (("float32", "bfloat16"), ("float32", "float8_e4m3fn"), ("bfloat16", "float8_e4m3fn"))
+
+
+@kernel(pass_configs={"tl.disable_warp_specialized": True})
+def cast_kernel(in_dtype: str, out_dtype: str, stochastic: bool, elems: int = 16, threads: int = 256):
+    """``y = cast(x)`` over a flat array; each thread converts ``elems`` consecutive elements.
+
+    Full chunks move as 16-byte vectors; the one partial chunk at the end goes element by element.
+    Every value goes through fp32 (exact for all input dtypes), then is rounded once: to nearest
+    even (float8 saturating at ±448) or stochastically (``tilek_sr_*`` with ``tilek_quad_hash`` bits).
+    """
+    import tilelang.language as T
+
+    N = T.dynamic("N")
+    chunk = elems * threads
+    quad_hash = tir_quad_hash()
+
+    @T.macro
+    def body(x, y, seed_value):
+        bx = T.get_block_binding(0)
+        t = T.get_thread_binding(0)
+        base = bx * chunk + t * elems
+        xl = T.alloc_local((elems,), in_dtype)
+        f = T.alloc_local((elems,), "float32")
+        yl = T.alloc_local((elems,), out_dtype)
+        full = base + elems <= N
+        if full:
+            for j in T.vectorized(elems):
+                xl[j] = x[base + j]
+        else:
+            for j in T.unroll(elems):
+                xl[j] = T.if_then_else(base + j < N, x[T.min(base + j, N - 1)], T.cast(0, in_dtype))
+        for j in T.vectorized(elems):
+            f[j] = T.cast(xl[j], "float32")
+        if stochastic:
+            v = T.alloc_local((elems,), "float32")
+            quad0 = T.cast(base // 4, "uint32")
+            slow = T.alloc_var("uint32")
+            slow = 0
+            for k in T.unroll(elems // 4):
+                h = quad_hash(f, k, quad0, seed_value)
+                for j in T.unroll(4):
+                    r = T.call_extern("uint32", "tilek_rbits", h, j)
+                    if out_dtype == "bfloat16":
+                        v[4 * k + j] = T.call_extern("float32", "tilek_sr_bf16", f[4 * k + j], r)
+                    else:
+                        v[4 * k + j] = T.call_extern("float32", "tilek_sr_e4m3_fast", f[4 * k + j], r)
+                        slow = slow | T.call_extern("uint32", "tilek_sr_e4m3_slow", f[4 * k + j])
+            if slow != 0:  # e4m3 subnormals or NaN somewhere in this thread's chunk (rare)
+                for k in T.unroll(elems // 4):
+                    h = quad_hash(f, k, quad0, seed_value)
+                    for j in T.unroll(4):
+                        r = T.call_extern("uint32", "tilek_rbits", h, j)
+                        v[4 * k + j] = T.call_extern("float32", "tilek_sr_e4m3", f[4 * k + j], r)
+            for j in T.vectorized(elems):
+                yl[j] = T.cast(v[j], out_dtype)
+        else:
+            for j in T.vectorized(elems):
+                yl[j] = T.cast(f[j], out_dtype)
+        if full:
+            for j in T.vectorized(elems):
+                y[base + j] = yl[j]
+        else:
+            for j in T.unroll(elems):
+                if base + j < N:
+                    y[base + j] = yl[j]
+
+    if stochastic:
+
+        @T.prim_func
+        def cast_sr(x: T.Tensor((N,), in_dtype), seed: T.Tensor((1,), "uint32"), y: T.Tensor((N,), out_dtype)):
+            with T.Kernel(T.ceildiv(N, chunk), threads=threads, prelude=PRELUDE):
+                body(x, y, seed[0])
+
+        return cast_sr
+
+    @T.prim_func
+    def cast(x: T.Tensor((N,), in_dtype), y: T.Tensor((N,), out_dtype)):
+        with T.Kernel(T.ceildiv(N, chunk), threads=threads, prelude=PRELUDE):
+            body(x, y, T.uint32(0))
+
+    return cast
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"cast: dtype must be one of {DTYPES}, got {dtype!r}") from None
+
+
+def cast_reference(x: jax.Array, *seed: jax.Array, dtype: str, stochastic_rounding: bool = False) -> jax.Array:
+    """The cast in plain JAX: round to nearest even (float8 saturating at ±448), or stochastically."""
+    if stochastic_rounding:
+        v = x.reshape(-1, 4).astype(jnp.float32)
+        r = random_bits(v, flat_quad_index(v.shape), seed[0].reshape(()))
+        y = sr_bfloat16(v, r) if dtype == "bfloat16" else sr_e4m3(v, r)
+        return y.reshape(x.shape)
+    if dtype == "float8_e4m3fn":
+        return jnp.clip(x.astype(jnp.float32), -448.0, 448.0).astype(dtype)
+    return x.astype(jnp.float32).astype(dtype)
+
+
+def _check(x, *seed, dtype: str, stochastic_rounding: bool = False) -> None:
+    src = np.dtype(x.dtype).name
+    if src not in DTYPES:
+        raise ValueError(f"cast: x's dtype must be one of {DTYPES}, got {src}")
+    if dtype not in DTYPES:
+        raise ValueError(f"cast: dtype must be one of {DTYPES}, got {dtype}")
+    if stochastic_rounding:
+        if (src, dtype) not in STOCHASTIC:
+            raise ValueError(f"cast: stochastic_rounding supports {STOCHASTIC} (from, to), got ({src}, {dtype})")
+        if x.size % 4:
+            raise ValueError(f"cast: stochastic_rounding needs x.size % 4 == 0 (groups of four), got {x.size}")
+        if seed[0].size != 1 or not jnp.issubdtype(seed[0].dtype, jnp.integer):
+            raise ValueError(f"cast: seed must be an integer scalar, got {seed[0].dtype}{list(seed[0].shape)}")
+
+
+def _launch(x, *seed, dtype: str, stochastic_rounding: bool = False) -> Launch:
+    n = int(np.prod(x.shape))
+    views = {"x": View((n,)), "y": View((n,))}
+    if stochastic_rounding:
+        views["seed"] = View((1,), dtype=np.uint32)
+    return Launch(
+        kernel=cast_kernel,
+        params=dict(in_dtype=np.dtype(x.dtype).name, out_dtype=dtype, stochastic=bool(stochastic_rounding)),
+        views=views,
+    )
+
+
+_cast_op = TileOp(name="cast", launch=_launch, reference=cast_reference, check=_check)
+
+
+def cast(x: jax.Array, dtype, stochastic_rounding: bool = False, *, seed=None, impl=None) -> jax.Array:
+    """Elementwise cast of ``x`` to ``dtype``, optionally with stochastic rounding.
+
+    Args:
+      x: any shape; float32, bfloat16, float16 or float8_e4m3fn.
+      dtype: one of the same four.
+      stochastic_rounding: round stochastically (fp32 -> bf16, fp32 -> e4m3, bf16 -> e4m3; x.size % 4
+        == 0) with seedless hashed random bits (see the module docstring); results saturate at the
+        largest finite value. Otherwise round to nearest even; float8_e4m3fn saturates at ±448.
+      seed: optional integer (uint32; a traced value is fine) mixed into the random bits; None is 0.
+      impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
+
+    Returns:
+      ``x`` converted to ``dtype`` (same shape); ``x`` itself when the dtype does not change.
+    """
+    x = jnp.asarray(x)
+    dtype = _dtype_name(dtype)
+    if dtype == np.dtype(x.dtype).name and not stochastic_rounding:
+        _check(x, dtype=dtype)
+        return x
+    args = (x,)
+    if stochastic_rounding:
+        args += (jnp.asarray(0 if seed is None else seed).astype(jnp.uint32).reshape(1),)
+    elif seed is not None:
+        raise ValueError("cast: seed is only used with stochastic_rounding=True")
+    return _cast_op(*args, dtype=dtype, stochastic_rounding=bool(stochastic_rounding), impl=impl)

@@ -1,0 +1,702 @@
+"""Per-token casts to FP8 (e4m3) / FP4 (e2m1) with 1 x npc scale blocks (TileKernels v1 §2.1, v2.1 §2.3).
+
+``per_token_cast(x, fmt, num_per_channels) -> (data, sf)``: every row of ``x[T, H]`` is cut into
+blocks of ``num_per_channels`` (npc) columns (or one block, npc == H); each block gets a scale from
+its absolute maximum (``formats.scale_factors``) and its values are quantized with it. Plus the
+variants that only compute scales (``per_token_cast_with_sf_only``) and that cast with given scales
+(``per_token_cast_with_precomputed_sf``).
+
+Inputs: bf16/fp32 ``[T, H]`` (rows may be a column window of a wider array, read in place), or a
+QuantTensor ``(data, sf)`` of e4m3 data ``[T, H]`` or packed FP4 data ``[T, H/2]`` with its scales
+in blocks ``x_block_size`` (re-quantization). As in TileKernels' kernel, a re-quantized block's
+amax is ``max |code| * x_sf`` (fp32) and its outputs are ``code * (x_sf * sf_inv)``, the scale
+product rounded to fp32 first.
+
+Scale-factor layouts follow ``formats`` (``sf_layout``, ``store_sf``): fp32 row-major, fp32
+TMA-aligned column-major storage ``[K_b, align(T, 4)]``, packed UE8M0 int32 ``[ceil(K_b/4),
+align(T, 4)]``, or float8_e4m3fn scales (``use_e4m3_sf``; row- or column-major). Padding is zero.
+
+Stochastic rounding (``stochastic_cast``) uses :mod:`jax_tilek.quant.cast`'s random bits: the
+values rounded are the scaled fp32 values, quad ``i`` is ``x[t, 4j:4j+4]`` with ``i = t * H/4 + j``.
+
+(No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
+its closure.)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tilek.kernel import kernel
+from jax_tilek.op import Launch, TileOp, View
+from jax_tilek.quant import cast as cast_module
+from jax_tilek.quant import formats as F
+from jax_tilek.quant.cast import PRELUDE, flat_quad_index, random_bits, sr_e2m1_codes, sr_e4m3, tir_quad_hash
+
+FMTS = ("e4m3", "e2m1")
+# Scale-factor storage kinds: dtype + layout (see the module docstring).
+SF_KINDS = {
+    "f32_row": ("row", "float32"),
+    "e4m3_row": ("row", "float8_e4m3fn"),
+    "f32_col": ("col", "float32"),
+    "e4m3_col": ("col", "float8_e4m3fn"),
+    "ue8m0_col": ("col_ue8m0", "int32"),
+}
+ELEMS = 32  # elements per thread
+CTA_THREADS = 256  # about this many threads per CTA
+
+
+def amax_floor(fmt: str, use_e4m3_sf: bool, amax_clamp: float | None) -> float:
+    """The lower clamp of a block's amax: ``amax_clamp``, else TileKernels v2.1's default
+    (the format's floor; with E4M3 scales ``max * 2^-9``, so that the smallest scale is 2^-9)."""
+    if amax_clamp is not None:
+        return float(amax_clamp)
+    f = F.get_format(fmt)
+    return f.max_value * 2.0**-9 if use_e4m3_sf else f.amax_floor
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel.
+
+
+def plan(hidden: int, num_per_channels: int, elems: int = ELEMS, cta_threads: int = CTA_THREADS) -> dict:
+    """Thread mapping: each row is spread over ``align(H / elems, 32)`` lanes (whole warps), a CTA
+    takes ``rows_per_cta`` rows (about ``cta_threads`` threads). A block of npc columns lies within
+    one thread or an aligned power-of-two group of at most 32 lanes (``shfl_xor``), except for
+    npc == H rows that need a CTA-wide reduction (``row_reduce``)."""
+    lanes = num_per_channels // elems
+    lanes_per_row = -(-(hidden // elems) // 32) * 32
+    if lanes_per_row > 1024:
+        raise ValueError(f"per_token_cast: hidden sizes up to {1024 * elems} are supported, got {hidden}")
+    rows = max(1, cta_threads // lanes_per_row)
+    row_reduce = num_per_channels > elems and (lanes > 32 or lanes & (lanes - 1) != 0)
+    return dict(elems=elems, threads=rows * lanes_per_row, rows_per_cta=rows, row_reduce=row_reduce)
+
+
+@kernel(pass_configs={"tl.disable_warp_specialized": True}, depends=(cast_module,))
+def per_token_cast_kernel(
+    hidden: int,
+    npc: int,
+    fmt: str,
+    x_kind: str,
+    x_sf: tuple | None,
+    sf_in: str | None,
+    sf_out: str | None,
+    write_data: bool,
+    round_sf: bool,
+    e4m3_sf: bool,
+    stochastic: bool,
+    elems: int = ELEMS,
+    threads: int = 256,
+    rows_per_cta: int = 1,
+    row_reduce: bool = False,
+):
+    """Quantizes ``elems`` consecutive elements of a row per thread.
+
+    A CTA takes ``rows_per_cta`` rows, each spread over ``threads / rows_per_cta`` lanes (whole
+    warps; lanes past the row's end idle). A scale block of npc > elems columns spans an aligned
+    group of npc / elems lanes, reduced with ``shfl_xor``, or, with ``row_reduce`` (npc == H), the
+    row's warps, through shared memory. Loads and stores are 16-byte vectors; scale factors are
+    written by the block's first lane, with the zero padding of column-major layouts written by the
+    threads of the last row.
+
+    Args (static): ``x_kind`` bfloat16 | float32 | e4m3 | e2m1; ``x_sf`` (kind, bm, bk) of the input's
+    scales (re-quantization) or None; ``sf_in`` the kind of given scales (cast-only mode) or None;
+    ``sf_out`` the kind of scales to write or None; ``write_data`` False for the sf-only mode.
+    Unused tensor parameters (``x_sf_buf``, ``seed``, ``y``) are bound to empty views.
+    """
+    import tilelang.language as T
+
+    quad_hash = tir_quad_hash()
+    max_value = F.get_format(fmt).max_value
+    chunks = hidden // elems  # chunks per row
+    groups = max(elems // npc, 1)  # scale blocks per thread
+    lanes = max(npc // elems, 1)  # lanes per scale block (flat mapping)
+    width = min(npc, elems)  # columns of a block inside one thread
+    num_blocks = hidden // npc  # K_b
+    lanes_per_row = threads // rows_per_cta
+    warps_per_row = lanes_per_row // 32
+
+    Tn, S = T.dynamic("T, S")  # tokens; row stride of x (in its elements)
+    XA, XB = T.dynamic("XA, XB")  # x_sf storage
+    SA, SB = T.dynamic("SA, SB")  # sf storage
+    NS = T.dynamic("NS")  # seed (1 or 0 elements)
+    x_dtype, x_width, x_vec = {
+        "bfloat16": ("bfloat16", hidden, 8),
+        "float32": ("float32", hidden, 4),
+        "e4m3": ("float8_e4m3fn", hidden, 16),
+        "e2m1": ("uint32", hidden // 8, 4),
+    }[x_kind]
+    y_dtype, y_width = ("float8_e4m3fn", hidden) if fmt == "e4m3" else ("uint32", hidden // 8)
+    sf_kind = sf_in or sf_out
+    sf_shape = (SA, SB, 4) if sf_kind == "ue8m0_col" else (SA, SB)
+    sf_dtype = "uint8" if sf_kind == "ue8m0_col" else SF_KINDS[sf_kind][1]
+    xsf_kind = x_sf[0] if x_sf else "f32_row"
+    xsf_shape = (XA, XB, 4) if xsf_kind == "ue8m0_col" else (XA, XB)
+    xsf_dtype = "uint8" if xsf_kind == "ue8m0_col" else SF_KINDS[xsf_kind][1]
+    bm, bk = (x_sf[1], x_sf[2]) if x_sf else (1, hidden)
+    n_xs = max(elems // bk, 1)  # input scales per thread
+    YT = Tn if write_data else T.dynamic("YT")
+    sf_col = sf_out in ("f32_col", "e4m3_col")
+
+    def load_sf(buf, kind, r, k):
+        """fp32 value of the scale of (row block r, column block k) in a storage of ``kind``."""
+        if kind == "f32_row":
+            return buf[r, k]
+        if kind == "e4m3_row":
+            return T.cast(buf[r, k], "float32")
+        if kind == "f32_col":
+            return buf[k, r]
+        if kind == "e4m3_col":
+            return T.cast(buf[k, r], "float32")
+        return T.reinterpret(T.shift_left(T.cast(buf[k // 4, r, k % 4], "uint32"), T.uint32(23)), "float32")
+
+    @T.prim_func
+    def per_token_cast(
+        x: T.StridedTensor((Tn, x_width), (S, 1), x_dtype),
+        x_sf_buf: T.Tensor(xsf_shape, xsf_dtype),
+        seed: T.Tensor((NS,), "uint32"),
+        y: T.Tensor((YT, y_width), y_dtype),
+        sf: T.Tensor(sf_shape, sf_dtype),
+        amax_floor: T.float32,
+    ):
+        grid = T.ceildiv(Tn, rows_per_cta)
+        with T.Kernel(grid, threads=threads, prelude=PRELUDE) as bx:
+            T.assume(S % x_vec == 0)
+            T.annotate_min_blocks_per_sm(max(1, (512 if stochastic else 1024) // threads))  # registers: occupancy
+            t = T.get_thread_binding(0)
+            row = bx * rows_per_cta + t // lanes_per_row
+            c = t % lanes_per_row
+            valid = (row < Tn) & (c < chunks)
+            col0 = c * elems
+            v = T.alloc_local((elems,), "float32")
+            xs = T.alloc_local((n_xs,), "float32")
+            am = T.alloc_local((groups,), "float32")
+            scale = T.alloc_local((groups,), "float32")  # sf (fp32 value)
+            inv = T.alloc_local((groups,), "float32")  # sf_inv
+            code = T.alloc_local((groups,), "uint32")  # UE8M0 byte or E4M3 bits of the scale
+            q = T.alloc_local((elems,), "float32")
+
+            # ---- load (fp32 values; codes for quantized inputs) ----
+            if valid:
+                if x_kind == "e2m1":
+                    xw = T.alloc_local((elems // 8,), "uint32")
+                    for j in T.vectorized(elems // 8):
+                        xw[j] = x[row, c * (elems // 8) + j]
+                    for j in T.unroll(elems):
+                        v[j] = T.call_extern("float32", "tilek_e2m1_to_float", (xw[j // 8] >> (4 * (j % 8))) & T.uint32(15))
+                else:
+                    xl = T.alloc_local((elems,), x_dtype)
+                    for j in T.vectorized(elems):
+                        xl[j] = x[row, col0 + j]
+                    for j in T.vectorized(elems):
+                        v[j] = T.cast(xl[j], "float32")
+            else:
+                for j in T.unroll(elems):
+                    v[j] = T.float32(0)
+            for i in T.unroll(n_xs):
+                xs[i] = T.float32(1)
+            if x_sf:
+                if valid:
+                    for i in T.unroll(n_xs):
+                        xs[i] = load_sf(x_sf_buf, xsf_kind, row // bm, (col0 + i * bk) // bk)
+
+            # ---- scales ----
+            if sf_in:
+                if valid:
+                    for i in T.unroll(groups):
+                        scale[i] = load_sf(sf, sf_in, row, (col0 + i * width) // npc)
+                        inv[i] = T.float32(1) / scale[i]
+            else:
+                for i in T.unroll(groups):
+                    am[i] = T.float32(0)
+                for j in T.unroll(elems):
+                    if x_sf:
+                        am[j // width] = T.max(am[j // width], T.abs(v[j]) * xs[j // bk if bk < elems else 0])
+                    else:
+                        am[j // width] = T.max(am[j // width], T.abs(v[j]))
+                if row_reduce:
+                    red = T.alloc_shared((threads // 32,), "float32")
+                    for s in T.unroll(5):
+                        am[0] = T.max(am[0], T.shfl_xor(am[0], 1 << s))
+                    if t % 32 == 0:
+                        red[t // 32] = am[0]
+                    T.sync_threads()
+                    for w in T.unroll(warps_per_row):
+                        am[0] = T.max(am[0], red[t // lanes_per_row * warps_per_row + w])
+                else:
+                    for s in T.unroll(lanes.bit_length() - 1):
+                        am[0] = T.max(am[0], T.shfl_xor(am[0], 1 << s))
+                for i in T.unroll(groups):
+                    a = T.max(am[i], amax_floor)
+                    if round_sf:
+                        e = ((T.reinterpret(a / T.float32(max_value), "uint32") - T.uint32(1)) >> 23) + T.uint32(1)
+                        code[i] = e
+                        scale[i] = T.reinterpret(T.shift_left(e, T.uint32(23)), "float32")
+                        inv[i] = T.reinterpret(T.shift_left(T.uint32(254) - e, T.uint32(23)), "float32")
+                    elif e4m3_sf:
+                        code[i] = T.cast(T.call_extern("uint8", "tilek_e4m3_nosat", a / T.float32(max_value)), "uint32")
+                        scale[i] = T.call_extern("float32", "tilek_e4m3_to_float", T.cast(code[i], "uint8"))
+                        inv[i] = T.float32(1) / scale[i]
+                    else:
+                        scale[i] = a / T.float32(max_value)
+                        inv[i] = T.float32(max_value) / a
+
+            # ---- data ----
+            if write_data:
+                for j in T.unroll(elems):
+                    if x_sf:
+                        q[j] = v[j] * (xs[j // bk if bk < elems else 0] * inv[j // width])
+                    else:
+                        q[j] = v[j] * inv[j // width]
+                quad0 = T.cast(row, "uint32") * T.uint32(hidden // 4) + T.cast(col0 // 4, "uint32")
+                if fmt == "e4m3":
+                    yl = T.alloc_local((elems,), "float8_e4m3fn")
+                    if stochastic:  # fast path for all, the exact one where some value needs it (rare)
+                        rounded = T.alloc_local((elems,), "float32")
+                        slow = T.alloc_var("uint32")
+                        slow = 0
+                        for k in T.unroll(elems // 4):
+                            h = quad_hash(q, k, quad0, seed[0])
+                            for j in T.unroll(4):
+                                r = T.call_extern("uint32", "tilek_rbits", h, j)
+                                rounded[4 * k + j] = T.call_extern("float32", "tilek_sr_e4m3_fast", q[4 * k + j], r)
+                                slow = slow | T.call_extern("uint32", "tilek_sr_e4m3_slow", q[4 * k + j])
+                        if slow != 0:
+                            for k in T.unroll(elems // 4):
+                                h = quad_hash(q, k, quad0, seed[0])
+                                for j in T.unroll(4):
+                                    r = T.call_extern("uint32", "tilek_rbits", h, j)
+                                    rounded[4 * k + j] = T.call_extern("float32", "tilek_sr_e4m3", q[4 * k + j], r)
+                        for j in T.vectorized(elems):
+                            yl[j] = T.cast(rounded[j], "float8_e4m3fn")
+                    else:
+                        for j in T.vectorized(elems):
+                            yl[j] = T.cast(q[j], "float8_e4m3fn")
+                    if valid:
+                        for j in T.vectorized(elems):
+                            y[row, col0 + j] = yl[j]
+                else:
+                    yw = T.alloc_local((elems // 8,), "uint32")
+                    for w in T.unroll(elems // 8):
+                        yw[w] = T.uint32(0)
+                        for half in T.unroll(2):
+                            if stochastic:
+                                h = quad_hash(q, 2 * w + half, quad0, seed[0])
+                            for j in T.unroll(4):
+                                i = 8 * w + 4 * half + j
+                                if stochastic:
+                                    nib = T.call_extern("uint32", "tilek_e2m1_sr", q[i], T.call_extern("uint32", "tilek_rbits", h, j))
+                                else:
+                                    nib = T.call_extern("uint32", "tilek_e2m1_rn", q[i])
+                                yw[w] = yw[w] | T.shift_left(nib, T.uint32(16 * half + 4 * j))
+                    if valid:
+                        for j in T.vectorized(elems // 8):
+                            y[row, c * (elems // 8) + j] = yw[j]
+
+            # ---- scale factors ----
+            if sf_out:
+                leader = (c == 0) if row_reduce else (c % lanes == 0)
+                if valid & leader:
+                    for i in T.unroll(groups):
+                        k = (col0 + i * width) // npc
+                        if sf_out == "f32_row":
+                            sf[row, k] = scale[i]
+                        elif sf_out == "e4m3_row":
+                            sf[row, k] = T.reinterpret(T.cast(code[i], "uint8"), "float8_e4m3fn")
+                        elif sf_col:
+                            if sf_out == "f32_col":
+                                sf[k, row] = scale[i]
+                            else:
+                                sf[k, row] = T.reinterpret(T.cast(code[i], "uint8"), "float8_e4m3fn")
+                            if row == Tn - 1:
+                                for p in T.unroll(3):
+                                    if Tn + p < SB:
+                                        sf[k, Tn + p] = T.cast(0, sf_dtype)
+                        else:
+                            sf[k // 4, row, k % 4] = T.cast(code[i], "uint8")
+                            if row == Tn - 1:
+                                for p in T.unroll(3):
+                                    if Tn + p < SB:
+                                        sf[k // 4, Tn + p, k % 4] = T.uint8(0)
+                            if num_blocks % 4 != 0:
+                                if k == num_blocks - 1:  # the unused bytes of the last word
+                                    for p in T.unroll(4):
+                                        for b in T.unroll(4 - num_blocks % 4):
+                                            if (p == 0) | ((row == Tn - 1) & (Tn + p - 1 < SB)):
+                                                sf[k // 4, row + p, num_blocks % 4 + b] = T.uint8(0)
+
+    return per_token_cast
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference, rules, launch.
+
+MODES = ("full", "sf_only", "data_only")
+
+
+def _window(x, columns) -> tuple[int, int]:
+    return (0, x.shape[-1]) if columns is None else (int(columns[0]), int(columns[1]))
+
+
+def _unpack(arrays, *, x_block_size, mode, stochastic_cast, **_):
+    """(x, x_sf, sf_in, seed) from the op's operands."""
+    rest = list(arrays[1:])
+    x_sf = rest.pop(0) if x_block_size is not None else None
+    sf_in = rest.pop(0) if mode == "data_only" else None
+    seed = rest.pop(0) if stochastic_cast else None
+    return arrays[0], x_sf, sf_in, seed
+
+
+def _in_fmt(x) -> str | None:
+    """The format of quantized input data: e4m3, packed FP4 (uint8/int8), or None for bf16/fp32."""
+    name = np.dtype(x.dtype).name
+    return {"float8_e4m3fn": "e4m3", "uint8": "e2m1", "int8": "e2m1"}.get(name)
+
+
+def _hidden(x, columns) -> int:
+    start, stop = _window(x, columns)
+    return {"e2m1": 2 * x.shape[-1], "e4m3": x.shape[-1]}.get(_in_fmt(x), stop - start)
+
+
+def _load_kind(stored, kind: str, num_blocks) -> jax.Array:
+    return F.load_sf(stored, SF_KINDS[kind][0], num_blocks)
+
+
+def _store_kind(sf, kind: str) -> jax.Array:
+    return F.store_sf(sf, SF_KINDS[kind][0])
+
+
+def _reference(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
+               stochastic_cast, amax_clamp, columns, mode, tuning=None):  # fmt: skip
+    x, x_sf, sf_in, seed = _unpack(arrays, x_block_size=x_block_size, mode=mode, stochastic_cast=stochastic_cast)
+    in_fmt = _in_fmt(x)
+    if in_fmt is None:
+        start, stop = _window(x, columns)
+        values = x[:, start:stop].astype(jnp.float32)
+        magnitudes = jnp.abs(values)
+    else:
+        data = x.astype(jnp.uint8) if in_fmt == "e2m1" else x
+        values = F.dequantize_values(data, in_fmt)  # the codes' values
+        shape = values.shape
+        x_scale = F.expand_blocks(_load_kind(x_sf, x_sf_kind, F.num_blocks(shape, x_block_size)), x_block_size, shape)
+        magnitudes = jnp.abs(values) * x_scale  # = |dequantized value| (fp32 product)
+    tokens, hidden = values.shape
+    block = (1, num_per_channels)
+    if mode == "data_only":
+        sf = _load_kind(sf_in, sf_kind, (tokens, hidden // num_per_channels))
+        sf_inv = F.exact_div(np.float32(1.0), sf)
+    else:
+        floor = amax_floor(fmt, use_e4m3_sf, amax_clamp)
+        amax = F.block_amax(magnitudes, block)
+        sf, sf_inv = F.scale_factors(amax, fmt, round_sf=round_sf, use_e4m3_sf=use_e4m3_sf, amax_floor=floor)
+    stored_sf = _store_kind(sf, sf_kind)
+    if mode == "sf_only":
+        return stored_sf
+    multiplier = F.expand_blocks(sf_inv, block, values.shape)
+    if in_fmt is not None:
+        multiplier = x_scale * multiplier  # x_sf * sf_inv first, as the kernel does
+    scaled = values * multiplier
+    if stochastic_cast:
+        r = random_bits(scaled, flat_quad_index(scaled.shape), seed.reshape(()))
+        data = sr_e4m3(scaled, r) if fmt == "e4m3" else F.pack_e2m1(sr_e2m1_codes(scaled, r))
+    else:
+        data = F.quantize_values(scaled, fmt)
+    return data if mode == "data_only" else (data, stored_sf)
+
+
+def _sf_storage(kind: str, num_blocks) -> tuple[tuple[int, ...], np.dtype]:
+    layout, dtype = SF_KINDS[kind]
+    shape, _ = F.sf_storage_shape(layout, num_blocks)
+    return shape, np.dtype(jnp.dtype(dtype))
+
+
+def _check_sf(name: str, stored, kind: str, num_blocks) -> None:
+    shape, dtype = _sf_storage(kind, num_blocks)
+    if tuple(stored.shape) != shape or np.dtype(stored.dtype) != dtype:
+        raise ValueError(
+            f"per_token_cast: {name} must be {dtype.name}{list(shape)} ({SF_KINDS[kind][0]} layout for "
+            f"{num_blocks[0]} x {num_blocks[1]} blocks), got {np.dtype(stored.dtype).name}{list(stored.shape)}"
+        )
+
+
+def _check(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
+           stochastic_cast, amax_clamp, columns, mode, tuning=None):  # fmt: skip
+    x, x_sf, sf_in, seed = _unpack(arrays, x_block_size=x_block_size, mode=mode, stochastic_cast=stochastic_cast)
+    if fmt not in FMTS:
+        raise ValueError(f"per_token_cast: fmt must be one of {FMTS}, got {fmt!r}")
+    if x.ndim != 2:
+        raise ValueError(f"per_token_cast: x must be [T, H], got shape {x.shape}")
+    in_fmt = _in_fmt(x)
+    name = np.dtype(x.dtype).name
+    if in_fmt is None and name not in ("bfloat16", "float32"):
+        raise ValueError(f"per_token_cast: x must be bfloat16 or float32 (or quantized e4m3 / packed FP4 data), got {name}")
+    if in_fmt is not None and columns is not None:
+        raise ValueError("per_token_cast: columns is only supported for bfloat16/float32 inputs")
+    if (in_fmt is None) != (x_block_size is None):
+        raise ValueError("per_token_cast: a QuantTensor input (data, sf) needs x_block_size, and only it takes one")
+    start, stop = _window(x, columns)
+    if not 0 <= start < stop <= x.shape[-1]:
+        raise ValueError(f"per_token_cast: columns={columns} is not a window of x's last axis ({x.shape[-1]})")
+    vec = 16 // np.dtype(x.dtype).itemsize
+    if in_fmt is None and (start % vec or x.shape[-1] % vec):
+        raise ValueError(
+            f"per_token_cast: rows must stay 16-byte aligned: columns start ({start}) and the row length "
+            f"({x.shape[-1]}) must be multiples of {vec} for {name}"
+        )
+    hidden = _hidden(x, columns)
+    if hidden % 64:
+        raise ValueError(f"per_token_cast: the hidden size must be a multiple of 64, got {hidden}")
+    F.check_blocks_divide(num_per_channels, hidden)
+    plan(hidden, num_per_channels, *(tuning or ()))
+    if x_block_size is not None:
+        bm, bk = x_block_size
+        if bm < 1 or not (bk == 16 or (bk >= ELEMS and bk % ELEMS == 0)):
+            raise ValueError(f"per_token_cast: x_block_size must be (bm >= 1, 16 or a multiple of {ELEMS}), got {x_block_size}")
+        _check_sf("x's scale factors", x_sf, x_sf_kind, F.num_blocks((x.shape[0], hidden), x_block_size))
+    if mode == "data_only":
+        _check_sf("sf", sf_in, sf_kind, (x.shape[0], hidden // num_per_channels))
+    if round_sf and use_e4m3_sf:
+        raise ValueError("per_token_cast: round_sf and use_e4m3_sf are exclusive")
+    if use_e4m3_sf and sf_kind == "ue8m0_col":
+        raise ValueError("per_token_cast: use_e4m3_sf and use_packed_ue8m0 are exclusive")
+    if amax_clamp is not None and not (np.isfinite(amax_clamp) and amax_clamp > 0):
+        raise ValueError(f"per_token_cast: amax_clamp must be a positive finite number, got {amax_clamp}")
+    if stochastic_cast and (seed.size != 1 or not jnp.issubdtype(seed.dtype, jnp.integer)):
+        raise ValueError(f"per_token_cast: seed must be an integer scalar, got {seed.dtype}{list(seed.shape)}")
+
+
+def _empty(rank: int, dtype) -> View:
+    """An empty view for a tensor parameter the configuration does not use (its extents are 0)."""
+    return View((0,) * rank, (0,) * (rank - 1) + (1,), dtype=dtype)
+
+
+def _launch(*avals, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
+            stochastic_cast, amax_clamp, columns, mode, tuning=None) -> Launch:  # fmt: skip
+    x, x_sf, sf_in, seed = _unpack(avals, x_block_size=x_block_size, mode=mode, stochastic_cast=stochastic_cast)
+    in_fmt = _in_fmt(x)
+    hidden = _hidden(x, columns)
+    tokens, width = x.shape
+    start, _ = _window(x, columns)
+    n = len(avals)  # operands: x, [x_sf], [sf], [seed]; then results: [data], [sf]
+    write_data, write_sf = mode != "sf_only", mode != "data_only"
+    sf_index = n + int(write_data) if write_sf else 1 + int(x_sf is not None)
+    buffers = {"x": 0, "x_sf_buf": 0, "seed": 0, "y": 0, "sf": sf_index}
+    views = {"x_sf_buf": _empty(2, np.float32), "seed": _empty(1, np.uint32)}
+    if in_fmt == "e2m1":
+        views["x"] = View((tokens, hidden // 8), (hidden // 8, 1), 0, np.uint32)
+        x_kind = "e2m1"
+    else:
+        views["x"] = View((tokens, hidden), (width, 1), start)
+        x_kind = in_fmt or np.dtype(x.dtype).name
+    if x_sf is not None:
+        buffers["x_sf_buf"] = 1
+        views["x_sf_buf"] = _sf_view(x_sf, x_sf_kind)
+    if stochastic_cast:
+        buffers["seed"] = n - 1
+        views["seed"] = View((1,), dtype=np.uint32)
+    if write_data:
+        buffers["y"] = n
+        views["y"] = View((tokens, hidden // 8), dtype=np.uint32) if fmt == "e2m1" else View((tokens, hidden))
+    else:
+        views["y"] = View((0, hidden // 8), dtype=np.uint32) if fmt == "e2m1" else View((0, hidden), dtype=jnp.float8_e4m3fn)
+    sf_aval = sf_in if mode == "data_only" else None
+    if sf_aval is None:
+        shape, dtype = _sf_storage(sf_kind, (tokens, hidden // num_per_channels))
+        sf_aval = jax.ShapeDtypeStruct(shape, dtype)
+    views["sf"] = _sf_view(sf_aval, sf_kind)
+    return Launch(
+        kernel=per_token_cast_kernel,
+        params=dict(
+            hidden=hidden, npc=num_per_channels, fmt=fmt, x_kind=x_kind,
+            x_sf=None if x_sf is None else (x_sf_kind, int(x_block_size[0]), int(x_block_size[1])),
+            sf_in=sf_kind if mode == "data_only" else None, sf_out=sf_kind if write_sf else None,
+            write_data=write_data, round_sf=bool(round_sf), e4m3_sf=bool(use_e4m3_sf),
+            stochastic=bool(stochastic_cast), **plan(hidden, num_per_channels, *(tuning or ())),
+        ),  # fmt: skip
+        scalars=dict(amax_floor=float(np.float32(amax_floor(fmt, use_e4m3_sf, amax_clamp)))),
+        buffers=buffers,
+        views=views,
+    )
+
+
+def _sf_view(aval, kind: str) -> View:
+    """ue8m0 words are written byte by byte: int32 [A, B] -> uint8 [A, B, 4]."""
+    a, b = aval.shape
+    if kind == "ue8m0_col":
+        return View((a, b, 4), (4 * b, 4, 1), dtype=np.uint8)
+    return View((a, b), (b, 1))
+
+
+_op = TileOp(name="per_token_cast", launch=_launch, reference=_reference, check=_check)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def _sf_kind(use_tma_aligned_col_major_sf: bool, use_packed_ue8m0: bool, round_sf: bool, use_e4m3_sf: bool) -> str:
+    layout = F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    if layout == "col_ue8m0":
+        if use_e4m3_sf:
+            raise ValueError("per_token_cast: use_e4m3_sf and use_packed_ue8m0 are exclusive")
+        return "ue8m0_col"
+    return f"{'e4m3' if use_e4m3_sf else 'f32'}_{layout}"
+
+
+def _x_sf_kind(data, x_sf, x_block_size, x_sf_layout: str | None) -> str:
+    """The storage kind of a QuantTensor's scales: from ``x_sf_layout`` or from their dtype and shape."""
+    name = np.dtype(x_sf.dtype).name
+    if x_sf_layout is not None:
+        kinds = {("row", "float32"): "f32_row", ("row", "float8_e4m3fn"): "e4m3_row", ("col", "float32"): "f32_col",
+                 ("col", "float8_e4m3fn"): "e4m3_col", ("col_ue8m0", "int32"): "ue8m0_col"}  # fmt: skip
+        if (x_sf_layout, name) not in kinds:
+            raise ValueError(f"per_token_cast: x_sf_layout={x_sf_layout!r} does not hold {name} scales")
+        return kinds[(x_sf_layout, name)]
+    if name == "int32":
+        return "ue8m0_col"
+    if name not in ("float32", "float8_e4m3fn"):
+        raise ValueError(f"per_token_cast: x's scale factors must be float32, float8_e4m3fn or packed UE8M0 int32, got {name}")
+    hidden = data.shape[-1] * (2 if _in_fmt(data) == "e2m1" else 1)
+    blocks = F.num_blocks((data.shape[0], hidden), tuple(x_block_size))
+    dtype = "e4m3" if name == "float8_e4m3fn" else "f32"
+    row, col = F.sf_storage_shape("row", blocks)[0], F.sf_storage_shape("col", blocks)[0]
+    if tuple(x_sf.shape) == row and row == col:
+        raise ValueError(f"per_token_cast: x's scale factors {list(x_sf.shape)} could be row- or column-major; pass x_sf_layout")
+    return f"{dtype}_col" if tuple(x_sf.shape) == col else f"{dtype}_row"
+
+
+def _operands(x, x_block_size, x_sf_layout, seed=None, sf=None):
+    """(operands, x_sf_kind) for the op: x or its QuantTensor parts, given scales, the seed."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError("per_token_cast: a QuantTensor is a pair (data, sf)")
+        data, x_sf = jnp.asarray(x[0]), jnp.asarray(x[1])
+        if x_block_size is None:
+            raise ValueError("per_token_cast: a QuantTensor input (data, sf) needs x_block_size")
+        if data.ndim != 2 or _in_fmt(data) is None:
+            raise ValueError(f"per_token_cast: QuantTensor data must be e4m3 [T, H] or packed FP4 uint8 [T, H/2], got {data.dtype}{list(data.shape)}")
+        args, kind = [data, x_sf], _x_sf_kind(data, x_sf, x_block_size, x_sf_layout)
+        x_block_size = (int(x_block_size[0]), int(x_block_size[1]))
+    else:
+        args, kind = [jnp.asarray(x)], None
+        if x_block_size is not None:
+            raise ValueError("per_token_cast: x_block_size is only for QuantTensor inputs (data, sf)")
+    if sf is not None:
+        args.append(jnp.asarray(sf))
+    if seed is not None:
+        args.append(jnp.asarray(seed).astype(jnp.uint32).reshape(-1))
+    return args, kind, x_block_size
+
+
+def _require_fmt(fmt: str) -> None:
+    if fmt == "e5m6":
+        raise ValueError("per_token_cast: for fmt='e5m6' use jax_tilek.quant.e5m6.per_token_cast_to_e5m6")
+    if fmt not in FMTS:
+        raise ValueError(f"per_token_cast: fmt must be one of {FMTS}, got {fmt!r}")
+
+
+def per_token_cast(
+    x,
+    fmt: str,
+    num_per_channels: int,
+    x_block_size: tuple[int, int] | None = None,
+    use_tma_aligned_col_major_sf: bool = False,
+    round_sf: bool = False,
+    use_packed_ue8m0: bool = False,
+    use_e4m3_sf: bool = False,
+    stochastic_cast: bool = False,
+    amax_clamp: float | None = None,
+    columns: tuple[int, int] | None = None,
+    impl=None,
+    *,
+    x_sf_layout: str | None = None,
+    seed=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Quantizes each row of ``x`` in blocks of ``num_per_channels`` columns.
+
+    Args:
+      x: bf16/fp32 ``[T, S]`` (with ``columns``, the window ``x[:, start:stop]``; else all of it), or a
+        QuantTensor ``(data, sf)``: e4m3 ``[T, H]`` or packed FP4 uint8 ``[T, H/2]`` data with scales
+        in blocks ``x_block_size`` (fp32 / e4m3, row- or column-major, or packed UE8M0).
+      fmt: ``"e4m3"`` or ``"e2m1"`` (``"e5m6"``: see ``jax_tilek.quant.e5m6``).
+      num_per_channels: 16, 32, 64, 128, or H (one block per row). H % 64 == 0.
+      x_block_size: ``(bm, bk)`` of a QuantTensor input (bk 16 or a multiple of 32).
+      use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0, use_e4m3_sf: the scale layout and
+        rounding (``formats.sf_layout``, ``formats.scale_factors``).
+      stochastic_cast: round the scaled values stochastically (``jax_tilek.quant.cast``); ``seed``
+        (an integer, may be traced) varies the random bits.
+      amax_clamp: lower clamp of each block's amax (default: 1e-4 for e4m3, 6·2^-126 for e2m1;
+        with ``use_e4m3_sf`` max·2^-9).
+      columns: ``(start, stop)`` window of x's rows, read in place (16-byte aligned).
+      impl: None, ``"tilelang"`` or ``"xla"``.
+      x_sf_layout: "row", "col" or "col_ue8m0" for a QuantTensor's scales, when their shape alone
+        does not say.
+
+    Returns:
+      ``(data, sf)``: e4m3 ``[T, H]`` or packed FP4 uint8 ``[T, H/2]``; scales in the chosen layout
+      (fp32 or float8_e4m3fn ``[T, H/npc]`` row-major, ``[H/npc, align(T, 4)]`` column-major storage,
+      or int32 ``[ceil(H/npc/4), align(T, 4)]`` packed UE8M0).
+    """
+    _require_fmt(fmt)
+    args, kind, x_block_size = _operands(x, x_block_size, x_sf_layout, seed=(0 if seed is None else seed) if stochastic_cast else None)
+    if seed is not None and not stochastic_cast:
+        raise ValueError("per_token_cast: seed is only used with stochastic_cast=True")
+    return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
+                                use_packed_ue8m0, use_e4m3_sf, stochastic_cast, amax_clamp, columns, "full"), impl=impl)  # fmt: skip
+
+
+def _static(fmt, num_per_channels, x_block_size, x_sf_kind, use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0,
+            use_e4m3_sf, stochastic_cast, amax_clamp, columns, mode) -> dict:  # fmt: skip
+    return dict(
+        fmt=fmt, num_per_channels=int(num_per_channels), x_block_size=x_block_size, x_sf_kind=x_sf_kind,
+        sf_kind=_sf_kind(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf, use_e4m3_sf),
+        round_sf=bool(round_sf), use_e4m3_sf=bool(use_e4m3_sf), stochastic_cast=bool(stochastic_cast),
+        amax_clamp=None if amax_clamp is None else float(amax_clamp),
+        columns=None if columns is None else (int(columns[0]), int(columns[1])), mode=mode,
+    )  # fmt: skip
+
+
+def per_token_cast_with_sf_only(
+    x,
+    fmt: str,
+    num_per_channels: int,
+    x_block_size: tuple[int, int] | None = None,
+    use_tma_aligned_col_major_sf: bool = False,
+    round_sf: bool = False,
+    use_packed_ue8m0: bool = False,
+    use_e4m3_sf: bool = False,
+    amax_clamp: float | None = None,
+    columns: tuple[int, int] | None = None,
+    impl=None,
+    *,
+    x_sf_layout: str | None = None,
+) -> jax.Array:
+    """Only the scale factors of :func:`per_token_cast` (same arguments, same ``sf``); no data is written."""
+    _require_fmt(fmt)
+    args, kind, x_block_size = _operands(x, x_block_size, x_sf_layout)
+    return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
+                                use_packed_ue8m0, use_e4m3_sf, False, amax_clamp, columns, "sf_only"), impl=impl)  # fmt: skip
+
+
+def per_token_cast_with_precomputed_sf(
+    x,
+    fmt: str,
+    num_per_channels: int,
+    sf,
+    x_block_size: tuple[int, int] | None = None,
+    use_tma_aligned_col_major_sf: bool = False,
+    use_packed_ue8m0: bool = False,
+    use_e4m3_sf: bool = False,
+    columns: tuple[int, int] | None = None,
+    impl=None,
+    *,
+    x_sf_layout: str | None = None,
+) -> jax.Array:
+    """Casts with given scales ``sf`` (the layout named by the flags): ``data = cast(x * (1 / sf))``
+    per block. Equals :func:`per_token_cast`'s data when its ``sf_inv`` is ``1 / sf`` (``round_sf``
+    or ``use_e4m3_sf``)."""
+    _require_fmt(fmt)
+    args, kind, x_block_size = _operands(x, x_block_size, x_sf_layout, sf=sf)
+    return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf,
+                                use_packed_ue8m0, use_packed_ue8m0, use_e4m3_sf, False, None, columns, "data_only"), impl=impl)  # fmt: skip

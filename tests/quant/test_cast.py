@@ -1,0 +1,330 @@
+"""quant.cast: the random-bit hash, stochastic rounding, the cast op (reference, rules, lowering, GPU)."""
+
+import os
+import shutil
+import subprocess
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_tilek.quant import cast as C
+from jax_tilek.quant import formats as F
+from jax_tilek.quant.cast import cast
+
+from helpers import decode_record, lower_for_cuda, tilek_calls
+from quant_testing import assert_bytes_equal as _assert_bytes_equal, check_bias
+
+def assert_bytes_equal(actual, expected) -> None:
+    """quant_testing.assert_bytes_equal, which cannot reshape empty arrays, plus that case."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    if a.size == 0 or e.size == 0:
+        assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, a.dtype, e.shape, e.dtype)
+        return
+    _assert_bytes_equal(a, e)
+
+
+BF16, E4M3 = ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn
+M32 = (1 << 32) - 1
+
+
+def _hash_py(w, index, seed):
+    """The hash of the cast module's docstring, in Python integers."""
+    h = ((index * 0x9E3779B1) ^ (seed * 0x2C1B3C6D)) & M32
+    for k, (mul, shift) in enumerate(((0x85EBCA6B, 0), (0xC2B2AE35, 13), (0x27D4EB2F, 16), (0x165667B1, 15))):
+        if shift:
+            h ^= h >> shift
+        h = ((h ^ w[k]) * mul) & M32
+    h ^= h >> 16
+    r0 = (h * 0x7FEB352D) & M32
+    r0 ^= r0 >> 15
+    r1 = (r0 * 0x846CA68B) & M32
+    r1 ^= r1 >> 16
+    return r0, r1
+
+
+def test_hash_matches_its_definition(rng):
+    w = rng.integers(0, 2**32, size=(500, 4), dtype=np.uint64).astype(np.uint32)
+    index = rng.integers(0, 2**32, size=500, dtype=np.uint64).astype(np.uint32)
+    seed = rng.integers(0, 2**32, size=500, dtype=np.uint64).astype(np.uint32)
+    r0, r1 = (np.asarray(r) for r in C.quad_hash(w[:, 0], w[:, 1], w[:, 2], w[:, 3], index, seed))
+    expected = [_hash_py([int(v) for v in w[i]], int(index[i]), int(seed[i])) for i in range(500)]
+    np.testing.assert_array_equal(np.stack([r0, r1], 1), np.array(expected, np.uint32))
+
+
+def test_random_bits_are_uniform_and_seeded():
+    v = jnp.zeros((1 << 16, 4), jnp.float32)  # identical values: only the quad index varies
+    r = np.asarray(C.random_bits(v, C.flat_quad_index(v.shape), jnp.uint32(0))).ravel()
+    assert r.max() < 1 << 16
+    counts = np.bincount(r >> 12, minlength=16)  # 16 bins of 2^18 / 16 samples
+    expected = r.size / 16
+    assert np.all(np.abs(counts - expected) < 6 * np.sqrt(expected)), counts
+    for bit in range(16):
+        assert abs(((r >> bit) & 1).mean() - 0.5) < 0.01
+    r7 = np.asarray(C.random_bits(v, C.flat_quad_index(v.shape), jnp.uint32(7))).ravel()
+    assert (r7 == r).mean() < 0.01
+
+
+def _neighbours(v: float, grid) -> tuple[float, float]:
+    """The representable values just below and above |v| on a sorted grid of magnitudes."""
+    a = abs(v)
+    i = np.searchsorted(grid, a, side="right") - 1
+    return float(grid[i]), float(grid[min(i + 1, len(grid) - 1)])
+
+
+def _grid(dtype) -> np.ndarray:
+    bits = np.arange(1 << (8 * np.dtype(dtype).itemsize), dtype=np.uint16 if np.dtype(dtype).itemsize == 2 else np.uint8)
+    with np.errstate(invalid="ignore"):
+        values = bits.view(dtype).astype(np.float64)
+    values = values[np.isfinite(values)]
+    return np.unique(values[values >= 0])
+
+
+@pytest.mark.parametrize("target", ["bfloat16", "e4m3", "e2m1"])
+def test_stochastic_rounding_rule(rng, target):
+    """Round up iff frac(|x| / spacing) truncated to 16 bits + r >= 2^16 (exact rational check)."""
+    grid = {"bfloat16": _grid(BF16), "e4m3": _grid(E4M3), "e2m1": F.E2M1_VALUES.astype(np.float64)}[target]
+    top = {"bfloat16": 1e30, "e4m3": 440.0, "e2m1": 5.9}[target]
+    v = np.concatenate([
+        rng.standard_normal(600).astype(np.float32) * np.exp2(rng.integers(-12, 6, 600)).astype(np.float32),
+        rng.uniform(-top, top, 600).astype(np.float32),
+        (rng.standard_normal(300) * 2.0**-8).astype(np.float32),  # e4m3 subnormals
+    ])  # fmt: skip
+    r = rng.integers(0, 1 << 16, v.size).astype(np.uint32)
+    vj, rj = jnp.asarray(v), jnp.asarray(r)
+    if target == "bfloat16":
+        got = np.asarray(C.sr_bfloat16(vj, rj)).astype(np.float64)
+    elif target == "e4m3":
+        got = np.asarray(C.sr_e4m3(vj, rj)).astype(np.float64)
+    else:
+        got = np.asarray(F.decode_e2m1(C.sr_e2m1_codes(vj, rj))).astype(np.float64)
+    for x, ri, g in zip(v.tolist(), r.tolist(), got.tolist()):
+        lo, hi = _neighbours(x, grid)
+        if lo == hi or Fraction(abs(x)) == Fraction(lo):
+            expected = lo
+        else:
+            frac = (Fraction(abs(x)) - Fraction(lo)) / (Fraction(hi) - Fraction(lo))
+            expected = hi if int(frac * 65536) + ri >= 65536 else lo
+        assert g == np.copysign(expected, x), (target, x, ri, g, expected)
+
+
+def test_stochastic_rounding_saturates_and_keeps_nan():
+    v = jnp.asarray([np.inf, -np.inf, 3.4e38, 500.0, -1e6, np.nan], jnp.float32)
+    r = jnp.full(v.shape, 0xFFFF, jnp.uint32)
+    np.testing.assert_array_equal(np.asarray(C.sr_e4m3(v, r), np.float32)[:5], [448, -448, 448, 448, -448])
+    bf = np.asarray(C.sr_bfloat16(v, r), np.float32)
+    np.testing.assert_array_equal(bf[:3], [C.BF16_MAX, -C.BF16_MAX, C.BF16_MAX])
+    assert np.isnan(bf[5]) and np.isnan(np.asarray(C.sr_e4m3(v, r), np.float32)[5])
+    np.testing.assert_array_equal(np.asarray(C.sr_e2m1_codes(v, r)), [7, 15, 7, 7, 15, 7])
+
+
+@pytest.mark.parametrize("src,dst", C.STOCHASTIC)
+def test_stochastic_cast_is_unbiased(rng, src, dst):
+    x = (rng.standard_normal((256, 1024), np.float32) * 50).astype(src)
+    y = np.asarray(cast(x, dst, True)).astype(np.float64)
+    exact = x.astype(np.float64)
+    check_bias(y, exact)
+    # A stronger test: a quarter of the way between two grid points rounds up a quarter of the time.
+    lo = np.float32(1.0) if dst == "bfloat16" else np.float32(1.0)
+    step = 2.0**-7 if dst == "bfloat16" else 2.0**-3
+    x = np.full((1 << 18,), lo + step / 4, np.float32).astype(src)
+    if np.float32(x[0]) != lo + step / 4:
+        pytest.skip("the input dtype cannot hold the test value")
+    up = (np.asarray(cast(x, dst, True)).astype(np.float32) > lo).mean()
+    assert abs(up - 0.25) < 5 / np.sqrt(x.size), up
+
+
+def test_stochastic_cast_seeds():
+    x = jnp.full((4096,), 1.0 + 2.0**-9, jnp.float32)
+    a, b, c = (np.asarray(cast(x, jnp.bfloat16, True, seed=s)).view(np.uint16) for s in (None, 0, 12345))
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    traced = jax.jit(lambda x, s: cast(x, jnp.bfloat16, True, seed=s))(x, jnp.uint32(12345))
+    np.testing.assert_array_equal(np.asarray(traced).view(np.uint16), c)
+
+
+CAST_PAIRS = [
+    ("float32", "bfloat16"), ("float32", "float8_e4m3fn"), ("bfloat16", "float8_e4m3fn"), ("float32", "float16"),
+    ("float16", "float8_e4m3fn"), ("float8_e4m3fn", "bfloat16"), ("float8_e4m3fn", "float32"), ("bfloat16", "float32"),
+]  # fmt: skip
+
+
+def _inputs(rng, shape, dtype) -> np.ndarray:
+    v = rng.standard_normal(shape, np.float32) * np.exp2(rng.integers(-10, 10, shape)).astype(np.float32)
+    flat = v.reshape(-1)
+    flat[: min(6, flat.size)] = np.array([500.0, -1e5, np.inf, -np.inf, 2.0**-8, 0.0], np.float32)[: min(6, flat.size)]
+    if np.dtype(dtype) in (np.dtype(np.float16),):
+        v = np.clip(v, -6e4, 6e4)
+    if np.dtype(dtype) == np.dtype(E4M3):
+        return np.clip(v, -448, 448).astype(E4M3)
+    return v.astype(dtype)
+
+
+def _expected(x: np.ndarray, dst: str) -> np.ndarray:
+    """Round to nearest even through fp32 (numpy / ml_dtypes); float8 saturates at ±448."""
+    v = x.astype(np.float32)
+    if dst == "float8_e4m3fn":
+        v = np.clip(v, -448, 448)
+    with np.errstate(over="ignore"):
+        return v.astype(np.dtype(jnp.dtype(dst)))
+
+
+@pytest.mark.parametrize("src,dst", CAST_PAIRS)
+def test_reference_matches_numpy(rng, src, dst):
+    x = _inputs(rng, (5, 77), src)
+    assert_bytes_equal(cast(x, dst, impl="xla"), _expected(x, dst))
+
+
+def test_same_dtype_is_identity(rng):
+    x = jnp.asarray(_inputs(rng, (3, 8), np.float32))
+    assert cast(x, jnp.float32) is x
+
+
+@pytest.mark.parametrize(
+    "shape,src,dst,sr,message",
+    [
+        ((8,), np.int32, "float32", False, "x's dtype must be one of"),
+        ((8,), np.float32, "int8", False, "dtype must be one of"),
+        ((8,), np.float32, "float16", True, "stochastic_rounding supports"),
+        ((8,), BF16, "bfloat16", True, "stochastic_rounding supports"),
+        ((6,), np.float32, "bfloat16", True, r"x.size % 4 == 0"),
+    ],
+)
+def test_bad_inputs_raise_at_trace_time(shape, src, dst, sr, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda x: cast(x, dst, sr), jax.ShapeDtypeStruct(shape, src))
+
+
+def test_seed_needs_stochastic_rounding():
+    with pytest.raises(ValueError, match="seed is only used"):
+        cast(jnp.zeros(4), jnp.bfloat16, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA helpers compute what the JAX reference computes (compiled for the host).
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_cuda_helpers_match_the_reference_on_the_host(rng, tmp_path):
+    body = C.PRELUDE.split("// fp32 -> float8_e4m3fn bits without saturation")[0]
+    body = body.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_fp8.h>", "")
+    source = (
+        "#include <cstdio>\n#include <cstring>\n#include <cmath>\n#include <algorithm>\n"
+        "#define __device__\n#define __forceinline__ inline\nusing std::min; using std::isnan;\n"
+        "static unsigned __float_as_uint(float x) { unsigned u; memcpy(&u, &x, 4); return u; }\n"
+        "static float __uint_as_float(unsigned u) { float x; memcpy(&x, &u, 4); return x; }\n"
+        "static unsigned __float2uint_rz(float x) { return (unsigned)x; }\n"
+        "static float __uint2float_rn(unsigned u) { return (float)u; }\n"
+        "static float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }\n"
+        + body
+        + r"""
+int main() {
+  unsigned w[4], i, s, xb, r;
+  while (scanf("%u %u %u %u %u %u %u %u", w, w + 1, w + 2, w + 3, &i, &s, &xb, &r) == 8) {
+    float x = __uint_as_float(xb);
+    unsigned long long h = tilek_quad_hash(w[0], w[1], w[2], w[3], i, s);
+    printf("%u %u %u %u %u %u %u\n", (unsigned)h, (unsigned)(h >> 32), __float_as_uint(tilek_sr_bf16(x, r)),
+           __float_as_uint(tilek_sr_e4m3(x, r)), tilek_e2m1_sr(x, r), tilek_e2m1_rn(x),
+           __float_as_uint(tilek_e2m1_to_float(r & 15)));
+  }
+}
+"""
+    )
+    (tmp_path / "h.cc").write_text(source)
+    exe = str(tmp_path / "h")
+    subprocess.run(["g++", "-O2", "-ffp-contract=off", "-o", exe, str(tmp_path / "h.cc")], check=True)
+    n = 4000
+    v = np.concatenate([
+        rng.standard_normal(n).astype(np.float32) * np.exp2(rng.integers(-30, 20, n)).astype(np.float32),
+        rng.uniform(-7, 7, n).astype(np.float32),
+        (rng.standard_normal(n) * 2.0**-8).astype(np.float32),
+        np.array([0.0, -0.0, np.inf, -np.inf, 448.0, 500.0, 3.4e38, 2**-6, 2**-9, 1e-45, 0.25, 0.75, 1.25,
+                  1.75, 2.5, 3.5, 5.0, 6.0, 7.0, -0.25], np.float32),
+    ])  # fmt: skip
+    m = v.size
+    w = rng.integers(0, 2**32, size=(m, 4), dtype=np.uint64).astype(np.uint32)
+    index, seed = (rng.integers(0, 2**32, size=m, dtype=np.uint64).astype(np.uint32) for _ in range(2))
+    r = rng.integers(0, 1 << 16, m).astype(np.uint32)
+    lines = "\n".join(
+        " ".join(map(str, (*w[k].tolist(), int(index[k]), int(seed[k]), int(v.view(np.uint32)[k]), int(r[k])))) for k in range(m)
+    )
+    out = subprocess.run([exe], input=lines, capture_output=True, text=True, check=True).stdout
+    got = np.array([[int(t) for t in line.split()] for line in out.splitlines()], np.uint64).astype(np.uint32)
+    r0, r1 = C.quad_hash(w[:, 0], w[:, 1], w[:, 2], w[:, 3], index, seed)
+    vj, rj = jnp.asarray(v), jnp.asarray(r)
+    np.testing.assert_array_equal(got[:, 0], np.asarray(r0))
+    np.testing.assert_array_equal(got[:, 1], np.asarray(r1))
+    bf = np.asarray(C.sr_bfloat16(vj, rj)).astype(np.float32).view(np.uint32)
+    np.testing.assert_array_equal(got[:, 2], bf)
+    e4 = np.asarray(jnp.clip(C.sr_e4m3_values(vj, rj), -448, 448)).view(np.uint32)  # the GPU saturates when casting
+    np.testing.assert_array_equal(np.clip(got[:, 3].view(np.float32), -448, 448).view(np.uint32), e4)
+    np.testing.assert_array_equal(got[:, 4], np.asarray(C.sr_e2m1_codes(vj, rj)))
+    np.testing.assert_array_equal(got[:, 5], np.asarray(F.encode_e2m1(vj)))
+    np.testing.assert_array_equal(got[:, 6].view(np.float32), np.asarray(F.decode_e2m1(jnp.asarray(r & 15, jnp.uint8))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering and the GPU kernel.
+
+GPU_CASES = [  # (shape, src, dst, stochastic)
+    ((4001, 7168), "float32", "bfloat16", False),
+    ((4096, 4096), "bfloat16", "float8_e4m3fn", False),
+    ((7, 13), "float32", "float8_e4m3fn", False),
+    ((1, 5), "float8_e4m3fn", "bfloat16", False),
+    ((333, 129), "float8_e4m3fn", "float32", False),
+    ((1000, 100), "float32", "float16", False),
+    ((64, 96), "float16", "float8_e4m3fn", False),
+    ((3, 1000), "bfloat16", "float32", False),
+    ((4001, 7168), "float32", "bfloat16", True),
+    ((4001, 7168), "float32", "float8_e4m3fn", True),
+    ((4096, 4096), "bfloat16", "float8_e4m3fn", True),
+    ((3, 4), "float32", "float8_e4m3fn", True),
+    ((0, 16), "float32", "bfloat16", True),
+]
+
+
+def _case_id(case):
+    shape, src, dst, sr = case
+    return f"{'x'.join(map(str, shape))}-{src}-{dst}{'-sr' if sr else ''}"
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_lowers_to_one_launch(case):
+    shape, src, dst, sr = case
+    text = lower_for_cuda(lambda x: cast(x, dst, sr, impl="tilelang"), jax.ShapeDtypeStruct(shape, src))
+    (call,) = tilek_calls(text)
+    record = decode_record(call["launch"])
+    n = int(np.prod(shape))
+    if n == 0:
+        assert record["kernels"] == [] and call["entries"] == ""
+        return
+    (k,) = record["kernels"]
+    assert call["has_cubin"] and k["block"] == [256, 1, 1] and k["grid"] == [-(-n // 4096), 1, 1]
+    assert k["args"][-1] == (2, 4, n)  # N
+
+
+def _host_expected(x, dst, sr, seed=None):
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(cast(jnp.asarray(x), dst, sr, seed=seed, impl="xla"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_kernel_is_bit_exact(on_gpu, rng, case):
+    shape, src, dst, sr = case
+    x = _inputs(rng, shape, src)
+    y = on_gpu(lambda x: cast(x, dst, sr, impl="tilelang"), x)
+    assert_bytes_equal(y, _host_expected(x, dst, sr))
+    if sr and x.size >= 1 << 20:
+        finite = np.isfinite(x.astype(np.float32)) & (np.abs(x.astype(np.float32)) < 400)
+        check_bias(np.asarray(y).astype(np.float64)[finite], x.astype(np.float64)[finite])
+
+
+@pytest.mark.gpu
+def test_kernel_with_traced_seed(on_gpu, rng):
+    x = _inputs(rng, (64, 1024), np.float32)
+    y = on_gpu(lambda x, s: cast(x, jnp.float8_e4m3fn, True, seed=s, impl="tilelang"), x, np.uint32(2024))
+    assert_bytes_equal(y, _host_expected(x, "float8_e4m3fn", True, seed=np.uint32(2024)))

@@ -1,0 +1,451 @@
+"""quant.per_token_cast: reference vs independent numpy math, rules, modes, lowering, and the GPU kernel."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_tilek.quant import cast as C
+from jax_tilek.quant.per_token_cast import (
+    per_token_cast,
+    per_token_cast_with_precomputed_sf,
+    per_token_cast_with_sf_only,
+    plan,
+)
+
+from helpers import decode_record, lower_for_cuda, tilek_calls
+from quant_testing import assert_bytes_equal as _assert_bytes_equal, calc_diff, check_bias, rand_float
+
+def assert_bytes_equal(actual, expected) -> None:
+    """quant_testing.assert_bytes_equal, which cannot reshape empty arrays, plus that case."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    if a.size == 0 or e.size == 0:
+        assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, a.dtype, e.shape, e.dtype)
+        return
+    _assert_bytes_equal(a, e)
+
+
+E4M3, FP4 = ml_dtypes.float8_e4m3fn, ml_dtypes.float4_e2m1fn
+MAX = {"e4m3": 448.0, "e2m1": 6.0}
+FLOOR = {"e4m3": 1e-4, "e2m1": 6 * 2.0**-126}
+PACKED = dict(use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True)
+COL = dict(use_tma_aligned_col_major_sf=True)
+
+# ---------------------------------------------------------------------------------------------
+# An independent model of the semantics (numpy + ml_dtypes).
+
+
+def _align(a, b):
+    return -(-a // b) * b
+
+
+def np_scales(amax, fmt, round_sf=False, use_e4m3_sf=False, floor=None):
+    """(sf, sf_inv) per block; sf is float32 or float8_e4m3fn."""
+    if floor is None:
+        floor = MAX[fmt] * 2.0**-9 if use_e4m3_sf else FLOOR[fmt]
+    a = np.maximum(amax.astype(np.float32), np.float32(floor))
+    sf = a / np.float32(MAX[fmt])
+    if round_sf:
+        m, e = np.frexp(sf.astype(np.float64))
+        e = np.where(m == 0.5, e - 1, e)  # ceil(log2(sf))
+        return np.ldexp(1.0, e).astype(np.float32), np.ldexp(1.0, -e).astype(np.float32)
+    if use_e4m3_sf:
+        with np.errstate(invalid="ignore", over="ignore"):
+            sf8 = sf.astype(E4M3)
+        return sf8, np.float32(1) / sf8.astype(np.float32)
+    return sf, np.float32(MAX[fmt]) / a
+
+
+def np_quantize(v, fmt):
+    if fmt == "e4m3":
+        return np.clip(v, -448, 448).astype(E4M3)
+    codes = np.clip(v, -6, 6).astype(FP4).view(np.uint8) & 0xF
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def np_decode(data):
+    if data.dtype == np.dtype(E4M3):
+        return data.astype(np.float32)
+    codes = np.stack([data & 0xF, data >> 4], axis=-1).reshape(data.shape[0], -1).astype(np.uint8)
+    return codes.view(FP4).astype(np.float32)
+
+
+def np_store(sf, layout):
+    """Logical [M_b, K_b] scales -> storage: "row", "col" (zero-padded to 4 rows), "col_ue8m0"."""
+    m_b, k_b = sf.shape
+    if layout == "row":
+        return sf
+    if layout == "col":
+        out = np.zeros((k_b, _align(m_b, 4)), sf.dtype)
+        out[:, :m_b] = sf.T
+        return out
+    exponents = ((sf.astype(np.float32).view(np.uint32) >> 23) & 0xFF).astype(np.uint8)
+    b = np.zeros((_align(k_b, 4), _align(m_b, 4)), np.uint8)
+    b[:k_b, :m_b] = exponents.T
+    words = b.reshape(b.shape[0] // 4, 4, b.shape[1]).transpose(0, 2, 1)  # [word, m, byte]
+    return np.ascontiguousarray(words).view(np.int32).reshape(b.shape[0] // 4, b.shape[1])
+
+
+def np_load(stored, layout, blocks):
+    m_b, k_b = blocks
+    if layout == "row":
+        return stored.astype(np.float32)
+    if layout == "col":
+        return stored[:, :m_b].T.astype(np.float32)
+    b = stored.view(np.uint8).reshape(stored.shape[0], stored.shape[1], 4).transpose(0, 2, 1).reshape(-1, stored.shape[1])
+    return (b[:k_b, :m_b].T.astype(np.uint32) << 23).view(np.float32)
+
+
+def layout_of(flags):
+    if flags.get("use_packed_ue8m0"):
+        return "col_ue8m0"
+    return "col" if flags.get("use_tma_aligned_col_major_sf") else "row"
+
+
+def np_per_token(x, fmt, npc, flags=(), x_sf=None, x_block=None, x_layout=None, amax_clamp=None, columns=None):
+    """(data, stored sf, scaled fp32 values) for a plain or quantized input."""
+    flags = dict(flags)
+    if x_sf is None:
+        start, stop = columns or (0, x.shape[1])
+        values = x[:, start:stop].astype(np.float32)
+        magnitudes, xs = np.abs(values), None
+    else:
+        values = np_decode(x)
+        t, h = values.shape
+        bm, bk = x_block
+        logical = np_load(x_sf, x_layout, (-(-t // bm), -(-h // bk)))
+        xs = np.repeat(np.repeat(logical, bm, 0), bk, 1)[:t, :h]
+        magnitudes = np.abs(values) * xs
+    t, h = values.shape
+    amax = magnitudes.reshape(t, h // npc, npc).max(-1) if t else np.zeros((0, h // npc), np.float32)
+    sf, inv = np_scales(amax, fmt, flags.get("round_sf", False), flags.get("use_e4m3_sf", False), amax_clamp)
+    multiplier = np.repeat(inv, npc, 1)
+    if xs is not None:
+        multiplier = xs * multiplier
+    scaled = values * multiplier
+    return np_quantize(scaled, fmt), np_store(sf, layout_of(flags)), scaled
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def random_codes(rng, shape, fmt):
+    if fmt == "e4m3":
+        b = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        b[(b & 0x7F) == 0x7F] = 0x3C  # no NaN
+        return b.view(E4M3)
+    return rng.integers(0, 256, size=(shape[0], shape[1] // 2), dtype=np.uint8)
+
+
+def random_scales(rng, blocks, layout, dtype="float32"):
+    """Positive scales stored in ``layout``: powers of two for UE8M0, else arbitrary fp32 / e4m3 values."""
+    if layout == "col_ue8m0":
+        return np_store(np.exp2(rng.integers(-10, 11, size=blocks)).astype(np.float32), layout)
+    v = np.exp2(rng.uniform(-10, 10, size=blocks)).astype(np.float32)
+    if dtype == "float8_e4m3fn":
+        v = np.clip(v, 2.0**-6, 448).astype(E4M3)
+    return np_store(v, layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: int
+    hidden: int
+    x: str  # bfloat16 | float32 | e4m3 | e2m1 (quantized input)
+    fmt: str
+    npc: int
+    flags: tuple = ()
+    x_block: tuple | None = None
+    x_layout: str | None = None  # row | col | col_ue8m0
+    x_sf_dtype: str = "float32"
+    columns: tuple | None = None
+    amax_clamp: float | None = None
+    stochastic: bool = False
+
+    @property
+    def npc_value(self):
+        return self.hidden if self.npc == -1 else self.npc
+
+
+def make_inputs(rng, case: Case):
+    t, h = case.tokens, case.hidden
+    if case.x in ("bfloat16", "float32"):
+        width = h if case.columns is None else case.columns[1] + 64
+        x = rand_float(rng, (t, width), (-14, 12)).astype(case.x)
+        return (x,)
+    data = random_codes(rng, (t, h), case.x)
+    blocks = (-(-t // case.x_block[0]), -(-h // case.x_block[1]))
+    return data, random_scales(rng, blocks, case.x_layout, case.x_sf_dtype)
+
+
+def run_op(case: Case, impl=None, seed=None):
+    flags = dict(case.flags)
+
+    def fn(*args):
+        x = args[0] if len(args) == 1 else (args[0], args[1])
+        return per_token_cast(
+            x, case.fmt, case.npc_value, x_block_size=case.x_block, columns=case.columns, amax_clamp=case.amax_clamp,
+            stochastic_cast=case.stochastic, impl=impl, x_sf_layout=case.x_layout, seed=seed, **flags,
+        )  # fmt: skip
+
+    return fn
+
+
+def host_expected(case: Case, inputs, seed=None):
+    """The JAX reference, run on the host CPU."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        data, sf = run_op(case, impl="xla", seed=seed)(*[jnp.asarray(a) for a in inputs])
+        return np.asarray(data), np.asarray(sf)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against the numpy model.
+
+REFERENCE_CASES = [
+    Case("bf16-e4m3-32", 7, 256, "bfloat16", "e4m3", 32),
+    Case("fp32-e4m3-128-round", 5, 512, "float32", "e4m3", 128, (("round_sf", True),)),
+    Case("bf16-e4m3-64-packed", 6, 576, "bfloat16", "e4m3", 64, tuple(PACKED.items())),
+    Case("fp32-e2m1-16-e4m3sf", 3, 256, "float32", "e2m1", 16, (("use_e4m3_sf", True),)),
+    Case("bf16-e2m1-row-col", 9, 320, "bfloat16", "e2m1", -1, tuple(COL.items())),
+    Case("bf16-e4m3-col-e4m3sf", 2, 128, "bfloat16", "e4m3", 64, (("use_tma_aligned_col_major_sf", True), ("use_e4m3_sf", True))),
+    Case("fp32-e4m3-clamp", 4, 128, "float32", "e4m3", 32, (), amax_clamp=0.25),
+    Case("bf16-e4m3-window", 3, 256, "bfloat16", "e4m3", 128, tuple(PACKED.items()), columns=(64, 320)),
+    Case("zero-tokens", 0, 256, "bfloat16", "e4m3", 128, tuple(PACKED.items())),
+    Case("e4m3[2x64 row]", 5, 256, "e4m3", "e4m3", 32, (), (2, 64), "row"),
+    Case("e4m3[4x32 ue8m0]", 9, 192, "e4m3", "e2m1", 64, (("round_sf", True),), (4, 32), "col_ue8m0"),
+    Case("fp4[1x32 col]", 3, 128, "e2m1", "e4m3", -1, tuple(PACKED.items()), (1, 32), "col"),
+    Case("fp4[1x16 e4m3]", 4, 128, "e2m1", "e2m1", 16, (("use_e4m3_sf", True),), (1, 16), "row", "float8_e4m3fn"),
+]
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=lambda c: c.name)
+def test_reference_matches_numpy(rng, case):
+    inputs = make_inputs(rng, case)
+    data, sf = run_op(case, impl="xla")(*inputs)
+    kwargs = dict(flags=case.flags, amax_clamp=case.amax_clamp, columns=case.columns)
+    if case.x_block:
+        kwargs.update(x_sf=inputs[1], x_block=case.x_block, x_layout=case.x_layout)
+    expected_data, expected_sf, _ = np_per_token(inputs[0], case.fmt, case.npc_value, **kwargs)
+    assert_bytes_equal(data, expected_data)
+    assert_bytes_equal(sf, expected_sf)
+
+
+def test_quantization_error_is_small(rng):
+    x = rand_float(rng, (64, 512), (-4, 4))
+    for fmt, npc, limit in (("e4m3", 128, 1e-3), ("e2m1", 16, 2e-2)):
+        data, sf = per_token_cast(x, fmt, npc, round_sf=True)
+        back = np_decode(np.asarray(data)) * np.repeat(np.asarray(sf), npc, 1)
+        assert calc_diff(back, x) < limit
+        check_bias(back, x)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e2m1"])
+def test_stochastic_cast_rounds_the_scaled_values(rng, fmt):
+    x = rand_float(rng, (33, 256), (-6, 6)).astype(ml_dtypes.bfloat16)
+    data, sf = per_token_cast(x, fmt, 64, round_sf=True, stochastic_cast=True, seed=5)
+    expected_data, expected_sf, scaled = np_per_token(x, fmt, 64, (("round_sf", True),))
+    assert_bytes_equal(sf, expected_sf)
+    r = C.random_bits(jnp.asarray(scaled), C.flat_quad_index(scaled.shape), jnp.uint32(5))
+    if fmt == "e4m3":
+        expected = C.sr_e4m3(jnp.asarray(scaled), r)
+    else:
+        codes = np.asarray(C.sr_e2m1_codes(jnp.asarray(scaled), r))
+        expected = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    assert_bytes_equal(data, np.asarray(expected))
+    assert (np.asarray(data).view(np.uint8) != expected_data.view(np.uint8)).any()  # not round-to-nearest
+    check_bias(np_decode(np.asarray(data)), scaled)
+
+
+@pytest.mark.parametrize(
+    "flags", [dict(round_sf=True), PACKED, dict(use_e4m3_sf=True), dict(COL, use_e4m3_sf=True)], ids=["round", "packed", "e4m3sf", "col-e4m3sf"]
+)
+def test_sf_only_and_precomputed_match_the_full_op(rng, flags):
+    x = rand_float(rng, (11, 512), (-8, 8)).astype(ml_dtypes.bfloat16)
+    data, sf = per_token_cast(x, "e4m3", 128, **flags)
+    assert_bytes_equal(per_token_cast_with_sf_only(x, "e4m3", 128, **flags), sf)
+    cast_flags = {k: v for k, v in flags.items() if k != "round_sf"}
+    assert_bytes_equal(per_token_cast_with_precomputed_sf(x, "e4m3", 128, sf, **cast_flags), data)
+
+
+def test_precomputed_sf_divides(rng):
+    """Given arbitrary fp32 scales, data = cast(x * (1 / sf))."""
+    x = rand_float(rng, (5, 256), (-3, 3))
+    sf = np.exp2(rng.uniform(-8, -4, (5, 8))).astype(np.float32)
+    data = per_token_cast_with_precomputed_sf(x, "e4m3", 32, sf)
+    inv = np.float32(1) / sf
+    assert_bytes_equal(data, np_quantize(x * np.repeat(inv, 32, 1), "e4m3"))
+
+
+def test_strided_rows_match_contiguous(rng):
+    x = rand_float(rng, (6, 1024), (-5, 5)).astype(ml_dtypes.bfloat16)
+    a = per_token_cast(x, "e4m3", 128, columns=(256, 768), **PACKED)
+    b = per_token_cast(np.ascontiguousarray(x[:, 256:768]), "e4m3", 128, **PACKED)
+    for u, v in zip(a, b):
+        assert_bytes_equal(u, v)
+
+
+def test_e5m6_points_elsewhere():
+    with pytest.raises(ValueError, match="jax_tilek.quant.e5m6.per_token_cast_to_e5m6"):
+        per_token_cast(jnp.zeros((4, 64), jnp.bfloat16), "e5m6", 64)
+
+
+S = jax.ShapeDtypeStruct
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        ((S((4, 64), jnp.bfloat16), "e3m4", 64), {}, "fmt must be one of"),
+        ((S((4, 2, 64), jnp.bfloat16), "e4m3", 64), {}, r"x must be \[T, H\]"),
+        ((S((4, 64), jnp.int32), "e4m3", 64), {}, "must be bfloat16 or float32"),
+        ((S((4, 96), jnp.bfloat16), "e4m3", 32), {}, "multiple of 64, got 96"),
+        ((S((4, 128), jnp.bfloat16), "e4m3", 48), {}, "num_per_channels must be one of"),
+        ((S((4, 128), jnp.bfloat16), "e4m3", 32), dict(columns=(0, 200)), "is not a window"),
+        ((S((4, 256), jnp.bfloat16), "e4m3", 32), dict(columns=(4, 132)), "16-byte aligned"),
+        ((S((4, 40000 * 2), jnp.bfloat16), "e4m3", 40000 * 2), {}, "hidden sizes up to 32768"),
+        ((S((4, 128), jnp.bfloat16), "e4m3", 32), dict(round_sf=True, use_e4m3_sf=True), "exclusive"),
+        ((S((4, 128), jnp.bfloat16), "e4m3", 32), dict(use_packed_ue8m0=True, round_sf=True), "needs use_tma_aligned_col_major_sf"),
+        ((S((4, 128), jnp.bfloat16), "e4m3", 32), dict(use_tma_aligned_col_major_sf=True, use_packed_ue8m0=True), "needs round_sf"),
+        ((S((4, 128), jnp.bfloat16), "e4m3", 32), dict(amax_clamp=-1.0), "amax_clamp must be a positive"),
+        ((S((4, 128), jnp.bfloat16), "e4m3", 32), dict(x_block_size=(1, 32)), "x_block_size is only for QuantTensor"),
+    ],
+)
+def test_bad_inputs_raise_at_trace_time(args, kwargs, message):
+    x, rest = args[0], args[1:]
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda x: per_token_cast(x, *rest, **kwargs), x)
+
+
+@pytest.mark.parametrize(
+    "data,sf,kwargs,message",
+    [
+        (S((5, 128), E4M3), S((5, 4), jnp.float32), {}, "needs x_block_size"),
+        (S((5, 128), E4M3), S((5, 4), jnp.float32), dict(x_block_size=(1, 48)), "x_block_size must be"),
+        (S((5, 128), E4M3), S((5, 3), jnp.float32), dict(x_block_size=(1, 32)), r"x's scale factors must be float32\[5, 4\]"),
+        (S((5, 128), E4M3), S((5, 4), jnp.float16), dict(x_block_size=(1, 32)), "must be float32, float8_e4m3fn or packed"),
+        (S((4, 64), jnp.uint8), S((4, 4), jnp.float32), dict(x_block_size=(1, 32)), "could be row- or column-major"),
+        (S((5, 128), E4M3), S((5, 4), jnp.float32), dict(x_block_size=(1, 32), columns=(0, 64)), "columns is only supported"),
+        (S((5, 128), E4M3), S((5, 4), jnp.float32), dict(x_block_size=(1, 32), x_sf_layout="col_ue8m0"), "does not hold float32"),
+    ],
+)
+def test_bad_quant_tensors_raise_at_trace_time(data, sf, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda d, s: per_token_cast((d, s), "e4m3", 32, **kwargs), data, sf)
+
+
+def test_bad_precomputed_sf_and_seed():
+    x = S((4, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"sf must be float32\[4, 4\]"):
+        jax.eval_shape(lambda x, s: per_token_cast_with_precomputed_sf(x, "e4m3", 32, s), x, S((4, 5), jnp.float32))
+    with pytest.raises(ValueError, match="seed is only used"):
+        jax.eval_shape(lambda x: per_token_cast(x, "e4m3", 32, seed=1), x)
+
+
+def test_abstract_eval_is_exact():
+    out = jax.eval_shape(lambda x: per_token_cast(x, "e2m1", 32, **PACKED), S((7, 7168), jnp.bfloat16))
+    assert out[0].shape == (7, 3584) and out[0].dtype == jnp.uint8
+    assert out[1].shape == (56, 8) and out[1].dtype == jnp.int32
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering and the GPU kernel.
+
+P = tuple(PACKED.items())
+GPU_CASES = [
+    Case("bf16-e4m3-128-row", 4001, 7168, "bfloat16", "e4m3", 128),
+    Case("bf16-e4m3-128-packed", 4001, 7168, "bfloat16", "e4m3", 128, P),
+    Case("fp32-e4m3-32-round", 7, 4096, "float32", "e4m3", 32, (("round_sf", True),)),
+    Case("bf16-e2m1-32-packed", 4001, 7168, "bfloat16", "e2m1", 32, P),
+    Case("bf16-e2m1-16-e4m3sf", 7, 4096, "bfloat16", "e2m1", 16, (("use_e4m3_sf", True),)),
+    Case("fp32-e2m1-64-col", 1, 576, "float32", "e2m1", 64, tuple(COL.items())),
+    Case("bf16-e4m3-64-packed-576", 7, 576, "bfloat16", "e4m3", 64, P),
+    Case("bf16-e4m3-64-col-e4m3sf", 7, 2560, "bfloat16", "e4m3", 64, (("use_tma_aligned_col_major_sf", True), ("use_e4m3_sf", True))),
+    Case("bf16-e4m3-row-packed", 4001, 7168, "bfloat16", "e4m3", -1, P),
+    Case("bf16-e4m3-row-576", 7, 576, "bfloat16", "e4m3", -1),
+    Case("fp32-e2m1-row-512", 7, 512, "float32", "e2m1", -1, (("round_sf", True),)),
+    Case("bf16-e4m3-128-strided", 4001, 7168, "bfloat16", "e4m3", 128, P, columns=(128, 128 + 7168)),
+    Case("bf16-e4m3-32-clamp", 7, 4096, "bfloat16", "e4m3", 32, amax_clamp=0.5),
+    Case("zero-tokens", 0, 4096, "bfloat16", "e4m3", 128, P),
+    Case("e4m3[128x128 row]-e4m3-128-packed", 4001, 7168, "e4m3", "e4m3", 128, P, (128, 128), "row"),
+    Case("e4m3[32x32 ue8m0]-e2m1-32-round", 7, 4096, "e4m3", "e2m1", 32, (("round_sf", True),), (32, 32), "col_ue8m0"),
+    Case("fp4[1x32 ue8m0]-e4m3-128-col", 4001, 7168, "e2m1", "e4m3", 128, tuple(COL.items()), (1, 32), "col_ue8m0"),
+    Case("fp4[1x16 e4m3]-e2m1-16-e4m3sf", 7, 4096, "e2m1", "e2m1", 16, (("use_e4m3_sf", True),), (1, 16), "row", "float8_e4m3fn"),
+    Case("e4m3[128x128 col]-e4m3-row", 129, 576, "e4m3", "e4m3", -1, (("round_sf", True),), (128, 128), "col"),
+    Case("bf16-e4m3-128-packed-sr", 4001, 7168, "bfloat16", "e4m3", 128, P, stochastic=True),
+    Case("fp32-e2m1-32-sr", 7, 4096, "float32", "e2m1", 32, (("round_sf", True),), stochastic=True),
+    Case("fp4[1x32 row]-e4m3-32-sr", 7, 4096, "e2m1", "e4m3", 32, (), (1, 32), "row", stochastic=True),
+]
+
+
+def _avals(case: Case):
+    t, h = case.tokens, case.hidden
+    if case.x in ("bfloat16", "float32"):
+        width = h if case.columns is None else case.columns[1] + 64
+        return (S((t, width), case.x),)
+    data = S((t, h), E4M3) if case.x == "e4m3" else S((t, h // 2), jnp.uint8)
+    blocks = (-(-t // case.x_block[0]), -(-h // case.x_block[1]))
+    stored = np_store(np.ones(blocks, np.float32), case.x_layout).astype(case.x_sf_dtype if case.x_layout != "col_ue8m0" else np.int32)
+    return data, S(stored.shape, stored.dtype)
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_lowers_to_one_launch(case):
+    text = lower_for_cuda(run_op(case, impl="tilelang"), *_avals(case))
+    (call,) = tilek_calls(text)
+    record = decode_record(call["launch"])
+    if case.tokens == 0:
+        assert record["kernels"] == [] and record["zero_fill"] == [1, 2]
+        return
+    (k,) = record["kernels"]
+    p = plan(case.hidden, case.npc_value)
+    assert call["has_cubin"] and k["block"] == [p["threads"], 1, 1]
+    assert p["threads"] % 32 == 0 and p["threads"] // p["rows_per_cta"] >= case.hidden // p["elems"]
+    assert k["grid"] == [-(-case.tokens // p["rows_per_cta"]), 1, 1]
+    n_in = len(_avals(case)) + int(case.stochastic)
+    buffers = sorted(a[1] for a in k["args"] if a[0] == 0)
+    assert buffers == list(range(n_in + 2))  # every operand and both results are kernel arguments
+    if case.columns:
+        x_arg = [a for a in k["args"] if a[0] == 0 and a[1] == 0][0]
+        assert x_arg[2] == case.columns[0] * 2  # byte offset of the window
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_kernel_is_bit_exact(on_gpu, rng, case):
+    inputs = make_inputs(rng, case)
+    data, sf = on_gpu(run_op(case, impl="tilelang"), *inputs)
+    expected_data, expected_sf = host_expected(case, inputs)
+    assert_bytes_equal(sf, expected_sf)
+    assert_bytes_equal(data, expected_data)
+
+
+@pytest.mark.gpu
+def test_kernel_sf_only(on_gpu, rng):
+    x = rand_float(rng, (4001, 7168), (-14, 12)).astype(ml_dtypes.bfloat16)
+    sf = on_gpu(lambda x: per_token_cast_with_sf_only(x, "e4m3", 128, impl="tilelang", **PACKED), x)
+    assert_bytes_equal(sf, np_per_token(x, "e4m3", 128, P)[1])
+
+
+@pytest.mark.gpu
+def test_kernel_precomputed_sf(on_gpu, rng):
+    x = rand_float(rng, (4001, 4096), (-14, 12)).astype(ml_dtypes.bfloat16)
+    expected_data, sf, _ = np_per_token(x, "e4m3", 128, (("round_sf", True),))
+    data = on_gpu(lambda x, sf: per_token_cast_with_precomputed_sf(x, "e4m3", 128, sf, impl="tilelang"), x, sf)
+    assert_bytes_equal(data, expected_data)
+
+
+@pytest.mark.gpu
+def test_kernel_stochastic_with_traced_seed(on_gpu, rng):
+    case = Case("sr-seed", 513, 4096, "bfloat16", "e4m3", 128, P, stochastic=True)
+    (x,) = make_inputs(rng, case)
+    data, sf = on_gpu(lambda x, s: run_op(case, impl="tilelang", seed=s)(x), x, np.uint32(77))
+    expected_data, expected_sf = host_expected(case, (x,), seed=np.uint32(77))
+    assert_bytes_equal(sf, expected_sf)
+    assert_bytes_equal(data, expected_data)
+    _, _, scaled = np_per_token(x, "e4m3", 128, P)
+    check_bias(np.asarray(data).astype(np.float64), scaled)
