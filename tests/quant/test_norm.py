@@ -1,0 +1,564 @@
+"""Fused RMSNorm (norm_forward, norm_forward_and_per_token_cast, norm_backward, rms_norm): the
+references against independent numpy arithmetic, the rules, transforms, lowering, and the kernels."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_tilek import platform
+from jax_tilek.quant import formats as F
+from jax_tilek.quant import norm
+
+from helpers import decode_record, lower_for_cuda, tilek_calls
+from quant_testing import assert_bytes_equal, calc_diff
+
+BF16, F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)
+EPS = 1e-6
+SF_FLAGS = {  # layout -> (use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0)
+    "row": (False, False, False),
+    "row_round": (False, True, False),
+    "col": (True, False, False),
+    "col_round": (True, True, False),
+    "col_ue8m0": (True, True, True),
+}
+
+
+def _inputs(rng, t, h, dtype, residual=True, weight=True, lead=()):
+    shape = (*lead, t, h)
+    x = (rng.standard_normal(shape, np.float32) * np.exp2(rng.integers(-6, 7, shape[:-1] + (1,)))).astype(dtype)
+    r = (rng.standard_normal(shape, np.float32) * 2).astype(dtype) if residual else None
+    w = None
+    if weight:
+        w = (rng.standard_normal(h, np.float32) * 0.5 + 1).astype(dtype)
+        w[:QG] = 0  # an all-zero 32-group: y = 0 there, the cast's amax floor applies
+    return x, r, w
+
+
+QG = 32
+
+
+def _ulps(a, b) -> int:
+    """The largest distance in units in the last place between two float arrays of one dtype."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    bits = {2: np.int16, 4: np.int32}[a.dtype.itemsize]
+    ia, ib = a.view(bits).astype(np.int64), b.view(bits).astype(np.int64)
+    ia, ib = np.where(ia < 0, np.iinfo(bits).min - ia, ia), np.where(ib < 0, np.iinfo(bits).min - ib, ib)
+    return int(np.abs(ia - ib).max()) if a.size else 0
+
+
+def _host(fn, *args):
+    """Runs ``fn`` jitted on the host CPU (expected values never come from XLA on the GPU)."""
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        return jax.tree.map(np.asarray, jax.jit(fn)(*[None if a is None else jax.device_put(a, cpu) for a in args]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent numpy arithmetic (float32 numpy ops are IEEE, one rounding each).
+
+
+def _np_row_sum(v: np.ndarray, dtype) -> np.ndarray:
+    """The kernels' summation order, simulated thread by thread: each of a row's ``group`` threads
+    adds its elements ``(j * group + lane) * vec + e`` for j, then e; ``__shfl_xor`` rounds add lane
+    ``l ^ o`` for o = 16 (or group / 2), ..., 1; then the row's warps are added in order."""
+    lay = norm.row_layout(v.shape[1], dtype)
+    t = v.shape[0]
+    span = lay.vpt * lay.group * lay.vec
+    v = np.pad(v.astype(np.float32), ((0, 0), (0, span - v.shape[1]))).reshape(t, lay.vpt, lay.group, lay.vec)
+    lanes = np.zeros((t, lay.group), np.float32)
+    for j in range(lay.vpt):
+        for e in range(lay.vec):
+            lanes = lanes + v[:, j, :, e]
+    offset = min(lay.group, 32) // 2
+    while offset:
+        lanes = lanes + lanes[:, np.arange(lay.group) ^ offset]
+        offset //= 2
+    if lay.group <= 32:
+        return lanes[:, 0]
+    total = np.zeros(t, np.float32)
+    for w in range(lay.group // 32):
+        total = total + lanes[:, 32 * w]
+    return total
+
+
+def _np_forward(x, r, w, eps, out_scale):
+    f32 = np.float32
+    s = x if r is None else (x.astype(f32) + r.astype(f32)).astype(x.dtype)
+    sv = s.astype(f32)
+    total = _np_row_sum(sv * sv, x.dtype)
+    rstd = f32(1) / np.sqrt(total / f32(x.shape[1]) + f32(eps))
+    scale = f32(out_scale) if w is None else w.astype(f32) * f32(out_scale)
+    y = ((sv * rstd[:, None]) * scale).astype(x.dtype)
+    return y, rstd.astype(f32), s
+
+
+def _np_cast(y, layout):
+    """Per-token e4m3 cast of y in 1 x 32 groups (TileKernels' rules), sf in ``layout`` storage."""
+    f32 = np.float32
+    t, h = y.shape
+    g = np.abs(y.astype(f32)).reshape(t, h // QG, QG)
+    a = np.maximum(g.max(-1), f32(1e-4))
+    sf = a / f32(448)
+    round_sf = layout in ("row_round", "col_round", "col_ue8m0")
+    if round_sf:  # the smallest power of two >= sf
+        m, e = np.frexp(sf)  # sf = m * 2^e, 0.5 <= m < 1
+        e = np.where(m == 0.5, e - 1, e)
+        sf, inv = np.exp2(e).astype(f32), np.exp2(-e).astype(f32)
+    else:
+        inv = f32(448) / a
+    q = np.clip(y.astype(f32) * np.repeat(inv, QG, axis=1), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    tp = -(-t // 4) * 4
+    if layout.startswith("row"):
+        stored = sf
+    elif layout in ("col", "col_round"):
+        stored = np.zeros((h // QG, tp), f32)
+        stored[:, :t] = sf.T
+    else:
+        kb = h // QG
+        b = np.zeros((tp, -(-kb // 4) * 4), np.uint8)
+        b[:t, :kb] = (e + 127).astype(np.uint8)
+        stored = b.reshape(tp, -(-kb // 4), 4).view(np.int32)[..., 0].T.copy()
+    return q, stored
+
+
+def _np_backward(dy, x, w, rstd, rg, out_scale):
+    """dx in the kernel's order, and the per-token dw contributions (fp32)."""
+    f32 = np.float32
+    rs = rstd[:, None]
+    g = dy.astype(f32) * f32(out_scale)
+    gw = g if w is None else g * w.astype(f32)
+    xh = x.astype(f32) * rs
+    mean = (_np_row_sum(xh * gw, x.dtype) / f32(x.shape[1]))[:, None]
+    d = (gw - xh * mean) * rs
+    if rg is not None:
+        d = d + rg.astype(f32)
+    return d.astype(x.dtype), xh * g
+
+
+def _np_dw(contrib, dtype, has_residual_grad, num_sms):
+    """dw as the kernels reduce it: CTA b of NC takes row blocks b, b + NC, ... (rows per block), each
+    thread group summing its rows in turn into partial row b * rows + r; then lane l of 32 sums partial
+    rows l, l + 32, ... in turn, and the 32 lane sums are added in lane order."""
+    t, h = contrib.shape
+    lay = norm.row_layout(h, dtype)
+    nc = norm.backward_ctas(t, lay, num_sms, norm.backward_config(h, dtype, has_residual_grad)[1])
+    partial = np.zeros((nc * lay.rows, h), np.float32)
+    for k in range(-(-(-(-t // lay.rows)) // nc) if nc else 0):
+        idx = ((np.arange(nc) + k * nc)[:, None] * lay.rows + np.arange(lay.rows)[None]).reshape(-1)
+        partial = np.where((idx < t)[:, None], partial + contrib[np.minimum(idx, t - 1)], partial)
+    lanes = np.zeros((32, h), np.float32)
+    for k in range(-(-len(partial) // 32)):
+        chunk = partial[32 * k : 32 * k + 32]
+        lanes[: len(chunk)] = lanes[: len(chunk)] + chunk
+    total = np.zeros(h, np.float32)
+    for lane in range(32):
+        total = total + lanes[lane]
+    return total
+
+
+def _f64_forward(x, r, w, eps, out_scale):
+    s = x.astype(np.float64) + (0 if r is None else r.astype(np.float64))
+    rstd = 1 / np.sqrt(np.mean(s * s, -1) + eps)
+    return s * rstd[:, None] * (1 if w is None else w.astype(np.float64)) * out_scale, rstd
+
+
+# ---------------------------------------------------------------------------------------------
+# References (CPU).
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=str)
+@pytest.mark.parametrize("h", [128, 384, 2048, 4096, 7168, 96])
+def test_forward_reference_is_the_kernel_arithmetic(rng, h, dtype):
+    x, r, w = _inputs(rng, 37, h, dtype)
+    out, rstd, ni = norm.norm_forward(x, w, EPS, residual=r, out_scale=1.5, with_rstd=True, impl="xla")
+    y, rs, s = _np_forward(x, r, w, EPS, 1.5)
+    assert_bytes_equal(ni, s)
+    if dtype == BF16:  # squares of bf16 values are exact in fp32: nothing for XLA's FMA contraction to change
+        assert_bytes_equal(out, y)
+        assert_bytes_equal(rstd, rs)
+    else:  # XLA may fuse fp32 squares into the sum's adds as FMAs: the last place may differ
+        assert _ulps(rstd, rs) <= 2 and _ulps(out, y) <= 4
+    y64, rs64 = _f64_forward(s.astype(np.float64), None, w, EPS, 1.5)  # the math, from the rounded s
+    np.testing.assert_allclose(np.asarray(rstd), rs64, rtol=1e-5)
+    tol = 2.0**-8 if dtype == BF16 else 1e-5
+    np.testing.assert_allclose(np.asarray(out, np.float64), y64, rtol=tol, atol=tol * np.abs(y64).max())
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=str)
+def test_forward_without_residual_or_weight(rng, dtype):
+    x, _, _ = _inputs(rng, 5, 2048, dtype, residual=False, weight=False)
+    out, rstd, ni = norm.norm_forward(x, None, 1e-2, out_scale=0.25, impl="xla")
+    y, _, _ = _np_forward(x, None, None, 1e-2, 0.25)
+    assert _ulps(out, y) <= (0 if dtype == BF16 else 4)
+    assert rstd is None
+    assert_bytes_equal(ni, x)
+
+
+@pytest.mark.parametrize("layout", list(SF_FLAGS))
+@pytest.mark.parametrize("h,t", [(7168, 9), (96, 6)])
+def test_cast_reference_matches_numpy_and_per_token_cast(rng, layout, h, t):
+    x, r, w = _inputs(rng, t, h, BF16)
+    col, round_sf, packed = SF_FLAGS[layout]
+    (data, sf), y, rstd, ni = norm.norm_forward_and_per_token_cast(
+        x, w, EPS, residual=r, use_tma_aligned_col_major_sf=col, round_sf=round_sf, use_packed_ue8m0=packed,
+        with_out_bf16=True, with_rstd=True, impl="xla",
+    )  # fmt: skip
+    out, rstd2, _ = norm.norm_forward(x, w, EPS, residual=r, with_rstd=True, impl="xla")
+    assert_bytes_equal(y, out)
+    assert_bytes_equal(rstd, rstd2)
+    q, stored = _np_cast(np.asarray(out), layout)
+    assert_bytes_equal(data, q)
+    assert_bytes_equal(sf, stored)
+    d2, s2 = F.quantize_blocks(out, "e4m3", (1, QG), round_sf=round_sf)  # = per_token_cast of the output
+    assert_bytes_equal(data, d2)
+    back = F.dequantize_blocks(data, F.load_sf(sf, F.sf_layout(col, packed, round_sf), (t, h // QG)), "e4m3", (1, QG))
+    assert calc_diff(back, np.asarray(out, np.float32)) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=str)
+@pytest.mark.parametrize("h", [128, 2048, 7168, 384])
+def test_backward_reference_is_the_kernel_arithmetic(rng, h, dtype):
+    x, rg, w = _inputs(rng, 29, h, dtype)
+    dy = (rng.standard_normal(x.shape, np.float32)).astype(dtype)
+    rstd = (np.abs(rng.standard_normal(29)) + 0.5).astype(np.float32)
+    dx, dw = norm.norm_backward(dy, x, w, rstd, residual_out_grad=rg, out_scale=2.0, impl="xla")
+    dx_np, contrib = _np_backward(dy, x, w, rstd, rg, 2.0)
+    assert calc_diff(dx, dx_np) < (1e-6 if dtype == BF16 else 1e-12)  # XLA's FMA contraction aside, equal
+    np.testing.assert_allclose(np.asarray(dw), contrib.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
+    # the math in float64
+    f = np.float64
+    xh, g = x.astype(f) * rstd[:, None], dy.astype(f) * 2.0
+    gw = g * w.astype(f)
+    dx64 = (gw - xh * np.mean(xh * gw, -1, keepdims=True)) * rstd[:, None] + rg.astype(f)
+    assert calc_diff(np.asarray(dx, f), dx64) < (1e-5 if dtype == BF16 else 1e-10)
+
+
+def test_np_dw_mirror_sums_everything(rng):
+    c = rng.standard_normal((1003, 256)).astype(np.float32)
+    np.testing.assert_allclose(_np_dw(c, BF16, True, 7), c.astype(np.float64).sum(0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(_np_dw(c[:3], BF16, False, 132), c[:3].astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def _loss(x, w, r, impl, out_scale=1.5):
+    """A loss whose cotangents are exact on any backend: d out = c (bf16-exact), d norm_input = s / 4."""
+    out, ni = norm.rms_norm(x, w, EPS, residual=r, out_scale=out_scale, impl=impl)
+    c = np.round(np.cos(np.arange(out.shape[-1])) * 64).astype(np.float32) / 64
+    return jnp.sum(out.astype(jnp.float32) * c) + jnp.sum(ni.astype(jnp.float32) ** 2) / 8
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=str)
+def test_rms_norm_gradients_match_autodiff_of_the_reference(rng, dtype):
+    x, r, w = _inputs(rng, 23, 256, dtype)
+    grad = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)), static_argnums=3)
+    ours, theirs = grad(x, w, r, None), grad(x, w, r, "xla")
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype == dtype
+        assert calc_diff(a, b) < (1e-4 if dtype == BF16 else 1e-10)
+    # without residual or weight: out only, grad to x
+    f = lambda x, impl: jnp.sum(norm.rms_norm(x, None, EPS, impl=impl).astype(jnp.float32) ** 3)  # noqa: E731
+    assert calc_diff(jax.grad(f)(x, None), jax.grad(f)(x, "xla")) < (1e-4 if dtype == BF16 else 1e-10)
+
+
+def test_three_d_inputs_and_vmap_fold_tokens(rng):
+    x, r, w = _inputs(rng, 6, 128, BF16, lead=(3,))
+    out, rstd, ni = norm.norm_forward(x, w, EPS, residual=r, with_rstd=True)
+    assert out.shape == x.shape and rstd.shape == (3, 6) and ni.shape == x.shape
+    flat = norm.norm_forward(x.reshape(18, 128), w, EPS, residual=r.reshape(18, 128), with_rstd=True)
+    assert_bytes_equal(out, np.asarray(flat[0]).reshape(x.shape))
+    (d, sf), _, _, _ = norm.norm_forward_and_per_token_cast(x, w, EPS, residual=r)
+    assert d.shape == x.shape and sf.shape == (3, 6, 4)
+    vm = jax.vmap(lambda x, r: norm.norm_forward(x, w, EPS, residual=r, with_rstd=True), in_axes=(1, None))(x, r[:, 0])
+    for i in range(6):
+        one = norm.norm_forward(x[:, i], w, EPS, residual=r[:, 0], with_rstd=True)
+        for a, b in zip(vm, one):
+            assert_bytes_equal(np.asarray(a)[i], b)
+    text = lower_for_cuda(jax.vmap(lambda x: norm.norm_forward(x, w, EPS)[0]), jax.ShapeDtypeStruct((3, 6, 128), BF16))
+    (call,) = tilek_calls(text)
+    assert decode_record(call["launch"])["kernels"][0]["grid"] == [-(-18 // 8), 1, 1]  # one launch, 18 tokens
+
+
+def test_vmap_of_gradients(rng):
+    x, r, w = _inputs(rng, 5, 128, F32, lead=(2,))
+    g = jax.vmap(jax.grad(lambda x, w, r: _loss(x, w, r, None), argnums=(0, 1, 2)))(x, np.stack([w, w]), r)
+    for i in range(2):
+        one = jax.grad(lambda x, w, r: _loss(x, w, r, None), argnums=(0, 1, 2))(x[i], w, r[i])
+        for a, b in zip(g, one):
+            np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
+
+
+def test_zero_tokens():
+    x = np.zeros((0, 256), BF16)
+    out, rstd, ni = norm.norm_forward(x, None, EPS, residual=x, with_rstd=True)
+    assert out.shape == (0, 256) and rstd.shape == (0,)
+    (d, sf), _, _, _ = norm.norm_forward_and_per_token_cast(x, None, EPS, use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True)
+    assert d.shape == (0, 256) and sf.shape == (2, 0)
+    dx, dw = norm.norm_backward(x, x, np.ones(256, BF16), np.zeros(0, np.float32))
+    assert dx.shape == (0, 256) and np.array_equal(np.asarray(dw), np.zeros(256, np.float32))
+
+
+def _s(shape, dtype=BF16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize(
+    "fn,args,message",
+    [
+        (lambda x: norm.norm_forward(x, None, EPS), [_s((4, 5, 6, 128))], r"x must be \[T, H\] or \[B, T, H\]"),
+        (lambda x: norm.norm_forward(x, None, EPS), [_s((4, 128), np.float16)], "x must be bfloat16 or float32"),
+        (lambda x: norm.norm_forward(x, None, EPS), [_s((4, 120))], "multiple of 16 in"),
+        (lambda x: norm.norm_forward(x, None, EPS), [_s((4, 8208))], "<= 8192|8192], got 8208"),
+        (lambda x, w: norm.norm_forward(x, w, EPS), [_s((4, 128)), _s((128,), F32)], "weight must be"),
+        (lambda x, w: norm.norm_forward(x, w, EPS), [_s((4, 128)), _s((64,))], "weight must be"),
+        (lambda x, r: norm.norm_forward(x, None, EPS, residual=r), [_s((4, 128)), _s((5, 128))], "residual must match x"),
+        (lambda x: norm.norm_forward_and_per_token_cast(x, None, EPS), [_s((4, 144))], "multiple of 32"),
+        (lambda x: norm.norm_forward_and_per_token_cast(x, None, EPS, fmt="e2m1"), [_s((4, 128))], "fmt must be 'e4m3'"),
+        (lambda x: norm.norm_forward_and_per_token_cast(x, None, EPS, num_per_channels=128), [_s((4, 128))], "num_per_channels must be 32"),
+        (lambda x: norm.norm_forward_and_per_token_cast(x, None, EPS, use_packed_ue8m0=True, round_sf=True), [_s((4, 128))], "needs use_tma_aligned_col_major_sf"),
+        (lambda x: norm.norm_forward_and_per_token_cast(x, None, EPS, use_tma_aligned_col_major_sf=True, use_packed_ue8m0=True), [_s((4, 128))], "needs round_sf"),
+        (lambda d, x, s: norm.norm_backward(d, x, None, s), [_s((4, 144)), _s((4, 144)), _s((4,), F32)], "multiple of 32"),
+        (lambda d, x, s: norm.norm_backward(d, x, None, s), [_s((4, 128), F32), _s((4, 128)), _s((4,), F32)], "out_grad must match x"),
+        (lambda d, x, s: norm.norm_backward(d, x, None, s), [_s((4, 128)), _s((4, 128)), _s((4,), BF16)], "rstd must be float32"),
+        (lambda d, x, s: norm.norm_backward(d, x, None, s), [_s((4, 128)), _s((4, 128)), _s((5,), F32)], "rstd must be float32"),
+        (lambda d, x, s, g: norm.norm_backward(d, x, None, s, g), [_s((4, 128)), _s((4, 128)), _s((4,), F32), _s((4, 64))], "residual must match x"),
+        (lambda x: norm.rms_norm(x, None, EPS), [_s((4, 48))], "multiple of 32"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_raise_at_trace_time(fn, args, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(fn, *args)
+
+
+def test_impl_tilelang_refuses_to_run_off_gpu():
+    x = jnp.ones((2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="impl='tilelang' needs an NVIDIA"):
+        jax.jit(lambda x: norm.norm_forward(x, None, EPS, impl="tilelang"))(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The configurations the GPU runs (each also cross-lowered on CPU, compiling its cubin).
+
+# (hidden, dtype, residual, weight, out_scale, with_rstd, tokens)
+FORWARD = [
+    (128, BF16, True, True, 2.0, True, 4101),
+    (2048, BF16, True, True, 1.0, True, 7),
+    (4096, BF16, False, True, 0.5, True, 4101),
+    (7168, BF16, True, True, 1.0, True, 4101),
+    (7168, BF16, True, False, 1.5, False, 1),
+    (384, BF16, True, True, 1.0, True, 7),
+    (128, F32, False, True, 1.0, True, 7),
+    (2048, F32, True, False, 1.0, True, 4101),
+    (4096, F32, True, True, 2.0, True, 1),
+    (7168, F32, True, True, 1.0, True, 4101),
+    (7168, BF16, True, True, 1.0, True, 0),
+]
+# (hidden, dtype, residual, weight, layout, with_out, with_rstd, tokens)
+CAST = [
+    (7168, BF16, True, True, "row", True, True, 4101),
+    (7168, BF16, True, True, "col_ue8m0", False, False, 4101),
+    (4096, BF16, False, True, "col", True, False, 7),
+    (2048, BF16, True, False, "row_round", True, True, 1),
+    (128, BF16, True, True, "col_round", True, False, 4101),
+    (96, BF16, True, True, "col_ue8m0", True, True, 7),
+    (4096, F32, True, True, "row", True, True, 7),
+    (7168, BF16, True, True, "col_ue8m0", False, False, 0),
+]
+# (hidden, dtype, weight, residual_grad, out_scale, tokens)
+BACKWARD = [
+    (128, BF16, True, True, 1.0, 4101),
+    (2048, BF16, True, False, 2.0, 7),
+    (4096, BF16, False, True, 1.0, 4101),
+    (7168, BF16, True, True, 1.0, 4101),
+    (7168, BF16, True, False, 1.0, 1),
+    (384, BF16, True, True, 1.0, 7),
+    (128, F32, True, False, 1.0, 7),
+    (2048, F32, False, False, 0.5, 1),
+    (4096, F32, True, True, 1.0, 4101),
+    (7168, F32, True, True, 1.0, 4101),
+    (7168, BF16, True, True, 1.0, 0),
+]
+
+
+def _id(case):
+    return "-".join(str(v) if not isinstance(v, np.dtype) else v.name for v in case)
+
+
+def _forward_fn(h, dtype, residual, weight, out_scale, with_rstd, impl):
+    def fn(x, r, w):
+        return norm.norm_forward(x, w, EPS, residual=r, out_scale=out_scale, with_rstd=with_rstd, impl=impl)
+
+    return fn
+
+
+def _cast_fn(layout, with_out, with_rstd, impl):
+    col, round_sf, packed = SF_FLAGS[layout]
+
+    def fn(x, r, w):
+        return norm.norm_forward_and_per_token_cast(
+            x, w, EPS, residual=r, use_tma_aligned_col_major_sf=col, round_sf=round_sf, use_packed_ue8m0=packed,
+            with_out_bf16=with_out, with_rstd=with_rstd, impl=impl,
+        )  # fmt: skip
+
+    return fn
+
+
+def _backward_fn(out_scale, impl):
+    def fn(dy, x, w, rstd, rg):
+        return norm.norm_backward(dy, x, w, rstd, residual_out_grad=rg, out_scale=out_scale, impl=impl)
+
+    return fn
+
+
+def _structs(t, h, dtype, residual, weight):
+    return _s((t, h), dtype), (_s((t, h), dtype) if residual else None), (_s((h,), dtype) if weight else None)
+
+
+@pytest.mark.parametrize("case", FORWARD, ids=_id)
+def test_forward_lowering(case):
+    h, dtype, residual, weight, out_scale, with_rstd, t = case
+    text = lower_for_cuda(_forward_fn(h, dtype, residual, weight, out_scale, with_rstd, None), *_structs(t, h, dtype, residual, weight))
+    (call,) = tilek_calls(text)
+    assert call["name"] == "norm_forward" and call["has_cubin"]
+    record = decode_record(call["launch"])
+    lay = norm.row_layout(h, dtype)
+    if t == 0:
+        assert record["kernels"] == []
+        return
+    (k,) = record["kernels"]
+    assert k["grid"] == [-(-t // lay.rows), 1, 1] and k["block"] == [lay.threads, 1, 1]
+    assert k["args"][-2:] == [(2, 4, int(np.float32(EPS).view(np.int32))), (2, 4, int(np.float32(out_scale).view(np.int32)))]
+
+
+@pytest.mark.parametrize("case", CAST, ids=_id)
+def test_cast_lowering(case):
+    h, dtype, residual, weight, layout, with_out, with_rstd, t = case
+    text = lower_for_cuda(_cast_fn(layout, with_out, with_rstd, None), *_structs(t, h, dtype, residual, weight))
+    (call,) = tilek_calls(text)
+    record = decode_record(call["launch"])
+    lay = norm.row_layout(h, dtype)
+    rows = -(-t // 4) * 4 if layout.startswith("col") else t  # column-major sf: padding tokens too
+    assert [k["grid"] for k in record["kernels"]] == ([[-(-rows // lay.rows), 1, 1]] if t else [])
+
+
+@pytest.mark.parametrize("case", BACKWARD, ids=_id)
+def test_backward_lowering(case):
+    h, dtype, weight, rg, out_scale, t = case
+    args = _s((t, h), dtype), _s((t, h), dtype), (_s((h,), dtype) if weight else None), _s((t,), F32), (_s((t, h), dtype) if rg else None)
+    text = lower_for_cuda(_backward_fn(out_scale, None), *args)
+    (call,) = tilek_calls(text)
+    record = decode_record(call["launch"])
+    lay = norm.row_layout(h, dtype)
+    stages, ctas_per_sm = norm.backward_config(h, dtype, rg)
+    nc = norm.backward_ctas(t, lay, platform.DEFAULT_NUM_SMS["sm_90a"], ctas_per_sm)
+    grids = [k["grid"] for k in record["kernels"]]
+    expected = ([[nc, 1, 1]] if nc else []) + ([[h // 32, 1, 1]] if weight else [])
+    assert grids == expected
+    if nc:
+        k = record["kernels"][0]
+        assert k["block"] == [lay.threads, 1, 1]
+        assert k["smem"] >= stages * (3 if rg else 2) * h * dtype.itemsize
+        assert k["smem"] * ctas_per_sm <= 227 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FORWARD, ids=_id)
+def test_forward_kernel_is_bit_exact(on_gpu, rng, case):
+    h, dtype, residual, weight, out_scale, with_rstd, t = case
+    x, r, w = _inputs(rng, t, h, dtype, residual, weight)
+    out, rstd, ni = on_gpu(_forward_fn(h, dtype, residual, weight, out_scale, with_rstd, "tilelang"), x, r, w)
+    y, rs, s = _np_forward(x, r, w, EPS, out_scale)
+    assert_bytes_equal(out, y)
+    assert_bytes_equal(ni, s)
+    assert (rstd is None) == (not with_rstd)
+    if with_rstd:
+        assert_bytes_equal(rstd, rs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CAST, ids=_id)
+def test_cast_kernel_is_bit_exact(on_gpu, rng, case):
+    h, dtype, residual, weight, layout, with_out, with_rstd, t = case
+    x, r, w = _inputs(rng, t, h, dtype, residual, weight)
+
+    def program(x, r, w):  # the fused op, and the unfused norm output to cast on the host
+        return _cast_fn(layout, with_out, with_rstd, "tilelang")(x, r, w), norm.norm_forward(x, w, EPS, residual=r, impl="tilelang")[0]
+
+    ((data, sf), out, rstd, ni), y = on_gpu(program, x, r, w)
+    y_np, rs, s = _np_forward(x, r, w, EPS, 1.0)
+    assert_bytes_equal(y, y_np)
+    assert_bytes_equal(ni, s)
+    assert (out is None) == (not with_out) and (rstd is None) == (not with_rstd)
+    if with_out:
+        assert_bytes_equal(out, y_np)
+    if with_rstd:
+        assert_bytes_equal(rstd, rs)
+    q, stored = _np_cast(np.asarray(y), layout)  # the kernel's own y, cast on the host
+    assert_bytes_equal(data, q)
+    assert_bytes_equal(sf, stored)
+    if t and dtype == BF16:  # the JAX reference (on the host) is exact for bf16 inputs too
+        (data_ref, sf_ref), *_ = _host(_cast_fn(layout, with_out, with_rstd, "xla"), x, r, w)
+        assert_bytes_equal(data, data_ref)
+        assert_bytes_equal(sf, sf_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", BACKWARD, ids=_id)
+def test_backward_kernel_is_bit_exact(on_gpu, rng, case):
+    h, dtype, weight, rg, out_scale, t = case
+    x, g, w = _inputs(rng, t, h, dtype, rg, weight)
+    dy = rng.standard_normal((t, h), np.float32).astype(dtype)
+    rstd = (np.abs(rng.standard_normal(t)) + 0.5).astype(np.float32)
+    dx, dw = on_gpu(_backward_fn(out_scale, "tilelang"), dy, x, w, rstd, g)
+    dx_np, contrib = _np_backward(dy, x, w, rstd, g, out_scale)
+    assert_bytes_equal(dx, dx_np)
+    assert (dw is None) == (w is None)
+    if w is not None:
+        assert_bytes_equal(dw, _np_dw(contrib, dtype, rg, platform.num_sms("sm_90a")))
+
+
+@pytest.mark.gpu
+def test_rms_norm_gradients_on_gpu(on_gpu, rng):
+    t, h = 4101, 7168
+    x, r, w = _inputs(rng, t, h, BF16)
+
+    def program(x, w, r, impl):
+        return jax.value_and_grad(_loss, argnums=(0, 1, 2))(x, w, r, impl)
+
+    loss, (dx, dw, dr) = on_gpu(lambda x, w, r: program(x, w, r, "tilelang"), x, w, r)
+    # the kernels' arithmetic in numpy: forward, then backward with the loss's (exact) cotangents
+    y, rstd, s = _np_forward(x, r, w, EPS, 1.5)
+    c = np.round(np.cos(np.arange(h)) * 64).astype(np.float32) / 64
+    d_out = np.broadcast_to(c, (t, h)).astype(BF16)
+    d_ni = (s.astype(np.float32) / 4).astype(BF16)
+    dx_np, contrib = _np_backward(d_out, s, w, rstd, d_ni, 1.5)
+    assert_bytes_equal(dx, dx_np)
+    assert_bytes_equal(dr, dx_np)
+    assert_bytes_equal(dw, _np_dw(contrib, BF16, True, platform.num_sms("sm_90a")).astype(BF16))
+    expected_loss = (y.astype(np.float64) * c).sum() + (s.astype(np.float64) ** 2).sum() / 8
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    _, (adx, adw, adr) = _host(lambda x, w, r: program(x, w, r, "xla"), x, w, r)  # autodiff of the reference
+    assert calc_diff(dx, adx) < 1e-4 and calc_diff(dw, adw) < 1e-4 and calc_diff(dr, adr) < 1e-4
+
+
+@pytest.mark.gpu
+def test_vmap_and_three_d_on_gpu(on_gpu, rng):
+    x, r, w = _inputs(rng, 1000, 4096, BF16, lead=(3,))
+
+    def program(x, r, w):
+        vm = jax.vmap(lambda x, r: norm.norm_forward(x, w, EPS, residual=r, with_rstd=True, impl="tilelang"))(x, r)
+        cast = norm.norm_forward_and_per_token_cast(x, w, EPS, residual=r, round_sf=True, impl="tilelang")
+        return vm, cast
+
+    vm, ((data, sf), _, _, _) = on_gpu(program, x, r, w)
+    y, rs, s = _np_forward(x.reshape(3000, 4096), r.reshape(3000, 4096), w, EPS, 1.0)
+    for a, b in zip(vm, (y, rs, s)):
+        assert_bytes_equal(np.asarray(a).reshape(b.shape), b)
+    q, stored = _np_cast(y, "row_round")
+    assert_bytes_equal(np.asarray(data).reshape(3000, 4096), q)
+    assert_bytes_equal(np.asarray(sf).reshape(3000, -1), stored)
