@@ -1,0 +1,754 @@
+"""SwiGLU family (jax_tilek.quant.swiglu / swiglu_quant): references against independent numpy
+arithmetic and float64 math, rules, gradients, cross-lowering, and the GPU kernels bit for bit."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_tilek.quant import formats as F
+from jax_tilek.quant import swiglu as S
+from jax_tilek.quant.swiglu import swiglu, swiglu_backward, swiglu_forward
+from jax_tilek.quant.swiglu_quant import (
+    swiglu_backward_and_per_token_cast,
+    swiglu_forward_and_per_channel_cast_and_transpose,
+    swiglu_forward_and_per_token_cast,
+)
+
+from helpers import decode_record, lower_for_cuda, tilek_calls
+from quant_testing import assert_bytes_equal, calc_diff
+
+f32 = np.float32
+BF16 = ml_dtypes.bfloat16
+E4M3 = ml_dtypes.float8_e4m3fn
+LAYOUT_FLAGS = {  # layout -> (use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    "row": (False, False, False),
+    "row_round": (False, False, True),
+    "col": (True, False, False),
+    "col_ue8m0": (True, True, True),
+}
+
+
+def _layout(name):
+    return "row" if name == "row_round" else name
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent numpy arithmetic (float32 numpy never fuses or reassociates).
+
+
+@np.errstate(over="ignore")
+def np_exp(t):
+    t = np.clip(np.asarray(t, f32), S.EXP_MIN, S.EXP_MAX)
+    y = t * S.LOG2E + S.SHIFTER
+    k = y - S.SHIFTER
+    r = (t - k * S.LN2_HI) - k * S.LN2_LO
+    p = np.full_like(r, S.EXP_POLY2[0])
+    for c in S.EXP_POLY2[1:]:
+        p = p * r + c
+    scale = ((y.view(np.uint32) + np.uint32(S.SCALE_BIAS)) << np.uint32(23)).view(f32)
+    return p * scale
+
+
+def np_valid(t, psum, align):
+    if psum is None:
+        return np.ones(t, bool)
+    valid, prev = np.zeros(t, bool), 0
+    for end in np.asarray(psum):
+        start = -(-prev // align) * align
+        valid[start:max(int(end), start)] = True
+        prev = int(end)
+    return valid
+
+
+def np_weights(t, weights, rsf):
+    if weights is None and rsf is None:
+        return None
+    w = np.ones(t, f32) if weights is None else np.asarray(weights, f32)
+    return w if rsf is None else w * f32(rsf)
+
+
+def np_clamp(l, r, clamp):
+    if clamp is None:
+        return l, r
+    c = f32(clamp)
+    return np.minimum(l, c), np.minimum(np.maximum(r, -c), c)
+
+
+def np_forward(x, psum=None, weights=None, rsf=None, clamp=None, align=128):
+    """fp32 act [T, H] (zero on padding rows), valid [T]."""
+    x = np.asarray(x).astype(f32)
+    h = x.shape[1] // 2
+    l, r = np_clamp(x[:, :h], x[:, h:], clamp)
+    act = (l / (f32(1) + np_exp(-l))) * r
+    w = np_weights(x.shape[0], weights, rsf)
+    if w is not None:
+        act = act * w[:, None]
+    valid = np_valid(x.shape[0], psum, align)
+    return np.where(valid[:, None], act, f32(0)), valid
+
+
+def np_counts(x, valid, clamp):
+    x = np.asarray(x).astype(f32)
+    h = x.shape[1] // 2
+    l, r = x[valid, :h], x[valid, h:]
+    c = f32(clamp) if clamp is not None else None
+    counts = [0, 0, 0] if c is None else [(l > c).sum(), (r > c).sum(), (r < -c).sum()]
+    return np.array([*counts, valid.sum() * h], np.int32)
+
+
+def np_pow2_ceil(sf):
+    m, e = np.frexp(sf.astype(np.float64))
+    e = np.where(m == 0.5, e - 1, e)  # exact powers of two keep their exponent
+    return e.astype(np.int32)
+
+
+def np_quantize(v, block, round_sf):
+    """(e4m3 data, fp32 logical sf) of ``v`` in ``block`` tiles (tiles divide the shape)."""
+    t, h = v.shape
+    bm, bk = block
+    amax = np.abs(v).reshape(t // bm, bm, h // bk, bk).max(axis=(1, 3)).astype(f32)
+    a = np.maximum(amax, f32(1e-4))
+    sf = a / f32(448)
+    if round_sf:
+        e = np_pow2_ceil(sf)
+        sf, inv = np.ldexp(f32(1), e).astype(f32), np.ldexp(f32(1), -e).astype(f32)
+    else:
+        inv = f32(448) / a
+    scaled = v * np.repeat(np.repeat(inv, bm, 0), bk, 1)
+    return np.clip(scaled, -448, 448).astype(E4M3), sf
+
+
+def np_store_sf(sf, layout):
+    m, k = sf.shape
+    mp = -(-m // 4) * 4
+    if layout == "row":
+        return sf
+    if layout == "col":
+        out = np.zeros((k, mp), f32)
+        out[:, :m] = sf.T
+        return out
+    b = ((sf.view(np.uint32) >> 23) & 0xFF).astype(np.uint8)
+    b = np.pad(b, ((0, 0), (0, -(-k // 4) * 4 - k)))
+    words = b.reshape(m, -1, 4).copy().view("<u4").reshape(m, -1).astype(np.uint32).view(np.int32)
+    out = np.zeros((words.shape[1], mp), np.int32)
+    out[:, :m] = words.T
+    return out
+
+
+def np_load_sf(stored, layout, m, k):
+    if layout == "row":
+        return stored
+    if layout == "col":
+        return stored[:, :m].T
+    b = np.ascontiguousarray(stored[:, :m].T).view(np.uint8).reshape(m, -1)[:, :k]
+    return (b.astype(np.uint32) << 23).view(f32)
+
+
+def np_cast(act, valid, npc, layout, round_sf):
+    data, sf = np_quantize(act, (1, npc), round_sf)
+    data[~valid] = 0
+    sf[~valid] = 0
+    return data, np_store_sf(sf, layout)
+
+
+def np_backward(xf, g, psum=None, weights=None, rsf=None, clamp=None, align=128):
+    """fp32 (x_grad [T, 2H], weight_grad [T] or None (float64 sum), act_out [T, H])."""
+    t, h = xf.shape[0], xf.shape[1] // 2
+    l0, r0 = xf[:, :h], xf[:, h:]
+    g = np.asarray(g).astype(f32)
+    l, r = np_clamp(l0, r0, clamp)
+    d = f32(1) + np_exp(-l)
+    silu, s = l / d, f32(1) / d
+    w = np_weights(t, weights, rsf)
+    gw = g if w is None else g * w[:, None]
+    dl = ((gw * r) * s) * (f32(1) + l * (f32(1) - s))
+    dr = gw * silu
+    if clamp is not None:
+        c = f32(clamp)
+        dl = np.where(l0 > c, f32(0), dl)
+        dr = np.where((r0 > c) | (r0 < -c), f32(0), dr)
+    act = silu * r
+    act_out = act if w is None else act * w[:, None]
+    valid = np_valid(t, psum, align)
+    grad = np.where(valid[:, None], np.concatenate([dl, dr], 1), f32(0))
+    wg = None
+    if weights is not None:
+        wg = (g.astype(np.float64) * act.astype(np.float64)).sum(1) * (1.0 if rsf is None else float(f32(rsf)))
+        wg = np.where(valid, wg, 0.0)
+    return grad, wg, np.where(valid[:, None], act_out, f32(0)), valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def make_psum(rng, t, num_experts, align):
+    """int32 [E]: random segment lengths (one expert empty), padded to ``align``, ending <= t."""
+    counts = rng.integers(0, max(t // num_experts, 1) + 1, num_experts)
+    counts[rng.integers(num_experts)] = 0
+    psum, prev = [], 0
+    for n in counts:
+        start = -(-prev // align) * align
+        end = min(start + int(n), t)
+        end = max(end, prev)
+        psum.append(end)
+        prev = end
+    return np.array(psum, np.int32)
+
+
+def make_x(rng, t, h, dtype=BF16, scale=2.0):
+    x = rng.standard_normal((t, 2 * h), dtype=np.float32) * scale
+    x[rng.random((t, 2 * h)) < 0.02] *= 8  # some large values: clamps, saturated silu
+    return x.astype(dtype)
+
+
+def make_inputs(rng, t, h, *, dtype=BF16, psum=False, weights=False, align=16):
+    x = make_x(rng, t, h, dtype)
+    ps = make_psum(rng, t, 5, align) if psum else None
+    w = rng.uniform(0.05, 1.0, t).astype(f32) if weights else None
+    return x, ps, w
+
+
+def host(fn, *args):
+    """Runs ``fn`` under jit on the host CPU (expected values in GPU tests)."""
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        return jax.tree.map(np.asarray, jax.jit(fn)(*[jax.device_put(a, cpu) for a in args]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared arithmetic.
+
+
+def test_exp_is_exact_against_numpy_and_accurate(rng):
+    t = np.concatenate([
+        np.linspace(-40, 95, 200001, dtype=f32),
+        rng.standard_normal(100000).astype(f32) * 30,
+        np.array([0, -0.0, 88.72, 88.73, 89, 1e30, -1e30, 2**-30], f32),
+    ])  # fmt: skip
+    got = np.asarray(jax.jit(S.exp_f32)(t))
+    assert_bytes_equal(got, np_exp(t))
+    inside = (t >= -32) & (t <= 88.7)
+    ref = np.exp(t[inside].astype(np.float64))
+    ulp = np.abs(got[inside] - ref) / np.spacing(ref.astype(f32)).astype(np.float64)
+    assert ulp.max() <= 1.5
+    assert np.isinf(got[t >= 88.73]).all() and np.all(got[t <= -32] == np.asarray(S.exp_f32(f32(-32))))
+
+
+def test_silu_matches_float64():
+    l = np.linspace(-100, 100, 100001, dtype=f32)
+    _, silu = jax.jit(S.silu_parts)(l)
+    ref = l.astype(np.float64) / (1 + np.exp(-l.astype(np.float64)))
+    np.testing.assert_allclose(np.asarray(silu), ref, rtol=4e-7, atol=4e-37)  # exp(-l) overflows below l = -88.7: silu = -0
+
+
+def test_valid_rows_of_the_psum_layout():
+    psum = np.array([3, 3, 20, 40, 41], np.int32)  # expert 1 empty; rows 3..15, 20..31, 40 padding
+    got = np.asarray(S.valid_rows(50, jnp.asarray(psum), 16))
+    expected = np.zeros(50, bool)
+    expected[0:3] = expected[16:20] = expected[32:40] = True
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, np_valid(50, psum, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# References against numpy and float64.
+
+FWD_CASES = [
+    # (t, h, dtype, psum, weights, rsf, clamp)
+    (67, 1024, BF16, False, False, None, None),
+    (200, 576, BF16, True, True, 2.5, 10.0),
+    (130, 1024, np.float32, True, False, None, 0.5),
+    (64, 2048, BF16, False, True, None, 0.5),
+    (33, 64, np.float32, False, False, 1.5, None),
+]
+
+
+@pytest.mark.parametrize("t,h,dtype,psum,weights,rsf,clamp", FWD_CASES)
+def test_forward_reference(rng, t, h, dtype, psum, weights, rsf, clamp):
+    x, ps, w = make_inputs(rng, t, h, dtype=dtype, psum=psum, weights=weights)
+    for fmt, out_dtype in (("bf16", BF16), ("fp32", f32)):
+        fn = functools.partial(swiglu_forward, fmt=fmt, routed_scaling_factor=rsf, clamp_value=clamp, with_clamped_count=True, token_alignment=16, impl="xla")
+        out, counts = jax.jit(fn)(x, psum_num_tokens_per_expert=ps, topk_weights=w)
+        act, valid = np_forward(x, ps, w, rsf, clamp, 16)
+        assert_bytes_equal(np.asarray(out), act.astype(out_dtype))
+        np.testing.assert_array_equal(np.asarray(counts), np_counts(x, valid, clamp))
+    # and the math, in float64
+    xd = np.asarray(x).astype(np.float64)
+    l, r = xd[:, :h], xd[:, h:]
+    if clamp is not None:
+        l, r = np.minimum(l, clamp), np.clip(r, -clamp, clamp)
+    exact = l / (1 + np.exp(-l)) * r * (np.ones(t) if w is None else w)[:, None] * (1 if rsf is None else rsf)
+    exact[~valid] = 0
+    np.testing.assert_allclose(act, exact, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_FLAGS))
+@pytest.mark.parametrize("npc", [32, 128, "H"])
+def test_forward_and_per_token_cast_reference(rng, layout, npc):
+    t, h = 70, 1024
+    npc = h if npc == "H" else npc
+    if npc == h and _layout(layout) != "row":
+        pytest.skip("whole-row scales are row-major only")
+    x, ps, w = make_inputs(rng, t, h, psum=True, weights=True)
+    col_major, packed, round_sf = LAYOUT_FLAGS[layout]
+    fn = functools.partial(
+        swiglu_forward_and_per_token_cast, num_per_channels=npc, routed_scaling_factor=0.7, use_tma_aligned_col_major_sf=col_major,
+        round_sf=round_sf, use_packed_ue8m0=packed, clamp_value=10.0, with_clamped_count=True, token_alignment=16, impl="xla",
+    )  # fmt: skip
+    data, sf, counts = jax.jit(fn)(x, psum_num_tokens_per_expert=ps, topk_weights=w)
+    act, valid = np_forward(x, ps, w, 0.7, 10.0, 16)
+    exp_data, exp_sf = np_cast(act, valid, npc, _layout(layout), round_sf)
+    assert_bytes_equal(np.asarray(data), exp_data)
+    assert_bytes_equal(np.asarray(sf), exp_sf)
+    np.testing.assert_array_equal(np.asarray(counts), np_counts(x, valid, 10.0))
+    # dequantized, the cast is close to the activation
+    back = np.asarray(data).astype(f32) * np.repeat(np_load_sf(np.asarray(sf), _layout(layout), t, h // npc), npc, 1)
+    assert calc_diff(back[valid], act[valid]) < 1e-3
+
+
+@pytest.mark.parametrize("dtype,fmt,psum,weights,rsf,clamp", [
+    (BF16, "bf16", True, True, 2.5, 0.5),
+    (np.float32, "fp32", False, True, None, 10.0),
+    (BF16, "fp32", True, False, 1.5, None),
+    (np.float32, "bf16", False, False, None, None),
+])  # fmt: skip
+def test_backward_reference(rng, dtype, fmt, psum, weights, rsf, clamp):
+    t, h = 90, 576
+    x, ps, w = make_inputs(rng, t, h, dtype=dtype, psum=psum, weights=weights)
+    g = (rng.standard_normal((t, h)) * 0.5).astype(dtype)
+    fn = functools.partial(swiglu_backward, fmt=fmt, routed_scaling_factor=rsf, clamp_value=clamp, token_alignment=16, do_recompute=True, impl="xla")
+    out = jax.jit(fn)(x, g, psum_num_tokens_per_expert=ps, topk_weights=w)
+    grad, wg, act, valid = np_backward(np.asarray(x).astype(f32), g, ps, w, rsf, clamp, 16)
+    out_dtype = BF16 if fmt == "bf16" else f32
+    assert_bytes_equal(np.asarray(out[0]), grad.astype(out_dtype))
+    assert_bytes_equal(np.asarray(out[-1]), act.astype(out_dtype))
+    if weights:
+        np.testing.assert_allclose(np.asarray(out[1]), wg, rtol=1e-5, atol=1e-5 * np.abs(wg).max())
+    else:
+        assert len(out) == 2
+
+
+def test_backward_matches_autodiff_of_the_forward(rng):
+    """The closed-form backward against jax.grad of the forward reference (float64 numerics aside)."""
+    t, h = 48, 256
+    x, ps, w = make_inputs(rng, t, h, dtype=np.float32, psum=True, weights=True)
+    g = rng.standard_normal((t, h)).astype(f32)
+    kw = dict(routed_scaling_factor=1.7, clamp_value=3.0, token_alignment=16)
+
+    def loss(x, w):
+        return jnp.sum(swiglu_forward(x, "fp32", ps, w, impl="xla", **kw) * g)
+
+    gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+    x_grad, weight_grad = swiglu_backward(x, g, "fp32", ps, w, impl="xla", **kw)
+    np.testing.assert_allclose(np.asarray(x_grad), np.asarray(gx), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(weight_grad), np.asarray(gw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["row", "col", "col_ue8m0"])
+@pytest.mark.parametrize("npc", [32, 128])
+def test_backward_and_per_token_cast_reference(rng, layout, npc):
+    t, h = 50, 512
+    x, ps, w = make_inputs(rng, t, h, psum=True, weights=True)
+    round_sf = layout == "col_ue8m0"
+    xq, xsf = np_quantize(np.asarray(x).astype(f32), (1, npc), True)
+    xsf_stored = np_store_sf(xsf, layout)
+    g = (rng.standard_normal((t, h)) * 0.5).astype(BF16)
+    col_major, packed = layout != "row", layout == "col_ue8m0"
+    fn = functools.partial(
+        swiglu_backward_and_per_token_cast, num_per_channels=npc, routed_scaling_factor=2.0, use_tma_aligned_col_major_sf=col_major,
+        round_sf=round_sf, use_packed_ue8m0=packed, clamp_value=10.0, do_recompute=True, token_alignment=16, impl="xla",
+    )  # fmt: skip
+    x_grad, (q, sf), weight_grad, act = jax.jit(lambda xq, xsf, g, ps, w: fn((xq, xsf), g, psum_num_tokens_per_expert=ps, topk_weights=w))(xq, xsf_stored, g, ps, w)
+    xf = xq.astype(f32) * np.repeat(xsf, npc, 1)
+    grad, wg, act_out, valid = np_backward(xf, g, ps, w, 2.0, 10.0, 16)
+    assert_bytes_equal(np.asarray(x_grad), grad.astype(BF16))
+    assert_bytes_equal(np.asarray(act), act_out.astype(BF16))
+    exp_q, exp_sf = np_cast(grad, valid, npc, layout, round_sf)
+    assert_bytes_equal(np.asarray(q), exp_q)
+    assert_bytes_equal(np.asarray(sf), exp_sf)
+    np.testing.assert_allclose(np.asarray(weight_grad), wg, rtol=1e-5, atol=1e-5 * np.abs(wg).max())
+
+
+@pytest.mark.parametrize("npt", [32, 128])
+@pytest.mark.parametrize("transpose,round_sf,clamp", [(True, False, None), (False, True, 0.5), (True, True, 10.0)])
+def test_per_channel_cast_reference(rng, npt, transpose, round_sf, clamp):
+    t, h = 256, 192
+    x = make_x(rng, t, h)
+    out, sf = jax.jit(functools.partial(
+        swiglu_forward_and_per_channel_cast_and_transpose, num_per_tokens=npt, round_sf=round_sf, without_transpose=not transpose,
+        swiglu_clamp_value=clamp, impl="xla"))(x)  # fmt: skip
+    act, _ = np_forward(x, clamp=clamp)
+    data, exp_sf = np_quantize(act.astype(BF16).astype(f32), (npt, 1), round_sf)
+    assert_bytes_equal(np.asarray(out), data.T if transpose else data)
+    assert_bytes_equal(np.asarray(sf), exp_sf)
+
+
+def test_zero_tokens():
+    x = jnp.zeros((0, 256), jnp.bfloat16)
+    assert swiglu_forward(x, impl="xla").shape == (0, 128)
+    data, sf, counts = swiglu_forward_and_per_token_cast(x, num_per_channels=32, use_tma_aligned_col_major_sf=True, with_clamped_count=True, impl="xla")
+    assert data.shape == (0, 128) and sf.shape == (4, 0) and counts.tolist() == [0, 0, 0, 0]
+    assert swiglu_backward(x, jnp.zeros((0, 128), jnp.bfloat16), impl="xla").shape == (0, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# The differentiable op.
+
+
+@pytest.mark.parametrize("weights,psum,clamp", [(True, True, 0.5), (False, False, None), (True, False, 10.0)])
+def test_swiglu_gradients(rng, weights, psum, clamp):
+    """Custom VJP (forward and backward ops) against jax.grad of the reference."""
+    t, h = 40, 128
+    x, ps, w = make_inputs(rng, t, h, dtype=np.float32, psum=psum, weights=weights)
+    g = rng.standard_normal((t, h)).astype(f32)
+    kw = dict(routed_scaling_factor=1.25 if weights else None, clamp_value=clamp, token_alignment=16)
+
+    def loss(x, w, impl):
+        return jnp.sum(swiglu(x, w, ps, impl=impl, **kw) * g)
+
+    argnums = (0, 1) if weights else (0,)
+    custom = jax.jit(jax.grad(loss, argnums=argnums), static_argnums=2)(x, w, None)
+    auto = jax.jit(jax.grad(loss, argnums=argnums), static_argnums=2)(x, w, "xla")
+    for a, b in zip(custom, auto):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # the custom VJP's pieces are the backward op's outputs
+    expected = swiglu_backward(x, g, "fp32", ps, w, impl="xla", **kw)
+    assert_bytes_equal(np.asarray(custom[0]), np.asarray(expected[0] if weights else expected))
+    value = jax.jit(lambda x: swiglu(x, w, ps, **kw))(x)
+    assert_bytes_equal(np.asarray(value), np.asarray(swiglu_forward(x, "fp32", ps, w, impl="xla", **kw)))
+
+
+def test_swiglu_bf16_output_dtype_and_grad_dtype(rng):
+    x, _, w = make_inputs(rng, 16, 64, weights=True)
+    y, vjp = jax.vjp(lambda x, w: swiglu(x, w), jnp.asarray(x), jnp.asarray(w))
+    gx, gw = vjp(jnp.ones_like(y))
+    assert y.dtype == jnp.bfloat16 and gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules.
+
+X = jax.ShapeDtypeStruct((64, 2048), jnp.bfloat16)
+G = jax.ShapeDtypeStruct((64, 1024), jnp.bfloat16)
+XQ = jax.ShapeDtypeStruct((64, 2048), jnp.float8_e4m3fn)
+XSF = jax.ShapeDtypeStruct((64, 16), jnp.float32)
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("call,args,message", [
+    (lambda x: swiglu_forward(x), [_sds((64, 1000), jnp.bfloat16)], r"H \(half of x's last dimension, 500\) must be a positive multiple of 64"),
+    (lambda x: swiglu_forward(x), [_sds((64, 2049), jnp.bfloat16)], r"x must be \[T, 2H\]"),
+    (lambda x: swiglu_forward(x), [_sds((64, 256), jnp.float16)], "x must be bfloat16 or float32"),
+    (lambda x: swiglu_forward(x, fmt="e4m3"), [X], "fmt must be 'bf16' or 'fp32'"),
+    (lambda x, p: swiglu_forward(x, psum_num_tokens_per_expert=p), [X, _sds((4,), jnp.float32)], "psum_num_tokens_per_expert must be int32"),
+    (lambda x, p: swiglu_forward(x, psum_num_tokens_per_expert=p), [X, _sds((0,), jnp.int32)], "E >= 1"),
+    (lambda x, w: swiglu_forward(x, topk_weights=w), [X, _sds((63,), jnp.float32)], r"topk_weights must be float32 \[T\]"),
+    (lambda x, w: swiglu_forward(x, topk_weights=w), [X, _sds((64,), jnp.bfloat16)], r"topk_weights must be float32 \[T\]"),
+    (lambda x: swiglu_forward(x, clamp_value=-1.0), [X], "clamp_value must be a positive finite number"),
+    (lambda x: swiglu_forward(x, routed_scaling_factor=float("inf")), [X], "routed_scaling_factor must be a finite number"),
+    (lambda x: swiglu_forward(x, token_alignment=0), [X], "token_alignment must be a positive integer"),
+    (lambda x: swiglu_forward_and_per_token_cast(x, "e2m1"), [X], "fmt must be 'e4m3'"),
+    (lambda x: swiglu_forward_and_per_token_cast(x, num_per_channels=64), [X], r"num_per_channels must be one of \(32, 128\) or H \(1024\)"),
+    (lambda x: swiglu_forward_and_per_token_cast(x, num_per_channels=1024, use_tma_aligned_col_major_sf=True), [X], "whole-row scales"),
+    (lambda x: swiglu_forward_and_per_token_cast(x, num_per_channels=128), [_sds((64, 2 * 576), jnp.bfloat16)], r"H \(576\) must be a multiple of num_per_channels \(128\)"),
+    (lambda x: swiglu_forward_and_per_token_cast(x, use_tma_aligned_col_major_sf=True, use_packed_ue8m0=True), [X], "use_packed_ue8m0 needs round_sf=True"),
+    (lambda x, g: swiglu_backward(x, g), [X, _sds((64, 512), jnp.bfloat16)], r"act_x_grad must be bf16 or fp32 \[T, H\]"),
+    (lambda x, g: swiglu_backward(x, g, fmt="e4m3"), [X, G], "fmt must be 'bf16' or 'fp32'"),
+    (lambda x, s, g: swiglu_backward_and_per_token_cast((x, s), g), [X, XSF, G], "x must be float8_e4m3fn"),
+    (lambda x, s, g: swiglu_backward_and_per_token_cast((x, s), g), [XQ, _sds((64, 15), jnp.float32), G], r"scale factors in layout 'row' must be float32 \(64, 16\)"),
+    (lambda x, s, g: swiglu_backward_and_per_token_cast((x, s), g, num_per_channels=1024), [XQ, XSF, G], r"num_per_channels must be one of \(32, 128\), got 1024"),
+    (lambda x, s, g: swiglu_backward_and_per_token_cast((x, s), g, x_sf_layout="ue8m0_along_m"), [XQ, XSF, G], "x_sf_layout must be"),
+    (lambda x: swiglu_forward_and_per_channel_cast_and_transpose(x), [_sds((100, 2048), jnp.bfloat16)], r"T \(100\) must be a multiple of 128"),
+    (lambda x: swiglu_forward_and_per_channel_cast_and_transpose(x), [_sds((128, 2048), jnp.float32)], "x must be bfloat16"),
+    (lambda x: swiglu_forward_and_per_channel_cast_and_transpose(x), [_sds((128, 64), jnp.bfloat16)], "2H a multiple of 128"),
+    (lambda x: swiglu_forward_and_per_channel_cast_and_transpose(x, num_per_tokens=64), [_sds((128, 2048), jnp.bfloat16)], "num_per_tokens must be 32 or 128"),
+])  # fmt: skip
+def test_bad_inputs_raise_at_trace_time(call, args, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(call, *args)
+
+
+def test_abstract_eval_is_exact():
+    out = jax.eval_shape(lambda x: swiglu_forward_and_per_token_cast(x, num_per_channels=32, use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True, with_clamped_count=True), jax.ShapeDtypeStruct((6, 4096), jnp.bfloat16))
+    assert [(o.shape, o.dtype) for o in out] == [((6, 2048), jnp.float8_e4m3fn), ((16, 8), jnp.int32), ((4,), jnp.int32)]
+    out = jax.eval_shape(lambda x, g: swiglu_backward_and_per_token_cast((x, jnp.zeros((6, 32), jnp.float32)), g, num_per_channels=128), jax.ShapeDtypeStruct((6, 4096), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((6, 2048), jnp.float32))
+    assert [(o.shape, o.dtype) for o in jax.tree.leaves(out)] == [((6, 4096), jnp.bfloat16), ((6, 4096), jnp.float8_e4m3fn), ((6, 32), jnp.float32)]
+
+
+def test_impl_tilelang_refuses_to_run_off_gpu():
+    with pytest.raises(ValueError, match="impl='tilelang' needs an NVIDIA Hopper or Blackwell GPU"):
+        jax.jit(lambda x: swiglu_forward(x, impl="tilelang"))(jnp.zeros((8, 128), jnp.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations run on the GPU; cross-lowered (and compiled) in CI.
+
+GPU_FWD = [
+    # (t, h, dtype, fmt, psum, weights, rsf, clamp, count)
+    (1, 1024, BF16, "bf16", False, False, None, None, False),
+    (1000, 2048, BF16, "bf16", True, True, 2.5, 0.5, True),
+    (257, 7168, BF16, "fp32", False, True, None, 10.0, True),
+    (130, 1280, np.float32, "bf16", True, False, 1.5, None, True),
+    (77, 576, np.float32, "fp32", False, False, None, 0.5, False),
+    (0, 1024, BF16, "bf16", False, False, None, None, True),
+]
+GPU_CAST = [
+    # (t, h, npc, layout, psum, weights, clamp, count)
+    (1, 1024, 128, "row", False, False, None, False),
+    (1001, 2048, 128, "col_ue8m0", True, True, 10.0, True),
+    (513, 2048, 32, "col", True, False, 0.5, True),
+    (130, 7168, 32, "col_ue8m0", False, True, None, False),
+    (131, 7168, 128, "row_round", True, True, 0.5, True),
+    (66, 1280, 128, "col_ue8m0", False, False, 10.0, False),
+    (97, 1024, "H", "row", True, True, None, False),
+    (35, 576, "H", "row_round", False, False, 0.5, True),
+    (0, 2048, 32, "col_ue8m0", False, False, None, True),
+]
+GPU_BWD = [
+    # (t, h, dtype, g dtype, fmt, psum, weights, rsf, clamp, recompute)
+    (1, 1024, BF16, BF16, "bf16", False, False, None, None, False),
+    (700, 2048, BF16, BF16, "bf16", True, True, 2.5, 0.5, True),
+    (129, 7168, np.float32, BF16, "fp32", False, True, None, 10.0, False),
+    (90, 1280, BF16, np.float32, "fp32", True, False, 1.5, None, True),
+]
+GPU_BWD_CAST = [
+    # (t, h, npc, layout, x layout, psum, weights, clamp, recompute)
+    (1, 1024, 128, "row_round", "row", False, False, None, False),
+    (600, 2048, 128, "col_ue8m0", "col_ue8m0", True, True, 10.0, True),
+    (257, 2048, 32, "col", "row", True, True, 0.5, False),
+    (130, 7168, 32, "col_ue8m0", "col", False, True, None, True),
+    (67, 1152, 128, "col_ue8m0", "row", True, False, 0.5, False),
+]
+GPU_PC = [
+    # (t, h, npt, transpose, round_sf, clamp)
+    (128, 1024, 128, True, False, None),
+    (384, 2048, 32, True, True, 10.0),
+    (256, 7168, 128, False, True, 0.5),
+    (128, 576, 32, False, False, None),
+]
+
+
+def _fwd_program(h, fmt, psum, weights, rsf, clamp, count, impl="tilelang"):
+    def program(x, ps, w):
+        return swiglu_forward(x, fmt, ps if psum else None, w if weights else None, rsf, clamp, count, 16, impl=impl)
+
+    return program
+
+
+def _cast_program(npc, layout, psum, weights, clamp, count, impl="tilelang"):
+    col_major, packed, round_sf = LAYOUT_FLAGS[layout]
+
+    def program(x, ps, w):
+        return swiglu_forward_and_per_token_cast(
+            x, "e4m3", npc, ps if psum else None, w if weights else None, 0.75 if weights else None, col_major, round_sf, packed,
+            clamp, count, 16, impl=impl,
+        )  # fmt: skip
+
+    return program
+
+
+def _bwd_program(fmt, psum, weights, rsf, clamp, recompute, impl="tilelang"):
+    def program(x, g, ps, w):
+        return swiglu_backward(x, g, fmt, ps if psum else None, w if weights else None, rsf, clamp, 16, recompute, impl=impl)
+
+    return program
+
+
+def _bwd_cast_program(npc, layout, x_layout, psum, weights, clamp, recompute, impl="tilelang"):
+    col_major, packed, round_sf = LAYOUT_FLAGS[layout]
+
+    def program(xq, xsf, g, ps, w):
+        return swiglu_backward_and_per_token_cast(
+            (xq, xsf), g, "e4m3", npc, ps if psum else None, w if weights else None, 1.5 if weights else None, col_major, round_sf,
+            packed, clamp, recompute, 16, x_sf_layout=x_layout, impl=impl,
+        )  # fmt: skip
+
+    return program
+
+
+def _pc_program(npt, transpose, round_sf, clamp, impl="tilelang"):
+    def program(x):
+        return swiglu_forward_and_per_channel_cast_and_transpose(x, "e4m3", npt, round_sf, not transpose, clamp, impl=impl)
+
+    return program
+
+
+def _fwd_data(rng, t, h, dtype, psum, weights):
+    x, ps, w = make_inputs(rng, t, h, dtype=dtype, psum=True, weights=True)
+    return x, ps, w
+
+
+def _bwd_cast_data(rng, t, h, npc, x_layout, g_dtype=BF16):
+    x = make_x(rng, t, h, f32)
+    xq, xsf = np_quantize(x, (1, npc), x_layout == "col_ue8m0")
+    g = (rng.standard_normal((t, h)) * 0.5).astype(g_dtype)
+    return xq, np_store_sf(xsf, _layout(x_layout)), g, make_psum(rng, t, 5, 16), rng.uniform(0.05, 1, t).astype(f32)
+
+
+def _kernel_of(call):
+    record = decode_record(call["launch"])
+    assert call["has_cubin"] and len(record["kernels"]) <= 1
+    return record
+
+
+@pytest.mark.parametrize("case", GPU_FWD + GPU_CAST, ids=str)
+def test_forward_lowers_to_one_persistent_launch(case):
+    if len(case) == 9:
+        t, h, dtype, fmt, psum, weights, rsf, clamp, count = case
+        program, cast, layout = _fwd_program(h, fmt, psum, weights, rsf, clamp, count), False, None
+    else:
+        t, h, npc, layout, psum, weights, clamp, count = case
+        dtype, npc = BF16, (h if npc == "H" else npc)
+        program, cast = _cast_program(npc, layout, psum, weights, clamp, count), True
+    args = (jax.ShapeDtypeStruct((t, 2 * h), dtype), jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((t,), jnp.float32))
+    (call,) = tilek_calls(lower_for_cuda(program, *args))
+    record = _kernel_of(call)
+    assert call["name"] == "swiglu_forward"
+    rows = -(-t // 4) * 4 if cast and _layout(layout) != "row" else t
+    if rows == 0:
+        assert record["kernels"] == [] and call["entries"] == ""
+        return
+    (k,) = record["kernels"]
+    assert k["grid"] == [min(-(-rows // S.WARPS), 132 * S.BLOCKS_PER_SM), 1, 1] and k["block"] == [256, 1, 1] and k["smem"] == 0
+    operands = 1 + int(psum) + int(weights)
+    assert record["zero_fill"] == ([operands + 1 + int(cast)] if count else [])  # the counters, after the data (and sf)
+
+
+@pytest.mark.parametrize("case", GPU_BWD + GPU_BWD_CAST, ids=str)
+def test_backward_lowers_to_one_persistent_launch(case):
+    if len(case) == 10:
+        t, h, dtype, g_dtype, fmt, psum, weights, rsf, clamp, recompute = case
+        program = _bwd_program(fmt, psum, weights, rsf, clamp, recompute)
+        args = (jax.ShapeDtypeStruct((t, 2 * h), dtype), jax.ShapeDtypeStruct((t, h), g_dtype))
+        rows = t
+    else:
+        t, h, npc, layout, x_layout, psum, weights, clamp, recompute = case
+        program = _bwd_cast_program(npc, layout, x_layout, psum, weights, clamp, recompute)
+        shape, dtype = F.sf_storage_shape(_layout(x_layout), (t, 2 * h // npc))
+        args = (jax.ShapeDtypeStruct((t, 2 * h), jnp.float8_e4m3fn), jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((t, h), jnp.bfloat16))
+        rows = -(-t // 4) * 4 if _layout(layout) != "row" else t
+    args += (jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((t,), jnp.float32))
+    (call,) = tilek_calls(lower_for_cuda(program, *args))
+    (k,) = _kernel_of(call)["kernels"]
+    assert call["name"] == "swiglu_backward"
+    assert k["grid"] == [min(-(-rows // S.WARPS), 132 * S.BLOCKS_PER_SM), 1, 1] and k["block"] == [256, 1, 1]
+
+
+@pytest.mark.parametrize("case", GPU_PC, ids=str)
+def test_per_channel_lowers_to_one_tiled_launch(case):
+    t, h, npt, transpose, round_sf, clamp = case
+    (call,) = tilek_calls(lower_for_cuda(_pc_program(npt, transpose, round_sf, clamp), jax.ShapeDtypeStruct((t, 2 * h), jnp.bfloat16)))
+    (k,) = _kernel_of(call)["kernels"]
+    assert k["grid"] == [h // 64, t // 128, 1] and k["block"] == [256, 1, 1] and k["smem"] >= 128 * 64 * 2
+
+
+def test_gradient_program_lowers_to_the_backward_kernel():
+    x, w = jax.ShapeDtypeStruct((64, 2048), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.float32)
+
+    def program(x, w):
+        y, vjp = jax.vjp(lambda x, w: swiglu(x, w, clamp_value=0.5, impl="tilelang"), x, w)
+        return y, vjp(jnp.ones_like(y))
+
+    assert [c["name"] for c in tilek_calls(lower_for_cuda(program, x, w))] == ["swiglu_forward", "swiglu_backward"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the kernels, bit for bit against the host.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_FWD, ids=str)
+def test_forward_kernel(on_gpu, rng, case):
+    t, h, dtype, fmt, psum, weights, rsf, clamp, count = case
+    x, ps, w = _fwd_data(rng, t, h, dtype, psum, weights)
+    got = on_gpu(_fwd_program(h, fmt, psum, weights, rsf, clamp, count), x, ps, w)
+    expected = host(_fwd_program(h, fmt, psum, weights, rsf, clamp, count, impl="xla"), x, ps, w)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        assert_bytes_equal(np.asarray(a), e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CAST, ids=str)
+def test_forward_and_per_token_cast_kernel(on_gpu, rng, case):
+    t, h, npc, layout, psum, weights, clamp, count = case
+    npc = h if npc == "H" else npc
+    x, ps, w = _fwd_data(rng, t, h, BF16, psum, weights)
+    got = on_gpu(_cast_program(npc, layout, psum, weights, clamp, count), x, ps, w)
+    act, valid = np_forward(x, ps if psum else None, w if weights else None, 0.75 if weights else None, clamp, 16)
+    expected = np_cast(act, valid, npc, _layout(layout), LAYOUT_FLAGS[layout][2])
+    if count:
+        expected += (np_counts(x, valid, clamp),)
+    for a, e in zip(got, expected):
+        assert_bytes_equal(np.asarray(a), e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_BWD, ids=str)
+def test_backward_kernel(on_gpu, rng, case):
+    t, h, dtype, g_dtype, fmt, psum, weights, rsf, clamp, recompute = case
+    x, ps, w = _fwd_data(rng, t, h, dtype, psum, weights)
+    g = (rng.standard_normal((t, h)) * 0.5).astype(g_dtype)
+    got = on_gpu(_bwd_program(fmt, psum, weights, rsf, clamp, recompute), x, g, ps, w)
+    expected = host(_bwd_program(fmt, psum, weights, rsf, clamp, recompute, impl="xla"), x, g, ps, w)
+    got, expected = jax.tree.leaves(got), jax.tree.leaves(expected)
+    assert_bytes_equal(np.asarray(got[0]), expected[0])
+    if recompute:
+        assert_bytes_equal(np.asarray(got[-1]), expected[-1])
+    if weights:
+        np.testing.assert_allclose(np.asarray(got[1]), expected[1], rtol=1e-5, atol=1e-5 * np.abs(expected[1]).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_BWD_CAST, ids=str)
+def test_backward_and_per_token_cast_kernel(on_gpu, rng, case):
+    t, h, npc, layout, x_layout, psum, weights, clamp, recompute = case
+    xq, xsf, g, ps, w = _bwd_cast_data(rng, t, h, npc, x_layout)
+    got = on_gpu(_bwd_cast_program(npc, layout, x_layout, psum, weights, clamp, recompute), xq, xsf, g, ps, w)
+    expected = host(_bwd_cast_program(npc, layout, x_layout, psum, weights, clamp, recompute, impl="xla"), xq, xsf, g, ps, w)
+    got, expected = jax.tree.leaves(got), jax.tree.leaves(expected)
+    for i in (0, 1, 2) + ((len(got) - 1,) if recompute else ()):
+        assert_bytes_equal(np.asarray(got[i]), expected[i])
+    if weights:
+        np.testing.assert_allclose(np.asarray(got[3]), expected[3], rtol=1e-5, atol=1e-5 * np.abs(expected[3]).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_PC, ids=str)
+def test_per_channel_cast_kernel(on_gpu, rng, case):
+    t, h, npt, transpose, round_sf, clamp = case
+    x = make_x(rng, t, h)
+    got = on_gpu(_pc_program(npt, transpose, round_sf, clamp), x)
+    act, _ = np_forward(x, clamp=clamp)
+    data, sf = np_quantize(act.astype(BF16).astype(f32), (npt, 1), round_sf)
+    assert_bytes_equal(np.asarray(got[0]), data.T if transpose else data)
+    assert_bytes_equal(np.asarray(got[1]), sf)
+
+
+@pytest.mark.gpu
+def test_swiglu_value_and_grad_kernel(on_gpu, rng):
+    t, h = 300, 2048
+    x, ps, w = make_inputs(rng, t, h, psum=True, weights=True)
+    g = (rng.standard_normal((t, h)) * 0.5).astype(BF16)
+    kw = dict(routed_scaling_factor=2.5, clamp_value=10.0, token_alignment=16)
+
+    def program(x, w, ps, g, impl="tilelang"):
+        y, vjp = jax.vjp(lambda x, w: swiglu(x, w, ps, impl=impl, **kw), x, w)
+        return y, vjp(g)
+
+    y, (gx, gw) = on_gpu(program, x, w, ps, g)
+    ey, (egx, egw) = host(functools.partial(program, impl="xla"), x, w, ps, g)
+    assert_bytes_equal(np.asarray(y), ey)
+    exp_grad, exp_wg, _ = host(lambda x, g, ps, w: swiglu_backward(x, g, "bf16", ps, w, impl="xla", do_recompute=True, **kw), x, g, ps, w)
+    assert_bytes_equal(np.asarray(gx), exp_grad)
+    np.testing.assert_allclose(np.asarray(gw), exp_wg, rtol=1e-5, atol=1e-5 * np.abs(exp_wg).max())
+    # and close to JAX's own derivative of the reference
+    assert calc_diff(np.asarray(gx, f32), np.asarray(egx, f32)) < 1e-5
+    np.testing.assert_allclose(np.asarray(gw), egw, rtol=1e-4, atol=1e-4 * np.abs(egw).max())
