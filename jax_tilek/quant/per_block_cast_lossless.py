@@ -1,0 +1,384 @@
+"""Exact FP4 (e2m1) -> FP8 (e4m3) re-blocking: ``per_block_cast_lossless`` (TileKernels v1 §2.6, v2.1 §1.4).
+
+The input is FP4 data with power-of-two scales in ``x_block_size`` blocks (any layout); the output is
+e4m3 data with power-of-two scales in ``out_block_size`` blocks. With ``E`` a scale's exponent (the
+fp32 exponent field ``(bits >> 23) & 0xFF``, or the UE8M0 byte; sign and mantissa are ignored):
+
+  ``E_out = max(E_in over the out block) - 6``, saturating at 0 (then the fp32 output scale is 0.0),
+  ``q8 = e4m3(fp4 · 2^(E_in - E_out))`` (round to nearest even, saturating).
+
+While ``E_in + 5 >= E_out`` (the scales in an out block span at most 2^11) every product is exactly
+representable (6·2^6 = 384 <= 448, 0.5·2^-5 = 2^-6 is e4m3's smallest normal), so the dequantized
+FP8 equals the dequantized FP4 bit for bit. TileKernels device-asserts that condition; a JAX op cannot
+trap, so here a violating element is rounded: ``q8`` is the e4m3 value nearest to
+``fp4 · 2^(E_in - E_out)``, which is still exact down to ``E_in = E_out - 8`` (e4m3 subnormals) and
+flushes to ±0 below ``E_in = E_out - 12``; nothing wraps around (the kernel clamps the shift at -24,
+where every product already rounds to zero). ``round_sf`` has no effect (the output scales are powers
+of two by construction); packed UE8M0 output needs ``use_tma_aligned_col_major_sf``.
+
+Rules (the union of v1, ``H % 32`` and any T, and v2.1, ``T % 128`` and ``H % 128``): ``H % 32 == 0``,
+any ``T >= 0``; ``x_block_size = (bm, bk)`` with ``bm in {1, 32, 128}``, ``bk in {32, 64, 128}``;
+``out_block_size`` likewise, each side a multiple of the input block's.
+
+(No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
+its closure.)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tilek.kernel import kernel
+from jax_tilek.op import Impl, Launch, TileOp, View
+from jax_tilek.quant import formats as F
+
+BLOCK_ROWS = (1, 32, 128)
+BLOCK_COLS = (32, 64, 128)
+HIDDEN_ALIGN = 32
+THREADS = 256
+CHUNK = 32  # FP4 elements per thread and step: 16 bytes in, 32 bytes out
+TILE_ELEMENTS = 16384
+PAD = [1, 2, 3]
+MIN_SHIFT = -24  # 2^-24: the smallest fp16 (subnormal); every product below it rounds to zero in e4m3
+
+PRELUDE = r"""
+#include <cuda_fp16.h>
+__device__ __forceinline__ unsigned tk_fp4x2_e4m3x2(unsigned w, int byte, unsigned scale) {
+  // The two FP4 codes of one byte of w -> two e4m3 bytes (the low nibble's in the low byte).
+  unsigned b = __byte_perm(w, 0u, 0x4440u | byte);
+  unsigned x = b | (b << 12);  // the low code at bits 0..3, the high code at bits 16..19
+  // As fp16 bits, magnitude at [11:9] and sign at 15 of each half: the fp16 is fp4 * 2^-14, exactly
+  // (subnormal for the code 0.5); * 2^14 restores fp4, * scale (2^k) applies the shift.
+  unsigned h = ((x & 0x70007u) << 9) | ((x & 0x80008u) << 12);
+  const unsigned two14 = 0x74007400u;
+  __half2 v = __hmul2(__hmul2(*reinterpret_cast<__half2*>(&h), *reinterpret_cast<const __half2*>(&two14)),
+                      *reinterpret_cast<__half2*>(&scale));
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;" : "=h"(r) : "r"(*reinterpret_cast<unsigned*>(&v)));
+  return r;
+}
+__device__ __forceinline__ unsigned tk_fp4x4_e4m3x4(unsigned w, int byte, unsigned scale) {
+  // Codes 2 * byte .. 2 * byte + 3 of w -> four e4m3 bytes.
+  return tk_fp4x2_e4m3x2(w, byte, scale) | (tk_fp4x2_e4m3x2(w, byte + 1, scale) << 16);
+}
+__device__ __forceinline__ unsigned tk_exp2_f16x2(int k) {
+  // 2^k (-24 <= k <= 15) as fp16, in both halves.
+  unsigned h = k >= -14 ? (unsigned)(k + 15) << 10 : 1u << (k + 24);
+  return h | (h << 16);
+}
+__device__ __forceinline__ void tk_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+"""
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def tile_plan(x_block_size: tuple[int, int], out_block_size: tuple[int, int]) -> dict:
+    """The CTA tile ``max(bm_out, 32) x max(bk_out, 16384 / tm)`` (TileKernels' tiling with twice its
+    8192 elements: two 16-byte chunks in flight per thread) and how the tile's input scales map onto
+    threads; raises ValueError for block sizes it does not serve."""
+    (bmi, bki), (bmo, bko) = x_block_size, out_block_size
+    if bmi not in BLOCK_ROWS or bki not in BLOCK_COLS:
+        raise ValueError(f"x_block_size must be (bm, bk) with bm in {BLOCK_ROWS}, bk in {BLOCK_COLS}, got {x_block_size}")
+    if bmo not in BLOCK_ROWS or bko not in BLOCK_COLS:
+        raise ValueError(f"out_block_size must be (bm, bk) with bm in {BLOCK_ROWS}, bk in {BLOCK_COLS}, got {out_block_size}")
+    if bmo % bmi or bko % bki:
+        raise ValueError(f"out_block_size {out_block_size} must be a multiple of x_block_size {x_block_size} on both axes")
+    tm = max(bmo, 32)
+    tk = max(bko, TILE_ELEMENTS // tm)
+    nki = tk // bki  # input scales per tile row of scales
+    rm, rk = bmo // bmi, bko // bki  # input scales per output block, along M and K
+
+    def free(bit: int) -> bool:  # flipping this bit of an entry index keeps its output block
+        return bit < min(_log2(nki), _log2(rk)) or _log2(nki) <= bit < _log2(nki) + _log2(rm)
+
+    entries = tm // bmi * nki  # input scales per tile
+    return dict(
+        tm=tm, tk=tk, nki=nki, entries=entries, per_thread=-(-entries // THREADS), rm=rm, rk=rk,
+        free_bits=[b for b in range(5) if free(b)], out_blocks=(tm // bmo) * (tk // bko), chunks=tm * tk // CHUNK // THREADS,
+    )  # fmt: skip
+
+
+@kernel(pass_configs={"tl.disable_warp_specialized": True})
+def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: str, layout: str):
+    """One CTA of 256 threads re-blocks a ``tm x tk`` tile.
+
+    1. Each thread loads its two 16-byte FP4 chunks (32 codes each; a warp reads whole row segments
+       of 128 bytes or more), then one or two input scales of the tile, whose exponents go to shared
+       memory.
+    2. Output-block maxima of the exponents: a butterfly over the lanes holding scales of the same
+       output block, then ``atomicMax`` in shared memory across warps.
+    3. Threads 0 .. out_blocks - 1 store the output scales (and zero the storage padding next to
+       them); every thread converts its chunks: codes become fp16 pairs (exact), are multiplied by
+       2^14 and by 2^(E_in - E_out) in fp16 (exact, or rounding only what e4m3 flushes to zero), and
+       are converted with ``cvt.rn.satfinite.e4m3x2.f16x2``; each chunk is two 16-byte stores.
+    """
+    import tilelang.language as T
+
+    bmi, bki = x_block
+    bmo, bko = out_block
+    plan = tile_plan(x_block, out_block)
+    tm, tk, nki = plan["tm"], plan["tk"], plan["nki"]
+    entries, per_thread, free_bits = plan["entries"], plan["per_thread"], plan["free_bits"]
+    out_blocks, chunks = plan["out_blocks"], plan["chunks"]
+    free_mask = sum(1 << b for b in free_bits)
+    nko = tk // bko  # output blocks per tile row of blocks
+    cpr = tk // CHUNK  # chunks per tile row
+
+    num_tokens, d_words = T.dynamic("num_tokens, d_words")  # d_words: a row of FP4 data in 32-bit words
+    hidden = d_words * 8
+    k_in, k_out = T.ceildiv(hidden, bki), T.ceildiv(hidden, bko)
+
+    def sf_param(which, lay, k_blocks):
+        if lay == "row":
+            rows = T.dynamic(f"{which}_m_blocks")
+            return (rows, k_blocks), "float32"
+        if lay == "col":
+            stride = T.dynamic(f"{which}_m_stride")  # align(M_b, 4)
+            return (k_blocks, stride), "float32"
+        nbytes = T.dynamic(f"{which}_m_bytes")  # packed UE8M0 seen as bytes: 4 * align(M_b, 4)
+        return (T.ceildiv(k_blocks, 4), nbytes), "uint8"
+
+    in_sf_shape, in_sf_dtype = sf_param("in", in_layout, k_in)
+    out_sf_shape, out_sf_dtype = sf_param("out", layout, k_out)
+    m_in, m_out = T.ceildiv(num_tokens, bmi), T.ceildiv(num_tokens, bmo)
+
+    @T.prim_func
+    def per_block_cast_lossless(
+        x: T.Tensor((num_tokens, d_words), "uint32"),
+        x_sf: T.Tensor(in_sf_shape, in_sf_dtype),
+        out: T.Tensor((num_tokens, hidden // 4), "uint32"),
+        out_sf: T.Tensor(out_sf_shape, out_sf_dtype),
+    ):
+        with T.Kernel(T.ceildiv(hidden, tk), T.ceildiv(num_tokens, tm), threads=THREADS, prelude=PRELUDE) as (bx, by):
+            T.assume(d_words % 4 == 0)
+            ein = T.alloc_shared((per_thread * THREADS,), "int32")
+            omax = T.alloc_shared((out_blocks,), "uint32")
+            w = T.alloc_local((chunks * 4,), "uint32")
+            o = T.alloc_local((8,), "uint32")
+            ev = T.alloc_local((per_thread,), "int32")
+            t = T.get_thread_binding(0)
+            if t < out_blocks:
+                omax[t] = T.uint32(0)
+            # 1. The FP4 chunks, then the tile's input exponents (0 outside the tensor); the loads of
+            # both are in flight together.
+            for j in T.unroll(chunks):
+                c = t + j * THREADS
+                row = by * tm + c // cpr
+                col = bx * tk + c % cpr * CHUNK
+                for v in T.vectorized(4):
+                    w[j * 4 + v] = T.uint32(0)
+                if row < num_tokens and col < hidden:
+                    for v in T.vectorized(4):
+                        w[j * 4 + v] = x[row, col // 8 + v]
+            for i in T.unroll(per_thread):
+                e = t + i * THREADS
+                mi = by * (tm // bmi) + e // nki
+                ki = bx * nki + e % nki
+                ev[i] = 0
+                if e < entries and mi < m_in and ki < k_in:
+                    if in_layout == "row":
+                        ev[i] = (T.reinterpret(x_sf[mi, ki], "int32") >> 23) & 0xFF
+                    elif in_layout == "col":
+                        ev[i] = (T.reinterpret(x_sf[ki, mi], "int32") >> 23) & 0xFF
+                    else:
+                        ev[i] = T.Cast("int32", x_sf[ki // 4, mi * 4 + ki % 4])
+                ein[e] = ev[i]
+            T.sync_threads()
+            # 2. Output-block maxima: a butterfly over the lanes of one output block, then atomicMax.
+            for i in T.unroll(per_thread):
+                e = t + i * THREADS
+                for b in free_bits:
+                    ev[i] = T.max(ev[i], T.call_extern("int32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF), ev[i], 1 << b))
+                if (t & free_mask) == 0 and e < entries:
+                    ob = e // nki // (bmo // bmi) * nko + e % nki // (bko // bki)
+                    T.evaluate(T.call_extern("uint32", "atomicMax", T.address_of(omax[ob]), T.Cast("uint32", ev[i])))
+            T.sync_threads()
+            # 3. Output scales, then the data.
+            if t < out_blocks:
+                mo = by * (tm // bmo) + t // nko
+                ko = bx * nko + t % nko
+                e_out = T.max(T.Cast("int32", omax[t]) - 6, 0)
+                if mo < m_out and ko < k_out:
+                    last_m = mo == m_out - 1
+                    if layout == "row":
+                        out_sf[mo, ko] = T.reinterpret(e_out << 23, "float32")
+                    elif layout == "col":
+                        out_sf[ko, mo] = T.reinterpret(e_out << 23, "float32")
+                        for p in PAD:  # the padding columns after the last row block
+                            if last_m and mo + p < out_sf_shape[1]:
+                                out_sf[ko, mo + p] = T.float32(0)
+                    else:
+                        last_k = ko == k_out - 1
+                        out_sf[ko // 4, mo * 4 + ko % 4] = T.Cast("uint8", e_out)
+                        for q in PAD:  # the unused bytes of the last word
+                            if last_k and ko % 4 + q < 4:
+                                out_sf[ko // 4, mo * 4 + ko % 4 + q] = T.uint8(0)
+                        for p in PAD:  # the padding columns after the last row block
+                            if last_m and mo + p < out_sf_shape[1] // 4:
+                                out_sf[ko // 4, (mo + p) * 4 + ko % 4] = T.uint8(0)
+                                for q in PAD:
+                                    if last_k and ko % 4 + q < 4:
+                                        out_sf[ko // 4, (mo + p) * 4 + ko % 4 + q] = T.uint8(0)
+            for j in T.unroll(chunks):
+                c = t + j * THREADS
+                r, cc = c // cpr, c % cpr * CHUNK  # inside the tile
+                e_in = ein[r // bmi * nki + cc // bki]
+                e_out = T.max(T.Cast("int32", omax[r // bmo * nko + cc // bko]) - 6, 0)
+                scale = T.call_extern("uint32", "tk_exp2_f16x2", T.max(e_in - e_out, MIN_SHIFT))
+                for q in T.unroll(8):
+                    o[q] = T.call_extern("uint32", "tk_fp4x4_e4m3x4", w[j * 4 + q // 2], (q % 2) * 2, scale)
+                if by * tm + r < num_tokens and bx * tk + cc < hidden:
+                    for h in T.unroll(2):
+                        T.evaluate(
+                            T.call_extern(
+                                "handle", "tk_store16", T.address_of(out[by * tm + r, (bx * tk + cc) // 4 + h * 4]),
+                                o[h * 4], o[h * 4 + 1], o[h * 4 + 2], o[h * 4 + 3],
+                            )
+                        )  # fmt: skip
+
+    return per_block_cast_lossless
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference, rules, launch.
+
+
+def _exponents(stored: jax.Array, layout: str, num_blocks: tuple[int, int]) -> jax.Array:
+    """The exponents ``E`` of stored scales, logical ``[M_b, K_b]`` int32. (formats.load_sf would do
+    for non-empty arrays; its UE8M0 unpacking cannot reshape zero tokens.)"""
+    m_b, k_b = num_blocks
+    if layout == "col_ue8m0":
+        raw = jax.lax.bitcast_convert_type(stored, jnp.uint8)  # [ceil(K_b/4), align(M_b, 4), 4]
+        raw = jnp.swapaxes(raw, 0, 1).reshape(raw.shape[1], raw.shape[0] * 4)
+        return raw[:m_b, :k_b].astype(jnp.int32)
+    logical = stored if layout == "row" else stored[:, :m_b].T
+    return (jax.lax.bitcast_convert_type(logical.astype(jnp.float32), jnp.int32) >> 23) & 0xFF
+
+
+def _reference(data, x_sf, *, x_block, out_block, in_layout, layout):
+    t, h = data.shape[0], data.shape[1] * 2
+    e_in = _exponents(x_sf, in_layout, F.num_blocks((t, h), x_block))
+    e_elem = F.expand_blocks(e_in, x_block, (t, h))
+    bmo, bko = out_block
+    mo, ko = F.num_blocks((t, h), out_block)
+    padded = jnp.pad(e_elem, ((0, mo * bmo - t), (0, ko * bko - h)))
+    e_out = jnp.maximum(padded.reshape(mo, bmo, ko, bko).max(axis=(1, 3)) - 6, 0)
+    shift = jnp.maximum(e_elem - F.expand_blocks(e_out, out_block, (t, h)), MIN_SHIFT)
+    values = F.dequantize_values(data, "e2m1") * F.exp2_exact(shift)  # exact: 2 significant bits, >= 2^-25
+    sf = jax.lax.bitcast_convert_type((e_out << 23).astype(jnp.int32), jnp.float32)
+    return F.quantize_values(values, "e4m3"), F.store_sf(sf, layout)
+
+
+def infer_sf_layout(data_shape: tuple[int, int], x_sf: jax.Array, x_block: tuple[int, int]) -> str:
+    """The layout of an input scale array from its dtype and shape; ValueError when ambiguous."""
+    t, h = data_shape[0], data_shape[1] * 2
+    blocks = F.num_blocks((t, h), x_block)
+    matches = [
+        lay for lay in ("row", "col", "col_ue8m0")
+        if (tuple(x_sf.shape), np.dtype(x_sf.dtype)) == F.sf_storage_shape(lay, blocks)
+    ]  # fmt: skip
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        shapes = {lay: list(F.sf_storage_shape(lay, blocks)[0]) for lay in ("row", "col", "col_ue8m0")}
+        raise ValueError(
+            f"per_block_cast_lossless: x's scales ({x_sf.dtype} {list(x_sf.shape)}) match no layout for x_block_size "
+            f"{x_block}: row float32 {shapes['row']}, col float32 {shapes['col']} or packed UE8M0 int32 {shapes['col_ue8m0']}"
+        )
+    raise ValueError(
+        f"per_block_cast_lossless: x's scales {list(x_sf.shape)} could be row-major or column-major; say which with "
+        "x_sf_layout='row' or 'col'"
+    )
+
+
+def _check(data, x_sf, *, x_block, out_block, in_layout, layout):
+    name = "per_block_cast_lossless"
+    if data.ndim != 2 or data.dtype != jnp.uint8:
+        raise ValueError(f"{name}: x's data must be packed e2m1 uint8 [num_tokens, hidden / 2], got {data.dtype} {list(data.shape)}")
+    if (data.shape[1] * 2) % HIDDEN_ALIGN:
+        raise ValueError(f"{name}: hidden size ({data.shape[1] * 2}) must be a multiple of {HIDDEN_ALIGN}")
+    try:
+        tile_plan(x_block, out_block)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    expected = F.sf_storage_shape(in_layout, F.num_blocks((data.shape[0], data.shape[1] * 2), x_block))
+    if (tuple(x_sf.shape), np.dtype(x_sf.dtype)) != expected:
+        raise ValueError(
+            f"{name}: x's scales in layout {in_layout!r} must be {expected[1]} {list(expected[0])}, got {x_sf.dtype} {list(x_sf.shape)}"
+        )
+
+
+def _sf_view(layout, num_blocks):
+    (rows, row), _ = F.sf_storage_shape(layout, num_blocks)
+    if layout == "col_ue8m0":
+        return View((rows, 4 * row), (4 * row, 1), dtype=np.uint8)
+    return View((rows, row), (row, 1))  # explicit: spec.compact_strides gives a [K, 0] array row stride 1
+
+
+def _launch(data, x_sf, *, x_block, out_block, in_layout, layout):
+    t, h = data.shape[0], data.shape[1] * 2
+    return Launch(
+        per_block_cast_lossless_kernel,
+        dict(x_block=tuple(x_block), out_block=tuple(out_block), in_layout=in_layout, layout=layout),
+        views={
+            "x": View((t, h // 8), dtype=np.uint32),
+            "x_sf": _sf_view(in_layout, F.num_blocks((t, h), x_block)),
+            "out": View((t, h // 4), dtype=np.uint32),
+            "out_sf": _sf_view(layout, F.num_blocks((t, h), out_block)),
+        },
+    )
+
+
+_lossless_op = TileOp(name="per_block_cast_lossless", launch=_launch, reference=_reference, check=_check)
+
+
+def per_block_cast_lossless(
+    x: tuple[jax.Array, jax.Array],
+    fmt: str,
+    x_block_size: tuple[int, int],
+    out_block_size: tuple[int, int],
+    use_tma_aligned_col_major_sf: bool = False,
+    round_sf: bool = False,
+    use_packed_ue8m0: bool = False,
+    impl: Impl = None,
+    x_sf_layout: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Re-blocks FP4 data with power-of-two scales into e4m3 data, exactly (see the module docstring).
+
+    Args:
+      x: ``(data, sf)``: packed e2m1 ``uint8 [T, H/2]`` and its scales in ``x_block_size`` blocks, in any
+        layout (row float32, column-major float32 storage, or packed UE8M0 int32 storage).
+      fmt: must be ``"e4m3"``.
+      x_block_size, out_block_size: ``(bm, bk)`` of the input and output scales.
+      use_tma_aligned_col_major_sf, use_packed_ue8m0: the output scale layout; ``round_sf`` is accepted
+        and has no effect.
+      x_sf_layout: ``"row"``, ``"col"`` or ``"col_ue8m0"``; by default inferred from the scales' dtype and
+        shape (a square float32 array can be either: then it must be given).
+
+    Returns:
+      ``(data, sf)``: ``float8_e4m3fn [T, H]`` and the power-of-two scales ``[ceil(T/bm), ceil(H/bk)]``
+      in the output layout.
+    """
+    data, x_sf = x
+    data, x_sf = jnp.asarray(data), jnp.asarray(x_sf)
+    if fmt != "e4m3":
+        raise ValueError(f"per_block_cast_lossless: only e2m1 -> e4m3 is lossless; fmt must be 'e4m3', got {fmt!r}")
+    layout = F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf=True)
+    x_block, out_block = tuple(x_block_size), tuple(out_block_size)
+    if len(x_block) != 2 or len(out_block) != 2:
+        raise ValueError(f"per_block_cast_lossless: block sizes are (bm, bk) pairs, got {x_block_size}, {out_block_size}")
+    try:
+        tile_plan(x_block, out_block)
+    except ValueError as e:
+        raise ValueError(f"per_block_cast_lossless: {e}") from None
+    if data.ndim != 2:
+        raise ValueError(f"per_block_cast_lossless: x's data must be [num_tokens, hidden / 2], got shape {list(data.shape)}")
+    if x_sf_layout is None:
+        x_sf_layout = infer_sf_layout(data.shape, x_sf, x_block)
+    elif x_sf_layout not in ("row", "col", "col_ue8m0"):
+        raise ValueError(f"per_block_cast_lossless: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r}")
+    return _lossless_op(data, x_sf, impl=impl, x_block=x_block, out_block=out_block, in_layout=x_sf_layout, layout=layout)

@@ -1,0 +1,266 @@
+"""per_block_cast_lossless: exact FP4 -> FP8 re-blocking against numpy, its rules, lowering, the GPU kernel."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_tilek.quant import formats as F
+from jax_tilek.quant.per_block_cast_lossless import per_block_cast_lossless, tile_plan
+
+from helpers import decode_record, lower_for_cuda, tilek_calls
+from quant_testing import assert_bytes_equal as _assert_bytes_equal
+
+LAYOUT_FLAGS = {"row": (False, False), "col": (True, False), "col_ue8m0": (True, True)}  # (col-major, packed)
+
+
+def assert_bytes_equal(actual, expected) -> None:
+    """quant_testing.assert_bytes_equal, which cannot reshape empty arrays: those compare shape and dtype."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    if a.size == 0 or e.size == 0:
+        assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, a.dtype, e.shape, e.dtype)
+        return
+    _assert_bytes_equal(a, e)
+
+
+def _flags(layout):
+    col, packed = LAYOUT_FLAGS[layout]
+    return dict(use_tma_aligned_col_major_sf=col, round_sf=True, use_packed_ue8m0=packed)
+
+
+def _expand(v, block, shape):
+    return np.repeat(np.repeat(v, block[0], 0), block[1], 1)[: shape[0], : shape[1]]
+
+
+def fp4_input(rng, shape, x_block, layout, exponent=None):
+    """FP4 data and power-of-two scales as TileKernels' test makes them: normal values times one
+    random power of two (here also a per-row factor up to 2^6), magnitudes clamped to >= max / 2^9,
+    quantized in x_block blocks with round_sf. Returns (data, stored sf, logical sf)."""
+    base = int(rng.integers(-100, 100)) if exponent is None else exponent
+    rows = rng.integers(0, 7, size=(shape[0], 1))
+    x = (rng.standard_normal(shape) * np.exp2(base + rows)).astype(np.float32)
+    if x.size:
+        floor = np.abs(x).max() / 2**9
+        x = (np.sign(x) * np.maximum(np.abs(x), floor)).astype(np.float32)
+    data, sf = F.quantize_blocks(jnp.asarray(x), "e2m1", x_block, round_sf=True)
+    return np.asarray(data), np.asarray(F.store_sf(sf, layout)), np.asarray(sf)
+
+
+def np_decode_fp4(data):
+    codes = np.stack([data & 0xF, data >> 4], axis=-1).reshape(data.shape[0], 2 * data.shape[1])
+    return codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+
+
+def np_exponents(sf):
+    return ((sf.astype(np.float32).view(np.uint32) >> 23) & 0xFF).astype(np.int64)
+
+
+def np_lossless(data, sf_logical, x_block, out_block):
+    """The op's definition in numpy: (e4m3 data, logical fp32 output scales)."""
+    values = np_decode_fp4(data).astype(np.float64)
+    t, h = values.shape
+    e_elem = _expand(np_exponents(sf_logical), x_block, (t, h))
+    mo, ko = F.num_blocks((t, h), out_block)
+    padded = np.zeros((mo * out_block[0], ko * out_block[1]), np.int64)
+    padded[:t, :h] = e_elem
+    e_out = np.maximum(padded.reshape(mo, out_block[0], ko, out_block[1]).max(axis=(1, 3)) - 6, 0)
+    v = values * np.exp2((e_elem - _expand(e_out, out_block, (t, h))).astype(np.float64))
+    v = np.where(np.abs(v) <= 2.0**-11, np.copysign(0.0, v), v)  # e4m3 rounds these to zero
+    q = v.astype(np.float32).astype(ml_dtypes.float8_e4m3fn)  # float32 is exact here: 2 significant bits
+    return q, (e_out.astype(np.uint32) << 23).view(np.float32)
+
+
+def np_store(sf, layout):
+    mb, kb = sf.shape
+    m4 = -(-mb // 4) * 4
+    if layout == "row":
+        return sf
+    if layout == "col":
+        out = np.zeros((kb, m4), np.float32)
+        out[:, :mb] = sf.T
+        return out
+    raw = np.zeros((-(-kb // 4), 4 * m4), np.uint8)
+    for m in range(mb):
+        for k in range(kb):
+            raw[k // 4, 4 * m + k % 4] = np_exponents(sf[m : m + 1, k : k + 1])[0, 0]
+    return raw.view(np.int32)
+
+
+def _check_result(data, sf_logical, x_block, out_block, layout, result, lossless=True):
+    q, sf_out = np_lossless(data, sf_logical, x_block, out_block)
+    out_data, out_sf = (np.asarray(r) for r in result)
+    assert_bytes_equal(out_sf, np_store(sf_out, layout))
+    assert_bytes_equal(out_data, q)
+    if lossless and data.size:  # the dequantized FP8 equals the dequantized FP4, bit for bit
+        back8 = out_data.astype(np.float32) * _expand(sf_out, out_block, out_data.shape)
+        back4 = np_decode_fp4(data) * _expand(sf_logical, x_block, out_data.shape)
+        assert_bytes_equal(back8, back4)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the reference path.
+
+BLOCK_PAIRS = [((1, 32), (1, 128)), ((1, 32), (32, 32)), ((1, 32), (128, 128)), ((32, 32), (128, 128)), ((1, 128), (1, 128))]
+
+
+def _pair_id(pair):
+    return f"{pair[0][0]}x{pair[0][1]}-{pair[1][0]}x{pair[1][1]}"
+
+
+@pytest.mark.parametrize("pair", BLOCK_PAIRS, ids=_pair_id)
+@pytest.mark.parametrize("in_layout", list(LAYOUT_FLAGS))
+@pytest.mark.parametrize("out_layout", list(LAYOUT_FLAGS))
+def test_reference_matches_numpy(rng, pair, in_layout, out_layout):
+    x_block, out_block = pair
+    for shape in [(1, 128), (37, 160), (130, 256), (0, 128)]:
+        data, sf, logical = fp4_input(rng, shape, x_block, in_layout)
+        result = per_block_cast_lossless(
+            (jnp.asarray(data), jnp.asarray(sf)), "e4m3", x_block, out_block, **_flags(out_layout), x_sf_layout=in_layout, impl="xla"
+        )
+        _check_result(data, logical, x_block, out_block, out_layout, result)
+
+
+def test_exponent_range_edges(rng):
+    """Scales near both ends of the exponent range: E_out saturates at 0 (the fp32 output scale is 0.0)."""
+    for exponent in (-128, -124, 110):
+        data, sf, logical = fp4_input(rng, (64, 256), (1, 32), "row", exponent=exponent)
+        result = per_block_cast_lossless((data, sf), "e4m3", (1, 32), (32, 32), x_sf_layout="row", impl="xla")
+        _check_result(data, logical, (1, 32), (32, 32), "row", result, lossless=exponent > -124)
+
+
+def violating_input(rng, shape=(4, 256)):
+    """FP4 data whose (1, 32) scales span up to 2^40 inside a (1, 128) block (and one 0.0 scale):
+    E_in + 5 < E_out for many blocks."""
+    data = rng.integers(0, 256, size=(shape[0], shape[1] // 2), dtype=np.uint8)
+    exponents = 100 - rng.integers(0, 40, size=(shape[0], shape[1] // 32))
+    exponents[0, 1] = 0
+    sf = (exponents.astype(np.uint32) << 23).view(np.float32)
+    return data, sf
+
+
+def test_violating_scales_round_to_nearest(rng):
+    data, sf = violating_input(rng)
+    result = per_block_cast_lossless((data, sf), "e4m3", (1, 32), (1, 128), x_sf_layout="row", impl="xla")
+    _check_result(data, sf, (1, 32), (1, 128), "row", result, lossless=False)
+    q = np.asarray(result[0]).astype(np.float32)
+    e_in = _expand(np_exponents(sf), (1, 32), q.shape)
+    e_out = _expand(np_exponents(np.asarray(result[1])), (1, 128), q.shape)
+    exact = np_decode_fp4(data) * np.exp2((e_in - e_out).astype(np.float64))
+    ok = e_in - e_out >= -8
+    np.testing.assert_array_equal(q[ok], exact[ok])  # still exact down to E_out - 8 (e4m3 subnormals)
+    assert np.all(q[e_in - e_out < -12] == 0)  # flushed to zero below E_out - 12
+
+
+def test_layout_inference(rng):
+    data, sf, logical = fp4_input(rng, (8, 512), (1, 32), "col_ue8m0")
+    a = per_block_cast_lossless((data, sf), "e4m3", (1, 32), (1, 128), impl="xla")
+    b = per_block_cast_lossless((data, logical), "e4m3", (1, 32), (1, 128), impl="xla")
+    assert_bytes_equal(a[0], b[0])
+    square = jax.ShapeDtypeStruct((8, 8), jnp.float32)  # 8 tokens x 256 channels: row [8, 8] or col [8, 8]
+    with pytest.raises(ValueError, match="could be row-major or column-major; say which with x_sf_layout"):
+        jax.eval_shape(lambda d, s: per_block_cast_lossless((d, s), "e4m3", (1, 32), (1, 128)), jax.ShapeDtypeStruct((8, 128), jnp.uint8), square)
+
+
+def test_abstract_eval_shapes():
+    d, s = jax.eval_shape(
+        lambda d, s: per_block_cast_lossless((d, s), "e4m3", (1, 32), (128, 128), True, True, True),
+        jax.ShapeDtypeStruct((300, 288), jnp.uint8), jax.ShapeDtypeStruct((300, 18), jnp.float32),
+    )  # fmt: skip
+    assert (d.shape, d.dtype) == ((300, 576), jnp.float8_e4m3fn) and (s.shape, s.dtype) == ((2, 4), jnp.int32)
+
+
+def _call(fmt="e4m3", xb=(1, 32), ob=(1, 128), data=(4, 64), sf=(4, 4), sf_dtype=jnp.float32, **kw):
+    return lambda: jax.eval_shape(
+        lambda d, s: per_block_cast_lossless((d, s), fmt, xb, ob, **kw),
+        jax.ShapeDtypeStruct(data, jnp.uint8 if len(data) == 2 else jnp.uint8), jax.ShapeDtypeStruct(sf, sf_dtype),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (_call(fmt="e2m1"), "fmt must be 'e4m3'"),
+        (_call(xb=(1, 16), ob=(1, 128)), r"x_block_size must be \(bm, bk\) with bm in \(1, 32, 128\), bk in \(32, 64, 128\)"),
+        (_call(ob=(64, 128)), r"out_block_size must be \(bm, bk\)"),
+        (_call(xb=(32, 32), ob=(1, 128), sf=(1, 4)), "must be a multiple of x_block_size"),
+        (_call(xb=(1, 128), ob=(1, 64), sf=(4, 1)), "must be a multiple of x_block_size"),
+        (_call(data=(4, 40), sf=(4, 3)), r"hidden size \(80\) must be a multiple of 32"),
+        (_call(data=(4, 4, 64)), r"x's data must be \[num_tokens, hidden / 2\]"),
+        (_call(sf=(4, 5)), "match no layout"),
+        (_call(sf=(4, 8), x_sf_layout="col"), r"x's scales in layout 'col' must be float32 \[4, 4\]"),
+        (_call(sf=(1, 4), sf_dtype=jnp.int32, x_sf_layout="row"), "x's scales in layout 'row' must be float32"),
+        (_call(x_sf_layout="tiled"), "x_sf_layout must be"),
+        (_call(use_packed_ue8m0=True), "use_packed_ue8m0 needs use_tma_aligned_col_major_sf"),
+    ],
+)
+def test_bad_inputs_raise_at_trace_time(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_uint8_data_is_required():
+    with pytest.raises(ValueError, match="packed e2m1 uint8"):
+        jax.eval_shape(
+            lambda d, s: per_block_cast_lossless((d, s), "e4m3", (1, 32), (1, 128), x_sf_layout="row"),
+            jax.ShapeDtypeStruct((4, 64), jnp.int8), jax.ShapeDtypeStruct((4, 4), jnp.float32),
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU configurations (each one cubin) and their lowering.
+
+GPU_CONFIGS = [
+    ((1, 32), out_block, in_layout, out_layout)
+    for out_block in ((1, 128), (32, 32), (128, 128))
+    for in_layout in ("row", "col_ue8m0")
+    for out_layout in ("row", "col_ue8m0")
+] + [((32, 32), (128, 128), "col", "col"), ((1, 32), (1, 128), "col", "col")]
+GPU_SHAPES = [(0, 7168), (1, 576), (131, 7168), (300, 2080), (4001, 4096)]
+
+
+def _cfg_id(cfg):
+    return f"{_pair_id(cfg[:2])}-{cfg[2]}-{cfg[3]}"
+
+
+@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=_cfg_id)
+def test_lowers_to_one_launch(cfg):
+    x_block, out_block, in_layout, out_layout = cfg
+    for t, h in [(131, 2080), (0, 256)]:
+        in_sf = F.sf_storage_shape(in_layout, F.num_blocks((t, h), x_block))
+        text = lower_for_cuda(
+            lambda d, s: per_block_cast_lossless((d, s), "e4m3", x_block, out_block, **_flags(out_layout), x_sf_layout=in_layout),
+            jax.ShapeDtypeStruct((t, h // 2), jnp.uint8), jax.ShapeDtypeStruct(*in_sf),
+        )  # fmt: skip
+        (call,) = tilek_calls(text)
+        assert call["has_cubin"]
+        record = decode_record(call["launch"])
+        assert record["num_buffers"] == 4
+        if t == 0:
+            assert record["kernels"] == [] and record["zero_fill"] == [2, 3]
+            continue
+        (k,) = record["kernels"]
+        plan = tile_plan(x_block, out_block)
+        assert k["grid"] == [-(-h // plan["tk"]), -(-t // plan["tm"]), 1] and k["block"] == [256, 1, 1]
+        assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2, 3]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=_cfg_id)
+def test_kernel_is_exact(on_gpu, rng, cfg):
+    x_block, out_block, in_layout, out_layout = cfg
+    cases = [fp4_input(rng, shape, x_block, in_layout) for shape in GPU_SHAPES]
+    if x_block == (1, 32) and in_layout == "row":
+        bad_data, bad_sf = violating_input(rng, (33, 1024))
+        cases.append((bad_data, bad_sf, bad_sf))
+    args = [a for data, sf, _ in cases for a in (data, sf)]
+
+    def program(*a):
+        return [
+            per_block_cast_lossless((d, s), "e4m3", x_block, out_block, **_flags(out_layout), x_sf_layout=in_layout, impl="tilelang")
+            for d, s in zip(a[::2], a[1::2])
+        ]
+
+    outs = on_gpu(program, *args)
+    for i, ((data, _, logical), result) in enumerate(zip(cases, outs)):
+        _check_result(data, logical, x_block, out_block, out_layout, result, lossless=i < len(GPU_SHAPES))
