@@ -272,7 +272,8 @@ def pack_ue8m0(sf_pow2: jax.Array) -> jax.Array:
 
 def unpack_ue8m0(words: jax.Array, k: int) -> jax.Array:
     """int32 ``[..., W]`` -> fp32 ``[..., k]`` power-of-two scales."""
-    b = jax.lax.bitcast_convert_type(words.astype(jnp.int32), jnp.uint8).reshape(*words.shape[:-1], -1)
+    b = jax.lax.bitcast_convert_type(words.astype(jnp.int32), jnp.uint8)
+    b = b.reshape(*words.shape[:-1], words.shape[-1] * 4)
     return ue8m0_to_float(b[..., :k])
 
 

@@ -122,6 +122,14 @@ def test_sf_layouts_round_trip(rng, layout):
     np.testing.assert_array_equal(np.asarray(F.load_sf(stored, layout, (m_b, k_b))), sf)
 
 
+@pytest.mark.parametrize("layout", F.SF_LAYOUTS)
+def test_sf_layouts_of_zero_tokens(layout):
+    sf = jnp.zeros((0, 3), jnp.float32)
+    stored = F.store_sf(sf, layout)
+    assert stored.shape == F.sf_storage_shape(layout, (0, 3))[0]
+    assert F.load_sf(stored, layout, (0, 3)).shape == (0, 3)
+
+
 def test_packed_ue8m0_byte_positions(rng):
     m_b, k_b = 5, 6
     sf = np.exp2(rng.integers(-20, 20, size=(m_b, k_b))).astype(np.float32)
