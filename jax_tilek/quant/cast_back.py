@@ -101,79 +101,96 @@ def _sf_shape(layout: str, n, bm: int, k_b: int):
 # ---------------------------------------------------------------------------------------------
 # cast_back.
 
-ELEMENTS_PER_CHUNK = {"e4m3": 16, "e2m1": 32, "e5m6": 32}  # one 16-byte load (three for e5m6)
-WORDS_PER_CHUNK = {"e4m3": 4, "e2m1": 4, "e5m6": 12}
-UNROLL = {"e4m3": 4, "e2m1": 4, "e5m6": 2}
+# One thread unit: (values, input words, units in flight per thread). Its output is one 16-byte store
+# (two for fp32 from FP4 / E5M6), and the 32 lanes of a warp store 32 consecutive units: coalesced.
+UNITS = {
+    ("e4m3", "bfloat16"): (8, 2, 8),
+    ("e4m3", "float32"): (4, 1, 16),
+    ("e2m1", "bfloat16"): (8, 1, 16),
+    ("e2m1", "float32"): (8, 1, 16),
+    ("e5m6", "bfloat16"): (8, 3, 6),
+    ("e5m6", "float32"): (8, 3, 6),
+}
+
+
+def unit_plan(fmt: str, out_dtype: str, bk: int) -> tuple[int, int, int]:
+    """(values, input words, unroll) for a thread unit; fewer units in flight when each needs several scales."""
+    per_unit, in_words, unroll = UNITS[(fmt, out_dtype)]
+    scales = per_unit // bk if bk < per_unit else 1
+    return per_unit, in_words, max(2, unroll // scales)
 
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True}, depends=(e5m6,))
 def cast_back_kernel(
-    hidden: int, fmt: str, out_dtype: str, block: tuple, sf_layout: str, sf_dtype: str, threads: int = 256, unroll: int = 4
+    hidden: int, fmt: str, out_dtype: str, block: tuple, sf_layout: str, sf_dtype: str, threads: int = 256, unroll: int = 8
 ):
-    """``y = data · sf`` over a flat sequence of chunks (16 e4m3 or 32 FP4 / E5M6 values of one row).
+    """``y = data · sf`` over a flat sequence of thread units (8 values of a row; 4 for e4m3 -> fp32).
 
-    A thread loads ``unroll`` chunks with 16-byte loads first, then for each: loads its scale(s),
-    decodes every value to fp32 with integer bit moves (exact; the format's exponent bias is restored by
-    one exact power-of-two product), multiplies by the scale in fp32 (``__fmul_rn``), rounds pairs to
-    bf16 with ``cvt.rn.bf16x2.f32`` (or keeps fp32) and writes 16-byte stores.
+    A thread first loads ``unroll`` units and their scales (all loads in flight together), then for each
+    unit decodes every value to fp32 with integer bit moves (exact; the format's exponent bias is
+    restored by one exact power-of-two product), multiplies by the scale in fp32 (``__fmul_rn``), rounds
+    pairs to bf16 with ``cvt.rn.bf16x2.f32`` (or keeps fp32) and writes 16 bytes. Consecutive lanes own
+    consecutive units, so every load and store instruction of a warp covers one contiguous span.
     """
     import tilelang.language as T
 
     bm, bk = block
-    per_chunk = ELEMENTS_PER_CHUNK[fmt]
-    in_words = WORDS_PER_CHUNK[fmt]
-    out_words = per_chunk * np.dtype(out_dtype).itemsize // 4
-    chunks = hidden // per_chunk  # per row
+    per_unit, in_words, _ = UNITS[(fmt, out_dtype)]
+    out_words = per_unit * np.dtype(out_dtype).itemsize // 4
+    units = hidden // per_unit  # per row
     k_b = F.ceil_div(hidden, bk)
-    scales = per_chunk // bk if bk < per_chunk else 1  # distinct scales in one chunk
+    scales = per_unit // bk if bk < per_unit else 1  # distinct scales in one unit
     N = T.dynamic("N")
 
-    def value(w, u, j):
-        """Value j of chunk u as exact fp32."""
+    def value(w, u, j: int):
+        """Value j of unit u as exact fp32."""
         if fmt == "e4m3":
             return _e4m3_top_to_f32(w[u, j // 4] << T.uint32(24 - 8 * (j % 4)))
         if fmt == "e2m1":
-            return _e2m1_top_to_f32(w[u, j // 8] << T.uint32(28 - 4 * (j % 8)))
-        base = (j // 8) * 3
-        return e5m6.top_code_to_f32(e5m6.code_at_top(w[u, base], w[u, base + 1], w[u, base + 2], j % 8))
+            return _e2m1_top_to_f32(w[u, 0] << T.uint32(28 - 4 * j))
+        return e5m6.top_code_to_f32(e5m6.code_at_top(w[u, 0], w[u, 1], w[u, 2], j))
 
-    def scaled(w, u, s, j: int):
-        return T.call_extern("float32", "__fmul_rn", value(w, u, j), s[j // bk if bk < per_chunk else 0])
+    def scaled(w, s, u, j: int):
+        return T.call_extern("float32", "__fmul_rn", value(w, u, j), s[u, j // bk if bk < per_unit else 0])
 
     @T.prim_func
     def cast_back(
-        x: T.Tensor((N, chunks * in_words), "uint32"),
+        x: T.Tensor((N, units * in_words), "uint32"),
         sf: T.Tensor(_sf_shape(sf_layout, N, bm, k_b), "uint8" if sf_dtype == "float8_e4m3fn" else sf_dtype),
-        y: T.Tensor((N, chunks * out_words), "uint32"),
+        y: T.Tensor((N, units * out_words), "uint32"),
     ):
-        with T.Kernel(T.ceildiv(N * chunks, threads * unroll), threads=threads, prelude=PRELUDE) as bx:
+        with T.Kernel(T.ceildiv(N * units, threads * unroll), threads=threads, prelude=PRELUDE) as bx:
             w = T.alloc_local((unroll, in_words), "uint32")
-            s = T.alloc_local((scales,), "float32")
+            s = T.alloc_local((unroll, scales), "float32")
             o = T.alloc_local((4,), "uint32")
+            row = T.alloc_var("int32")  # int32 variables keep the index arithmetic of the scales in 32 bits
+            col = T.alloc_var("int32")
             t = T.get_thread_binding(0)
             for u in T.unroll(unroll):
                 c = (bx * unroll + u) * threads + t
-                if c < N * chunks:
-                    for l in T.unroll(in_words // 4):
-                        for v in T.vectorized(4):
-                            w[u, l * 4 + v] = x[c // chunks, (c % chunks) * in_words + l * 4 + v]
+                if c < N * units:
+                    if in_words == 2:
+                        for v in T.vectorized(2):
+                            w[u, v] = x[c // units, (c % units) * 2 + v]
+                    else:
+                        for v in T.unroll(in_words):
+                            w[u, v] = x[c // units, (c % units) * in_words + v]
+                    row = c // units
+                    col = (c % units) * per_unit
+                    for i in T.unroll(scales):
+                        s[u, i] = _load_scale(sf, sf_layout, sf_dtype, row // bm, (col + i * bk) // bk)
             for u in T.unroll(unroll):
                 c = (bx * unroll + u) * threads + t
-                if c < N * chunks:
-                    row = c // chunks
-                    k0 = (c % chunks) * per_chunk
-                    for i in T.unroll(scales):
-                        s[i] = _load_scale(sf, sf_layout, sf_dtype, row // bm, (k0 + i * bk) // bk)
+                if c < N * units:
                     for q in _static(out_words // 4):  # Python loops: j is a constant
                         for p in _static(4):
                             if out_dtype == "bfloat16":
-                                j = q * 8 + p * 2
-                                o[p] = T.call_extern("uint32", "tilek_bf16x2", scaled(w, u, s, j), scaled(w, u, s, j + 1))
+                                o[p] = T.call_extern("uint32", "tilek_bf16x2", scaled(w, s, u, q * 8 + p * 2), scaled(w, s, u, q * 8 + p * 2 + 1))
                             else:
-                                o[p] = T.reinterpret(scaled(w, u, s, q * 4 + p), "uint32")
+                                o[p] = T.reinterpret(scaled(w, s, u, q * 4 + p), "uint32")
                         T.evaluate(
                             T.call_extern(
-                                "handle", "tilek_store16", T.address_of(y[row, (c % chunks) * out_words + q * 4]), o[0], o[1], o[2], o[3]
+                                "handle", "tilek_store16", T.address_of(y[c // units, (c % units) * out_words + q * 4]), o[0], o[1], o[2], o[3]
                             )
                         )
 
@@ -274,7 +291,7 @@ def _cast_back_launch(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_lay
         kernel=cast_back_kernel,
         params=dict(
             hidden=h, fmt=cfg.fmt, out_dtype=out_dtype.name, block=cfg.block, sf_layout=cfg.layout,
-            sf_dtype=np.dtype(sf.dtype).name, unroll=UNROLL[cfg.fmt],
+            sf_dtype=np.dtype(sf.dtype).name, unroll=unit_plan(cfg.fmt, out_dtype.name, cfg.block[1])[2],
         ),  # fmt: skip
         views={
             "x": View((t, h * bits // 32), dtype=np.uint32),

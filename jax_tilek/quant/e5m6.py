@@ -17,9 +17,6 @@ from jax_tilek.op import Launch, TileOp, View
 from jax_tilek.quant import formats as F
 
 PRELUDE = """
-__device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
-}
 __device__ __forceinline__ unsigned tilek_f16_rz_bits(float v) {
   unsigned short h;
   asm("cvt.rz.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
@@ -28,7 +25,7 @@ __device__ __forceinline__ unsigned tilek_f16_rz_bits(float v) {
 """
 
 ROW_ALIGN = 64  # H must be a multiple of this (TileKernels' per-token rule)
-CHUNK = 32  # values per thread: 16 words in (bf16), 12 words = three 16-byte stores out
+MAX_HIDDEN = 32768  # the packed row is staged in shared memory (48 KB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,30 +68,38 @@ def top_code_to_f32(top):
 # The cast.
 
 
+def cast_plan(hidden: int) -> tuple[int, int]:
+    """(threads, units per thread) of the cast: a row per CTA, at most 4 units of 8 values per thread."""
+    units = hidden // 8
+    threads = min(1024, F.align(F.ceil_div(units, 4), 32))
+    return threads, F.ceil_div(units, threads)
+
+
 @kernel(pass_configs={"tl.disable_warp_specialized": True})
 def per_token_cast_to_e5m6_kernel(hidden: int, in_dtype: str, sf_layout: str, round_sf: bool):
-    """One CTA per row: every thread loads 32 consecutive values (16-byte loads), the row's absolute
-    maximum is reduced over the CTA (warp shuffles, then shared memory), every thread derives the scale,
-    encodes its 32 values (``__float2half_rz``, then the 17-bit round-to-nearest-even carry) and writes
-    their 48 packed bytes as three 16-byte stores; thread 0 stores the scale.
+    """One CTA per row, in units of 8 values (16 or 32 bytes in, 12 out); lane l of a warp owns unit
+    ``k * threads + l``, so loads are coalesced. The row's absolute maximum (unsigned maxima of the
+    sign-cleared bits) is reduced over the CTA with warp shuffles and shared memory; every thread derives
+    the scale and encodes its units (``cvt.rz.f16.f32``, then the 17-bit round-to-nearest-even carry)
+    into a shared-memory copy of the packed row, which the CTA then writes with coalesced 16-byte
+    stores. Thread 0 stores the scale.
     """
     import tilelang.language as T
 
     esize = np.dtype(in_dtype).itemsize
-    in_words = CHUNK * esize // 4  # 16 (bf16) or 32 (fp32)
-    out_words = CHUNK * 12 // 32  # 12
-    chunks = hidden // CHUNK
-    threads = min(1024, F.align(chunks, 32))
-    per_thread = F.ceil_div(chunks, threads)
-    threads = F.align(F.ceil_div(chunks, per_thread), 32)
+    in_words = 8 * esize // 4  # 4 (bf16) or 8 (fp32)
+    units = hidden // 8
+    out_words = units * 3  # the packed row
+    threads, per_thread = cast_plan(hidden)
     warps = threads // 32
+    pieces = out_words // 4  # 16-byte stores per row
     N = T.dynamic("N")
     sf_shape = {"row": (N, 1), "col": (1, T.ceildiv(N, 4) * 4), "col_ue8m0": (1, T.ceildiv(N, 4) * 4)}[sf_layout]
     sf_dtype = "int32" if sf_layout == "col_ue8m0" else "float32"
     zero_bits = T.uint32(0x7FFF7FFF) if esize == 2 else T.uint32(0x7FFFFFFF)
 
     def element(w, k, j):
-        """Value j of chunk k as fp32."""
+        """Value j of unit k as fp32."""
         if esize == 4:
             return T.reinterpret(w[k, j], "float32")
         word = w[k, j // 2]
@@ -103,14 +108,15 @@ def per_token_cast_to_e5m6_kernel(hidden: int, in_dtype: str, sf_layout: str, ro
     @T.prim_func
     def per_token_cast_to_e5m6(
         x: T.Tensor((N, hidden * esize // 4), "uint32"),
-        y: T.Tensor((N, hidden * 3 // 8), "uint32"),
+        y: T.Tensor((N, out_words), "uint32"),
         sf: T.Tensor(sf_shape, sf_dtype),
     ):
         with T.Kernel(N, threads=threads, prelude=PRELUDE) as row:
+            T.annotate_min_blocks_per_sm(max(1, min(2048 // threads, 65536 // 64 // threads)))  # <= ~64 registers
             w = T.alloc_local((per_thread, in_words), "uint32")
             codes = T.alloc_local((8,), "uint32")
-            o = T.alloc_local((out_words,), "uint32")
             red = T.alloc_shared((warps,), "uint32")
+            packed = T.alloc_shared((out_words,), "uint32")
             m = T.alloc_var("uint32")
             scale = T.alloc_var("float32")
             inv = T.alloc_var("float32")
@@ -118,7 +124,7 @@ def per_token_cast_to_e5m6_kernel(hidden: int, in_dtype: str, sf_layout: str, ro
             m = T.uint32(0)
             for k in T.unroll(per_thread):
                 c = k * threads + t
-                if c < chunks:
+                if c < units:
                     for l in T.unroll(in_words // 4):
                         for v in T.vectorized(4):
                             w[k, l * 4 + v] = x[row, c * in_words + l * 4 + v]
@@ -156,25 +162,24 @@ def per_token_cast_to_e5m6_kernel(hidden: int, in_dtype: str, sf_layout: str, ro
                     sf[0, row] = T.reinterpret(T.reinterpret(scale, "uint32") >> T.uint32(23), "int32")
             for k in T.unroll(per_thread):
                 c = k * threads + t
-                if c < chunks:
-                    for g in T.unroll(CHUNK // 8):
-                        for i in T.unroll(8):
-                            v = element(w, k, g * 8 + i) * inv
-                            h = T.call_extern("uint32", "tilek_f16_rz_bits", v) >> T.uint32(4)
-                            rest = T.reinterpret(v, "uint32") & T.uint32(0x1FFFF)
-                            codes[i] = h + T.Cast("uint32", (h & T.uint32(1)) + rest > T.uint32(0x10000))
-                        o[g * 3] = (codes[0] << T.uint32(20)) | (codes[1] << T.uint32(8)) | (codes[2] >> T.uint32(4))
-                        o[g * 3 + 1] = (
-                            (codes[2] << T.uint32(28)) | (codes[3] << T.uint32(16)) | (codes[4] << T.uint32(4)) | (codes[5] >> T.uint32(8))
-                        )
-                        o[g * 3 + 2] = (codes[5] << T.uint32(24)) | (codes[6] << T.uint32(12)) | codes[7]
-                    for q in T.unroll(out_words // 4):
-                        T.evaluate(
-                            T.call_extern(
-                                "handle", "tilek_store16", T.address_of(y[row, c * out_words + q * 4]),
-                                o[q * 4], o[q * 4 + 1], o[q * 4 + 2], o[q * 4 + 3],
-                            )
-                        )  # fmt: skip
+                if c < units:
+                    for i in T.unroll(8):
+                        v = element(w, k, i) * inv
+                        h = T.call_extern("uint32", "tilek_f16_rz_bits", v) >> T.uint32(4)
+                        rest = T.reinterpret(v, "uint32") & T.uint32(0x1FFFF)
+                        codes[i] = h + T.Cast("uint32", (h & T.uint32(1)) + rest > T.uint32(0x10000))
+                    # lanes write words 3l + j: distinct banks
+                    packed[c * 3] = (codes[0] << T.uint32(20)) | (codes[1] << T.uint32(8)) | (codes[2] >> T.uint32(4))
+                    packed[c * 3 + 1] = (
+                        (codes[2] << T.uint32(28)) | (codes[3] << T.uint32(16)) | (codes[4] << T.uint32(4)) | (codes[5] >> T.uint32(8))
+                    )
+                    packed[c * 3 + 2] = (codes[5] << T.uint32(24)) | (codes[6] << T.uint32(12)) | codes[7]
+            T.sync_threads()
+            for k in T.unroll(F.ceil_div(pieces, threads)):
+                p = k * threads + t
+                if p < pieces:
+                    for v in T.vectorized(4):
+                        y[row, p * 4 + v] = packed[p * 4 + v]
 
     return per_token_cast_to_e5m6
 
@@ -199,8 +204,8 @@ def _check(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=
         raise ValueError(f"per_token_cast_to_e5m6: num_per_channels must equal the hidden size {h} (whole-row scaling), got {num_per_channels}")
     if h == 0 or h % ROW_ALIGN:
         raise ValueError(f"per_token_cast_to_e5m6: the hidden size must be a positive multiple of {ROW_ALIGN}, got {h}")
-    if h // CHUNK > 32 * 1024:
-        raise ValueError(f"per_token_cast_to_e5m6: the hidden size must be at most {32 * 1024 * CHUNK}, got {h}")
+    if h > MAX_HIDDEN:
+        raise ValueError(f"per_token_cast_to_e5m6: the hidden size must be at most {MAX_HIDDEN}, got {h}")
     try:
         _layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
     except ValueError as e:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.cast_back import cast_back, per_token_cast_and_cast_back, per_token_cast_back, unpack_from_e2m1fn_x2
+from jax_tilek.quant.cast_back import cast_back, per_token_cast_and_cast_back, per_token_cast_back, unit_plan, unpack_from_e2m1fn_x2
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff
@@ -205,8 +205,8 @@ def test_cast_back_lowers_to_one_launch(config, tokens):
         assert record["kernels"] == [] and record["zero_fill"] == [2]
         return
     (k,) = record["kernels"]
-    per_chunk, unroll = {"e4m3": (16, 4), "e2m1": (32, 4), "e5m6": (32, 2)}[fmt]
-    assert k["grid"] == [-(-tokens * hidden // per_chunk // (256 * unroll)), 1, 1] and k["block"] == [256, 1, 1]
+    per_unit, _, unroll = unit_plan(fmt, np.dtype(OUT[out]).name, block[1])  # values a thread stores at once
+    assert k["grid"] == [-(-tokens * hidden // per_unit // (256 * unroll)), 1, 1] and k["block"] == [256, 1, 1]
     assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2] and all(a[2] == 0 for a in k["args"] if a[0] == 0)
     assert [a[2] for a in k["args"] if a[0] != 0] == [tokens]
 

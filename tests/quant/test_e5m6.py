@@ -111,6 +111,7 @@ def test_zero_tokens_and_default_impl(rng):
         ((4, 128), jnp.float16, {}, "must be bfloat16 or float32"),
         ((4, 128), jnp.float32, dict(num_per_channels=64), "must equal the hidden size 128"),
         ((4, 96), jnp.float32, dict(num_per_channels=96), "positive multiple of 64"),
+        ((4, 32832), jnp.float32, dict(num_per_channels=32832), "at most 32768"),
         ((4, 128), jnp.float32, dict(use_packed_ue8m0=True, round_sf=True), "needs use_tma_aligned_col_major_sf"),
         ((4, 128), jnp.float32, dict(use_packed_ue8m0=True, use_tma_aligned_col_major_sf=True), "needs round_sf"),
     ],
@@ -145,7 +146,8 @@ def test_lowers_to_one_launch(config, tokens):
         assert record["kernels"] == [] and sorted(record["zero_fill"]) == [1, 2]
         return
     (k,) = record["kernels"]
-    assert k["grid"] == [tokens, 1, 1] and k["block"] == [hidden // 32, 1, 1]  # a row per CTA, 32 values per thread
+    assert k["grid"] == [tokens, 1, 1] and k["block"] == [hidden // 32, 1, 1]  # a row per CTA, 4 x 8 values per thread
+    assert k["smem"] >= hidden * 3 // 2  # the packed row is staged in shared memory
     assert record["zero_fill"] == ([] if layout.startswith("row") else [2])  # column-major padding
     assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2] and [a[2] for a in k["args"] if a[0] != 0] == [tokens]
 
