@@ -483,7 +483,7 @@ def swiglu_forward_kernel(
                             w = tw[row]
                         elif rsf:
                             w = scaling
-                        counters[3] = counters[3] + 1
+                        counters[3] = counters[3] + T.Cast("int32", lane == 0)  # valid rows, once per warp
                         amax = T.float32(0.0)
                         for p in T.serial(2 if whole else 1):  # whole-row scales: pass 0 finds the max
                             for j in T.serial(iters):
