@@ -11,12 +11,18 @@ int32 ``[E]`` (nondecreasing) holds each expert's inclusive end, and expert ``e`
 skips them, here every output of a padding row is zero (data, scale factors, gradients) so that
 each output element is defined.
 
-Exactness. ``exp`` is jax_tilek's own fp32 exponential (Cody-Waite reduction and Cephes' degree-5
-polynomial, < 2 ulp), written from IEEE additions, multiplications and ``rint`` so that the GPU
-kernel and this module's JAX reference produce the same bits on every machine (CUDA's ``expf`` and
-XLA's ``exp`` differ in the last bits). The kernels are built with ``-fmad=false``; the reference
-shields each product from XLA's FMA contraction. Everything except the backward's weight gradient
-(a sum, whose order differs) is therefore bit-exact between kernel and reference.
+Exactness. ``exp`` is jax_tilek's own fp32 exponential (Cody-Waite reduction and a degree-6
+polynomial, < 1.5 ulp on [-32, 87]), written from IEEE additions, multiplications and a
+round-to-integer shifter, so that the GPU kernels and this module's JAX reference produce the same
+bits on every machine (CUDA's ``expf`` and XLA's ``exp`` differ in their last bits). silu's argument
+is raised to -87 (below it silu is -87 / (1 + e^87) ≈ -1.4e-36 instead of an even tinier value),
+which keeps ``d = 1 + exp(-l)`` in [1, 2^126]: there the kernels' branch-free division (the fast
+path of CUDA's ``div.rn.f32``) equals IEEE division, which the reference uses. The kernels are built
+with ``-fmad=false`` and use FMAs only where the product is exact; the reference shields every
+product from XLA's FMA contraction and reassociation. Everything except the backward's weight
+gradient (a sum, whose order differs) is therefore bit-exact between kernel and reference, for
+finite inputs (NaN and inf inputs are outside the contract: min/max and the division treat them
+differently).
 
 This module: ``swiglu_forward``, ``swiglu_backward`` (un-quantized, v2.1) and ``swiglu`` (one
 differentiable function). The FP8-fused variants are in :mod:`jax_tilek.quant.swiglu_quant`.
@@ -57,7 +63,8 @@ LN2_LO = _F32(1.428606765330187e-06)
 SHIFTER = _F32(12582912.0)  # 1.5·2^23: (y + SHIFTER) - SHIFTER == rint(y) for |y| < 2^22
 EXP_POLY = (1.0, 1.0, 0.4999999, 0.1666642, 0.04166823, 0.0083749, 0.00138367)  # c0..c6
 EXP_POLY2 = tuple(_F32(2 * _F32(c)) for c in reversed(EXP_POLY))  # 2·c6 .. 2·c0 (Horner order)
-EXP_MIN, EXP_MAX = _F32(-32.0), _F32(89.0)  # exp(-32) + 1 == 1 in fp32; exp(89) overflows to inf
+EXP_MIN, EXP_MAX = _F32(-32.0), _F32(87.0)  # exp(-32) + 1 == 1 in fp32; exp(87) < 2^126
+SILU_MIN = _F32(-87.0)  # silu's argument saturates here: 1 + exp(87) keeps 1/d a normal number
 SCALE_BIAS = (126 - 0x4B400000) & 0xFFFFFFFF  # bits(k + SHIFTER) + SCALE_BIAS == k + 126 (mod 2^32)
 
 
@@ -87,12 +94,13 @@ def _mul(a, b) -> jax.Array:
 
 @jax.custom_jvp
 def exp_f32(t: jax.Array) -> jax.Array:
-    """jax_tilek's fp32 ``exp(t)`` for ``t`` clamped to [-32, 89] (the kernels' exponential).
+    """jax_tilek's fp32 ``exp(t)`` for ``t`` clamped to [-32, 87] (the kernels' exponential).
 
     ``y = t·log2e + 1.5·2^23`` and ``k = y - 1.5·2^23`` (= rint(t·log2e)), ``r = (t - k·ln2_hi) -
     k·ln2_lo``; ``2·exp(r)`` by Horner's rule on the doubled coefficients (every operation rounded
-    on its own; doubling is exact), times ``2^(k-1)`` built from the bits of ``y``. Within 1.3 ulp
-    of exp; overflows to inf above ln(FLT_MAX).
+    on its own; doubling is exact), times ``2^(k-1)`` built from the bits of ``y``. Within 1.4 ulp
+    of exp on [-32, 87]. (The kernels fuse ``t - k·ln2_hi`` and ``1 + exp`` into FMAs: both
+    products are exact, so the results are the same.)
     """
     t = jnp.clip(jnp.asarray(t, jnp.float32), EXP_MIN, EXP_MAX)
     y = _rn(_mul(t, LOG2E) + SHIFTER)  # opaque: XLA would fold (a + c) - c into a
@@ -115,10 +123,13 @@ def _clamp(l, r, clamp_value):
     return jnp.minimum(l, c), jnp.clip(r, -c, c)
 
 
-def silu_parts(l: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(d, silu)`` with ``d = 1 + exp(-l)`` and ``silu = l / d`` (IEEE division)."""
+def silu_parts(l: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(l', d, silu)``: ``l' = max(l, -87)``, ``d = 1 + exp(-l')``, ``silu = l' / d`` (IEEE
+    division). Below -87, silu is the constant -87 / (1 + e^87) ≈ -1.4e-36 (true silu is smaller
+    still); this keeps ``1 / d`` normal, which the kernels' branch-free division needs."""
+    l = jnp.maximum(l, SILU_MIN)
     d = _F32(1.0) + exp_f32(-l)
-    return d, l / d
+    return l, d, l / d
 
 
 def row_weights(num_rows: int, topk_weights, routed_scaling_factor) -> Optional[jax.Array]:
@@ -148,7 +159,7 @@ def forward_act(x, *, psum=None, topk_weights=None, routed_scaling_factor=None, 
     h = x.shape[1] // 2
     x = x.astype(jnp.float32)
     l, r = _clamp(x[:, :h], x[:, h:], clamp_value)
-    _, silu = silu_parts(l)
+    _, _, silu = silu_parts(l)
     act = _mul(silu, r)
     w = row_weights(x.shape[0], topk_weights, routed_scaling_factor)
     if w is not None:
@@ -180,11 +191,12 @@ def backward_math(l0, r0, g, w, clamp_value):
     """Per element: ``(dl, dr, act)`` in fp32 from the unclamped halves, the output gradient and
     the per-row weight ``w`` (``[T, 1]`` or None).
 
-    ``s = 1 / d``, ``dl = ((g·w)·r)·s · (1 + l·(1 - s))``, ``dr = (g·w)·silu``, zero where the
-    clamp cut the input (``l > c``; ``|r| > c``); ``act = silu · r`` (unweighted).
+    ``s = 1 / d``, ``dl = ((g·w)·r)·s · (1 + l'·(1 - s))``, ``dr = (g·w)·silu``, zero where the
+    clamp cut the input (``l > c``; ``|r| > c``); ``act = silu · r`` (unweighted). ``l'`` is the
+    clamped l raised to -87 (:func:`silu_parts`).
     """
     l, r = _clamp(l0, r0, clamp_value)
-    d, silu = silu_parts(l)
+    l, d, silu = silu_parts(l)
     s = _F32(1.0) / d
     gw = g if w is None else _mul(g, w)
     dl = _mul(_mul(_mul(gw, r), s), _F32(1.0) + _mul(l, _F32(1.0) - s))
@@ -242,6 +254,19 @@ __device__ __forceinline__ float tilek_e4m3_to_f32(unsigned w, int j) {  // byte
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
 }
+// IEEE division a / d without the slow path: the fast path of CUDA's div.rn.f32 (MUFU.RCP, one
+// Newton step, one Markstein correction), exact when 1 <= d < 2^126 and a / d is normal or d is a
+// power of two (SwiGLU's d = 1 + exp(-l) with l >= -87); the sign of a fixes zero quotients.
+__device__ __forceinline__ float tilek_rcp(float d) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  return __fmaf_rn(r, __fmaf_rn(-d, r, 1.0f), r);
+}
+__device__ __forceinline__ float tilek_div(float a, float d, float r) {
+  float q = __fmul_rn(a, r);
+  q = __fmaf_rn(r, __fmaf_rn(-d, q, a), q);
+  return __int_as_float(__float_as_int(q) | (__float_as_int(a) & 0x80000000));
+}
 __device__ __forceinline__ void tilek_st16(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
   asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
@@ -262,28 +287,30 @@ def macros():
     f32 = T.float32
     poly = [f32(float(c)) for c in EXP_POLY2]
 
+    def fma(a, b, c):
+        return T.call_extern("float32", "__fmaf_rn", a, b, c)
+
     @T.macro
-    def exp_neg(l):
-        """``exp_f32(-l)``, operation for operation."""
+    def silu(l, d):
+        """``silu_parts(l)`` operation for operation: returns silu; ``d[0] = 1 + exp(-l')``,
+        ``d[1] = l'`` and ``d[2]`` = the refined reciprocal of ``d[0]`` (for ``tilek_div``)."""
         t = T.alloc_var("float32")
         y = T.alloc_var("float32")
         k = T.alloc_var("float32")
         r = T.alloc_var("float32")
         p = T.alloc_var("float32")
-        t = T.min(T.max(l * f32(-1.0), f32(float(EXP_MIN))), f32(float(EXP_MAX)))
+        d[1] = T.max(l, f32(float(SILU_MIN)))
+        t = T.max(d[1] * f32(-1.0), f32(float(EXP_MIN)))  # <= 87: l' >= -87
         y = t * f32(float(LOG2E)) + f32(float(SHIFTER))
         k = y - f32(float(SHIFTER))
-        r = (t - k * f32(float(LN2_HI))) - k * f32(float(LN2_LO))
+        r = fma(k * f32(-1.0), f32(float(LN2_HI)), t) - k * f32(float(LN2_LO))  # k·ln2_hi is exact
         p = poly[0]
         for c in poly[1:]:
             p = p * r + c
-        return p * T.reinterpret(T.shift_left(T.reinterpret(y, "uint32") + T.uint32(SCALE_BIAS), T.uint32(23)), "float32")
-
-    @T.macro
-    def silu(l, d):
-        """``(d, silu) = (1 + exp(-l), l / d)``: writes ``d[0]`` and returns silu."""
-        d[0] = f32(1.0) + exp_neg(l)
-        return l / d[0]
+        scale = T.reinterpret(T.shift_left(T.reinterpret(y, "uint32") + T.uint32(SCALE_BIAS), T.uint32(23)), "float32")
+        d[0] = fma(p, scale, f32(1.0))  # p·2^(k-1) is exact
+        d[2] = T.call_extern("float32", "tilek_rcp", d[0])
+        return T.call_extern("float32", "tilek_div", d[1], d[0], d[2])
 
     @T.macro
     def e4m3_scales(amax, sc, round_sf: bool):
@@ -375,7 +402,7 @@ def macros():
         return m
 
     return dict(
-        exp_neg=exp_neg, silu=silu, e4m3_scales=e4m3_scales, load_unit=load_unit, store_values=store_values,
+        silu=silu, e4m3_scales=e4m3_scales, load_unit=load_unit, store_values=store_values,
         store_zeros=store_zeros, find_row=find_row, group_max=group_max, group_sum=group_sum,
     )
 
@@ -458,7 +485,7 @@ def swiglu_forward_kernel(
             lf = T.alloc_local((UNIT,), "float32")
             rf = T.alloc_local((UNIT,), "float32")
             sc = T.alloc_local((2,), "float32")
-            d = T.alloc_local((1,), "float32")
+            d = T.alloc_local((3,), "float32")
             counters = T.alloc_local((4,), "int32")
             sc[0] = T.float32(0.0)
             sc[1] = T.float32(0.0)
@@ -663,7 +690,8 @@ def swiglu_backward_kernel(
                 l = T.min(l, clamp_value)
                 r = T.min(T.max(r, clamp_value * T.float32(-1.0)), clamp_value)
             silu = M["silu"](l, d)
-            s = T.float32(1.0) / d[0]
+            l = d[1]  # raised to -87, as in the reference
+            s = T.call_extern("float32", "tilek_div", T.float32(1.0), d[0], d[2])
             gw = gf[v] * w if scaled else gf[v]
             if weights:
                 acc[0] = acc[0] + gf[v] * (silu * r)
@@ -711,7 +739,7 @@ def swiglu_backward_kernel(
         gf = T.alloc_local((n,), "float32")
         qf = T.alloc_local((n,), "float32")
         sc = T.alloc_local((2,), "float32")
-        d = T.alloc_local((1,), "float32")
+        d = T.alloc_local((3,), "float32")
         acc = T.alloc_local((1,), "float32")
         w = T.alloc_var("float32")
         if weights and rsf:

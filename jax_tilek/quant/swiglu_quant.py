@@ -166,7 +166,7 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
             tid = T.get_thread_binding(0)
             lf = T.alloc_local((8,), "float32")
             rf = T.alloc_local((8,), "float32")
-            d = T.alloc_local((1,), "float32")
+            d = T.alloc_local((3,), "float32")
             vals = T.alloc_local((2, 16), "float32")
             sc = T.alloc_local((2,), "float32")
             amax = T.alloc_local((2,), "float32")
