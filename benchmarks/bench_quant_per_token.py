@@ -6,6 +6,7 @@ import numpy as np
 
 from jax_tilek.quant import formats as F
 from jax_tilek.quant import per_token_cast as ptc
+from jax_tilek.quant import cast as cast_module
 from jax_tilek.quant.cast import cast
 
 from benchmarks.harness import Case
@@ -73,12 +74,16 @@ def _requant(name, tokens, hidden, npc, flags):
     )
 
 
-def _cast(name, shape, src, dst, stochastic=False):
+def _cast(name, shape, src, dst, stochastic=False, tuning=None):
     def make(key):
         return ((jax.random.normal(key, shape, jnp.float32) * 3).astype(src),)
 
     def run(impl):
-        return lambda x: cast(x, dst, stochastic, impl=impl)
+        if tuning is None:
+            return lambda x: cast(x, dst, stochastic, impl=impl)
+        seed = (jnp.zeros((1,), jnp.uint32),) if stochastic else ()
+        name = np.dtype(dst).name
+        return lambda x: cast_module._cast_op(x, *seed, dtype=name, stochastic_rounding=stochastic, tuning=tuning, impl=impl)
 
     n = int(np.prod(shape))
     return Case(
@@ -105,8 +110,9 @@ CASES = [
     _cast("cast_sr", (16384, 7168), jnp.bfloat16, jnp.float8_e4m3fn, True),
 ]
 
-# Thread mappings (elements per thread, threads per CTA) for the main case.
+# Thread mappings: (elements per thread, threads per CTA).
 VARIANTS = [
-    _per_token(f"e4m3_ue8m0/e{elems}t{threads}", 65536, 7168, "e4m3", 128, PACKED, tuning=(elems, threads))
-    for elems, threads in [(16, 256), (32, 512), (64, 128), (64, 256), (64, 512)]
+    *(_cast(f"cast/e{e}t{t}", (16384, 7168), jnp.float32, jnp.bfloat16, tuning=(e, t)) for e, t in [(8, 256), (32, 256), (16, 512), (16, 128)]),
+    _per_token("e4m3_ue8m0/e16t256", 65536, 7168, "e4m3", 128, PACKED, tuning=(16, 256)),
+    *(_per_token(f"e2m1_ue8m0/e{e}t{t}", 16384, 7168, "e2m1", 32, PACKED, tuning=(e, t)) for e, t in [(16, 256), (32, 512)]),
 ]

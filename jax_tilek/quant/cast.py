@@ -31,7 +31,6 @@ import numpy as np
 
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp, View
-from jax_tilek.quant import formats
 
 # ---------------------------------------------------------------------------------------------
 # The hash: one table of constants, written out for JAX (``quad_hash``) and CUDA (``PRELUDE``).
@@ -192,22 +191,23 @@ __device__ __forceinline__ float tilek_sr_e4m3(float x, unsigned r) {
   return copysignf(__uint2float_rn(q) * 0x1p-9f, x);
 }
 
-// fp32 -> FP4 e2m1 code (0..15), round to nearest even, saturating at 6.
+// fp32 -> FP4 e2m1 code (0..15), round to nearest even, saturating at 6. The code of |x| is
+// rint(|x| * s) + o with (s, o) = (2, 0) below 2, (1, 2) in [2, 4), (1/2, 4) above; it is also the
+// least of the three candidates, each computed exactly as 2^23 + o + rint(|x| * s) by one fma.
 __device__ __forceinline__ unsigned tilek_e2m1_rn(float x) {
   float a = fminf(fabsf(x), 6.0f);
-  float s = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
-  unsigned o = a < 2.0f ? 0u : (a < 4.0f ? 2u : 4u);
-  unsigned code = __float_as_uint(__fmaf_rn(a, s, 0x1p23f)) - 0x4B000000u + o;  // rint(a * s) + o
-  return code | ((__float_as_uint(x) >> 28) & 8u);
+  float t = fminf(fminf(__fmaf_rn(a, 2.0f, 0x1p23f), __fadd_rn(a, 0x1p23f + 2.0f)), __fmaf_rn(a, 0.5f, 0x1p23f + 4.0f));
+  return (__float_as_uint(t) & 7u) | ((__float_as_uint(x) >> 28) & 8u);  // t = 2^23 + code
 }
 
-// fp32 -> FP4 e2m1 code, stochastically rounded, saturating at 6.
+// fp32 -> FP4 e2m1 code, stochastically rounded, saturating at 6: the least of the candidates
+// floor(floor16(|x| * s) + r / 2^16) + o, each computed exactly on the 2^-16 grid of [128, 256) by
+// one fma rounding down (128 + r / 2^16 has the bits 0x43000000 + r).
 __device__ __forceinline__ unsigned tilek_e2m1_sr(float x, unsigned r) {
   float a = fminf(fabsf(x), 6.0f);
-  float s = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
-  unsigned o = a < 2.0f ? 0u : (a < 4.0f ? 2u : 4u);
-  unsigned code = min(((__float2uint_rz(a * s * 65536.0f) + r) >> 16) + o, 7u);
-  return code | ((__float_as_uint(x) >> 28) & 8u);
+  float base = __uint_as_float(0x43000000u | r);
+  float t = fminf(fminf(__fmaf_rd(a, 2.0f, base), __fmaf_rd(a, 1.0f, base + 2.0f)), __fmaf_rd(a, 0.5f, base + 4.0f));
+  return ((__float_as_uint(t) - 0x43000000u) >> 16) | ((__float_as_uint(x) >> 28) & 8u);
 }
 
 // FP4 e2m1 code (low 4 bits) -> fp32, exactly: place the code in an fp32 and scale by 2^126.
@@ -256,20 +256,60 @@ STOCHASTIC = (("float32", "bfloat16"), ("float32", "float8_e4m3fn"), ("bfloat16"
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True})
 def cast_kernel(in_dtype: str, out_dtype: str, stochastic: bool, elems: int = 16, threads: int = 256):
-    """``y = cast(x)`` over a flat array; each thread converts ``elems`` consecutive elements.
+    """``y = cast(x)`` over a flat array; each thread converts ``elems`` elements.
 
-    Full chunks move as 16-byte vectors; the one partial chunk at the end goes element by element.
     Every value goes through fp32 (exact for all input dtypes), then is rounded once: to nearest
     even (float8 saturating at ±448) or stochastically (``tilek_sr_*`` with ``tilek_quad_hash`` bits).
+
+    Round to nearest: a CTA covers ``elems * threads`` consecutive elements as ``elems / vec``
+    rounds of 16-byte input vectors (``vec`` elements), round ``i`` of thread ``t`` at vector
+    ``i * threads + t``, so that every load and store instruction of a warp touches one contiguous
+    span. Stochastic rounding: each thread converts ``elems`` consecutive elements (its quads).
+    CTAs (threads) that reach past the end go element by element.
     """
     import tilelang.language as T
 
     N = T.dynamic("N")
+    vec = 16 // np.dtype(jnp.dtype(in_dtype)).itemsize  # elements per 16-byte input vector
+    rounds = elems // vec
     chunk = elems * threads
     quad_hash = tir_quad_hash()
+    assert rounds >= 1 and elems % vec == 0, (in_dtype, elems)
 
     @T.macro
-    def body(x, y, seed_value):
+    def convert(x, y, guarded):
+        """Round to nearest, in rounds of 16-byte vectors."""
+        bx = T.get_block_binding(0)
+        t = T.get_thread_binding(0)
+        xl = T.alloc_local((elems,), in_dtype)
+        f = T.alloc_local((elems,), "float32")
+        yl = T.alloc_local((elems,), out_dtype)
+        for i in T.unroll(rounds):
+            base = bx * chunk + (i * threads + t) * vec
+            if guarded:
+                for j in T.unroll(vec):
+                    f[i * vec + j] = T.if_then_else(base + j < N, T.cast(x[T.min(base + j, N - 1)], "float32"), T.float32(0))
+            else:
+                for j in T.vectorized(vec):
+                    xl[i * vec + j] = x[base + j]
+        if not guarded:
+            for j in T.vectorized(elems):
+                f[j] = T.cast(xl[j], "float32")
+        for j in T.vectorized(elems):
+            yl[j] = T.cast(f[j], out_dtype)
+        for i in T.unroll(rounds):
+            base = bx * chunk + (i * threads + t) * vec
+            if guarded:
+                for j in T.unroll(vec):
+                    if base + j < N:
+                        y[base + j] = yl[i * vec + j]
+            else:
+                for j in T.vectorized(vec):
+                    y[base + j] = yl[i * vec + j]
+
+    @T.macro
+    def convert_stochastic(x, y, seed_value):
+        """Stochastic rounding, ``elems`` consecutive elements per thread."""
         bx = T.get_block_binding(0)
         t = T.get_thread_binding(0)
         base = bx * chunk + t * elems
@@ -285,31 +325,27 @@ def cast_kernel(in_dtype: str, out_dtype: str, stochastic: bool, elems: int = 16
                 xl[j] = T.if_then_else(base + j < N, x[T.min(base + j, N - 1)], T.cast(0, in_dtype))
         for j in T.vectorized(elems):
             f[j] = T.cast(xl[j], "float32")
-        if stochastic:
-            v = T.alloc_local((elems,), "float32")
-            quad0 = T.cast(base // 4, "uint32")
-            slow = T.alloc_var("uint32")
-            slow = 0
+        v = T.alloc_local((elems,), "float32")
+        quad0 = T.cast(base // 4, "uint32")
+        slow = T.alloc_var("uint32")
+        slow = 0
+        for k in T.unroll(elems // 4):
+            h = quad_hash(f, k, quad0, seed_value)
+            for j in T.unroll(4):
+                r = T.call_extern("uint32", "tilek_rbits", h, j)
+                if out_dtype == "bfloat16":
+                    v[4 * k + j] = T.call_extern("float32", "tilek_sr_bf16", f[4 * k + j], r)
+                else:
+                    v[4 * k + j] = T.call_extern("float32", "tilek_sr_e4m3_fast", f[4 * k + j], r)
+                    slow = slow | T.call_extern("uint32", "tilek_sr_e4m3_slow", f[4 * k + j])
+        if slow != 0:  # e4m3 subnormals or NaN somewhere in this thread's chunk (rare)
             for k in T.unroll(elems // 4):
                 h = quad_hash(f, k, quad0, seed_value)
                 for j in T.unroll(4):
                     r = T.call_extern("uint32", "tilek_rbits", h, j)
-                    if out_dtype == "bfloat16":
-                        v[4 * k + j] = T.call_extern("float32", "tilek_sr_bf16", f[4 * k + j], r)
-                    else:
-                        v[4 * k + j] = T.call_extern("float32", "tilek_sr_e4m3_fast", f[4 * k + j], r)
-                        slow = slow | T.call_extern("uint32", "tilek_sr_e4m3_slow", f[4 * k + j])
-            if slow != 0:  # e4m3 subnormals or NaN somewhere in this thread's chunk (rare)
-                for k in T.unroll(elems // 4):
-                    h = quad_hash(f, k, quad0, seed_value)
-                    for j in T.unroll(4):
-                        r = T.call_extern("uint32", "tilek_rbits", h, j)
-                        v[4 * k + j] = T.call_extern("float32", "tilek_sr_e4m3", f[4 * k + j], r)
-            for j in T.vectorized(elems):
-                yl[j] = T.cast(v[j], out_dtype)
-        else:
-            for j in T.vectorized(elems):
-                yl[j] = T.cast(f[j], out_dtype)
+                    v[4 * k + j] = T.call_extern("float32", "tilek_sr_e4m3", f[4 * k + j], r)
+        for j in T.vectorized(elems):
+            yl[j] = T.cast(v[j], out_dtype)
         if full:
             for j in T.vectorized(elems):
                 y[base + j] = yl[j]
@@ -323,14 +359,17 @@ def cast_kernel(in_dtype: str, out_dtype: str, stochastic: bool, elems: int = 16
         @T.prim_func
         def cast_sr(x: T.Tensor((N,), in_dtype), seed: T.Tensor((1,), "uint32"), y: T.Tensor((N,), out_dtype)):
             with T.Kernel(T.ceildiv(N, chunk), threads=threads, prelude=PRELUDE):
-                body(x, y, seed[0])
+                convert_stochastic(x, y, seed[0])
 
         return cast_sr
 
     @T.prim_func
     def cast(x: T.Tensor((N,), in_dtype), y: T.Tensor((N,), out_dtype)):
         with T.Kernel(T.ceildiv(N, chunk), threads=threads, prelude=PRELUDE):
-            body(x, y, T.uint32(0))
+            if (T.get_block_binding(0) + 1) * chunk <= N:
+                convert(x, y, False)
+            else:
+                convert(x, y, True)
 
     return cast
 
@@ -342,7 +381,7 @@ def _dtype_name(dtype) -> str:
         raise ValueError(f"cast: dtype must be one of {DTYPES}, got {dtype!r}") from None
 
 
-def cast_reference(x: jax.Array, *seed: jax.Array, dtype: str, stochastic_rounding: bool = False) -> jax.Array:
+def cast_reference(x: jax.Array, *seed: jax.Array, dtype: str, stochastic_rounding: bool = False, tuning=None) -> jax.Array:
     """The cast in plain JAX: round to nearest even (float8 saturating at ±448), or stochastically."""
     if stochastic_rounding:
         v = x.reshape(-1, 4).astype(jnp.float32)
@@ -354,7 +393,7 @@ def cast_reference(x: jax.Array, *seed: jax.Array, dtype: str, stochastic_roundi
     return x.astype(jnp.float32).astype(dtype)
 
 
-def _check(x, *seed, dtype: str, stochastic_rounding: bool = False) -> None:
+def _check(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None) -> None:
     src = np.dtype(x.dtype).name
     if src not in DTYPES:
         raise ValueError(f"cast: x's dtype must be one of {DTYPES}, got {src}")
@@ -369,14 +408,18 @@ def _check(x, *seed, dtype: str, stochastic_rounding: bool = False) -> None:
             raise ValueError(f"cast: seed must be an integer scalar, got {seed[0].dtype}{list(seed[0].shape)}")
 
 
-def _launch(x, *seed, dtype: str, stochastic_rounding: bool = False) -> Launch:
+def _launch(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None) -> Launch:
+    """``tuning``: (elements per thread, threads per CTA), for benchmarks; default (16, 256)."""
     n = int(np.prod(x.shape))
     views = {"x": View((n,)), "y": View((n,))}
     if stochastic_rounding:
         views["seed"] = View((1,), dtype=np.uint32)
     return Launch(
         kernel=cast_kernel,
-        params=dict(in_dtype=np.dtype(x.dtype).name, out_dtype=dtype, stochastic=bool(stochastic_rounding)),
+        params=dict(
+            in_dtype=np.dtype(x.dtype).name, out_dtype=dtype, stochastic=bool(stochastic_rounding),
+            **(dict(zip(("elems", "threads"), tuning)) if tuning else {}),
+        ),
         views=views,
     )
 

@@ -210,10 +210,16 @@ def per_token_cast_kernel(
             else:
                 for i in T.unroll(groups):
                     am[i] = T.float32(0)
-                for j in T.unroll(elems):
-                    if x_sf:
-                        am[j // width] = T.max(am[j // width], T.abs(v[j]) * xs[j // bk if bk < elems else 0])
-                    else:
+                if x_sf:  # max |code| per input-scale span, times its scale (= max |code * x_sf|)
+                    span = min(bk, width)
+                    for i in T.unroll(elems // span):
+                        m = T.alloc_var("float32")
+                        m = T.float32(0)
+                        for j in T.unroll(span):
+                            m = T.max(m, T.abs(v[i * span + j]))
+                        am[i * span // width] = T.max(am[i * span // width], m * xs[i * span // bk if bk < elems else 0])
+                else:
+                    for j in T.unroll(elems):
                         am[j // width] = T.max(am[j // width], T.abs(v[j]))
                 if row_reduce:
                     red = T.alloc_shared((threads // 32,), "float32")
@@ -331,9 +337,6 @@ def per_token_cast_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Reference, rules, launch.
-
-MODES = ("full", "sf_only", "data_only")
-
 
 def _window(x, columns) -> tuple[int, int]:
     return (0, x.shape[-1]) if columns is None else (int(columns[0]), int(columns[1]))

@@ -1,6 +1,5 @@
 """quant.cast: the random-bit hash, stochastic rounding, the cast op (reference, rules, lowering, GPU)."""
 
-import os
 import shutil
 import subprocess
 from fractions import Fraction
@@ -212,13 +211,16 @@ def test_cuda_helpers_match_the_reference_on_the_host(rng, tmp_path):
     body = C.PRELUDE.split("// fp32 -> float8_e4m3fn bits without saturation")[0]
     body = body.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_fp8.h>", "")
     source = (
-        "#include <cstdio>\n#include <cstring>\n#include <cmath>\n#include <algorithm>\n"
+        "#include <cstdio>\n#include <cstring>\n#include <cmath>\n#include <cfenv>\n#include <algorithm>\n"
         "#define __device__\n#define __forceinline__ inline\nusing std::min; using std::isnan;\n"
         "static unsigned __float_as_uint(float x) { unsigned u; memcpy(&u, &x, 4); return u; }\n"
         "static float __uint_as_float(unsigned u) { float x; memcpy(&x, &u, 4); return x; }\n"
         "static unsigned __float2uint_rz(float x) { return (unsigned)x; }\n"
         "static float __uint2float_rn(unsigned u) { return (float)u; }\n"
         "static float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }\n"
+        "static float __fadd_rn(float a, float b) { return a + b; }\n"
+        "static float __fmaf_rd(float a, float b, float c) {\n"
+        "  fesetround(FE_DOWNWARD); volatile float r = fmaf(a, b, c); fesetround(FE_TONEAREST); return r; }\n"
         + body
         + r"""
 int main() {
@@ -235,7 +237,7 @@ int main() {
     )
     (tmp_path / "h.cc").write_text(source)
     exe = str(tmp_path / "h")
-    subprocess.run(["g++", "-O2", "-ffp-contract=off", "-o", exe, str(tmp_path / "h.cc")], check=True)
+    subprocess.run(["g++", "-O2", "-ffp-contract=off", "-frounding-math", "-o", exe, str(tmp_path / "h.cc")], check=True)
     n = 4000
     v = np.concatenate([
         rng.standard_normal(n).astype(np.float32) * np.exp2(rng.integers(-30, 20, n)).astype(np.float32),
@@ -328,3 +330,18 @@ def test_kernel_with_traced_seed(on_gpu, rng):
     x = _inputs(rng, (64, 1024), np.float32)
     y = on_gpu(lambda x, s: cast(x, jnp.float8_e4m3fn, True, seed=s, impl="tilelang"), x, np.uint32(2024))
     assert_bytes_equal(y, _host_expected(x, "float8_e4m3fn", True, seed=np.uint32(2024)))
+
+
+TUNINGS = [  # (elements per thread, threads per CTA), as the benchmarks try them
+    ("float32", "bfloat16", False, (8, 256)), ("float32", "bfloat16", False, (32, 256)), ("float32", "bfloat16", False, (16, 512)),
+    ("float32", "bfloat16", False, (16, 128)), ("bfloat16", "float8_e4m3fn", True, (32, 256)),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("src,dst,sr,tuning", TUNINGS, ids=lambda v: str(v))
+def test_kernel_tunings_are_bit_exact(on_gpu, rng, src, dst, sr, tuning):
+    x = _inputs(rng, (1001, 76), src)  # a partial last CTA
+    seed = (np.zeros((1,), np.uint32),) if sr else ()
+    y = on_gpu(lambda x, *s: C._cast_op(x, *s, dtype=dst, stochastic_rounding=sr, tuning=tuning, impl="tilelang"), x, *seed)
+    assert_bytes_equal(y, _host_expected(x, dst, sr))

@@ -449,3 +449,17 @@ def test_kernel_stochastic_with_traced_seed(on_gpu, rng):
     assert_bytes_equal(data, expected_data)
     _, _, scaled = np_per_token(x, "e4m3", 128, P)
     check_bias(np.asarray(data).astype(np.float64), scaled)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,npc,tuning", [("e4m3", 128, (16, 256)), ("e2m1", 32, (16, 256)), ("e2m1", 32, (32, 512))])
+def test_kernel_tunings_are_bit_exact(on_gpu, rng, fmt, npc, tuning):
+    """Other thread mappings (elements per thread, threads per CTA), as the benchmarks try them."""
+    from jax_tilek.quant import per_token_cast as ptc
+
+    x = rand_float(rng, (1001, 7168), (-14, 12)).astype(ml_dtypes.bfloat16)
+    static = ptc._static(fmt, npc, None, None, True, True, True, False, False, None, None, "full")
+    data, sf = on_gpu(lambda x: ptc._op(x, impl="tilelang", tuning=tuning, **static), x)
+    expected_data, expected_sf, _ = np_per_token(x, fmt, npc, P)
+    assert_bytes_equal(sf, expected_sf)
+    assert_bytes_equal(data, expected_data)
