@@ -863,8 +863,8 @@ def check_common(name: str, x, ops: dict, *, routed_scaling_factor, clamp_value,
     if not any(x.dtype == d for d in x_dtypes):
         raise ValueError(f"{name}: x must be {' or '.join(np.dtype(d).name for d in x_dtypes)}, got {x.dtype}")
     psum = ops.get("psum")
-    if psum is not None and (psum.ndim != 1 or psum.dtype != jnp.int32 or psum.shape[0] == 0):
-        raise ValueError(f"{name}: psum_num_tokens_per_expert must be int32 [E] with E >= 1, got {psum.dtype} {psum.shape}")
+    if psum is not None and (psum.ndim != 1 or psum.dtype != jnp.int32 or not 1 <= psum.shape[0] < 1 << 16):
+        raise ValueError(f"{name}: psum_num_tokens_per_expert must be int32 [E] with 1 <= E < 65536, got {psum.dtype} {psum.shape}")
     weights = ops.get("weights")
     if weights is not None and (weights.shape != (x.shape[0],) or weights.dtype != jnp.float32):
         raise ValueError(f"{name}: topk_weights must be float32 [T] = [{x.shape[0]}], got {weights.dtype} {weights.shape}")
