@@ -1,7 +1,7 @@
 """Content-addressed disk cache of compiled kernels.
 
-An entry is one JSON file holding the launch spec, the cubin (base64), their sha256 checksums, and the
-CUDA source. Its address is ``<root>/<toolchain>/<key[:2]>/<key>.json`` where ``toolchain`` names the
+An entry is one JSON file holding the launch spec, the cubin and the CUDA source (zlib-compressed,
+base64), and sha256 checksums of the spec and the raw cubin. Its address is ``<root>/<toolchain>/<key[:2]>/<key>.json`` where ``toolchain`` names the
 TileLang and nvcc versions and ``key`` hashes the kernel's identity (name, source digest, static
 parameters, pass configs, architecture, cache format).
 
@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ from jax_tilek import config
 from jax_tilek.compiler import Artifact
 from jax_tilek.spec import LaunchSpec
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 class CacheError(RuntimeError):
@@ -60,6 +61,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _pack(data: bytes) -> str:
+    return base64.b64encode(zlib.compress(data, 9)).decode()
+
+
+def _unpack(text: str) -> bytes:
+    return zlib.decompress(base64.b64decode(text, validate=True))
+
+
 def _encode(artifact: Artifact, key: str, fields: Mapping[str, Any], toolchain: Mapping[str, str]) -> bytes:
     spec = artifact.spec.dumps()
     return canonical_json(
@@ -70,9 +79,9 @@ def _encode(artifact: Artifact, key: str, fields: Mapping[str, Any], toolchain: 
             "toolchain": toolchain,
             "spec": spec,
             "spec_sha256": _sha256(spec.encode()),
-            "cubin": base64.b64encode(artifact.cubin).decode(),
+            "cubin_z": _pack(artifact.cubin),
             "cubin_sha256": _sha256(artifact.cubin),
-            "source": artifact.source,
+            "source_z": _pack(artifact.source.encode()),
         }
     ).encode()
 
@@ -81,7 +90,7 @@ def _decode(data: bytes, key: str) -> Artifact:
     """Parses and verifies an entry; raises ValueError when it is corrupt."""
     try:
         entry = json.loads(data)
-        cubin = base64.b64decode(entry["cubin"], validate=True)
+        cubin = _unpack(entry["cubin_z"])
         spec = entry["spec"]
         ok = (
             entry["cache_format"] == CACHE_FORMAT
@@ -93,7 +102,8 @@ def _decode(data: bytes, key: str) -> Artifact:
         raise ValueError(f"unreadable entry: {e}") from None
     if not ok:
         raise ValueError("checksum or key mismatch")
-    return Artifact(cubin=cubin, spec=LaunchSpec.from_json(json.loads(spec)), source=entry.get("source", ""))
+    source = _unpack(entry["source_z"]).decode()
+    return Artifact(cubin=cubin, spec=LaunchSpec.from_json(json.loads(spec)), source=source)
 
 
 @contextlib.contextmanager

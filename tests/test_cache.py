@@ -63,7 +63,7 @@ def test_corrupted_entry_is_rebuilt_never_used(tmp_path, damage):
     else:
         entry = json.loads(data)
         if damage == "flip_cubin":
-            entry["cubin"] = base64.b64encode(b"\x7fELF" + b"2" * 100).decode()
+            entry["cubin_z"] = cache._pack(b"\x7fELF" + b"2" * 100)
         else:
             entry["spec"] = entry["spec"].replace('"M"', '"N"')
         data = json.dumps(entry).encode()

@@ -593,8 +593,6 @@ def _operands(x, x_block_size, x_sf_layout, seed=None, sf=None):
 
 
 def _require_fmt(fmt: str) -> None:
-    if fmt == "e5m6":
-        raise ValueError("per_token_cast: for fmt='e5m6' use jax_tilek.quant.e5m6.per_token_cast_to_e5m6")
     if fmt not in FMTS:
         raise ValueError(f"per_token_cast: fmt must be one of {FMTS}, got {fmt!r}")
 
@@ -622,7 +620,8 @@ def per_token_cast(
       x: bf16/fp32 ``[T, S]`` (with ``columns``, the window ``x[:, start:stop]``; else all of it), or a
         QuantTensor ``(data, sf)``: e4m3 ``[T, H]`` or packed FP4 uint8 ``[T, H/2]`` data with scales
         in blocks ``x_block_size`` (fp32 / e4m3, row- or column-major, or packed UE8M0).
-      fmt: ``"e4m3"`` or ``"e2m1"`` (``"e5m6"``: see ``jax_tilek.quant.e5m6``).
+      fmt: ``"e4m3"``, ``"e2m1"``, or ``"e5m6"`` (bf16/fp32 input, whole-row scaling only; it is
+        :func:`jax_tilek.quant.e5m6.per_token_cast_to_e5m6`).
       num_per_channels: 16, 32, 64, 128, or H (one block per row). H % 64 == 0.
       x_block_size: ``(bm, bk)`` of a QuantTensor input (bk 16 or a multiple of 32).
       use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0, use_e4m3_sf: the scale layout and
@@ -641,6 +640,15 @@ def per_token_cast(
       (fp32 or float8_e4m3fn ``[T, H/npc]`` row-major, ``[H/npc, align(T, 4)]`` column-major storage,
       or int32 ``[ceil(H/npc/4), align(T, 4)]`` packed UE8M0).
     """
+    if fmt == "e5m6":
+        if isinstance(x, tuple) or x_block_size or use_e4m3_sf or stochastic_cast or amax_clamp is not None or columns or seed is not None:
+            raise ValueError(
+                "per_token_cast: fmt='e5m6' takes a plain bf16/fp32 x with whole-row scaling; x_block_size, "
+                "use_e4m3_sf, stochastic_cast, amax_clamp, columns and seed do not apply"
+            )
+        from jax_tilek.quant.e5m6 import per_token_cast_to_e5m6
+
+        return per_token_cast_to_e5m6(x, num_per_channels, use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0, impl=impl)
     _require_fmt(fmt)
     args, kind, x_block_size = _operands(x, x_block_size, x_sf_layout, seed=(0 if seed is None else seed) if stochastic_cast else None)
     if seed is not None and not stochastic_cast:

@@ -15,6 +15,7 @@ its closure.)
 """
 
 
+import importlib
 from typing import Optional
 
 import jax
@@ -24,7 +25,20 @@ import numpy as np
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp
 from jax_tilek.quant import formats as F
-from jax_tilek.quant import swiglu as S
+# The swiglu module (the package's attribute `swiglu` is the public function of that name).
+_SWIGLU_MODULE = importlib.import_module("jax_tilek.quant.swiglu")
+from jax_tilek.quant.swiglu import (  # noqa: E402
+    PASS_CONFIGS,
+    PRELUDE,
+    TOKEN_ALIGNMENT,
+    forward_act,
+    macros,
+    pack_operands,
+    scalar,
+    swiglu_backward_op,
+    swiglu_forward_op,
+    words,
+)
 
 
 def swiglu_forward_and_per_token_cast(
@@ -39,7 +53,7 @@ def swiglu_forward_and_per_token_cast(
     use_packed_ue8m0: bool = False,
     clamp_value: Optional[float] = None,
     with_clamped_count: bool = False,
-    token_alignment: int = S.TOKEN_ALIGNMENT,
+    token_alignment: int = TOKEN_ALIGNMENT,
     *,
     impl=None,
 ):
@@ -63,8 +77,8 @@ def swiglu_forward_and_per_token_cast(
     if fmt != "e4m3":
         raise ValueError(f"swiglu_forward_and_per_token_cast: fmt must be 'e4m3', got {fmt!r}")
     layout = F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    extra, names = S.pack_operands(("psum", psum_num_tokens_per_expert), ("weights", topk_weights))
-    return S.swiglu_forward_op(
+    extra, names = pack_operands(("psum", psum_num_tokens_per_expert), ("weights", topk_weights))
+    return swiglu_forward_op(
         x, *extra, impl=impl, names=names, fmt=fmt, npc=int(num_per_channels), layout=layout, round_sf=bool(round_sf),
         rsf=routed_scaling_factor, clamp=clamp_value, count=bool(with_clamped_count), alignment=token_alignment,
     )  # fmt: skip
@@ -83,7 +97,7 @@ def swiglu_backward_and_per_token_cast(
     use_packed_ue8m0: bool = False,
     clamp_value: Optional[float] = None,
     do_recompute: bool = False,
-    token_alignment: int = S.TOKEN_ALIGNMENT,
+    token_alignment: int = TOKEN_ALIGNMENT,
     x_sf_layout: Optional[str] = None,
     *,
     impl=None,
@@ -113,8 +127,8 @@ def swiglu_backward_and_per_token_cast(
         raise ValueError(f"swiglu_backward_and_per_token_cast: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r}")
     if fmt != "e4m3":
         raise ValueError(f"swiglu_backward_and_per_token_cast: fmt must be 'e4m3', got {fmt!r}")
-    extra, names = S.pack_operands(("x_sf", x_sf), ("psum", psum_num_tokens_per_expert), ("weights", topk_weights))
-    return S.swiglu_backward_op(
+    extra, names = pack_operands(("x_sf", x_sf), ("psum", psum_num_tokens_per_expert), ("weights", topk_weights))
+    return swiglu_backward_op(
         x_fp8, act_x_grad, *extra, impl=impl, names=names, grad_fmt="bf16", npc=int(num_per_channels), x_layout=x_layout,
         cast=True, layout=layout, round_sf=bool(round_sf), rsf=routed_scaling_factor, clamp=clamp_value,
         recompute=bool(do_recompute), act_fmt="bf16", alignment=token_alignment,
@@ -128,7 +142,7 @@ TILE_M, TILE_N = 128, 64  # tokens x channels per CTA
 PC_THREADS = 256
 
 
-@kernel(pass_configs=S.PASS_CONFIGS, depends=(S,))
+@kernel(pass_configs=PASS_CONFIGS, depends=(_SWIGLU_MODULE,))
 def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transpose: bool, clamp: bool):
     """One 128-token x 64-channel tile per CTA, in three steps:
 
@@ -143,7 +157,7 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
     """
     import tilelang.language as T
 
-    M = S.macros()
+    M = macros()
     chunks = TILE_N // 8  # 16-byte chunks (8 bf16) per tile row
     blocks = TILE_M // npt  # scale blocks per tile column
     rows = T.dynamic("T")
@@ -159,7 +173,7 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
         sf: T.Tensor((rows // npt, hidden), "float32"),
         clamp_value: T.float32,
     ):
-        with T.Kernel(hidden // TILE_N, T.ceildiv(rows, TILE_M), threads=PC_THREADS, prelude=S.PRELUDE) as (bn, bm):
+        with T.Kernel(hidden // TILE_N, T.ceildiv(rows, TILE_M), threads=PC_THREADS, prelude=PRELUDE) as (bn, bm):
             T.assume(rows % TILE_M == 0)
             tile = T.alloc_shared((TILE_M * chunks, 4), "uint32")
             inv = T.alloc_shared((blocks, TILE_N), "float32")
@@ -249,7 +263,7 @@ def _pc_check(x, *, npt, round_sf=False, transpose=True, clamp=None):
 
 
 def _pc_reference(x, *, npt, round_sf=False, transpose=True, clamp=None):
-    act, _ = S.forward_act(x, clamp_value=clamp)
+    act, _ = forward_act(x, clamp_value=clamp)
     act = act.astype(jnp.bfloat16).astype(jnp.float32)
     data, sf = F.quantize_blocks(act, "e4m3", (npt, 1), round_sf=round_sf)
     return (data.T if transpose else data), sf
@@ -260,8 +274,8 @@ def _pc_launch(x, *, npt, round_sf=False, transpose=True, clamp=None):
     return Launch(
         kernel=swiglu_per_channel_cast_kernel,
         params=dict(hidden=h, npt=npt, round_sf=bool(round_sf), transpose=bool(transpose), clamp=clamp is not None),
-        scalars=dict(clamp_value=S.scalar(clamp)),
-        views={"x": S.words(x.shape, x.dtype), "out": S.words((h, t) if transpose else (t, h), jnp.float8_e4m3fn)},
+        scalars=dict(clamp_value=scalar(clamp)),
+        views={"x": words(x.shape, x.dtype), "out": words((h, t) if transpose else (t, h), jnp.float8_e4m3fn)},
     )
 
 

@@ -289,9 +289,16 @@ def test_strided_rows_match_contiguous(rng):
         assert_bytes_equal(u, v)
 
 
-def test_e5m6_points_elsewhere():
-    with pytest.raises(ValueError, match="jax_tilek.quant.e5m6.per_token_cast_to_e5m6"):
-        per_token_cast(jnp.zeros((4, 64), jnp.bfloat16), "e5m6", 64)
+def test_e5m6_dispatches_to_the_e5m6_cast(rng):
+    from jax_tilek.quant.e5m6 import per_token_cast_to_e5m6
+
+    x = jnp.asarray(rng.standard_normal((4, 64)), jnp.bfloat16)
+    got = per_token_cast(x, "e5m6", 64, round_sf=True)
+    expected = per_token_cast_to_e5m6(x, 64, round_sf=True)
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+    with pytest.raises(ValueError, match="fmt='e5m6' takes a plain bf16/fp32 x with whole-row scaling"):
+        per_token_cast(x, "e5m6", 64, stochastic_cast=True)
 
 
 S = jax.ShapeDtypeStruct
