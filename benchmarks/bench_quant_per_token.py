@@ -1,12 +1,14 @@
 """Per-token quantization benchmarks (DeepSeek sizes) and the dtype cast, against the same ops in plain JAX."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant import per_token_cast as ptc
-from jax_tilek.quant import cast as cast_module
+ptc = importlib.import_module("jax_tilek.quant.per_token_cast")  # modules, not the functions
+cast_module = importlib.import_module("jax_tilek.quant.cast")
 from jax_tilek.quant.cast import cast
 
 from benchmarks.harness import Case

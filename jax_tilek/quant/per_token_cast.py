@@ -23,13 +23,15 @@ values rounded are the scaled fp32 values, quad ``i`` is ``x[t, 4j:4j+4]`` with 
 its closure.)
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp, View
-from jax_tilek.quant import cast as cast_module
+cast_module = importlib.import_module("jax_tilek.quant.cast")  # the module; `jax_tilek.quant.cast` is the function
 from jax_tilek.quant import formats as F
 from jax_tilek.quant.cast import PRELUDE, flat_quad_index, random_bits, sr_e2m1_codes, sr_e4m3, tir_quad_hash
 
