@@ -4,13 +4,15 @@ buffers (CUDA graphs) on and off. The calls are a one-CTA elementwise TileLang k
 elementwise op in XLA, so the device work is alike and the difference is the launch path.
 
 Each command-buffer setting runs in its own process (``python -m benchmarks.overhead --child``),
-since XLA reads its flags once.
+since XLA reads its flags once; the settings alternate over ``REPEATS`` fresh processes each, and the
+medians are reported with their ranges (per-call host cost varies between processes).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -21,6 +23,7 @@ import numpy as np
 import jax_tilek
 
 CHAIN = 100
+REPEATS = 3
 SHAPE = (64, 64)
 FLAGS = {
     "on": "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1",
@@ -76,18 +79,25 @@ def _child() -> None:
 
 
 def measure() -> list[dict]:
+    samples: dict[str, list[dict]] = {setting: [] for setting in FLAGS}
+    for _ in range(REPEATS):
+        for setting, flags in FLAGS.items():
+            env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+            done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--child"], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr[-3000:])
+            samples[setting].append(json.loads(done.stdout.strip().splitlines()[-1])["elementwise"])
     results = []
-    for setting, flags in FLAGS.items():
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-        done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--child"], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr[-3000:])
-        for name, us in json.loads(done.stdout.strip().splitlines()[-1]).items():
-            results.append({
-                "family": "overhead", "case": f"{name} x{CHAIN}", "command_buffers": setting,
-                "kernel_us_per_call": us["kernel"], "xla_us_per_call": us["xla"], "ratio": us["kernel"] / us["xla"],
-            })  # fmt: skip
-            print(json.dumps(results[-1]), flush=True)
+    for setting, runs in samples.items():
+        kernel, xla = sorted(r["kernel"] for r in runs), sorted(r["xla"] for r in runs)
+        ratios = sorted(r["kernel"] / r["xla"] for r in runs)
+        results.append({
+            "family": "overhead", "case": f"elementwise x{CHAIN}", "command_buffers": setting,
+            "kernel_us_per_call": statistics.median(kernel), "xla_us_per_call": statistics.median(xla),
+            "ratio": statistics.median(ratios), "ratio_range": f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
+            "samples": runs,
+        })  # fmt: skip
+        print(json.dumps(results[-1]), flush=True)
     return results
 
 

@@ -60,6 +60,7 @@ def main() -> None:
         print(harness.table(chains, [
             ("chain", "case", "s"), ("cmd buffers", "command_buffers", "s"),
             ("kernel us/call", "kernel_us_per_call", ".2f"), ("xla us/call", "xla_us_per_call", ".2f"), ("ratio", "ratio", ".3f"),
+            ("ratio range", "ratio_range", "s"),
         ]))  # fmt: skip
 
 
