@@ -5,7 +5,8 @@
 //   initialize   load the cubin into the current CUDA context, look up every entry, raise the
 //                dynamic shared-memory limit. Runs before XLA records a command buffer.
 //   execute      encode TMA descriptors from the buffer pointers and launch each device kernel on
-//                XLA's stream with cuLaunchKernelEx. Nothing else: no loading, no allocation, no sync,
+//                XLA's stream (cuLaunchKernel, or cuLaunchKernelEx for clusters, PDL or cooperative
+//                launches). Nothing else: no loading, no allocation, no sync,
 //                so the handler is command-buffer (CUDA graph) compatible.
 //
 // The launch record layout is written by jax_tilek/_record.py (encode_record); keep the two in step.
@@ -54,6 +55,8 @@ struct Driver {
   CUresult (*ModuleLoadData)(CUmodule*, const void*) = nullptr;
   CUresult (*ModuleGetFunction)(CUfunction*, CUmodule, const char*) = nullptr;
   CUresult (*FuncSetAttribute)(CUfunction, CUfunction_attribute, int) = nullptr;
+  CUresult (*LaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                           CUstream, void**, void**) = nullptr;
   CUresult (*LaunchKernelEx)(const CUlaunchConfig*, CUfunction, void**, void**) = nullptr;
   CUresult (*TensorMapEncodeTiled)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*,
@@ -87,6 +90,7 @@ const Driver& GetDriver() {
     Resolve(lib, "cuModuleLoadData", d->ModuleLoadData, d->problem);
     Resolve(lib, "cuModuleGetFunction", d->ModuleGetFunction, d->problem);
     Resolve(lib, "cuFuncSetAttribute", d->FuncSetAttribute, d->problem);
+    Resolve(lib, "cuLaunchKernel", d->LaunchKernel, d->problem);
     Resolve(lib, "cuLaunchKernelEx", d->LaunchKernelEx, d->problem);
     Resolve(lib, "cuTensorMapEncodeTiled", d->TensorMapEncodeTiled, d->problem);
     Resolve(lib, "cuMemsetD8Async", d->MemsetD8Async, d->problem);
@@ -492,6 +496,15 @@ ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ff
       attrs[num_attrs].value.cooperative = 1;
       ++num_attrs;
     }
+    CUresult r;
+    if (num_attrs == 0) {  // the plain launch, as XLA's own kernels use
+      r = d.LaunchKernel((*fns.value())[n], k.grid[0], k.grid[1], k.grid[2], k.block[0], k.block[1], k.block[2],
+                         k.smem, stream, params.data(), nullptr);
+      if (r != CUDA_SUCCESS) {
+        return ffi::Error(ffi::ErrorCode::kInternal, st->Where(&k) + ": cuLaunchKernel failed: " + DescribeCuda(r));
+      }
+      continue;
+    }
     CUlaunchConfig config{};
     config.gridDimX = k.grid[0];
     config.gridDimY = k.grid[1];
@@ -503,7 +516,7 @@ ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ff
     config.hStream = stream;
     config.attrs = attrs;
     config.numAttrs = num_attrs;
-    CUresult r = d.LaunchKernelEx(&config, (*fns.value())[n], params.data(), nullptr);
+    r = d.LaunchKernelEx(&config, (*fns.value())[n], params.data(), nullptr);
     if (r != CUDA_SUCCESS) {
       return ffi::Error(ffi::ErrorCode::kInternal, st->Where(&k) + ": cuLaunchKernelEx failed: " + DescribeCuda(r));
     }
