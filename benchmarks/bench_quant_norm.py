@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek.quant import formats
 from jax_tilek.quant.norm import norm_backward, norm_forward, norm_forward_and_per_token_cast
 
 from benchmarks.harness import Case
+from benchmarks.plain_jax import per_token_cast_e4m3
 
 EPS = 1e-6
 F32 = jnp.float32
@@ -20,19 +20,6 @@ def _plain_norm(x, w, r, out_scale=1.0):
     sv = s.astype(F32)
     rstd = jax.lax.rsqrt(jnp.mean(sv * sv, axis=-1, keepdims=True) + EPS)
     return (sv * rstd * (w.astype(F32) * out_scale)).astype(x.dtype), rstd[:, 0], s
-
-
-def _plain_cast(y, layout):
-    t, h = y.shape
-    g = y.astype(F32).reshape(t, h // 32, 32)
-    a = jnp.maximum(jnp.max(jnp.abs(g), axis=-1), 1e-4)
-    if layout == "row":
-        sf, inv = a / 448, 448 / a
-    else:  # power-of-two scales
-        e = formats.power_of_two_exponent(a / 448)
-        sf, inv = formats.exp2_exact(e), formats.exp2_exact(-e)
-    q = jnp.clip(g * inv[..., None], -448, 448).astype(jnp.float8_e4m3fn).reshape(t, h)
-    return q, formats.store_sf(sf, layout)
 
 
 def _plain_backward(dy, x, w, rstd, rg):
@@ -92,7 +79,7 @@ def _cast_case(t, h, layout, with_out, dtype=jnp.bfloat16):
 
     def xla(x, w, r):
         y, _, s = _plain_norm(x, w, r)
-        data, sf = _plain_cast(y, layout)
+        data, sf = per_token_cast_e4m3(y, 32, layout)
         return data, sf, (y if with_out else None), s
 
     return Case(

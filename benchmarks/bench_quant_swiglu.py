@@ -15,6 +15,7 @@ from jax_tilek.quant.swiglu_quant import (
 )
 
 from benchmarks.harness import Case
+from benchmarks.plain_jax import per_token_cast_e4m3
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 EXPERTS, ALIGN = 8, 128
@@ -41,19 +42,6 @@ def _plain_act(x, w=None, rsf=None, clamp=None):
     if w is not None:
         act = act * (w * rsf)[:, None]
     return act
-
-
-def _plain_cast(v, npc, layout):
-    t, h = v.shape
-    g = v.reshape(t, h // npc, npc)
-    a = jnp.maximum(jnp.max(jnp.abs(g), axis=-1), 1e-4)
-    if layout == "row":
-        sf, inv = a / 448, 448 / a
-    else:  # power-of-two scales
-        e = formats.power_of_two_exponent(a / 448)
-        sf, inv = formats.exp2_exact(e), formats.exp2_exact(-e)
-    q = jnp.clip(g * inv[..., None], -448, 448).astype(jnp.float8_e4m3fn).reshape(t, h)
-    return q, formats.store_sf(sf, layout)
 
 
 def _plain_backward(xf, g, w, rsf, clamp):
@@ -112,9 +100,9 @@ def _forward_cast_case(t, h, npc, layout, routed):
     def xla(x, psum=None, w=None):
         act = _plain_act(x, w, 2.5, 10.0 if routed else None)
         if not routed:
-            return _plain_cast(act, npc, layout)
+            return per_token_cast_e4m3(act, npc, layout)
         valid = _valid(x.shape[0], psum)
-        q, sf = _plain_cast(jnp.where(valid[:, None], act, 0), npc, layout)
+        q, sf = per_token_cast_e4m3(jnp.where(valid[:, None], act, 0), npc, layout)
         h_ = x.shape[1] // 2
         l, r = x[:, :h_].astype(F32), x[:, h_:].astype(F32)
         counts = jnp.stack([jnp.sum((c & valid[:, None]).astype(jnp.int32)) for c in (l > 10, r > 10, r < -10)] + [jnp.sum(valid) * h_])
@@ -177,7 +165,7 @@ def _backward_cast_case(t, h, npc=128, layout="col_ue8m0"):
         grad, wg, act = _plain_backward(xf, g, w, 2.5, 10.0)
         valid = _valid(t, psum)[:, None]
         grad = jnp.where(valid, grad, 0)
-        return grad.astype(BF16), _plain_cast(grad, npc, layout), jnp.where(valid[:, 0], wg, 0), jnp.where(valid, act, 0).astype(BF16)
+        return grad.astype(BF16), per_token_cast_e4m3(grad, npc, layout), jnp.where(valid[:, 0], wg, 0), jnp.where(valid, act, 0).astype(BF16)
 
     sf_bytes = t * 2 * h // npc * (1 if packed else 4)
     moved = (t * 2 * h + sf_bytes + t * h * 2 + t * 4) + (t * 2 * h * 2 + t * 2 * h + sf_bytes + t * 4 + t * h * 2)

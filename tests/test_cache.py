@@ -1,6 +1,5 @@
 """The kernel cache: addressing, atomic entries, checksums, offline mode, concurrent compiles."""
 
-import base64
 import glob
 import json
 import os

@@ -41,7 +41,7 @@ import numpy as np
 
 from jax_tilek import platform
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, Static, TileOp, View, with_vjp
+from jax_tilek.op import Launch, TileOp, View, with_vjp
 from jax_tilek.quant import formats as F
 
 TOKEN_ALIGNMENT = 128  # TileKernels v2.1's default per-expert alignment of the psum layout
