@@ -126,7 +126,6 @@ def test_launch_record_in_the_lowered_module():
 
 
 def test_export_serializes_with_the_cubin(tmp_path):
-    pytest.importorskip("flatbuffers")
     x, s = jax.ShapeDtypeStruct((64, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.float32)
     exported = jax_tilek.export(scale, x, s, arch="sm_90a")
     restored = jax.export.deserialize(exported.serialize())
