@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.per_block_cast import per_block_cast
+from jax_tilek.quant.per_block_cast import per_block_cast, per_block_cast_with_precomputed_sf, per_block_cast_with_sf_only
 from jax_tilek.quant.per_block_cast_lossless import per_block_cast_lossless
 from jax_tilek.quant.weight_sf import batched_transpose_weight_sf
 
@@ -34,6 +34,28 @@ def _cast(t, h, dtype, fmt, block, sf):
         min_bytes=t * h * size + t * h * (1 if fmt == "e4m3" else 0.5) + _sf_bytes(sf, F.num_blocks((t, h), block)),
         params={"shape": f"{t}x{h}", "dtype": jnp.dtype(dtype).name},
     )
+
+
+def _split(t, h, block):
+    """The two halves of per_block_cast (e4m3, bf16 in, row-major fp32 scales): scales only, and the
+    cast with those scales given."""
+
+    def make_x(key):
+        return ((jax.random.normal(key, (t, h), jnp.float32) * 4).astype(jnp.bfloat16),)
+
+    def make_x_sf(key):
+        (x,) = make_x(key)
+        return x, per_block_cast_with_sf_only(x, "e4m3", block, impl="xla")
+
+    sf_only = lambda impl: lambda x: per_block_cast_with_sf_only(x, "e4m3", block, impl=impl)  # noqa: E731
+    with_sf = lambda impl: lambda x, sf: per_block_cast_with_precomputed_sf(x, "e4m3", block, sf, impl=impl)  # noqa: E731
+    sf_bytes = _sf_bytes("row", F.num_blocks((t, h), block))
+    params = {"shape": f"{t}x{h}", "dtype": "bfloat16"}
+    name = f"e4m3_{block[0]}x{block[1]}_row"
+    return [
+        Case(FAMILY, f"sf_only_{name}", make_x, sf_only("tilelang"), sf_only("xla"), t * h * 2 + sf_bytes, params),
+        Case(FAMILY, f"precomputed_sf_{name}", make_x_sf, with_sf("tilelang"), with_sf("xla"), t * h * 3 + sf_bytes, params),
+    ]
 
 
 def _lossless(t, h, out_block, in_layout, out_layout):
@@ -88,6 +110,7 @@ CASES = [
     _cast(65536, 4096, jnp.bfloat16, "e4m3", (32, 32), "row_round"),
     _cast(8192, 7168, jnp.float32, "e4m3", (128, 128), "row_round"),
     _cast(32768, 7168, jnp.bfloat16, "e2m1", (32, 32), "col_ue8m0"),
+    *_split(16384, 7168, (128, 128)),
     _lossless(16384, 7168, (128, 128), "col_ue8m0", "col_ue8m0"),
     _lossless(65536, 4096, (1, 128), "row", "row"),
     _weight_sf(),

@@ -51,6 +51,28 @@ def _per_token(name, tokens, hidden, fmt, npc, flags, dtype=jnp.bfloat16, tuning
     )
 
 
+def _split(name, tokens, hidden, npc, flags):
+    """The two halves of per_token_cast: scales only (reads x), and the cast with those scales given."""
+    sf_flags = {k: v for k, v in flags.items() if k != "round_sf"}
+
+    def make_x(key):
+        return ((jax.random.normal(key, (tokens, hidden), jnp.float32) * 3).astype(jnp.bfloat16),)
+
+    def make_x_sf(key):
+        (x,) = make_x(key)
+        return x, ptc.per_token_cast_with_sf_only(x, "e4m3", npc, **flags, impl="xla")
+
+    sf_only = lambda impl: lambda x: ptc.per_token_cast_with_sf_only(x, "e4m3", npc, **flags, impl=impl)  # noqa: E731
+    with_sf = lambda impl: lambda x, sf: ptc.per_token_cast_with_precomputed_sf(x, "e4m3", npc, sf, **sf_flags, impl=impl)  # noqa: E731
+    x_bytes, sf_bytes = tokens * hidden * 2, _sf_bytes(tokens, hidden, npc, flags)
+    params = {"shape": f"{tokens}x{hidden}", "dtype": f"bfloat16->e4m3/{npc}"}
+    return [
+        Case("quant_per_token", f"{name}_sf_only", make_x, sf_only("tilelang"), sf_only("xla"), x_bytes + sf_bytes, params),
+        Case("quant_per_token", f"{name}_precomputed_sf", make_x_sf, with_sf("tilelang"), with_sf("xla"),
+             x_bytes + sf_bytes + tokens * hidden, params),
+    ]  # fmt: skip
+
+
 def _requant(name, tokens, hidden, npc, flags):
     """Packed FP4 with 1x32 UE8M0 scales -> e4m3 per-token 1 x npc."""
 
@@ -107,6 +129,7 @@ CASES = [
     _per_token("e4m3_rowwise", 16384, 7168, "e4m3", 7168, dict(round_sf=True)),
     _per_token("e4m3_ue8m0_sr", 16384, 7168, "e4m3", 128, PACKED, stochastic_cast=True),
     _requant("fp4_to_e4m3", 16384, 7168, 128, PACKED),
+    *_split("e4m3_ue8m0", 16384, 7168, 128, PACKED),
     _cast("cast", (16384, 7168), jnp.float32, jnp.bfloat16),
     _cast("cast_sr", (16384, 7168), jnp.float32, jnp.bfloat16, True),
     _cast("cast_sr", (16384, 7168), jnp.bfloat16, jnp.float8_e4m3fn, True),

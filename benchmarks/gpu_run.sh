@@ -6,6 +6,7 @@
 # Build machine first (TileLang + nvcc, no GPU needed):   bash benchmarks/gpu_prepare.sh
 # Then ship the checkout with .tilek_cache/ and run:     bash benchmarks/gpu_run.sh [pytest paths/args]
 # BENCH_ONLY=family,... limits the benchmarks (default: all); BENCH_ONLY=none skips them.
+# GPU_TEST_WORKERS=N runs the tests in N processes sharing the GPU (default 4; compiling is the slow part).
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_tilek_gpu}
 mkdir -p "$OUT"
@@ -18,7 +19,9 @@ $PY -m pip install --no-deps --no-build-isolation . > "$OUT/install.log" 2>&1 ||
 $PY -c "import jax, jax_tilek; print('jax', jax.__version__, jax.devices(), 'kernels:', jax_tilek.kernels_available())"
 
 [ $# -gt 0 ] || set -- tests
-$PY -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+workers=${GPU_TEST_WORKERS:-4}
+[ "$workers" -le 1 ] || set -- -n "$workers" "$@"
+XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 bench_rc=0
 if [ "${BENCH_ONLY:-}" != none ]; then
