@@ -38,3 +38,40 @@ def rand_float(rng: np.random.Generator, shape, scale_exp: tuple[int, int] = (-2
     """Normal values times 2^U[lo, hi] per row: wide dynamic range across rows, fp32."""
     rows = rng.integers(scale_exp[0], scale_exp[1] + 1, size=shape[:-1] + (1,)).astype(np.float32)
     return (rng.standard_normal(shape, np.float32) * np.exp2(rows)).astype(np.float32)
+
+
+def _align(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def np_store_sf(sf: np.ndarray, layout: str) -> np.ndarray:
+    """Logical scales ``[M_b, K_b]`` -> their storage in a TileKernels layout, written independently of
+    ``jax_tilek.quant.formats``: "row" (or "row_round") as is; "col" the transpose ``[K_b, align(M_b, 4)]``
+    zero-padded; "col_ue8m0" the exponent bytes, four consecutive k in one little-endian int32,
+    ``[ceil(K_b/4), align(M_b, 4)]``."""
+    m_b, k_b = sf.shape
+    if layout in ("row", "row_round"):
+        return sf
+    if layout == "col":
+        out = np.zeros((k_b, _align(m_b, 4)), sf.dtype)
+        out[:, :m_b] = sf.T
+        return out
+    assert layout == "col_ue8m0", layout
+    exponents = ((sf.astype(np.float32).view(np.uint32) >> 23) & 0xFF).astype(np.uint8)
+    b = np.zeros((_align(k_b, 4), _align(m_b, 4)), np.uint8)
+    b[:k_b, :m_b] = exponents.T
+    words = b.reshape(b.shape[0] // 4, 4, b.shape[1]).transpose(0, 2, 1)  # [word, m, byte]
+    return np.ascontiguousarray(words).view(np.int32).reshape(b.shape[0] // 4, b.shape[1])
+
+
+def np_load_sf(stored: np.ndarray, layout: str, num_blocks: tuple[int, int]) -> np.ndarray:
+    """Storage -> logical fp32 scales ``[M_b, K_b]`` (the inverse of :func:`np_store_sf`)."""
+    m_b, k_b = num_blocks
+    if layout in ("row", "row_round"):
+        return stored.astype(np.float32)
+    if layout == "col":
+        return stored[:, :m_b].T.astype(np.float32)
+    assert layout == "col_ue8m0", layout
+    words, m_4 = stored.shape
+    b = np.ascontiguousarray(stored).view(np.uint8).reshape(words, m_4, 4).transpose(0, 2, 1).reshape(4 * words, m_4)  # [k, m]
+    return (b[:k_b, :m_b].T.astype(np.uint32) << 23).view(np.float32)

@@ -10,8 +10,7 @@ from jax_tilek.quant import formats as F
 from jax_tilek.quant.per_block_cast import per_block_cast, per_block_cast_with_precomputed_sf, per_block_cast_with_sf_only, tile_shape
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
-from quant_testing import assert_bytes_equal
-from quant_testing import calc_diff, check_bias, rand_float
+from quant_testing import assert_bytes_equal, calc_diff, check_bias, np_load_sf, np_store_sf, rand_float
 
 BF16, FP32 = ml_dtypes.bfloat16, np.float32
 # Scale-factor configurations: TileKernels' flags (use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0).
@@ -63,40 +62,10 @@ def np_encode(v, fmt):
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
-def np_store(sf, layout):
-    """Logical sf [M_b, K_b] -> storage in a TileKernels layout, padding zero."""
-    mb, kb = sf.shape
-    m4 = -(-mb // 4) * 4
-    if layout in ("row", "row_round"):
-        return sf
-    if layout == "col":
-        out = np.zeros((kb, m4), np.float32)
-        out[:, :mb] = sf.T
-        return out
-    raw = np.zeros((-(-kb // 4), 4 * m4), np.uint8)
-    exponent = np.log2(sf).astype(np.int64) + 127
-    for m in range(mb):
-        for k in range(kb):
-            raw[k // 4, 4 * m + k % 4] = exponent[m, k]
-    return raw.view(np.int32)
-
-
 def np_per_block_cast(x, fmt, block, sf_layout):
     sf, inv = np_scales(x, fmt, block, SF_FLAGS[sf_layout][1])
     data = np_encode(x.astype(np.float32) * _expand(inv, block, x.shape), fmt)
-    return data, np_store(sf, sf_layout)
-
-
-def np_load(stored, layout, num_blocks):
-    """Storage -> logical fp32 sf [M_b, K_b] (the inverse of np_store)."""
-    mb, kb = num_blocks
-    if layout in ("row", "row_round"):
-        return stored
-    if layout == "col":
-        return np.ascontiguousarray(stored[:, :mb].T)
-    raw = np.ascontiguousarray(stored).view(np.uint8)  # [ceil(K_b/4), 4 * align(M_b, 4)]
-    exponent = np.stack([raw[k // 4, 4 * np.arange(mb) + k % 4] for k in range(kb)], axis=1)
-    return (exponent.astype(np.uint32) << 23).view(np.float32)
+    return data, np_store_sf(sf, sf_layout)
 
 
 def np_dequantize(data, sf, fmt, block):
@@ -132,7 +101,7 @@ def test_reference_matches_numpy(rng, dtype, fmt, block, sf_layout):
         assert_bytes_equal(sf, expected_sf)
         assert_bytes_equal(per_block_cast_with_sf_only(jnp.asarray(x), fmt, block, **_flags(sf_layout), impl="xla"), expected_sf)
         logical = np_scales(x, fmt, block, SF_FLAGS[sf_layout][1])[0]
-        assert_bytes_equal(np_load(expected_sf, sf_layout, logical.shape), logical)
+        assert_bytes_equal(np_load_sf(expected_sf, sf_layout, logical.shape), logical)
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e2m1"])
@@ -280,7 +249,7 @@ def test_kernel_is_bit_exact(on_gpu, rng, cfg):
         assert_bytes_equal(scales, expected_sf)
         assert_bytes_equal(data, expected_data)
     x, (data, scales) = inputs[-1], outs[-1]
-    logical = np_load(np.asarray(scales), sf, F.num_blocks(x.shape, block))
+    logical = np_load_sf(np.asarray(scales), sf, F.num_blocks(x.shape, block))
     check_bias(np_dequantize(np.asarray(data), logical, fmt, block), x)
 
 

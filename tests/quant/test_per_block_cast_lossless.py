@@ -10,7 +10,7 @@ from jax_tilek.quant import formats as F
 from jax_tilek.quant.per_block_cast_lossless import per_block_cast_lossless, tile_plan
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
-from quant_testing import assert_bytes_equal
+from quant_testing import assert_bytes_equal, np_store_sf
 
 LAYOUT_FLAGS = {"row": (False, False), "col": (True, False), "col_ue8m0": (True, True)}  # (col-major, packed)
 
@@ -63,26 +63,10 @@ def np_lossless(data, sf_logical, x_block, out_block):
     return q, (e_out.astype(np.uint32) << 23).view(np.float32)
 
 
-def np_store(sf, layout):
-    mb, kb = sf.shape
-    m4 = -(-mb // 4) * 4
-    if layout == "row":
-        return sf
-    if layout == "col":
-        out = np.zeros((kb, m4), np.float32)
-        out[:, :mb] = sf.T
-        return out
-    raw = np.zeros((-(-kb // 4), 4 * m4), np.uint8)
-    for m in range(mb):
-        for k in range(kb):
-            raw[k // 4, 4 * m + k % 4] = np_exponents(sf[m : m + 1, k : k + 1])[0, 0]
-    return raw.view(np.int32)
-
-
 def _check_result(data, sf_logical, x_block, out_block, layout, result, lossless=True):
     q, sf_out = np_lossless(data, sf_logical, x_block, out_block)
     out_data, out_sf = (np.asarray(r) for r in result)
-    assert_bytes_equal(out_sf, np_store(sf_out, layout))
+    assert_bytes_equal(out_sf, np_store_sf(sf_out, layout))
     assert_bytes_equal(out_data, q)
     if lossless and data.size:  # the dequantized FP8 equals the dequantized FP4, bit for bit
         back8 = out_data.astype(np.float32) * _expand(sf_out, out_block, out_data.shape)

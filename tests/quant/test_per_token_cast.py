@@ -19,7 +19,7 @@ from jax_tilek.quant.per_token_cast import (
 )
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
-from quant_testing import assert_bytes_equal, calc_diff, check_bias, rand_float
+from quant_testing import assert_bytes_equal, calc_diff, check_bias, np_load_sf, np_store_sf, rand_float
 
 
 E4M3, FP4 = ml_dtypes.float8_e4m3fn, ml_dtypes.float4_e2m1fn
@@ -30,10 +30,6 @@ COL = dict(use_tma_aligned_col_major_sf=True)
 
 # ---------------------------------------------------------------------------------------------
 # An independent model of the semantics (numpy + ml_dtypes).
-
-
-def _align(a, b):
-    return -(-a // b) * b
 
 
 def np_scales(amax, fmt, round_sf=False, use_e4m3_sf=False, floor=None):
@@ -67,32 +63,6 @@ def np_decode(data):
     return codes.view(FP4).astype(np.float32)
 
 
-def np_store(sf, layout):
-    """Logical [M_b, K_b] scales -> storage: "row", "col" (zero-padded to 4 rows), "col_ue8m0"."""
-    m_b, k_b = sf.shape
-    if layout == "row":
-        return sf
-    if layout == "col":
-        out = np.zeros((k_b, _align(m_b, 4)), sf.dtype)
-        out[:, :m_b] = sf.T
-        return out
-    exponents = ((sf.astype(np.float32).view(np.uint32) >> 23) & 0xFF).astype(np.uint8)
-    b = np.zeros((_align(k_b, 4), _align(m_b, 4)), np.uint8)
-    b[:k_b, :m_b] = exponents.T
-    words = b.reshape(b.shape[0] // 4, 4, b.shape[1]).transpose(0, 2, 1)  # [word, m, byte]
-    return np.ascontiguousarray(words).view(np.int32).reshape(b.shape[0] // 4, b.shape[1])
-
-
-def np_load(stored, layout, blocks):
-    m_b, k_b = blocks
-    if layout == "row":
-        return stored.astype(np.float32)
-    if layout == "col":
-        return stored[:, :m_b].T.astype(np.float32)
-    b = stored.view(np.uint8).reshape(stored.shape[0], stored.shape[1], 4).transpose(0, 2, 1).reshape(-1, stored.shape[1])
-    return (b[:k_b, :m_b].T.astype(np.uint32) << 23).view(np.float32)
-
-
 def layout_of(flags):
     if flags.get("use_packed_ue8m0"):
         return "col_ue8m0"
@@ -110,7 +80,7 @@ def np_per_token(x, fmt, npc, flags=(), x_sf=None, x_block=None, x_layout=None, 
         values = np_decode(x)
         t, h = values.shape
         bm, bk = x_block
-        logical = np_load(x_sf, x_layout, (-(-t // bm), -(-h // bk)))
+        logical = np_load_sf(x_sf, x_layout, (-(-t // bm), -(-h // bk)))
         xs = np.repeat(np.repeat(logical, bm, 0), bk, 1)[:t, :h]
         magnitudes = np.abs(values) * xs
     t, h = values.shape
@@ -120,7 +90,7 @@ def np_per_token(x, fmt, npc, flags=(), x_sf=None, x_block=None, x_layout=None, 
     if xs is not None:
         multiplier = xs * multiplier
     scaled = values * multiplier
-    return np_quantize(scaled, fmt), np_store(sf, layout_of(flags)), scaled
+    return np_quantize(scaled, fmt), np_store_sf(sf, layout_of(flags)), scaled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,11 +108,11 @@ def random_codes(rng, shape, fmt):
 def random_scales(rng, blocks, layout, dtype="float32"):
     """Positive scales stored in ``layout``: powers of two for UE8M0, else arbitrary fp32 / e4m3 values."""
     if layout == "col_ue8m0":
-        return np_store(np.exp2(rng.integers(-10, 11, size=blocks)).astype(np.float32), layout)
+        return np_store_sf(np.exp2(rng.integers(-10, 11, size=blocks)).astype(np.float32), layout)
     v = np.exp2(rng.uniform(-10, 10, size=blocks)).astype(np.float32)
     if dtype == "float8_e4m3fn":
         v = np.clip(v, 2.0**-6, 448).astype(E4M3)
-    return np_store(v, layout)
+    return np_store_sf(v, layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +360,7 @@ def _avals(case: Case):
         return (S((t, width), case.x),)
     data = S((t, h), E4M3) if case.x == "e4m3" else S((t, h // 2), jnp.uint8)
     blocks = (-(-t // case.x_block[0]), -(-h // case.x_block[1]))
-    stored = np_store(np.ones(blocks, np.float32), case.x_layout).astype(case.x_sf_dtype if case.x_layout != "col_ue8m0" else np.int32)
+    stored = np_store_sf(np.ones(blocks, np.float32), case.x_layout).astype(case.x_sf_dtype if case.x_layout != "col_ue8m0" else np.int32)
     return data, S(stored.shape, stored.dtype)
 
 

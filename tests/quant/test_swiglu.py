@@ -20,7 +20,7 @@ from jax_tilek.quant.swiglu_quant import (
 )
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
-from quant_testing import assert_bytes_equal, calc_diff
+from quant_testing import assert_bytes_equal, calc_diff, np_load_sf, np_store_sf
 
 f32 = np.float32
 BF16 = ml_dtypes.bfloat16
@@ -122,32 +122,6 @@ def np_quantize(v, block, round_sf):
         inv = f32(448) / a
     scaled = v * np.repeat(np.repeat(inv, bm, 0), bk, 1)
     return np.clip(scaled, -448, 448).astype(E4M3), sf
-
-
-def np_store_sf(sf, layout):
-    m, k = sf.shape
-    mp = -(-m // 4) * 4
-    if layout == "row":
-        return sf
-    if layout == "col":
-        out = np.zeros((k, mp), f32)
-        out[:, :m] = sf.T
-        return out
-    b = ((sf.view(np.uint32) >> 23) & 0xFF).astype(np.uint8)
-    b = np.pad(b, ((0, 0), (0, -(-k // 4) * 4 - k)))
-    words = b.reshape(m, -(-k // 4), 4).copy().view("<u4").reshape(m, -(-k // 4)).astype(np.uint32).view(np.int32)
-    out = np.zeros((words.shape[1], mp), np.int32)
-    out[:, :m] = words.T
-    return out
-
-
-def np_load_sf(stored, layout, m, k):
-    if layout == "row":
-        return stored
-    if layout == "col":
-        return stored[:, :m].T
-    b = np.ascontiguousarray(stored[:, :m].T).view(np.uint8).reshape(m, stored.shape[0] * 4)[:, :k]
-    return (b.astype(np.uint32) << 23).view(f32)
 
 
 def np_cast(act, valid, npc, layout, round_sf):
@@ -310,7 +284,7 @@ def test_forward_and_per_token_cast_reference(rng, layout, npc):
     assert_bytes_equal(np.asarray(sf), exp_sf)
     np.testing.assert_array_equal(np.asarray(counts), np_counts(x, valid, 10.0))
     # dequantized, the cast is close to the activation
-    back = np.asarray(data).astype(f32) * np.repeat(np_load_sf(np.asarray(sf), _layout(layout), t, h // npc), npc, 1)
+    back = np.asarray(data).astype(f32) * np.repeat(np_load_sf(np.asarray(sf), _layout(layout), (t, h // npc)), npc, 1)
     assert calc_diff(back[valid], act[valid]) < 1e-3
 
 
