@@ -53,8 +53,8 @@ def _split(t, h, block):
     params = {"shape": f"{t}x{h}", "dtype": "bfloat16"}
     name = f"e4m3_{block[0]}x{block[1]}_row"
     return [
-        Case(FAMILY, f"sf_only_{name}", make_x, sf_only("tilelang"), sf_only("xla"), t * h * 2 + sf_bytes, params),
-        Case(FAMILY, f"precomputed_sf_{name}", make_x_sf, with_sf("tilelang"), with_sf("xla"), t * h * 3 + sf_bytes, params),
+        Case.of_impls(FAMILY, f"sf_only_{name}", make_x, sf_only, t * h * 2 + sf_bytes, params),
+        Case.of_impls(FAMILY, f"precomputed_sf_{name}", make_x_sf, with_sf, t * h * 3 + sf_bytes, params),
     ]
 
 

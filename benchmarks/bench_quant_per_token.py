@@ -13,6 +13,7 @@ from jax_tilek.quant.cast import cast
 
 from benchmarks.harness import Case
 
+FAMILY = "quant_per_token"
 PACKED = dict(use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True)
 
 
@@ -40,15 +41,7 @@ def _per_token(name, tokens, hidden, fmt, npc, flags, dtype=jnp.bfloat16, tuning
 
     data_bytes = tokens * hidden * (1 if fmt == "e4m3" else 0.5)
     moved = tokens * hidden * np.dtype(dtype).itemsize + int(data_bytes) + _sf_bytes(tokens, hidden, npc, flags)
-    return Case(
-        family="quant_per_token",
-        name=name,
-        make_inputs=make,
-        kernel=run("tilelang"),
-        xla=run("xla"),
-        min_bytes=moved,
-        params={"shape": f"{tokens}x{hidden}", "dtype": f"{np.dtype(dtype).name}->{fmt}/{npc}"},
-    )
+    return Case.of_impls(FAMILY, name, make, run, moved, {"shape": f"{tokens}x{hidden}", "dtype": f"{np.dtype(dtype).name}->{fmt}/{npc}"})
 
 
 def _split(name, tokens, hidden, npc, flags):
@@ -67,10 +60,9 @@ def _split(name, tokens, hidden, npc, flags):
     x_bytes, sf_bytes = tokens * hidden * 2, _sf_bytes(tokens, hidden, npc, flags)
     params = {"shape": f"{tokens}x{hidden}", "dtype": f"bfloat16->e4m3/{npc}"}
     return [
-        Case("quant_per_token", f"{name}_sf_only", make_x, sf_only("tilelang"), sf_only("xla"), x_bytes + sf_bytes, params),
-        Case("quant_per_token", f"{name}_precomputed_sf", make_x_sf, with_sf("tilelang"), with_sf("xla"),
-             x_bytes + sf_bytes + tokens * hidden, params),
-    ]  # fmt: skip
+        Case.of_impls(FAMILY, f"{name}_sf_only", make_x, sf_only, x_bytes + sf_bytes, params),
+        Case.of_impls(FAMILY, f"{name}_precomputed_sf", make_x_sf, with_sf, x_bytes + sf_bytes + tokens * hidden, params),
+    ]
 
 
 def _requant(name, tokens, hidden, npc, flags):
@@ -87,15 +79,7 @@ def _requant(name, tokens, hidden, npc, flags):
         return lambda d, s: ptc.per_token_cast((d, s), "e4m3", npc, x_block_size=(1, 32), impl=impl, **flags)
 
     moved = tokens * hidden // 2 + tokens * hidden // 32 + tokens * hidden + _sf_bytes(tokens, hidden, npc, flags)
-    return Case(
-        family="quant_per_token",
-        name=name,
-        make_inputs=make,
-        kernel=run("tilelang"),
-        xla=run("xla"),
-        min_bytes=moved,
-        params={"shape": f"{tokens}x{hidden}", "dtype": f"fp4[1x32]->e4m3/{npc}"},
-    )
+    return Case.of_impls(FAMILY, name, make, run, moved, {"shape": f"{tokens}x{hidden}", "dtype": f"fp4[1x32]->e4m3/{npc}"})
 
 
 def _cast(name, shape, src, dst, stochastic=False, tuning=None):
@@ -110,15 +94,8 @@ def _cast(name, shape, src, dst, stochastic=False, tuning=None):
         return lambda x: cast_module._cast_op(x, *seed, dtype=name, stochastic_rounding=stochastic, tuning=tuning, impl=impl)
 
     n = int(np.prod(shape))
-    return Case(
-        family="quant_per_token",
-        name=name,
-        make_inputs=make,
-        kernel=run("tilelang"),
-        xla=run("xla"),
-        min_bytes=n * (np.dtype(src).itemsize + np.dtype(dst).itemsize),
-        params={"shape": "x".join(map(str, shape)), "dtype": f"{np.dtype(src).name}->{np.dtype(dst).name}{'/sr' if stochastic else ''}"},
-    )
+    dtypes = f"{np.dtype(src).name}->{np.dtype(dst).name}{'/sr' if stochastic else ''}"
+    return Case.of_impls(FAMILY, name, make, run, n * (np.dtype(src).itemsize + np.dtype(dst).itemsize), {"shape": "x".join(map(str, shape)), "dtype": dtypes})
 
 
 CASES = [

@@ -52,6 +52,11 @@ class Case:
     min_bytes: int
     params: dict = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def of_impls(cls, family: str, name: str, make_inputs, op_with_impl: Callable[[str], Callable[..., Any]], min_bytes: int, params: dict) -> "Case":
+        """A case whose kernel and plain-JAX sides are one op called with ``impl="tilelang"`` and ``impl="xla"``."""
+        return cls(family, name, make_inputs, op_with_impl("tilelang"), op_with_impl("xla"), int(min_bytes), params)
+
 
 def _input_bytes(inputs: Sequence[Any]) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in inputs)
