@@ -383,6 +383,17 @@ def cast_round_trip_kernel(
         r = T.call_extern("float32", "__fsub_rn", T.call_extern("float32", "__fadd_rn", a, magic), magic)
         return T.reinterpret(T.reinterpret(r, "uint32") | (T.reinterpret(v, "uint32") & T.uint32(0x80000000)), "float32")
 
+    @T.macro
+    def round_pair(r, i):
+        """Rounds ``r[i]``, ``r[i + 1]`` to ``fmt`` in place (they stay fp32)."""
+        if fmt == "e4m3":
+            hh = T.call_extern("uint32", "tilek_e4m3x2_f16x2", r[i], r[i + 1])
+            r[i] = T.call_extern("float32", "tilek_f16_to_f32", hh)
+            r[i + 1] = T.call_extern("float32", "tilek_f16_to_f32", hh >> T.uint32(16))
+        else:
+            r[i] = round_e2m1(r[i])
+            r[i + 1] = round_e2m1(r[i + 1])
+
     @T.prim_func
     def cast_round_trip(
         x: T.StridedTensor((N, chunks * 8), (S, 1), "uint32"),
@@ -438,13 +449,7 @@ def cast_round_trip_kernel(
                                     r[p * 2 + h] = T.call_extern(
                                         "float32", "__fmul_rn", element(w, u, q * 8 + p * 2 + h), inv
                                     )
-                                if fmt == "e4m3":
-                                    hh = T.call_extern("uint32", "tilek_e4m3x2_f16x2", r[p * 2], r[p * 2 + 1])
-                                    r[p * 2] = T.call_extern("float32", "tilek_f16_to_f32", hh)
-                                    r[p * 2 + 1] = T.call_extern("float32", "tilek_f16_to_f32", hh >> T.uint32(16))
-                                else:
-                                    r[p * 2] = round_e2m1(r[p * 2])
-                                    r[p * 2 + 1] = round_e2m1(r[p * 2 + 1])
+                                round_pair(r, p * 2)
                             T.evaluate(
                                 T.call_extern(
                                     "handle", "tilek_store16", T.address_of(y[c // chunks, (c % chunks) * 8 + q * 4]),
@@ -458,13 +463,7 @@ def cast_round_trip_kernel(
                             for p in T.unroll(4):
                                 r[p] = T.call_extern("float32", "__fmul_rn", element(w, u, q * 4 + p), inv)
                             for p in T.unroll(2):
-                                if fmt == "e4m3":
-                                    hh = T.call_extern("uint32", "tilek_e4m3x2_f16x2", r[p * 2], r[p * 2 + 1])
-                                    r[p * 2] = T.call_extern("float32", "tilek_f16_to_f32", hh)
-                                    r[p * 2 + 1] = T.call_extern("float32", "tilek_f16_to_f32", hh >> T.uint32(16))
-                                else:
-                                    r[p * 2] = round_e2m1(r[p * 2])
-                                    r[p * 2 + 1] = round_e2m1(r[p * 2 + 1])
+                                round_pair(r, p * 2)
                             T.evaluate(
                                 T.call_extern(
                                     "handle", "tilek_store16", T.address_of(y[c // chunks, (c % chunks) * 8 + q * 4]),
