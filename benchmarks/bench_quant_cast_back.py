@@ -32,7 +32,7 @@ def _cast_back_case(fmt, tokens, hidden, block, layout, out, e4m3_sf=False):
     moved = _nbytes(data.shape, data.dtype) + _nbytes(sf.shape, sf.dtype) + _nbytes((tokens, hidden), out_dtype)
     return Case(
         family=FAMILY,
-        name=f"cast_back_{block[0]}x{block[1]}_{layout}",
+        name=f"cast_back_{block[0]}x{block[1]}_{layout}" + ("_e4m3sf" if e4m3_sf else ""),
         make_inputs=make_inputs,
         kernel=lambda d, s: cast_back((d, s), out, block, special, sf_layout=layout, impl="tilelang"),
         xla=lambda d, s: cast_back((d, s), out, block, special, sf_layout=layout, impl="xla"),
@@ -84,9 +84,12 @@ CASES = [
     _cast_back_case("e4m3", 65536, 4096, (1, 128), "row", "bf16"),
     _cast_back_case("e4m3", 16384, 7168, (128, 128), "row", "bf16"),
     _cast_back_case("e4m3", 4096, 4096, (1, 128), "col", "fp32"),
+    _cast_back_case("e4m3", 16384, 7168, (1, 128), "col", "bf16", e4m3_sf=True),  # e4m3 scales, 16-byte aligned columns
+    _cast_back_case("e4m3", 65536, 576, (1, 128), "col_ue8m0", "bf16"),  # a partial last block
     _cast_back_case("e2m1", 16384, 7168, (1, 32), "col_ue8m0", "bf16"),
     _cast_back_case("e5m6", 16384, 7168, (1, 7168), "row", "bf16"),
     _e5m6_case(16384, 7168, jnp.bfloat16, (False, False, False)),
     _round_trip_case(16384, 7168, jnp.bfloat16, "e4m3", 128),
     _round_trip_case(16384, 4096, jnp.bfloat16, "e2m1", 16, use_e4m3_sf=True),
+    _round_trip_case(65536, 576, jnp.bfloat16, "e4m3", 128),  # a partial last group
 ]

@@ -114,4 +114,7 @@ CASES = [
     _lossless(16384, 7168, (128, 128), "col_ue8m0", "col_ue8m0"),
     _lossless(65536, 4096, (1, 128), "row", "row"),
     _weight_sf(),
+    # More token tiles than grid y's 65,535: the flat grid.
+    _cast(2_162_688, 512, jnp.bfloat16, "e4m3", (32, 32), "col_ue8m0"),
+    _lossless(2_162_688, 512, (32, 32), "col_ue8m0", "row"),
 ]

@@ -85,17 +85,18 @@ CASES = [
 ]
 
 
-def _tiled(t, h, tile_h, min_blocks, kind="bf16"):
-    """The kernel with a fixed tiling, to compare tilings (``kind``: bf16, e4m3 input, transpose)."""
+def _tiled(t, h, tile_h, min_blocks, kind="bf16", fold=False):
+    """The kernel with a fixed tiling, to compare tilings (``kind``: bf16, e4m3 input, transpose;
+    ``fold``: the flat grid that more than 65,535 channel tiles take)."""
     quant = kind == "e4m3"
     fn = lambda *a, impl: _per_channel_cast_op(
         *a, impl=impl, npt=128, round_sf=False, sf_in="row" if quant else None,
         npc=128 if quant else None, packed_sf=False, gather=False, transpose=kind == "transpose",
-        tile_h=tile_h, min_blocks=min_blocks,
+        tile_h=tile_h, min_blocks=min_blocks, **({"fold": True} if fold else {}),
     )  # fmt: skip
     make = _quant(t, h) if quant else _bf16(t, h)
     read = t * h + t * (h // 128) * 4 if quant else 2 * t * h
-    c = _case(f"{kind}_tile{tile_h}_mb{min_blocks}", make, fn, t, h, read=read)
+    c = _case(f"{kind}_tile{tile_h}_mb{min_blocks}" + ("_flat" if fold else ""), make, fn, t, h, read=read)
     c.params["dtype"] = "float8_e4m3fn" if quant else "bfloat16"
     return c
 
@@ -108,4 +109,5 @@ VARIANTS = [
     _tiled(16384, 7168, 128, 4, "e4m3"),
     _tiled(16384, 7168, 128, 2, "transpose"),
     _tiled(16384, 7168, 128, 3, "transpose"),
+    _tiled(16384, 7168, 256, 2, fold=True),  # against cast_npt128 at 16384x7168 (the 2-D grid)
 ]

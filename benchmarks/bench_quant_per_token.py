@@ -19,8 +19,8 @@ PACKED = dict(use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0
 
 def _sf_bytes(tokens, hidden, npc, flags):
     layout = F.sf_layout(flags.get("use_tma_aligned_col_major_sf", False), flags.get("use_packed_ue8m0", False), flags.get("round_sf", False))
-    shape, dtype = F.sf_storage_shape(layout, (tokens, hidden // npc))
-    return int(np.prod(shape)) * (1 if flags.get("use_e4m3_sf") else dtype.itemsize)
+    shape, dtype = F.sf_storage_shape(layout, (tokens, F.ceil_div(hidden, npc)), jnp.float8_e4m3fn if flags.get("use_e4m3_sf") else np.float32)
+    return int(np.prod(shape)) * dtype.itemsize
 
 
 def _per_token(name, tokens, hidden, fmt, npc, flags, dtype=jnp.bfloat16, tuning=None, **extra):
@@ -104,6 +104,8 @@ CASES = [
     _per_token("e4m3_row", 16384, 4096, "e4m3", 128, {}),
     _per_token("e2m1_ue8m0", 16384, 7168, "e2m1", 32, PACKED),
     _per_token("e4m3_rowwise", 16384, 7168, "e4m3", 7168, dict(round_sf=True)),
+    _per_token("e4m3_ue8m0_partial", 65536, 576, "e4m3", 128, PACKED),  # H % npc != 0: a partial last block
+    _per_token("e4m3_col_e4m3sf", 16384, 7168, "e4m3", 128, dict(use_tma_aligned_col_major_sf=True, use_e4m3_sf=True)),
     _per_token("e4m3_ue8m0_sr", 16384, 7168, "e4m3", 128, PACKED, stochastic_cast=True),
     _requant("fp4_to_e4m3", 16384, 7168, 128, PACKED),
     *_split("e4m3_ue8m0", 16384, 7168, 128, PACKED),

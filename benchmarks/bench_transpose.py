@@ -47,6 +47,7 @@ CASES = [
     _case("2d", (16384, 7168), ml_dtypes.bfloat16),
     _case("2d_window", (8192, 14336), ml_dtypes.bfloat16, columns=(0, 7168)),
     _case("batched_small", (2, 2048, 2048), ml_dtypes.bfloat16),
+    _case("batched_many", (131072, 64, 128), ml_dtypes.bfloat16),  # B beyond grid z: the flat grid
 ]
 
 
@@ -82,7 +83,10 @@ _BIG = {
 VARIANTS = [
     _tiles(*_BIG[dtype], *config)
     for dtype, configs in {
-        "bfloat16": [(128, 128, None, 0, True), (256, 128, None, 0, True), (128, 256, None, 0, True), (128, 256), (256, 256, 512)],
+        "bfloat16": [
+            (128, 128, None, 0, True), (256, 128, None, 0, True), (128, 256, None, 0, True), (128, 256), (256, 256, 512),
+            (128, 128, None, 1),  # the flat grid that large B or M take, against the default 3-D grid
+        ],
         "float8_e4m3fn": [(128, 128, None, 0, True), (256, 256, None, 0, True)],
         "float32": [(128, 128, None, 0, True), (128, 64, None, 0, True), (64, 128, None, 0, True)],
     }.items()

@@ -5,6 +5,7 @@
 #
 # Build machine first (TileLang + nvcc, no GPU needed):   bash benchmarks/gpu_prepare.sh
 # Then ship the checkout with .tilek_cache/ and run:     bash benchmarks/gpu_run.sh [pytest paths/args]
+# To prepare an image that installs offline: pip install "scikit-build-core>=0.10" cmake (and jax, jaxlib).
 # BENCH_ONLY=family,... limits the benchmarks (default: all); BENCH_ONLY=none skips them.
 # GPU_TEST_WORKERS=N runs the tests in N processes sharing the GPU (default 4; compiling is the slow part).
 set -uo pipefail
@@ -15,7 +16,18 @@ PY=${PYTHON:-python3}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
-$PY -m pip install --no-deps --no-build-isolation . > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
+# Install (builds the launcher). A prepared image has the build dependencies (scikit-build-core, cmake,
+# jaxlib) and needs no package index: --no-deps --no-build-isolation. An environment installed from
+# README's command lacks scikit-build-core, so it builds with build isolation (pip fetches the build
+# dependencies from the index). Either way the runtime dependencies are expected to be installed.
+if $PY -c "import scikit_build_core, jaxlib" > /dev/null 2>&1 && { command -v cmake || $PY -c "import cmake"; } > /dev/null 2>&1; then
+  echo "install: prepared image (build dependencies present): pip install --no-deps --no-build-isolation ."
+  install=(--no-deps --no-build-isolation)
+else
+  echo "install: no scikit-build-core/cmake here: pip install --no-deps . (with build isolation; needs the package index)"
+  install=(--no-deps)
+fi
+$PY -m pip install "${install[@]}" . > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
 $PY -c "import jax, jax_tilek; print('jax', jax.__version__, jax.devices(), 'kernels:', jax_tilek.kernels_available())"
 
 [ $# -gt 0 ] || set -- tests

@@ -3,12 +3,12 @@
 from jax_tilek import _ffi
 from jax_tilek.cache import CacheError, KernelNotCompiledError
 from jax_tilek.call import tilelang_call, tilelang_op
-from jax_tilek.compiler import CompileError
+from jax_tilek.compiler import CompileError, NvccNotFoundError
 from jax_tilek.config import offline_mode, target_arch, use_cache_dir
 from jax_tilek.deploy import EXPORT_DISABLED_CHECKS, export, precompile
 from jax_tilek.kernel import TileKernel, kernel, record_kernels
 from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, with_vjp
-from jax_tilek.platform import kernels_available
+from jax_tilek.platform import NoTargetArchError, kernels_available
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,8 @@ __all__ = [
     "CompileError",
     "EXPORT_DISABLED_CHECKS",
     "KernelNotCompiledError",
+    "NoTargetArchError",
+    "NvccNotFoundError",
     "Launch",
     "ShardingRule",
     "Static",
@@ -36,6 +38,7 @@ __all__ = [
     "with_vjp",
 ]
 
+_ffi.allow_export()
 try:
     _ffi.register()
 except _ffi.LauncherUnavailableError:

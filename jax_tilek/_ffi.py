@@ -63,6 +63,22 @@ def register() -> None:
     jax.ffi.register_ffi_target(TARGET, launcher.handlers(), platform="CUDA", api_version=1)
 
 
+def allow_export() -> None:
+    """Lets plain ``jax.export`` serialize ``tilek_launch`` calls (as it does JAX's own stable targets).
+
+    A call carries its cubin and a launch record whose version the launcher checks, so an exported
+    program keeps its meaning; JAX has no public registry for this, so the (private) set of stable
+    targets is extended when it exists. ``jax_tilek.export`` passes the equivalent disabled check.
+    """
+    try:
+        from jax._src.export import _export
+    except ImportError:
+        return
+    stable = getattr(_export, "_CUSTOM_CALL_TARGETS_GUARANTEED_STABLE", None)
+    if isinstance(stable, set):
+        stable.add(TARGET)
+
+
 def launch_stats() -> dict[str, int]:
     """Execute-stage calls so far, and those made while XLA captured a CUDA graph, at call sites
     instantiated with ``JAX_TILEK_LAUNCH_STATS=1`` (a diagnostic; off by default)."""

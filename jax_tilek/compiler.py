@@ -78,27 +78,90 @@ def _require_tilelang():
     return tilelang
 
 
+class NvccNotFoundError(CompileError):
+    """No nvcc on this machine, so a kernel missing from the cache cannot be built here."""
+
+
+NVCC_VERSION = "13.0.88"  # the nvcc the compiler is tested with; the [compile] extra installs it
+_SYSTEM_CUDA_HOMES = ("/usr/local/cuda", "/usr/local/cuda-13.0", "/opt/cuda")
+
+
+def _executable(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def wheel_nvcc() -> str | None:
+    """The nvcc inside an installed ``nvidia-cuda-nvcc`` wheel (``nvidia/cu13/bin/nvcc``), if any.
+
+    The CUDA 13 wheels share one tree (``nvidia/cu13``), so nvcc finds the headers, ``cicc`` and
+    libdevice that ``nvidia-cuda-runtime``, ``-crt``, ``-cccl`` and ``nvidia-nvvm`` put beside it.
+    """
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("nvidia-cuda-nvcc") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == "nvcc" and f.parent.name == "bin":
+            path = os.path.abspath(str(f.locate()))
+            if _executable(path):
+                return path
+    return None
+
+
 @functools.cache
 def nvcc_path() -> str:
+    """The nvcc that builds cubins, first found of: ``$JAX_TILEK_NVCC``; ``$CUDA_HOME/bin/nvcc`` (or
+    ``$CUDA_PATH``); ``nvcc`` on ``PATH``; ``/usr/local/cuda``; the ``nvidia-cuda-nvcc`` wheel that the
+    ``[compile]`` extra installs. A system CUDA thus wins over the wheel when both are present."""
+    explicit = os.environ.get("JAX_TILEK_NVCC")
+    if explicit:
+        if not _executable(explicit):
+            raise NvccNotFoundError(f"JAX_TILEK_NVCC={explicit!r} is not an executable nvcc")
+        return explicit
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        if home and _executable(os.path.join(home, "bin", "nvcc")):
             return os.path.join(home, "bin", "nvcc")
     found = shutil.which("nvcc")
     if found:
         return found
-    for home in ("/usr/local/cuda", "/usr/local/cuda-13.0"):
-        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+    for home in _SYSTEM_CUDA_HOMES:
+        if _executable(os.path.join(home, "bin", "nvcc")):
             return os.path.join(home, "bin", "nvcc")
-    raise CompileError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
+    found = wheel_nvcc()
+    if found:
+        return found
+    raise NvccNotFoundError(
+        "nvcc not found, so kernels missing from the cache cannot be built: install jax_tilek[compile] "
+        f"(it brings nvidia-cuda-nvcc {NVCC_VERSION} from the package index), or point CUDA_HOME or "
+        "JAX_TILEK_NVCC at a CUDA toolkit, or put nvcc on PATH"
+    )
+
+
+def nvcc_available() -> bool:
+    try:
+        nvcc_path()
+    except NvccNotFoundError:
+        return False
+    return True
 
 
 @functools.cache
 def nvcc_version() -> str:
-    out = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True, check=True).stdout
+    out = _nvcc_version_text(nvcc_path())
     match = re.search(r"V(\d+\.\d+\.\d+)", out)
     if not match:
         raise CompileError(f"cannot read the nvcc version from: {out!r}")
     return match.group(1)
+
+
+@functools.cache
+def _nvcc_version_text(path: str) -> str:
+    try:
+        return subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise NvccNotFoundError(f"{path} --version failed: {e}") from e
 
 
 def toolchain() -> dict[str, str]:
@@ -317,8 +380,16 @@ def nvcc_command(arch: str, pass_configs: Mapping[str, Any], source: str, output
     return cmd + [source, "-o", output]
 
 
-def compile_prim_func(func, arch: str, *, pass_configs: Mapping[str, Any] | None = None, name: str = "") -> Artifact:
-    """Lowers a TileLang prim_func for ``arch`` and builds its cubin. Needs no GPU."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Lowered:
+    """A prim_func lowered by TileLang: the CUDA source nvcc builds, and how to launch it."""
+
+    source: str
+    spec: LaunchSpec
+
+
+def lower_prim_func(func, arch: str, *, pass_configs: Mapping[str, Any] | None = None, name: str = "") -> Lowered:
+    """Lowers a TileLang prim_func for ``arch`` to CUDA source and a launch spec (no nvcc, no GPU)."""
     tilelang = _require_tilelang()
     import tvm
     from tvm.target import Target
@@ -335,14 +406,26 @@ def compile_prim_func(func, arch: str, *, pass_configs: Mapping[str, Any] | None
             lowered = tilelang.lower(func, target=target)
     except Exception as e:
         raise CompileError(f"TileLang could not lower kernel {name!r}: {e}") from e
-    spec = extract_spec(func, lowered, name)
+    return Lowered(source=lowered.kernel_source, spec=extract_spec(func, lowered, name))
+
+
+def build_cubin(source: str, arch: str, *, pass_configs: Mapping[str, Any] | None = None, name: str = "") -> bytes:
+    """nvcc: CUDA source -> cubin for ``arch``."""
+    pass_configs = dict(pass_configs or {})
+    name = name or "kernel"
     with tempfile.TemporaryDirectory(prefix="jax_tilek_") as tmp:
         cu, cubin = os.path.join(tmp, "kernel.cu"), os.path.join(tmp, "kernel.cubin")
         with open(cu, "w") as f:
-            f.write(lowered.kernel_source)
+            f.write(source)
         result = subprocess.run(nvcc_command(arch, pass_configs, cu, cubin), capture_output=True, text=True)
         if result.returncode != 0:
             raise CompileError(f"nvcc failed for kernel {name!r} ({arch}):\n{result.stderr[-4000:]}")
         with open(cubin, "rb") as f:
-            image = f.read()
-    return Artifact(cubin=image, spec=spec, source=lowered.kernel_source)
+            return f.read()
+
+
+def compile_prim_func(func, arch: str, *, pass_configs: Mapping[str, Any] | None = None, name: str = "") -> Artifact:
+    """Lowers a TileLang prim_func for ``arch`` and builds its cubin. Needs no GPU."""
+    lowered = lower_prim_func(func, arch, pass_configs=pass_configs, name=name)
+    cubin = build_cubin(lowered.source, arch, pass_configs=pass_configs, name=name)
+    return Artifact(cubin=cubin, spec=lowered.spec, source=lowered.source)

@@ -2,10 +2,17 @@
 
 - ``JAX_TILEK_CACHE_DIR``: where compiled kernels are kept (default ``$XDG_CACHE_HOME/jax_tilek``,
   i.e. ``~/.cache/jax_tilek``).
-- ``JAX_TILEK_OFFLINE=1``: never compile; a kernel missing from the cache is an error. Offline mode is
-  also implied when TileLang cannot be imported (a deployment machine).
+- ``JAX_TILEK_OFFLINE``: ``1``/``on``/``true``/``yes`` never compile (a kernel missing from the cache is
+  an error); ``0``/``off``/``false``/``no`` or unset compile when TileLang is installed. Offline mode is
+  implied when TileLang cannot be imported (a deployment machine). Any other value is an error.
 - ``JAX_TILEK_ARCH``: the GPU architecture to compile for (``sm_90a``, ``sm_100a``), overriding the
-  one read from the GPU. Needed to lower for "cuda" on a machine without a GPU (precompiling).
+  one read from the GPU. Needed to lower for "cuda" on a machine without a GPU (precompiling). Read
+  when jax_tilek is imported; :func:`target_arch` scopes another one.
+- ``JAX_TILEK_LOCK_TIMEOUT``: seconds to wait for another process compiling the same kernel (600).
+
+The target architecture is a JAX configuration state (``jax_tilek_arch``) that is part of JAX's trace
+context: jit's trace and lowering caches and the compiled-program cache all key on it, so lowering the
+same function for sm_90a and then for sm_100a in one process really lowers (and compiles) twice.
 """
 
 from __future__ import annotations
@@ -15,7 +22,45 @@ import os
 import threading
 from collections.abc import Iterator
 
+from jax._src import config as _jax_config  # config states that JAX's caches key on (no public API)
+
 _local = threading.local()
+
+_TRUE = ("1", "on", "true", "yes")
+_FALSE = ("", "0", "off", "false", "no")
+
+
+def _check_arch(value) -> None:
+    from jax_tilek.compiler import SUPPORTED_ARCHS
+
+    if value not in (None, "") and value not in SUPPORTED_ARCHS:
+        raise ValueError(f"the jax_tilek target architecture must be one of {SUPPORTED_ARCHS}, got {value!r}")
+
+
+def _state(name: str, *args, **kwargs):
+    """A JAX config state, defined once per process (a reloaded module finds the one it made)."""
+    existing = _jax_config.config_states.get(name)
+    return existing if existing is not None else _jax_config.string_or_object_state(name, *args, **kwargs)
+
+
+# Read from JAX_TILEK_ARCH at import (JAX derives the variable's name from the state's name).
+_arch_state = _state(
+    "jax_tilek_arch",
+    None,
+    "The GPU architecture jax_tilek compiles kernels for when lowering for 'cuda' (e.g. sm_90a).",
+    validator=_check_arch,
+    include_in_jit_key=True,
+    include_in_trace_context=True,
+)
+
+# A fresh value per precompile() call, so that it lowers (and so compiles into the cache and reports)
+# every kernel even when JAX has lowered the same program before.
+_lowering_pass_state = _state(
+    "jax_tilek_lowering_pass",
+    None,
+    "Internal: set by jax_tilek.precompile to bypass JAX's trace and lowering caches.",
+    include_in_trace_context=True,
+)
 
 
 def cache_dir() -> str:
@@ -29,21 +74,40 @@ def cache_dir() -> str:
     return os.path.join(base, "jax_tilek")
 
 
+def env_flag(name: str) -> bool:
+    """A boolean environment variable: 1/0, on/off, true/false, yes/no (any case); unset is False."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={os.environ[name]!r} is not understood: use one of 1/0, on/off, true/false, yes/no")
+
+
 def offline() -> bool:
     """True when kernels must come from the cache (no compiling)."""
     forced = getattr(_local, "offline", None)
     if forced is not None:
         return forced
-    if os.environ.get("JAX_TILEK_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if env_flag("JAX_TILEK_OFFLINE"):
         return True
     from jax_tilek.compiler import tilelang_available
 
     return not tilelang_available()
 
 
+def lock_timeout() -> float:
+    """Seconds to wait for another process compiling the same kernel (``JAX_TILEK_LOCK_TIMEOUT``)."""
+    value = os.environ.get("JAX_TILEK_LOCK_TIMEOUT", "").strip()
+    try:
+        return float(value) if value else 600.0
+    except ValueError:
+        raise ValueError(f"JAX_TILEK_LOCK_TIMEOUT={value!r} is not a number of seconds") from None
+
+
 def arch_override() -> str | None:
     """The architecture set by :func:`target_arch` or ``JAX_TILEK_ARCH``, if any."""
-    return getattr(_local, "arch", None) or os.environ.get("JAX_TILEK_ARCH") or None
+    return _arch_state.value or None
 
 
 @contextlib.contextmanager
@@ -57,12 +121,27 @@ def _scoped(name: str, value) -> Iterator[None]:
 
 
 def target_arch(arch: str) -> contextlib.AbstractContextManager[None]:
-    """Lowers for ``arch`` (e.g. ``"sm_90a"``) inside the block, whatever GPU (if any) is present."""
+    """Lowers for ``arch`` (e.g. ``"sm_90a"``) inside the block, whatever GPU (if any) is present.
+
+    The architecture is part of JAX's cache keys, so a function lowered for one architecture is
+    lowered again for another.
+    """
     from jax_tilek.compiler import SUPPORTED_ARCHS
 
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"arch must be one of {SUPPORTED_ARCHS}, got {arch!r}")
-    return _scoped("arch", arch)
+    return _arch_state(arch)
+
+
+_passes = iter(range(1, 1 << 62))
+_passes_lock = threading.Lock()
+
+
+def fresh_lowering() -> contextlib.AbstractContextManager[None]:
+    """Inside the block, JAX traces and lowers every function afresh (its caches miss)."""
+    with _passes_lock:
+        number = next(_passes)
+    return _lowering_pass_state(number)
 
 
 def use_cache_dir(path: str) -> contextlib.AbstractContextManager[None]:

@@ -22,10 +22,11 @@ so JAX differentiates and fuses it like any other code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Optional
 
 import jax
@@ -37,10 +38,49 @@ from jax.interpreters import ad, batching, mlir
 
 from jax_tilek import _ffi, platform
 from jax_tilek.kernel import TileKernel
-from jax_tilek.spec import LaunchSpec, TensorBinding, bits_of, compact_strides
+from jax_tilek.spec import LaunchSpec, TensorBinding, bits_of, compact_strides, size_in_bits
 
 Impl = Optional[Literal["tilelang", "xla"]]
 IMPLS = (None, "tilelang", "xla")
+
+# The largest extent (one dimension of an operand or result) a kernel takes by default: kernels see
+# extents as 32-bit TileLang symbols.
+MAX_EXTENT = 2**31 - 1
+
+
+def check_impl(impl: Any, op: str) -> None:
+    """A ValueError naming ``op`` unless ``impl`` is None, "tilelang" or "xla"."""
+    if not (impl is None or (isinstance(impl, str) and impl in IMPLS)):
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+
+
+def static_int(value: Any, op: str, name: str) -> int:
+    """A static integer option as a Python int; a TypeError naming ``op`` and ``name`` for anything
+    else (floats, bools, strings, arrays, traced values)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise TypeError(f"{op}: {name} must be an integer, got {value!r}")
+
+
+def static_flag(value: Any, op: str, name: str) -> bool:
+    """A static boolean option as a Python bool (True, False, or NumPy booleans); a TypeError naming
+    ``op`` and ``name`` otherwise (a traced value cannot choose a kernel)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+
+
+def as_array(value: Any, op: str, name: str) -> jax.Array:
+    """``value`` as a JAX array (a traced value stays traced), or a TypeError naming ``op`` and the
+    argument ``name`` for what is not an array: lists, tuples, None, strings, other Python objects,
+    object arrays, and Python numbers out of JAX's range. Arrays, NumPy scalars, Python numbers and
+    objects with ``__jax_array__`` are accepted."""
+    if isinstance(value, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)) or hasattr(value, "__jax_array__"):
+        try:
+            return jnp.asarray(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise TypeError(f"{op}: {name} cannot be a JAX array: {e}") from None
+    raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +148,13 @@ class TileOp:
         one, vmap maps the op over the batch sequentially.
       sharding: ``(*avals, **static) -> ShardingRule | None``; without one (or for None) a sharded
         program replicates the op's inputs.
+      kernel_check: like ``check``, for the limits of the kernel path only (sizes its grid cannot
+        cover): it runs at trace time unless ``impl="xla"``, so that whatever traces also lowers for
+        "cuda".
+      max_extent: the largest extent of any operand or result the kernel path takes (at trace time,
+        unless ``impl="xla"``); None for kernels that take 64-bit extents.
+      operands: names of the operands, for error messages (default: "operand 0", ...).
+      results: names of the results, for error messages (default: "result 0", ...).
     """
 
     name: str
@@ -117,19 +164,46 @@ class TileOp:
     out_shape: Callable[..., Any] | None = None
     batch: Callable[..., tuple[Sequence[Any], Sequence[Any]]] | None = None
     sharding: Callable[..., ShardingRule | None] | None = None
+    kernel_check: Callable[..., None] | None = None
+    max_extent: int | None = MAX_EXTENT
+    operands: tuple[str, ...] = ()
+    results: tuple[str, ...] = ()
 
     def __call__(self, *args: Any, impl: Impl = None, **static: Any) -> Any:
-        if impl not in IMPLS:
-            raise ValueError(f"{self.name}: impl must be one of {IMPLS}, got {impl!r}")
-        args = tuple(jnp.asarray(a) for a in args)
+        check_impl(impl, self.name)
+        args = tuple(as_array(a, self.name, self.operand_name(i)) for i, a in enumerate(args))
         if self.check is not None:
             self.check(*args, **static)
         if impl == "xla":
             return self.reference_or_raise()(*args, **static)
         frozen = freeze(static)
-        _, tree = _out_signature(self, _signature(args), frozen)
+        try:
+            hash(frozen)
+        except TypeError:
+            raise TypeError(f"{self.name}: static options must be hashable values, got {static!r}") from None
+        outs, tree = _out_signature(self, _signature(args), frozen)
+        self.check_extents([(self.operand_name(i), a.shape) for i, a in enumerate(args)])
+        self.check_extents([(self.results[i] if i < len(self.results) else f"result {i}", o.shape) for i, o in enumerate(outs)])
+        if self.kernel_check is not None:
+            self.kernel_check(*args, **static)
         flat = tilek_call_p.bind(*args, op=self, static=frozen, impl=impl, local=False)
         return jax.tree.unflatten(tree, flat)
+
+    def operand_name(self, index: int) -> str:
+        return self.operands[index] if index < len(self.operands) else f"operand {index}"
+
+    def check_extents(self, shapes: Sequence[tuple[str, Sequence[int]]], op: str | None = None) -> None:
+        """A ValueError naming the op (``op``, default this op's name) and the array for an extent beyond
+        ``max_extent``."""
+        if self.max_extent is None:
+            return
+        for name, shape in shapes:
+            for axis, extent in enumerate(shape):
+                if extent > self.max_extent:
+                    raise ValueError(
+                        f"{op or self.name}: {name} has {extent} elements along axis {axis}; the kernel takes extents "
+                        f"up to {self.max_extent} (use impl='xla' for the reference)"
+                    )
 
     def reference_or_raise(self) -> Callable[..., Any]:
         if self.reference is None:
@@ -210,20 +284,34 @@ def _cuda_lowering(ctx, *operands, op: TileOp, static, impl, local):
         if impl == "tilelang":
             raise ValueError(f"{op.name}: impl='tilelang' but jax_tilek has no kernels for this GPU")
         return _reference_lowering(ctx, *operands, op=op, static=static, impl=impl, local=True)
-    with platform.lowering_target(arch):
-        launch = op.launch(*ctx.avals_in, **dict(static))
-    artifact = launch.kernel.artifact(launch.params, arch)
-    workspace = [jax.core.ShapedArray(tuple(w.shape), w.dtype) for w in launch.workspace]
-    results = list(ctx.avals_out) + workspace
-    buffers = list(ctx.avals_in) + results
-    tensors = bind_tensors(artifact.spec, launch, buffers)
-    env = artifact.spec.bind(tensors, dict(launch.scalars))
-    zero_fill = [len(operands) + i for i in launch.zero_fill]
-    record, entries = artifact.spec.record(env, tensors, len(buffers), zero_fill)
-    if not entries:  # no device kernel has work (e.g. zero tokens): define every result as zeros
-        record, entries = artifact.spec.record(env, tensors, len(buffers), range(len(operands), len(buffers)))
+    with named_errors(op.name):  # a shape the kernel cannot launch for: a ValueError naming the op
+        with platform.lowering_target(arch):
+            launch = op.launch(*ctx.avals_in, **dict(static))
+        artifact = launch.kernel.artifact(launch.params, arch)
+        workspace = [jax.core.ShapedArray(tuple(w.shape), w.dtype) for w in launch.workspace]
+        results = list(ctx.avals_out) + workspace
+        buffers = list(ctx.avals_in) + results
+        tensors = bind_tensors(artifact.spec, launch, buffers)
+        env = artifact.spec.bind(tensors, dict(launch.scalars))
+        zero_fill = [len(operands) + i for i in launch.zero_fill]
+        record, entries = artifact.spec.record(env, tensors, len(buffers), zero_fill)
+        if not entries:  # no device kernel has work (e.g. zero tokens): define every result as zeros
+            record, entries = artifact.spec.record(env, tensors, len(buffers), range(len(operands), len(buffers)))
     out = _ffi.emit(ctx, operands, results, name=op.name, artifact=artifact, record=record, entries=entries)
     return out[: len(ctx.avals_out)]
+
+
+@contextlib.contextmanager
+def named_errors(op: str) -> Iterator[None]:
+    """Prefixes the op's name to a plain ValueError raised inside (from binding a kernel to the shapes,
+    evaluating its launch record: grids beyond CUDA's limits, extents that do not fit a kernel's
+    32-bit parameters, ...), so the error says which op of a program cannot be lowered."""
+    try:
+        yield
+    except ValueError as e:
+        if type(e) is not ValueError or str(e).startswith(f"{op}:"):
+            raise
+        raise ValueError(f"{op}: {e}") from e
 
 
 def bind_tensors(spec: LaunchSpec, launch: Launch, buffers: Sequence[Any]) -> dict[str, TensorBinding]:
@@ -251,11 +339,14 @@ def bind_tensors(spec: LaunchSpec, launch: Launch, buffers: Sequence[Any]) -> di
         dtype = np.dtype(view.dtype if view and view.dtype is not None else aval.dtype)
         if dtype.name != p.dtype:
             raise ValueError(f"kernel {spec.name!r}: tensor {p.name!r} must be {p.dtype}, got {dtype.name}")
-        if view and math.prod(shape) > 0:
+        if math.prod(shape) > 0:  # sizes in bits: XLA packs sub-byte types (int4, float4_e2m1fn, ...)
             last = offset + sum((d - 1) * s for d, s in zip(shape, strides))
-            capacity = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize * 8 // bits_of(dtype.name)
-            if offset < 0 or min(strides) < 0 or last >= capacity:
-                raise ValueError(f"kernel {spec.name!r}: the view of {p.name!r} reaches outside its buffer")
+            reach, capacity = (last + 1) * bits_of(dtype), size_in_bits(aval.shape, aval.dtype)
+            if offset < 0 or min(strides) < 0 or reach > capacity:
+                raise ValueError(
+                    f"kernel {spec.name!r}: the view of {p.name!r} reaches outside its buffer ({reach} bits of "
+                    f"{dtype.name} elements; the buffer, {np.dtype(aval.dtype).name}{list(aval.shape)}, holds {capacity} bits)"
+                )
         bound[p.name] = TensorBinding(index, shape, strides, offset)
     return bound
 

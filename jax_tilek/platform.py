@@ -46,7 +46,8 @@ def lowering_arch() -> str | None:
     if not has_gpu:
         raise NoTargetArchError(
             "lowering for 'cuda' on a machine without an NVIDIA GPU: say which GPU to compile for with "
-            "JAX_TILEK_ARCH=sm_90a (or sm_100a) or `with jax_tilek.target_arch('sm_90a'):`"
+            "JAX_TILEK_ARCH=sm_90a (or sm_100a) or `with jax_tilek.target_arch('sm_90a'):`; to export or "
+            "precompile a program, use jax_tilek.export(fn, *args, arch='sm_90a') or jax_tilek.precompile(...)"
         )
     return arch
 

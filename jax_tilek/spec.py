@@ -100,16 +100,35 @@ def render(expr: Expr) -> str:
 
 
 def _np_dtype(name: str) -> Any:
-    if name.startswith("float8") or name.startswith("float4") or name == "bfloat16":
+    if name.startswith(("float8", "float6", "float4", "int4", "uint4", "int2", "uint2")) or name == "bfloat16":
         import ml_dtypes
 
         return getattr(ml_dtypes, name)
     return np.dtype(name)
 
 
-def bits_of(dtype: str) -> int:
-    """Storage bits per element; TileLang packs float4 two to a byte."""
-    return 4 if dtype.startswith("float4") else np.dtype(_np_dtype(dtype)).itemsize * 8
+# Element types that XLA (and TileLang) store packed, several to a byte; numpy's itemsize says 1 byte.
+PACKED_BITS = {"int1": 1, "uint1": 1, "int2": 2, "uint2": 2, "int4": 4, "uint4": 4, "float4_e2m1fn": 4}
+
+
+def bits_of(dtype: Any) -> int:
+    """Storage bits per element, as XLA lays a buffer out: sub-byte types (``int4``, ``uint4``,
+    ``int2``, ``uint2``, ``float4_e2m1fn``) are packed, every other type takes its itemsize.
+
+    ``dtype`` is a dtype name (TileLang's names are numpy's) or anything ``np.dtype`` accepts.
+    """
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name in PACKED_BITS:
+        return PACKED_BITS[name]
+    if name.startswith("float4"):
+        return 4
+    return np.dtype(_np_dtype(name)).itemsize * 8
+
+
+def size_in_bits(shape: Sequence[int], dtype: Any) -> int:
+    """The storage size of a compact array of ``shape`` and ``dtype`` in bits (packed sub-byte types
+    included: an ``int4[128, 128]`` buffer holds 65,536 bits, not 131,072)."""
+    return math.prod(int(d) for d in shape) * bits_of(dtype)
 
 
 def compact_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -184,7 +203,7 @@ class DeviceKernel:
     args: tuple[KernelArg, ...]
 
 
-_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's limits on gridDim.x, .y, .z
 _INT_RANGES = {
     "int8": (-(2**7), 2**7 - 1),
     "int16": (-(2**15), 2**15 - 1),
@@ -351,9 +370,12 @@ class LaunchSpec:
             if min(grid) <= 0:
                 continue
             block = [int(evaluate(b, env)) for b in k.block]
-            for axis, (g, limit) in enumerate(zip(grid, _GRID_LIMITS)):
+            for axis, (g, limit) in enumerate(zip(grid, GRID_LIMITS)):
                 if g > limit:
-                    raise ValueError(f"kernel {self.name!r} ({k.entry}): grid dimension {axis} = {g} exceeds {limit}")
+                    raise ValueError(
+                        f"kernel {self.name!r} ({k.entry}): grid dimension {'xyz'[axis]} = {g} exceeds CUDA's limit "
+                        f"of {limit} blocks for these shapes"
+                    )
             if math.prod(block) > 1024 or min(block) < 1:
                 raise ValueError(f"kernel {self.name!r} ({k.entry}): invalid block {block}")
             kernels.append((k, grid, block))

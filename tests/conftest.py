@@ -5,12 +5,24 @@ exactly once per test. They are skipped without a supported GPU, except in preco
 ``JAX_TILEK_PRECOMPILE=sm_90a pytest -m gpu`` on a machine with TileLang lowers each GPU test's
 program for "cuda" (compiling its kernels into the cache) and then skips it. That cache is what a GPU
 machine without TileLang runs from.
+
+Kernel cache: the tests compile into ``JAX_TILEK_CACHE_DIR`` when it is set, else into the checkout's
+git-ignored ``.tilek_cache/`` (never ``~/.cache``); subprocesses inherit it. The tests import the
+checkout's ``jax_tilek`` (``pythonpath`` in pyproject.toml; ``PYTHONPATH`` for subprocesses), with the
+launcher of the installed package.
+
+Without nvcc, a test that needs to compile a kernel missing from the cache is skipped, with one
+reason for all of them (``NvccNotFoundError``), instead of failing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_TILEK_CACHE_DIR", os.path.join(ROOT, ".tilek_cache"))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 # Eight host devices for the multi-device tests; set before JAX starts. GPU programs are unaffected.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -21,11 +33,50 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import jax_tilek  # noqa: E402
+from jax_tilek import compiler  # noqa: E402
+
+NO_NVCC = (
+    "nvcc not found and the kernel is not in the cache: install jax_tilek[compile] (it brings nvcc) or set "
+    "CUDA_HOME/JAX_TILEK_NVCC (see jax_tilek.compiler.nvcc_path)"
+)
 
 PRECOMPILE_ARCH = os.environ.get("JAX_TILEK_PRECOMPILE") or None
 HAS_GPU = jax_tilek.kernels_available()
 
 jax.config.update("jax_enable_x64", False)
+
+
+def pytest_report_header(config):
+    try:
+        nvcc = f"{compiler.nvcc_path()} ({compiler.nvcc_version()})"
+    except compiler.CompileError as e:
+        nvcc = f"none ({e}); tests that must compile a kernel are skipped"
+    return [f"jax_tilek: {os.path.dirname(jax_tilek.__file__)}; kernel cache: {os.environ['JAX_TILEK_CACHE_DIR']}; nvcc: {nvcc}"]
+
+
+def _nvcc_missing(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, compiler.NvccNotFoundError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def require_nvcc() -> None:
+    """For a test that compiles in a subprocess: without nvcc, raises what skips it (see below)."""
+    compiler.nvcc_path()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except Exception as e:
+        if _nvcc_missing(e):
+            pytest.skip(NO_NVCC)
+        raise
 
 
 def pytest_collection_modifyitems(config, items):

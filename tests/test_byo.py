@@ -11,6 +11,7 @@ import jax_tilek
 from jax_tilek import View
 
 import byo_kernels
+from conftest import HAS_GPU
 from helpers import decode_record, lower_for_cuda, random_array, tilek_calls
 
 SCALE_ROWS = [1, 5, 4096, 65537]
@@ -94,6 +95,53 @@ def test_lowered_launches():
     alpha_bits = int(np.float32(1.5).view(np.int32))
     assert k0["args"] == [(0, 0, 0), (0, 1, 0), (2, 4, alpha_bits), (2, 4, 10), (2, 4, 384)]  # x, y, alpha, m, s
     assert k1["args"] == [(0, 1, 0), (0, 2, 0), (2, 4, 10)]  # y, z, m
+
+
+def _scale_call(x, s, **kwargs):
+    return jax_tilek.tilelang_call(
+        byo_kernels.scale_rows, x, s,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        params=dict(n_cols=x.shape[1], dtype=x.dtype.name),
+        reference=lambda x, s: x * s[:, None],
+        **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(buffers=dict(x=0, y=0)), r"binds both 'x' and 'y' to buffer 0 \(operand 0\)"),
+        (dict(buffers=dict(x=0, s=1)), r"output 0 \(buffer 2\) is bound to no kernel parameter"),
+        (dict(buffers=dict(x=0, s=1, y=3)), r"buffers\['y'\] = 3 is not a buffer index 0\.\.2"),
+        (dict(buffers=dict(x=0, s=1, y=2), views={"X": View((4, 64))}), r"views names \['X'\], which buffers does not bind"),
+        (dict(zero_fill=(1,)), r"zero_fill index 1 is out of range"),
+        (dict(zero_fill=(-1,)), r"zero_fill index -1 is out of range"),
+    ],
+)
+def test_bindings_are_checked_when_traced(rng, kwargs, error):
+    x, s = random_array(rng, (4, 64), np.float32), random_array(rng, (4,), np.float32)
+    with pytest.raises(ValueError, match=error):
+        _scale_call(x, s, **kwargs)  # on any machine: before any kernel is built
+    with pytest.raises(ValueError, match=error):
+        jax.eval_shape(lambda x, s: _scale_call(x, s, **kwargs), x, s)
+
+
+def test_view_names_are_checked_against_the_kernel():
+    pytest.importorskip("tilelang")
+    args = jax.ShapeDtypeStruct((4, 64), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32)
+    with pytest.raises(ValueError, match=r"views names \['X'\], which are not tensor parameters of the kernel \['x', 's', 'y'\]"):
+        lower_for_cuda(lambda x, s: _scale_call(x, s, views={"X": View((4, 64))}), *args)
+    lower_for_cuda(lambda x, s: _scale_call(x, s, views={"x": View((4, 64))}), *args)  # the right name
+
+
+def test_a_call_without_reference_says_what_to_pass(rng):
+    x = random_array(rng, (4, 64), np.float32)
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    with pytest.raises(ValueError, match=r"no reference was given.*Pass reference="):
+        jax_tilek.tilelang_call(byo_kernels.scale_rows, x, np.ones(4, np.float32), out_shape=out, params=dict(n_cols=64, dtype="float32"), impl="xla")
+    if not HAS_GPU:
+        with pytest.raises(ValueError, match=r"no reference was given.*Pass reference="):
+            jax_tilek.tilelang_call(byo_kernels.scale_rows, x, np.ones(4, np.float32), out_shape=out, params=dict(n_cols=64, dtype="float32"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,3 +86,65 @@ def test_toolchain_is_pinned():
     tc = compiler.toolchain()
     assert tc["tilelang"] == compiler.TILELANG_VERSION
     assert tc["nvcc"].count(".") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Which nvcc.
+
+
+def _fake_nvcc(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def _fake_wheel(site):
+    """An installed nvidia-cuda-nvcc wheel: its dist-info and nvidia/cu13/bin/nvcc."""
+    nvcc = _fake_nvcc(site / "nvidia" / "cu13" / "bin" / "nvcc")
+    info = site / "nvidia_cuda_nvcc-13.0.88.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-cuda-nvcc\nVersion: 13.0.88\n")
+    (info / "RECORD").write_text("nvidia/cu13/bin/nvcc,,\nnvidia_cuda_nvcc-13.0.88.dist-info/METADATA,,\n")
+    return nvcc
+
+
+@pytest.fixture
+def no_system_nvcc(monkeypatch, tmp_path):
+    for name in ("JAX_TILEK_NVCC", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setattr(compiler, "_SYSTEM_CUDA_HOMES", ())
+    compiler.nvcc_path.cache_clear()
+    yield
+    compiler.nvcc_path.cache_clear()
+
+
+def test_nvcc_from_the_wheel_when_no_system_nvcc(no_system_nvcc, monkeypatch, tmp_path):
+    nvcc = _fake_wheel(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert compiler.wheel_nvcc() == nvcc
+    assert compiler.nvcc_path() == nvcc
+
+
+def test_a_system_nvcc_wins_over_the_wheel(no_system_nvcc, monkeypatch, tmp_path):
+    _fake_wheel(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    system = _fake_nvcc(tmp_path / "cuda" / "bin" / "nvcc")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert compiler.nvcc_path() == system
+    compiler.nvcc_path.cache_clear()
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path / "cuda" / "bin"))
+    assert compiler.nvcc_path() == system
+    compiler.nvcc_path.cache_clear()
+    explicit = _fake_nvcc(tmp_path / "mine" / "nvcc")
+    monkeypatch.setenv("JAX_TILEK_NVCC", explicit)
+    assert compiler.nvcc_path() == explicit
+
+
+def test_no_nvcc_at_all_says_how_to_get_one(no_system_nvcc, monkeypatch):
+    monkeypatch.setattr(compiler, "wheel_nvcc", lambda: None)
+    with pytest.raises(compiler.NvccNotFoundError, match=r"install jax_tilek\[compile\]"):
+        compiler.nvcc_path()
+    assert not compiler.nvcc_available()

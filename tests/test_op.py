@@ -142,3 +142,99 @@ def test_precompile_reports_kernels():
     assert [(name.rsplit(".", 1)[-1], params, arch) for name, params, arch, _ in used] == [
         ("scale_rows", {"dtype": "bfloat16", "n_cols": 64}, "sm_90a")
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Misuse: a clear TypeError / ValueError naming the op, at trace time where possible.
+
+S = jax.ShapeDtypeStruct
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ([[1.0] * 64] * 4, "scale: operand 0 must be an array, got list"),
+        ((1.0, 2.0), "scale: operand 0 must be an array, got tuple"),
+        (None, "scale: operand 0 must be an array, got NoneType"),
+        ("x", "scale: operand 0 must be an array, got str"),
+        (object(), "scale: operand 0 must be an array, got object"),
+        (np.array([object()] * 4), "scale: operand 0 cannot be a JAX array"),
+        (2**40, "scale: operand 0 cannot be a JAX array"),
+    ],
+    ids=["list", "tuple", "None", "str", "object", "object-array", "big-int"],
+)
+def test_non_array_operands_are_type_errors(value, message):
+    with pytest.raises(TypeError, match=message):
+        scale(value, jnp.ones(4))
+
+
+def test_unhashable_static_options_are_type_errors():
+    with pytest.raises(TypeError, match="scale: static options must be hashable"):
+        scale(jnp.ones((4, 64)), jnp.ones(4), factor={1.0})
+
+
+def test_impl_is_checked_before_anything_else():
+    with pytest.raises(ValueError, match="scale: impl must be one of"):
+        scale(jnp.ones((4, 64)), jnp.ones(4), impl=["xla"])
+
+
+def test_extents_beyond_int32_are_rejected_at_trace_time():
+    x, s = S((2**31, 64), jnp.float32), S((2**31,), jnp.float32)
+    for impl in (None, "tilelang"):
+        with pytest.raises(ValueError, match=r"scale: operand 0 has 2147483648 elements along axis 0; the kernel takes extents up to 2147483647"):
+            jax.eval_shape(lambda x, s: scale(x, s, impl=impl), x, s)
+    assert jax.eval_shape(lambda x, s: scale(x, s, impl="xla"), x, s).shape == x.shape  # the reference has no limit
+    grow = TileOp(name="grow", launch=None, reference=lambda x: jnp.zeros((2**31,), x.dtype), results=("y",))
+    with pytest.raises(ValueError, match="grow: y has 2147483648 elements along axis 0"):
+        jax.eval_shape(grow, S((4,), jnp.float32))
+    wide = TileOp(name="wide", launch=None, reference=lambda x: x, max_extent=None)
+    assert jax.eval_shape(wide, S((2**31,), jnp.float32)).shape == (2**31,)
+
+
+def test_kernel_check_runs_unless_impl_is_xla():
+    def limit(x):
+        raise ValueError("limited: too big for the kernel")
+
+    limited = TileOp(name="limited", launch=None, reference=lambda x: x, kernel_check=limit)
+    for impl in (None, "tilelang"):
+        with pytest.raises(ValueError, match="limited: too big"):
+            jax.eval_shape(lambda x: limited(x, impl=impl), S((4,), jnp.float32))
+    assert jax.eval_shape(lambda x: limited(x, impl="xla"), S((4,), jnp.float32)).shape == (4,)
+
+
+def _raw_transpose(name, esize, max_extent=2**31 - 1):
+    """batched_transpose's kernel with its 3-D grid forced, for lowering errors."""
+    from jax_tilek.transpose.batched_transpose import batched_transpose_kernel, threads_for
+
+    def launch(x):
+        b, m, n = x.shape
+        per_word = 4 // esize
+        return Launch(
+            batched_transpose_kernel, params=dict(esize=esize, tile_m=128, tile_n=128, threads=threads_for(esize, 128, 128)),
+            views={"x": View((b, m, n // per_word), dtype=np.uint32), "y": View((b, n, m // per_word), dtype=np.uint32)},
+        )  # fmt: skip
+
+    return TileOp(name=name, launch=launch, reference=lambda x: jnp.swapaxes(x, 1, 2), max_extent=max_extent)
+
+
+def test_lowering_errors_name_the_op():
+    raw = _raw_transpose("raw_transpose", 4)
+    with pytest.raises(ValueError, match=r"raw_transpose: kernel '.*batched_transpose_kernel' \(batched_transpose_kernel\): grid dimension z = 70000 exceeds CUDA's limit of 65535"):
+        lower_for_cuda(raw, S((70000, 128, 128), jnp.float32))
+    wide = TileOp(
+        name="wide", launch=lambda x, s: Launch(byo_kernels.scale_rows, params=dict(n_cols=64, dtype="float32")),
+        reference=_scale_reference, max_extent=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="wide: kernel .* scalar value 2147483648 does not fit int32"):
+        lower_for_cuda(wide, S((2**31, 64), jnp.float32), S((2**31,), jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int4, jnp.uint4, jnp.float4_e2m1fn, jnp.int2], ids=lambda d: np.dtype(d).name)
+def test_views_of_packed_sub_byte_buffers_are_sized_in_bits(dtype):
+    # A [1, 128, 128] buffer of 4- (2-) bit elements holds 8,192 (4,096) bytes; seen as 1-byte elements
+    # by a kernel, [1, 128, 32] 32-bit words (16,384 bytes) reach past its end.
+    raw = _raw_transpose("subbyte", 1)
+    with pytest.raises(ValueError, match=r"subbyte: kernel .*: the view of 'x' reaches outside its buffer \(131072 bits of uint32"):
+        lower_for_cuda(raw, S((1, 128, 128), dtype))
+    (call,) = tilek_calls(lower_for_cuda(raw, S((1, 128, 128), jnp.uint8)))  # 1-byte elements fit exactly
+    assert call["has_cubin"]

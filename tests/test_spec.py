@@ -127,3 +127,26 @@ def test_record_rejects_out_of_range_values():
     env = dict(spec.bind(tensors, {"alpha": 1.0}), M=2**31)
     with pytest.raises(ValueError, match="does not fit int32"):
         spec.record(env, tensors, num_buffers=2)
+
+
+def test_bits_of_counts_packed_sub_byte_types():
+    import jax.numpy as jnp
+
+    from jax_tilek.spec import bits_of, size_in_bits
+
+    assert [bits_of(n) for n in ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")] == [4, 4, 2, 2, 4]
+    assert [bits_of(n) for n in ("bool", "uint8", "float8_e4m3fn", "bfloat16", "float32", "int64")] == [8, 8, 8, 16, 32, 64]
+    assert bits_of(jnp.int4) == 4 and bits_of(np.dtype(jnp.float4_e2m1fn)) == 4 and bits_of(np.float16) == 16
+    assert size_in_bits((128, 128), jnp.int4) == 128 * 128 * 4  # 8,192 bytes, though numpy's itemsize says 16,384
+    assert size_in_bits((0, 7), "float32") == 0
+
+
+def test_record_rejects_grids_beyond_cuda_limits():
+    x = TensorParam("x", "float32", ("M", "N"), None)
+    k = DeviceKernel("k", ("N", "M", 1), (128, 1, 1), 0, (1, 1, 1), False, False, (KernelArg("buffer", "x"),))
+    spec = LaunchSpec("t", (x,), (k,))
+    ok = {"x": TensorBinding(0, (65535, 3), (3, 1))}
+    assert spec.record(spec.bind(ok, {}), ok, num_buffers=1)[1] == "k"
+    tensors = {"x": TensorBinding(0, (70000, 3), (3, 1))}
+    with pytest.raises(ValueError, match=r"kernel 't' \(k\): grid dimension y = 70000 exceeds CUDA's limit of 65535"):
+        spec.record(spec.bind(tensors, {}), tensors, num_buffers=1)

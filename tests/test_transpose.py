@@ -61,6 +61,91 @@ def test_bad_inputs_raise_at_trace_time(shape, dtype, columns, message):
         jax.eval_shape(lambda x: batched_transpose(x, columns=columns), x)
 
 
+@pytest.mark.parametrize("dtype", ["int4", "uint4", "int2", "uint2", "float4_e2m1fn"])
+@pytest.mark.parametrize("impl", [None, "xla"])
+def test_packed_sub_byte_dtypes_are_rejected(dtype, impl):
+    """XLA stores these packed (2 or 4 per byte): numpy's itemsize (1) would have the kernel move twice
+    (four times) the buffer."""
+    for fn, shape in [(batched_transpose, (1, 128, 128)), (transpose, (128, 128))]:
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: x's dtype must be 1, 2 or 4 bytes wide, got {dtype}, which XLA stores packed"):
+            jax.eval_shape(lambda x: fn(x, impl=impl), jax.ShapeDtypeStruct(shape, getattr(jnp, dtype)))
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: transpose([[1.0] * 64] * 64), TypeError, "transpose: x must be an array, got list"),
+        (lambda: batched_transpose([[[1.0] * 64] * 64]), TypeError, "batched_transpose: x must be an array, got list"),
+        (lambda: transpose(object()), TypeError, "transpose: x must be an array, got object"),
+        (lambda: transpose(None), TypeError, "transpose: x must be an array, got NoneType"),
+        (lambda: transpose(jnp.zeros((64, 128)), columns=(0.5, 64.5)), TypeError, "transpose: columns must be an integer, got 0.5"),
+        (lambda: batched_transpose(jnp.zeros((1, 64, 128)), columns=64), TypeError, r"batched_transpose: columns must be None or a pair \(start, stop\)"),
+        (lambda: batched_transpose(jnp.zeros((1, 64, 128)), columns="0:64"), TypeError, "batched_transpose: columns must be None or a pair"),
+        (lambda: batched_transpose(jnp.zeros((1, 64, 128)), columns=(0, 64, 128)), TypeError, "batched_transpose: columns must be None or a pair"),
+        (lambda: transpose(jnp.zeros((64, 128)), columns=(True, 64)), TypeError, "transpose: columns must be an integer, got True"),
+        (lambda: transpose(jnp.zeros((64, 96))), ValueError, "transpose: M and N must be multiples of 64"),
+        (lambda: transpose(jnp.zeros((64, 128)), impl="cuda"), ValueError, "transpose: impl must be one of"),
+        (lambda: batched_transpose(jnp.zeros((1, 64, 128)), impl=1), ValueError, "batched_transpose: impl must be one of"),
+    ],
+)
+def test_misuse_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_numpy_integer_columns_are_fine(rng):
+    x = random_array(rng, (64, 256), np.float32)
+    np.testing.assert_array_equal(np.asarray(transpose(x, columns=(np.int64(64), np.int32(192)))), x[:, 64:192].T)
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((1, 64, 2**31), r"batched_transpose: x has 2147483648 elements along axis 2; the kernel takes extents up to 2147483647"),
+        ((2**31, 64, 64), "batched_transpose: x has 2147483648 elements along axis 0"),
+        ((2**30, 2**20, 64), r"batched_transpose: x \[1073741824, 1048576, 64\] has 8796093022208 tiles to transpose, more than"),
+    ],
+)
+def test_sizes_beyond_the_kernel_are_rejected_at_trace_time(shape, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(batched_transpose, jax.ShapeDtypeStruct(shape, jnp.uint8))
+    assert jax.eval_shape(lambda x: batched_transpose(x, impl="xla"), jax.ShapeDtypeStruct(shape, jnp.uint8)).shape == (shape[0], shape[2], shape[1])
+
+
+# Shapes whose 3-D grid (N tiles, M tiles, B) would exceed CUDA's 65,535 on grid y or z: the kernel
+# takes one flat grid of every tile instead. (shape, dtype, columns, expected tiles)
+LARGE = [
+    ((70000, 64, 64), np.float32, None, 70000),
+    ((1, 65537 * 64, 64), ml_dtypes.float8_e4m3fn, None, 65537),
+    ((1, 65537 * 64, 128), np.uint8, (64, 128), 65537),
+    ((65536, 128, 64), ml_dtypes.float8_e4m3fn, None, 65536),
+    ((2, 65536 * 128 + 128, 256), ml_dtypes.bfloat16, (64, 192), 2 * 65537),
+    ((1, 2**31 - 64, 64), np.uint8, None, 2**25 - 1),
+]
+LARGE_ON_GPU = LARGE[:3]  # up to 1.1 GB each
+
+
+@pytest.mark.parametrize("shape,dtype,columns,tiles", LARGE, ids=lambda v: str(v))
+def test_large_batches_and_row_counts_take_a_flat_grid(shape, dtype, columns, tiles):
+    text = lower_for_cuda(lambda x: batched_transpose(x, columns=columns), jax.ShapeDtypeStruct(shape, dtype))
+    (call,) = tilek_calls(text)
+    (k,) = decode_record(call["launch"])["kernels"]
+    assert k["grid"] == [tiles, 1, 1]
+    b, m, s = shape
+    start, stop = columns or (0, s)
+    per_word = 4 // np.dtype(dtype).itemsize
+    assert [a[2] for a in k["args"][2:]] == [b, m, (stop - start) // per_word, s // per_word]
+
+
+def test_vmap_over_many_matrices_lowers():
+    """vmap folds the mapped axis into B: 70,000 matrices are one launch on the flat grid."""
+    x = jax.ShapeDtypeStruct((70000, 64, 128), jnp.bfloat16)
+    (call,) = tilek_calls(lower_for_cuda(jax.vmap(transpose), x))
+    assert decode_record(call["launch"])["kernels"][0]["grid"] == [70000, 1, 1]
+    (call,) = tilek_calls(lower_for_cuda(jax.vmap(jax.vmap(transpose)), jax.ShapeDtypeStruct((350, 200, 64, 128), jnp.bfloat16)))
+    assert decode_record(call["launch"])["kernels"][0]["grid"] == [70000, 1, 1]
+
+
 def test_abstract_eval_is_exact():
     out = jax.eval_shape(lambda x: batched_transpose(x, columns=(64, 192)), jax.ShapeDtypeStruct((5, 128, 256), jnp.bfloat16))
     assert out.shape == (5, 128, 128) and out.dtype == jnp.bfloat16
@@ -154,7 +239,17 @@ def test_kernel_grad_and_vmap(on_gpu, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,group_m", [(ml_dtypes.bfloat16, 4), (ml_dtypes.float8_e4m3fn, 8), (np.float32, 2)], ids=str)
+@pytest.mark.parametrize("shape,dtype,columns,tiles", LARGE_ON_GPU, ids=lambda v: str(v))
+def test_kernel_flat_grid_is_bit_exact(on_gpu, rng, shape, dtype, columns, tiles):
+    x = random_array(rng, shape, dtype)
+    y = on_gpu(lambda x: batched_transpose(x, columns=columns, impl="tilelang"), x)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint8), _expected(x, columns).view(np.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,group_m", [(ml_dtypes.bfloat16, 4), (ml_dtypes.float8_e4m3fn, 8), (np.float32, 2), (ml_dtypes.bfloat16, 1)], ids=str
+)
 def test_grouped_cta_order_is_bit_exact(on_gpu, rng, dtype, group_m):
     import jax_tilek
     from jax_tilek.transpose.batched_transpose import batched_transpose_kernel, threads_for

@@ -23,6 +23,7 @@ for infinities); NaN stays NaN. Targets: bfloat16, float8_e4m3fn (subnormals inc
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,8 @@ import ml_dtypes
 import numpy as np
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View
+from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, static_flag
+from jax_tilek.spec import GRID_LIMITS
 
 # ---------------------------------------------------------------------------------------------
 # The hash: one table of constants, written out for JAX (``quad_hash``) and CUDA (``PRELUDE``).
@@ -266,10 +268,13 @@ def cast_kernel(in_dtype: str, out_dtype: str, stochastic: bool, elems: int = 16
     ``i * threads + t``, so that every load and store instruction of a warp touches one contiguous
     span. Stochastic rounding: each thread converts ``elems`` consecutive elements (its quads).
     CTAs (threads) that reach past the end go element by element.
+
+    Element indices and the guards against ``N`` are 64-bit (``N`` is an int64 symbol), so any array
+    JAX can hold is covered and the last CTA's guard cannot wrap around.
     """
     import tilelang.language as T
 
-    N = T.dynamic("N")
+    N = T.dynamic("N", "int64")
     vec = 16 // np.dtype(jnp.dtype(in_dtype)).itemsize  # elements per 16-byte input vector
     rounds = elems // vec
     chunk = elems * threads
@@ -279,8 +284,8 @@ def cast_kernel(in_dtype: str, out_dtype: str, stochastic: bool, elems: int = 16
     @T.macro
     def convert(x, y, guarded):
         """Round to nearest, in rounds of 16-byte vectors."""
-        bx = T.get_block_binding(0)
-        t = T.get_thread_binding(0)
+        bx = T.cast(T.get_block_binding(0), "int64")
+        t = T.cast(T.get_thread_binding(0), "int64")
         xl = T.alloc_local((elems,), in_dtype)
         f = T.alloc_local((elems,), "float32")
         yl = T.alloc_local((elems,), out_dtype)
@@ -310,8 +315,8 @@ def cast_kernel(in_dtype: str, out_dtype: str, stochastic: bool, elems: int = 16
     @T.macro
     def convert_stochastic(x, y, seed_value):
         """Stochastic rounding, ``elems`` consecutive elements per thread."""
-        bx = T.get_block_binding(0)
-        t = T.get_thread_binding(0)
+        bx = T.cast(T.get_block_binding(0), "int64")
+        t = T.cast(T.get_thread_binding(0), "int64")
         base = bx * chunk + t * elems
         xl = T.alloc_local((elems,), in_dtype)
         f = T.alloc_local((elems,), "float32")
@@ -366,7 +371,7 @@ def cast_kernel(in_dtype: str, out_dtype: str, stochastic: bool, elems: int = 16
     @T.prim_func
     def cast(x: T.Tensor((N,), in_dtype), y: T.Tensor((N,), out_dtype)):
         with T.Kernel(T.ceildiv(N, chunk), threads=threads, prelude=PRELUDE):
-            if (T.get_block_binding(0) + 1) * chunk <= N:
+            if (T.cast(T.get_block_binding(0), "int64") + 1) * chunk <= N:
                 convert(x, y, False)
             else:
                 convert(x, y, True)
@@ -401,16 +406,24 @@ def _check(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None)
         raise ValueError(f"cast: dtype must be one of {DTYPES}, got {dtype}")
     if stochastic_rounding:
         if (src, dtype) not in STOCHASTIC:
-            raise ValueError(f"cast: stochastic_rounding supports {STOCHASTIC} (from, to), got ({src}, {dtype})")
+            raise ValueError(f"cast: stochastic_rounding supports {STOCHASTIC} (x's dtype, dtype), got ({src}, {dtype})")
         if x.size % 4:
             raise ValueError(f"cast: stochastic_rounding needs x.size % 4 == 0 (groups of four), got {x.size}")
         if seed[0].size != 1 or not jnp.issubdtype(seed[0].dtype, jnp.integer):
             raise ValueError(f"cast: seed must be an integer scalar, got {seed[0].dtype}{list(seed[0].shape)}")
 
 
+def _kernel_check(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None) -> None:
+    """One CTA per ``elems * threads`` elements on grid x: up to 2^31 - 1 CTAs (2^43 elements)."""
+    elems, threads = tuning or (16, 256)
+    ctas = -(-x.size // (elems * threads))
+    if ctas > GRID_LIMITS[0]:
+        raise ValueError(f"cast: x has {x.size} elements, more than the kernel's grid covers ({GRID_LIMITS[0] * elems * threads})")
+
+
 def _launch(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None) -> Launch:
     """``tuning``: (elements per thread, threads per CTA), for benchmarks; default (16, 256)."""
-    n = int(np.prod(x.shape))
+    n = math.prod(x.shape)
     views = {"x": View((n,)), "y": View((n,))}
     if stochastic_rounding:
         views["seed"] = View((1,), dtype=np.uint32)
@@ -424,7 +437,26 @@ def _launch(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None
     )
 
 
-_cast_op = TileOp(name="cast", launch=_launch, reference=cast_reference, check=_check)
+# The kernel takes the element count as a 64-bit value: no limit on x's extents but its grid's.
+_cast_op = TileOp(
+    name="cast", launch=_launch, reference=cast_reference, check=_check, kernel_check=_kernel_check, max_extent=None,
+    operands=("x", "seed"),
+)  # fmt: skip
+
+
+def _seed(seed) -> jax.Array:
+    """The seed as a uint32 ``[1]`` array: None is 0; a Python int must lie in [0, 2^32); an integer
+    array (a traced one too) of one element is taken modulo 2^32."""
+    if seed is None:
+        return jnp.zeros((1,), jnp.uint32)
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"cast: seed must be a uint32 value, in [0, 2^32), got {seed}")
+        return jnp.asarray(np.uint32(seed)).reshape(1)
+    seed = as_array(seed, "cast", "seed")
+    if seed.size != 1 or not jnp.issubdtype(seed.dtype, jnp.integer):
+        raise ValueError(f"cast: seed must be an integer scalar, got {seed.dtype}{list(seed.shape)}")
+    return seed.astype(jnp.uint32).reshape(1)
 
 
 def cast(x: jax.Array, dtype, stochastic_rounding: bool = False, *, seed=None, impl=None) -> jax.Array:
@@ -436,20 +468,23 @@ def cast(x: jax.Array, dtype, stochastic_rounding: bool = False, *, seed=None, i
       stochastic_rounding: round stochastically (fp32 -> bf16, fp32 -> e4m3, bf16 -> e4m3; x.size % 4
         == 0) with seedless hashed random bits (see the module docstring); results saturate at the
         largest finite value. Otherwise round to nearest even; float8_e4m3fn saturates at ±448.
-      seed: optional integer (uint32; a traced value is fine) mixed into the random bits; None is 0.
+      seed: optional uint32 mixed into the random bits: a Python int in [0, 2^32), or an integer
+        scalar array (a traced value is fine; taken modulo 2^32); None is 0.
       impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
 
     Returns:
       ``x`` converted to ``dtype`` (same shape); ``x`` itself when the dtype does not change.
     """
-    x = jnp.asarray(x)
+    check_impl(impl, "cast")
+    x = as_array(x, "cast", "x")
     dtype = _dtype_name(dtype)
+    stochastic_rounding = static_flag(stochastic_rounding, "cast", "stochastic_rounding")
     if dtype == np.dtype(x.dtype).name and not stochastic_rounding:
         _check(x, dtype=dtype)
         return x
     args = (x,)
     if stochastic_rounding:
-        args += (jnp.asarray(0 if seed is None else seed).astype(jnp.uint32).reshape(1),)
+        args += (_seed(seed),)
     elif seed is not None:
         raise ValueError("cast: seed is only used with stochastic_rounding=True")
-    return _cast_op(*args, dtype=dtype, stochastic_rounding=bool(stochastic_rounding), impl=impl)
+    return _cast_op(*args, dtype=dtype, stochastic_rounding=stochastic_rounding, impl=impl)

@@ -45,8 +45,17 @@ __device__ __forceinline__ float tilek_f16_to_f32(unsigned bits) {
 
 OUT_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 ROW_ALIGN = 64  # the logical hidden size must be a multiple of this (TileKernels)
-MAX_ELEMENTS = 2**31 - 1  # the kernels index elements with int32
 SF_DTYPES = {"row": ("float32", "float8_e4m3fn"), "col": ("float32", "float8_e4m3fn"), "col_ue8m0": ("int32",), "ue8m0_along_m": ("int32",)}
+
+
+def as_array(name: str, what: str, value) -> jax.Array:
+    """``jnp.asarray(value)``, or a TypeError naming the op ``name`` and the argument ``what``."""
+    if isinstance(value, (str, bytes, dict, set)) or value is None:
+        raise TypeError(f"{name}: {what} must be an array, got {type(value).__name__}")
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{name}: {what} must be an array, got {type(value).__name__}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,13 +98,33 @@ def _load_scale(sf, layout: str, sf_dtype: str, mb, kb):
     return T.reinterpret(exponent << T.uint32(23), "float32")
 
 
-def _sf_shape(layout: str, n, bm: int, k_b: int):
-    """The kernel's view of the scale storage for ``n`` tokens (``formats.sf_storage_shape``)."""
+def _sf_shape(layout: str, n, bm: int, k_b: int, sf_dtype: str):
+    """The kernel's view of the scale storage for ``n`` tokens (``formats.sf_storage_shape``: the token
+    axis of column-major storage is padded to 16 bytes, 4 fp32 / int32 or 16 float8_e4m3fn scales)."""
     import tilelang.language as T
 
     m_b = T.ceildiv(n, bm)
-    m_pad = T.ceildiv(m_b, 4) * 4
+    pad = F.tma_alignment(sf_dtype)
+    m_pad = T.ceildiv(m_b, pad) * pad
     return {"row": (m_b, k_b), "col": (k_b, m_pad), "col_ue8m0": (F.ceil_div(k_b, 4), m_pad), "ue8m0_along_m": (T.ceildiv(m_b, 4), k_b)}[layout]
+
+
+def flat_units(wide: bool, n, per_row: int, threads: int, unroll: int):
+    """Index helpers of a flat sequence of ``n * per_row`` thread units, unit ``(bx * unroll + u) *
+    threads + t`` in CTA ``bx``: ``(total, unit(bx, u, t), row(c), col(c))``. In int32, or with ``wide``
+    in int64 (2^31 units and more); rows and columns are int32 either way."""
+    import tilelang.language as T
+
+    if not wide:
+        return n * per_row, (lambda bx, u, t: (bx * unroll + u) * threads + t), (lambda c: c // per_row), (lambda c: c % per_row)
+    total = T.cast(n, "int64") * T.int64(per_row)
+    unit = lambda bx, u, t: T.cast(bx, "int64") * T.int64(unroll * threads) + T.cast(u * threads + t, "int64")  # noqa: E731
+    return total, unit, (lambda c: T.cast(c // T.int64(per_row), "int32")), (lambda c: T.cast(c % T.int64(per_row), "int32"))
+
+
+def needs_wide(units: int, threads: int, unroll: int) -> bool:
+    """Whether a flat sequence of ``units`` thread units (plus a grid's overhang) overflows int32."""
+    return units + threads * unroll > 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +151,8 @@ def unit_plan(fmt: str, out_dtype: str, bk: int) -> tuple[int, int, int]:
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True}, depends=(e5m6,))
 def cast_back_kernel(
-    hidden: int, fmt: str, out_dtype: str, block: tuple, sf_layout: str, sf_dtype: str, threads: int = 256, unroll: int = 8
+    hidden: int, fmt: str, out_dtype: str, block: tuple, sf_layout: str, sf_dtype: str, threads: int = 256, unroll: int = 8,
+    wide: bool = False,
 ):
     """``y = data · sf`` over a flat sequence of thread units (8 values of a row; 4 for e4m3 -> fp32).
 
@@ -131,6 +161,8 @@ def cast_back_kernel(
     restored by one exact power-of-two product), multiplies by the scale in fp32 (``__fmul_rn``), rounds
     pairs to bf16 with ``cvt.rn.bf16x2.f32`` (or keeps fp32) and writes 16 bytes. Consecutive lanes own
     consecutive units, so every load and store instruction of a warp covers one contiguous span.
+    Scale blocks may be partial at the edges (``ceil`` block counts). Unit indices are int32, or int64
+    with ``wide`` (2^31 units and more); element offsets are int64 (TileLang).
     """
     import tilelang.language as T
 
@@ -141,6 +173,7 @@ def cast_back_kernel(
     k_b = F.ceil_div(hidden, bk)
     scales = per_unit // bk if bk < per_unit else 1  # distinct scales in one unit
     N = T.dynamic("N")
+    total, unit, unit_row, unit_col = flat_units(wide, N, units, threads, unroll)
 
     def value(w, u, j: int):
         """Value j of unit u as exact fp32."""
@@ -156,10 +189,10 @@ def cast_back_kernel(
     @T.prim_func
     def cast_back(
         x: T.Tensor((N, units * in_words), "uint32"),
-        sf: T.Tensor(_sf_shape(sf_layout, N, bm, k_b), "uint8" if sf_dtype == "float8_e4m3fn" else sf_dtype),
+        sf: T.Tensor(_sf_shape(sf_layout, N, bm, k_b, sf_dtype), "uint8" if sf_dtype == "float8_e4m3fn" else sf_dtype),
         y: T.Tensor((N, units * out_words), "uint32"),
     ):
-        with T.Kernel(T.ceildiv(N * units, threads * unroll), threads=threads, prelude=PRELUDE) as bx:
+        with T.Kernel(T.ceildiv(total, threads * unroll), threads=threads, prelude=PRELUDE) as bx:
             w = T.alloc_local((unroll, in_words), "uint32")
             s = T.alloc_local((unroll, scales), "float32")
             o = T.alloc_local((4,), "uint32")
@@ -167,21 +200,21 @@ def cast_back_kernel(
             col = T.alloc_var("int32")
             t = T.get_thread_binding(0)
             for u in T.unroll(unroll):
-                c = (bx * unroll + u) * threads + t
-                if c < N * units:
+                c = unit(bx, u, t)
+                if c < total:
                     if in_words == 2:
                         for v in T.vectorized(2):
-                            w[u, v] = x[c // units, (c % units) * 2 + v]
+                            w[u, v] = x[unit_row(c), unit_col(c) * 2 + v]
                     else:
                         for v in T.unroll(in_words):
-                            w[u, v] = x[c // units, (c % units) * in_words + v]
-                    row = c // units
-                    col = (c % units) * per_unit
+                            w[u, v] = x[unit_row(c), unit_col(c) * in_words + v]
+                    row = unit_row(c)
+                    col = unit_col(c) * per_unit
                     for i in T.unroll(scales):
                         s[u, i] = _load_scale(sf, sf_layout, sf_dtype, row // bm, (col + i * bk) // bk)
             for u in T.unroll(unroll):
-                c = (bx * unroll + u) * threads + t
-                if c < N * units:
+                c = unit(bx, u, t)
+                if c < total:
                     for q in _static(out_words // 4):  # Python loops: j is a constant
                         for p in _static(4):
                             if out_dtype == "bfloat16":
@@ -190,7 +223,7 @@ def cast_back_kernel(
                                 o[p] = T.reinterpret(scaled(w, s, u, q * 4 + p), "uint32")
                         T.evaluate(
                             T.call_extern(
-                                "handle", "tilek_store16", T.address_of(y[c // units, (c % units) * out_words + q * 4]), o[0], o[1], o[2], o[3]
+                                "handle", "tilek_store16", T.address_of(y[unit_row(c), unit_col(c) * out_words + q * 4]), o[0], o[1], o[2], o[3]
                             )
                         )
 
@@ -217,9 +250,9 @@ def _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name: str) -> _Co
         raise ValueError(f"{name}: the data of x must be 2-D [T, ...], got shape {data.shape}")
     if x_special_fmt == "e5m6":
         if data.dtype != jnp.uint8:
-            raise ValueError(f"{name}: E5M6 data (x_special_fmt='e5m6') must be uint8 [T, 3H/2], got {data.dtype}")
+            raise ValueError(f"{name}: the data of x: E5M6 data (x_special_fmt='e5m6') must be uint8 [T, 3H/2], got {data.dtype}")
         if data.shape[1] % 3:
-            raise ValueError(f"{name}: E5M6 data must be uint8 [T, 3H/2]; its width {data.shape[1]} is not a multiple of 3")
+            raise ValueError(f"{name}: the data of x: E5M6 data must be uint8 [T, 3H/2]; its width {data.shape[1]} is not a multiple of 3")
         fmt = "e5m6"
     elif data.dtype == jnp.float8_e4m3fn:
         fmt = "e4m3"
@@ -229,13 +262,15 @@ def _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name: str) -> _Co
         raise ValueError(f"{name}: the data of x must be float8_e4m3fn, or uint8 (packed FP4, or E5M6 with x_special_fmt='e5m6'), got {data.dtype}")
     tokens, hidden = data.shape[0], F.logical_width(data, fmt)
     if hidden == 0 or hidden % ROW_ALIGN:
-        raise ValueError(f"{name}: the logical hidden size must be a positive multiple of {ROW_ALIGN}, got {hidden}")
-    if tokens * hidden > MAX_ELEMENTS:
-        raise ValueError(f"{name}: T * H must be below 2^31, got {tokens} * {hidden}")
+        raise ValueError(f"{name}: the logical hidden size of the data of x must be a positive multiple of {ROW_ALIGN}, got {hidden}")
+    if hidden >= 2**31 or data.shape[1] >= 2**31:
+        raise ValueError(f"{name}: the rows of the data of x must be shorter than 2^31 elements and values (int32 extents), got {data.shape[1]} bytes for {hidden} values")
+    if tokens > F.MAX_TOKENS:
+        raise ValueError(f"{name}: the data of x may have at most {F.MAX_TOKENS} rows (int32 row indices), got {tokens}")
     if (
         not isinstance(x_block_size, (tuple, list))
         or len(x_block_size) != 2
-        or not all(isinstance(b, (int, np.integer)) and b > 0 for b in x_block_size)
+        or not all(isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) and b > 0 for b in x_block_size)
     ):
         raise ValueError(f"{name}: x_block_size must be two positive ints (num_per_tokens, num_per_channels), got {x_block_size!r}")
     bm, bk = int(x_block_size[0]), int(x_block_size[1])
@@ -253,46 +288,49 @@ def _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name: str) -> _Co
         candidates = [sf_layout]
     elif sf.dtype == jnp.int32:  # packed UE8M0 packs along M for one-column blocks (v2.1), else along K
         candidates = ["ue8m0_along_m" if bk == 1 else "col_ue8m0"]
-    shapes = {layout: F.sf_storage_shape(layout, num_blocks)[0] for layout in candidates}
+    shapes = {layout: F.sf_storage_shape(layout, num_blocks, sf.dtype)[0] for layout in candidates}
     matches = [layout for layout in candidates if tuple(sf.shape) == shapes[layout]]
     if not matches:
         expected = ", ".join(f"{shape} ({layout})" for layout, shape in shapes.items())
         raise ValueError(
-            f"{name}: scales of shape {tuple(sf.shape)} do not fit {fmt} data [{tokens}, {hidden}] with block {(bm, bk)}; "
+            f"{name}: the scales of x, of shape {tuple(sf.shape)}, do not fit {fmt} data [{tokens}, {hidden}] with block {(bm, bk)}; "
             f"expected {expected}"
         )
     if len(matches) > 1:
         raise ValueError(
-            f"{name}: scales of shape {tuple(sf.shape)} fit both layouts {matches} for this data and block; say which with sf_layout"
+            f"{name}: the scales of x, of shape {tuple(sf.shape)}, fit both layouts {matches} for this data and block; say which with sf_layout"
         )
     return _Config(fmt, tokens, hidden, (bm, bk), matches[0], num_blocks)
 
 
-def _cast_back_check(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None):
-    if fmt not in OUT_DTYPES:
-        raise ValueError(f"cast_back: fmt (the output type) must be 'bf16' or 'fp32', got {fmt!r}")
-    _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, "cast_back")
+def _cast_back_check(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None, name="cast_back", force_wide=False):
+    if not isinstance(fmt, str) or fmt not in OUT_DTYPES:
+        raise ValueError(f"{name}: fmt (the output type) must be 'bf16' or 'fp32', got {fmt!r}")
+    _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name)
 
 
-def _cast_back_reference(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None):
-    cfg = _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, "cast_back")
+def _cast_back_reference(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None, name="cast_back", force_wide=False):
+    cfg = _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name)
     if cfg.tokens == 0:  # (formats.load_sf cannot unpack empty UE8M0 storage)
         return jnp.zeros((0, cfg.hidden), OUT_DTYPES[fmt])
     scales = F.load_sf(sf, cfg.layout, cfg.num_blocks)
     return F.dequantize_blocks(data, scales, cfg.fmt, cfg.block, out_dtype=OUT_DTYPES[fmt])
 
 
-def _cast_back_launch(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None) -> Launch:
-    cfg = _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, "cast_back")
+def _cast_back_launch(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None, name="cast_back", force_wide=False) -> Launch:
+    """``force_wide`` (tests): the int64-index kernel also for inputs that do not need it."""
+    cfg = _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name)
     out_dtype = np.dtype(OUT_DTYPES[fmt])
     t, h = cfg.tokens, cfg.hidden
     bits = F.FORMATS[cfg.fmt].bits
+    per_unit, _, unroll = unit_plan(cfg.fmt, out_dtype.name, cfg.block[1])
+    params = dict(
+        hidden=h, fmt=cfg.fmt, out_dtype=out_dtype.name, block=cfg.block, sf_layout=cfg.layout,
+        sf_dtype=np.dtype(sf.dtype).name, unroll=unroll, wide=force_wide or needs_wide(t * (h // per_unit), 256, unroll),
+    )  # fmt: skip
     return Launch(
         kernel=cast_back_kernel,
-        params=dict(
-            hidden=h, fmt=cfg.fmt, out_dtype=out_dtype.name, block=cfg.block, sf_layout=cfg.layout,
-            sf_dtype=np.dtype(sf.dtype).name, unroll=unit_plan(cfg.fmt, out_dtype.name, cfg.block[1])[2],
-        ),  # fmt: skip
+        params=params,
         views={
             "x": View((t, h * bits // 32), dtype=np.uint32),
             "y": View((t, h * out_dtype.itemsize // 4), dtype=np.uint32),
@@ -313,9 +351,11 @@ def cast_back(x, fmt: str, x_block_size, x_special_fmt: str | None = None, *, sf
         the low nibble); or, with ``x_special_fmt="e5m6"``, uint8 ``[T, 3H/2]`` packed E5M6. H is a
         multiple of 64. sf: the scales of ``[ceil(T/bm), ceil(H/bk)]`` blocks as stored in a
         ``formats`` layout: fp32 or float8_e4m3fn row-major ``[M_b, K_b]`` or TMA-aligned column-major
-        storage ``[K_b, align(M_b, 4)]``; int32 packed UE8M0 column-major ``[ceil(K_b/4), align(M_b, 4)]``
-        (for ``bk == 1``: packed along M, ``[ceil(M_b/4), K_b]``). The layout is inferred from dtype and
-        shape (sf_layout overrides).
+        storage ``[K_b, align(M_b, 16 / sf_bytes)]`` (4 fp32 / 16 e4m3 scales: 16-byte aligned columns,
+        TileKernels 2.1); int32 packed UE8M0 column-major ``[ceil(K_b/4), align(M_b, 4)]`` (for
+        ``bk == 1``: packed along M, ``[ceil(M_b/4), K_b]``). Edge blocks may be partial (e.g. H = 576
+        with bk = 128: 5 blocks, the last of 64 columns). The layout is inferred from dtype and shape
+        (sf_layout overrides).
       fmt: the output type, ``"bf16"`` or ``"fp32"`` (TileKernels' naming).
       x_block_size: ``(bm, bk)``, e.g. ``(1, 128)``, ``(128, 128)``, ``(128, 1)``; bk divides 64 or is a
         multiple of 64.
@@ -325,20 +365,47 @@ def cast_back(x, fmt: str, x_block_size, x_special_fmt: str | None = None, *, sf
       impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
 
     Returns:
-      ``[T, H]`` bfloat16 or float32, bit-exact with ``formats.dequantize_blocks``.
+      ``[T, H]`` bfloat16 or float32, bit-exact with ``formats.dequantize_blocks``. T < ``formats.MAX_TOKENS``;
+      T * H is not limited (the kernel switches to 64-bit unit indices past 2^31 units).
     """
-    data, sf = x
-    return _cast_back_op(
-        data, sf, impl=impl, fmt=fmt, x_block_size=tuple(x_block_size) if isinstance(x_block_size, (list, tuple)) else x_block_size,
-        x_special_fmt=x_special_fmt, sf_layout=sf_layout,
-    )  # fmt: skip
+    return _cast_back_call(x, fmt, x_block_size, x_special_fmt, sf_layout, impl, "cast_back")
 
 
 def per_token_cast_back(
     x, fmt: str, num_per_channels: int, x_special_fmt: str | None = None, *, sf_layout: str | None = None, impl=None
 ) -> jax.Array:
-    """:func:`cast_back` with per-token blocks ``(1, num_per_channels)``."""
-    return cast_back(x, fmt, (1, num_per_channels), x_special_fmt, sf_layout=sf_layout, impl=impl)
+    """:func:`cast_back` with per-token blocks ``(1, num_per_channels)`` (npc divides 64 or is a multiple
+    of 64; it need not divide H: the last block is partial)."""
+    name = "per_token_cast_back"
+    npc = F.static_int(name, "num_per_channels", num_per_channels)
+    if npc < 1:
+        raise ValueError(f"{name}: num_per_channels must be positive, got {npc}")
+    return _cast_back_call(x, fmt, (1, npc), x_special_fmt, sf_layout, impl, name)
+
+
+def _quant_tensor(x, name: str):
+    """``(data, sf)`` arrays of a QuantTensor argument, or TypeError / ValueError naming ``name``."""
+    if not isinstance(x, (tuple, list)):
+        raise TypeError(f"{name}: x must be a QuantTensor (data, sf), got {type(x).__name__}")
+    if len(x) != 2:
+        raise ValueError(f"{name}: x must be a QuantTensor (data, sf), got {len(x)} items")
+    return as_array(name, "the data of x", x[0]), as_array(name, "the scales of x", x[1])
+
+
+def _cast_back_call(x, fmt, x_block_size, x_special_fmt, sf_layout, impl, name):
+    F.check_impl(name, impl)
+    data, sf = _quant_tensor(x, name)
+    if isinstance(x_block_size, list):
+        x_block_size = tuple(x_block_size)
+    if not isinstance(x_block_size, tuple):
+        raise TypeError(f"{name}: x_block_size must be two positive ints (num_per_tokens, num_per_channels), got {x_block_size!r}")
+    if sf_layout is not None and not isinstance(sf_layout, str):
+        raise TypeError(f"{name}: sf_layout must be None or one of {F.SF_LAYOUTS}, got {sf_layout!r}")
+    if x_special_fmt is not None and not isinstance(x_special_fmt, str):
+        raise TypeError(f"{name}: x_special_fmt must be None or 'e5m6', got {x_special_fmt!r}")
+    if not isinstance(fmt, str):
+        raise TypeError(f"{name}: fmt (the output type) must be 'bf16' or 'fp32', got {fmt!r}")
+    return _cast_back_op(data, sf, impl=impl, fmt=fmt, x_block_size=x_block_size, x_special_fmt=x_special_fmt, sf_layout=sf_layout, name=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +416,8 @@ ROUND_TRIP_NPC = (16, 32, 64, 128)
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True})
 def cast_round_trip_kernel(
-    hidden: int, in_dtype: str, fmt: str, num_per_channels: int, round_sf: bool, use_e4m3_sf: bool, threads: int = 256, unroll: int = 2
+    hidden: int, in_dtype: str, fmt: str, num_per_channels: int, round_sf: bool, use_e4m3_sf: bool, threads: int = 256, unroll: int = 2,
+    wide: bool = False,
 ):
     """``y = cast_x(q · sf)`` with ``q = cast_fmt(x · sf_inv)`` per 1 x npc group.
 
@@ -359,6 +427,11 @@ def cast_round_trip_kernel(
     (= clamp to ±448, then round to nearest even); to FP4, ``(|v| + M) - M`` with ``M = 1.5 · 2^23 · step``
     rounds to the nearest even multiple of the grid step (0.5 below 2, 1 below 4, else 2) after clamping
     to 6, which is round-to-nearest-even on the e2m1 grid.
+
+    Threads take the chunks of the rows in order, each row padded to ``slots = align(chunks, lanes)``
+    chunk slots so that no group straddles two rows: when npc does not divide H, the slots past the
+    row's end hold zeros and store nothing, and the partial last group's amax is that of its columns
+    (as TileKernels). Slot indices are int32, or int64 with ``wide`` (2^31 slots and more).
     """
     import tilelang.language as T
 
@@ -366,8 +439,13 @@ def cast_round_trip_kernel(
     per_chunk = 32 // esize  # values per thread chunk (8 words)
     chunks = hidden // per_chunk
     lanes = num_per_channels // per_chunk  # threads per group
+    slots = F.align(chunks, lanes)  # chunk slots per row
     f = F.get_format(fmt)
     N, S = T.dynamic("N, S")  # tokens; row stride of x in words
+    total, unit, unit_row, unit_col = flat_units(wide, N, slots, threads, unroll)
+
+    def valid(c):
+        return c < total if slots == chunks else (c < total) & (unit_col(c) < chunks)
 
     def element(w, u, j):
         if esize == 4:
@@ -399,7 +477,7 @@ def cast_round_trip_kernel(
         x: T.StridedTensor((N, chunks * 8), (S, 1), "uint32"),
         y: T.Tensor((N, chunks * 8), "uint32"),
     ):
-        with T.Kernel(T.ceildiv(N * chunks, threads * unroll), threads=threads, prelude=PRELUDE) as bx:
+        with T.Kernel(T.ceildiv(total, threads * unroll), threads=threads, prelude=PRELUDE) as bx:
             T.assume(S % 4 == 0)
             w = T.alloc_local((unroll, 8), "uint32")
             r = T.alloc_local((8,), "float32")
@@ -408,16 +486,16 @@ def cast_round_trip_kernel(
             inv = T.alloc_var("float32")
             t = T.get_thread_binding(0)
             for u in T.unroll(unroll):
-                c = (bx * unroll + u) * threads + t
-                if c < N * chunks:
+                c = unit(bx, u, t)
+                if valid(c):
                     for l in T.unroll(2):
                         for v in T.vectorized(4):
-                            w[u, l * 4 + v] = x[c // chunks, (c % chunks) * 8 + l * 4 + v]
+                            w[u, l * 4 + v] = x[unit_row(c), unit_col(c) * 8 + l * 4 + v]
                 else:
                     for v in T.unroll(8):
                         w[u, v] = T.uint32(0)
             for u in T.unroll(unroll):
-                c = (bx * unroll + u) * threads + t
+                c = unit(bx, u, t)
                 m = T.uint32(0)
                 for v in T.unroll(8):
                     if esize == 2:
@@ -440,7 +518,7 @@ def cast_round_trip_kernel(
                 else:
                     scale = a / T.float32(f.max_value)
                     inv = T.float32(f.max_value) / a
-                if c < N * chunks:
+                if valid(c):
                     for q in T.unroll(per_chunk // 4 if esize == 4 else per_chunk // 8):
                         # one 16-byte store: 8 bf16 or 4 fp32 values
                         if esize == 2:
@@ -452,7 +530,7 @@ def cast_round_trip_kernel(
                                 round_pair(r, p * 2)
                             T.evaluate(
                                 T.call_extern(
-                                    "handle", "tilek_store16", T.address_of(y[c // chunks, (c % chunks) * 8 + q * 4]),
+                                    "handle", "tilek_store16", T.address_of(y[unit_row(c), unit_col(c) * 8 + q * 4]),
                                     T.call_extern("uint32", "tilek_bf16x2", T.call_extern("float32", "__fmul_rn", r[0], scale), T.call_extern("float32", "__fmul_rn", r[1], scale)),
                                     T.call_extern("uint32", "tilek_bf16x2", T.call_extern("float32", "__fmul_rn", r[2], scale), T.call_extern("float32", "__fmul_rn", r[3], scale)),
                                     T.call_extern("uint32", "tilek_bf16x2", T.call_extern("float32", "__fmul_rn", r[4], scale), T.call_extern("float32", "__fmul_rn", r[5], scale)),
@@ -466,7 +544,7 @@ def cast_round_trip_kernel(
                                 round_pair(r, p * 2)
                             T.evaluate(
                                 T.call_extern(
-                                    "handle", "tilek_store16", T.address_of(y[c // chunks, (c % chunks) * 8 + q * 4]),
+                                    "handle", "tilek_store16", T.address_of(y[unit_row(c), unit_col(c) * 8 + q * 4]),
                                     T.reinterpret(T.call_extern("float32", "__fmul_rn", r[0], scale), "uint32"),
                                     T.reinterpret(T.call_extern("float32", "__fmul_rn", r[1], scale), "uint32"),
                                     T.reinterpret(T.call_extern("float32", "__fmul_rn", r[2], scale), "uint32"),
@@ -481,7 +559,7 @@ def _window(x, columns) -> tuple[int, int]:
     return (0, x.shape[-1]) if columns is None else (int(columns[0]), int(columns[1]))
 
 
-def _round_trip_check(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None):
+def _round_trip_check(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None, force_wide=False):
     name = "per_token_cast_and_cast_back"
     if x.ndim != 2:
         raise ValueError(f"{name}: x must be [T, S], got shape {x.shape}")
@@ -490,25 +568,27 @@ def _round_trip_check(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=F
     if fmt not in ("e4m3", "e2m1"):
         raise ValueError(f"{name}: fmt must be 'e4m3' or 'e2m1', got {fmt!r}")
     if num_per_channels not in ROUND_TRIP_NPC:
-        raise ValueError(f"{name}: num_per_channels must be one of {ROUND_TRIP_NPC}, got {num_per_channels}")
+        raise ValueError(f"{name}: num_per_channels must be one of {ROUND_TRIP_NPC}, got {num_per_channels!r}")
     if round_sf and use_e4m3_sf:
         raise ValueError(f"{name}: round_sf and use_e4m3_sf are exclusive")
     start, stop = _window(x, columns)
-    if not 0 <= start < stop <= x.shape[1]:
+    if columns is not None and not 0 <= start < stop <= x.shape[1]:
         raise ValueError(f"{name}: columns={columns} is not a window of x's last axis ({x.shape[1]})")
     h = stop - start
-    if h % ROW_ALIGN or h % num_per_channels:
-        raise ValueError(f"{name}: the hidden size (window width) {h} must be a multiple of {ROW_ALIGN} and of num_per_channels={num_per_channels}")
+    if h <= 0 or h % ROW_ALIGN:
+        raise ValueError(f"{name}: the hidden size (window width) {h} of x must be a multiple of {ROW_ALIGN} and positive")
     vec = 16 // np.dtype(x.dtype).itemsize
     if start % vec or x.shape[1] % vec:
         raise ValueError(
             f"{name}: rows must stay 16-byte aligned: columns start ({start}) and the row length ({x.shape[1]}) must be multiples of {vec} for {x.dtype}"
         )
-    if x.shape[0] * x.shape[1] > MAX_ELEMENTS:
-        raise ValueError(f"{name}: x must have fewer than 2^31 elements, got shape {x.shape}")
+    if x.shape[0] > F.MAX_TOKENS:
+        raise ValueError(f"{name}: x may have at most {F.MAX_TOKENS} rows (int32 row indices), got {x.shape[0]}")
+    if x.shape[1] >= 2**31:
+        raise ValueError(f"{name}: x's rows must be shorter than 2^31 elements (int32 extents), got {x.shape[1]}")
 
 
-def _round_trip_reference(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None):
+def _round_trip_reference(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None, force_wide=False):
     start, stop = _window(x, columns)
     xs = x[:, start:stop]
     block = (1, num_per_channels)
@@ -516,16 +596,18 @@ def _round_trip_reference(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_
     return F.dequantize_blocks(data, sf, fmt, block, out_dtype=x.dtype)
 
 
-def _round_trip_launch(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None) -> Launch:
+def _round_trip_launch(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None, force_wide=False) -> Launch:
     t, width = x.shape
     start, stop = _window(x, columns)
     per_word = 4 // np.dtype(x.dtype).itemsize
     h = stop - start
+    per_chunk = 32 // np.dtype(x.dtype).itemsize
+    slots = F.align(h // per_chunk, num_per_channels // per_chunk)  # chunk slots per row (see the kernel)
     return Launch(
         kernel=cast_round_trip_kernel,
         params=dict(
             hidden=h, in_dtype=np.dtype(x.dtype).name, fmt=fmt, num_per_channels=num_per_channels,
-            round_sf=bool(round_sf), use_e4m3_sf=bool(use_e4m3_sf),
+            round_sf=bool(round_sf), use_e4m3_sf=bool(use_e4m3_sf), wide=force_wide or needs_wide(t * slots, 256, 2),
         ),  # fmt: skip
         views={
             "x": View((t, h // per_word), (width // per_word, 1), start // per_word, np.uint32),
@@ -554,7 +636,9 @@ def per_token_cast_and_cast_back(
     Args:
       x: ``[T, S]`` bfloat16 or float32.
       fmt: ``"e4m3"`` or ``"e2m1"``.
-      num_per_channels: 16, 32, 64 or 128; divides the hidden size.
+      num_per_channels: 16, 32, 64 or 128. It need not divide the hidden size (TileKernels 2.1 asks
+        that it does): the last group of a row is then partial, with the semantics of
+        :func:`per_token_cast` (its amax over the columns it has).
       round_sf: power-of-two scales. use_e4m3_sf: scales rounded to float8_e4m3fn (exclusive).
       columns: ``(start, stop)``: use only ``x[:, start:stop]`` (read in place; strided rows). The
         hidden size ``stop - start`` is a multiple of 64; start and S keep rows 16-byte aligned.
@@ -562,27 +646,45 @@ def per_token_cast_and_cast_back(
 
     Returns:
       ``[T, stop - start]`` in x's dtype, bit-exact with ``formats.quantize_blocks`` followed by
-      ``formats.dequantize_blocks``.
+      ``formats.dequantize_blocks``. T < ``formats.MAX_TOKENS``; T * S is not limited.
     """
+    name = "per_token_cast_and_cast_back"
+    x = as_array(name, "x", x)
     return _round_trip_op(
-        x, impl=impl, fmt=fmt, num_per_channels=int(num_per_channels), round_sf=bool(round_sf), use_e4m3_sf=bool(use_e4m3_sf),
-        columns=None if columns is None else (int(columns[0]), int(columns[1])),
+        x, impl=impl, fmt=fmt, num_per_channels=F.static_int(name, "num_per_channels", num_per_channels),
+        round_sf=F.static_bool(name, "round_sf", round_sf), use_e4m3_sf=F.static_bool(name, "use_e4m3_sf", use_e4m3_sf),
+        columns=None if columns is None else _columns(name, columns),
     )  # fmt: skip
+
+
+def _columns(name: str, columns) -> tuple[int, int]:
+    if not isinstance(columns, (tuple, list)) or len(columns) != 2:
+        raise TypeError(f"{name}: columns must be a pair of ints (start, stop), got {columns!r}")
+    return F.static_int(name, "columns", columns[0]), F.static_int(name, "columns", columns[1])
 
 
 # ---------------------------------------------------------------------------------------------
 # unpack_from_e2m1fn_x2.
 
 
-def unpack_from_e2m1fn_x2(x: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+def unpack_from_e2m1fn_x2(x: jax.Array, out_dtype=jnp.float32, *, impl=None) -> jax.Array:
     """Decodes packed FP4: uint8 (or int8) ``[..., K]`` -> ``[..., 2K]`` of ``out_dtype`` (a debug helper).
 
-    Byte k holds values 2k (low nibble) and 2k+1 (high nibble), each sign · e2m1 (bias 1).
+    Byte k holds values 2k (low nibble) and 2k+1 (high nibble), each sign · e2m1 (bias 1). Pure JAX on
+    every path (``impl`` is accepted, and checked, for uniformity with the other ops).
     """
-    x = jnp.asarray(x)
+    name = "unpack_from_e2m1fn_x2"
+    F.check_impl(name, impl)
+    x = as_array(name, "x", x)
     if x.dtype not in (jnp.uint8, jnp.int8):
-        raise ValueError(f"unpack_from_e2m1fn_x2: x must be uint8 or int8, got {x.dtype}")
+        raise ValueError(f"{name}: x must be uint8 or int8, got {x.dtype}")
     if x.ndim == 0:
-        raise ValueError("unpack_from_e2m1fn_x2: x must have at least 1 dimension so the last dim can be doubled")
+        raise ValueError(f"{name}: x must have at least 1 dimension so the last dim can be doubled")
+    try:
+        out_dtype = jnp.dtype(out_dtype)
+    except TypeError:
+        raise TypeError(f"{name}: out_dtype must be a floating dtype, got {out_dtype!r}") from None
+    if not jnp.issubdtype(out_dtype, jnp.floating):
+        raise ValueError(f"{name}: out_dtype must be a floating dtype, got {out_dtype}")
     codes = F.unpack_e2m1(jax.lax.bitcast_convert_type(x, jnp.uint8))
     return F.decode_e2m1(codes).astype(out_dtype)

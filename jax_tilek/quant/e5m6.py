@@ -94,8 +94,9 @@ def per_token_cast_to_e5m6_kernel(hidden: int, in_dtype: str, sf_layout: str, ro
     warps = threads // 32
     pieces = out_words // 4  # 16-byte stores per row
     N = T.dynamic("N")
-    sf_shape = {"row": (N, 1), "col": (1, T.ceildiv(N, 4) * 4), "col_ue8m0": (1, T.ceildiv(N, 4) * 4)}[sf_layout]
     sf_dtype = "int32" if sf_layout == "col_ue8m0" else "float32"
+    pad = F.tma_alignment(sf_dtype)  # column-major storage: [1, align(N, 16 / 4)] (formats.sf_storage_shape)
+    sf_shape = {"row": (N, 1), "col": (1, T.ceildiv(N, pad) * pad), "col_ue8m0": (1, T.ceildiv(N, pad) * pad)}[sf_layout]
     zero_bits = T.uint32(0x7FFF7FFF) if esize == 2 else T.uint32(0x7FFFFFFF)
 
     def element(w, k, j):
@@ -195,21 +196,21 @@ def _reference(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round
 
 
 def _check(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=False, use_packed_ue8m0=False):
+    name = "per_token_cast_to_e5m6"
     if x.ndim != 2:
-        raise ValueError(f"per_token_cast_to_e5m6: x must be [T, H], got shape {x.shape}")
+        raise ValueError(f"{name}: x must be [T, H], got shape {x.shape}")
     if x.dtype not in (jnp.bfloat16, jnp.float32):
-        raise ValueError(f"per_token_cast_to_e5m6: x must be bfloat16 or float32, got {x.dtype}")
+        raise ValueError(f"{name}: x must be bfloat16 or float32, got {x.dtype}")
     t, h = x.shape
     if num_per_channels != h:
-        raise ValueError(f"per_token_cast_to_e5m6: num_per_channels must equal the hidden size {h} (whole-row scaling), got {num_per_channels}")
+        raise ValueError(f"{name}: num_per_channels must equal the hidden size {h} of x (whole-row scaling), got {num_per_channels}")
     if h == 0 or h % ROW_ALIGN:
-        raise ValueError(f"per_token_cast_to_e5m6: the hidden size must be a positive multiple of {ROW_ALIGN}, got {h}")
+        raise ValueError(f"{name}: the hidden size of x must be a positive multiple of {ROW_ALIGN}, got {h}")
     if h > MAX_HIDDEN:
-        raise ValueError(f"per_token_cast_to_e5m6: the hidden size must be at most {MAX_HIDDEN}, got {h}")
-    try:
-        _layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    except ValueError as e:
-        raise ValueError(f"per_token_cast_to_e5m6: {e}") from None
+        raise ValueError(f"{name}: the hidden size of x must be at most {MAX_HIDDEN}, got {h}")
+    if t > F.MAX_TOKENS:
+        raise ValueError(f"{name}: x may have at most {F.MAX_TOKENS} rows (one CTA per row, int32 row indices), got {t}")
+    F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf, op=name)
 
 
 def _launch(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=False, use_packed_ue8m0=False) -> Launch:
@@ -243,7 +244,7 @@ def per_token_cast_to_e5m6(
     """Casts each row to E5M6 with one scale per row (TileKernels' ``per_token_cast(fmt='e5m6')``).
 
     Args:
-      x: ``[T, H]`` bfloat16 or float32, H a multiple of 64.
+      x: ``[T, H]`` bfloat16 or float32, H a multiple of 64 (at most 32768), T < ``formats.MAX_TOKENS``.
       num_per_channels: must equal H (whole-row scaling only).
       use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0: the scale layout and rounding
         (``formats.sf_layout``); packed UE8M0 needs the other two.
@@ -256,11 +257,18 @@ def per_token_cast_to_e5m6(
       or int32 ``[1, align(T, 4)]`` (UE8M0 in byte 0); padding is zero. Bit-exact with
       ``formats.quantize_blocks(x, "e5m6", (1, H))``.
     """
+    name = "per_token_cast_to_e5m6"
+    if isinstance(x, (str, bytes, dict, set)) or x is None:
+        raise TypeError(f"{name}: x must be an array, got {type(x).__name__}")
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{name}: x must be an array, got {type(x).__name__}") from None
     return _per_token_cast_to_e5m6_op(
         x,
         impl=impl,
-        num_per_channels=int(num_per_channels),
-        use_tma_aligned_col_major_sf=bool(use_tma_aligned_col_major_sf),
-        round_sf=bool(round_sf),
-        use_packed_ue8m0=bool(use_packed_ue8m0),
+        num_per_channels=F.static_int(name, "num_per_channels", num_per_channels),
+        use_tma_aligned_col_major_sf=F.static_bool(name, "use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf),
+        round_sf=F.static_bool(name, "round_sf", round_sf),
+        use_packed_ue8m0=F.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0),
     )

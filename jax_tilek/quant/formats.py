@@ -17,13 +17,22 @@ Scale factors: ``sf`` dequantizes (``x ≈ q · sf``), ``sf_inv`` quantizes (``q
 
 Scale-factor layouts for a logical ``sf[M_b, K_b]`` (``M_b`` row blocks, ``K_b`` column blocks):
   ``"row"``         ``[M_b, K_b]``, fp32 (or float8_e4m3fn with ``use_e4m3_sf``).
-  ``"col"``         the TMA-aligned column-major storage ``[K_b, align(M_b, 4)]``: element ``(m, k)``
-                    at ``[k, m]``; the padding columns are zero.
+  ``"col"``         the TMA-aligned column-major storage ``[K_b, align(M_b, 16 / sf_bytes)]``: element
+                    ``(m, k)`` at ``[k, m]``; every column starts 16-byte aligned, so the token axis is
+                    padded to a multiple of 4 for fp32 scales and of 16 for float8_e4m3fn scales
+                    (TileKernels 2.1); the padding columns are zero.
   ``"col_ue8m0"``   packed UE8M0 in column-major storage: int32 ``[ceil(K_b/4), align(M_b, 4)]``; word
                     ``[i, m]`` holds the biased exponents of blocks ``(m, 4i..4i+3)``, block ``4i+j`` in
                     byte ``j``; unused bytes are zero. Needs power-of-two scales (``round_sf``).
   ``"ue8m0_along_m"`` packed UE8M0 along M (per-channel scales, v2.1): int32 ``[ceil(M_b/4), K_b]``;
                     word ``[i, k]`` holds blocks ``(4i..4i+3, k)``.
+:func:`sf_storage_shape` and :func:`tma_aligned` are the single source of these shapes.
+
+Blocks at the edges may be partial (TileKernels: ``M_b = ceil(T/bm)``, ``K_b = ceil(H/bk)``; e.g.
+H = 576 with 128-column blocks has 5 blocks, the last of 64 columns). A partial block's amax is taken
+over the elements it has, as TileKernels' reference ``torch.cast`` does (it pads the input and masks the
+padding out of the maximum); its scale covers those elements only.
+
 In JAX there are no strided views, so the column-major layouts are returned as their storage arrays
 (the transposes of TileKernels' logical views) — exactly the bytes DeepGEMM reads.
 """
@@ -277,27 +286,48 @@ def unpack_ue8m0(words: jax.Array, k: int) -> jax.Array:
     return ue8m0_to_float(b[..., :k])
 
 
+TMA_ALIGNMENT_BYTES = 16  # a TMA-aligned column-major scale column starts on this boundary
+
+
+def tma_alignment(dtype=np.float32) -> int:
+    """Elements of ``dtype`` per 16 bytes: the multiple the token axis of column-major scale storage
+    is padded to (4 for fp32 / packed int32 scales, 16 for float8_e4m3fn scales)."""
+    return TMA_ALIGNMENT_BYTES // np.dtype(dtype).itemsize
+
+
+def tma_aligned(m_b: int, dtype=np.float32) -> int:
+    """``align(m_b, 16 / sf_bytes)``: the padded token extent of column-major scale storage."""
+    return align(m_b, tma_alignment(dtype))
+
+
 def store_sf(sf: jax.Array, layout: str) -> jax.Array:
-    """Logical ``sf[M_b, K_b]`` -> its storage in ``layout`` (see the module docstring)."""
+    """Logical ``sf[M_b, K_b]`` -> its storage in ``layout`` (see the module docstring).
+
+    The dtype of ``sf`` (fp32, or float8_e4m3fn for "row" / "col") is kept; "col" pads the token axis
+    for it (:func:`tma_aligned`)."""
     if layout not in SF_LAYOUTS:
         raise ValueError(f"sf layout must be one of {SF_LAYOUTS}, got {layout!r}")
     m_b = sf.shape[0]
     if layout == "row":
         return sf
     if layout == "col":
-        return jnp.pad(sf.T, ((0, 0), (0, align(m_b, 4) - m_b)))
+        return jnp.pad(sf.T, ((0, 0), (0, tma_aligned(m_b, sf.dtype) - m_b)))
     if layout == "col_ue8m0":
-        return jnp.pad(pack_ue8m0(sf).T, ((0, 0), (0, align(m_b, 4) - m_b)))
+        return jnp.pad(pack_ue8m0(sf).T, ((0, 0), (0, tma_aligned(m_b, np.int32) - m_b)))
     return pack_ue8m0(sf.T).T  # ue8m0_along_m
 
 
-def sf_layout(use_tma_aligned_col_major_sf: bool = False, use_packed_ue8m0: bool = False, round_sf: bool = False) -> str:
-    """The layout named by TileKernels' flags, checking the combination (ValueError otherwise)."""
+def sf_layout(
+    use_tma_aligned_col_major_sf: bool = False, use_packed_ue8m0: bool = False, round_sf: bool = False, *, op: str | None = None
+) -> str:
+    """The layout named by TileKernels' flags, checking the combination (ValueError otherwise, prefixed
+    with ``op`` when given)."""
+    prefix = f"{op}: " if op else ""
     if use_packed_ue8m0:
         if not use_tma_aligned_col_major_sf:
-            raise ValueError("use_packed_ue8m0 needs use_tma_aligned_col_major_sf=True (packed UE8M0 is column-major)")
+            raise ValueError(f"{prefix}use_packed_ue8m0 needs use_tma_aligned_col_major_sf=True (packed UE8M0 is column-major)")
         if not round_sf:
-            raise ValueError("use_packed_ue8m0 needs round_sf=True (UE8M0 holds powers of two only)")
+            raise ValueError(f"{prefix}use_packed_ue8m0 needs round_sf=True (UE8M0 holds powers of two only)")
         return "col_ue8m0"
     return "col" if use_tma_aligned_col_major_sf else "row"
 
@@ -316,13 +346,20 @@ def load_sf(stored: jax.Array, layout: str, num_blocks: tuple[int, int]) -> jax.
     raise ValueError(f"sf layout must be one of {SF_LAYOUTS}, got {layout!r}")
 
 
-def sf_storage_shape(layout: str, num_blocks: tuple[int, int]) -> tuple[tuple[int, int], np.dtype]:
-    """Shape and dtype of the storage of ``sf[M_b, K_b]`` in ``layout`` (fp32 scales)."""
+def sf_storage_shape(layout: str, num_blocks: tuple[int, int], dtype=np.float32) -> tuple[tuple[int, int], np.dtype]:
+    """Shape and dtype of the storage of ``sf[M_b, K_b]`` in ``layout``.
+
+    ``dtype`` is the scales' dtype for "row" and "col" (fp32, or float8_e4m3fn with ``use_e4m3_sf``;
+    it sets the column-major padding); the packed UE8M0 layouts are always int32.
+    """
+    if layout not in SF_LAYOUTS:
+        raise ValueError(f"sf layout must be one of {SF_LAYOUTS}, got {layout!r}")
     m_b, k_b = num_blocks
+    dtype = np.dtype(dtype)
     return {
-        "row": ((m_b, k_b), np.dtype(np.float32)),
-        "col": ((k_b, align(m_b, 4)), np.dtype(np.float32)),
-        "col_ue8m0": ((ceil_div(k_b, 4), align(m_b, 4)), np.dtype(np.int32)),
+        "row": ((m_b, k_b), dtype),
+        "col": ((k_b, tma_aligned(m_b, dtype)), dtype),
+        "col_ue8m0": ((ceil_div(k_b, 4), tma_aligned(m_b, np.int32)), np.dtype(np.int32)),
         "ue8m0_along_m": ((ceil_div(m_b, 4), k_b), np.dtype(np.int32)),
     }[layout]
 
@@ -374,10 +411,42 @@ def num_blocks(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int
     return ceil_div(shape[0], block[0]), ceil_div(shape[1], block[1])
 
 
-def check_blocks_divide(num_per_channels: int, hidden: int, allowed=(16, 32, 64, 128)) -> None:
-    """The rule for 1 x npc blocks shared by the per-token casts."""
-    if num_per_channels != hidden and num_per_channels not in allowed:
-        raise ValueError(f"num_per_channels must be one of {allowed} or the hidden size {hidden}, got {num_per_channels}")
-    if hidden % num_per_channels:
-        raise ValueError(f"hidden size {hidden} must be a multiple of num_per_channels={num_per_channels}")
+PER_TOKEN_BLOCKS = (16, 32, 64, 128)
 
+
+def check_num_per_channels(op: str, num_per_channels, hidden: int, allowed=PER_TOKEN_BLOCKS) -> int:
+    """The rule for 1 x npc blocks shared by the per-token casts (TileKernels): ``npc`` is one of
+    ``allowed`` or the hidden size (whole-row scaling). It need not divide H: the last block is then
+    partial (``K_b = ceil(H / npc)``). Returns npc as an int; TypeError / ValueError name ``op``."""
+    npc = static_int(op, "num_per_channels", num_per_channels)
+    if npc != hidden and npc not in allowed:
+        raise ValueError(f"{op}: num_per_channels must be one of {allowed} or the hidden size {hidden}, got {npc}")
+    return npc
+
+
+def static_int(op: str, name: str, value) -> int:
+    """``value`` as a Python int: an int or NumPy integer (not a bool, float or array), else TypeError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def static_bool(op: str, name: str, value) -> bool:
+    """``value`` as a Python bool: a bool, NumPy bool or the int 0 / 1, else TypeError naming ``op``."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+IMPLS = (None, "tilelang", "xla")
+
+
+def check_impl(op: str, impl) -> None:
+    """``impl`` is None, "tilelang" or "xla" (ValueError naming ``op`` otherwise)."""
+    if not (impl is None or (isinstance(impl, str) and impl in IMPLS)):
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+
+
+MAX_TOKENS = 2**31 - 2**10
+"""Rows (tokens) a per-token kernel takes: int32 row indices, with headroom for a CTA's rows and the
+padding of column-major scale storage (2^31 rows of 64 values would need 128 GiB anyway)."""

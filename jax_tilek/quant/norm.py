@@ -16,24 +16,28 @@ with ``xh = x * rstd``, ``g = dy * out_scale``, ``gw = g * w``:
 
 Every product, sum, quotient and square root is rounded once (no FMA contraction), and sums run in
 an order fixed by the kernel's thread layout (:func:`row_layout`); ``dw`` is reduced over tokens in a
-fixed order too (deterministic on a given GPU; the order depends on its SM count). The kernels are
-bit-exact with that arithmetic (the tests mirror it in numpy). The JAX references are written in
-the same order, but XLA, on CPU and GPU alike, contracts a product feeding a sum into one FMA
-inside a fusion: where such a product is inexact (fp32 squares, every product of the backward) the
-references can differ from the kernels in the last place. bf16 forward outputs (exact squares) and
-the e4m3 cast of a given y are bit-exact with the references as well.
+fixed order too, a partition of the tokens chosen from the shapes alone (:func:`reduce_dw`), so
+every GPU computes the same bits. The kernels are bit-exact with that arithmetic (the tests mirror
+it in numpy). The JAX references are written in the same order, but XLA, on CPU and GPU alike,
+contracts a product feeding a sum into one FMA inside a fusion: where such a product is inexact
+(fp32 squares, the products inside the backward's row sums) the references can differ from the
+kernels in the last place. bf16 forward outputs (exact squares), the e4m3 cast of a given y and
+``dw`` (its products are rounded before the sums) are bit-exact with the references as well.
+
+Sizes: H <= 8192; B·T < 2^31 - 2^17 tokens (int32 row indices; element offsets are 64-bit).
 
 (No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
 its closure.)
 """
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import platform
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, Static, TileOp, View, map_batch, with_vjp
 from jax_tilek.quant import formats
@@ -45,6 +49,10 @@ QUANT_GROUP = 32  # the fused cast's 1 x 32 groups
 E4M3_MAX = 448.0
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 RING_BYTES_PER_SM = 132 * 1024  # the backward's cp.async rings per SM (227 KB of shared memory on sm_90)
+PARTIAL_SMS = 132  # the backward's partial dw rows fill an H200 (132 SMs): fixed, not the GPU's SM count
+MAX_ROWS = 2**31 - 2**17
+"""Tokens (all of B·T) the kernels take: row indices are int32, with headroom for the rows a grid
+steps past the last one (element offsets are 64-bit)."""
 REDUCE_COLUMNS = 32  # dw reduce: columns per CTA
 REDUCE_LANES = 32  # dw reduce: partial rows summed in parallel per column
 
@@ -541,22 +549,65 @@ def _forward_reference(x, *rest, eps, out_scale, has_residual, has_weight, with_
     return tuple(outs)
 
 
+@jax.custom_jvp
+def _rounded(p: jax.Array) -> jax.Array:
+    """fp32 ``p`` unchanged, but rounded on its own: XLA cannot contract the product that makes it into
+    a later sum (an FMA; an optimization barrier does not stop that). Its bits are or-ed with
+    ``isnan(p)``, a no-op the compiler cannot see through."""
+    bits = jax.lax.bitcast_convert_type(p, jnp.uint32)
+    return jax.lax.bitcast_convert_type(bits | (p != p).astype(jnp.uint32), jnp.float32)
+
+
+_rounded.defjvp(lambda primals, tangents: (_rounded(primals[0]), tangents[0]))
+
+
+def _sequential_sum(chunks: jax.Array) -> jax.Array:
+    """``chunks[0] + chunks[1] + ...`` in that order (fp32, from zero), over the leading axis."""
+    return jax.lax.scan(lambda acc, c: (acc + c, None), jnp.zeros(chunks.shape[1:], jnp.float32), chunks)[0]
+
+
+def reduce_dw(contrib: jax.Array, lay: RowLayout, ctas: int) -> jax.Array:
+    """``sum(contrib, axis=0)`` of fp32 ``contrib[T, H]`` in the backward kernels' order.
+
+    Kernel 1: CTA ``b`` of ``ctas`` takes row blocks ``b, b + ctas, ...`` (``lay.rows`` rows each) and
+    thread group ``r`` adds its rows in turn into partial row ``b * rows + r``; kernel 2: lane ``l`` of
+    32 adds partial rows ``l, l + 32, ...`` in turn, then the 32 lane sums are added in lane order.
+    Rows past the last token count as zeros (adding zero to a sum leaves it unchanged).
+    """
+    t, h = contrib.shape
+    if t == 0:
+        return jnp.zeros((h,), jnp.float32)
+    width = ctas * lay.rows  # partial rows
+    steps = -(-t // width)
+    chunks = jnp.pad(contrib, ((0, steps * width - t), (0, 0))).reshape(steps, width, h)
+    partial = _sequential_sum(chunks)  # row b * rows + r of chunk k is token (b + k * ctas) * rows + r
+    lanes = _sequential_sum(jnp.pad(partial, ((0, -width % 32), (0, 0))).reshape(-1, 32, h))
+    total = jnp.zeros((h,), jnp.float32)
+    for lane in range(32):
+        total = total + lanes[lane]
+    return total
+
+
 def _backward_reference(dy, x, rstd, *rest, out_scale, has_weight, has_residual_grad, tuning=()):
-    """``(dx, dw)``: dx in the kernel's operation order; dw is summed over tokens by XLA (not in the
-    kernel's order, which depends on the GPU's SM count)."""
+    """``(dx, dw)`` in the kernels' operation order: dx per row, dw summed over the tokens in the
+    fixed partition of :func:`reduce_dw`."""
     weight, residual_grad = _split(rest, has_weight, has_residual_grad)
     f32 = jnp.float32
-    lay = row_layout(x.shape[-1], x.dtype)
+    t, h = x.shape
+    lay = row_layout(h, x.dtype)
     rs = rstd[:, None]
     g = dy.astype(f32) * np.float32(out_scale)
     gw = g if weight is None else g * weight.astype(f32)
     xh = x.astype(f32) * rs
-    mean = formats.exact_div(row_sum(xh * gw, lay), np.float32(x.shape[-1]))[:, None]
+    mean = formats.exact_div(row_sum(xh * gw, lay), np.float32(h))[:, None]
     d = (gw - xh * mean) * rs
     if residual_grad is not None:
         d = d + residual_grad.astype(f32)
     dx = d.astype(x.dtype)
-    return (dx, jnp.sum(xh * g, axis=0)) if has_weight else (dx,)
+    if not has_weight:
+        return (dx,)
+    ctas = backward_plan(t, h, x.dtype, has_residual_grad, tuning)[2]
+    return dx, reduce_dw(_rounded(xh * g), lay, ctas)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,19 +667,26 @@ def _forward_launch(x, *rest, eps, out_scale, has_residual, has_weight, with_out
     )  # fmt: skip
 
 
-def backward_ctas(tokens: int, lay: RowLayout, num_sms: int, ctas_per_sm: int) -> int:
-    """CTAs of the persistent backward kernel (and partial dw rows / ``lay.rows``)."""
-    return min(ctas_per_sm * num_sms, -(-tokens // lay.rows))
+def backward_ctas(tokens: int, lay: RowLayout, ctas_per_sm: int) -> int:
+    """CTAs of the backward kernel, each summing its own partial dw rows: ``ctas_per_sm`` per SM of
+    an H200 (``PARTIAL_SMS``), fewer for few tokens. A function of the shapes only, so that every GPU
+    sums dw in the same order (on GPUs with fewer SMs the CTAs beyond one wave run in a second)."""
+    return min(ctas_per_sm * PARTIAL_SMS, -(-tokens // lay.rows))
+
+
+def backward_plan(tokens: int, hidden: int, dtype, has_residual_grad: bool, tuning=()) -> tuple[int, int, int]:
+    """``(stages, ctas_per_sm, ctas)`` of the backward kernel (``tuning`` overrides the first two)."""
+    stages, ctas_per_sm = backward_config(hidden, dtype, has_residual_grad)
+    tune = dict(tuning)
+    stages, ctas_per_sm = tune.get("stages", stages), tune.get("ctas_per_sm", ctas_per_sm)
+    return stages, ctas_per_sm, backward_ctas(tokens, row_layout(hidden, dtype), ctas_per_sm)
 
 
 def _backward_launch(dy, x, rstd, *rest, out_scale, has_weight, has_residual_grad, tuning=()) -> Launch:
     t, h = x.shape
     dtype = jnp.dtype(x.dtype)
     lay = row_layout(h, dtype)
-    stages, ctas_per_sm = backward_config(h, dtype, has_residual_grad)
-    tune = dict(tuning)
-    stages, ctas_per_sm = tune.get("stages", stages), tune.get("ctas_per_sm", ctas_per_sm)
-    nc = backward_ctas(t, lay, platform.target_num_sms(), ctas_per_sm)
+    stages, ctas_per_sm, nc = backward_plan(t, h, dtype, has_residual_grad, tuning)
     names = ["dy", "x", "rstd"] + (["weight"] if has_weight else []) + (["residual_grad"] if has_residual_grad else [])
     names += ["dx"] + (["dw"] if has_weight else [])
     buffers = {name: i for i, name in enumerate(names)}
@@ -678,15 +736,21 @@ def _fold(args, dims, num_token_args: int, op, impl, static):
     return [o.reshape(size, t, *o.shape[1:]) for o in outs], [0] * len(outs)
 
 
+def _folded_tokens(args, dims) -> int:
+    """Tokens of the mapped op with the batch folded in (they must stay within ``MAX_ROWS``)."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    return size * (args[0].shape[0] if dims[0] is None else args[0].shape[1 if dims[0] == 0 else 0])
+
+
 def _forward_batch(args, dims, *, impl, **static):
     n = 2 if static["has_residual"] else 1
-    if any(d is not None for d in dims[n:]) or static["sf_layout"] in ("col", "col_ue8m0"):
+    if any(d is not None for d in dims[n:]) or static["sf_layout"] in ("col", "col_ue8m0") or _folded_tokens(args, dims) > MAX_ROWS:
         return map_batch(args, dims, lambda *xs: list(_forward_op(*xs, impl=impl, **static)))
     return _fold(args, dims, n, _forward_op, impl, static)
 
 
 def _backward_batch(args, dims, *, impl, **static):
-    if static["has_weight"]:  # dw sums over each batch element's tokens
+    if static["has_weight"] or _folded_tokens(args, dims) > MAX_ROWS:  # dw sums over each batch element's tokens
         return map_batch(args, dims, lambda *xs: list(_backward_op(*xs, impl=impl, **static)))
     return _fold(args, dims, len(args), _backward_op, impl, static)
 
@@ -705,16 +769,67 @@ def _check(op: str, x, weight, residual, align: int, min_hidden: int = 1) -> Non
     if jnp.dtype(x.dtype) not in DTYPES:
         raise ValueError(f"{op}: x must be bfloat16 or float32, got {x.dtype}")
     h = x.shape[-1]
-    if h % align or not min_hidden <= h <= MAX_HIDDEN:
+    if h % align or not max(min_hidden, 1) <= h <= MAX_HIDDEN:
         raise ValueError(f"{op}: the hidden size H must be a multiple of {align} in [{max(min_hidden, align)}, {MAX_HIDDEN}], got {h}")
+    if math.prod(x.shape[:-1]) > MAX_ROWS:
+        raise ValueError(f"{op}: x may have at most {MAX_ROWS} tokens (B·T; the kernels index rows with int32), got {math.prod(x.shape[:-1])}")
     if weight is not None and (tuple(weight.shape) != (h,) or weight.dtype != x.dtype):
         raise ValueError(f"{op}: weight must be [H] = [{h}] in x's dtype {x.dtype}, got {weight.shape} {weight.dtype}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"{op}: residual must match x ({x.shape} {x.dtype}), got {residual.shape} {residual.dtype}")
 
 
-def _arrays(*values):
-    return [None if v is None else jnp.asarray(v) for v in values]
+def _arrays(op: str, **values):
+    """The array arguments as JAX arrays (None stays None); TypeError naming the op and the argument
+    for anything that is not an array of numbers."""
+    out = []
+    for name, value in values.items():
+        array = None
+        if value is not None:
+            try:
+                array = jnp.asarray(value)
+            except (TypeError, ValueError):
+                array = None
+            if array is None or not (jnp.issubdtype(array.dtype, np.number) or array.dtype == bool):
+                raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__} {value!r:.60}")
+        out.append(array)
+    return out
+
+
+def _number(op: str, name: str, value, minimum=None) -> float:
+    """A static finite real number (>= ``minimum`` when given): TypeError for non-numbers (bools,
+    strings, traced arrays), ValueError for NaN, inf or values below the minimum."""
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+    elif isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.floating):
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(f"{op}: {name} must be a static number (it is compiled into the call), got a traced array")
+        number = float(value)
+    if number is None:
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r:.60}")
+    if not np.isfinite(number) or (minimum is not None and number < minimum):
+        rule = "a finite number" if minimum is None else f"a finite number >= {minimum}"
+        raise ValueError(f"{op}: {name} must be {rule}, got {number}")
+    return number
+
+
+def _flag(op: str, name: str, value) -> bool:
+    """A static bool (Python or NumPy bool, or the int 0 or 1); TypeError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r:.60}")
+
+
+def _impl(op: str, impl) -> None:
+    if not (impl is None or (isinstance(impl, str) and impl in ("tilelang", "xla"))):
+        raise ValueError(f"{op}: impl must be None, 'tilelang' or 'xla', got {impl!r:.60}")
+
+
+def _statics(op: str, eps, out_scale, impl) -> tuple[float, float]:
+    """eps (finite, >= 0) and out_scale (finite) as floats; impl checked."""
+    _impl(op, impl)
+    return _number(op, "eps", eps, minimum=0.0), _number(op, "out_scale", out_scale)
 
 
 def _run_forward(x, weight, eps, residual, out_scale, impl, **flags):
@@ -742,7 +857,7 @@ def norm_forward(
     Args:
       x: ``[T, H]`` or ``[B, T, H]``, bf16 or fp32; H % 16 == 0, H <= 8192.
       weight: ``[H]`` in x's dtype, or None (unit weight).
-      eps: added to the mean square.
+      eps: added to the mean square (a finite number >= 0).
       residual: like x, added to x first (in fp32, rounded to x's dtype).
       out_scale: multiplies the weight (in fp32).
       with_rstd: also return ``rstd`` (fp32, x's shape without H), as the backward needs.
@@ -751,9 +866,14 @@ def norm_forward(
       ``out`` (like x), ``rstd`` or None, and ``norm_input = round(x + residual)`` (x itself without a
       residual). See the module docstring for the exact operation order.
     """
-    x, weight, residual = _arrays(x, weight, residual)
-    _check("norm_forward", x, weight, residual, FORWARD_ALIGN)
-    outs, lead = _run_forward(x, weight, eps, residual, out_scale, impl, with_out=True, with_rstd=bool(with_rstd), sf_layout="", round_sf=False)
+    op = "norm_forward"
+    eps, out_scale = _statics(op, eps, out_scale, impl)
+    x, weight, residual = _arrays(op, x=x, weight=weight, residual=residual)
+    if x is None:
+        raise TypeError(f"{op}: x must be an array, got None")
+    _check(op, x, weight, residual, FORWARD_ALIGN)
+    with_rstd = _flag(op, "with_rstd", with_rstd)
+    outs, lead = _run_forward(x, weight, eps, residual, out_scale, impl, with_out=True, with_rstd=with_rstd, sf_layout="", round_sf=False)
     out = outs.pop(0).reshape(x.shape)
     norm_input = outs.pop(0).reshape(x.shape) if residual is not None else x
     rstd = outs.pop(0).reshape(lead) if with_rstd else None
@@ -785,16 +905,29 @@ def norm_forward_and_per_token_cast(
     ``per_token_cast`` of ``norm_forward``'s output bit for bit. ``out_bf16`` (``with_out_bf16``) is
     that output, in x's dtype. TileKernels' ``mega_moe_sf`` output is not provided.
     """
-    x, weight, residual = _arrays(x, weight, residual)
-    _check("norm_forward_and_per_token_cast", x, weight, residual, QUANT_GROUP)
-    if fmt != "e4m3":
-        raise ValueError(f"norm_forward_and_per_token_cast: fmt must be 'e4m3' (use norm_forward unquantized), got {fmt!r}")
+    op = "norm_forward_and_per_token_cast"
+    eps, out_scale = _statics(op, eps, out_scale, impl)
+    x, weight, residual = _arrays(op, x=x, weight=weight, residual=residual)
+    if x is None:
+        raise TypeError(f"{op}: x must be an array, got None")
+    _check(op, x, weight, residual, QUANT_GROUP)
+    if not (isinstance(fmt, str) and fmt == "e4m3"):
+        raise ValueError(f"{op}: fmt must be 'e4m3' (use norm_forward unquantized), got {fmt!r:.60}")
+    if isinstance(num_per_channels, (bool, np.bool_)) or not isinstance(num_per_channels, (int, np.integer)):
+        raise TypeError(f"{op}: num_per_channels must be an int, got {type(num_per_channels).__name__} {num_per_channels!r:.60}")
     if num_per_channels != QUANT_GROUP:
-        raise ValueError(f"norm_forward_and_per_token_cast: num_per_channels must be {QUANT_GROUP}, got {num_per_channels}")
-    layout = formats.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+        raise ValueError(f"{op}: num_per_channels must be {QUANT_GROUP}, got {num_per_channels}")
+    col, packed, round_sf = (_flag(op, n, v) for n, v in (
+        ("use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf), ("use_packed_ue8m0", use_packed_ue8m0), ("round_sf", round_sf),
+    ))  # fmt: skip
+    try:
+        layout = formats.sf_layout(col, packed, round_sf)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(op) else f"{op}: {message}") from None
+    with_out_bf16, with_rstd = _flag(op, "with_out_bf16", with_out_bf16), _flag(op, "with_rstd", with_rstd)
     outs, lead = _run_forward(
-        x, weight, eps, residual, out_scale, impl,
-        with_out=bool(with_out_bf16), with_rstd=bool(with_rstd), sf_layout=layout, round_sf=bool(round_sf),
+        x, weight, eps, residual, out_scale, impl, with_out=with_out_bf16, with_rstd=with_rstd, sf_layout=layout, round_sf=round_sf,
     )  # fmt: skip
     out = outs.pop(0).reshape(x.shape) if with_out_bf16 else None
     norm_input = outs.pop(0).reshape(x.shape) if residual is not None else x
@@ -826,20 +959,27 @@ def norm_backward(
 
     Returns:
       ``x_grad`` like x, and ``weight_grad`` fp32 ``[H]`` (None without a weight), reduced over tokens
-      in a fixed order (deterministic on a given GPU).
+      in a fixed order that depends on the shapes only (the same bits on every GPU).
     """
-    out_grad, x, weight, rstd, residual_out_grad = _arrays(out_grad, x, weight, rstd, residual_out_grad)
-    _check("norm_backward", x, weight, residual_out_grad, BACKWARD_ALIGN, min_hidden=BACKWARD_ALIGN)
+    op = "norm_backward"
+    _impl(op, impl)
+    out_scale = _number(op, "out_scale", out_scale)
+    out_grad, x, weight, rstd, residual_out_grad = _arrays(
+        op, out_grad=out_grad, x=x, weight=weight, rstd=rstd, residual_out_grad=residual_out_grad
+    )  # fmt: skip
+    for name, value in (("out_grad", out_grad), ("x", x), ("rstd", rstd)):
+        if value is None:
+            raise TypeError(f"{op}: {name} must be an array, got None")
+    _check(op, x, weight, residual_out_grad, BACKWARD_ALIGN, min_hidden=BACKWARD_ALIGN)
     if out_grad.shape != x.shape or out_grad.dtype != x.dtype:
-        raise ValueError(f"norm_backward: out_grad must match x ({x.shape} {x.dtype}), got {out_grad.shape} {out_grad.dtype}")
+        raise ValueError(f"{op}: out_grad must match x ({x.shape} {x.dtype}), got {out_grad.shape} {out_grad.dtype}")
     if rstd.shape != x.shape[:-1] or rstd.dtype != jnp.float32:
-        raise ValueError(f"norm_backward: rstd must be float32 {x.shape[:-1]}, got {rstd.shape} {rstd.dtype}")
+        raise ValueError(f"{op}: rstd must be float32 {x.shape[:-1]}, got {rstd.shape} {rstd.dtype}")
     h = x.shape[-1]
     args = [out_grad.reshape(-1, h), x.reshape(-1, h), rstd.reshape(-1)]
     args += ([weight] if weight is not None else []) + ([residual_out_grad.reshape(-1, h)] if residual_out_grad is not None else [])
     outs = _backward_op(
-        *args, impl=impl, out_scale=float(out_scale), has_weight=weight is not None,
-        has_residual_grad=residual_out_grad is not None,
+        *args, impl=impl, out_scale=out_scale, has_weight=weight is not None, has_residual_grad=residual_out_grad is not None,
     )  # fmt: skip
     return outs[0].reshape(x.shape), (outs[1] if weight is not None else None)
 
@@ -879,6 +1019,10 @@ def rms_norm(
     rounding of ``norm_input``); gradients flow to x, weight and residual. H % 32 == 0 (the backward's
     rule). ``impl="xla"`` differentiates the JAX reference instead.
     """
-    x, weight, residual = _arrays(x, weight, residual)
-    _check("rms_norm", x, weight, residual, BACKWARD_ALIGN, min_hidden=BACKWARD_ALIGN)
-    return _rms_norm(x, weight, residual, impl=impl, eps=float(eps), out_scale=float(out_scale))
+    op = "rms_norm"
+    eps, out_scale = _statics(op, eps, out_scale, impl)
+    x, weight, residual = _arrays(op, x=x, weight=weight, residual=residual)
+    if x is None:
+        raise TypeError(f"{op}: x must be an array, got None")
+    _check(op, x, weight, residual, BACKWARD_ALIGN, min_hidden=BACKWARD_ALIGN)
+    return _rms_norm(x, weight, residual, impl=impl, eps=eps, out_scale=out_scale)

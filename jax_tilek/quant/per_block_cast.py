@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Impl, Launch, TileOp, View
+from jax_tilek.op import Impl, Launch, TileOp, View, as_array, check_impl, static_flag, static_int
 from jax_tilek.quant import formats as F
+from jax_tilek.spec import GRID_LIMITS
 
 BLOCK_SIZES = (32, 128)
 FORMATS = ("e4m3", "e2m1")
@@ -88,7 +89,9 @@ def tile_shape(block_size: tuple[int, int]) -> tuple[int, int]:
 
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True})
-def per_block_cast_kernel(in_dtype: str, fmt: str, bm: int, bk: int, layout: str, round_sf: bool, mode: str):
+def per_block_cast_kernel(
+    in_dtype: str, fmt: str, bm: int, bk: int, layout: str, round_sf: bool, mode: str, fold: bool = False
+):
     """One CTA of 256 threads quantizes a ``bm x tk`` tile: one row block, ``tk / bk`` column blocks.
 
     Thread t loads the 16-byte vectors t, t + 256, ... of the tile (each warp reads 512 contiguous
@@ -98,6 +101,9 @@ def per_block_cast_kernel(in_dtype: str, fmt: str, bm: int, bk: int, layout: str
     (e4m3: 8 or 4 bytes per vector, e2m1: 4 or 2). The first thread of each block stores its scale,
     and zeroes the padding of the storage next to it. ``mode``: "cast" writes data and sf, "sf_only"
     only sf, "cast_only" reads row-major fp32 sf (``sf_inv = 1 / sf``, correctly rounded).
+
+    The grid is (hidden tiles, token tiles), or with ``fold`` one flat grid of both (for more token
+    tiles than grid y's 65,535). Extents are 64-bit symbols, so no guard or index wraps around.
     """
     import tilelang.language as T
 
@@ -125,19 +131,20 @@ def per_block_cast_kernel(in_dtype: str, fmt: str, bm: int, bk: int, layout: str
     else:
         out_dtype, out_words, out_div = ("uint32", 1, 8) if vec == 8 else ("uint16", 1, 4)
 
-    num_tokens, x_words = T.dynamic("num_tokens, x_words")  # x_words: a row of x in 32-bit words
+    num_tokens, x_words = T.dynamic("num_tokens, x_words", "int64")  # x_words: a row of x in 32-bit words
     hidden = x_words * 4 // in_size
     k_blocks = T.ceildiv(hidden, bk)
+    k_tiles, m_tiles = T.ceildiv(hidden, tk), T.ceildiv(num_tokens, tm)
     x_shape = (num_tokens, x_words)
     out_shape = (num_tokens, hidden // out_div)
     if mode == "cast_only" or layout == "row":
-        m_blocks = T.dynamic("m_blocks")
+        m_blocks = T.dynamic("m_blocks", "int64")
         sf_shape, sf_dtype = (m_blocks, k_blocks), "float32"
     elif layout == "col":
-        m_stride = T.dynamic("m_stride")  # align(M_b, 4)
+        m_stride = T.dynamic("m_stride", "int64")  # align(M_b, 4)
         sf_shape, sf_dtype = (k_blocks, m_stride), "float32"
     else:  # col_ue8m0 storage seen as bytes: [ceil(K_b / 4), 4 * align(M_b, 4)]
-        m_bytes = T.dynamic("m_bytes")
+        m_bytes = T.dynamic("m_bytes", "int64")
         sf_shape, sf_dtype = (T.ceildiv(k_blocks, 4), m_bytes), "uint8"
 
     def bf16_lo(word):
@@ -154,7 +161,9 @@ def per_block_cast_kernel(in_dtype: str, fmt: str, bm: int, bk: int, layout: str
 
     @T.macro
     def body(x, sf_in, out, sf):
-        with T.Kernel(T.ceildiv(hidden, tk), T.ceildiv(num_tokens, tm), threads=THREADS, prelude=PRELUDE) as (bx, by):
+        grid = (k_tiles * m_tiles,) if fold else (k_tiles, m_tiles)
+        with T.Kernel(*grid, threads=THREADS, prelude=PRELUDE) as blocks:
+            bx, by = (blocks % k_tiles, blocks // k_tiles) if fold else blocks
             T.assume(x_words % (HIDDEN_ALIGN * in_size // 4) == 0)
             T.annotate_min_blocks_per_sm(min_blocks)
             w = T.alloc_local((reps * 4,), "uint32")
@@ -270,20 +279,40 @@ def per_block_cast_kernel(in_dtype: str, fmt: str, bm: int, bk: int, layout: str
 # Reference, rules, launch.
 
 
-def _layout_of(use_tma_aligned_col_major_sf: bool, use_packed_ue8m0: bool, round_sf: bool) -> str:
-    return F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+def _layout_of(name: str, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf) -> str:
+    col = static_flag(use_tma_aligned_col_major_sf, name, "use_tma_aligned_col_major_sf")
+    packed = static_flag(use_packed_ue8m0, name, "use_packed_ue8m0")
+    return F.sf_layout(col, packed, static_flag(round_sf, name, "round_sf"), op=name)
 
 
-def _reference(x, *, fmt, block_size, layout, round_sf):
+def _block_size(block_size, name: str) -> tuple[int, int]:
+    """``block_size`` as a pair of Python ints, each in BLOCK_SIZES (TypeError / ValueError naming the op)."""
+    if isinstance(block_size, (str, bytes)) or not hasattr(block_size, "__len__"):
+        raise TypeError(f"{name}: block_size must be a pair (bm, bk) with bm, bk in {BLOCK_SIZES}, got {block_size!r}")
+    if len(block_size) != 2:
+        raise ValueError(f"{name}: block_size must be (bm, bk) with bm, bk in {BLOCK_SIZES}, got {block_size!r}")
+    block = tuple(static_int(b, name, "block_size") for b in block_size)
+    if any(b not in BLOCK_SIZES for b in block):
+        raise ValueError(f"{name}: block_size must be (bm, bk) with bm, bk in {BLOCK_SIZES}, got {block}")
+    return block
+
+
+def _fmt(fmt, name: str) -> str:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"{name}: fmt must be one of {FORMATS}, got {fmt!r}")
+    return fmt
+
+
+def _reference(x, *, fmt, block_size, layout, round_sf, fold=None):
     data, sf = F.quantize_blocks(x, fmt, tuple(block_size), round_sf=round_sf)
     return data, F.store_sf(sf, layout)
 
 
-def _reference_sf_only(x, *, fmt, block_size, layout, round_sf):
+def _reference_sf_only(x, *, fmt, block_size, layout, round_sf, fold=None):
     return _reference(x, fmt=fmt, block_size=block_size, layout=layout, round_sf=round_sf)[1]
 
 
-def _reference_with_sf(x, sf, *, fmt, block_size):
+def _reference_with_sf(x, sf, *, fmt, block_size, fold=None):
     inv = F.exact_div(np.float32(1.0), sf.astype(jnp.float32))
     scaled = x.astype(jnp.float32) * F.expand_blocks(inv, tuple(block_size), x.shape)
     return F.quantize_values(scaled, fmt)
@@ -294,20 +323,35 @@ def _check(x, *rest, fmt, block_size, name="per_block_cast", **_):
         raise ValueError(f"{name}: x must be [num_tokens, hidden], got shape {x.shape}")
     if x.dtype not in IN_DTYPES:
         raise ValueError(f"{name}: x must be bfloat16 or float32, got {x.dtype}")
-    if fmt not in FORMATS:
-        raise ValueError(f"{name}: fmt must be one of {FORMATS}, got {fmt!r}")
-    if len(block_size) != 2 or any(b not in BLOCK_SIZES for b in block_size):
-        raise ValueError(f"{name}: block_size must be (bm, bk) with bm, bk in {BLOCK_SIZES}, got {block_size}")
+    _fmt(fmt, name)
+    _block_size(block_size, name)
     if x.shape[1] % HIDDEN_ALIGN:
         raise ValueError(f"{name}: hidden size (x.shape[1] = {x.shape[1]}) must be a multiple of {HIDDEN_ALIGN}")
 
 
-def _check_with_sf(x, sf, *, fmt, block_size):
+def _grid(x, block_size) -> tuple[int, bool]:
+    """(CTAs, whether they form one flat grid): (hidden tiles, token tiles) while the token tiles fit
+    grid y, else one flat grid."""
+    tm, tk = tile_shape(block_size)
+    m_tiles, k_tiles = F.ceil_div(x.shape[0], tm), F.ceil_div(x.shape[1], tk)
+    return m_tiles * k_tiles, m_tiles > GRID_LIMITS[1]
+
+
+def _kernel_check(x, *rest, block_size, name="per_block_cast", **_):
+    ctas, _ = _grid(x, block_size)
+    if ctas > GRID_LIMITS[0]:
+        raise ValueError(f"{name}: x {list(x.shape)} needs {ctas} tiles, more than the kernel's grid takes ({GRID_LIMITS[0]})")
+
+
+def _check_with_sf(x, sf, *, fmt, block_size, fold=None):
     name = "per_block_cast_with_precomputed_sf"
     _check(x, fmt=fmt, block_size=block_size, name=name)
     expected = F.num_blocks(x.shape, tuple(block_size))
     if sf.dtype != jnp.float32 or tuple(sf.shape) != expected:
-        raise ValueError(f"{name}: sf must be row-major float32 {list(expected)} (one scale per block), got {sf.dtype} {list(sf.shape)}")
+        raise ValueError(
+            f"{name}: sf must be row-major float32 {list(expected)} (one scale per block of x {list(x.shape)}), got "
+            f"{sf.dtype} {list(sf.shape)}"
+        )
 
 
 def _views(x, fmt, block_size, layout, sf_name="sf"):
@@ -327,37 +371,52 @@ def _views(x, fmt, block_size, layout, sf_name="sf"):
     return views
 
 
-def _params(x, fmt, block_size, layout, round_sf, mode):
+def _params(x, fmt, block_size, layout, round_sf, mode, fold):
+    """The kernel's static parameters; ``fold`` None: a flat grid only when the 2-D one does not fit."""
     bm, bk = block_size
+    fold = _grid(x, block_size)[1] if fold is None else fold
     return dict(
-        in_dtype=np.dtype(x.dtype).name, fmt=fmt, bm=bm, bk=bk, layout=layout, round_sf=bool(round_sf), mode=mode
-    )
+        in_dtype=np.dtype(x.dtype).name, fmt=fmt, bm=bm, bk=bk, layout=layout, round_sf=bool(round_sf), mode=mode,
+        **({"fold": True} if fold else {}),
+    )  # fmt: skip
 
 
-def _launch(x, *, fmt, block_size, layout, round_sf):
-    return Launch(per_block_cast_kernel, _params(x, fmt, block_size, layout, round_sf, "cast"), views=_views(x, fmt, block_size, layout))
+def _launch(x, *, fmt, block_size, layout, round_sf, fold=None):
+    params = _params(x, fmt, block_size, layout, round_sf, "cast", fold)
+    return Launch(per_block_cast_kernel, params, views=_views(x, fmt, block_size, layout))
 
 
-def _launch_sf_only(x, *, fmt, block_size, layout, round_sf):
+def _launch_sf_only(x, *, fmt, block_size, layout, round_sf, fold=None):
     views = _views(x, fmt, block_size, layout)
     del views["out"]
-    return Launch(per_block_cast_kernel, _params(x, fmt, block_size, layout, round_sf, "sf_only"), views=views)
+    return Launch(per_block_cast_kernel, _params(x, fmt, block_size, layout, round_sf, "sf_only", fold), views=views)
 
 
-def _launch_with_sf(x, sf, *, fmt, block_size):
+def _launch_with_sf(x, sf, *, fmt, block_size, fold=None):
     views = _views(x, fmt, block_size, "row", sf_name="sf_in")
-    return Launch(per_block_cast_kernel, _params(x, fmt, block_size, "row", False, "cast_only"), views=views)
+    return Launch(per_block_cast_kernel, _params(x, fmt, block_size, "row", False, "cast_only", fold), views=views)
 
 
-_per_block_cast_op = TileOp(name="per_block_cast", launch=_launch, reference=_reference, check=_check)
+# Internal static option of the three ops: ``fold`` (None: automatic; True / False forces the flat or
+# the 2-D grid, for tests).
+_per_block_cast_op = TileOp(
+    name="per_block_cast", launch=_launch, reference=_reference, check=_check, kernel_check=_kernel_check, operands=("x",)
+)
 _sf_only_op = TileOp(
     name="per_block_cast_with_sf_only",
     launch=_launch_sf_only,
     reference=_reference_sf_only,
     check=lambda x, **kw: _check(x, name="per_block_cast_with_sf_only", **kw),
+    kernel_check=lambda x, **kw: _kernel_check(x, name="per_block_cast_with_sf_only", **kw),
+    operands=("x",),
 )
 _with_sf_op = TileOp(
-    name="per_block_cast_with_precomputed_sf", launch=_launch_with_sf, reference=_reference_with_sf, check=_check_with_sf
+    name="per_block_cast_with_precomputed_sf",
+    launch=_launch_with_sf,
+    reference=_reference_with_sf,
+    check=_check_with_sf,
+    kernel_check=lambda x, sf, **kw: _kernel_check(x, name="per_block_cast_with_precomputed_sf", **kw),
+    operands=("x", "sf"),
 )
 
 
@@ -386,8 +445,11 @@ def per_block_cast(
       ``[K_b, align(M_b, 4)]`` or packed UE8M0 int32 ``[ceil(K_b/4), align(M_b, 4)]``, padding zero).
       Bit-exact with ``formats.quantize_blocks`` + ``formats.store_sf``.
     """
-    layout = _layout_of(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    return _per_block_cast_op(x, impl=impl, fmt=fmt, block_size=tuple(block_size), layout=layout, round_sf=bool(round_sf))
+    name = "per_block_cast"
+    check_impl(impl, name)
+    x, fmt, block_size = as_array(x, name, "x"), _fmt(fmt, name), _block_size(block_size, name)
+    layout = _layout_of(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    return _per_block_cast_op(x, impl=impl, fmt=fmt, block_size=block_size, layout=layout, round_sf=bool(round_sf))
 
 
 def per_block_cast_with_sf_only(
@@ -400,8 +462,11 @@ def per_block_cast_with_sf_only(
     impl: Impl = None,
 ) -> jax.Array:
     """Only the scales of :func:`per_block_cast` (same arguments, same sf)."""
-    layout = _layout_of(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    return _sf_only_op(x, impl=impl, fmt=fmt, block_size=tuple(block_size), layout=layout, round_sf=bool(round_sf))
+    name = "per_block_cast_with_sf_only"
+    check_impl(impl, name)
+    x, fmt, block_size = as_array(x, name, "x"), _fmt(fmt, name), _block_size(block_size, name)
+    layout = _layout_of(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    return _sf_only_op(x, impl=impl, fmt=fmt, block_size=block_size, layout=layout, round_sf=bool(round_sf))
 
 
 def per_block_cast_with_precomputed_sf(
@@ -419,9 +484,14 @@ def per_block_cast_with_precomputed_sf(
     ``sf`` must be row-major float32 ``[ceil(T/bm), ceil(H/bk)]`` (TileKernels asserts the same: the
     column-major and packed flags are rejected; ``round_sf`` has no effect). Returns the data only.
     """
-    if use_tma_aligned_col_major_sf or use_packed_ue8m0:
+    name = "per_block_cast_with_precomputed_sf"
+    check_impl(impl, name)
+    x, sf = as_array(x, name, "x"), as_array(sf, name, "sf")
+    fmt, block_size = _fmt(fmt, name), _block_size(block_size, name)
+    static_flag(round_sf, name, "round_sf")
+    col = static_flag(use_tma_aligned_col_major_sf, name, "use_tma_aligned_col_major_sf")
+    if col or static_flag(use_packed_ue8m0, name, "use_packed_ue8m0"):
         raise ValueError(
-            "per_block_cast_with_precomputed_sf: sf must be row-major float32; use_tma_aligned_col_major_sf and "
-            "use_packed_ue8m0 must be False"
+            f"{name}: sf must be row-major float32; use_tma_aligned_col_major_sf and use_packed_ue8m0 must be False"
         )
-    return _with_sf_op(x, sf, impl=impl, fmt=fmt, block_size=tuple(block_size))
+    return _with_sf_op(x, sf, impl=impl, fmt=fmt, block_size=block_size)

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Impl, Launch, TileOp, View
+from jax_tilek.op import Impl, Launch, TileOp, View, as_array, check_impl, static_flag
 from jax_tilek.quant import formats as F
+from jax_tilek.spec import GRID_LIMITS
 
 BLOCK_ROWS = (1, 32, 128)
 BLOCK_COLS = (32, 64, 128)
@@ -76,11 +77,22 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
+def _pair(block, name: str) -> tuple[int, int]:
+    """A block size as a pair of Python ints (TypeError / ValueError naming the argument)."""
+    if isinstance(block, (str, bytes)) or not hasattr(block, "__len__"):
+        raise TypeError(f"{name} must be a pair (bm, bk) of integers, got {block!r}")
+    if len(block) != 2:
+        raise ValueError(f"{name} must be a pair (bm, bk), got {block!r}")
+    if not all(isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) for b in block):
+        raise TypeError(f"{name} must be a pair (bm, bk) of integers, got {block!r}")
+    return int(block[0]), int(block[1])
+
+
 def tile_plan(x_block_size: tuple[int, int], out_block_size: tuple[int, int]) -> dict:
     """The CTA tile ``max(bm_out, 32) x max(bk_out, 16384 / tm)`` (TileKernels' tiling with twice its
     8192 elements: two 16-byte chunks in flight per thread) and how the tile's input scales map onto
-    threads; raises ValueError for block sizes it does not serve."""
-    (bmi, bki), (bmo, bko) = x_block_size, out_block_size
+    threads; raises ValueError (TypeError for non-integers) for block sizes it does not serve."""
+    (bmi, bki), (bmo, bko) = _pair(x_block_size, "x_block_size"), _pair(out_block_size, "out_block_size")
     if bmi not in BLOCK_ROWS or bki not in BLOCK_COLS:
         raise ValueError(f"x_block_size must be (bm, bk) with bm in {BLOCK_ROWS}, bk in {BLOCK_COLS}, got {x_block_size}")
     if bmo not in BLOCK_ROWS or bko not in BLOCK_COLS:
@@ -103,7 +115,7 @@ def tile_plan(x_block_size: tuple[int, int], out_block_size: tuple[int, int]) ->
 
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True})
-def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: str, layout: str):
+def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: str, layout: str, fold: bool = False):
     """One CTA of 256 threads re-blocks a ``tm x tk`` tile.
 
     1. Each thread loads its two 16-byte FP4 chunks (32 codes each; a warp reads whole row segments
@@ -115,6 +127,9 @@ def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: 
        them); every thread converts its chunks: codes become fp16 pairs (exact), are multiplied by
        2^14 and by 2^(E_in - E_out) in fp16 (exact, or rounding only what e4m3 flushes to zero), and
        are converted with ``cvt.rn.satfinite.e4m3x2.f16x2``; each chunk is two 16-byte stores.
+
+    The grid is (hidden tiles, token tiles), or with ``fold`` one flat grid of both (for more token
+    tiles than grid y's 65,535). Extents are 64-bit symbols, so no guard or index wraps around.
     """
     import tilelang.language as T
 
@@ -128,18 +143,18 @@ def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: 
     nko = tk // bko  # output blocks per tile row of blocks
     cpr = tk // CHUNK  # chunks per tile row
 
-    num_tokens, d_words = T.dynamic("num_tokens, d_words")  # d_words: a row of FP4 data in 32-bit words
+    num_tokens, d_words = T.dynamic("num_tokens, d_words", "int64")  # d_words: a row of FP4 data in 32-bit words
     hidden = d_words * 8
     k_in, k_out = T.ceildiv(hidden, bki), T.ceildiv(hidden, bko)
 
     def sf_param(which, lay, k_blocks):
         if lay == "row":
-            rows = T.dynamic(f"{which}_m_blocks")
+            rows = T.dynamic(f"{which}_m_blocks", "int64")
             return (rows, k_blocks), "float32"
         if lay == "col":
-            stride = T.dynamic(f"{which}_m_stride")  # align(M_b, 4)
+            stride = T.dynamic(f"{which}_m_stride", "int64")  # align(M_b, 4)
             return (k_blocks, stride), "float32"
-        nbytes = T.dynamic(f"{which}_m_bytes")  # packed UE8M0 seen as bytes: 4 * align(M_b, 4)
+        nbytes = T.dynamic(f"{which}_m_bytes", "int64")  # packed UE8M0 seen as bytes: 4 * align(M_b, 4)
         return (T.ceildiv(k_blocks, 4), nbytes), "uint8"
 
     in_sf_shape, in_sf_dtype = sf_param("in", in_layout, k_in)
@@ -153,7 +168,10 @@ def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: 
         out: T.Tensor((num_tokens, hidden // 4), "uint32"),
         out_sf: T.Tensor(out_sf_shape, out_sf_dtype),
     ):
-        with T.Kernel(T.ceildiv(hidden, tk), T.ceildiv(num_tokens, tm), threads=THREADS, prelude=PRELUDE) as (bx, by):
+        k_tiles, m_tiles = T.ceildiv(hidden, tk), T.ceildiv(num_tokens, tm)
+        grid = (k_tiles * m_tiles,) if fold else (k_tiles, m_tiles)
+        with T.Kernel(*grid, threads=THREADS, prelude=PRELUDE) as blocks:
+            bx, by = (blocks % k_tiles, blocks // k_tiles) if fold else blocks
             T.assume(d_words % 4 == 0)
             ein = T.alloc_shared((per_thread * THREADS,), "int32")
             omax = T.alloc_shared((out_blocks,), "uint32")
@@ -259,7 +277,7 @@ def _exponents(stored: jax.Array, layout: str, num_blocks: tuple[int, int]) -> j
     return (jax.lax.bitcast_convert_type(logical.astype(jnp.float32), jnp.int32) >> 23) & 0xFF
 
 
-def _reference(data, x_sf, *, x_block, out_block, in_layout, layout):
+def _reference(data, x_sf, *, x_block, out_block, in_layout, layout, fold=None):
     t, h = data.shape[0], data.shape[1] * 2
     e_in = _exponents(x_sf, in_layout, F.num_blocks((t, h), x_block))
     e_elem = F.expand_blocks(e_in, x_block, (t, h))
@@ -295,7 +313,7 @@ def infer_sf_layout(data_shape: tuple[int, int], x_sf: jax.Array, x_block: tuple
     )
 
 
-def _check(data, x_sf, *, x_block, out_block, in_layout, layout):
+def _check(data, x_sf, *, x_block, out_block, in_layout, layout, fold=None):
     name = "per_block_cast_lossless"
     if data.ndim != 2 or data.dtype != jnp.uint8:
         raise ValueError(f"{name}: x's data must be packed e2m1 uint8 [num_tokens, hidden / 2], got {data.dtype} {list(data.shape)}")
@@ -308,7 +326,8 @@ def _check(data, x_sf, *, x_block, out_block, in_layout, layout):
     expected = F.sf_storage_shape(in_layout, F.num_blocks((data.shape[0], data.shape[1] * 2), x_block))
     if (tuple(x_sf.shape), np.dtype(x_sf.dtype)) != expected:
         raise ValueError(
-            f"{name}: x's scales in layout {in_layout!r} must be {expected[1]} {list(expected[0])}, got {x_sf.dtype} {list(x_sf.shape)}"
+            f"{name}: x's scales in layout {in_layout!r} must be {expected[1]} {list(expected[0])} for x's data "
+            f"{list(data.shape)}, got {x_sf.dtype} {list(x_sf.shape)}"
         )
 
 
@@ -319,11 +338,30 @@ def _sf_view(layout, num_blocks):
     return View((rows, row), (row, 1))  # explicit: spec.compact_strides gives a [K, 0] array row stride 1
 
 
-def _launch(data, x_sf, *, x_block, out_block, in_layout, layout):
+def _grid(data, x_block, out_block) -> tuple[int, bool]:
+    """(CTAs, whether they form one flat grid): (hidden tiles, token tiles) while the token tiles fit
+    grid y, else one flat grid."""
+    plan = tile_plan(x_block, out_block)
+    m_tiles, k_tiles = F.ceil_div(data.shape[0], plan["tm"]), F.ceil_div(data.shape[1] * 2, plan["tk"])
+    return m_tiles * k_tiles, m_tiles > GRID_LIMITS[1]
+
+
+def _kernel_check(data, x_sf, *, x_block, out_block, **_):
+    ctas, _ = _grid(data, x_block, out_block)
+    if ctas > GRID_LIMITS[0]:
+        raise ValueError(
+            f"per_block_cast_lossless: x's data {list(data.shape)} needs {ctas} tiles, more than the kernel's grid takes "
+            f"({GRID_LIMITS[0]})"
+        )
+
+
+def _launch(data, x_sf, *, x_block, out_block, in_layout, layout, fold=None):
+    """``fold``: None picks the flat grid only when the 2-D one does not fit; True / False force it."""
     t, h = data.shape[0], data.shape[1] * 2
+    fold = _grid(data, x_block, out_block)[1] if fold is None else fold
     return Launch(
         per_block_cast_lossless_kernel,
-        dict(x_block=tuple(x_block), out_block=tuple(out_block), in_layout=in_layout, layout=layout),
+        dict(x_block=tuple(x_block), out_block=tuple(out_block), in_layout=in_layout, layout=layout, **({"fold": True} if fold else {})),
         views={
             "x": View((t, h // 8), dtype=np.uint32),
             "x_sf": _sf_view(in_layout, F.num_blocks((t, h), x_block)),
@@ -333,7 +371,10 @@ def _launch(data, x_sf, *, x_block, out_block, in_layout, layout):
     )
 
 
-_lossless_op = TileOp(name="per_block_cast_lossless", launch=_launch, reference=_reference, check=_check)
+_lossless_op = TileOp(
+    name="per_block_cast_lossless", launch=_launch, reference=_reference, check=_check, kernel_check=_kernel_check,
+    operands=("x's data", "x's scales"), results=("the output data", "the output scales"),
+)  # fmt: skip
 
 
 def per_block_cast_lossless(
@@ -363,22 +404,26 @@ def per_block_cast_lossless(
       ``(data, sf)``: ``float8_e4m3fn [T, H]`` and the power-of-two scales ``[ceil(T/bm), ceil(H/bk)]``
       in the output layout.
     """
-    data, x_sf = x
-    data, x_sf = jnp.asarray(data), jnp.asarray(x_sf)
-    if fmt != "e4m3":
-        raise ValueError(f"per_block_cast_lossless: only e2m1 -> e4m3 is lossless; fmt must be 'e4m3', got {fmt!r}")
-    layout = F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf=True)
-    x_block, out_block = tuple(x_block_size), tuple(out_block_size)
-    if len(x_block) != 2 or len(out_block) != 2:
-        raise ValueError(f"per_block_cast_lossless: block sizes are (bm, bk) pairs, got {x_block_size}, {out_block_size}")
+    name = "per_block_cast_lossless"
+    check_impl(impl, name)
+    if not isinstance(x, (tuple, list)) or len(x) != 2:
+        raise TypeError(f"{name}: x must be a QuantTensor, a pair (data, sf), got {type(x).__name__}")
+    data, x_sf = as_array(x[0], name, "x's data"), as_array(x[1], name, "x's scales")
+    if not isinstance(fmt, str) or fmt != "e4m3":
+        raise ValueError(f"{name}: only e2m1 -> e4m3 is lossless; fmt must be 'e4m3', got {fmt!r}")
+    col = static_flag(use_tma_aligned_col_major_sf, name, "use_tma_aligned_col_major_sf")
+    packed = static_flag(use_packed_ue8m0, name, "use_packed_ue8m0")
+    static_flag(round_sf, name, "round_sf")
+    layout = F.sf_layout(col, packed, round_sf=True, op=name)
     try:
+        x_block, out_block = _pair(x_block_size, "x_block_size"), _pair(out_block_size, "out_block_size")
         tile_plan(x_block, out_block)
-    except ValueError as e:
-        raise ValueError(f"per_block_cast_lossless: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
     if data.ndim != 2:
         raise ValueError(f"per_block_cast_lossless: x's data must be [num_tokens, hidden / 2], got shape {list(data.shape)}")
     if x_sf_layout is None:
         x_sf_layout = infer_sf_layout(data.shape, x_sf, x_block)
-    elif x_sf_layout not in ("row", "col", "col_ue8m0"):
+    elif not isinstance(x_sf_layout, str) or x_sf_layout not in ("row", "col", "col_ue8m0"):
         raise ValueError(f"per_block_cast_lossless: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r}")
     return _lossless_op(data, x_sf, impl=impl, x_block=x_block, out_block=out_block, in_layout=x_sf_layout, layout=layout)

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View
+from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, static_flag, static_int
 from jax_tilek.quant import formats as F
+from jax_tilek.spec import GRID_LIMITS
 
 TILE_T = 128  # tokens per CTA
 THREADS = 256
@@ -73,6 +74,7 @@ def per_channel_cast_kernel(
     gather: bool = False,
     transpose: bool = False,
     min_blocks: int = 2,
+    fold: bool = False,
 ):
     """One CTA per 128 tokens x ``tile_h`` channels, 256 threads.
 
@@ -86,7 +88,9 @@ def per_channel_cast_kernel(
 
     Static options: ``sf_in`` (None: bf16 input; else the layout of the per-token fp32 / packed
     UE8M0 scales of an e4m3 input with blocks of ``npc`` channels), ``packed_sf`` (UE8M0 output
-    packed along M), ``gather`` (input row of output row p is ``pos[p]``, zeros for -1).
+    packed along M), ``gather`` (input row of output row p is ``pos[p]``, zeros where ``pos[p]`` is
+    outside ``[0, T)``), ``fold`` (one flat grid instead of (token tiles, channel tiles), for more
+    channel tiles than grid y's 65,535). Extents are 64-bit symbols: no guard or index wraps around.
     """
     import tilelang.language as T
 
@@ -101,7 +105,7 @@ def per_channel_cast_kernel(
     assert R % 4 == 0 and 16 % R == 0 and npt % R == 0
     per_block = npt // R  # thread rows per npt block
 
-    Tn, P, XW, S0, TA, GW = T.dynamic("Tn, P, XW, S0, TA, GW")  # XW: 32-bit words per input row
+    Tn, P, XW, S0, TA, GW = T.dynamic("Tn, P, XW, S0, TA, GW", "int64")  # XW: 32-bit words per input row
     if transpose:
         P = Tn  # output tokens = input tokens
     H = XW * (4 if quant_in else 2)  # channels
@@ -141,7 +145,10 @@ def per_channel_cast_kernel(
 
     @T.macro
     def body(x, x_sf, pos, out, sf):
-        with T.Kernel(T.ceildiv(P, TILE_T), H // tile_h, threads=THREADS, prelude=_PRELUDE) as (bm, bh):
+        m_tiles, h_tiles = T.ceildiv(P, TILE_T), H // tile_h
+        grid = (m_tiles * h_tiles,) if fold else (m_tiles, h_tiles)
+        with T.Kernel(*grid, threads=THREADS, prelude=_PRELUDE) as cta:
+            bm, bh = (cta % m_tiles, cta // m_tiles) if fold else cta
             T.annotate_min_blocks_per_sm(min_blocks)
             T.assume(XW % (tile_h // (4 if quant_in else 2)) == 0)
             if not gather:
@@ -166,10 +173,13 @@ def per_channel_cast_kernel(
             col = bh * tile_h + tc * 8  # first channel of this thread
             valid = row0 < P
 
-            # 1. Load R rows x 8 channels (gathered rows; -1 rows and rows past P read as zeros).
+            # 1. Load R rows x 8 channels (gathered rows; rows past P, and positions outside [0, Tn),
+            # read as zeros, as the reference's gather).
             if gather:
                 for r in T.vectorized(R):
                     src[r] = T.if_then_else(valid, pos[row0 + r], -1)
+                for r in T.unroll(R):
+                    src[r] = T.if_then_else(src[r] < Tn, src[r], -1)
             else:
                 for r in T.unroll(R):
                     src[r] = row0 + r
@@ -319,14 +329,14 @@ def _operands(args, sf_in, gather):
     return x, x_sf, pos
 
 
-def _reference(*args, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, tile_h=None, min_blocks=None):
+def _reference(*args, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, tile_h=None, min_blocks=None, fold=None):
     x, x_sf, pos = _operands(args, sf_in, gather)
     t, h = x.shape
     if sf_in:  # the kernel's cast-back: fp32 product of the e4m3 value and its per-token scale
         x = F.dequantize_blocks(x, F.load_sf(x_sf, sf_in, (t, h // npc)), "e4m3", (1, npc))
-    if gather:  # row p = x[pos[p]], zeros for -1
+    if gather:  # row p = x[pos[p]], zeros for positions outside [0, T)
         padded = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])
-        x = padded[jnp.where(pos >= 0, pos, t)]
+        x = padded[jnp.where((pos >= 0) & (pos < t), pos, t)]
     data, sf = F.quantize_blocks(x, "e4m3", (npt, 1), round_sf=round_sf)
     sf = F.store_sf(sf, "ue8m0_along_m" if packed_sf else "row")
     return (data.T if transpose else data), sf
@@ -341,12 +351,31 @@ def tiling(h: int, *, quant_in: bool = False, transpose: bool = False) -> tuple[
     return tile_h, 3 if quant_in else 2  # bf16: 64 data registers a thread, which 3 CTAs per SM would spill
 
 
-def _launch(*avals, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, tile_h=None, min_blocks=None) -> Launch:
+def _grid(p: int, h: int, tile_h: int) -> tuple[int, bool]:
+    """(CTAs, whether they form one flat grid): (token tiles, channel tiles) while the channel tiles
+    fit grid y, else one flat grid."""
+    m_tiles, h_tiles = F.ceil_div(p, TILE_T), h // tile_h
+    return m_tiles * h_tiles, h_tiles > GRID_LIMITS[1]
+
+
+def _kernel_check(*avals, sf_in, gather, transpose, tile_h=None, **_) -> None:
+    x, _, pos = _operands(avals, sf_in, gather)
+    p, h = (pos.shape[0] if gather else x.shape[0]), x.shape[1]
+    ctas, _ = _grid(p, h, tile_h or tiling(h, quant_in=sf_in is not None, transpose=transpose)[0])
+    if ctas > GRID_LIMITS[0]:
+        raise ValueError(f"per_channel_cast: [{p}, {h}] needs {ctas} tiles, more than the kernel's grid takes ({GRID_LIMITS[0]})")
+
+
+def _launch(
+    *avals, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, tile_h=None, min_blocks=None, fold=None
+) -> Launch:
+    """``fold``: None picks the flat grid only when the 2-D one does not fit; True / False force it."""
     x, x_sf, pos = _operands(avals, sf_in, gather)
     t, h = x.shape
     p = pos.shape[0] if gather else t
     default_tile, default_blocks = tiling(h, quant_in=sf_in is not None, transpose=transpose)
     tile_h, min_blocks = tile_h or default_tile, min_blocks or default_blocks
+    fold = _grid(p, h, tile_h)[1] if fold is None else fold
     m_b = F.ceil_div(p, npt)
     views = {"x": View((t, h // (4 if sf_in else 2)), dtype=np.uint32)}
     if sf_in == "col_ue8m0":
@@ -358,12 +387,13 @@ def _launch(*avals, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, til
         views["sf"] = View((words, h), dtype=np.uint32) if npt == 32 else View((words, h, 4), dtype=np.uint8)
     params = dict(
         tile_h=tile_h, npt=npt, round_sf=round_sf, sf_in=sf_in, npc=npc if sf_in else 128,
-        packed_sf=packed_sf, gather=gather, transpose=transpose, min_blocks=min_blocks,
+        packed_sf=packed_sf, gather=gather, transpose=transpose, min_blocks=min_blocks, **({"fold": True} if fold else {}),
     )  # fmt: skip
     return Launch(kernel=per_channel_cast_kernel, params=params, views=views)
 
 
-_per_channel_cast_op = TileOp(name="per_channel_cast", launch=_launch, reference=_reference)
+# The three public ops check their arguments before binding this op (its statics are internal).
+_per_channel_cast_op = TileOp(name="per_channel_cast", launch=_launch, reference=_reference, kernel_check=_kernel_check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,18 +404,19 @@ NUM_PER_CHANNELS = (32, 128)
 H_ALIGN = 64  # hidden must be a multiple of this (v1; v2.1 asks for 128)
 
 
-def _check_common(name: str, data, fmt: str, num_per_tokens: int, t_rule: int | None) -> tuple[int, int]:
-    if fmt != "e4m3":
+def _check_common(name: str, data, fmt: str, num_per_tokens: int, t_rule: int | None, what: str = "x") -> tuple[int, int]:
+    """Rules shared by the three ops; ``what`` names the data array in errors ("x" or "x's data")."""
+    if not isinstance(fmt, str) or fmt != "e4m3":
         raise ValueError(f"{name}: fmt must be 'e4m3', got {fmt!r}")
-    if num_per_tokens not in NUM_PER_TOKENS:
+    if static_int(num_per_tokens, name, "num_per_tokens") not in NUM_PER_TOKENS:
         raise ValueError(f"{name}: num_per_tokens must be one of {NUM_PER_TOKENS}, got {num_per_tokens}")
     if data.ndim != 2:
-        raise ValueError(f"{name}: x must be [num_tokens, hidden], got shape {data.shape}")
+        raise ValueError(f"{name}: {what} must be [num_tokens, hidden], got shape {data.shape}")
     t, h = data.shape
     if h == 0 or h % H_ALIGN:
-        raise ValueError(f"{name}: hidden ({h}) must be a positive multiple of {H_ALIGN}")
+        raise ValueError(f"{name}: hidden ({h}) must be a positive multiple of {H_ALIGN} ({what} has shape {data.shape})")
     if t_rule and t % t_rule:
-        raise ValueError(f"{name}: num_tokens ({t}) must be a multiple of {t_rule}")
+        raise ValueError(f"{name}: num_tokens ({t}) must be a multiple of {t_rule} ({what} has shape {data.shape})")
     return t, h
 
 
@@ -394,11 +425,11 @@ def _split_input(name: str, x, plain_dtypes=(jnp.bfloat16,)):
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise ValueError(f"{name}: a QuantTensor x must be a pair (data, sf), got {len(x)} items")
-        data, x_sf = jnp.asarray(x[0]), jnp.asarray(x[1])
+        data, x_sf = as_array(x[0], name, "x's data"), as_array(x[1], name, "x's sf")
         if data.dtype != jnp.float8_e4m3fn:
-            raise ValueError(f"{name}: QuantTensor data must be float8_e4m3fn, got {data.dtype}")
+            raise ValueError(f"{name}: QuantTensor data must be float8_e4m3fn, got {data.dtype} for x's data")
         return data, x_sf
-    x = jnp.asarray(x)
+    x = as_array(x, name, "x")
     if x.dtype not in plain_dtypes:
         raise ValueError(f"{name}: x must be bfloat16 or a QuantTensor (e4m3 data, sf), got {x.dtype}")
     return x, None
@@ -413,7 +444,7 @@ def _input_sf_layout(name: str, x_sf, t: int, h: int, npc: int, layouts, given: 
         "col_ue8m0": ((F.ceil_div(groups, 4), F.align(t, 4)), jnp.int32),
     }
     shapes = {k: v for k, v in shapes.items() if k in layouts}
-    if given is not None and given not in shapes:
+    if given is not None and (not isinstance(given, str) or given not in shapes):
         raise ValueError(f"{name}: x_sf_layout must be one of {tuple(shapes)}, got {given!r}")
     for layout in [given] if given else shapes:
         shape, dtype = shapes[layout]
@@ -422,8 +453,19 @@ def _input_sf_layout(name: str, x_sf, t: int, h: int, npc: int, layouts, given: 
     expected = ", ".join(f"{k}: {np.dtype(d).name} {s}" for k, (s, d) in shapes.items() if given in (None, k))
     raise ValueError(
         f"{name}: the QuantTensor's sf must be per-token scales with blocks of (1, {npc}) in a supported layout "
-        f"({expected}), got {x_sf.dtype} {tuple(x_sf.shape)}"
+        f"({expected}), got {x_sf.dtype} {tuple(x_sf.shape)} for x's sf"
     )
+
+
+def _kernel_limits(name: str, impl, operands: dict, p: int, h: int, transpose: bool = False, quant_in: bool = False) -> None:
+    """The kernel path's limits, checked (unless ``impl="xla"``) before binding the shared op, so that
+    the error names the public op: extents below 2^31 and a grid of fewer than 2^31 CTAs."""
+    if impl == "xla":
+        return
+    _per_channel_cast_op.check_extents([(k, a.shape) for k, a in operands.items()], op=name)
+    ctas, _ = _grid(p, h, tiling(h, quant_in=quant_in, transpose=transpose)[0])
+    if ctas > GRID_LIMITS[0]:
+        raise ValueError(f"{name}: [{p}, {h}] needs {ctas} tiles, more than the kernel's grid takes ({GRID_LIMITS[0]})")
 
 
 def per_channel_cast(
@@ -455,21 +497,30 @@ def per_channel_cast(
       ``4i..4i+3`` of channel h, first in the low byte; unused bytes 0).
     """
     name = "per_channel_cast"
+    check_impl(impl, name)
     data, x_sf = _split_input(name, x)
-    t, h = _check_common(name, data, fmt, num_per_tokens, 128)
+    t, h = _check_common(name, data, fmt, num_per_tokens, 128, "x" if x_sf is None else "x's data")
+    num_per_tokens = int(num_per_tokens)
+    round_sf, use_packed_ue8m0 = static_flag(round_sf, name, "round_sf"), static_flag(use_packed_ue8m0, name, "use_packed_ue8m0")
     if use_packed_ue8m0 and not round_sf:
         raise ValueError(f"{name}: use_packed_ue8m0 needs round_sf=True (UE8M0 holds powers of two only)")
+    if x_sf_layout is not None and (not isinstance(x_sf_layout, str) or x_sf_layout not in SF_INPUTS[1:]):
+        raise ValueError(f"{name}: x_sf_layout must be one of {SF_INPUTS[1:]}, got {x_sf_layout!r}")
     sf_in = None
     if x_sf is None:
         if num_per_channels is not None:
             raise ValueError(f"{name}: num_per_channels is for a QuantTensor x only (a bfloat16 x has no input scales)")
+        if x_sf_layout is not None:
+            raise ValueError(f"{name}: x_sf_layout is for a QuantTensor x only (a bfloat16 x has no input scales)")
     else:
-        if num_per_channels not in NUM_PER_CHANNELS:
+        if num_per_channels is None or static_int(num_per_channels, name, "num_per_channels") not in NUM_PER_CHANNELS:
             raise ValueError(f"{name}: a QuantTensor x needs num_per_channels in {NUM_PER_CHANNELS}, got {num_per_channels}")
+        num_per_channels = int(num_per_channels)
         if h % num_per_channels:
-            raise ValueError(f"{name}: hidden ({h}) must be a multiple of num_per_channels={num_per_channels}")
+            raise ValueError(f"{name}: hidden ({h}) must be a multiple of num_per_channels={num_per_channels} (x's data has shape {data.shape})")
         sf_in = _input_sf_layout(name, x_sf, t, h, num_per_channels, ("row", "col", "col_ue8m0"), x_sf_layout)
     args = (data,) if x_sf is None else (data, x_sf)
+    _kernel_limits(name, impl, {"x": data} if x_sf is None else {"x's data": data, "x's sf": x_sf}, t, h, quant_in=sf_in is not None)
     return _per_channel_cast_op(
         *args, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=sf_in, npc=num_per_channels,
         packed_sf=bool(use_packed_ue8m0), gather=False, transpose=False,
@@ -491,8 +542,8 @@ def per_channel_cast_fused(
       x: bfloat16 ``[T, H]``, or a QuantTensor ``(data e4m3 [T, H], sf fp32 [T, H/128])`` (per-token
         scales, row-major; num_per_channels must be 128 or None), decoded as ``fp32(data) · sf``.
       pos_to_token: optional int32 ``[T_out]``: output row p is input row ``pos_to_token[p]``, or zeros
-        where it is -1 (values must be -1 or in [0, T)). T_out % 16 == 0; without it T_out = T and
-        T % 128 == 0. H % 64 == 0.
+        where it is -1 (any position outside [0, T) gives a zero row). T_out % 16 == 0; without it
+        T_out = T and T % 128 == 0. H % 64 == 0.
       num_per_tokens: 128 (v1), or 32.
 
     Returns:
@@ -500,27 +551,33 @@ def per_channel_cast_fused(
       scale covers its rows only.
     """
     name = "per_channel_cast_fused"
+    check_impl(impl, name)
     data, x_sf = _split_input(name, x)
     gather = pos_to_token is not None
-    t, h = _check_common(name, data, fmt, num_per_tokens, None if gather else 128)
+    t, h = _check_common(name, data, fmt, num_per_tokens, None if gather else 128, "x" if x_sf is None else "x's data")
+    num_per_tokens = int(num_per_tokens)
+    round_sf = static_flag(round_sf, name, "round_sf")
     args = [data]
     sf_in = None
+    operands = {"x": data} if x_sf is None else {"x's data": data, "x's sf": x_sf}
     if x_sf is not None:
-        if num_per_channels not in (None, 128):
+        if num_per_channels is not None and static_int(num_per_channels, name, "num_per_channels") != 128:
             raise ValueError(f"{name}: the fused cast-back needs num_per_channels=128, got {num_per_channels}")
         if h % 128:
-            raise ValueError(f"{name}: the fused cast-back needs hidden ({h}) to be a multiple of 128")
+            raise ValueError(f"{name}: the fused cast-back needs hidden ({h}) to be a multiple of 128 (x's data has shape {data.shape})")
         sf_in = _input_sf_layout(name, x_sf, t, h, 128, ("row",), None)
         args.append(x_sf)
     elif num_per_channels is not None:
         raise ValueError(f"{name}: num_per_channels is for a QuantTensor x only (a bfloat16 x has no input scales)")
     if gather:
-        pos_to_token = jnp.asarray(pos_to_token)
+        pos_to_token = as_array(pos_to_token, name, "pos_to_token")
         if pos_to_token.ndim != 1 or pos_to_token.dtype != jnp.int32:
             raise ValueError(f"{name}: pos_to_token must be int32 [T_out], got {pos_to_token.dtype} {pos_to_token.shape}")
         if pos_to_token.shape[0] % 16:
             raise ValueError(f"{name}: pos_to_token's length ({pos_to_token.shape[0]}) must be a multiple of 16")
         args.append(pos_to_token)
+        operands["pos_to_token"] = pos_to_token
+    _kernel_limits(name, impl, operands, pos_to_token.shape[0] if gather else t, h, quant_in=sf_in is not None)
     return _per_channel_cast_op(
         *args, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=sf_in, npc=128 if sf_in else None,
         packed_sf=False, gather=gather, transpose=False,
@@ -541,10 +598,14 @@ def per_channel_cast_and_transpose(
       :func:`per_channel_cast`'s data, and the same sf.
     """
     name = "per_channel_cast_and_transpose"
+    check_impl(impl, name)
     data, x_sf = _split_input(name, x)
     if x_sf is not None:
         raise ValueError(f"{name}: x must be bfloat16 (no QuantTensor input)")
-    _check_common(name, data, fmt, num_per_tokens, 128)
+    t, h = _check_common(name, data, fmt, num_per_tokens, 128)
+    num_per_tokens = int(num_per_tokens)
+    round_sf = static_flag(round_sf, name, "round_sf")
+    _kernel_limits(name, impl, {"x": data}, t, h, transpose=True)
     return _per_channel_cast_op(
         data, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=None, npc=None,
         packed_sf=False, gather=False, transpose=True,

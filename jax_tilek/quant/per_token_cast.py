@@ -6,18 +6,28 @@ its absolute maximum (``formats.scale_factors``) and its values are quantized wi
 variants that only compute scales (``per_token_cast_with_sf_only``) and that cast with given scales
 (``per_token_cast_with_precomputed_sf``).
 
+Partial blocks: as in TileKernels, H need only be a multiple of 64, so npc = 128 need not divide it.
+There are ``K_b = ceil(H / npc)`` blocks per row; the last one (e.g. columns 512..575 of H = 576) is
+partial, and its amax, scale and quantized values come from the columns it has (TileKernels' kernel
+loads the missing columns as zeros, its reference masks them out of the maximum: the same amax).
+
 Inputs: bf16/fp32 ``[T, H]`` (rows may be a column window of a wider array, read in place), or a
 QuantTensor ``(data, sf)`` of e4m3 data ``[T, H]`` or packed FP4 data ``[T, H/2]`` with its scales
 in blocks ``x_block_size`` (re-quantization). As in TileKernels' kernel, a re-quantized block's
 amax is ``max |code| * x_sf`` (fp32) and its outputs are ``code * (x_sf * sf_inv)``, the scale
 product rounded to fp32 first.
 
-Scale-factor layouts follow ``formats`` (``sf_layout``, ``store_sf``): fp32 row-major, fp32
-TMA-aligned column-major storage ``[K_b, align(T, 4)]``, packed UE8M0 int32 ``[ceil(K_b/4),
-align(T, 4)]``, or float8_e4m3fn scales (``use_e4m3_sf``; row- or column-major). Padding is zero.
+Scale-factor layouts follow ``formats`` (``sf_layout``, ``store_sf``, ``sf_storage_shape``): fp32
+row-major ``[T, K_b]``, fp32 TMA-aligned column-major storage ``[K_b, align(T, 4)]``, packed UE8M0 int32
+``[ceil(K_b/4), align(T, 4)]``, or float8_e4m3fn scales (``use_e4m3_sf``) row-major or column-major
+``[K_b, align(T, 16)]`` (16-byte aligned columns, TileKernels 2.1). Padding is zero.
 
 Stochastic rounding (``stochastic_cast``) uses :mod:`jax_tilek.quant.cast`'s random bits: the
-values rounded are the scaled fp32 values, quad ``i`` is ``x[t, 4j:4j+4]`` with ``i = t * H/4 + j``.
+values rounded are the scaled fp32 values, quad ``i`` is ``x[t, 4j:4j+4]`` with
+``i = (t * H/4 + j) mod 2^32`` (uint32 arithmetic, in the kernel and the reference).
+
+Sizes: T < ``formats.MAX_TOKENS`` (int32 row indices); element offsets are 64-bit, so T * H is not
+limited; one CTA-wide 1-D grid of ``ceil(T / rows_per_cta)`` CTAs.
 
 (No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
 its closure.)
@@ -33,7 +43,7 @@ from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp, View
 cast_module = importlib.import_module("jax_tilek.quant.cast")  # the module; `jax_tilek.quant.cast` is the function
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.cast import PRELUDE, flat_quad_index, random_bits, sr_e2m1_codes, sr_e4m3, tir_quad_hash
+from jax_tilek.quant.cast import PRELUDE, random_bits, sr_e2m1_codes, sr_e4m3, tir_quad_hash
 
 FMTS = ("e4m3", "e2m1")
 # Scale-factor storage kinds: dtype + layout (see the module docstring).
@@ -64,8 +74,11 @@ def amax_floor(fmt: str, use_e4m3_sf: bool, amax_clamp: float | None) -> float:
 def plan(hidden: int, num_per_channels: int, elems: int = ELEMS, cta_threads: int = CTA_THREADS) -> dict:
     """Thread mapping: each row is spread over ``align(H / elems, 32)`` lanes (whole warps), a CTA
     takes ``rows_per_cta`` rows (about ``cta_threads`` threads). A block of npc columns lies within
-    one thread or an aligned power-of-two group of at most 32 lanes (``shfl_xor``), except for
-    npc == H rows that need a CTA-wide reduction (``row_reduce``)."""
+    one thread or an aligned power-of-two group of at most 32 lanes (``shfl_xor``; the lanes of a
+    partial last block past the row's end hold zeros), except for npc == H rows that need a CTA-wide
+    reduction (``row_reduce``)."""
+    if hidden <= 0 or hidden % elems:
+        raise ValueError(f"per_token_cast: the hidden size must be a positive multiple of {elems} (elements per thread), got {hidden}")
     lanes = num_per_channels // elems
     lanes_per_row = -(-(hidden // elems) // 32) * 32
     if lanes_per_row > 1024:
@@ -98,9 +111,10 @@ def per_token_cast_kernel(
     A CTA takes ``rows_per_cta`` rows, each spread over ``threads / rows_per_cta`` lanes (whole
     warps; lanes past the row's end idle). A scale block of npc > elems columns spans an aligned
     group of npc / elems lanes, reduced with ``shfl_xor``, or, with ``row_reduce`` (npc == H), the
-    row's warps, through shared memory. Loads and stores are 16-byte vectors; scale factors are
-    written by the block's first lane, with the zero padding of column-major layouts written by the
-    threads of the last row.
+    row's warps, through shared memory. A partial last block (npc not dividing H) spans lanes past
+    the row's end, which hold zeros: its amax is that of the columns it has. Loads and stores are
+    16-byte vectors; scale factors are written by the block's first lane, with the zero padding of
+    column-major layouts (up to 16 bytes per column) written by the threads of the last row.
 
     Args (static): ``x_kind`` bfloat16 | float32 | e4m3 | e2m1; ``x_sf`` (kind, bm, bk) of the input's
     scales (re-quantization) or None; ``sf_in`` the kind of given scales (cast-only mode) or None;
@@ -115,7 +129,7 @@ def per_token_cast_kernel(
     groups = max(elems // npc, 1)  # scale blocks per thread
     lanes = max(npc // elems, 1)  # lanes per scale block (flat mapping)
     width = min(npc, elems)  # columns of a block inside one thread
-    num_blocks = hidden // npc  # K_b
+    num_blocks = F.ceil_div(hidden, npc)  # K_b (the last block may be partial)
     lanes_per_row = threads // rows_per_cta
     warps_per_row = lanes_per_row // 32
 
@@ -140,6 +154,7 @@ def per_token_cast_kernel(
     n_xs = max(elems // bk, 1)  # input scales per thread
     YT = Tn if write_data else T.dynamic("YT")
     sf_col = sf_out in ("f32_col", "e4m3_col")
+    col_pad = F.tma_alignment(sf_dtype) - 1 if sf_col else 0  # most padding columns of column-major storage
 
     def load_sf(buf, kind, r, k):
         """fp32 value of the scale of (row block r, column block k) in a storage of ``kind``."""
@@ -318,7 +333,7 @@ def per_token_cast_kernel(
                             else:
                                 sf[k, row] = T.reinterpret(T.cast(code[i], "uint8"), "float8_e4m3fn")
                             if row == Tn - 1:
-                                for p in T.unroll(3):
+                                for p in T.unroll(col_pad):
                                     if Tn + p < SB:
                                         sf[k, Tn + p] = T.cast(0, sf_dtype)
                         else:
@@ -339,6 +354,9 @@ def per_token_cast_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Reference, rules, launch.
+
+NAMES = {"full": "per_token_cast", "sf_only": "per_token_cast_with_sf_only", "data_only": "per_token_cast_with_precomputed_sf"}
+
 
 def _window(x, columns) -> tuple[int, int]:
     return (0, x.shape[-1]) if columns is None else (int(columns[0]), int(columns[1]))
@@ -372,6 +390,12 @@ def _store_kind(sf, kind: str) -> jax.Array:
     return F.store_sf(sf, SF_KINDS[kind][0])
 
 
+def quad_index(tokens: int, hidden: int) -> jax.Array:
+    """uint32 ``[T, H/4]``: the random-bit index of quad ``x[t, 4j:4j+4]``, ``(t * H/4 + j) mod 2^32``."""
+    rows = jnp.arange(tokens, dtype=jnp.uint32)[:, None] * np.uint32(hidden // 4)
+    return rows + jnp.arange(hidden // 4, dtype=jnp.uint32)[None, :]
+
+
 def _reference(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
                stochastic_cast, amax_clamp, columns, mode, tuning=None):  # fmt: skip
     x, x_sf, sf_in, seed = _unpack(arrays, x_block_size=x_block_size, mode=mode, stochastic_cast=stochastic_cast)
@@ -389,9 +413,9 @@ def _reference(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind,
     tokens, hidden = values.shape
     block = (1, num_per_channels)
     if mode == "data_only":
-        sf = _load_kind(sf_in, sf_kind, (tokens, hidden // num_per_channels))
+        sf = _load_kind(sf_in, sf_kind, F.num_blocks((tokens, hidden), block))
         sf_inv = F.exact_div(np.float32(1.0), sf)
-    else:
+    else:  # a partial last block's amax is over the columns it has (block_amax pads with zeros)
         floor = amax_floor(fmt, use_e4m3_sf, amax_clamp)
         amax = F.block_amax(magnitudes, block)
         sf, sf_inv = F.scale_factors(amax, fmt, round_sf=round_sf, use_e4m3_sf=use_e4m3_sf, amax_floor=floor)
@@ -403,7 +427,7 @@ def _reference(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind,
         multiplier = x_scale * multiplier  # x_sf * sf_inv first, as the kernel does
     scaled = values * multiplier
     if stochastic_cast:
-        r = random_bits(scaled, flat_quad_index(scaled.shape), seed.reshape(()))
+        r = random_bits(scaled, quad_index(tokens, hidden), seed.reshape(()))
         data = sr_e4m3(scaled, r) if fmt == "e4m3" else F.pack_e2m1(sr_e2m1_codes(scaled, r))
     else:
         data = F.quantize_values(scaled, fmt)
@@ -412,63 +436,74 @@ def _reference(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind,
 
 def _sf_storage(kind: str, num_blocks) -> tuple[tuple[int, ...], np.dtype]:
     layout, dtype = SF_KINDS[kind]
-    shape, _ = F.sf_storage_shape(layout, num_blocks)
-    return shape, np.dtype(jnp.dtype(dtype))
+    return F.sf_storage_shape(layout, num_blocks, np.dtype(jnp.dtype(dtype)))
 
 
-def _check_sf(name: str, stored, kind: str, num_blocks) -> None:
+def _check_sf(op: str, name: str, stored, kind: str, num_blocks) -> None:
     shape, dtype = _sf_storage(kind, num_blocks)
     if tuple(stored.shape) != shape or np.dtype(stored.dtype) != dtype:
         raise ValueError(
-            f"per_token_cast: {name} must be {dtype.name}{list(shape)} ({SF_KINDS[kind][0]} layout for "
+            f"{op}: {name} must be {dtype.name}{list(shape)} ({SF_KINDS[kind][0]} layout for "
             f"{num_blocks[0]} x {num_blocks[1]} blocks), got {np.dtype(stored.dtype).name}{list(stored.shape)}"
         )
 
 
 def _check(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
            stochastic_cast, amax_clamp, columns, mode, tuning=None):  # fmt: skip
+    op = NAMES.get(mode, "per_token_cast")
     x, x_sf, sf_in, seed = _unpack(arrays, x_block_size=x_block_size, mode=mode, stochastic_cast=stochastic_cast)
     if fmt not in FMTS:
-        raise ValueError(f"per_token_cast: fmt must be one of {FMTS}, got {fmt!r}")
+        raise ValueError(f"{op}: fmt must be one of {FMTS}, got {fmt!r}")
     if x.ndim != 2:
-        raise ValueError(f"per_token_cast: x must be [T, H], got shape {x.shape}")
+        raise ValueError(f"{op}: x must be [T, H], got shape {x.shape}")
     in_fmt = _in_fmt(x)
     name = np.dtype(x.dtype).name
+    xname = "x" if x_block_size is None else "x's data"  # how errors name the array
     if in_fmt is None and name not in ("bfloat16", "float32"):
-        raise ValueError(f"per_token_cast: x must be bfloat16 or float32 (or quantized e4m3 / packed FP4 data), got {name}")
+        raise ValueError(f"{op}: {xname} must be bfloat16 or float32 (or quantized e4m3 / packed FP4 data), got {name}")
     if in_fmt is not None and columns is not None:
-        raise ValueError("per_token_cast: columns is only supported for bfloat16/float32 inputs")
+        raise ValueError(f"{op}: columns is only supported for bfloat16/float32 inputs")
     if (in_fmt is None) != (x_block_size is None):
-        raise ValueError("per_token_cast: a QuantTensor input (data, sf) needs x_block_size, and only it takes one")
+        raise ValueError(f"{op}: x of dtype {name} is quantized data: a QuantTensor input (data, sf) needs x_block_size, and only it takes one")
     start, stop = _window(x, columns)
-    if not 0 <= start < stop <= x.shape[-1]:
-        raise ValueError(f"per_token_cast: columns={columns} is not a window of x's last axis ({x.shape[-1]})")
+    if columns is not None and not 0 <= start < stop <= x.shape[-1]:
+        raise ValueError(f"{op}: columns={columns} is not a window of x's last axis ({x.shape[-1]})")
     vec = 16 // np.dtype(x.dtype).itemsize
     if in_fmt is None and (start % vec or x.shape[-1] % vec):
         raise ValueError(
-            f"per_token_cast: rows must stay 16-byte aligned: columns start ({start}) and the row length "
+            f"{op}: rows must stay 16-byte aligned: columns start ({start}) and the row length "
             f"({x.shape[-1]}) must be multiples of {vec} for {name}"
         )
+    if x.shape[-1] >= 2**31:
+        raise ValueError(f"{op}: {xname}'s row length must be below 2^31 (an int32 row stride), got {x.shape[-1]}")
+    if x.shape[0] > F.MAX_TOKENS:
+        raise ValueError(f"{op}: {xname} may have at most {F.MAX_TOKENS} rows (int32 row indices), got {x.shape[0]}")
     hidden = _hidden(x, columns)
-    if hidden % 64:
-        raise ValueError(f"per_token_cast: the hidden size must be a multiple of 64, got {hidden}")
-    F.check_blocks_divide(num_per_channels, hidden)
-    plan(hidden, num_per_channels, *(tuning or ()))
+    if hidden <= 0 or hidden % 64:
+        raise ValueError(f"{op}: the hidden size of {xname} must be a positive multiple of 64, got {hidden}")
+    if hidden > 1024 * ELEMS:
+        raise ValueError(f"{op}: hidden sizes up to {1024 * ELEMS} are supported ({xname}), got {hidden}")
+    F.check_num_per_channels(op, num_per_channels, hidden)
+    try:
+        plan(hidden, num_per_channels, *(tuning or ()))
+    except ValueError as e:
+        raise ValueError(str(e).replace("per_token_cast:", f"{op}:", 1)) from None
+    k_b = F.ceil_div(hidden, num_per_channels)  # the last block may be partial
     if x_block_size is not None:
         bm, bk = x_block_size
         if bm < 1 or not (bk == 16 or (bk >= ELEMS and bk % ELEMS == 0)):
-            raise ValueError(f"per_token_cast: x_block_size must be (bm >= 1, 16 or a multiple of {ELEMS}), got {x_block_size}")
-        _check_sf("x's scale factors", x_sf, x_sf_kind, F.num_blocks((x.shape[0], hidden), x_block_size))
+            raise ValueError(f"{op}: x_block_size must be (bm >= 1, 16 or a multiple of {ELEMS}), got {x_block_size}")
+        _check_sf(op, "x's scale factors", x_sf, x_sf_kind, F.num_blocks((x.shape[0], hidden), x_block_size))
     if mode == "data_only":
-        _check_sf("sf", sf_in, sf_kind, (x.shape[0], hidden // num_per_channels))
+        _check_sf(op, "sf", sf_in, sf_kind, (x.shape[0], k_b))
     if round_sf and use_e4m3_sf:
-        raise ValueError("per_token_cast: round_sf and use_e4m3_sf are exclusive")
+        raise ValueError(f"{op}: round_sf and use_e4m3_sf are exclusive")
     if use_e4m3_sf and sf_kind == "ue8m0_col":
-        raise ValueError("per_token_cast: use_e4m3_sf and use_packed_ue8m0 are exclusive")
+        raise ValueError(f"{op}: use_e4m3_sf and use_packed_ue8m0 are exclusive")
     if amax_clamp is not None and not (np.isfinite(amax_clamp) and amax_clamp > 0):
-        raise ValueError(f"per_token_cast: amax_clamp must be a positive finite number, got {amax_clamp}")
+        raise ValueError(f"{op}: amax_clamp must be a positive finite number, got {amax_clamp}")
     if stochastic_cast and (seed.size != 1 or not jnp.issubdtype(seed.dtype, jnp.integer)):
-        raise ValueError(f"per_token_cast: seed must be an integer scalar, got {seed.dtype}{list(seed.shape)}")
+        raise ValueError(f"{op}: seed must be an integer scalar, got {seed.dtype}{list(seed.shape)}")
 
 
 def _empty(rank: int, dtype) -> View:
@@ -507,7 +542,7 @@ def _launch(*avals, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, rou
         views["y"] = View((0, hidden // 8), dtype=np.uint32) if fmt == "e2m1" else View((0, hidden), dtype=jnp.float8_e4m3fn)
     sf_aval = sf_in if mode == "data_only" else None
     if sf_aval is None:
-        shape, dtype = _sf_storage(sf_kind, (tokens, hidden // num_per_channels))
+        shape, dtype = _sf_storage(sf_kind, (tokens, F.ceil_div(hidden, num_per_channels)))
         sf_aval = jax.ShapeDtypeStruct(shape, dtype)
     views["sf"] = _sf_view(sf_aval, sf_kind)
     return Launch(
@@ -537,66 +572,125 @@ _op = TileOp(name="per_token_cast", launch=_launch, reference=_reference, check=
 
 
 # ---------------------------------------------------------------------------------------------
-# Public functions.
+# Public functions: their arguments are checked here (types) and in ``_check`` (shapes, rules).
 
 
-def _sf_kind(use_tma_aligned_col_major_sf: bool, use_packed_ue8m0: bool, round_sf: bool, use_e4m3_sf: bool) -> str:
-    layout = F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+def _sf_kind(use_tma_aligned_col_major_sf: bool, use_packed_ue8m0: bool, round_sf: bool, use_e4m3_sf: bool, op: str) -> str:
+    layout = F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf, op=op)
     if layout == "col_ue8m0":
         if use_e4m3_sf:
-            raise ValueError("per_token_cast: use_e4m3_sf and use_packed_ue8m0 are exclusive")
+            raise ValueError(f"{op}: use_e4m3_sf and use_packed_ue8m0 are exclusive")
         return "ue8m0_col"
     return f"{'e4m3' if use_e4m3_sf else 'f32'}_{layout}"
 
 
-def _x_sf_kind(data, x_sf, x_block_size, x_sf_layout: str | None) -> str:
+X_SF_KINDS = {("row", "float32"): "f32_row", ("row", "float8_e4m3fn"): "e4m3_row", ("col", "float32"): "f32_col",
+              ("col", "float8_e4m3fn"): "e4m3_col", ("col_ue8m0", "int32"): "ue8m0_col"}  # fmt: skip
+
+
+def _x_sf_kind(op: str, data, x_sf, x_block_size, x_sf_layout: str | None) -> str:
     """The storage kind of a QuantTensor's scales: from ``x_sf_layout`` or from their dtype and shape."""
     name = np.dtype(x_sf.dtype).name
     if x_sf_layout is not None:
-        kinds = {("row", "float32"): "f32_row", ("row", "float8_e4m3fn"): "e4m3_row", ("col", "float32"): "f32_col",
-                 ("col", "float8_e4m3fn"): "e4m3_col", ("col_ue8m0", "int32"): "ue8m0_col"}  # fmt: skip
-        if (x_sf_layout, name) not in kinds:
-            raise ValueError(f"per_token_cast: x_sf_layout={x_sf_layout!r} does not hold {name} scales")
-        return kinds[(x_sf_layout, name)]
+        if not isinstance(x_sf_layout, str):
+            raise TypeError(f"{op}: x_sf_layout must be None, 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r}")
+        if (x_sf_layout, name) not in X_SF_KINDS:
+            raise ValueError(f"{op}: x_sf_layout={x_sf_layout!r} does not hold {name} scales")
+        return X_SF_KINDS[(x_sf_layout, name)]
     if name == "int32":
         return "ue8m0_col"
     if name not in ("float32", "float8_e4m3fn"):
-        raise ValueError(f"per_token_cast: x's scale factors must be float32, float8_e4m3fn or packed UE8M0 int32, got {name}")
+        raise ValueError(f"{op}: x's scale factors must be float32, float8_e4m3fn or packed UE8M0 int32, got {name}")
     hidden = data.shape[-1] * (2 if _in_fmt(data) == "e2m1" else 1)
     blocks = F.num_blocks((data.shape[0], hidden), tuple(x_block_size))
     dtype = "e4m3" if name == "float8_e4m3fn" else "f32"
-    row, col = F.sf_storage_shape("row", blocks)[0], F.sf_storage_shape("col", blocks)[0]
+    row, col = F.sf_storage_shape("row", blocks, x_sf.dtype)[0], F.sf_storage_shape("col", blocks, x_sf.dtype)[0]
     if tuple(x_sf.shape) == row and row == col:
-        raise ValueError(f"per_token_cast: x's scale factors {list(x_sf.shape)} could be row- or column-major; pass x_sf_layout")
+        raise ValueError(f"{op}: x's scale factors {list(x_sf.shape)} could be row- or column-major; pass x_sf_layout")
     return f"{dtype}_col" if tuple(x_sf.shape) == col else f"{dtype}_row"
 
 
-def _operands(x, x_block_size, x_sf_layout, seed=None, sf=None):
-    """(operands, x_sf_kind) for the op: x or its QuantTensor parts, given scales, the seed."""
+def _array(op: str, name: str, value) -> jax.Array:
+    if isinstance(value, (str, bytes, dict, set)) or value is None:
+        raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__}")
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__}") from None
+
+
+def _pair(op: str, name: str, value) -> tuple[int, int]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{op}: {name} must be a pair of ints, got {value!r}")
+    return F.static_int(op, name, value[0]), F.static_int(op, name, value[1])
+
+
+def _seed(op: str, seed) -> jax.Array:
+    """A uint32 [1] seed: an integer scalar (Python ints in [-2^31, 2^32), taken modulo 2^32) or array."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        if not -(2**31) <= int(seed) < 2**32:
+            raise ValueError(f"{op}: seed must be an integer scalar in [-2^31, 2^32), got {seed}")
+        return jnp.asarray(np.uint32(int(seed) % 2**32)).reshape(-1)
+    s = _array(op, "seed", seed)
+    if s.size != 1 or not jnp.issubdtype(s.dtype, jnp.integer):
+        raise ValueError(f"{op}: seed must be an integer scalar, got {s.dtype}{list(s.shape)}")
+    return s.astype(jnp.uint32).reshape(-1)
+
+
+def _operands(op: str, x, x_block_size, x_sf_layout, seed=None, sf=None):
+    """(operands, x_sf_kind, x_block_size) for the op: x or its QuantTensor parts, given scales, the seed."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
-            raise ValueError("per_token_cast: a QuantTensor is a pair (data, sf)")
-        data, x_sf = jnp.asarray(x[0]), jnp.asarray(x[1])
+            raise ValueError(f"{op}: a QuantTensor x is a pair (data, sf), got {len(x)} items")
+        data, x_sf = _array(op, "x's data", x[0]), _array(op, "x's scale factors", x[1])
         if x_block_size is None:
-            raise ValueError("per_token_cast: a QuantTensor input (data, sf) needs x_block_size")
+            raise ValueError(f"{op}: a QuantTensor input (data, sf) needs x_block_size")
+        x_block_size = _pair(op, "x_block_size", x_block_size)
+        if min(x_block_size) < 1:
+            raise ValueError(f"{op}: x_block_size must be positive, got {x_block_size}")
         if data.ndim != 2 or _in_fmt(data) is None:
-            raise ValueError(f"per_token_cast: QuantTensor data must be e4m3 [T, H] or packed FP4 uint8 [T, H/2], got {data.dtype}{list(data.shape)}")
-        args, kind = [data, x_sf], _x_sf_kind(data, x_sf, x_block_size, x_sf_layout)
-        x_block_size = (int(x_block_size[0]), int(x_block_size[1]))
+            raise ValueError(f"{op}: x's data must be e4m3 [T, H] or packed FP4 uint8 [T, H/2] (a QuantTensor), got {data.dtype}{list(data.shape)}")
+        if x_sf.ndim != 2:
+            raise ValueError(f"{op}: x's scale factors must be 2-D, got shape {x_sf.shape}")
+        args, kind = [data, x_sf], _x_sf_kind(op, data, x_sf, x_block_size, x_sf_layout)
     else:
-        args, kind = [jnp.asarray(x)], None
+        args, kind = [_array(op, "x", x)], None
         if x_block_size is not None:
-            raise ValueError("per_token_cast: x_block_size is only for QuantTensor inputs (data, sf)")
+            raise ValueError(f"{op}: x_block_size is only for QuantTensor inputs (data, sf)")
     if sf is not None:
-        args.append(jnp.asarray(sf))
+        args.append(sf)
     if seed is not None:
-        args.append(jnp.asarray(seed).astype(jnp.uint32).reshape(-1))
+        args.append(_seed(op, seed))
     return args, kind, x_block_size
 
 
-def _require_fmt(fmt: str) -> None:
-    if fmt not in FMTS:
-        raise ValueError(f"per_token_cast: fmt must be one of {FMTS}, got {fmt!r}")
+def _require_fmt(op: str, fmt: str) -> None:
+    if not isinstance(fmt, str) or fmt not in FMTS:
+        raise ValueError(f"{op}: fmt must be one of {FMTS}, got {fmt!r}")
+
+
+def _static(fmt, num_per_channels, x_block_size, x_sf_kind, use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0,
+            use_e4m3_sf, stochastic_cast, amax_clamp, columns, mode) -> dict:  # fmt: skip
+    """The op's static options, checked for type (TypeError / ValueError naming the public function)."""
+    op = NAMES[mode]
+    flags = {
+        name: F.static_bool(op, name, value)
+        for name, value in dict(
+            use_tma_aligned_col_major_sf=use_tma_aligned_col_major_sf, round_sf=round_sf, use_packed_ue8m0=use_packed_ue8m0,
+            use_e4m3_sf=use_e4m3_sf, stochastic_cast=stochastic_cast,
+        ).items()
+    }  # fmt: skip
+    if amax_clamp is not None:
+        if isinstance(amax_clamp, (bool, np.bool_)) or not isinstance(amax_clamp, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{op}: amax_clamp must be a number or None, got {amax_clamp!r} ({type(amax_clamp).__name__})")
+        amax_clamp = float(amax_clamp)
+    return dict(
+        fmt=fmt, num_per_channels=F.static_int(op, "num_per_channels", num_per_channels), x_block_size=x_block_size,
+        x_sf_kind=x_sf_kind,
+        sf_kind=_sf_kind(flags["use_tma_aligned_col_major_sf"], flags["use_packed_ue8m0"], flags["round_sf"], flags["use_e4m3_sf"], op),
+        round_sf=flags["round_sf"], use_e4m3_sf=flags["use_e4m3_sf"], stochastic_cast=flags["stochastic_cast"],
+        amax_clamp=amax_clamp, columns=None if columns is None else _pair(op, "columns", columns), mode=mode,
+    )  # fmt: skip
 
 
 def per_token_cast(
@@ -624,8 +718,11 @@ def per_token_cast(
         in blocks ``x_block_size`` (fp32 / e4m3, row- or column-major, or packed UE8M0).
       fmt: ``"e4m3"``, ``"e2m1"``, or ``"e5m6"`` (bf16/fp32 input, whole-row scaling only; it is
         :func:`jax_tilek.quant.e5m6.per_token_cast_to_e5m6`).
-      num_per_channels: 16, 32, 64, 128, or H (one block per row). H % 64 == 0.
-      x_block_size: ``(bm, bk)`` of a QuantTensor input (bk 16 or a multiple of 32).
+      num_per_channels: 16, 32, 64, 128, or H (one block per row). H % 64 == 0; npc need not divide
+        H: there are ``K_b = ceil(H / npc)`` blocks, the last one partial (its scale from the columns it
+        has, as in TileKernels).
+      x_block_size: ``(bm, bk)`` of a QuantTensor input (bk 16 or a multiple of 32; partial edge
+        blocks allowed).
       use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0, use_e4m3_sf: the scale layout and
         rounding (``formats.sf_layout``, ``formats.scale_factors``).
       stochastic_cast: round the scaled values stochastically (``jax_tilek.quant.cast``); ``seed``
@@ -639,11 +736,14 @@ def per_token_cast(
 
     Returns:
       ``(data, sf)``: e4m3 ``[T, H]`` or packed FP4 uint8 ``[T, H/2]``; scales in the chosen layout
-      (fp32 or float8_e4m3fn ``[T, H/npc]`` row-major, ``[H/npc, align(T, 4)]`` column-major storage,
-      or int32 ``[ceil(H/npc/4), align(T, 4)]`` packed UE8M0).
+      (fp32 or float8_e4m3fn ``[T, K_b]`` row-major; column-major storage ``[K_b, align(T, 4)]`` for
+      fp32 and ``[K_b, align(T, 16)]`` for float8_e4m3fn scales; or int32 ``[ceil(K_b/4), align(T, 4)]``
+      packed UE8M0), ``K_b = ceil(H / npc)``.
     """
+    op = NAMES["full"]
+    F.check_impl(op, impl)
     if fmt == "e5m6":
-        if isinstance(x, tuple) or x_block_size or use_e4m3_sf or stochastic_cast or amax_clamp is not None or columns or seed is not None:
+        if isinstance(x, (tuple, list)) or x_block_size or use_e4m3_sf or stochastic_cast or amax_clamp is not None or columns or seed is not None:
             raise ValueError(
                 "per_token_cast: fmt='e5m6' takes a plain bf16/fp32 x with whole-row scaling; x_block_size, "
                 "use_e4m3_sf, stochastic_cast, amax_clamp, columns and seed do not apply"
@@ -651,23 +751,13 @@ def per_token_cast(
         from jax_tilek.quant.e5m6 import per_token_cast_to_e5m6
 
         return per_token_cast_to_e5m6(x, num_per_channels, use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0, impl=impl)
-    _require_fmt(fmt)
-    args, kind, x_block_size = _operands(x, x_block_size, x_sf_layout, seed=(0 if seed is None else seed) if stochastic_cast else None)
-    if seed is not None and not stochastic_cast:
-        raise ValueError("per_token_cast: seed is only used with stochastic_cast=True")
+    _require_fmt(op, fmt)
+    stochastic = F.static_bool(op, "stochastic_cast", stochastic_cast)
+    if seed is not None and not stochastic:
+        raise ValueError(f"{op}: seed is only used with stochastic_cast=True")
+    args, kind, x_block_size = _operands(op, x, x_block_size, x_sf_layout, seed=(0 if seed is None else seed) if stochastic else None)
     return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
-                                use_packed_ue8m0, use_e4m3_sf, stochastic_cast, amax_clamp, columns, "full"), impl=impl)  # fmt: skip
-
-
-def _static(fmt, num_per_channels, x_block_size, x_sf_kind, use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0,
-            use_e4m3_sf, stochastic_cast, amax_clamp, columns, mode) -> dict:  # fmt: skip
-    return dict(
-        fmt=fmt, num_per_channels=int(num_per_channels), x_block_size=x_block_size, x_sf_kind=x_sf_kind,
-        sf_kind=_sf_kind(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf, use_e4m3_sf),
-        round_sf=bool(round_sf), use_e4m3_sf=bool(use_e4m3_sf), stochastic_cast=bool(stochastic_cast),
-        amax_clamp=None if amax_clamp is None else float(amax_clamp),
-        columns=None if columns is None else (int(columns[0]), int(columns[1])), mode=mode,
-    )  # fmt: skip
+                                use_packed_ue8m0, use_e4m3_sf, stochastic, amax_clamp, columns, "full"), impl=impl)  # fmt: skip
 
 
 def per_token_cast_with_sf_only(
@@ -686,8 +776,10 @@ def per_token_cast_with_sf_only(
     x_sf_layout: str | None = None,
 ) -> jax.Array:
     """Only the scale factors of :func:`per_token_cast` (same arguments, same ``sf``); no data is written."""
-    _require_fmt(fmt)
-    args, kind, x_block_size = _operands(x, x_block_size, x_sf_layout)
+    op = NAMES["sf_only"]
+    F.check_impl(op, impl)
+    _require_fmt(op, fmt)
+    args, kind, x_block_size = _operands(op, x, x_block_size, x_sf_layout)
     return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
                                 use_packed_ue8m0, use_e4m3_sf, False, amax_clamp, columns, "sf_only"), impl=impl)  # fmt: skip
 
@@ -706,10 +798,12 @@ def per_token_cast_with_precomputed_sf(
     *,
     x_sf_layout: str | None = None,
 ) -> jax.Array:
-    """Casts with given scales ``sf`` (the layout named by the flags): ``data = cast(x * (1 / sf))``
-    per block. Equals :func:`per_token_cast`'s data when its ``sf_inv`` is ``1 / sf`` (``round_sf``
-    or ``use_e4m3_sf``)."""
-    _require_fmt(fmt)
-    args, kind, x_block_size = _operands(x, x_block_size, x_sf_layout, sf=sf)
+    """Casts with given scales ``sf`` (the layout named by the flags, ``K_b = ceil(H / npc)`` blocks per
+    row): ``data = cast(x * (1 / sf))`` per block. Equals :func:`per_token_cast`'s data when its
+    ``sf_inv`` is ``1 / sf`` (``round_sf`` or ``use_e4m3_sf``)."""
+    op = NAMES["data_only"]
+    F.check_impl(op, impl)
+    _require_fmt(op, fmt)
+    args, kind, x_block_size = _operands(op, x, x_block_size, x_sf_layout, sf=_array(op, "sf", sf))
     return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf,
                                 use_packed_ue8m0, use_packed_ue8m0, use_e4m3_sf, False, None, columns, "data_only"), impl=impl)  # fmt: skip

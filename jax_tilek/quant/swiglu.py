@@ -18,11 +18,16 @@ bits on every machine (CUDA's ``expf`` and XLA's ``exp`` differ in their last bi
 is raised to -87 (below it silu is -87 / (1 + e^87) ≈ -1.4e-36 instead of an even tinier value),
 which keeps ``d = 1 + exp(-l)`` in [1, 2^126]: there the kernels' branch-free division (the fast
 path of CUDA's ``div.rn.f32``) equals IEEE division, which the reference uses. The kernels are built
-with ``-fmad=false`` and use FMAs only where the product is exact; the reference shields every
-product from XLA's FMA contraction and reassociation. Everything except the backward's weight
-gradient (a sum, whose order differs) is therefore bit-exact between kernel and reference, for
-finite inputs (NaN and inf inputs are outside the contract: min/max and the division treat them
-differently).
+with ``-fmad=false`` and use FMAs only where the product is exact, and in the one place TileKernels
+relies on one: the backward's ``fma(l, 1 - s, 1)`` (:func:`backward_math`), which the reference
+computes with one rounding too (:func:`fma_f32`). The reference shields every other product from
+XLA's FMA contraction and reassociation. Everything except the backward's weight gradient (a sum,
+whose order differs) is therefore bit-exact between kernel and reference, for finite inputs (NaN
+and inf inputs are outside the contract: min/max and the division treat them differently).
+
+Sizes: T <= ``MAX_ROWS`` (2^31 - 2^17; int32 row indices, 64-bit element offsets, so T · H is not
+limited), H <= 2^28. The persistent kernels' grid is a launch-time value: one cubin per static
+configuration serves every GPU, with the same results.
 
 This module: ``swiglu_forward``, ``swiglu_backward`` (un-quantized, v2.1) and ``swiglu`` (one
 differentiable function). The FP8-fused variants are in :mod:`jax_tilek.quant.swiglu_quant`.
@@ -33,6 +38,7 @@ its closure.)
 
 
 import functools
+import numbers
 from typing import Optional
 
 import jax
@@ -90,6 +96,68 @@ _rn.defjvp(lambda primals, tangents: (_rn(primals[0]), tangents[0]))
 def _mul(a, b) -> jax.Array:
     """IEEE fp32 ``a * b``, rounded on its own."""
     return _rn(jnp.asarray(a, jnp.float32) * jnp.asarray(b, jnp.float32))
+
+
+def _add(a, b) -> jax.Array:
+    """IEEE fp32 ``a + b``, rounded on its own (never folded with a neighbouring operation)."""
+    return _rn(jnp.asarray(a, jnp.float32) + jnp.asarray(b, jnp.float32))
+
+
+def _sub(a, b) -> jax.Array:
+    """IEEE fp32 ``a - b``, rounded on its own."""
+    return _rn(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))
+
+
+def _two_sum(a, b) -> tuple[jax.Array, jax.Array]:
+    """Knuth's TwoSum: ``(s, e)`` with ``s = fl(a + b)`` and ``s + e == a + b`` exactly."""
+    s = _add(a, b)
+    v = _sub(s, a)
+    return s, _add(_sub(a, _sub(s, v)), _sub(b, v))
+
+
+def _two_product(a, b) -> tuple[jax.Array, jax.Array]:
+    """Dekker's product: ``(p, e)`` with ``p = fl(a · b)`` and ``p + e == a · b`` exactly (Veltkamp's
+    split into 12-bit halves; exact while ``4097·a``, ``4097·b`` stay finite and ``e`` normal)."""
+
+    def split(v):
+        big = _mul(v, _F32(4097.0))
+        hi = _sub(big, _sub(big, v))
+        return hi, _sub(v, hi)
+
+    (ah, al), (bh, bl) = split(a), split(b)
+    p = _mul(a, b)
+    e = _add(_add(_add(_sub(_mul(ah, bh), p), _mul(ah, bl)), _mul(al, bh)), _mul(al, bl))
+    return p, e
+
+
+def _add_round_to_odd(a, b) -> jax.Array:
+    """``a + b`` rounded to odd: exact sums unchanged, otherwise the neighbour of the sum whose last
+    significand bit is 1 (from the nearest rounding and TwoSum's error term)."""
+    s, e = _two_sum(a, b)
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    fix = (e != 0) & (s != 0) & ((bits & np.uint32(1)) == 0)
+    step = jnp.where((e < 0) == (s < 0), np.uint32(1), np.uint32(0xFFFFFFFF))  # away from or towards zero
+    return jax.lax.bitcast_convert_type(jnp.where(fix, bits + step, bits), jnp.float32)
+
+
+@jax.custom_jvp
+def fma_f32(a, b, c) -> jax.Array:
+    """fp32 ``a · b + c`` with one rounding (CUDA's ``__fmaf_rn``), from fp32 operations only.
+
+    Boldo and Melquiond's emulation: ``a · b = p + e`` exactly (:func:`_two_product`), ``c + p = h + t``
+    exactly (TwoSum), ``v = t + e`` rounded to odd, and the result ``fl(h + v)`` is the correctly rounded
+    ``a · b + c`` (rounding to odd first keeps the final rounding from rounding twice). Valid while no
+    intermediate value overflows (``|a|, |b| < 2^115``, ``|a · b| < 2^127``) and the product's error
+    term ``e`` is exact, i.e. ``|a · b| >= 2^-102`` or ``a · b`` far below ``c``'s last place (as in the
+    backward, where ``c = 1``). XLA has no fused multiply-add it promises to keep, hence this.
+    """
+    a, b, c = (jnp.asarray(v, jnp.float32) for v in (a, b, c))
+    p, e = _two_product(a, b)
+    h, t = _two_sum(c, p)
+    return _add(h, _add_round_to_odd(t, e))
+
+
+fma_f32.defjvp(lambda primals, tangents: (fma_f32(*primals), tangents[0] * primals[1] + primals[0] * tangents[1] + tangents[2]))
 
 
 @jax.custom_jvp
@@ -191,16 +259,20 @@ def backward_math(l0, r0, g, w, clamp_value):
     """Per element: ``(dl, dr, act)`` in fp32 from the unclamped halves, the output gradient and
     the per-row weight ``w`` (``[T, 1]`` or None).
 
-    ``s = 1 / d``, ``dl = ((g·w)·r)·s · (1 + l'·(1 - s))``, ``dr = (g·w)·silu``, zero where the
-    clamp cut the input (``l > c``; ``|r| > c``); ``act = silu · r`` (unweighted). ``l'`` is the
-    clamped l raised to -87 (:func:`silu_parts`).
+    TileKernels' operation order (v1 and v2.1, kernel and torch reference alike): ``s = 1 / d``,
+    ``gs = (g·w)·s``, ``dl = (gs·r)·fma(l', 1 - s, 1)``, ``dr = gs·l'`` (one fused multiply-add, see
+    :func:`fma_f32`), zero where the clamp cut the input (``l > c``; ``|r| > c``); ``act = silu · r``
+    (unweighted). ``l'`` is the clamped l raised to -87 (:func:`silu_parts`).
     """
     l, r = _clamp(l0, r0, clamp_value)
     l, d, silu = silu_parts(l)
     s = _F32(1.0) / d
-    gw = g if w is None else _mul(g, w)
-    dl = _mul(_mul(_mul(gw, r), s), _F32(1.0) + _mul(l, _F32(1.0) - s))
-    dr = _mul(gw, silu)
+    gs = _mul(g if w is None else _mul(g, w), s)
+    one_minus_s = _sub(_F32(1.0), s)
+    # Where 1 - s == 0 the product is 0 whatever l' is: l' = 0 there keeps Dekker's split finite.
+    slope = fma_f32(jnp.where(one_minus_s == 0, _F32(0.0), l), one_minus_s, _F32(1.0))
+    dl = _mul(_mul(gs, r), slope)
+    dr = _mul(gs, l)
     if clamp_value is not None:
         c = _F32(clamp_value)
         dl = jnp.where(l0 > c, _F32(0.0), dl)
@@ -402,7 +474,7 @@ def macros():
         return m
 
     return dict(
-        silu=silu, e4m3_scales=e4m3_scales, load_unit=load_unit, store_values=store_values,
+        fma=fma, silu=silu, e4m3_scales=e4m3_scales, load_unit=load_unit, store_values=store_values,
         store_zeros=store_zeros, find_row=find_row, group_max=group_max, group_sum=group_sum,
     )
 
@@ -433,9 +505,9 @@ def swiglu_forward_kernel(
     rsf: bool = False,
     clamp: bool = False,
     count: bool = False,
-    max_ctas: int = 1,
 ):
-    """SwiGLU forward, one warp per row, persistent over rows; output bf16, fp32 or e4m3 + sf.
+    """SwiGLU forward, one warp per row, persistent over rows (``num_ctas`` CTAs, a launch-time
+    scalar: :func:`persistent_ctas`); output bf16, fp32 or e4m3 + sf.
 
     A lane handles 16 consecutive activations at a time (``unit``): 16-byte loads of both halves,
     the fp32 math of :func:`forward_act`, and for e4m3 the block max over the ``npc / 16`` lanes of
@@ -475,12 +547,13 @@ def swiglu_forward_kernel(
         cnt: T.Tensor((4,) if count else (1,), "int32"),
         clamp_value: T.float32,
         scaling: T.float32,
+        num_ctas: T.int32,
     ):
-        with T.Kernel(T.min(T.ceildiv(all_rows, WARPS), max_ctas), threads=threads, prelude=PRELUDE) as cta:
+        with T.Kernel(num_ctas, threads=threads, prelude=PRELUDE) as cta:
             T.annotate_min_blocks_per_sm(BLOCKS_PER_SM)
             tid = T.get_thread_binding(0)
             lane = tid % 32
-            num_warps = T.min(T.ceildiv(all_rows, WARPS), max_ctas) * WARPS
+            num_warps = num_ctas * WARPS
             warp = cta * WARPS + tid // 32
             lf = T.alloc_local((UNIT,), "float32")
             rf = T.alloc_local((UNIT,), "float32")
@@ -628,9 +701,9 @@ def swiglu_backward_kernel(
     clamp: bool = False,
     recompute: bool = False,
     act_kind: str = "bf16",
-    max_ctas: int = 1,
 ):
-    """SwiGLU backward, one warp per row, persistent over rows (the math of :func:`backward_math`).
+    """SwiGLU backward, one warp per row, persistent over rows (``num_ctas`` CTAs, a launch-time
+    scalar), with the math of :func:`backward_math`: TileKernels' operation order, one FMA.
 
     A lane handles 8 columns of both halves at a time: x (bf16/fp32, or e4m3 times its per-token
     scale), the output gradient g, then writes dl and dr (bf16/fp32), optionally their per-token
@@ -681,7 +754,7 @@ def swiglu_backward_kernel(
         r = T.alloc_var("float32")
         silu = T.alloc_var("float32")
         s = T.alloc_var("float32")
-        gw = T.alloc_var("float32")
+        gs = T.alloc_var("float32")
         dl = T.alloc_var("float32")
         for v in T.unroll(n):
             l = lf[v]
@@ -692,18 +765,18 @@ def swiglu_backward_kernel(
             silu = M["silu"](l, d)
             l = d[1]  # raised to -87, as in the reference
             s = T.call_extern("float32", "tilek_div", T.float32(1.0), d[0], d[2])
-            gw = gf[v] * w if scaled else gf[v]
+            gs = (gf[v] * w if scaled else gf[v]) * s
             if weights:
                 acc[0] = acc[0] + gf[v] * (silu * r)
             if recompute:
                 qf[v] = (silu * r) * w if scaled else silu * r
-            dl = ((gw * r) * s) * (T.float32(1.0) + l * (T.float32(1.0) - s))
+            dl = (gs * r) * M["fma"](l, T.float32(1.0) - s, T.float32(1.0))
             if clamp:
                 lf[v] = T.if_then_else(lf[v] > clamp_value, T.float32(0.0), dl)
-                rf[v] = T.if_then_else((rf[v] > clamp_value) | (rf[v] < clamp_value * T.float32(-1.0)), T.float32(0.0), gw * silu)
+                rf[v] = T.if_then_else((rf[v] > clamp_value) | (rf[v] < clamp_value * T.float32(-1.0)), T.float32(0.0), gs * l)
             else:
                 lf[v] = dl
-                rf[v] = gw * silu
+                rf[v] = gs * l
 
     @T.macro
     def cast_store(dq, dsf, row, u, lane, active, lf, rf, qf, sc):
@@ -815,12 +888,13 @@ def swiglu_backward_kernel(
         act: T.Tensor((rows, hidden * bits[act_kind] // 32) if recompute else (1,), "uint32"),
         clamp_value: T.float32,
         scaling: T.float32,
+        num_ctas: T.int32,
     ):
-        with T.Kernel(T.min(T.ceildiv(all_rows, WARPS), max_ctas), threads=threads, prelude=PRELUDE) as cta:
+        with T.Kernel(num_ctas, threads=threads, prelude=PRELUDE) as cta:
             T.annotate_min_blocks_per_sm(BLOCKS_PER_SM)
             tid = T.get_thread_binding(0)
             lane = tid % 32
-            num_warps = T.min(T.ceildiv(all_rows, WARPS), max_ctas) * WARPS
+            num_warps = num_ctas * WARPS
             warp = cta * WARPS + tid // 32
             valid = T.alloc_var("int32")
             row = T.alloc_var("int32")  # a variable keeps the index expressions (and TileLang's lowering) small
@@ -840,7 +914,76 @@ def swiglu_backward_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared op plumbing: optional array operands, rules, launches.
+# Shared op plumbing: argument rules, optional array operands, launches.
+
+MAX_ROWS = 2**31 - 2**17
+"""Rows (T) the SwiGLU kernels take: row indices are int32, with headroom for a grid's worth of
+warps past the last row (element offsets are 64-bit, so T · H is not limited)."""
+MAX_HIDDEN = 2**28  # H: a row of 2H fp32 values stays below 2^31 words (int32 column indices)
+MAX_ALIGNMENT = 2**16  # token_alignment: psum ends + alignment stay within int32
+MAX_CTAS = 2**13  # CTAs of a persistent launch (JAX_TILEK_NUM_SMS may ask for more): 2^16 warps
+
+
+def check_impl(op: str, impl) -> None:
+    if not (impl is None or (isinstance(impl, str) and impl in ("tilelang", "xla"))):
+        raise ValueError(f"{op}: impl must be None, 'tilelang' or 'xla', got {impl!r}")
+
+
+def as_array(op: str, name: str, value, optional: bool = False) -> Optional[jax.Array]:
+    """An array argument as a JAX array (None stays None where ``optional``); TypeError naming the op
+    and the argument for anything that is not an array of numbers."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        return jnp.asarray(value)
+    try:
+        array = jnp.asarray(value)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or not (jnp.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__} {value!r:.60}")
+    return array
+
+
+def static_number(op: str, name: str, value, *, positive: bool = False, optional: bool = True) -> Optional[float]:
+    """A static real number (None allowed where ``optional``): finite, and > 0 if ``positive``.
+    TypeError for anything else (bools, strings, traced arrays), ValueError for NaN, inf, <= 0."""
+    if value is None and optional:
+        return None
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+    elif isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.floating):
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(f"{op}: {name} must be a static number (it is compiled into the call), got a traced array")
+        number = float(value)
+    if number is None:
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r:.60}")
+    if not np.isfinite(number) or (positive and not number > 0):
+        raise ValueError(f"{op}: {name} must be a {'positive ' if positive else ''}finite number, got {number}")
+    return number
+
+
+def static_int(op: str, name: str, value) -> int:
+    """A static int (Python or NumPy integer, not a bool); TypeError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r:.60}")
+    return int(value)
+
+
+def static_bool(op: str, name: str, value) -> bool:
+    """A static bool (Python or NumPy bool, or the int 0 or 1); TypeError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r:.60}")
+
+
+def operands(op: str, x, psum, topk_weights) -> tuple:
+    """The array arguments every SwiGLU op takes (TypeError naming the op for non-arrays)."""
+    return (
+        as_array(op, "x", x), as_array(op, "psum_num_tokens_per_expert", psum, optional=True),
+        as_array(op, "topk_weights", topk_weights, optional=True),
+    )  # fmt: skip
 
 
 def pack_operands(*named: tuple[str, Optional[jax.Array]]) -> tuple[tuple[jax.Array, ...], tuple[str, ...]]:
@@ -858,8 +1001,10 @@ def check_common(name: str, x, ops: dict, *, routed_scaling_factor, clamp_value,
     if x.ndim != 2 or x.shape[1] % 2:
         raise ValueError(f"{name}: x must be [T, 2H], got shape {x.shape}")
     h = x.shape[1] // 2
-    if h % HIDDEN_ALIGN or h == 0:
-        raise ValueError(f"{name}: H (half of x's last dimension, {h}) must be a positive multiple of {HIDDEN_ALIGN}")
+    if h % HIDDEN_ALIGN or not 0 < h <= MAX_HIDDEN:
+        raise ValueError(f"{name}: H (half of x's last dimension, {h}) must be a positive multiple of {HIDDEN_ALIGN}, at most {MAX_HIDDEN}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"{name}: x may have at most {MAX_ROWS} rows (T; the kernels index rows with int32), got {x.shape[0]}")
     if not any(x.dtype == d for d in x_dtypes):
         raise ValueError(f"{name}: x must be {' or '.join(np.dtype(d).name for d in x_dtypes)}, got {x.dtype}")
     psum = ops.get("psum")
@@ -868,18 +1013,24 @@ def check_common(name: str, x, ops: dict, *, routed_scaling_factor, clamp_value,
     weights = ops.get("weights")
     if weights is not None and (weights.shape != (x.shape[0],) or weights.dtype != jnp.float32):
         raise ValueError(f"{name}: topk_weights must be float32 [T] = [{x.shape[0]}], got {weights.dtype} {weights.shape}")
-    if routed_scaling_factor is not None and not np.isfinite(routed_scaling_factor):
-        raise ValueError(f"{name}: routed_scaling_factor must be a finite number, got {routed_scaling_factor}")
-    if clamp_value is not None and not (np.isfinite(clamp_value) and clamp_value > 0):
-        raise ValueError(f"{name}: clamp_value must be a positive finite number, got {clamp_value}")
-    if not isinstance(token_alignment, (int, np.integer)) or token_alignment < 1:
-        raise ValueError(f"{name}: token_alignment must be a positive integer, got {token_alignment!r}")
+    static_number(name, "routed_scaling_factor", routed_scaling_factor)
+    static_number(name, "clamp_value", clamp_value, positive=True)
+    alignment = static_int(name, "token_alignment", token_alignment)
+    if not 1 <= alignment <= MAX_ALIGNMENT:
+        raise ValueError(f"{name}: token_alignment must be a positive integer, at most {MAX_ALIGNMENT}, got {alignment}")
     return h
 
 
+def check_fmt(name: str, fmt, choices=tuple(OUT_DTYPES)) -> str:
+    """``fmt`` is one of the strings ``choices`` (ValueError naming the op otherwise)."""
+    if not (isinstance(fmt, str) and fmt in choices):
+        raise ValueError(f"{name}: fmt must be {' or '.join(repr(c) for c in choices)}, got {fmt!r:.60}")
+    return fmt
+
+
 def check_cast(name: str, h: int, fmt: str, num_per_channels: int, layout: str, allowed=(32, 128), whole_row: bool = True) -> None:
-    if fmt != "e4m3":
-        raise ValueError(f"{name}: fmt must be 'e4m3', got {fmt!r}")
+    check_fmt(name, fmt, ("e4m3",))
+    num_per_channels = static_int(name, "num_per_channels", num_per_channels)
     ok = num_per_channels in allowed or (whole_row and num_per_channels == h)
     if not ok:
         rule = f"one of {allowed}" + (f" or H ({h})" if whole_row else "")
@@ -920,17 +1071,25 @@ def scalar(value) -> float:
     return float(_F32(0.0 if value is None else value))
 
 
+def persistent_ctas(rows: int) -> int:
+    """CTAs of a persistent row kernel (a launch-time value, not part of the compiled kernel):
+    ``BLOCKS_PER_SM`` per multiprocessor of the GPU being compiled for, fewer for few rows. Every
+    row's result is independent of it, so every GPU computes the same bits with the same cubin."""
+    return min(F.ceil_div(rows, WARPS), platform.target_num_sms() * BLOCKS_PER_SM, MAX_CTAS)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
 
 def _fwd_check(x, *extra, names, fmt, npc=0, layout=None, round_sf=False, rsf=None, clamp=None, count=False, alignment=TOKEN_ALIGNMENT):
     ops = unpack_operands(extra, names)
-    h = check_common("swiglu_forward", x, ops, routed_scaling_factor=rsf, clamp_value=clamp, token_alignment=alignment)
+    name = "swiglu_forward_and_per_token_cast" if fmt == "e4m3" else "swiglu_forward"
+    h = check_common(name, x, ops, routed_scaling_factor=rsf, clamp_value=clamp, token_alignment=alignment)
     if fmt == "e4m3":
-        check_cast("swiglu_forward_and_per_token_cast", h, fmt, npc, layout)
-    elif fmt not in OUT_DTYPES:
-        raise ValueError(f"swiglu_forward: fmt must be 'bf16' or 'fp32', got {fmt!r}")
+        check_cast(name, h, fmt, npc, layout)
+    else:
+        check_fmt(name, fmt)
 
 
 def _fwd_reference(x, *extra, names, fmt, npc=0, layout=None, round_sf=False, rsf=None, clamp=None, count=False, alignment=TOKEN_ALIGNMENT):
@@ -969,9 +1128,8 @@ def _fwd_launch(x, *extra, names, fmt, npc=0, layout=None, round_sf=False, rsf=N
             hidden=h, in_dtype=np.dtype(x.dtype).name, out_kind=fmt, npc=npc if cast else 0,
             layout=layout if cast else None, round_sf=bool(round_sf), psum="psum" in names, alignment=int(alignment),
             weights="weights" in names, rsf=rsf is not None, clamp=clamp is not None, count=bool(count),
-            max_ctas=platform.target_num_sms() * BLOCKS_PER_SM,
         ),  # fmt: skip
-        scalars=dict(clamp_value=scalar(clamp), scaling=scalar(rsf)),
+        scalars=dict(clamp_value=scalar(clamp), scaling=scalar(rsf), num_ctas=persistent_ctas(F.align(t, 4) if cast and layout != "row" else t)),
         buffers=buffers,
         views={"x": words(x.shape, x.dtype), "y": words((t, h), out_dtype)},
         workspace=workspace,
@@ -1012,11 +1170,15 @@ def swiglu_forward(
     Returns:
       ``[T, H]`` in ``fmt`` (or ``(out, clamped_count)``), bit-exact with the reference.
     """
-    if fmt not in OUT_DTYPES:
-        raise ValueError(f"swiglu_forward: fmt must be 'bf16' or 'fp32', got {fmt!r}")
-    extra, names = pack_operands(("psum", psum_num_tokens_per_expert), ("weights", topk_weights))
+    op = "swiglu_forward"
+    check_impl(op, impl)
+    check_fmt(op, fmt)
+    x, psum, weights = operands(op, x, psum_num_tokens_per_expert, topk_weights)
+    extra, names = pack_operands(("psum", psum), ("weights", weights))
     return swiglu_forward_op(
-        x, *extra, impl=impl, names=names, fmt=fmt, rsf=routed_scaling_factor, clamp=clamp_value, count=bool(with_clamped_count), alignment=token_alignment
+        x, *extra, impl=impl, names=names, fmt=fmt, rsf=static_number(op, "routed_scaling_factor", routed_scaling_factor),
+        clamp=static_number(op, "clamp_value", clamp_value, positive=True), count=static_bool(op, "with_clamped_count", with_clamped_count),
+        alignment=static_int(op, "token_alignment", token_alignment),
     )  # fmt: skip
 
 
@@ -1041,8 +1203,8 @@ def _bwd_check(x, g, *extra, names, grad_fmt, npc=0, x_layout=None, cast=False, 
     h = check_common(name, x, ops, routed_scaling_factor=rsf, clamp_value=clamp, token_alignment=alignment, x_dtypes=x_dtypes)
     if g.shape != (x.shape[0], h) or not any(g.dtype == d for d in IN_DTYPES):
         raise ValueError(f"{name}: act_x_grad must be bf16 or fp32 [T, H] = [{x.shape[0]}, {h}], got {g.dtype} {g.shape}")
-    if grad_fmt not in OUT_DTYPES or act_fmt not in OUT_DTYPES:
-        raise ValueError(f"{name}: fmt must be 'bf16' or 'fp32', got {grad_fmt!r}")
+    check_fmt(name, grad_fmt)
+    check_fmt(name, act_fmt)
     if quantized or cast:
         check_cast(name, h, "e4m3", npc, layout or "row", whole_row=False)
     if quantized:
@@ -1104,9 +1266,8 @@ def _bwd_launch(x, g, *extra, names, grad_fmt, npc=0, x_layout=None, cast=False,
             npc=npc if ("x_sf" in names or cast) else 0, x_layout=x_layout if "x_sf" in names else None, cast=bool(cast),
             layout=layout if cast else None, round_sf=bool(round_sf), psum="psum" in names, alignment=int(alignment),
             weights=weights, rsf=rsf is not None, clamp=clamp is not None, recompute=bool(recompute), act_kind=act_fmt,
-            max_ctas=platform.target_num_sms() * BLOCKS_PER_SM,
         ),  # fmt: skip
-        scalars=dict(clamp_value=scalar(clamp), scaling=scalar(rsf)),
+        scalars=dict(clamp_value=scalar(clamp), scaling=scalar(rsf), num_ctas=persistent_ctas(F.align(t, 4) if cast and layout != "row" else t)),
         buffers=buffers,
         views=views,
         workspace=workspace,
@@ -1132,8 +1293,9 @@ def swiglu_backward(
     """SwiGLU backward (TileKernels v2.1 ``swiglu_backward``).
 
     With ``s = 1 / (1 + exp(-l'))`` of the clamped ``l'``, ``r'`` and ``w = topk_weights ·
-    routed_scaling_factor``: ``dl = ((g·w)·r')·s · (1 + l'·(1 - s))`` (0 where ``l > c``), ``dr =
-    (g·w)·silu(l')`` (0 where ``|r| > c``), ``weight_grad = rsf · Σ_h g · silu(l')·r'``.
+    routed_scaling_factor``, in TileKernels' operation order: ``gs = (g·w)·s``, ``dl = (gs·r')·fma(l',
+    1 - s, 1)`` (one rounding; 0 where ``l > c``), ``dr = gs·l'`` (0 where ``|r| > c``), ``weight_grad
+    = rsf · Σ_h g · silu(l')·r'``.
 
     Args:
       x: ``[T, 2H]`` bf16 or fp32 (the forward's input). act_x_grad: ``[T, H]`` bf16 or fp32.
@@ -1147,10 +1309,15 @@ def swiglu_backward(
       [T, H] if do_recompute)``. Zeros on padding rows. All but ``weight_grad`` are bit-exact with
       the reference; ``weight_grad`` sums in another order (relative differences ~1e-6).
     """
-    extra, names = pack_operands(("psum", psum_num_tokens_per_expert), ("weights", topk_weights))
+    op = "swiglu_backward"
+    check_impl(op, impl)
+    check_fmt(op, fmt)
+    x, psum, weights = operands(op, x, psum_num_tokens_per_expert, topk_weights)
+    extra, names = pack_operands(("psum", psum), ("weights", weights))
     out = swiglu_backward_op(
-        x, act_x_grad, *extra, impl=impl, names=names, grad_fmt=fmt, rsf=routed_scaling_factor, clamp=clamp_value,
-        recompute=bool(do_recompute), act_fmt=fmt, alignment=token_alignment,
+        x, as_array(op, "act_x_grad", act_x_grad), *extra, impl=impl, names=names, grad_fmt=fmt,
+        rsf=static_number(op, "routed_scaling_factor", routed_scaling_factor), clamp=static_number(op, "clamp_value", clamp_value, positive=True),
+        recompute=static_bool(op, "do_recompute", do_recompute), act_fmt=fmt, alignment=static_int(op, "token_alignment", token_alignment),
     )  # fmt: skip
     return out[0] if len(out) == 1 else out
 
@@ -1198,6 +1365,11 @@ def swiglu(
     dtype (default: x's). With ``impl="xla"`` JAX differentiates the reference instead; there the
     clamp's gradient at ``l == c`` is JAX's (half) rather than the kernel's (full).
     """
-    return _swiglu(
-        x, topk_weights, psum_num_tokens_per_expert, impl=impl, fmt=fmt, rsf=routed_scaling_factor, clamp=clamp_value, alignment=token_alignment
-    )  # fmt: skip
+    op = "swiglu"
+    check_impl(op, impl)
+    x, psum, weights = operands(op, x, psum_num_tokens_per_expert, topk_weights)
+    rsf, clamp = static_number(op, "routed_scaling_factor", routed_scaling_factor), static_number(op, "clamp_value", clamp_value, positive=True)
+    check_common(op, x, {"psum": psum, "weights": weights}, routed_scaling_factor=rsf, clamp_value=clamp, token_alignment=token_alignment)
+    if fmt is not None:
+        check_fmt(op, fmt)
+    return _swiglu(x, weights, psum, impl=impl, fmt=fmt, rsf=rsf, clamp=clamp, alignment=int(token_alignment))

@@ -20,7 +20,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp
@@ -28,13 +27,22 @@ from jax_tilek.quant import formats as F
 # The swiglu module (the package's attribute `swiglu` is the public function of that name).
 _SWIGLU_MODULE = importlib.import_module("jax_tilek.quant.swiglu")
 from jax_tilek.quant.swiglu import (  # noqa: E402
+    MAX_HIDDEN,
+    MAX_ROWS,
     PASS_CONFIGS,
     PRELUDE,
     TOKEN_ALIGNMENT,
+    as_array,
+    check_fmt,
+    check_impl,
     forward_act,
     macros,
+    operands,
     pack_operands,
     scalar,
+    static_bool,
+    static_int,
+    static_number,
     swiglu_backward_op,
     swiglu_forward_op,
     words,
@@ -74,14 +82,30 @@ def swiglu_forward_and_per_token_cast(
       ``(data float8_e4m3fn [T, H], sf)`` (plus int32 ``[4]`` clamp counts if asked). Padding rows
       of the psum layout get zero data and zero scales (TileKernels leaves them unwritten).
     """
-    if fmt != "e4m3":
-        raise ValueError(f"swiglu_forward_and_per_token_cast: fmt must be 'e4m3', got {fmt!r}")
-    layout = F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    extra, names = pack_operands(("psum", psum_num_tokens_per_expert), ("weights", topk_weights))
+    op = "swiglu_forward_and_per_token_cast"
+    check_impl(op, impl)
+    check_fmt(op, fmt, ("e4m3",))
+    x, psum, weights = operands(op, x, psum_num_tokens_per_expert, topk_weights)
+    layout, round_sf = scale_layout(op, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    extra, names = pack_operands(("psum", psum), ("weights", weights))
     return swiglu_forward_op(
-        x, *extra, impl=impl, names=names, fmt=fmt, npc=int(num_per_channels), layout=layout, round_sf=bool(round_sf),
-        rsf=routed_scaling_factor, clamp=clamp_value, count=bool(with_clamped_count), alignment=token_alignment,
+        x, *extra, impl=impl, names=names, fmt=fmt, npc=static_int(op, "num_per_channels", num_per_channels), layout=layout,
+        round_sf=round_sf, rsf=static_number(op, "routed_scaling_factor", routed_scaling_factor),
+        clamp=static_number(op, "clamp_value", clamp_value, positive=True), count=static_bool(op, "with_clamped_count", with_clamped_count),
+        alignment=static_int(op, "token_alignment", token_alignment),
     )  # fmt: skip
+
+
+def scale_layout(op: str, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf) -> tuple[str, bool]:
+    """The scale layout the flags name (``formats.sf_layout``), and round_sf, with errors naming ``op``."""
+    flags = [static_bool(op, n, v) for n, v in (
+        ("use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf), ("use_packed_ue8m0", use_packed_ue8m0), ("round_sf", round_sf),
+    )]  # fmt: skip
+    try:
+        return F.sf_layout(*flags), flags[2]
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(op) else f"{op}: {message}") from None
 
 
 def swiglu_backward_and_per_token_cast(
@@ -120,25 +144,31 @@ def swiglu_backward_and_per_token_cast(
       act_out bf16 [T, H] if do_recompute)``. The cast quantizes the fp32 gradient (not its bf16
       rounding), in ``(1, npc)`` blocks of the 2H columns. Zeros (and zero scales) on padding rows.
     """
-    x_fp8, x_sf = x
-    layout = F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    op = "swiglu_backward_and_per_token_cast"
+    check_impl(op, impl)
+    if not (isinstance(x, (tuple, list)) and len(x) == 2):
+        raise TypeError(f"{op}: x must be a QuantTensor (data, sf), a pair of arrays, got {type(x).__name__}")
+    x_fp8, psum, weights = operands(op, x[0], psum_num_tokens_per_expert, topk_weights)
+    x_sf = as_array(op, "x's scale factors (x[1])", x[1])
+    layout, round_sf = scale_layout(op, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
     x_layout = layout if x_sf_layout is None else x_sf_layout
-    if x_layout not in ("row", "col", "col_ue8m0"):
-        raise ValueError(f"swiglu_backward_and_per_token_cast: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r}")
-    if fmt != "e4m3":
-        raise ValueError(f"swiglu_backward_and_per_token_cast: fmt must be 'e4m3', got {fmt!r}")
-    extra, names = pack_operands(("x_sf", x_sf), ("psum", psum_num_tokens_per_expert), ("weights", topk_weights))
+    if not (isinstance(x_layout, str) and x_layout in ("row", "col", "col_ue8m0")):
+        raise ValueError(f"{op}: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r:.60}")
+    check_fmt(op, fmt, ("e4m3",))
+    extra, names = pack_operands(("x_sf", x_sf), ("psum", psum), ("weights", weights))
     return swiglu_backward_op(
-        x_fp8, act_x_grad, *extra, impl=impl, names=names, grad_fmt="bf16", npc=int(num_per_channels), x_layout=x_layout,
-        cast=True, layout=layout, round_sf=bool(round_sf), rsf=routed_scaling_factor, clamp=clamp_value,
-        recompute=bool(do_recompute), act_fmt="bf16", alignment=token_alignment,
+        x_fp8, as_array(op, "act_x_grad", act_x_grad), *extra, impl=impl, names=names, grad_fmt="bf16",
+        npc=static_int(op, "num_per_channels", num_per_channels), x_layout=x_layout, cast=True, layout=layout, round_sf=round_sf,
+        rsf=static_number(op, "routed_scaling_factor", routed_scaling_factor), clamp=static_number(op, "clamp_value", clamp_value, positive=True),
+        recompute=static_bool(op, "do_recompute", do_recompute), act_fmt="bf16", alignment=static_int(op, "token_alignment", token_alignment),
     )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-channel cast (v1): SwiGLU -> bf16 -> (npt, 1) blocks, optionally transposed.
 
-TILE_M, TILE_N = 128, 64  # tokens x channels per CTA
+TILE_M, TILE_N = 128, 64  # tokens x channels per tile
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: CTAs loop over the token tiles beyond it
 PC_THREADS = 256
 
 
@@ -173,7 +203,7 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
         sf: T.Tensor((rows // npt, hidden), "float32"),
         clamp_value: T.float32,
     ):
-        with T.Kernel(hidden // TILE_N, T.ceildiv(rows, TILE_M), threads=PC_THREADS, prelude=PRELUDE) as (bn, bm):
+        with T.Kernel(hidden // TILE_N, T.min(T.ceildiv(rows, TILE_M), MAX_GRID_Y), threads=PC_THREADS, prelude=PRELUDE) as (bn, by):
             T.assume(rows % TILE_M == 0)
             tile = T.alloc_shared((TILE_M * chunks, 4), "uint32")
             inv = T.alloc_shared((blocks, TILE_N), "float32")
@@ -184,82 +214,89 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
             vals = T.alloc_local((2, 16), "float32")
             sc = T.alloc_local((2,), "float32")
             amax = T.alloc_local((2,), "float32")
-            t0 = bm * TILE_M
-            # 1. activations -> bf16 -> shared
-            for i in T.unroll(TILE_M * chunks // PC_THREADS):
-                c = i * PC_THREADS + tid
-                m = c // chunks
-                j = c % chunks
-                col = bn * (TILE_N // 2) + j * 4  # word of l in x's row
-                M["load_unit"](x, t0 + m, col, lf, 8, "bf16")
-                M["load_unit"](x, t0 + m, hidden // 2 + col, rf, 8, "bf16")
-                for v in T.unroll(8):
-                    if clamp:
-                        lf[v] = T.min(lf[v], clamp_value)
-                        rf[v] = T.min(T.max(rf[v], clamp_value * T.float32(-1.0)), clamp_value)
-                    lf[v] = M["silu"](lf[v], d) * rf[v]
-                for q in T.unroll(4):
-                    tile[swz(m, j), q] = T.call_extern("uint32", "tilek_bf16x2", lf[2 * q], lf[2 * q + 1])
-            T.sync_threads()
-            # 2. one channel, 2 x 16 tokens per lane; block maxima and scales
-            warp = tid // 32
-            lane = tid % 32
-            h = warp * 8 + lane % 8  # channel within the tile
-            kk = lane // 8
-            for p in T.unroll(2):
-                for i in T.unroll(16):
-                    m = (p * 4 + kk) * 16 + i
-                    word = tile[swz(m, h // 8), (h % 8) // 2]
-                    vals[p, i] = T.reinterpret(T.if_then_else(h % 2 == 0, T.shift_left(word, T.uint32(16)), T.bitwise_and(word, T.uint32(0xFFFF0000))), "float32")
-                amax[p] = T.float32(0.0)
-                for i in T.unroll(16):
-                    amax[p] = T.max(amax[p], T.abs(vals[p, i]))
-                amax[p] = T.max(amax[p], T.shfl_xor(amax[p], 8))  # chunks 2b, 2b+1: a 32-token block
-            if npt == 128:
-                amax[0] = T.max(amax[0], amax[1])
-                amax[0] = T.max(amax[0], T.shfl_xor(amax[0], 16))
-                amax[1] = amax[0]
-            for p in T.unroll(2):
-                M["e4m3_scales"](amax[p], sc, round_sf)
-                block = (p * 4 + kk) * 16 // npt  # scale block within the tile
-                if kk % (npt // 16 if npt == 32 else 4) == 0:
-                    if npt == 32 or p == 0:
-                        sf[bm * blocks + block, bn * TILE_N + h] = sc[0]
-                        if not transpose:
-                            inv[block, h] = sc[1]
-                if transpose:
-                    for i in T.unroll(16):
-                        vals[p, i] = vals[p, i] * sc[1]
-                    T.evaluate(T.call_extern("handle", "tilek_st16", T.address_of(out[bn * TILE_N + h, (t0 + (p * 4 + kk) * 16) // 4]), *[
-                        T.call_extern("uint32", "tilek_e4m3x4", *[vals[p, 4 * q + v] for v in range(4)]) for q in range(4)]))  # fmt: skip
-            # 3. (not transposed) rows of 8 channels
-            if not transpose:
-                T.sync_threads()
+            tiles = T.ceildiv(rows, TILE_M)  # token tiles; grid.y covers at most 65535 at a time
+            for it in T.serial(T.ceildiv(tiles - by, T.min(tiles, MAX_GRID_Y))):
+                bm = by + it * T.min(tiles, MAX_GRID_Y)
+                T.sync_threads()  # the previous tile's reads of shared memory are done
+                t0 = bm * TILE_M
+                # 1. activations -> bf16 -> shared
                 for i in T.unroll(TILE_M * chunks // PC_THREADS):
                     c = i * PC_THREADS + tid
                     m = c // chunks
                     j = c % chunks
+                    col = bn * (TILE_N // 2) + j * 4  # word of l in x's row
+                    M["load_unit"](x, t0 + m, col, lf, 8, "bf16")
+                    M["load_unit"](x, t0 + m, hidden // 2 + col, rf, 8, "bf16")
+                    for v in T.unroll(8):
+                        if clamp:
+                            lf[v] = T.min(lf[v], clamp_value)
+                            rf[v] = T.min(T.max(rf[v], clamp_value * T.float32(-1.0)), clamp_value)
+                        lf[v] = M["silu"](lf[v], d) * rf[v]
                     for q in T.unroll(4):
-                        word = tile[swz(m, j), q]
-                        lf[2 * q] = T.reinterpret(T.shift_left(word, T.uint32(16)), "float32") * inv[m // npt, j * 8 + 2 * q]
-                        lf[2 * q + 1] = T.reinterpret(T.bitwise_and(word, T.uint32(0xFFFF0000)), "float32") * inv[m // npt, j * 8 + 2 * q + 1]
-                    M["store_values"](out, t0 + m, (bn * TILE_N + j * 8) // 4, lf, 8, "e4m3")
+                        tile[swz(m, j), q] = T.call_extern("uint32", "tilek_bf16x2", lf[2 * q], lf[2 * q + 1])
+                T.sync_threads()
+                # 2. one channel, 2 x 16 tokens per lane; block maxima and scales
+                warp = tid // 32
+                lane = tid % 32
+                h = warp * 8 + lane % 8  # channel within the tile
+                kk = lane // 8
+                for p in T.unroll(2):
+                    for i in T.unroll(16):
+                        m = (p * 4 + kk) * 16 + i
+                        word = tile[swz(m, h // 8), (h % 8) // 2]
+                        vals[p, i] = T.reinterpret(T.if_then_else(h % 2 == 0, T.shift_left(word, T.uint32(16)), T.bitwise_and(word, T.uint32(0xFFFF0000))), "float32")
+                    amax[p] = T.float32(0.0)
+                    for i in T.unroll(16):
+                        amax[p] = T.max(amax[p], T.abs(vals[p, i]))
+                    amax[p] = T.max(amax[p], T.shfl_xor(amax[p], 8))  # chunks 2b, 2b+1: a 32-token block
+                if npt == 128:
+                    amax[0] = T.max(amax[0], amax[1])
+                    amax[0] = T.max(amax[0], T.shfl_xor(amax[0], 16))
+                    amax[1] = amax[0]
+                for p in T.unroll(2):
+                    M["e4m3_scales"](amax[p], sc, round_sf)
+                    block = (p * 4 + kk) * 16 // npt  # scale block within the tile
+                    if kk % (npt // 16 if npt == 32 else 4) == 0:
+                        if npt == 32 or p == 0:
+                            sf[bm * blocks + block, bn * TILE_N + h] = sc[0]
+                            if not transpose:
+                                inv[block, h] = sc[1]
+                    if transpose:
+                        for i in T.unroll(16):
+                            vals[p, i] = vals[p, i] * sc[1]
+                        T.evaluate(T.call_extern("handle", "tilek_st16", T.address_of(out[bn * TILE_N + h, (t0 + (p * 4 + kk) * 16) // 4]), *[
+                            T.call_extern("uint32", "tilek_e4m3x4", *[vals[p, 4 * q + v] for v in range(4)]) for q in range(4)]))  # fmt: skip
+                # 3. (not transposed) rows of 8 channels
+                if not transpose:
+                    T.sync_threads()
+                    for i in T.unroll(TILE_M * chunks // PC_THREADS):
+                        c = i * PC_THREADS + tid
+                        m = c // chunks
+                        j = c % chunks
+                        for q in T.unroll(4):
+                            word = tile[swz(m, j), q]
+                            lf[2 * q] = T.reinterpret(T.shift_left(word, T.uint32(16)), "float32") * inv[m // npt, j * 8 + 2 * q]
+                            lf[2 * q + 1] = T.reinterpret(T.bitwise_and(word, T.uint32(0xFFFF0000)), "float32") * inv[m // npt, j * 8 + 2 * q + 1]
+                        M["store_values"](out, t0 + m, (bn * TILE_N + j * 8) // 4, lf, 8, "e4m3")
 
     return swiglu_per_channel_cast
 
 
 def _pc_check(x, *, npt, round_sf=False, transpose=True, clamp=None):
     name = "swiglu_forward_and_per_channel_cast_and_transpose"
-    if x.ndim != 2 or x.shape[1] % (2 * TILE_N):
-        raise ValueError(f"{name}: x must be [T, 2H] with 2H a multiple of {2 * TILE_N}, got shape {x.shape}")
+    if x.ndim != 2 or x.shape[1] % (2 * TILE_N) or x.shape[1] == 0:
+        raise ValueError(f"{name}: x must be [T, 2H] with 2H a multiple of {2 * TILE_N} (and not 0), got shape {x.shape}")
+    if x.shape[1] // 2 > MAX_HIDDEN:
+        raise ValueError(f"{name}: H (half of x's last dimension, {x.shape[1] // 2}) must be at most {MAX_HIDDEN}")
     if x.dtype != jnp.bfloat16:
         raise ValueError(f"{name}: x must be bfloat16, got {x.dtype}")
     if x.shape[0] % TILE_M:
         raise ValueError(f"{name}: T ({x.shape[0]}) must be a multiple of {TILE_M}")
-    if npt not in (32, 128):
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"{name}: x may have at most {MAX_ROWS} rows (T; the kernel indexes rows with int32), got {x.shape[0]}")
+    if static_int(name, "num_per_tokens", npt) not in (32, 128):
         raise ValueError(f"{name}: num_per_tokens must be 32 or 128, got {npt}")
-    if clamp is not None and not (np.isfinite(clamp) and clamp > 0):
-        raise ValueError(f"{name}: swiglu_clamp_value must be a positive finite number, got {clamp}")
+    static_number(name, "swiglu_clamp_value", clamp, positive=True)
 
 
 def _pc_reference(x, *, npt, round_sf=False, transpose=True, clamp=None):
@@ -304,8 +341,10 @@ def swiglu_forward_and_per_channel_cast_and_transpose(
       ``(out float8_e4m3fn [H, T] (or [T, H]), sf fp32 [T / npt, H])``, bit-exact with casting
       ``swiglu_forward(x).astype(bf16)`` in ``(npt, 1)`` blocks.
     """
-    if fmt != "e4m3":
-        raise ValueError(f"swiglu_forward_and_per_channel_cast_and_transpose: fmt must be 'e4m3', got {fmt!r}")
+    op = "swiglu_forward_and_per_channel_cast_and_transpose"
+    check_impl(op, impl)
+    check_fmt(op, fmt, ("e4m3",))
     return swiglu_per_channel_cast_op(
-        x, impl=impl, npt=int(num_per_tokens), round_sf=bool(round_sf), transpose=not without_transpose, clamp=swiglu_clamp_value
+        as_array(op, "x", x), impl=impl, npt=static_int(op, "num_per_tokens", num_per_tokens), round_sf=static_bool(op, "round_sf", round_sf),
+        transpose=not static_bool(op, "without_transpose", without_transpose), clamp=static_number(op, "swiglu_clamp_value", swiglu_clamp_value, positive=True),
     )  # fmt: skip

@@ -12,7 +12,9 @@ and mantissa bits are ignored — TileKernels device-asserts that they are zero,
   column-major ``(k, ceil(n_sf/4))`` view, or with ``transpose_sf1`` as ``(ceil(n_sf/4), k)`` itself;
   both are views of this one array, so ``transpose_sf1s`` is validated and changes nothing here.
 
-Rules: ``bs in {32, 128}``; n and k multiples of 128; ``G >= 1``.
+Rules: ``bs in {32, 128}``; n and k multiples of 128; ``G >= 1``; every input and output array has at
+most 2^28 elements (the kernel is generated for the shapes and indexes them with int32; real weight
+scales are far smaller: 256 experts of 7168 x 2048 give 7.3M words).
 
 One launch serves a whole list of weights (up to ``MAX_WEIGHTS_PER_LAUNCH``; longer lists take one
 launch per that many): each warp owns up to 512 consecutive words of one output row, and finds its weight
@@ -158,6 +160,10 @@ def _shape3(sf) -> tuple[int, int, int]:
     return tuple(sf.shape) if sf.ndim == 3 else (1, *sf.shape)
 
 
+MAX_ELEMENTS = 2**28  # per array: the kernel indexes its static shapes with int32, whose folded
+# intermediate offsets reach a few times an array's size
+
+
 def _check(*sfs, block_size):
     name = "batched_transpose_weight_sf"
     if block_size not in BLOCK_SIZES:
@@ -170,6 +176,12 @@ def _check(*sfs, block_size):
             raise ValueError(
                 f"{name}: sf[{i}] of shape {list(sf.shape)} with block_size {block_size} means n = {n_sf * block_size}, "
                 f"k = {k_sf * block_size}, G = {g}: n and k must be positive multiples of {ALIGN} and G >= 1"
+            )
+        sizes = (g * n_sf * k_sf, g * F.ceil_div(k_sf, 4) * n_sf * block_size, g * F.ceil_div(n_sf, 4) * k_sf * block_size)
+        if max(sizes) > MAX_ELEMENTS:
+            raise ValueError(
+                f"{name}: sf[{i}] of shape {list(sf.shape)} with block_size {block_size} gives outputs of "
+                f"{sizes[1]} and {sizes[2]} words; each array may have at most 2^28 elements (int32 indices)"
             )
 
 
@@ -201,11 +213,25 @@ def batched_transpose_weight_sf(
       ``[(sf0, sf1)]``: int32 ``[(G,) ceil(k_sf/4), n]`` and ``[(G,) ceil(n_sf/4), k]``, bit-exact with
       TileKernels' reference (its outputs' storage).
     """
-    sf = [jnp.asarray(s) for s in sf]
-    flags = tuple(bool(t) for t in transpose_sf1s)
+    name = "batched_transpose_weight_sf"
+    if not isinstance(sf, (list, tuple)):
+        raise TypeError(f"{name}: sf must be a list or tuple of arrays (one per weight), got {type(sf).__name__}")
+    if not isinstance(transpose_sf1s, (list, tuple)):
+        raise TypeError(f"{name}: transpose_sf1s must be a list or tuple of bools (one per weight), got {type(transpose_sf1s).__name__}")
+    arrays = []
+    for i, s in enumerate(sf):
+        if isinstance(s, (str, bytes, dict, set)) or s is None:
+            raise TypeError(f"{name}: sf[{i}] must be an array, got {type(s).__name__}")
+        try:
+            arrays.append(jnp.asarray(s))
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"{name}: sf[{i}] must be an array, got {type(s).__name__}") from None
+    sf = arrays
+    flags = tuple(F.static_bool(name, f"transpose_sf1s[{i}]", t) for i, t in enumerate(transpose_sf1s))
     if len(flags) != len(sf):
-        raise ValueError(f"batched_transpose_weight_sf: {len(sf)} scale arrays but {len(flags)} transpose_sf1s flags")
+        raise ValueError(f"{name}: {len(sf)} scale arrays but {len(flags)} transpose_sf1s flags")
+    block_size = F.static_int(name, "block_size", block_size)
     out = []
     for start in range(0, len(sf), MAX_WEIGHTS_PER_LAUNCH):
-        out += _weight_sf_op(*sf[start : start + MAX_WEIGHTS_PER_LAUNCH], impl=impl, block_size=int(block_size))
+        out += _weight_sf_op(*sf[start : start + MAX_WEIGHTS_PER_LAUNCH], impl=impl, block_size=block_size)
     return [tuple(pair) for pair in out]

@@ -2,7 +2,11 @@
 
 Semantics follow TileKernels' ``batched_transpose``: M and N are multiples of 64, any 1-, 2- or 4-byte
 dtype, rows may be strided (here: a window ``columns=(start, stop)`` of the last axis, read in place,
-with no slice materialised).
+with no slice materialised). Sub-byte dtypes (``int4``, ``uint4``, ``int2``, ``uint2``,
+``float4_e2m1fn``), which XLA stores packed, are rejected.
+
+Grid: ``(N tiles, M tiles, B)`` when M tiles and B fit CUDA's 65,535 limit on grid y and z; otherwise
+one flat grid of every tile (the kernel's ``group_m=1`` order), so any batch and row count is covered.
 
 (No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
 its closure, so they must be evaluated when the kernel is built.)
@@ -14,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, with_vjp
+from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, as_array, check_impl, static_int, with_vjp
+from jax_tilek.spec import GRID_LIMITS, bits_of
 
 ALIGN = 64  # M and N must be multiples of this
 
@@ -51,6 +56,10 @@ def batched_transpose_kernel(
     ``group_m > 0`` orders the CTAs in groups of ``group_m`` consecutive M tiles per N tile (M must be
     a multiple of ``group_m * tile_m``), so neighbouring CTAs also write neighbouring output bytes.
     ``cache_hints`` streams the stores (``.cs``) and loads past L1 with 256-byte L2 prefetches.
+
+    Index arithmetic: TileLang computes addresses in 64 bits; the 32-bit values left (tile indices,
+    the tiles per matrix, the bound check of a store) stay below 2^31 for extents below 2^31 and fewer
+    than 2^31 tiles in all, which the op checks at trace time.
     """
     import tilelang.language as T
 
@@ -143,6 +152,28 @@ def _window(x: jax.Array, columns: tuple[int, int] | None) -> tuple[int, int]:
     return (0, x.shape[-1]) if columns is None else (int(columns[0]), int(columns[1]))
 
 
+def _columns(columns, name: str) -> tuple[int, int] | None:
+    """The ``columns`` option as None or a pair of Python ints (TypeError naming the op otherwise)."""
+    if columns is None:
+        return None
+    if isinstance(columns, (str, bytes)) or not hasattr(columns, "__len__") or len(columns) != 2:
+        raise TypeError(f"{name}: columns must be None or a pair (start, stop), got {columns!r}")
+    return tuple(static_int(c, name, "columns") for c in columns)
+
+
+def _tiles(m: int, n: int) -> tuple[int, int]:
+    """The CTA tile ``(tile_m, tile_n)``: 128 along an axis it divides, else 64."""
+    return (128 if m % 128 == 0 else 64), (128 if n % 128 == 0 else 64)
+
+
+def _grid(b: int, m: int, n: int) -> tuple[int, bool]:
+    """(CTAs, whether they form one flat grid): the 3-D grid (N tiles, M tiles, B) while M tiles and B
+    fit grid y and z, else a flat grid of every tile."""
+    tile_m, tile_n = _tiles(m, n)
+    ctas = b * (m // tile_m) * (n // tile_n)
+    return ctas, b > GRID_LIMITS[2] or m // tile_m > GRID_LIMITS[1]
+
+
 def _reference(x: jax.Array, *, columns: tuple[int, int] | None = None) -> jax.Array:
     start, stop = _window(x, columns)
     return jnp.swapaxes(x[..., start:stop], -1, -2)
@@ -151,9 +182,16 @@ def _reference(x: jax.Array, *, columns: tuple[int, int] | None = None) -> jax.A
 def _check(x: jax.Array, *, columns: tuple[int, int] | None = None) -> None:
     if x.ndim != 3:
         raise ValueError(f"batched_transpose: x must be [B, M, N], got shape {x.shape}")
-    itemsize = np.dtype(x.dtype).itemsize
-    if itemsize not in (1, 2, 4):
+    bits = bits_of(x.dtype)
+    if bits < 8:
+        raise ValueError(
+            f"batched_transpose: x's dtype must be 1, 2 or 4 bytes wide, got {x.dtype}, which XLA stores packed "
+            f"({bits} bits per element); transpose its bytes instead, e.g. as uint8"
+        )
+    if bits not in (8, 16, 32):
         raise ValueError(f"batched_transpose: x's dtype must be 1, 2 or 4 bytes wide, got {x.dtype}")
+    itemsize = bits // 8
+    columns = _columns(columns, "batched_transpose")
     start, stop = _window(x, columns)
     if not 0 <= start < stop <= x.shape[-1]:
         raise ValueError(f"batched_transpose: columns={columns} is not a window of x's last axis ({x.shape[-1]})")
@@ -168,16 +206,30 @@ def _check(x: jax.Array, *, columns: tuple[int, int] | None = None) -> None:
         )
 
 
+def _kernel_check(x: jax.Array, *, columns: tuple[int, int] | None = None) -> None:
+    """The flat grid covers every tile while there are fewer than 2^31 (x of 2^43 or more elements)."""
+    start, stop = _window(x, columns)
+    ctas, _ = _grid(x.shape[0], x.shape[1], stop - start)
+    if ctas > GRID_LIMITS[0]:
+        raise ValueError(
+            f"batched_transpose: x {list(x.shape)} has {ctas} tiles to transpose, more than the kernel's grid "
+            f"takes ({GRID_LIMITS[0]})"
+        )
+
+
 def _launch(x, *, columns: tuple[int, int] | None = None) -> Launch:
     b, m, s = x.shape
     start, stop = _window(x, columns)
     n = stop - start
     esize = np.dtype(x.dtype).itemsize
     per_word = 4 // esize  # the kernel sees every dtype as 32-bit words
-    tile_m, tile_n = (128 if m % 128 == 0 else 64), (128 if n % 128 == 0 else 64)
+    tile_m, tile_n = _tiles(m, n)
+    _, flat = _grid(b, m, n)
     return Launch(
         kernel=batched_transpose_kernel,
-        params=dict(esize=esize, tile_m=tile_m, tile_n=tile_n, threads=threads_for(esize, tile_m, tile_n)),
+        params=dict(
+            esize=esize, tile_m=tile_m, tile_n=tile_n, threads=threads_for(esize, tile_m, tile_n), **({"group_m": 1} if flat else {})
+        ),
         views={
             "x": View((b, m, n // per_word), (m * s // per_word, s // per_word, 1), start // per_word, np.uint32),
             "y": View((b, n, m // per_word), dtype=np.uint32),
@@ -202,8 +254,9 @@ def _sharding(x, *, columns=None) -> ShardingRule:
 
 
 _batched_transpose_op = TileOp(
-    name="batched_transpose", launch=_launch, reference=_reference, check=_check, batch=_batch, sharding=_sharding
-)
+    name="batched_transpose", launch=_launch, reference=_reference, check=_check, batch=_batch, sharding=_sharding,
+    kernel_check=_kernel_check, operands=("x",),
+)  # fmt: skip
 
 
 def _primal(x, *, impl=None, columns=None):
@@ -221,22 +274,38 @@ def _bwd(residuals, g, *, impl=None, columns=None):
     return (jnp.pad(dx, ((0, 0), (0, 0), (start, width - stop))).astype(dtype),)
 
 
-batched_transpose = with_vjp(_primal, _fwd, _bwd)
-batched_transpose.__doc__ = """Transposes the last two axes: ``x[B, M, N] -> [B, N, M]``.
+_differentiable = with_vjp(_primal, _fwd, _bwd)
 
-Args:
-  x: ``[B, M, S]``, any 1-, 2- or 4-byte dtype. M and the window width are multiples of 64.
-  columns: ``(start, stop)``, transpose only ``x[..., start:stop]`` (read in place; ``start`` and
-    ``S`` are multiples of 16 bytes). Default: all of the last axis.
-  impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
 
-Returns:
-  ``[B, stop - start, M]``, bit-exact with ``jnp.swapaxes``. Differentiable (the VJP is a transpose).
-"""
+def batched_transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None) -> jax.Array:
+    """Transposes the last two axes: ``x[B, M, N] -> [B, N, M]``.
+
+    Args:
+      x: ``[B, M, S]``, any 1-, 2- or 4-byte dtype (not the packed sub-byte ones). M and the window
+        width are multiples of 64; any B.
+      columns: ``(start, stop)`` integers, transpose only ``x[..., start:stop]`` (read in place;
+        ``start`` and ``S`` are multiples of 16 bytes). Default: all of the last axis.
+      impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
+
+    Returns:
+      ``[B, stop - start, M]``, bit-exact with ``jnp.swapaxes``. Differentiable (the VJP is a transpose).
+    """
+    check_impl(impl, "batched_transpose")
+    x = as_array(x, "batched_transpose", "x")
+    return _differentiable(x, columns=_columns(columns, "batched_transpose"), impl=impl)
 
 
 def transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None) -> jax.Array:
     """Transposes a matrix: ``x[M, N] -> [N, M]``; see :func:`batched_transpose` for the rules."""
+    check_impl(impl, "transpose")
+    x = as_array(x, "transpose", "x")
     if x.ndim != 2:
         raise ValueError(f"transpose: x must be [M, N], got shape {x.shape}")
-    return batched_transpose(x[None], columns=columns, impl=impl)[0]
+    columns = _columns(columns, "transpose")
+    try:
+        return batched_transpose(x[None], columns=columns, impl=impl)[0]
+    except (TypeError, ValueError) as e:  # the rules are batched_transpose's; the error names this op
+        prefix, message = "batched_transpose: ", str(e).split("\n--------------------\n")[0]  # without JAX's note
+        if type(e) in (TypeError, ValueError) and message.startswith(prefix):
+            raise type(e)("transpose: " + message[len(prefix) :]) from None
+        raise

@@ -46,14 +46,15 @@ def _align(n: int, m: int) -> int:
 
 def np_store_sf(sf: np.ndarray, layout: str) -> np.ndarray:
     """Logical scales ``[M_b, K_b]`` -> their storage in a TileKernels layout, written independently of
-    ``jax_tilek.quant.formats``: "row" (or "row_round") as is; "col" the transpose ``[K_b, align(M_b, 4)]``
-    zero-padded; "col_ue8m0" the exponent bytes, four consecutive k in one little-endian int32,
+    ``jax_tilek.quant.formats``: "row" (or "row_round") as is; "col" the transpose ``[K_b, align(M_b, 16 /
+    sf_bytes)]`` zero-padded (each column 16-byte aligned: 4 fp32 or 16 float8_e4m3fn scales, TileKernels
+    2.1); "col_ue8m0" the exponent bytes, four consecutive k in one little-endian int32,
     ``[ceil(K_b/4), align(M_b, 4)]``."""
     m_b, k_b = sf.shape
     if layout in ("row", "row_round"):
         return sf
     if layout == "col":
-        out = np.zeros((k_b, _align(m_b, 4)), sf.dtype)
+        out = np.zeros((k_b, _align(m_b, 16 // sf.dtype.itemsize)), sf.dtype)
         out[:, :m_b] = sf.T
         return out
     assert layout == "col_ue8m0", layout

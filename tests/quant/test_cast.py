@@ -1,7 +1,7 @@
 """quant.cast: the random-bit hash, stochastic rounding, the cast op (reference, rules, lowering, GPU)."""
 
 import importlib
-
+import re
 import shutil
 import subprocess
 from fractions import Fraction
@@ -196,6 +196,46 @@ def test_seed_needs_stochastic_rounding():
         cast(jnp.zeros(4), jnp.bfloat16, seed=3)
 
 
+@pytest.mark.parametrize(
+    "seed,error,message",
+    [
+        (2**40, ValueError, r"cast: seed must be a uint32 value, in \[0, 2\^32\), got 1099511627776"),
+        (2**32, ValueError, "cast: seed must be a uint32 value"),
+        (-1, ValueError, "cast: seed must be a uint32 value"),
+        (1.5, ValueError, r"cast: seed must be an integer scalar, got float32\[\]"),
+        (np.zeros(2, np.uint32), ValueError, r"cast: seed must be an integer scalar, got uint32\[2\]"),
+        ("7", TypeError, "cast: seed must be an array, got str"),
+        ([7], TypeError, "cast: seed must be an array, got list"),
+    ],
+)
+def test_bad_seeds(seed, error, message):
+    with pytest.raises(error, match=message):
+        cast(jnp.ones(8), jnp.bfloat16, True, seed=seed)
+
+
+def test_every_uint32_seed_is_accepted():
+    x = jnp.full((64,), 1.0 + 2.0**-9, jnp.float32)
+    top = cast(x, jnp.bfloat16, True, seed=2**32 - 1)
+    assert_bytes_equal(top, cast(x, jnp.bfloat16, True, seed=np.uint32(2**32 - 1)))
+    assert_bytes_equal(top, cast(x, jnp.bfloat16, True, seed=jnp.int32(-1)))  # an integer array: modulo 2^32
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: cast([1.0, 2.0], jnp.bfloat16), TypeError, "cast: x must be an array, got list"),
+        (lambda: cast(None, jnp.bfloat16), TypeError, "cast: x must be an array, got NoneType"),
+        (lambda: cast(jnp.ones(4), None), ValueError, "cast: dtype must be one of"),
+        (lambda: cast(jnp.ones(4), object()), ValueError, "cast: dtype must be one of"),
+        (lambda: cast(jnp.ones(4), jnp.bfloat16, "yes"), TypeError, "cast: stochastic_rounding must be True or False"),
+        (lambda: cast(jnp.ones(4), jnp.bfloat16, impl="cuda"), ValueError, "cast: impl must be one of"),
+    ],
+)
+def test_misuse_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
 # ---------------------------------------------------------------------------------------------
 # The CUDA helpers compute what the JAX reference computes (compiled for the host).
 
@@ -299,7 +339,43 @@ def test_lowers_to_one_launch(case):
         return
     (k,) = record["kernels"]
     assert call["has_cubin"] and k["block"] == [256, 1, 1] and k["grid"] == [-(-n // 4096), 1, 1]
-    assert k["args"][-1] == (2, 4, n)  # N
+    assert k["args"][-1] == (2, 8, n)  # N, a 64-bit scalar
+
+
+# Near and beyond 2^31 elements (lowered only: no memory needed). Before the fix the last CTA's guard
+# (bx + 1) * 4096 <= N was evaluated in 32 bits: for 2^31 - 4096 < N < 2^31 it wrapped negative and the
+# unguarded path wrote up to 4,095 elements past the output (the stochastic path's up to 15).
+NEAR = 2**31 - 1000
+
+
+@pytest.mark.parametrize("src,dst,sr", [("float32", "bfloat16", False), ("bfloat16", "float8_e4m3fn", False), ("bfloat16", "float8_e4m3fn", True)])
+def test_guards_are_64_bit_near_2_31(src, dst, sr):
+    text = lower_for_cuda(lambda x: cast(x, dst, sr, impl="tilelang"), jax.ShapeDtypeStruct((NEAR,), src))
+    (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
+    assert k["grid"] == [2**19, 1, 1] and k["args"][-1] == (2, 8, NEAR)  # N: 8 bytes
+    source = C.cast_kernel.artifact(dict(in_dtype=src, out_dtype=dst, stochastic=sr), "sm_90a").source
+    signature = re.search(r'extern "C" __global__ void __launch_bounds__[^{]*', source).group(0)
+    assert "int64_t N)" in signature, signature
+    # No guard computes a CTA's first or last element in 32 bits.
+    assert not re.search(r"\(\(int\)blockIdx\.x\) \* 4096\)", source)
+    chunk_end = r"\(\(int64_t\)blockIdx\.x\) \* \(int64_t\)4096\)"
+    assert re.search(chunk_end + (r" \+ \(\(\(int64_t\)\(\(int\)threadIdx\.x\)\) \* \(int64_t\)16\)\) \+ \(int64_t\)16\) <= N" if sr else r" \+ \(int64_t\)4096\) <= N"), source)
+
+
+@pytest.mark.parametrize("shape", [(2**31 + 16,), (2**16, 2**16), (4, 2**31 - 1)])
+def test_more_than_2_31_elements_lower(shape):
+    n = int(np.prod(shape))
+    for sr in (False, True):
+        text = lower_for_cuda(lambda x: cast(x, "float8_e4m3fn", sr, impl="tilelang"), jax.ShapeDtypeStruct(shape, jnp.bfloat16))
+        (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
+        assert k["grid"] == [-(-n // 4096), 1, 1] and k["args"][-1] == (2, 8, n)
+
+
+def test_sizes_beyond_the_grid_are_rejected_at_trace_time():
+    x = jax.ShapeDtypeStruct((2**31 - 1, 2**14), jnp.bfloat16)  # 2^45 elements: 2^33 CTAs of 4096
+    with pytest.raises(ValueError, match="cast: x has 35184372072448 elements, more than the kernel's grid covers"):
+        jax.eval_shape(lambda x: cast(x, jnp.float32), x)
+    assert jax.eval_shape(lambda x: cast(x, jnp.float32, impl="xla"), x).shape == x.shape
 
 
 def _host_expected(x, dst, sr, seed=None):
@@ -339,3 +415,32 @@ def test_kernel_tunings_are_bit_exact(on_gpu, rng, src, dst, sr, tuning):
     seed = (np.zeros((1,), np.uint32),) if sr else ()
     y = on_gpu(lambda x, *s: C._cast_op(x, *s, dtype=dst, stochastic_rounding=sr, tuning=tuning, impl="tilelang"), x, *seed)
     assert_bytes_equal(y, _host_expected(x, dst, sr))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
+def test_kernel_near_2_31_writes_nothing_past_the_end(on_gpu, sr):
+    """N = 2^31 - 1000 elements viewed at the start of buffers 4,096 elements longer (the output's tail
+    zero-filled, the input's tail random): the output is the reference's, and its tail stays zero."""
+    import jax_tilek
+
+    n, pad = NEAR, 4096
+    rows = (n + pad) // 8
+    params = dict(in_dtype="bfloat16", out_dtype="float8_e4m3fn", stochastic=sr)
+    seed = (jnp.full((1,), 7, jnp.uint32),) if sr else ()
+
+    def program(key):
+        x = (jax.random.normal(key, (rows, 8), jnp.float32) * 100).astype(jnp.bfloat16)  # 4 GB
+        y = jax_tilek.tilelang_call(
+            C.cast_kernel, x, *seed, out_shape=jax.ShapeDtypeStruct((rows, 8), jnp.float8_e4m3fn), params=params,
+            views={"x": jax_tilek.View((n,)), "y": jax_tilek.View((n,)), **({"seed": jax_tilek.View((1,))} if sr else {})},
+            zero_fill=(0,), impl="tilelang",
+        )  # fmt: skip
+        y = jax.lax.bitcast_convert_type(y.reshape(-1), jnp.uint8)
+        expected = cast(x.reshape(-1)[:n], jnp.float8_e4m3fn, sr, seed=seed[0][0] if sr else None, impl="xla")
+        differ = jnp.sum(y[:n] != jax.lax.bitcast_convert_type(expected, jnp.uint8), dtype=jnp.int32)
+        return differ, y[n:]
+
+    differ, tail = on_gpu(program, jax.random.key(2024))
+    assert int(differ) == 0, f"{int(differ)} of {n} elements differ from the reference"
+    assert not np.asarray(tail).any(), f"the kernel wrote {np.count_nonzero(np.asarray(tail))} bytes past its {n} elements"

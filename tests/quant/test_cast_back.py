@@ -1,6 +1,8 @@
 """cast_back / per_token_cast_back / per_token_cast_and_cast_back / unpack_from_e2m1fn_x2: reference
 against independent numpy math, rules, lowering, and the GPU kernels (bit-exact)."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -79,6 +81,17 @@ CONFIGS = [
     ("e5m6", (1, 7168), "row", False, 7168, "bf16"),
     ("e5m6", (1, 4096), "col", False, 4096, "fp32"),
     ("e5m6", (1, 4096), "col_ue8m0", False, 4096, "fp32"),
+    # column-major e4m3 scales (16-byte aligned columns: the token axis padded to 16)
+    ("e4m3", (1, 128), "col", True, 4096, "bf16"),
+    # partial last channel block (H % bk != 0; TileKernels tests H = 576): every format and layout
+    ("e4m3", (1, 128), "row", False, 576, "bf16"),
+    ("e4m3", (1, 128), "col", True, 576, "fp32"),
+    ("e4m3", (1, 128), "col_ue8m0", False, 576, "bf16"),
+    ("e4m3", (128, 128), "col", False, 576, "fp32"),
+    ("e2m1", (1, 128), "row", True, 192, "fp32"),
+    ("e2m1", (1, 128), "col_ue8m0", False, 576, "bf16"),
+    ("e5m6", (1, 128), "row", False, 576, "bf16"),
+    ("e5m6", (1, 128), "col", False, 192, "fp32"),
 ]
 CONFIG_IDS = [f"{f}-{b[0]}x{b[1]}-{l}{'-e4m3sf' if e else ''}-{h}-{o}" for f, b, l, e, h, o in CONFIGS]
 
@@ -101,9 +114,12 @@ def _special(fmt):
     ("e5m6", (1, 192), "row", False, "bf16"),
     ("e5m6", (1, 192), "col_ue8m0", False, "fp32"),
     ("e5m6", (32, 64), "col", False, "bf16"),
+    ("e4m3", (1, 128), "col", True, "fp32"),  # partial last block, e4m3 scales in 16-byte aligned columns
+    ("e5m6", (1, 128), "col_ue8m0", False, "bf16"),
 ])  # fmt: skip
 def test_reference_matches_numpy(rng, fmt, block, layout, e4m3_sf, out):
     x, data, sf, logical = quantized(rng, 37, 192, fmt, block, layout, e4m3_sf)
+    assert logical.shape[1] == -(-192 // block[1])  # 192 % 128 != 0: a partial last block
     expected = np_dequantize(data, logical, fmt, block, out)
     y = jax.jit(lambda d, s: cast_back((d, s), out, block, _special(fmt), impl="xla"))(data, sf)
     assert_bytes_equal(y, expected)
@@ -164,7 +180,13 @@ def _sds(shape, dtype):
         (_sds((5, 128), E4M3), _sds((1, 4), jnp.int32), {}, r"expected \(1, 8\) \(col_ue8m0\)"),
         (_sds((5, 128), E4M3), _sds((1, 4), jnp.int32), dict(x_block_size=(1, 1)), r"expected \(2, 128\) \(ue8m0_along_m\)"),
         (_sds((5, 128), E4M3), _sds((1, 8), jnp.int32), dict(sf_layout="row"), "sf_layout='row' does not hold int32"),
-        (_sds((2**20, 4096), E4M3), _sds((2**20, 32), jnp.float32), {}, "T \\* H must be below 2\\^31"),
+        # (T * H >= 2^31 used to be refused here; the kernel now switches to 64-bit unit indices: test_huge_inputs_lower)
+        (_sds((2**31 - 2**10 + 1, 64), E4M3), _sds((2**31 - 2**10 + 1, 1), jnp.float32), {}, r"^cast_back: the data of x may have at most 2147482624 rows"),
+        (_sds((5, 192), E4M3), _sds((5, 2), jnp.float32), dict(x_block_size=(1, 128.0)), r"^cast_back: x_block_size must be two positive ints"),
+        (_sds((5, 192), E4M3), _sds((5, 2), jnp.float32), dict(x_block_size=(True, 128)), r"^cast_back: x_block_size must be two positive ints"),
+        (_sds((5, 192), E4M3), _sds((5, 2), jnp.float32), dict(x_block_size=(1, -128)), r"^cast_back: x_block_size must be two positive ints"),
+        (_sds((5, 576), E4M3), _sds((5, 48), jnp.float8_e4m3fn), {}, r"^cast_back: the scales of x, of shape \(5, 48\), do not fit .* expected \(5, 5\) \(row\), \(5, 16\) \(col\)"),
+        (_sds((5, 576), E4M3), _sds((5, 8), jnp.float8_e4m3fn), {}, r"expected \(5, 5\) \(row\), \(5, 16\) \(col\)"),  # e4m3 columns pad to 16, not 8
     ],
 )
 def test_cast_back_bad_inputs_raise_at_trace_time(data, sf, kwargs, message):
@@ -181,10 +203,75 @@ def test_abstract_eval_is_exact():
     assert out.shape == (9, 4096) and out.dtype == jnp.float32
 
 
+def test_e4m3_column_major_scales_pad_tokens_to_16(rng):
+    """TileKernels 2.1 stores column-major e4m3 scales as [K_b, align(M_b, 16)] (16-byte aligned columns)."""
+    x, data, sf, logical = quantized(rng, 36, 3072, "e4m3", (1, 128), "col", e4m3_sf=True)
+    assert sf.shape == (24, 48) and sf.dtype == E4M3
+    assert_bytes_equal(cast_back((data, sf), "fp32", (1, 128)), np_dequantize(data, logical, "e4m3", (1, 128), "fp32"))
+    out = jax.eval_shape(lambda d, s: per_token_cast_back((d, s), "bf16", 128), _sds((36, 576), E4M3), _sds((5, 48), E4M3))
+    assert out.shape == (36, 576)
+
+
+@pytest.mark.parametrize(
+    "fn,args,error,message",
+    [
+        (cast_back, ("not a pair", "bf16", (1, 128)), TypeError, r"^cast_back: x must be a QuantTensor"),
+        (cast_back, ((np.zeros((2, 128), E4M3),), "bf16", (1, 128)), ValueError, r"^cast_back: x must be a QuantTensor \(data, sf\), got 1 items"),
+        (cast_back, ((np.zeros((2, 128), E4M3), "abc"), "bf16", (1, 128)), TypeError, r"^cast_back: the scales of x must be an array"),
+        (cast_back, ((None, np.ones((2, 1), np.float32)), "bf16", (1, 128)), TypeError, r"^cast_back: the data of x must be an array"),
+        (cast_back, ((np.zeros((2, 128), E4M3), np.ones((2, 1), np.float32)), "bf16", 128), TypeError, r"^cast_back: x_block_size must be two positive ints"),
+        (cast_back, ((np.zeros((2, 128), E4M3), np.ones((2, 1), np.float32)), None, (1, 128)), TypeError, r"^cast_back: fmt \(the output type\)"),
+        (per_token_cast_back, ((np.zeros((2, 128), E4M3), np.ones((2, 1), np.float32)), "bf16", 128.0), TypeError, r"^per_token_cast_back: num_per_channels must be an int"),
+        (per_token_cast_back, ((np.zeros((2, 128), E4M3), np.ones((2, 1), np.float32)), "bf16", 0), ValueError, r"^per_token_cast_back: num_per_channels must be positive"),
+        (per_token_cast_back, ((np.zeros((2, 128), E4M3), np.ones((2, 3), np.float32)), "bf16", 128), ValueError, r"^per_token_cast_back: the scales of x, of shape \(2, 3\), do not fit"),
+        (per_token_cast_and_cast_back, ("abc", "e4m3", 128), TypeError, r"^per_token_cast_and_cast_back: x must be an array"),
+        (per_token_cast_and_cast_back, (np.ones((5, 192), np.float32), "e4m3", 128.0), TypeError, r"^per_token_cast_and_cast_back: num_per_channels must be an int"),
+        (per_token_cast_and_cast_back, (np.ones((5, 192), np.float32), "e4m3", 128, "no"), TypeError, r"^per_token_cast_and_cast_back: round_sf must be a bool"),
+        (per_token_cast_and_cast_back, (np.ones((5, 192), np.float32), "e4m3", 128, False, False, (0, 64.0)), TypeError, r"^per_token_cast_and_cast_back: columns must be an int"),
+        (unpack_from_e2m1fn_x2, ({1: 2},), TypeError, r"^unpack_from_e2m1fn_x2: x must be an array"),
+        (unpack_from_e2m1fn_x2, (np.zeros(4, np.uint8), "nope"), TypeError, r"^unpack_from_e2m1fn_x2: out_dtype must be a floating dtype"),
+        (unpack_from_e2m1fn_x2, (np.zeros(4, np.uint8), np.int32), ValueError, r"^unpack_from_e2m1fn_x2: out_dtype must be a floating dtype"),
+    ],
+)
+def test_arguments_raise_naming_the_op(fn, args, error, message):
+    with pytest.raises(error, match=message):
+        fn(*args)
+
+
+@pytest.mark.parametrize(
+    "data,sf,block,grid",
+    [
+        (_sds((2**20, 4096), E4M3), _sds((2**20, 32), jnp.float32), (1, 128), 2**32 // 8 // 2048),  # 2^29 units: int32
+        (_sds((2**22, 4096), E4M3), _sds((2**22, 32), jnp.float32), (1, 128), 2**34 // 8 // 2048),  # 2^31 units: int64
+        (_sds((2**31 - 2**10, 64), E4M3), _sds((1, 2**31 - 2**10), jnp.int32), (1, 64), -(-(2**31 - 2**10) * 8 // 2048)),
+    ],
+    ids=["2^32-elements", "2^34-elements-wide", "max-tokens-wide"],
+)
+def test_huge_inputs_lower(data, sf, block, grid):
+    """Every size eval_shape accepts lowers: T * H past 2^31 (the kernel's unit index turns int64 past 2^31 units)."""
+    text = lower_for_cuda(lambda d, s: cast_back((d, s), "bf16", block, impl="tilelang"), data, sf)
+    (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
+    assert k["grid"] == [grid, 1, 1] and [a[2] for a in k["args"] if a[0] != 0] == [data.shape[0]]
+
+
+@pytest.mark.parametrize(
+    "shape,columns",
+    [((2**18, 2**13), None), ((2**24, 2**13), None), ((2**31 - 2**10, 64), None), ((3, 2**30), (64, 2**30))],
+    ids=["2^31-elements", "2^37-elements-wide", "max-tokens", "long-rows"],
+)
+def test_round_trip_huge_inputs_lower(shape, columns):
+    text = lower_for_cuda(lambda x: per_token_cast_and_cast_back(x, "e4m3", 128, columns=columns, impl="tilelang"), _sds(shape, jnp.bfloat16))
+    (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
+    hidden = shape[1] if columns is None else columns[1] - columns[0]
+    slots = -(-hidden // 128) * 8  # 16 bf16 values per thread, 8 threads per 128-value group
+    assert k["grid"] == [-(-shape[0] * slots // 512), 1, 1]
+    assert [a[2] for a in k["args"] if a[0] != 0] == [shape[0], shape[1] // 2]
+
+
 def _sf_struct(fmt, block, layout, e4m3_sf, tokens, hidden):
     m_b, k_b = F.num_blocks((tokens, hidden), block)
-    shape, dtype = F.sf_storage_shape(layout, (m_b, k_b))
-    return _sds(shape, E4M3 if e4m3_sf else dtype)
+    shape, dtype = F.sf_storage_shape(layout, (m_b, k_b), E4M3 if e4m3_sf else np.float32)
+    return _sds(shape, dtype)
 
 
 def _data_struct(fmt, tokens, hidden):
@@ -219,7 +306,8 @@ def np_round_trip(x, fmt, npc, round_sf=False, use_e4m3_sf=False, columns=None):
     start, stop = columns or (0, x.shape[1])
     xs = np.asarray(x)[:, start:stop].astype(np.float32)
     t, h = xs.shape
-    g = xs.reshape(t, h // npc, npc)
+    k_b = -(-h // npc)  # a partial last group: zeros pad it (they do not change its amax, and are cut off below)
+    g = np.pad(xs, ((0, 0), (0, k_b * npc - h))).reshape(t, k_b, npc)
     fmax = np.float32(448 if fmt == "e4m3" else 6)
     a = np.maximum(np.abs(g).max(-1), np.float32(1e-4 if fmt == "e4m3" else 6 * 2.0**-126))
     sf = a / fmax
@@ -234,7 +322,7 @@ def np_round_trip(x, fmt, npc, round_sf=False, use_e4m3_sf=False, columns=None):
         inv = fmax / a
     v = g * inv[..., None]
     q = np.clip(v, -fmax, fmax).astype(ml_dtypes.float8_e4m3fn if fmt == "e4m3" else ml_dtypes.float4_e2m1fn).astype(np.float32)
-    return (q * sf[..., None]).reshape(t, h).astype(x.dtype)
+    return (q * sf[..., None]).reshape(t, k_b * npc)[:, :h].astype(x.dtype)
 
 
 RT_CONFIGS = [  # (dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns): every GPU configuration
@@ -245,6 +333,12 @@ RT_CONFIGS = [  # (dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns): eve
     (np.float32, "e2m1", 32, True, False, 7168, None),
     (ml_dtypes.bfloat16, "e2m1", 128, False, False, 4096, (512, 4608)),
     (np.float32, "e4m3", 16, False, False, 7168, (1024, 8192)),
+    # partial last group (H % npc != 0)
+    (ml_dtypes.bfloat16, "e4m3", 128, False, False, 576, None),
+    (np.float32, "e2m1", 128, True, False, 192, None),
+    (ml_dtypes.bfloat16, "e2m1", 128, False, True, 576, (64, 640)),
+    (np.float32, "e4m3", 128, False, True, 576, None),
+    (ml_dtypes.bfloat16, "e4m3", 128, True, False, 64, None),
 ]
 RT_IDS = [f"{np.dtype(d).name}-{f}-{n}{'-round' if r else ''}{'-e4m3sf' if e else ''}-{h}{'-window' if c else ''}" for d, f, n, r, e, h, c in RT_CONFIGS]
 
@@ -257,17 +351,18 @@ def _rt_input(rng, tokens, dtype, hidden, columns, fmt, use_e4m3_sf):
 
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("hidden", [256, 192], ids=["256", "192-partial"])
 @pytest.mark.parametrize("fmt,npc,round_sf,use_e4m3_sf", [
     ("e4m3", 128, False, False), ("e4m3", 16, True, False), ("e4m3", 32, False, True),
-    ("e2m1", 16, False, True), ("e2m1", 32, True, False), ("e2m1", 64, False, False),
+    ("e2m1", 16, False, True), ("e2m1", 32, True, False), ("e2m1", 64, False, False), ("e2m1", 128, True, False),
 ])  # fmt: skip
-def test_round_trip_reference_matches_numpy(rng, dtype, fmt, npc, round_sf, use_e4m3_sf):
-    columns = (64, 320)
-    x = _rt_input(rng, 9, dtype, 256, columns, fmt, use_e4m3_sf)
+def test_round_trip_reference_matches_numpy(rng, dtype, hidden, fmt, npc, round_sf, use_e4m3_sf):
+    columns = (64, 64 + hidden)
+    x = _rt_input(rng, 9, dtype, hidden, columns, fmt, use_e4m3_sf)
     expected = np_round_trip(x, fmt, npc, round_sf, use_e4m3_sf, columns)
     y = jax.jit(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns=columns, impl="xla"))(x)
     assert_bytes_equal(y, expected)
-    assert calc_diff(expected, x[:, 64:320]) < TOLERANCE[fmt]
+    assert calc_diff(expected, x[:, columns[0] : columns[1]]) < TOLERANCE[fmt]
 
 
 @pytest.mark.parametrize(
@@ -280,10 +375,13 @@ def test_round_trip_reference_matches_numpy(rng, dtype, fmt, npc, round_sf, use_
         ((5, 128), jnp.bfloat16, dict(round_sf=True, use_e4m3_sf=True), "exclusive"),
         ((5, 128), jnp.bfloat16, dict(columns=(64, 256)), "is not a window"),
         ((5, 160), jnp.bfloat16, dict(num_per_channels=32), "must be a multiple of 64"),
-        ((5, 192), jnp.bfloat16, dict(num_per_channels=128), "and of num_per_channels=128"),
+        # ((5, 192), npc=128) used to be refused ("and of num_per_channels=128"): a partial last group is now supported
+        ((5, 192), jnp.bfloat16, dict(num_per_channels=0), r"^per_token_cast_and_cast_back: num_per_channels must be one of"),
+        ((5, 0), jnp.bfloat16, {}, r"^per_token_cast_and_cast_back: the hidden size \(window width\) 0 of x must be a multiple of 64 and positive"),
         ((5, 264), jnp.bfloat16, dict(columns=(4, 132)), r"columns start \(4\) and the row length \(264\) must be multiples of 8"),
         ((5, 130), jnp.float32, dict(columns=(0, 128)), r"the row length \(130\) must be multiples of 4"),
-        ((2**18, 2**13), jnp.bfloat16, {}, "fewer than 2\\^31 elements"),
+        # ((2**18, 2**13)) used to be refused ("fewer than 2^31 elements"); it lowers now (test_huge_inputs_lower)
+        ((2**31 - 2**10 + 1, 64), jnp.bfloat16, {}, r"^per_token_cast_and_cast_back: x may have at most 2147482624 rows"),
     ],
 )
 def test_round_trip_bad_inputs_raise_at_trace_time(shape, dtype, kwargs, message):
@@ -306,7 +404,8 @@ def test_round_trip_lowers_to_one_launch(config, tokens):
         return
     (k,) = record["kernels"]
     itemsize = np.dtype(dtype).itemsize
-    assert k["grid"] == [-(-tokens * hidden * itemsize // 32 // 512), 1, 1] and k["block"] == [256, 1, 1]
+    slots = -(-(hidden * itemsize // 32) // (npc * itemsize // 32)) * (npc * itemsize // 32)  # chunk slots per row (groups never straddle rows)
+    assert k["grid"] == [-(-tokens * slots // 512), 1, 1] and k["block"] == [256, 1, 1]
     start = 0 if columns is None else columns[0]
     assert (0, 0, start * itemsize) in k["args"] and (0, 1, 0) in k["args"]
     assert [a[2] for a in k["args"] if a[0] != 0] == [tokens, width * itemsize // 4]  # N and the row stride in words
@@ -360,6 +459,8 @@ def test_unpack_from_e2m1fn_x2(rng):
         unpack_from_e2m1fn_x2(np.uint8(3))
     with pytest.raises(ValueError, match="must be uint8 or int8"):
         unpack_from_e2m1fn_x2(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match=r"^unpack_from_e2m1fn_x2: impl must be one of"):
+        unpack_from_e2m1fn_x2(x, impl="cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +468,7 @@ def test_unpack_from_e2m1fn_x2(rng):
 
 
 # 4001 tokens (not a multiple of any block) for a subset that covers every format, block shape and layout
-BIG = {0, 2, 4, 5, 8, 9, 10, 11, 14, 15, 16, 17}
+BIG = {0, 2, 4, 5, 8, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26}
 GPU_CASES = [(c, i, 5) for i, c in enumerate(CONFIGS)] + [(c, i, 4001) for i, c in enumerate(CONFIGS) if i in BIG]
 
 
@@ -408,3 +509,68 @@ def test_round_trip_kernel_zero_tokens(on_gpu):
     dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = RT_CONFIGS[0]
     y = on_gpu(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns, impl="tilelang"), np.zeros((0, hidden), dtype))
     assert y.shape == (0, hidden) and y.dtype == dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: sizes past int32 indices (rows built on the device from a small random block with a prime period,
+# so that a row index off by 2^k would read different data).
+
+cb_module = importlib.import_module("jax_tilek.quant.cast_back")  # the module (jax_tilek.quant.cast_back is the function)
+WIDE_CONFIGS = [CONFIGS[i] for i in (19, 24, 25, 6)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", WIDE_CONFIGS, ids=[CONFIG_IDS[i] for i in (19, 24, 25, 6)])
+def test_cast_back_kernel_with_64_bit_indices(on_gpu, rng, config):
+    """The int64-index kernel (chosen past 2^31 units) on ordinary inputs: bit-exact too."""
+    fmt, block, layout, e4m3_sf, hidden, out = config
+    _, data, sf, logical = quantized(rng, 4001, hidden, fmt, block, layout, e4m3_sf)
+    static = dict(fmt=out, x_block_size=block, x_special_fmt=_special(fmt), sf_layout=layout, name="cast_back", force_wide=True)
+    y = on_gpu(lambda d, s: cb_module._cast_back_op(d, s, impl="tilelang", **static), data, sf)
+    assert_bytes_equal(y, np_dequantize(data, logical, fmt, block, out))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [RT_CONFIGS[i] for i in (0, 8, 9)], ids=[RT_IDS[i] for i in (0, 8, 9)])
+def test_round_trip_kernel_with_64_bit_indices(on_gpu, rng, config):
+    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = config
+    x = _rt_input(rng, 4001, dtype, hidden, columns, fmt, use_e4m3_sf)
+    static = dict(fmt=fmt, num_per_channels=npc, round_sf=round_sf, use_e4m3_sf=use_e4m3_sf, columns=columns, force_wide=True)
+    y = on_gpu(lambda x: cb_module._round_trip_op(x, impl="tilelang", **static), x)
+    assert_bytes_equal(y, np_round_trip(x, fmt, npc, round_sf, use_e4m3_sf, columns))
+
+
+def _tiled_rows(small, tokens):
+    """``[tokens, ...]`` whose row r is ``small[r % len(small)]``, built on the device."""
+    return small[jnp.arange(tokens) % small.shape[0]]
+
+
+@pytest.mark.gpu
+def test_cast_back_kernel_past_2_31_units(on_gpu, rng):
+    """e4m3 [2^22 + 3, 4096] -> bf16 (16 GiB in, 32 GiB out): 2^31 + 1536 units of 8 values, the int64 kernel.
+    Rows around unit 2^31 (row 2^22) and the last rows are checked."""
+    tokens, hidden, block = 2**22 + 3, 4096, (1, 128)
+    _, data, _, logical = quantized(rng, 1021, hidden, "e4m3", block, "row")  # 1021 rows: a prime period
+    sf = np.exp2(rng.integers(-8, 9, size=(1019, hidden // 128))).astype(np.float32)  # another prime period
+    rows = np.array([0, 1, 2**22 - 2, 2**22 - 1, 2**22, 2**22 + 1, tokens - 1])
+
+    def program(small_data, small_sf):
+        y = cast_back((_tiled_rows(small_data, tokens), _tiled_rows(small_sf, tokens)), "bf16", block, impl="tilelang")
+        return y[rows]
+
+    y = on_gpu(program, data, sf)
+    assert_bytes_equal(y, np_dequantize(data[rows % 1021], sf[rows % 1019], "e4m3", block, "bf16"))
+
+
+@pytest.mark.gpu
+def test_round_trip_kernel_past_2_31_elements(on_gpu, rng):
+    """bf16 [2^18 + 5, 8192] (2^31 + 40960 elements, refused before): rows past element 2^31 checked."""
+    tokens, hidden = 2**18 + 5, 8192
+    small = _rt_input(rng, 1021, ml_dtypes.bfloat16, hidden, None, "e4m3", False)
+    rows = np.array([0, 2**18 - 1, 2**18, 2**18 + 1, tokens - 1])
+
+    def program(small):
+        return per_token_cast_and_cast_back(_tiled_rows(small, tokens), "e4m3", 128, impl="tilelang")[rows]
+
+    y = on_gpu(program, small)
+    assert_bytes_equal(y, np_round_trip(small[rows % 1021], "e4m3", 128))

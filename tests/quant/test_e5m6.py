@@ -192,3 +192,33 @@ def test_kernel_round_trip(on_gpu, rng, config, tokens, special):
         expected = np.asarray(cast_back((data, sf[:, None]), "fp32", (1, hidden), "e5m6", impl="xla")).astype(back.dtype)
     assert_bytes_equal(back, expected)
     assert calc_diff(np.asarray(back[:512], np.float32), x[:512].astype(np.float32)) < (5e-6 if special else 1e-4)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,message",
+    [
+        ((jax.ShapeDtypeStruct((2**31 - 2**10 + 1, 64), jnp.bfloat16), 64), {}, ValueError, r"^per_token_cast_to_e5m6: x may have at most 2147482624 rows"),
+        ((jax.ShapeDtypeStruct((4, 128), jnp.float32), 128.0), {}, TypeError, r"^per_token_cast_to_e5m6: num_per_channels must be an int"),
+        ((jax.ShapeDtypeStruct((4, 128), jnp.float32), 128), dict(round_sf="yes"), TypeError, r"^per_token_cast_to_e5m6: round_sf must be a bool"),
+        ((jax.ShapeDtypeStruct((4, 0), jnp.float32), 0), {}, ValueError, r"^per_token_cast_to_e5m6: the hidden size of x must be a positive multiple of 64"),
+        ((jax.ShapeDtypeStruct((4, 128), jnp.float32), 128), dict(use_packed_ue8m0=True), ValueError, r"^per_token_cast_to_e5m6: use_packed_ue8m0 needs"),
+    ],
+)
+def test_arguments_raise_naming_the_op(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        jax.eval_shape(lambda x: per_token_cast_to_e5m6(x, *args[1:], **kwargs), args[0])
+
+
+@pytest.mark.parametrize("x", ["abc", None, {"a": 1}], ids=["str", "none", "dict"])
+def test_python_objects_raise_naming_the_op(x):
+    with pytest.raises(TypeError, match=r"^per_token_cast_to_e5m6: x must be an array"):
+        per_token_cast_to_e5m6(x, 128)
+
+
+def test_huge_inputs_lower():
+    """One CTA per row up to formats.MAX_TOKENS rows (gridDim.x <= 2^31 - 1), 64-bit element offsets."""
+    tokens = F.MAX_TOKENS
+    text = lower_for_cuda(lambda x: cast(x, "col", impl="tilelang"), jax.ShapeDtypeStruct((tokens, 64), jnp.bfloat16))
+    record = decode_record(tilek_calls(text)[0]["launch"])
+    (k,) = record["kernels"]
+    assert k["grid"] == [tokens, 1, 1] and [a[2] for a in k["args"] if a[0] != 0] == [tokens]

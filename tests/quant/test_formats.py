@@ -164,3 +164,65 @@ def test_the_reference_is_jittable(rng):
     x = jnp.asarray(rng.standard_normal((8, 128)), jnp.bfloat16)
     out = jax.jit(lambda x: F.quantize_blocks(x, "e2m1", (1, 32), round_sf=True))(x)
     assert out[0].shape == (8, 64) and out[0].dtype == jnp.uint8 and out[1].shape == (8, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Column-major padding by scale width, partial blocks, and the shared argument rules.
+
+
+@pytest.mark.parametrize("dtype,padded", [(np.float32, 36), (ml_dtypes.float8_e4m3fn, 48)], ids=["fp32", "e4m3"])
+def test_col_major_storage_pads_tokens_to_16_bytes(rng, dtype, padded):
+    """TileKernels 2.1: the token axis of TMA-aligned column-major scales is align(M_b, 16 / sf_bytes), so
+    every column starts 16-byte aligned: [24, 36] for fp32 scales, [24, 48] for e4m3 scales."""
+    m_b, k_b = 36, 24
+    sf = np.exp2(rng.uniform(-6, 6, (m_b, k_b))).astype(np.float32).astype(dtype)
+    stored = np.asarray(F.store_sf(jnp.asarray(sf), "col"))
+    assert stored.shape == (k_b, padded) and stored.dtype == np.dtype(dtype)
+    assert F.sf_storage_shape("col", (m_b, k_b), dtype) == ((k_b, padded), np.dtype(dtype))
+    assert F.tma_aligned(m_b, dtype) == padded and F.tma_alignment(dtype) == 16 // np.dtype(dtype).itemsize
+    assert_equal_bytes(stored[:, :m_b], np.ascontiguousarray(sf.T))
+    assert (stored[:, m_b:].view(np.uint8) == 0).all()
+    np.testing.assert_array_equal(np.asarray(F.load_sf(jnp.asarray(stored), "col", (m_b, k_b))), sf.astype(np.float32))
+    # 4-byte layouts keep the multiple of 4
+    assert F.sf_storage_shape("col_ue8m0", (m_b, k_b), dtype)[0] == (6, 36)
+    assert F.sf_storage_shape("col", (37, 3), np.float32)[0] == (3, 40) and F.sf_storage_shape("col", (37, 3), ml_dtypes.float8_e4m3fn)[0] == (3, 48)
+
+
+def assert_equal_bytes(a, b):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e2m1", "e5m6"])
+@pytest.mark.parametrize("hidden,bk", [(576, 128), (192, 128), (64, 128)])
+def test_partial_last_block_uses_the_columns_it_has(rng, fmt, hidden, bk):
+    """K_b = ceil(H / bk); the last block's amax (and so its scale) comes from its own columns only, as in
+    TileKernels' torch.cast (which pads and masks the padding out of the maximum)."""
+    x = (rng.standard_normal((5, hidden)) * np.exp2(rng.integers(-6, 6, (5, 1)))).astype(np.float32)
+    x[:, (hidden // bk) * bk :] *= 0.01  # the partial block's values are much smaller than the others'
+    data, sf = F.quantize_blocks(jnp.asarray(x), fmt, (1, bk))
+    k_b = -(-hidden // bk)
+    assert sf.shape == (5, k_b)
+    f = F.get_format(fmt)
+    amax = np.stack([np.abs(x[:, k * bk : (k + 1) * bk]).max(-1) for k in range(k_b)], axis=-1)  # slices clip at H
+    np.testing.assert_array_equal(np.asarray(sf), np.maximum(amax, np.float32(f.amax_floor)) / np.float32(f.max_value))
+    back = F.dequantize_blocks(data, sf, fmt, (1, bk))
+    assert back.shape == x.shape
+    assert calc_diff(back[:, (hidden // bk) * bk :], x[:, (hidden // bk) * bk :]) < {"e4m3": 1e-3, "e2m1": 2e-2, "e5m6": 1e-4}[fmt]
+
+
+def test_argument_rules_name_the_op():
+    with pytest.raises(ValueError, match=r"^my_op: num_per_channels must be one of \(16, 32, 64, 128\) or the hidden size 576, got 48$"):
+        F.check_num_per_channels("my_op", 48, 576)
+    assert F.check_num_per_channels("my_op", np.int64(128), 576) == 128  # need not divide H
+    assert F.check_num_per_channels("my_op", 576, 576) == 576
+    for bad in (128.0, True, "128", None, np.array([128])):
+        with pytest.raises(TypeError, match=r"^my_op: num_per_channels must be an int"):
+            F.check_num_per_channels("my_op", bad, 576)
+    for bad in ("yes", 2, None, 1.0):
+        with pytest.raises(TypeError, match=r"^my_op: round_sf must be a bool"):
+            F.static_bool("my_op", "round_sf", bad)
+    assert F.static_bool("my_op", "round_sf", np.True_) is True and F.static_bool("my_op", "round_sf", 0) is False
+    with pytest.raises(ValueError, match=r"^my_op: use_packed_ue8m0 needs use_tma_aligned_col_major_sf"):
+        F.sf_layout(False, True, True, op="my_op")
+    with pytest.raises(ValueError, match=r"^use_packed_ue8m0 needs round_sf"):  # unprefixed for callers that add their own
+        F.sf_layout(True, True, False)

@@ -1,5 +1,8 @@
 """per_block_cast (+ sf-only, + precomputed sf): numpy reference, rules, lowering, the GPU kernel."""
 
+import importlib
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -8,6 +11,8 @@ import pytest
 
 from jax_tilek.quant import formats as F
 from jax_tilek.quant.per_block_cast import per_block_cast, per_block_cast_with_precomputed_sf, per_block_cast_with_sf_only, tile_shape
+
+P = importlib.import_module("jax_tilek.quant.per_block_cast")  # module, not the function `per_block_cast`
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff, check_bias, np_load_sf, np_store_sf, rand_float
@@ -164,6 +169,80 @@ def test_bad_inputs_raise_at_trace_time(fn, shape, dtype, message):
         jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
 
 
+_X = jnp.zeros((4, 64), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: per_block_cast(_X, "e4m3", (32.0, 128.0)), TypeError, "per_block_cast: block_size must be an integer, got 32.0"),
+        (lambda: per_block_cast(_X, "e4m3", 32), TypeError, r"per_block_cast: block_size must be a pair \(bm, bk\)"),
+        (lambda: per_block_cast(_X, "e4m3", "32x32"), TypeError, r"per_block_cast: block_size must be a pair \(bm, bk\)"),
+        (lambda: per_block_cast(_X, "e4m3", (0, 128)), ValueError, r"per_block_cast: block_size must be \(bm, bk\) with bm, bk in \(32, 128\)"),
+        (lambda: per_block_cast(_X, "e4m3", (True, 128)), TypeError, "per_block_cast: block_size must be an integer, got True"),
+        (lambda: per_block_cast(_X, ["e4m3"], (32, 32)), ValueError, "per_block_cast: fmt must be one of"),
+        (lambda: per_block_cast(_X, "e4m3", (32, 32), "yes"), TypeError, "per_block_cast: use_tma_aligned_col_major_sf must be True or False"),
+        (lambda: per_block_cast(_X, "e4m3", (32, 32), round_sf=None), TypeError, "per_block_cast: round_sf must be True or False"),
+        (lambda: per_block_cast(_X.tolist(), "e4m3", (32, 32)), TypeError, "per_block_cast: x must be an array, got list"),
+        (lambda: per_block_cast(_X, "e4m3", (32, 32), impl="cuda"), ValueError, "per_block_cast: impl must be one of"),
+        (lambda: per_block_cast_with_sf_only(None, "e4m3", (32, 32)), TypeError, "per_block_cast_with_sf_only: x must be an array"),
+        (lambda: per_block_cast_with_sf_only(_X, "e4m3", (32, 32.5)), TypeError, "per_block_cast_with_sf_only: block_size must be an integer"),
+        (lambda: per_block_cast_with_precomputed_sf(_X, "e4m3", (32, 32), [[1.0, 1.0]]), TypeError, "per_block_cast_with_precomputed_sf: sf must be an array, got list"),
+        (lambda: per_block_cast_with_precomputed_sf(_X, "e4m3", (32, 32), jnp.ones((1, 2)), use_packed_ue8m0=1), TypeError, "per_block_cast_with_precomputed_sf: use_packed_ue8m0 must be True or False"),
+    ],
+)  # fmt: skip
+def test_misuse_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "fn,shape,message",
+    [
+        (lambda x: per_block_cast(x, "e4m3", (32, 32)), (1, 2**31), "per_block_cast: x has 2147483648 elements along axis 1"),
+        (lambda x: per_block_cast_with_sf_only(x, "e2m1", (128, 128)), (2**31, 64), "per_block_cast_with_sf_only: x has 2147483648 elements along axis 0"),
+    ],
+)
+def test_extents_beyond_the_kernel_are_rejected_at_trace_time(fn, shape, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, jnp.bfloat16))
+
+
+# Token counts whose token tiles exceed grid y's 65,535 take one flat grid; extents near 2^31 lower
+# (the kernel's extents are 64-bit). (shape, dtype, fmt, block, sf layout)
+LARGE = [
+    ((65535 * 32 + 1, 64), BF16, "e4m3", (32, 32), "col_ue8m0"),
+    ((3_000_000, 128), FP32, "e2m1", (32, 128), "row"),
+    ((65536 * 128, 64), BF16, "e4m3", (128, 128), "col"),
+    ((2**31 - 64, 64), BF16, "e2m1", (128, 32), "row_round"),
+    ((2, 2**31 - 64), FP32, "e4m3", (32, 128), "col_ue8m0"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,fmt,block,sf", LARGE, ids=lambda v: str(v))
+def test_large_shapes_lower(shape, dtype, fmt, block, sf):
+    tm, tk = tile_shape(block)
+    m_tiles, k_tiles = -(-shape[0] // tm), -(-shape[1] // tk)
+    flat = m_tiles > 65535
+    for fn, nbuffers in [
+        (lambda x: per_block_cast(x, fmt, block, **_flags(sf)), 3),
+        (lambda x: per_block_cast_with_sf_only(x, fmt, block, **_flags(sf)), 2),
+    ]:
+        (call,) = tilek_calls(lower_for_cuda(fn, jax.ShapeDtypeStruct(shape, dtype)))
+        (k,) = decode_record(call["launch"])["kernels"]
+        assert k["grid"] == ([m_tiles * k_tiles, 1, 1] if flat else [k_tiles, m_tiles, 1])
+        assert sorted(a[1] for a in k["args"] if a[0] == 0) == list(range(nbuffers))
+        assert all(a[1] == 8 for a in k["args"] if a[0] == 2)  # every extent is a 64-bit scalar
+
+
+def test_kernel_extents_are_64_bit():
+    for fold in (False, True):
+        params = dict(in_dtype="float32", fmt="e4m3", bm=32, bk=128, layout="col_ue8m0", round_sf=True, mode="cast")
+        source = P.per_block_cast_kernel.artifact(dict(params, **({"fold": True} if fold else {})), "sm_90a").source
+        signature = re.search(r'extern "C" __global__ void __launch_bounds__[^{]*', source).group(0)
+        assert signature.endswith("int64_t m_bytes, int64_t num_tokens, int64_t x_words) "), signature
+
+
 # ---------------------------------------------------------------------------------------------
 # The configurations the GPU runs: (dtype, fmt, block, sf layout) for the cast; sf-only and
 # precomputed-sf variants. Each is one cubin (token count and hidden size are runtime values).
@@ -278,3 +357,44 @@ def test_precomputed_sf_kernel(on_gpu, rng, cfg):
     for x, sf, data in zip(inputs[::2], inputs[1::2], outs):
         inv = (np.float32(1) / sf).astype(np.float32)
         assert_bytes_equal(data, np_encode(x.astype(np.float32) * _expand(inv, block, x.shape), fmt))
+
+
+# The flat grid (``fold``), forced on the shapes above, and chosen for a token count beyond grid y.
+GPU_FOLD = [(BF16, "e4m3", (32, 32), "col_ue8m0"), (FP32, "e2m1", (128, 128), "col"), (BF16, "e2m1", (32, 128), "row")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", GPU_FOLD, ids=_cfg_id)
+def test_flat_grid_kernel_is_bit_exact(on_gpu, rng, cfg):
+    dtype, fmt, block, sf = cfg
+    layout = F.sf_layout(*SF_FLAGS[sf][::2], SF_FLAGS[sf][1])
+    inputs = [_input(rng, shape, dtype) for shape in GPU_SHAPES]
+    given = [np.exp2(rng.uniform(-30, 10, size=F.num_blocks(x.shape, block))).astype(np.float32) for x in inputs]
+    statics = dict(fmt=fmt, block_size=block, fold=True, impl="tilelang")
+
+    def program(xs, given):
+        return [
+            (
+                P._per_block_cast_op(x, layout=layout, round_sf=SF_FLAGS[sf][1], **statics),
+                P._sf_only_op(x, layout=layout, round_sf=SF_FLAGS[sf][1], **statics),
+                P._with_sf_op(x, s, **statics),
+            )
+            for x, s in zip(xs, given)
+        ]
+
+    for x, s, ((data, scales), sf_only, with_sf) in zip(inputs, given, on_gpu(program, inputs, given)):
+        expected_data, expected_sf = np_per_block_cast(x, fmt, block, sf)
+        assert_bytes_equal(data, expected_data)
+        assert_bytes_equal(scales, expected_sf)
+        assert_bytes_equal(sf_only, expected_sf)
+        inv = (np.float32(1) / s).astype(np.float32)
+        assert_bytes_equal(with_sf, np_encode(x.astype(np.float32) * _expand(inv, block, x.shape), fmt))
+
+
+@pytest.mark.gpu
+def test_kernel_beyond_grid_y_is_bit_exact(on_gpu, rng):
+    x = _input(rng, (65535 * 32 + 33, 64), BF16)  # 65,537 token tiles of 32
+    data, scales = on_gpu(lambda x: per_block_cast(x, "e4m3", (32, 32), **_flags("col_ue8m0"), impl="tilelang"), x)
+    expected_data, expected_sf = np_per_block_cast(x, "e4m3", (32, 32), "col_ue8m0")
+    assert_bytes_equal(scales, expected_sf)
+    assert_bytes_equal(data, expected_data)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.per_block_cast_lossless import per_block_cast_lossless, tile_plan
+from jax_tilek.quant.per_block_cast_lossless import _lossless_op, per_block_cast_lossless, tile_plan
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, np_store_sf
@@ -175,6 +175,63 @@ def test_bad_inputs_raise_at_trace_time(call, message):
         call()
 
 
+_D, _S = jnp.zeros((4, 64), jnp.uint8), jnp.ones((4, 4), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: per_block_cast_lossless((_D, _S), "e4m3", (1.0, 32.0), (1, 128)), TypeError, r"per_block_cast_lossless: x_block_size must be a pair \(bm, bk\) of integers, got \(1.0, 32.0\)"),
+        (lambda: per_block_cast_lossless((_D, _S), "e4m3", (1, 32), 128), TypeError, "per_block_cast_lossless: out_block_size must be a pair"),
+        (lambda: per_block_cast_lossless((_D, _S), "e4m3", (1, 32), (1, 128, 1)), ValueError, r"per_block_cast_lossless: out_block_size must be a pair \(bm, bk\), got \(1, 128, 1\)"),
+        (lambda: per_block_cast_lossless((_D, _S), "e4m3", (0, 128), (1, 128)), ValueError, r"per_block_cast_lossless: x_block_size must be \(bm, bk\) with bm in"),
+        (lambda: per_block_cast_lossless((_D, _S), "e4m3", (1, 0), (1, 128)), ValueError, r"per_block_cast_lossless: x_block_size must be \(bm, bk\) with bm in"),
+        (lambda: per_block_cast_lossless(_D, "e4m3", (1, 32), (1, 128)), TypeError, r"per_block_cast_lossless: x must be a QuantTensor, a pair \(data, sf\), got ArrayImpl"),
+        (lambda: per_block_cast_lossless((_D,), "e4m3", (1, 32), (1, 128)), TypeError, "per_block_cast_lossless: x must be a QuantTensor"),
+        (lambda: per_block_cast_lossless((_D.tolist(), _S), "e4m3", (1, 32), (1, 128)), TypeError, "per_block_cast_lossless: x's data must be an array, got list"),
+        (lambda: per_block_cast_lossless((_D, None), "e4m3", (1, 32), (1, 128)), TypeError, "per_block_cast_lossless: x's scales must be an array, got NoneType"),
+        (lambda: per_block_cast_lossless((_D, _S), None, (1, 32), (1, 128)), ValueError, "per_block_cast_lossless: only e2m1 -> e4m3 is lossless"),
+        (lambda: per_block_cast_lossless((_D, _S), "e4m3", (1, 32), (1, 128), "no"), TypeError, "per_block_cast_lossless: use_tma_aligned_col_major_sf must be True or False"),
+        (lambda: per_block_cast_lossless((_D, _S), "e4m3", (1, 32), (1, 128), x_sf_layout=["row"]), ValueError, "per_block_cast_lossless: x_sf_layout must be"),
+        (lambda: per_block_cast_lossless((_D, _S), "e4m3", (1, 32), (1, 128), impl="cuda"), ValueError, "per_block_cast_lossless: impl must be one of"),
+    ],
+)  # fmt: skip
+def test_misuse_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_extents_beyond_the_kernel_are_rejected_at_trace_time():
+    data, sf = jax.ShapeDtypeStruct((1, 2**30), jnp.uint8), jax.ShapeDtypeStruct((1, 2**26), jnp.float32)  # H = 2^31
+    fn = lambda d, s: per_block_cast_lossless((d, s), "e4m3", (1, 32), (1, 128), x_sf_layout="row")  # noqa: E731
+    with pytest.raises(ValueError, match="per_block_cast_lossless: the output data has 2147483648 elements along axis 1"):
+        jax.eval_shape(fn, data, sf)
+
+
+# Token counts whose token tiles exceed grid y's 65,535 take one flat grid (the kernel's extents are
+# 64-bit). (T, H, x_block, out_block, input sf layout, output sf layout)
+LARGE = [
+    (65535 * 32 + 1, 32, (1, 32), (1, 128), "row", "col_ue8m0"),
+    (3_000_000, 256, (1, 32), (32, 32), "col_ue8m0", "row"),
+    (65536 * 128 + 1, 64, (32, 32), (128, 128), "col", "col"),
+]
+
+
+@pytest.mark.parametrize("t,h,x_block,out_block,in_layout,out_layout", LARGE, ids=lambda v: str(v))
+def test_large_token_counts_take_a_flat_grid(t, h, x_block, out_block, in_layout, out_layout):
+    plan = tile_plan(x_block, out_block)
+    m_tiles, k_tiles = -(-t // plan["tm"]), -(-h // plan["tk"])
+    in_sf = F.sf_storage_shape(in_layout, F.num_blocks((t, h), x_block))
+    text = lower_for_cuda(
+        lambda d, s: per_block_cast_lossless((d, s), "e4m3", x_block, out_block, **_flags(out_layout), x_sf_layout=in_layout),
+        jax.ShapeDtypeStruct((t, h // 2), jnp.uint8), jax.ShapeDtypeStruct(*in_sf),
+    )  # fmt: skip
+    (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
+    assert m_tiles > 65535 and k["grid"] == [m_tiles * k_tiles, 1, 1]
+    assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2, 3]
+    assert all(a[1] == 8 for a in k["args"] if a[0] == 2)  # every extent is a 64-bit scalar
+
+
 def test_uint8_data_is_required():
     with pytest.raises(ValueError, match="packed e2m1 uint8"):
         jax.eval_shape(
@@ -240,3 +297,28 @@ def test_kernel_is_exact(on_gpu, rng, cfg):
     outs = on_gpu(program, *args)
     for i, ((data, _, logical), result) in enumerate(zip(cases, outs)):
         _check_result(data, logical, x_block, out_block, out_layout, result, lossless=i < len(GPU_SHAPES))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [GPU_CONFIGS[2], GPU_CONFIGS[-2]], ids=_cfg_id)
+def test_flat_grid_kernel_is_exact(on_gpu, rng, cfg):
+    """The flat grid (``fold``) forced on the usual shapes."""
+    x_block, out_block, in_layout, out_layout = cfg
+    layout = F.sf_layout(*LAYOUT_FLAGS[out_layout], round_sf=True)
+    cases = [fp4_input(rng, shape, x_block, in_layout) for shape in GPU_SHAPES]
+    args = [a for data, sf, _ in cases for a in (data, sf)]
+    statics = dict(x_block=x_block, out_block=out_block, in_layout=in_layout, layout=layout, fold=True, impl="tilelang")
+    outs = on_gpu(lambda *a: [_lossless_op(d, s, **statics) for d, s in zip(a[::2], a[1::2])], *args)
+    for (data, _, logical), result in zip(cases, outs):
+        _check_result(data, logical, x_block, out_block, out_layout, result)
+
+
+@pytest.mark.gpu
+def test_kernel_beyond_grid_y_is_exact(on_gpu, rng):
+    t, h, x_block, out_block, in_layout, out_layout = LARGE[0]
+    data, sf, logical = fp4_input(rng, (t + 31, h), x_block, in_layout)  # 65,537 token tiles of 32
+    result = on_gpu(
+        lambda d, s: per_block_cast_lossless((d, s), "e4m3", x_block, out_block, **_flags(out_layout), x_sf_layout=in_layout, impl="tilelang"),
+        data, sf,
+    )  # fmt: skip
+    _check_result(data, logical, x_block, out_block, out_layout, result)

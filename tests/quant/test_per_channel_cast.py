@@ -1,6 +1,8 @@
 """Per-channel casts (per_channel_cast, per_channel_cast_fused, per_channel_cast_and_transpose):
 the reference against independent numpy math, the rules, the lowering, and the GPU kernel bit for bit."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -179,6 +181,21 @@ def test_reference_transposed(rng, npt, round_sf):
     assert_bytes_equal(sf_t, sf)
 
 
+def test_reference_fused_gather_out_of_range_positions_give_zero_rows(rng):
+    """Any position outside [0, T) gathers a zero row, like -1 (TileKernels reads nothing there)."""
+    t, h = 200, 128
+    x = _input(rng, t, h)
+    pos = rng.integers(0, t, size=64).astype(np.int32)
+    pos[::4] = [t, t + 1, 2**31 - 1, -1, -2, -(2**31), 10**6, t + 127, -100, t, 5 * t, -7, 2**30, t + 2, -3, 300]
+    data, sf = per_channel_cast_fused(x, pos_to_token=pos, impl="xla")
+    inside = (pos >= 0) & (pos < t)
+    gathered = np.where(inside[:, None], x.astype(np.float32)[np.clip(pos, 0, t - 1)], 0).astype(np.float32)
+    expected_data, expected_sf = _numpy_cast(gathered, 128, False)
+    assert_bytes_equal(data, expected_data)
+    assert_bytes_equal(sf, expected_sf)
+    assert not np.asarray(data, np.float32)[~inside].any()
+
+
 def test_zero_tokens():
     x = np.zeros((0, 128), BF16)
     for data, sf in [
@@ -232,6 +249,51 @@ _Q = S((256, 256), jnp.float8_e4m3fn)
     ],
 )
 def test_bad_inputs_raise_at_trace_time(fn, args, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(fn, *args)
+
+
+_X = jnp.zeros((128, 128), jnp.bfloat16)
+_QT = (jnp.zeros((128, 128), jnp.float8_e4m3fn), jnp.ones((128, 1), jnp.float32))
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: per_channel_cast(_X, num_per_tokens=128.0), TypeError, "per_channel_cast: num_per_tokens must be an integer, got 128.0"),
+        (lambda: per_channel_cast(_X, num_per_tokens="128"), TypeError, "per_channel_cast: num_per_tokens must be an integer"),
+        (lambda: per_channel_cast(_X, fmt=None), ValueError, "per_channel_cast: fmt must be 'e4m3'"),
+        (lambda: per_channel_cast(_X, round_sf="yes"), TypeError, "per_channel_cast: round_sf must be True or False"),
+        (lambda: per_channel_cast(_X, round_sf=True, use_packed_ue8m0=1), TypeError, "per_channel_cast: use_packed_ue8m0 must be True or False"),
+        (lambda: per_channel_cast(None), TypeError, "per_channel_cast: x must be an array, got NoneType"),
+        (lambda: per_channel_cast(object()), TypeError, "per_channel_cast: x must be an array, got object"),
+        (lambda: per_channel_cast((_QT[0], "sf"), num_per_channels=128), TypeError, "per_channel_cast: x's sf must be an array, got str"),
+        (lambda: per_channel_cast(_QT, num_per_channels=128.0), TypeError, "per_channel_cast: num_per_channels must be an integer"),
+        (lambda: per_channel_cast(_QT, num_per_channels=128, x_sf_layout=["row"]), ValueError, "per_channel_cast: x_sf_layout must be one of"),
+        (lambda: per_channel_cast(_X, impl="cuda"), ValueError, "per_channel_cast: impl must be one of"),
+        (lambda: per_channel_cast_fused(_X, pos_to_token=[0] * 16), TypeError, "per_channel_cast_fused: pos_to_token must be an array, got list"),
+        (lambda: per_channel_cast_fused(_QT, num_per_channels=128.0), TypeError, "per_channel_cast_fused: num_per_channels must be an integer"),
+        (lambda: per_channel_cast_fused(_X, round_sf=None), TypeError, "per_channel_cast_fused: round_sf must be True or False"),
+        (lambda: per_channel_cast_fused(_X, impl=0), ValueError, "per_channel_cast_fused: impl must be one of"),
+        (lambda: per_channel_cast_and_transpose(_X.tolist()), ValueError, "per_channel_cast_and_transpose: a QuantTensor x must be a pair"),
+        (lambda: per_channel_cast_and_transpose(_X, num_per_tokens=(128,)), TypeError, "per_channel_cast_and_transpose: num_per_tokens must be an integer"),
+        (lambda: per_channel_cast_and_transpose(_X, round_sf=[]), TypeError, "per_channel_cast_and_transpose: round_sf must be True or False"),
+    ],
+)  # fmt: skip
+def test_misuse_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "fn,args,message",
+    [
+        (lambda x: per_channel_cast(x), (S((128, 2**31), jnp.bfloat16),), "per_channel_cast: x has 2147483648 elements along axis 1"),
+        (lambda x, p: per_channel_cast_fused(x, pos_to_token=p), (_BF, S((2**31,), jnp.int32)), "per_channel_cast_fused: pos_to_token has 2147483648 elements along axis 0"),
+        (lambda x: per_channel_cast_and_transpose(x), (S((2**31, 64), jnp.bfloat16),), "per_channel_cast_and_transpose: x has 2147483648 elements along axis 0"),
+    ],
+)  # fmt: skip
+def test_extents_beyond_the_kernel_are_rejected_at_trace_time(fn, args, message):
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(fn, *args)
 
@@ -350,6 +412,50 @@ def test_lowering_transpose(t, h, npt, round_sf):
         assert [a[2] for a in k["args"][3:]] == [t // npt, t, h // 2]  # S0, Tn, XW
 
 
+# More channel tiles than grid y's 65,535: one flat grid. (T, H, transposed, channel tiles)
+WIDE = [
+    (128, 65537 * 64, False, 65537),
+    (256, 65536 * 64, True, 65536),
+    (0, 65537 * 64, False, 65537),
+]
+
+
+@pytest.mark.parametrize("t,h,transposed,tiles", WIDE)
+def test_lowering_wide_rows_take_a_flat_grid(t, h, transposed, tiles):
+    fn = per_channel_cast_and_transpose if transposed else per_channel_cast
+    (call,) = tilek_calls(lower_for_cuda(lambda x: fn(x, impl="tilelang"), S((t, h), jnp.bfloat16)))
+    kernels = decode_record(call["launch"])["kernels"]
+    if t == 0:
+        assert kernels == []
+        return
+    (k,) = kernels
+    assert k["grid"] == [t // 128 * tiles, 1, 1]
+    assert all(a[1] == 8 for a in k["args"] if a[0] == 2)  # every extent is a 64-bit scalar
+
+
+def test_gather_bounds_checks_positions_in_the_kernel():
+    """The gathering kernel checks each position against T itself: with TileLang's implicit guards on
+    loads turned off, every load of x or x_sf still sits behind a ``src < Tn`` check."""
+    from jax_tilek import compiler
+    from jax_tilek.quant.per_channel_cast import per_channel_cast_kernel
+
+    for sf_in in (None, "row"):
+        func = per_channel_cast_kernel.factory(tile_h=128, npt=128, sf_in=sf_in, npc=128, gather=True, min_blocks=2)
+        configs = dict(per_channel_cast_kernel.pass_configs, **{"tl.disable_safe_memory_legalize": True})
+        source = compiler.lower_prim_func(func, "sm_90a", pass_configs=configs, name="gather").source
+        body = source[source.index('extern "C" __global__ void __launch_bounds__') :]
+        guard = re.search(r"\(\(\(int64_t\)src\[(\w+)\]\) < Tn\)", body)
+        assert guard, "no bounds check of the gathered positions against Tn"
+        first_load = min(i for i in (body.find("(x + "), body.find("x_sf[")) if i >= 0)
+        assert guard.start() < first_load
+
+
+def test_reference_and_kernel_agree_on_out_of_range_positions_when_lowered():
+    pos = S((48,), jnp.int32)
+    (call,) = tilek_calls(lower_for_cuda(lambda x, p: per_channel_cast_fused(x, pos_to_token=p, impl="tilelang"), S((7, 256), jnp.bfloat16), pos))
+    assert call["has_cubin"]
+
+
 # Non-default tilings (benchmarked as variants): (T, H, operand kind, tile_h, min_blocks).
 TILINGS = [
     (256, 4096, "bf16", 128, 3),
@@ -452,6 +558,66 @@ def test_kernel_tilings(on_gpu, rng, t, h, kind, tile_h, min_blocks):
     data, sf = on_gpu(_tiling_program(kind, tile_h, min_blocks), *args)
     if kind == "e4m3":
         expected_data, expected_sf = _expected(args[0], 128, x_sf=args[1], npc=128, layout="row")
+    else:
+        expected_data, expected_sf = _expected(args[0], 128)
+    assert_bytes_equal(data, expected_data.T if kind == "transpose" else expected_data)
+    assert_bytes_equal(sf, expected_sf)
+
+
+@pytest.mark.gpu
+def test_kernel_fused_out_of_range_positions(on_gpu, rng):
+    """Positions outside [0, T) (beyond T, below -1, up to +-2^31) give zero rows, bit for bit as the
+    reference; both the bf16 and the cast-back input."""
+    t, h = 200, 1152
+    pos = rng.integers(0, t, size=272).astype(np.int32)
+    pos[::3] = rng.choice(np.array([t, t + 1, t + 4096, 2**31 - 1, -2, -(2**31), -1], np.int32), size=pos[::3].size)
+    x = _input(rng, t, h)
+    data_in, sf_in = _quant_tensor(rng, t, h, 128, "row")
+
+    def program(x, data_in, sf_in, pos):
+        return (
+            per_channel_cast_fused(x, pos_to_token=pos, impl="tilelang"),
+            per_channel_cast_fused((data_in, sf_in), round_sf=True, pos_to_token=pos, impl="tilelang"),
+        )
+
+    (data, sf), (qdata, qsf) = on_gpu(program, x, data_in, sf_in, pos)
+    expected = _expected(x, 128, pos=np.where((pos >= 0) & (pos < t), pos, -1))
+    assert_bytes_equal(data, expected[0])
+    assert_bytes_equal(sf, expected[1])
+    expected = _expected(data_in, 128, True, x_sf=sf_in, npc=128, layout="row", pos=np.where((pos >= 0) & (pos < t), pos, -1))
+    assert_bytes_equal(qdata, expected[0])
+    assert_bytes_equal(qsf, expected[1])
+    # and as the op's own reference says
+    with jax.default_device(jax.devices("cpu")[0]):
+        reference = per_channel_cast_fused(jnp.asarray(x), pos_to_token=jnp.asarray(pos), impl="xla")
+    assert_bytes_equal(data, reference[0])
+
+
+# The flat grid (``fold``), forced on the usual shapes: (T, H, operand kind) as TILINGS.
+FOLDED = [(256, 4096, "bf16"), (256, 4096, "e4m3"), (384, 4096, "transpose"), (272, 576, "gather")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,kind", FOLDED)
+def test_kernel_flat_grid(on_gpu, rng, t, h, kind):
+    if kind == "gather":
+        x, pos = _input(rng, 200, h), _positions(rng, 200, t)
+        args = [x, pos]
+    else:
+        args = _tiling_inputs(rng, t, h, kind)
+
+    def fn(*a):
+        return _per_channel_cast_op(
+            *a, impl="tilelang", npt=128, round_sf=False, sf_in="row" if kind == "e4m3" else None,
+            npc=128 if kind == "e4m3" else None, packed_sf=False, gather=kind == "gather", transpose=kind == "transpose",
+            fold=True,
+        )  # fmt: skip
+
+    data, sf = on_gpu(fn, *args)
+    if kind == "e4m3":
+        expected_data, expected_sf = _expected(args[0], 128, x_sf=args[1], npc=128, layout="row")
+    elif kind == "gather":
+        expected_data, expected_sf = _expected(args[0], 128, pos=args[1])
     else:
         expected_data, expected_sf = _expected(args[0], 128)
     assert_bytes_equal(data, expected_data.T if kind == "transpose" else expected_data)

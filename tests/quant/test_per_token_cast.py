@@ -84,9 +84,11 @@ def np_per_token(x, fmt, npc, flags=(), x_sf=None, x_block=None, x_layout=None, 
         xs = np.repeat(np.repeat(logical, bm, 0), bk, 1)[:t, :h]
         magnitudes = np.abs(values) * xs
     t, h = values.shape
-    amax = magnitudes.reshape(t, h // npc, npc).max(-1) if t else np.zeros((0, h // npc), np.float32)
+    k_b = -(-h // npc)  # a partial last block: its amax over the columns it has (zeros pad it; |x| >= 0)
+    padded = np.pad(magnitudes, ((0, 0), (0, k_b * npc - h)))
+    amax = padded.reshape(t, k_b, npc).max(-1) if t else np.zeros((0, k_b), np.float32)
     sf, inv = np_scales(amax, fmt, flags.get("round_sf", False), flags.get("use_e4m3_sf", False), amax_clamp)
-    multiplier = np.repeat(inv, npc, 1)
+    multiplier = np.repeat(inv, npc, 1)[:, :h]
     if xs is not None:
         multiplier = xs * multiplier
     scaled = values * multiplier
@@ -184,6 +186,19 @@ REFERENCE_CASES = [
     Case("e4m3[4x32 ue8m0]", 9, 192, "e4m3", "e2m1", 64, (("round_sf", True),), (4, 32), "col_ue8m0"),
     Case("fp4[1x32 col]", 3, 128, "e2m1", "e4m3", -1, tuple(PACKED.items()), (1, 32), "col"),
     Case("fp4[1x16 e4m3]", 4, 128, "e2m1", "e2m1", 16, (("use_e4m3_sf", True),), (1, 16), "row", "float8_e4m3fn"),
+    # partial last channel block (H % npc != 0): every layout, format and input kind
+    Case("bf16-e4m3-128-576", 7, 576, "bfloat16", "e4m3", 128),
+    Case("fp32-e4m3-128-576-packed", 9, 576, "float32", "e4m3", 128, tuple(PACKED.items())),
+    Case("bf16-e2m1-128-192-col", 5, 192, "bfloat16", "e2m1", 128, tuple(COL.items())),
+    Case("bf16-e2m1-128-576-e4m3sf", 3, 576, "bfloat16", "e2m1", 128, (("use_e4m3_sf", True),)),
+    Case("bf16-e4m3-128-576-col-e4m3sf", 37, 576, "bfloat16", "e4m3", 128, (("use_tma_aligned_col_major_sf", True), ("use_e4m3_sf", True))),
+    Case("bf16-e4m3-128-64", 3, 64, "bfloat16", "e4m3", 128, (("round_sf", True),)),
+    Case("bf16-e4m3-128-576-window", 3, 576, "bfloat16", "e4m3", 128, tuple(PACKED.items()), columns=(64, 640)),
+    Case("zero-tokens-576", 0, 576, "bfloat16", "e4m3", 128, tuple(PACKED.items())),
+    Case("e4m3[128x128 row]-576", 5, 576, "e4m3", "e4m3", 128, tuple(PACKED.items()), (128, 128), "row"),
+    Case("e4m3[32x32 ue8m0]-576", 9, 576, "e4m3", "e2m1", 128, (("round_sf", True),), (32, 32), "col_ue8m0"),
+    Case("fp4[1x32 col]-192", 3, 192, "e2m1", "e4m3", 128, (("use_e4m3_sf", True),), (1, 32), "col"),
+    Case("e4m3[1x128 e4m3 col]-576", 21, 576, "e4m3", "e4m3", 128, tuple(COL.items()), (1, 128), "col", "float8_e4m3fn"),
 ]
 
 
@@ -323,6 +338,134 @@ def test_abstract_eval_is_exact():
     assert out[1].shape == (56, 8) and out[1].dtype == jnp.int32
 
 
+@pytest.mark.parametrize(
+    "flags,shape,dtype",
+    [
+        ({}, (36, 5), jnp.float32),
+        (dict(use_e4m3_sf=True), (36, 5), jnp.float8_e4m3fn),
+        (COL, (5, 36), jnp.float32),
+        (dict(COL, use_e4m3_sf=True), (5, 48), jnp.float8_e4m3fn),  # 16-byte aligned columns: 16 e4m3 scales (TileKernels 2.1)
+        (PACKED, (2, 36), jnp.int32),
+    ],
+    ids=["f32-row", "e4m3-row", "f32-col", "e4m3-col", "ue8m0"],
+)
+def test_partial_blocks_and_scale_storage_shapes(flags, shape, dtype):
+    """H = 576 with 128-column blocks: ceil(576 / 128) = 5 blocks per row (TileKernels), the last of 64."""
+    for fn in (per_token_cast, per_token_cast_with_sf_only):
+        out = jax.eval_shape(lambda x: fn(x, "e4m3", 128, **flags), S((36, 576), jnp.bfloat16))
+        sf = out[1] if isinstance(out, tuple) else out
+        assert sf.shape == shape and sf.dtype == dtype
+    cast_flags = {k: v for k, v in flags.items() if k != "round_sf"}
+    out = jax.eval_shape(lambda x, s: per_token_cast_with_precomputed_sf(x, "e4m3", 128, s, **cast_flags), S((36, 576), jnp.bfloat16), S(shape, dtype))
+    assert out.shape == (36, 576)
+    quantized = (S((36, 576), E4M3), S((5, 48), jnp.float8_e4m3fn))  # e4m3 column-major input scales, 1 x 128 blocks
+    out = jax.eval_shape(lambda d, s: per_token_cast((d, s), "e2m1", 128, x_block_size=(1, 128), **flags), *quantized)
+    assert out[0].shape == (36, 288) and out[1].shape == shape
+
+
+def test_partial_blocks_sf_only_and_precomputed(rng):
+    x = rand_float(rng, (13, 576), (-8, 8)).astype(ml_dtypes.bfloat16)
+    for flags in (dict(round_sf=True), PACKED, dict(use_e4m3_sf=True), dict(COL, use_e4m3_sf=True)):
+        data, sf = per_token_cast(x, "e4m3", 128, **flags)
+        expected_data, expected_sf, _ = np_per_token(x, "e4m3", 128, tuple(flags.items()))
+        assert_bytes_equal(data, expected_data)
+        assert_bytes_equal(sf, expected_sf)
+        assert_bytes_equal(per_token_cast_with_sf_only(x, "e4m3", 128, **flags), sf)
+        cast_flags = {k: v for k, v in flags.items() if k != "round_sf"}
+        assert_bytes_equal(per_token_cast_with_precomputed_sf(x, "e4m3", 128, sf, **cast_flags), data)
+
+
+def test_partial_blocks_stochastic(rng):
+    x = rand_float(rng, (9, 576), (-6, 6)).astype(ml_dtypes.bfloat16)
+    data, sf = per_token_cast(x, "e2m1", 128, round_sf=True, stochastic_cast=True, seed=3)
+    _, expected_sf, scaled = np_per_token(x, "e2m1", 128, (("round_sf", True),))
+    assert_bytes_equal(sf, expected_sf)
+    r = C.random_bits(jnp.asarray(scaled), C.flat_quad_index(scaled.shape), jnp.uint32(3))
+    codes = np.asarray(C.sr_e2m1_codes(jnp.asarray(scaled), r))
+    assert_bytes_equal(data, codes[:, 0::2] | (codes[:, 1::2] << 4))
+
+
+def test_quad_index_wraps_modulo_2_32():
+    ptc = importlib.import_module("jax_tilek.quant.per_token_cast")
+    index = np.asarray(ptc.quad_index(3, 256))
+    np.testing.assert_array_equal(index, np.arange(3 * 64, dtype=np.uint32).reshape(3, 64))
+    big = jax.eval_shape(lambda: ptc.quad_index(2**25, 1024))  # row 2^25 - 1 wraps: (t * 256 + j) mod 2^32
+    assert big.shape == (2**25, 256) and big.dtype == jnp.uint32
+    rows = jnp.asarray([2**24, 2**25 - 1], jnp.uint32)[:, None] * np.uint32(256) + jnp.arange(2, dtype=jnp.uint32)
+    np.testing.assert_array_equal(np.asarray(rows), [[0, 1], [2**32 - 256, 2**32 - 255]])
+
+
+@pytest.mark.parametrize(
+    "fn,args,kwargs,error,message",
+    [
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 48), {}, ValueError, r"^per_token_cast: num_per_channels must be one of"),
+        (per_token_cast_with_sf_only, (S((4, 576), jnp.bfloat16), "e4m3", 96), {}, ValueError, r"^per_token_cast_with_sf_only: num_per_channels must be"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128.0), {}, TypeError, r"^per_token_cast: num_per_channels must be an int"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 0), {}, ValueError, r"^per_token_cast: num_per_channels must be one of"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", -128), {}, ValueError, r"^per_token_cast: num_per_channels must be one of"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", True), {}, TypeError, r"^per_token_cast: num_per_channels must be an int"),
+        (per_token_cast, (S((4, 0), jnp.bfloat16), "e4m3", 128), {}, ValueError, r"^per_token_cast: the hidden size of x must be a positive multiple of 64, got 0"),
+        (per_token_cast, (S((4, 576), jnp.float16), "e4m3", 128), {}, ValueError, r"^per_token_cast: x must be bfloat16 or float32"),
+        (per_token_cast, (S((576,), jnp.bfloat16), "e4m3", 128), {}, ValueError, r"^per_token_cast: x must be \[T, H\]"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), None, 128), {}, ValueError, r"^per_token_cast: fmt must be one of"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(round_sf="yes"), TypeError, r"^per_token_cast: round_sf must be a bool"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(amax_clamp="1"), TypeError, r"^per_token_cast: amax_clamp must be a number"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(columns=(0.0, 64)), TypeError, r"^per_token_cast: columns must be an int"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(columns=64), TypeError, r"^per_token_cast: columns must be a pair"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(stochastic_cast=True, seed=1.5), ValueError, r"^per_token_cast: seed must be an integer scalar"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(stochastic_cast=True, seed="a"), TypeError, r"^per_token_cast: seed must be an array"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(use_packed_ue8m0=True, round_sf=True), ValueError, r"^per_token_cast: use_packed_ue8m0 needs"),
+        (per_token_cast_with_sf_only, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(use_tma_aligned_col_major_sf=True, use_packed_ue8m0=True), ValueError, r"^per_token_cast_with_sf_only: use_packed_ue8m0 needs round_sf"),
+        (per_token_cast, (S((2**31 - 2**10 + 1, 64), E4M3), "e4m3", 64), dict(x_block_size=(1, 64)), ValueError, r"^per_token_cast: x's data may have at most 2147482624 rows"),
+        (per_token_cast, (S((1, 2**31), jnp.bfloat16), "e4m3", 64), dict(columns=(0, 64)), ValueError, r"^per_token_cast: x's row length must be below 2\^31"),
+    ],
+)
+def test_arguments_raise_naming_the_op(fn, args, kwargs, error, message):
+    x, rest = args[0], args[1:]
+    if "x_block_size" in kwargs:  # a QuantTensor with row-major 1 x 64 scales
+        x = (x, S((x.shape[0], x.shape[1] // 64), jnp.float32))
+    with pytest.raises(error, match=message):
+        jax.eval_shape(lambda x: fn(x, *rest, **kwargs), x)
+
+
+def test_impl_and_seed_errors_name_the_function():
+    x = np.zeros((4, 128), np.float32)
+    with pytest.raises(ValueError, match=r"^per_token_cast_with_sf_only: impl must be one of"):
+        per_token_cast_with_sf_only(x, "e4m3", 128, impl="cuda")
+    with pytest.raises(ValueError, match=r"^per_token_cast_with_precomputed_sf: impl must be one of"):
+        per_token_cast_with_precomputed_sf(x, "e4m3", 128, np.ones((4, 1), np.float32), impl=object())
+    with pytest.raises(ValueError, match=r"^per_token_cast: seed must be an integer scalar in \[-2\^31, 2\^32\)"):
+        per_token_cast(x, "e4m3", 128, stochastic_cast=True, seed=2**40)
+    a = per_token_cast(x + 1, "e4m3", 128, stochastic_cast=True, seed=2**32 - 1, impl="xla")
+    b = per_token_cast(x + 1, "e4m3", 128, stochastic_cast=True, seed=-1, impl="xla")  # taken modulo 2^32
+    assert_bytes_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("x", ["abc", None, {"a": 1}], ids=["str", "none", "dict"])
+def test_python_objects_raise_naming_the_op(x):
+    with pytest.raises(TypeError, match=r"^per_token_cast: x must be an array"):
+        per_token_cast(x, "e4m3", 128)
+    with pytest.raises(TypeError, match=r"^per_token_cast_with_precomputed_sf: sf must be an array"):
+        per_token_cast_with_precomputed_sf(np.zeros((4, 128), np.float32), "e4m3", 128, x)
+    with pytest.raises(TypeError, match=r"^per_token_cast: x's scale factors must be an array"):
+        per_token_cast((np.zeros((4, 128), E4M3), x), "e4m3", 128, x_block_size=(1, 128))
+    with pytest.raises(TypeError, match=r"^per_token_cast: x_block_size must be an int"):
+        per_token_cast((np.zeros((4, 128), E4M3), np.ones((4, 1), np.float32)), "e4m3", 128, x_block_size=(1, 128.0))
+
+
+@pytest.mark.parametrize(
+    "tokens,hidden,npc,flags",
+    [(2**31 - 2**10, 64, 64, {}), (2**31 - 2**10, 128, 128, dict(COL, use_e4m3_sf=True)), (2**20, 7168, 128, PACKED)],
+    ids=["max-tokens", "max-tokens-e4m3-col", "2^32.8-elements"],
+)
+def test_huge_inputs_lower(tokens, hidden, npc, flags):
+    """Every size eval_shape accepts lowers: int32 row indices up to formats.MAX_TOKENS, 64-bit offsets."""
+    text = lower_for_cuda(lambda x: per_token_cast(x, "e4m3", npc, impl="tilelang", **flags), S((tokens, hidden), jnp.bfloat16))
+    (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
+    p = plan(hidden, npc)
+    assert k["grid"] == [-(-tokens // p["rows_per_cta"]), 1, 1] and (2, 4, tokens) in k["args"]  # T is an int32 scalar
+
+
 # ---------------------------------------------------------------------------------------------
 # Lowering and the GPU kernel.
 
@@ -350,6 +493,25 @@ GPU_CASES = [
     Case("bf16-e4m3-128-packed-sr", 4001, 7168, "bfloat16", "e4m3", 128, P, stochastic=True),
     Case("fp32-e2m1-32-sr", 7, 4096, "float32", "e2m1", 32, (("round_sf", True),), stochastic=True),
     Case("fp4[1x32 row]-e4m3-32-sr", 7, 4096, "e2m1", "e4m3", 32, (), (1, 32), "row", stochastic=True),
+    Case("bf16-e4m3-64-col-e4m3sf-4001", 4001, 2560, "bfloat16", "e4m3", 64, (("use_tma_aligned_col_major_sf", True), ("use_e4m3_sf", True))),
+    # partial last channel block (H % npc != 0; TileKernels tests H = 576): every layout, format and input kind
+    Case("bf16-e4m3-128-row-576", 4001, 576, "bfloat16", "e4m3", 128),
+    Case("bf16-e4m3-128-packed-576", 4001, 576, "bfloat16", "e4m3", 128, P),
+    Case("fp32-e4m3-128-round-192", 7, 192, "float32", "e4m3", 128, (("round_sf", True),)),
+    Case("fp32-e4m3-128-col-576", 37, 576, "float32", "e4m3", 128, tuple(COL.items())),
+    Case("bf16-e4m3-128-col-e4m3sf-576", 4001, 576, "bfloat16", "e4m3", 128, (("use_tma_aligned_col_major_sf", True), ("use_e4m3_sf", True))),
+    Case("bf16-e2m1-128-packed-576", 4001, 576, "bfloat16", "e2m1", 128, P),
+    Case("bf16-e2m1-128-e4m3sf-192", 7, 192, "bfloat16", "e2m1", 128, (("use_e4m3_sf", True),)),
+    Case("fp32-e2m1-128-col-576", 5, 576, "float32", "e2m1", 128, tuple(COL.items())),
+    Case("bf16-e4m3-128-64", 7, 64, "bfloat16", "e4m3", 128, (("round_sf", True),)),
+    Case("bf16-e4m3-128-strided-576", 4001, 576, "bfloat16", "e4m3", 128, P, columns=(64, 640)),
+    Case("e4m3[128x128 row]-e4m3-128-packed-576", 4001, 576, "e4m3", "e4m3", 128, P, (128, 128), "row"),
+    Case("e4m3[32x32 ue8m0]-e2m1-128-round-576", 4001, 576, "e4m3", "e2m1", 128, (("round_sf", True),), (32, 32), "col_ue8m0"),
+    Case("e4m3[1x128 e4m3 col]-e4m3-128-col-576", 37, 576, "e4m3", "e4m3", 128, tuple(COL.items()), (1, 128), "col", "float8_e4m3fn"),
+    Case("fp4[1x32 ue8m0]-e4m3-128-col-192", 4001, 192, "e2m1", "e4m3", 128, tuple(COL.items()), (1, 32), "col_ue8m0"),
+    Case("fp4[1x16 e4m3]-e2m1-128-e4m3sf-576", 7, 576, "e2m1", "e2m1", 128, (("use_e4m3_sf", True),), (1, 16), "row", "float8_e4m3fn"),
+    Case("bf16-e4m3-128-packed-sr-576", 4001, 576, "bfloat16", "e4m3", 128, P, stochastic=True),
+    Case("fp32-e2m1-128-sr-192", 7, 192, "float32", "e2m1", 128, (("round_sf", True),), stochastic=True),
 ]
 
 
@@ -360,7 +522,8 @@ def _avals(case: Case):
         return (S((t, width), case.x),)
     data = S((t, h), E4M3) if case.x == "e4m3" else S((t, h // 2), jnp.uint8)
     blocks = (-(-t // case.x_block[0]), -(-h // case.x_block[1]))
-    stored = np_store_sf(np.ones(blocks, np.float32), case.x_layout).astype(case.x_sf_dtype if case.x_layout != "col_ue8m0" else np.int32)
+    ones = np.ones(blocks, np.float32 if case.x_layout == "col_ue8m0" else case.x_sf_dtype)
+    stored = np_store_sf(ones, case.x_layout)
     return data, S(stored.shape, stored.dtype)
 
 
@@ -396,17 +559,36 @@ def test_kernel_is_bit_exact(on_gpu, rng, case):
 
 
 @pytest.mark.gpu
-def test_kernel_sf_only(on_gpu, rng):
-    x = rand_float(rng, (4001, 7168), (-14, 12)).astype(ml_dtypes.bfloat16)
+@pytest.mark.parametrize("hidden", [7168, 576])
+def test_kernel_sf_only(on_gpu, rng, hidden):
+    x = rand_float(rng, (4001, hidden), (-14, 12)).astype(ml_dtypes.bfloat16)
     sf = on_gpu(lambda x: per_token_cast_with_sf_only(x, "e4m3", 128, impl="tilelang", **PACKED), x)
     assert_bytes_equal(sf, np_per_token(x, "e4m3", 128, P)[1])
 
 
 @pytest.mark.gpu
-def test_kernel_precomputed_sf(on_gpu, rng):
-    x = rand_float(rng, (4001, 4096), (-14, 12)).astype(ml_dtypes.bfloat16)
+@pytest.mark.parametrize("hidden", [4096, 576, 192])
+def test_kernel_precomputed_sf(on_gpu, rng, hidden):
+    x = rand_float(rng, (4001, hidden), (-14, 12)).astype(ml_dtypes.bfloat16)
     expected_data, sf, _ = np_per_token(x, "e4m3", 128, (("round_sf", True),))
     data = on_gpu(lambda x, sf: per_token_cast_with_precomputed_sf(x, "e4m3", 128, sf, impl="tilelang"), x, sf)
+    assert_bytes_equal(data, expected_data)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", [dict(COL, use_e4m3_sf=True), PACKED], ids=["e4m3-col", "packed"])
+def test_kernel_sf_only_and_precomputed_partial_blocks(on_gpu, rng, flags):
+    """H = 576 with 128-column blocks and the column-major layouts, including 16-byte aligned e4m3 scales."""
+    x = rand_float(rng, (4001, 576), (-14, 12)).astype(ml_dtypes.bfloat16)
+    expected_data, expected_sf, _ = np_per_token(x, "e4m3", 128, tuple(flags.items()))
+    cast_flags = {k: v for k, v in flags.items() if k != "round_sf"}
+
+    def program(x, sf):
+        return (per_token_cast_with_sf_only(x, "e4m3", 128, impl="tilelang", **flags),
+                per_token_cast_with_precomputed_sf(x, "e4m3", 128, sf, impl="tilelang", **cast_flags))  # fmt: skip
+
+    sf, data = on_gpu(program, x, expected_sf)
+    assert_bytes_equal(sf, expected_sf)
     assert_bytes_equal(data, expected_data)
 
 
@@ -434,3 +616,26 @@ def test_kernel_tunings_are_bit_exact(on_gpu, rng, fmt, npc, tuning):
     expected_data, expected_sf, _ = np_per_token(x, fmt, npc, P)
     assert_bytes_equal(sf, expected_sf)
     assert_bytes_equal(data, expected_data)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,npc,flags", [("e2m1", 128, (("round_sf", True),)), ("e4m3", 128, P)], ids=["e2m1-row", "e4m3-packed"])
+def test_kernel_past_2_31_elements(on_gpu, rng, fmt, npc, flags):
+    """bf16 [2^18 + 5, 8192] (2^31 + 40960 elements): 64-bit element offsets. Rows are built on the device
+    from a small block with a prime period; rows past element 2^31 (row 2^18) and the last are checked."""
+    tokens, hidden = 2**18 + 5, 8192
+    small = rand_float(rng, (1021, hidden), (-14, 12)).astype(ml_dtypes.bfloat16)
+    rows = np.array([0, 2**18 - 1, 2**18, 2**18 + 1, tokens - 1])
+    col = dict(flags).get("use_tma_aligned_col_major_sf", False)
+
+    def program(small):
+        x = small[jnp.arange(tokens) % small.shape[0]]
+        data, sf = per_token_cast(x, fmt, npc, impl="tilelang", **dict(flags))
+        return data[rows], (sf[:, rows] if col else sf[rows])
+
+    data, sf = on_gpu(program, small)
+    expected_data, expected_sf, _ = np_per_token(small[rows % 1021], fmt, npc, flags)
+    assert_bytes_equal(data, expected_data)
+    if col:  # the packed UE8M0 words of those rows (columns of the storage)
+        expected_sf = expected_sf[:, : len(rows)]
+    assert_bytes_equal(sf, expected_sf)

@@ -3,6 +3,7 @@ arithmetic and float64 math, rules, gradients, cross-lowering, and the GPU kerne
 
 import importlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import jax_tilek
 from jax_tilek.quant import formats as F
 S = importlib.import_module("jax_tilek.quant.swiglu")  # the package attribute `swiglu` is the function
 from jax_tilek.quant.swiglu import swiglu, swiglu_backward, swiglu_forward
@@ -25,6 +27,7 @@ from quant_testing import assert_bytes_equal, calc_diff, np_load_sf, np_store_sf
 f32 = np.float32
 BF16 = ml_dtypes.bfloat16
 E4M3 = ml_dtypes.float8_e4m3fn
+OUT_DTYPE = {"bf16": BF16, "fp32": f32}
 LAYOUT_FLAGS = {  # layout -> (use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
     "row": (False, False, False),
     "row_round": (False, False, True),
@@ -131,8 +134,25 @@ def np_cast(act, valid, npc, layout, round_sf):
     return data, np_store_sf(sf, layout)
 
 
+def np_fma(a, b, c):
+    """float32 ``a * b + c`` rounded once: the exact product in float64 (24 + 24 bits fit in 53), the
+    sum rounded to odd in float64 (nearest, then to the odd neighbour when inexact), then rounded to
+    float32 (rounding to odd with 29 extra bits first makes the double rounding exact)."""
+    a, b, c = (np.asarray(v, f32).astype(np.float64) for v in (a, b, c))
+    p = a * b
+    s = p + c
+    v = s - p
+    err = (p - (s - v)) + (c - v)  # TwoSum: s + err == p + c exactly
+    bits = s.view(np.int64)
+    odd = np.where((err != 0) & (s != 0) & (bits % 2 == 0), bits + np.where((err < 0) == (s < 0), 1, -1), bits)
+    return odd.view(np.float64).astype(f32)
+
+
 def np_backward(xf, g, psum=None, weights=None, rsf=None, clamp=None, align=128):
-    """fp32 (x_grad [T, 2H], weight_grad [T] or None (float64 sum), act_out [T, H])."""
+    """fp32 (x_grad [T, 2H], weight_grad [T] or None (float64 sum), act_out [T, H]).
+
+    TileKernels' operation order (torch/swiglu.py and the kernels, v1 and v2.1): ``gs = (g·w)·s``,
+    ``dl = (gs·r)·fma(l, 1 - s, 1)``, ``dr = gs·l``."""
     t, h = xf.shape[0], xf.shape[1] // 2
     l0, r0 = xf[:, :h], xf[:, h:]
     g = np.asarray(g).astype(f32)
@@ -141,9 +161,9 @@ def np_backward(xf, g, psum=None, weights=None, rsf=None, clamp=None, align=128)
     d = f32(1) + np_exp(-l)
     silu, s = l / d, f32(1) / d
     w = np_weights(t, weights, rsf)
-    gw = g if w is None else g * w[:, None]
-    dl = ((gw * r) * s) * (f32(1) + l * (f32(1) - s))
-    dr = gw * silu
+    gs = (g if w is None else g * w[:, None]) * s
+    dl = (gs * r) * np_fma(l, f32(1) - s, f32(1))
+    dr = gs * l
     if clamp is not None:
         c = f32(clamp)
         dl = np.where(l0 > c, f32(0), dl)
@@ -188,6 +208,30 @@ def make_inputs(rng, t, h, *, dtype=BF16, psum=False, weights=False, align=16):
     ps = make_psum(rng, t, 5, align) if psum else None
     w = rng.uniform(0.05, 1.0, t).astype(f32) if weights else None
     return x, ps, w
+
+
+SLOPE_ROOT = f32(-1.278464542761074)  # silu'(l) = s·(1 + l·(1 - s)) vanishes: 1 + l·(1 - s) cancels
+
+
+def make_cancelling_x(rng, t, h, share=0.5):
+    """fp32 x [T, 2H] whose left half is, in ``share`` of the places, within 4096 ulps of the root of
+    ``1 + l·(1 - s)`` (where the rounding order of the backward matters most), else random."""
+    x = make_x(rng, t, h, np.float32)
+    near = rng.random((t, h)) < share
+    bits = SLOPE_ROOT.view(np.int32) + rng.integers(-4096, 4097, (t, h)).astype(np.int32)
+    x[:, :h] = np.where(near, bits.view(f32), x[:, :h])
+    return x
+
+
+def np_backward_previous_order(xf, g, w):
+    """x_grad in the operation order jax_tilek used before matching TileKernels (for a sensitivity
+    check): ``dl = (((g·w)·r)·s)·(1 + l·(1 - s))``, ``dr = (g·w)·(l / d)``; no clamp, no psum."""
+    h = xf.shape[1] // 2
+    l, r = np.maximum(xf[:, :h], S.SILU_MIN), xf[:, h:]
+    d = f32(1) + np_exp(-l)
+    s = f32(1) / d
+    gw = g if w is None else g * w[:, None]
+    return np.concatenate([((gw * r) * s) * (f32(1) + l * (f32(1) - s)), gw * (l / d)], 1)
 
 
 def host(fn, *args):
@@ -326,6 +370,95 @@ def test_backward_matches_autodiff_of_the_forward(rng):
     np.testing.assert_allclose(np.asarray(weight_grad), np.asarray(gw), rtol=1e-5, atol=1e-5)
 
 
+def test_np_fma_is_one_rounding(rng):
+    """The tests' float32 fma against exact rational arithmetic (independent of float64 tricks)."""
+    from fractions import Fraction
+
+    a = (rng.standard_normal(3000) * np.exp2(rng.integers(-30, 30, 3000))).astype(f32)
+    b = (rng.standard_normal(3000) * np.exp2(rng.integers(-30, 30, 3000))).astype(f32)
+    c = np.concatenate([-(a * b)[:1000], np.ones(1000, f32), (rng.standard_normal(1000) * 1e3).astype(f32)])  # cancellation, 1, random
+    got = np_fma(a, b, c)
+    for i in range(len(a)):
+        exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
+        near = f32(float(exact))
+        candidates = [np.nextafter(near, f32(-np.inf)), near, np.nextafter(near, f32(np.inf))]
+        best = min(candidates, key=lambda v: (abs(Fraction(float(v)) - exact), int(np.asarray(v).view(np.int32)) & 1))
+        assert got[i].view(np.int32) == best.view(np.int32), (a[i], b[i], c[i])
+
+
+def test_fma_f32_is_one_rounding(rng):
+    """The reference's fused multiply-add (fp32 operations only) against the exact one: random
+    operands, cancellation, results at rounding ties around 1, and SwiGLU's ``fma(l, 1 - s, 1)``."""
+    n = 200000
+    a = (rng.standard_normal(n) * np.exp2(rng.integers(-20, 20, n))).astype(f32)
+    b = (rng.standard_normal(n) * np.exp2(rng.integers(-20, 20, n))).astype(f32)
+    tie = 1 + (2 * rng.integers(-2**12, 2**12, n) + 1) * 2.0**-25  # midpoints between floats near 1
+    a_tie = rng.uniform(-87, 20, n).astype(f32)
+    b_tie = ((tie - 1) / a_tie.astype(np.float64)).astype(f32)
+    l = np.concatenate([rng.uniform(-87, 30, n), (SLOPE_ROOT.view(np.int32) + np.arange(-n // 2, n // 2, dtype=np.int32)).view(f32)]).astype(f32)
+    _, d, _ = jax.jit(S.silu_parts)(l)
+    one_minus_s = f32(1) - f32(1) / np.asarray(d)
+    cases = [
+        (a, b, (rng.standard_normal(n) * np.exp2(rng.integers(-40, 40, n))).astype(f32)),
+        (a, b, -(a * b)),
+        (a_tie, b_tie, np.ones(n, f32)),
+        (np.maximum(l, S.SILU_MIN), one_minus_s, np.ones(2 * n, f32)),
+    ]
+    fma = jax.jit(S.fma_f32)
+    for x, y, z in cases:
+        assert_bytes_equal(np.asarray(fma(x, y, z)), np_fma(x, y, z))
+    assert np.count_nonzero(np_fma(a_tie, b_tie, f32(1)) != a_tie * b_tie + f32(1)) > n // 10  # the cases need one rounding
+
+
+@pytest.mark.parametrize("weights,rsf,clamp,fmt", [(True, 2.5, None, "fp32"), (False, None, 10.0, "fp32"), (False, 1.5, None, "bf16")])
+def test_backward_follows_tilekernels_operation_order(rng, weights, rsf, clamp, fmt):
+    """x_grad bit for bit against TileKernels' order, ``dl = (((g·w)·s)·r)·fma(l, 1 - s, 1)`` and
+    ``dr = ((g·w)·s)·l``, on inputs where ``1 + l·(1 - s)`` nearly cancels."""
+    t, h = 64, 512
+    x = make_cancelling_x(rng, t, h)
+    w = rng.uniform(0.05, 1.0, t).astype(f32) if weights else None
+    g = rng.standard_normal((t, h)).astype(f32)
+    fn = functools.partial(swiglu_backward, fmt=fmt, routed_scaling_factor=rsf, clamp_value=clamp, impl="xla")
+    out = jax.jit(fn)(x, g, topk_weights=w)
+    grad = out[0] if weights else out
+    expected = np_backward(x, g, None, w, rsf, clamp)[0]
+    assert_bytes_equal(np.asarray(grad), expected.astype(OUT_DTYPE[fmt]))
+    if clamp is None and fmt == "fp32":  # these inputs tell the orders apart
+        previous = np_backward_previous_order(x, g, np_weights(t, w, rsf))
+        assert np.count_nonzero(previous != expected) > 100
+
+
+def _cancelling_cast_input(rng, t, h, npc):
+    """e4m3 x with per-token (1, npc) scales whose first left block dequantizes to values next to the
+    root of ``1 + l·(1 - s)`` (every element -1.25 times a scale near root / -1.25): the block maximum
+    of that gradient block is a nearly cancelling value."""
+    x = make_x(rng, t, h, f32)
+    xq, xsf = np_quantize(x, (1, npc), False)
+    xq[:, :npc] = E4M3(-1.25)
+    xsf[:, 0] = (SLOPE_ROOT / f32(-1.25)) * (f32(1) + rng.integers(-64, 65, t).astype(f32) * f32(2.0**-20))
+    return xq, xsf
+
+
+@pytest.mark.parametrize("layout,npc", [("row", 128), ("col", 32)])
+def test_backward_cast_of_cancelling_gradients(rng, layout, npc):
+    """The fused backward + cast picks the scales of TileKernels' gradient (round_sf=False: the scale
+    is the block maximum / 448, so the maximum's last bits matter)."""
+    t, h = 48, 512
+    xq, xsf = _cancelling_cast_input(rng, t, h, npc)
+    g = (rng.standard_normal((t, h)) * 0.5).astype(BF16)
+    w = rng.uniform(0.05, 1.0, t).astype(f32)
+    fn = functools.partial(swiglu_backward_and_per_token_cast, num_per_channels=npc, routed_scaling_factor=2.0, use_tma_aligned_col_major_sf=layout != "row", impl="xla")
+    x_grad, (q, sf), _ = jax.jit(lambda xq, xsf, g, w: fn((xq, xsf), g, topk_weights=w))(xq, np_store_sf(xsf, layout), g, w)
+    xf = xq.astype(f32) * np.repeat(xsf, npc, 1)
+    grad, _, _, valid = np_backward(xf, g, None, w, 2.0)
+    exp_q, exp_sf = np_cast(grad, valid, npc, layout, False)
+    assert_bytes_equal(np.asarray(x_grad), grad.astype(BF16))
+    assert_bytes_equal(np.asarray(q), exp_q)
+    assert_bytes_equal(np.asarray(sf), exp_sf)
+    previous = np_backward_previous_order(xf, g.astype(f32), w * f32(2.0))
+    assert not np.array_equal(np_cast(previous, valid, npc, layout, False)[1], exp_sf)  # the order shows in the scales
+
+
 @pytest.mark.parametrize("layout", ["row", "col", "col_ue8m0"])
 @pytest.mark.parametrize("npc", [32, 128])
 def test_backward_and_per_token_cast_reference(rng, layout, npc):
@@ -452,6 +585,69 @@ def _sds(shape, dtype):
 def test_bad_inputs_raise_at_trace_time(call, args, message):
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(call, *args)
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: swiglu(jnp.zeros((8, 256), jnp.float16)), ValueError, "swiglu: x must be bfloat16 or float32, got float16"),
+    (lambda: swiglu(jnp.zeros((8, 256), jnp.int32)), ValueError, "swiglu: x must be bfloat16 or float32"),
+    (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), fmt="fp16"), ValueError, "swiglu: fmt must be 'bf16' or 'fp32'"),
+    (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((8,), jnp.float16)), ValueError, r"swiglu: topk_weights must be float32 \[T\]"),
+    (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), impl="cuda"), ValueError, "swiglu: impl must be None, 'tilelang' or 'xla'"),
+    (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), clamp_value=float("nan")), ValueError, "swiglu: clamp_value must be a positive finite number"),
+    (lambda: swiglu("x"), TypeError, "swiglu: x must be an array, got str"),
+    (lambda: swiglu_forward(None), TypeError, "swiglu_forward: x must be an array, got NoneType"),
+    (lambda: swiglu_forward(object()), TypeError, "swiglu_forward: x must be an array"),
+    (lambda: swiglu_forward(jnp.zeros((8, 0), jnp.bfloat16)), ValueError, r"swiglu_forward: H \(half of x's last dimension, 0\) must be a positive multiple of 64"),
+    (lambda: swiglu_forward(jnp.zeros((2, 8, 256), jnp.bfloat16)), ValueError, r"swiglu_forward: x must be \[T, 2H\]"),
+    (lambda: swiglu_forward(jnp.zeros((256,), jnp.bfloat16)), ValueError, r"swiglu_forward: x must be \[T, 2H\]"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), fmt=["bf16"]), ValueError, "swiglu_forward: fmt must be 'bf16' or 'fp32'"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), routed_scaling_factor="2"), TypeError, "swiglu_forward: routed_scaling_factor must be a number, got str"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), routed_scaling_factor=True), TypeError, "swiglu_forward: routed_scaling_factor must be a number, got bool"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), clamp_value=[1.0]), TypeError, "swiglu_forward: clamp_value must be a number, got list"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), clamp_value=0.0), ValueError, "swiglu_forward: clamp_value must be a positive finite number"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), with_clamped_count="yes"), TypeError, "swiglu_forward: with_clamped_count must be a bool"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), token_alignment=16.0), TypeError, "swiglu_forward: token_alignment must be an int"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), token_alignment=True), TypeError, "swiglu_forward: token_alignment must be an int"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), token_alignment=2**20), ValueError, "swiglu_forward: token_alignment must be a positive integer, at most 65536"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), psum_num_tokens_per_expert="3"), TypeError, "swiglu_forward: psum_num_tokens_per_expert must be an array"),
+    (lambda: swiglu_forward(jnp.zeros((8, 256), jnp.bfloat16), impl="gpu"), ValueError, "swiglu_forward: impl must be"),
+    (lambda: jax.jit(lambda x, c: swiglu_forward(x, clamp_value=c))(jnp.zeros((8, 256), jnp.bfloat16), 1.0), TypeError, "swiglu_forward: clamp_value must be a static number"),
+    (lambda: swiglu_forward_and_per_token_cast(jnp.zeros((8, 256), jnp.bfloat16), num_per_channels=32.0), TypeError, "swiglu_forward_and_per_token_cast: num_per_channels must be an int"),
+    (lambda: swiglu_forward_and_per_token_cast(jnp.zeros((8, 256), jnp.bfloat16), num_per_channels="32"), TypeError, "swiglu_forward_and_per_token_cast: num_per_channels must be an int"),
+    (lambda: swiglu_forward_and_per_token_cast(jnp.zeros((8, 256), jnp.bfloat16), round_sf=None), TypeError, "swiglu_forward_and_per_token_cast: round_sf must be a bool"),
+    (lambda: swiglu_forward_and_per_token_cast(jnp.zeros((8, 256), jnp.bfloat16), use_packed_ue8m0=True, round_sf=True), ValueError, "swiglu_forward_and_per_token_cast: use_packed_ue8m0 needs use_tma_aligned_col_major_sf"),
+    (lambda: swiglu_forward_and_per_token_cast(jnp.zeros((8, 256), jnp.bfloat16), fmt=None), ValueError, "swiglu_forward_and_per_token_cast: fmt must be 'e4m3'"),
+    (lambda: swiglu_forward_and_per_token_cast(jnp.zeros((8, 256), jnp.float16)), ValueError, "swiglu_forward_and_per_token_cast: x must be bfloat16 or float32"),
+    (lambda: swiglu_backward(jnp.zeros((8, 256), jnp.bfloat16), "g"), TypeError, "swiglu_backward: act_x_grad must be an array"),
+    (lambda: swiglu_backward(jnp.zeros((8, 256), jnp.float16), jnp.zeros((8, 128), jnp.bfloat16)), ValueError, "swiglu_backward: x must be bfloat16 or float32"),
+    (lambda: swiglu_backward(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((8, 128), jnp.float16)), ValueError, "swiglu_backward: act_x_grad must be bf16 or fp32"),
+    (lambda: swiglu_backward(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((8, 128), jnp.bfloat16), do_recompute="no"), TypeError, "swiglu_backward: do_recompute must be a bool"),
+    (lambda: swiglu_backward(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((8, 128), jnp.bfloat16), fmt=3), ValueError, "swiglu_backward: fmt must be"),
+    (lambda: swiglu_backward_and_per_token_cast(jnp.zeros((8, 256), jnp.float8_e4m3fn), jnp.zeros((8, 128), jnp.bfloat16)), TypeError, r"swiglu_backward_and_per_token_cast: x must be a QuantTensor \(data, sf\)"),
+    (lambda: swiglu_backward_and_per_token_cast((jnp.zeros((8, 256), jnp.float8_e4m3fn), "sf"), jnp.zeros((8, 128), jnp.bfloat16)), TypeError, "swiglu_backward_and_per_token_cast: x's scale factors"),
+    (lambda: swiglu_backward_and_per_token_cast((jnp.zeros((8, 256), jnp.float8_e4m3fn), jnp.ones((8, 2))), jnp.zeros((8, 128), jnp.bfloat16), x_sf_layout=3), ValueError, "swiglu_backward_and_per_token_cast: x_sf_layout must be"),
+    (lambda: swiglu_backward_and_per_token_cast((jnp.zeros((8, 256), jnp.float8_e4m3fn), jnp.ones((8, 2))), jnp.zeros((8, 128), jnp.bfloat16), num_per_channels=None), TypeError, "swiglu_backward_and_per_token_cast: num_per_channels must be an int"),
+    (lambda: swiglu_backward_and_per_token_cast((jnp.zeros((8, 256), jnp.float8_e4m3fn), jnp.ones((8, 2))), jnp.zeros((8, 128), jnp.bfloat16), clamp_value=-1), ValueError, "swiglu_backward_and_per_token_cast: clamp_value must be a positive finite number"),
+    (lambda: swiglu_forward_and_per_channel_cast_and_transpose(jnp.zeros((128, 256), jnp.bfloat16), num_per_tokens="128"), TypeError, "swiglu_forward_and_per_channel_cast_and_transpose: num_per_tokens must be an int"),
+    (lambda: swiglu_forward_and_per_channel_cast_and_transpose(jnp.zeros((128, 256), jnp.bfloat16), without_transpose="no"), TypeError, "swiglu_forward_and_per_channel_cast_and_transpose: without_transpose must be a bool"),
+    (lambda: swiglu_forward_and_per_channel_cast_and_transpose(jnp.zeros((128, 256), jnp.bfloat16), swiglu_clamp_value=0), ValueError, "swiglu_forward_and_per_channel_cast_and_transpose: swiglu_clamp_value must be a positive finite number"),
+    (lambda: swiglu_forward_and_per_channel_cast_and_transpose(jnp.zeros((128, 0), jnp.bfloat16)), ValueError, "swiglu_forward_and_per_channel_cast_and_transpose: x must be"),
+    (lambda: swiglu_forward_and_per_channel_cast_and_transpose([[1.0]]), ValueError, "swiglu_forward_and_per_channel_cast_and_transpose: x must be"),
+    (lambda: swiglu_forward_and_per_channel_cast_and_transpose(jnp.zeros((128, 256), jnp.bfloat16), impl=1), ValueError, "swiglu_forward_and_per_channel_cast_and_transpose: impl must be"),
+])  # fmt: skip
+def test_bad_arguments_name_the_op_and_the_argument(call, error, message):
+    """Wrong dtypes, ranks, zero extents, bad statics and Python objects: a ValueError or TypeError
+    naming the op and the argument, at trace time (never a KeyError or a NaN)."""
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_zero_extents_that_are_allowed():
+    assert swiglu_forward_and_per_channel_cast_and_transpose(jnp.zeros((0, 256), jnp.bfloat16), impl="xla")[0].shape == (128, 0)
+    assert swiglu(jnp.zeros((0, 256), jnp.bfloat16)).shape == (0, 128)
+    program = _pc_program(128, True, False, None)
+    (call,) = tilek_calls(lower_for_cuda(program, jax.ShapeDtypeStruct((0, 2048), jnp.bfloat16)))
+    assert decode_record(call["launch"])["kernels"] == []  # nothing to launch; the outputs are zero-filled
 
 
 def test_abstract_eval_is_exact():
@@ -620,6 +816,86 @@ def test_backward_lowers_to_one_persistent_launch(case):
     assert k["grid"] == [min(-(-rows // S.WARPS), 132 * S.BLOCKS_PER_SM), 1, 1] and k["block"] == [256, 1, 1]
 
 
+def _fresh(program):
+    """A new function object per lowering (JAX caches lowerings per function: the launch records of
+    a second lowering would otherwise be the first one's)."""
+    return lambda *args: program(*args)
+
+
+def _row_kernel_program(kind, t, h=1024):
+    """(program, abstract args, rows the grid covers) of one op of each row kernel."""
+    ps, w = jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((t,), jnp.float32)
+    x, g = jax.ShapeDtypeStruct((t, 2 * h), jnp.bfloat16), jax.ShapeDtypeStruct((t, h), jnp.bfloat16)
+    padded = -(-t // 4) * 4
+    if kind == "forward":
+        return _fwd_program(h, "bf16", True, True, 2.5, 0.5, True), (x, ps, w), t
+    if kind == "cast":
+        return _cast_program(128, "col_ue8m0", True, True, 10.0, True), (x, ps, w), padded
+    if kind == "backward":
+        return _bwd_program("bf16", True, True, 2.5, 0.5, True), (x, g, ps, w), t
+    xq, (shape, dtype) = jax.ShapeDtypeStruct((t, 2 * h), jnp.float8_e4m3fn), F.sf_storage_shape("col_ue8m0", (t, 2 * h // 128))
+    return _bwd_cast_program(128, "col_ue8m0", "col_ue8m0", True, True, 10.0, True), (xq, jax.ShapeDtypeStruct(shape, dtype), g, ps, w), padded
+
+
+ROW_KERNELS = ["forward", "cast", "backward", "backward_cast"]
+MAX_ROWS = 2**31 - 2**17  # the documented row limit (int32 row indices with a grid's headroom)
+
+
+@pytest.mark.parametrize("kind", ROW_KERNELS)
+def test_row_kernels_do_not_depend_on_the_sm_count(monkeypatch, kind):
+    """The persistent grid is a launch-time value: one cubin (cache key) for every GPU, whatever the
+    SM count the lowering assumes; only the launch record's grid follows it."""
+    program, args, rows = _row_kernel_program(kind, 100_000)
+    keys, calls = {}, {}
+    for sms in (114, 132):
+        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
+        with jax_tilek.record_kernels() as log:
+            (calls[sms],) = tilek_calls(lower_for_cuda(_fresh(program), *args))
+        keys[sms] = [(name, key) for name, _, _, key in log]
+        (k,) = _kernel_of(calls[sms])["kernels"]
+        ctas = min(-(-rows // S.WARPS), sms * S.BLOCKS_PER_SM)
+        assert k["grid"] == [ctas, 1, 1] and (2, 4, ctas) in k["args"]  # the grid, and the kernel's num_ctas scalar
+    assert keys[114] == keys[132] and len(keys[132]) == 1
+    assert calls[114]["cubin_key"] == calls[132]["cubin_key"]
+
+
+@pytest.mark.parametrize("kind", ROW_KERNELS)
+def test_row_kernels_take_up_to_max_rows(kind):
+    """Any row count up to ``MAX_ROWS`` lowers (int32 rows, 64-bit element offsets); beyond it the op
+    says so at trace time."""
+    program, args, _ = _row_kernel_program(kind, MAX_ROWS)
+    (call,) = tilek_calls(lower_for_cuda(program, *args))
+    (k,) = _kernel_of(call)["kernels"]
+    assert k["grid"] == [132 * S.BLOCKS_PER_SM, 1, 1]
+    program, args, _ = _row_kernel_program(kind, MAX_ROWS + 1)
+    op = {"forward": "swiglu_forward", "cast": "swiglu_forward_and_per_token_cast", "backward": "swiglu_backward"}.get(kind, "swiglu_backward_and_per_token_cast")
+    with pytest.raises(ValueError, match=rf"{op}: x may have at most {MAX_ROWS} rows"):
+        jax.eval_shape(program, *args)
+
+
+def test_row_kernels_use_64_bit_element_offsets():
+    """T · 2H may pass 2^31 elements: every row offset in the generated code is computed in int64."""
+    configs = [
+        (S.swiglu_forward_kernel, dict(hidden=1024, in_dtype="bfloat16", out_kind="bf16", psum=True, weights=True, rsf=True, clamp=True, count=True, alignment=16)),
+        (S.swiglu_backward_kernel, dict(hidden=1024, x_kind="bf16", g_kind="bf16", grad_kind="bf16", psum=True, alignment=16, weights=True, rsf=True, clamp=True, recompute=True)),
+    ]
+    for factory, params in configs:
+        source = factory.artifact(params, "sm_90a").source
+        assert re.search(r"\(\(int64_t\)row(_\d+)?\) \* \(int64_t\)", source)
+        assert not re.search(r"\brow(_\d+)?\)? \* (?!\(int64_t\))", source), "an int32 row offset"
+
+
+def test_per_channel_cast_loops_over_token_tiles_beyond_grid_y():
+    """gridDim.y is at most 65535: beyond 65535 x 128 tokens each CTA takes several token tiles."""
+    program = _pc_program(128, True, False, None)
+    for t, tiles in ((128 * 1000, 1000), (2**24, 65535), (MAX_ROWS, 65535)):
+        (call,) = tilek_calls(lower_for_cuda(program, jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)))
+        (k,) = _kernel_of(call)["kernels"]
+        assert k["grid"] == [1024 // 64, tiles, 1]
+    with pytest.raises(ValueError, match=rf"swiglu_forward_and_per_channel_cast_and_transpose: x may have at most {MAX_ROWS} rows"):
+        jax.eval_shape(program, jax.ShapeDtypeStruct((MAX_ROWS + 128, 2048), jnp.bfloat16))
+
+
 @pytest.mark.parametrize("case", GPU_PC, ids=str)
 def test_per_channel_lowers_to_one_tiled_launch(case):
     t, h, npt, transpose, round_sf, clamp = case
@@ -730,3 +1006,38 @@ def test_swiglu_value_and_grad_kernel(on_gpu, rng):
     # and close to JAX's own derivative of the reference
     assert calc_diff(np.asarray(gx, f32), np.asarray(egx, f32)) < 1e-5
     np.testing.assert_allclose(np.asarray(gw), egw, rtol=1e-4, atol=1e-4 * np.abs(egw).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_backward_kernel_follows_tilekernels_order(on_gpu, rng, fmt):
+    """Where ``1 + l·(1 - s)`` nearly cancels, the kernel's one fused multiply-add and operation order
+    give TileKernels' gradient, bit for bit with the reference and the numpy mirror."""
+    t, h = 300, 1024
+    x = make_cancelling_x(rng, t, h)
+    g = rng.standard_normal((t, h)).astype(f32)
+    ps, w = make_psum(rng, t, 5, 16), rng.uniform(0.05, 1.0, t).astype(f32)
+    got = on_gpu(_bwd_program(fmt, False, True, 2.5, None, False), x, g, ps, w)
+    expected = host(_bwd_program(fmt, False, True, 2.5, None, False, impl="xla"), x, g, ps, w)
+    assert_bytes_equal(np.asarray(got[0]), expected[0])
+    assert_bytes_equal(np.asarray(got[0]), np_backward(x, g, None, w, 2.5)[0].astype(OUT_DTYPE[fmt]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,npc", [("row", 128), ("col", 32)])
+def test_backward_cast_kernel_of_cancelling_gradients(on_gpu, rng, layout, npc):
+    """The fused cast's scales (round_sf=False) of nearly cancelling gradients, as TileKernels'."""
+    t, h = 257, 1024
+    xq, xsf = _cancelling_cast_input(rng, t, h, npc)
+    g = (rng.standard_normal((t, h)) * 0.5).astype(BF16)
+    ps, w = make_psum(rng, t, 5, 16), rng.uniform(0.05, 1.0, t).astype(f32)
+    args = (xq, np_store_sf(xsf, "row"), g, ps, w)
+    got = on_gpu(_bwd_cast_program(npc, layout, "row", False, True, None, False), *args)
+    expected = host(_bwd_cast_program(npc, layout, "row", False, True, None, False, impl="xla"), *args)
+    got, expected = jax.tree.leaves(got), jax.tree.leaves(expected)
+    for i in (0, 1, 2):
+        assert_bytes_equal(np.asarray(got[i]), expected[i])
+    grad, _, _, valid = np_backward(xq.astype(f32) * np.repeat(xsf, npc, 1), g, None, w, 1.5)
+    exp_q, exp_sf = np_cast(grad, valid, npc, layout, False)
+    assert_bytes_equal(np.asarray(got[1]), exp_q)
+    assert_bytes_equal(np.asarray(got[2]), exp_sf)

@@ -148,3 +148,31 @@ def test_kernel_is_bit_exact(on_gpu, rng):
             e0, e1 = np_weight_sf(s, bs)
             assert_bytes_equal(sf0, e0)
             assert_bytes_equal(sf1, e1)
+
+
+def test_arguments_raise_naming_the_op():
+    name = "batched_transpose_weight_sf"
+    s = np.ones((4, 4), np.float32)
+    with pytest.raises(TypeError, match=rf"^{name}: sf must be a list or tuple of arrays"):
+        batched_transpose_weight_sf(np.ones((2, 4, 4), np.float32), 128, [False, False])  # not split along G silently
+    with pytest.raises(TypeError, match=rf"^{name}: transpose_sf1s must be a list or tuple"):
+        batched_transpose_weight_sf([s], 128, "T")
+    with pytest.raises(TypeError, match=rf"^{name}: transpose_sf1s\[0\] must be a bool"):
+        batched_transpose_weight_sf([s], 128, ["yes"])
+    with pytest.raises(TypeError, match=rf"^{name}: block_size must be an int"):
+        batched_transpose_weight_sf([s], 128.0, [False])
+    with pytest.raises(TypeError, match=rf"^{name}: sf\[1\] must be an array"):
+        batched_transpose_weight_sf([s, "abc"], 128, [False, False])
+    with pytest.raises(ValueError, match=rf"^{name}: block_size must be one of"):
+        batched_transpose_weight_sf([s], 0, [False])
+
+
+def test_huge_weights_are_refused_or_lower():
+    """The kernel is generated for the shapes with int32 indices: each array below 2^31 elements."""
+    for shape in [(2**12, 64, 64), (12, 2**20), (2**20, 12)]:
+        with pytest.raises(ValueError, match=r"each array may have at most 2\^28 elements"):
+            jax.eval_shape(lambda s: batched_transpose_weight_sf([s], 128, [False]), jax.ShapeDtypeStruct(shape, jnp.float32))
+    for shape in [(2**11, 64, 64), (4, 2**20), (2**20, 4)]:  # 2^28 and 2^27 words: the largest lower
+        (call,) = _lower([(shape, 128)], 128)
+        (k,) = decode_record(call["launch"])["kernels"]
+        assert k["grid"] == [-(-sum(W.warp_tasks(shape if len(shape) == 3 else (1, *shape), 128)) // 8), 1, 1]

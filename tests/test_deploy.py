@@ -1,0 +1,91 @@
+"""precompile / export across GPU architectures in one process, and plain jax.export."""
+
+import hashlib
+import re
+import struct
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jax_tilek
+from jax_tilek import config
+
+import byo_kernels
+from conftest import HAS_GPU
+
+PARAMS = dict(n_cols=256, dtype="float32")
+X = jax.ShapeDtypeStruct((64, 256), jnp.float32)
+SM = {"sm_90a": 90, "sm_100a": 100}
+
+
+def _scale(x):
+    return jax_tilek.tilelang_call(
+        byo_kernels.scale_rows, x, jnp.ones((x.shape[0],), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), params=PARAMS,
+        reference=lambda x, s: x * s[:, None],
+    )  # fmt: skip
+
+
+def _fresh_program():
+    """A function JAX has never traced, so every test starts with cold JAX caches."""
+
+    def step(x):
+        return _scale(x) + 1
+
+    return step
+
+
+def _cubin_sm(cubin: bytes) -> int:
+    """The SM version a cubin is built for (CUDA ELF e_flags, bits 8-15)."""
+    assert cubin[:4] == b"\x7fELF"
+    return (struct.unpack_from("<I", cubin, 48)[0] >> 8) & 0xFF
+
+
+def _cubin_keys(exported) -> set[str]:
+    return set(re.findall(r'cubin_key = "([0-9a-f]{64})"', exported.mlir_module()))
+
+
+def _expected_key(arch: str) -> str:
+    cubin = byo_kernels.scale_rows.artifact(PARAMS, arch).cubin
+    assert _cubin_sm(cubin) == SM[arch]
+    return hashlib.sha256(cubin).hexdigest()
+
+
+@pytest.mark.parametrize("order", [("sm_90a", "sm_100a"), ("sm_100a", "sm_90a")])
+def test_each_architecture_gets_its_own_kernels(order):
+    pytest.importorskip("tilelang")
+    step = _fresh_program()
+    for arch in order:
+        used = jax_tilek.precompile(step, X, arch=arch)
+        assert [(name.rsplit(".", 1)[-1], a) for name, _, a, _ in used] == [("scale_rows", arch)], used
+        exported = jax_tilek.export(step, X, arch=arch)
+        assert _cubin_keys(exported) == {_expected_key(arch)}
+    # Back to the first architecture: JAX's caches now hold both, each under its own key.
+    assert _cubin_keys(jax_tilek.export(step, X, arch=order[0])) == {_expected_key(order[0])}
+
+
+def test_precompile_reports_every_kernel_each_time():
+    pytest.importorskip("tilelang")
+    step = _fresh_program()
+    first = jax_tilek.precompile(step, X, arch="sm_90a")
+    assert first and jax_tilek.precompile(step, X, arch="sm_90a") == first
+
+
+def test_plain_jax_export_works_inside_target_arch():
+    pytest.importorskip("tilelang")
+    step = _fresh_program()
+    with jax_tilek.target_arch("sm_90a"):
+        exported = jax.export.export(jax.jit(step), platforms=["cuda"])(X)
+    assert _cubin_keys(exported) == {_expected_key("sm_90a")}
+    again = jax.export.deserialize(exported.serialize())
+    assert "stablehlo.custom_call @tilek_launch" in again.mlir_module()
+
+
+@pytest.mark.skipif(HAS_GPU or config.arch_override() is not None, reason="needs a machine without a GPU or JAX_TILEK_ARCH")
+def test_plain_jax_export_without_an_architecture_is_a_short_error():
+    with pytest.raises(jax_tilek.NoTargetArchError) as error:
+        jax.export.export(jax.jit(_fresh_program()), platforms=["cuda"])(X)
+    message = str(error.value)
+    assert len(message) < 600, message
+    assert "jax_tilek.export(" in message and "target_arch" in message
