@@ -90,7 +90,8 @@ def tile_shape(block_size: tuple[int, int]) -> tuple[int, int]:
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True})
 def per_block_cast_kernel(
-    in_dtype: str, fmt: str, bm: int, bk: int, layout: str, round_sf: bool, mode: str, fold: bool = False
+    in_dtype: str, fmt: str, bm: int, bk: int, layout: str, round_sf: bool, mode: str, fold: bool = False,
+    wide: bool = False,
 ):
     """One CTA of 256 threads quantizes a ``bm x tk`` tile: one row block, ``tk / bk`` column blocks.
 
@@ -103,7 +104,9 @@ def per_block_cast_kernel(
     only sf, "cast_only" reads row-major fp32 sf (``sf_inv = 1 / sf``, correctly rounded).
 
     The grid is (hidden tiles, token tiles), or with ``fold`` one flat grid of both (for more token
-    tiles than grid y's 65,535). Extents are 64-bit symbols, so no guard or index wraps around.
+    tiles than grid y's 65,535). Extents are 32-bit symbols (the fast index arithmetic), or with
+    ``wide`` 64-bit ones, so that no guard or index wraps around: the launch asks for ``wide`` when
+    an index of the shapes could pass 2^31 (see :func:`_wide`).
     """
     import tilelang.language as T
 
@@ -131,20 +134,21 @@ def per_block_cast_kernel(
     else:
         out_dtype, out_words, out_div = ("uint32", 1, 8) if vec == 8 else ("uint16", 1, 4)
 
-    num_tokens, x_words = T.dynamic("num_tokens, x_words", "int64")  # x_words: a row of x in 32-bit words
+    idx = "int64" if wide else "int32"
+    num_tokens, x_words = T.dynamic("num_tokens, x_words", idx)  # x_words: a row of x in 32-bit words
     hidden = x_words * 4 // in_size
     k_blocks = T.ceildiv(hidden, bk)
     k_tiles, m_tiles = T.ceildiv(hidden, tk), T.ceildiv(num_tokens, tm)
     x_shape = (num_tokens, x_words)
     out_shape = (num_tokens, hidden // out_div)
     if mode == "cast_only" or layout == "row":
-        m_blocks = T.dynamic("m_blocks", "int64")
+        m_blocks = T.dynamic("m_blocks", idx)
         sf_shape, sf_dtype = (m_blocks, k_blocks), "float32"
     elif layout == "col":
-        m_stride = T.dynamic("m_stride", "int64")  # align(M_b, 4)
+        m_stride = T.dynamic("m_stride", idx)  # align(M_b, 4)
         sf_shape, sf_dtype = (k_blocks, m_stride), "float32"
     else:  # col_ue8m0 storage seen as bytes: [ceil(K_b / 4), 4 * align(M_b, 4)]
-        m_bytes = T.dynamic("m_bytes", "int64")
+        m_bytes = T.dynamic("m_bytes", idx)
         sf_shape, sf_dtype = (T.ceildiv(k_blocks, 4), m_bytes), "uint8"
 
     def bf16_lo(word):
@@ -337,6 +341,14 @@ def _grid(x, block_size) -> tuple[int, bool]:
     return m_tiles * k_tiles, m_tiles > GRID_LIMITS[1]
 
 
+def _wide(x, block_size) -> bool:
+    """Whether the kernel needs 64-bit extents: an index (of x's elements, rows padded to whole tiles,
+    with a margin of 4 for byte-sized or finer arithmetic) could reach 2^31."""
+    tm, tk = tile_shape(block_size)
+    rows, cols = (F.ceil_div(x.shape[0], tm) + 1) * tm, (F.ceil_div(x.shape[1], tk) + 1) * tk
+    return rows * cols * 4 >= 2**31
+
+
 def _kernel_check(x, *rest, block_size, name="per_block_cast", **_):
     ctas, _ = _grid(x, block_size)
     if ctas > GRID_LIMITS[0]:
@@ -372,12 +384,13 @@ def _views(x, fmt, block_size, layout, sf_name="sf"):
 
 
 def _params(x, fmt, block_size, layout, round_sf, mode, fold):
-    """The kernel's static parameters; ``fold`` None: a flat grid only when the 2-D one does not fit."""
+    """The kernel's static parameters; ``fold`` None: a flat grid only when the 2-D one does not fit;
+    64-bit extents (``wide``) only when the shapes need them (ordinary shapes keep the 32-bit code)."""
     bm, bk = block_size
     fold = _grid(x, block_size)[1] if fold is None else fold
     return dict(
         in_dtype=np.dtype(x.dtype).name, fmt=fmt, bm=bm, bk=bk, layout=layout, round_sf=bool(round_sf), mode=mode,
-        **({"fold": True} if fold else {}),
+        **({"fold": True} if fold else {}), **({"wide": True} if _wide(x, block_size) else {}),
     )  # fmt: skip
 
 

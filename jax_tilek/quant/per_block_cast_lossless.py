@@ -115,7 +115,9 @@ def tile_plan(x_block_size: tuple[int, int], out_block_size: tuple[int, int]) ->
 
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True})
-def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: str, layout: str, fold: bool = False):
+def per_block_cast_lossless_kernel(
+    x_block: tuple, out_block: tuple, in_layout: str, layout: str, fold: bool = False, wide: bool = False
+):
     """One CTA of 256 threads re-blocks a ``tm x tk`` tile.
 
     1. Each thread loads its two 16-byte FP4 chunks (32 codes each; a warp reads whole row segments
@@ -129,7 +131,9 @@ def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: 
        are converted with ``cvt.rn.satfinite.e4m3x2.f16x2``; each chunk is two 16-byte stores.
 
     The grid is (hidden tiles, token tiles), or with ``fold`` one flat grid of both (for more token
-    tiles than grid y's 65,535). Extents are 64-bit symbols, so no guard or index wraps around.
+    tiles than grid y's 65,535). Extents are 32-bit symbols (the fast index arithmetic), or with
+    ``wide`` 64-bit ones, so that no guard or index wraps around: the launch asks for ``wide`` when
+    an index of the shapes could pass 2^31 (see :func:`_wide`).
     """
     import tilelang.language as T
 
@@ -143,18 +147,19 @@ def per_block_cast_lossless_kernel(x_block: tuple, out_block: tuple, in_layout: 
     nko = tk // bko  # output blocks per tile row of blocks
     cpr = tk // CHUNK  # chunks per tile row
 
-    num_tokens, d_words = T.dynamic("num_tokens, d_words", "int64")  # d_words: a row of FP4 data in 32-bit words
+    idx = "int64" if wide else "int32"
+    num_tokens, d_words = T.dynamic("num_tokens, d_words", idx)  # d_words: a row of FP4 data in 32-bit words
     hidden = d_words * 8
     k_in, k_out = T.ceildiv(hidden, bki), T.ceildiv(hidden, bko)
 
     def sf_param(which, lay, k_blocks):
         if lay == "row":
-            rows = T.dynamic(f"{which}_m_blocks", "int64")
+            rows = T.dynamic(f"{which}_m_blocks", idx)
             return (rows, k_blocks), "float32"
         if lay == "col":
-            stride = T.dynamic(f"{which}_m_stride", "int64")  # align(M_b, 4)
+            stride = T.dynamic(f"{which}_m_stride", idx)  # align(M_b, 4)
             return (k_blocks, stride), "float32"
-        nbytes = T.dynamic(f"{which}_m_bytes", "int64")  # packed UE8M0 seen as bytes: 4 * align(M_b, 4)
+        nbytes = T.dynamic(f"{which}_m_bytes", idx)  # packed UE8M0 seen as bytes: 4 * align(M_b, 4)
         return (T.ceildiv(k_blocks, 4), nbytes), "uint8"
 
     in_sf_shape, in_sf_dtype = sf_param("in", in_layout, k_in)
@@ -346,6 +351,15 @@ def _grid(data, x_block, out_block) -> tuple[int, bool]:
     return m_tiles * k_tiles, m_tiles > GRID_LIMITS[1]
 
 
+def _wide(data, x_block, out_block) -> bool:
+    """Whether the kernel needs 64-bit extents: an index (of the FP4 elements, rows padded to whole
+    tiles, with a margin of 4) could reach 2^31."""
+    plan = tile_plan(x_block, out_block)
+    rows = (F.ceil_div(data.shape[0], plan["tm"]) + 1) * plan["tm"]
+    cols = (F.ceil_div(data.shape[1] * 2, plan["tk"]) + 1) * plan["tk"]
+    return rows * cols * 4 >= 2**31
+
+
 def _kernel_check(data, x_sf, *, x_block, out_block, **_):
     ctas, _ = _grid(data, x_block, out_block)
     if ctas > GRID_LIMITS[0]:
@@ -356,12 +370,15 @@ def _kernel_check(data, x_sf, *, x_block, out_block, **_):
 
 
 def _launch(data, x_sf, *, x_block, out_block, in_layout, layout, fold=None):
-    """``fold``: None picks the flat grid only when the 2-D one does not fit; True / False force it."""
+    """``fold``: None picks the flat grid only when the 2-D one does not fit; True / False force it.
+    64-bit extents (``wide``) only when the shapes need them (ordinary shapes keep the 32-bit code)."""
     t, h = data.shape[0], data.shape[1] * 2
     fold = _grid(data, x_block, out_block)[1] if fold is None else fold
+    params = dict(x_block=tuple(x_block), out_block=tuple(out_block), in_layout=in_layout, layout=layout)
+    params.update({"fold": True} if fold else {}, **({"wide": True} if _wide(data, x_block, out_block) else {}))
     return Launch(
         per_block_cast_lossless_kernel,
-        dict(x_block=tuple(x_block), out_block=tuple(out_block), in_layout=in_layout, layout=layout, **({"fold": True} if fold else {})),
+        params,
         views={
             "x": View((t, h // 8), dtype=np.uint32),
             "x_sf": _sf_view(in_layout, F.num_blocks((t, h), x_block)),

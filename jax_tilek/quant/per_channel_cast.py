@@ -75,6 +75,7 @@ def per_channel_cast_kernel(
     transpose: bool = False,
     min_blocks: int = 2,
     fold: bool = False,
+    wide: bool = False,
 ):
     """One CTA per 128 tokens x ``tile_h`` channels, 256 threads.
 
@@ -90,7 +91,9 @@ def per_channel_cast_kernel(
     UE8M0 scales of an e4m3 input with blocks of ``npc`` channels), ``packed_sf`` (UE8M0 output
     packed along M), ``gather`` (input row of output row p is ``pos[p]``, zeros where ``pos[p]`` is
     outside ``[0, T)``), ``fold`` (one flat grid instead of (token tiles, channel tiles), for more
-    channel tiles than grid y's 65,535). Extents are 64-bit symbols: no guard or index wraps around.
+    channel tiles than grid y's 65,535), ``wide`` (64-bit extents, asked for by the launch when an
+    index of the shapes could pass 2^31, see :func:`_wide`; else 32-bit ones, the fast index
+    arithmetic): no guard or index wraps around.
     """
     import tilelang.language as T
 
@@ -105,7 +108,7 @@ def per_channel_cast_kernel(
     assert R % 4 == 0 and 16 % R == 0 and npt % R == 0
     per_block = npt // R  # thread rows per npt block
 
-    Tn, P, XW, S0, TA, GW = T.dynamic("Tn, P, XW, S0, TA, GW", "int64")  # XW: 32-bit words per input row
+    Tn, P, XW, S0, TA, GW = T.dynamic("Tn, P, XW, S0, TA, GW", "int64" if wide else "int32")  # XW: 32-bit words per input row
     if transpose:
         P = Tn  # output tokens = input tokens
     H = XW * (4 if quant_in else 2)  # channels
@@ -358,6 +361,13 @@ def _grid(p: int, h: int, tile_h: int) -> tuple[int, bool]:
     return m_tiles * h_tiles, h_tiles > GRID_LIMITS[1]
 
 
+def _wide(t: int, p: int, h: int, tile_h: int) -> bool:
+    """Whether the kernel needs 64-bit extents: an index (of input or output elements, rows padded to
+    whole tiles, with a margin of 4) could reach 2^31."""
+    rows = (F.ceil_div(max(t, p), TILE_T) + 1) * TILE_T
+    return rows * (h + tile_h) * 4 >= 2**31
+
+
 def _kernel_check(*avals, sf_in, gather, transpose, tile_h=None, **_) -> None:
     x, _, pos = _operands(avals, sf_in, gather)
     p, h = (pos.shape[0] if gather else x.shape[0]), x.shape[1]
@@ -388,6 +398,7 @@ def _launch(
     params = dict(
         tile_h=tile_h, npt=npt, round_sf=round_sf, sf_in=sf_in, npc=npc if sf_in else 128,
         packed_sf=packed_sf, gather=gather, transpose=transpose, min_blocks=min_blocks, **({"fold": True} if fold else {}),
+        **({"wide": True} if _wide(t, p, h, tile_h) else {}),
     )  # fmt: skip
     return Launch(kernel=per_channel_cast_kernel, params=params, views=views)
 

@@ -173,7 +173,7 @@ PC_THREADS = 256
 
 
 @kernel(pass_configs=PASS_CONFIGS, depends=(_SWIGLU_MODULE,))
-def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transpose: bool, clamp: bool):
+def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transpose: bool, clamp: bool, loop: bool):
     """One 128-token x 64-channel tile per CTA, in three steps:
 
     1. each thread reads 16-byte chunks of l and r (8 channels), computes the activation, rounds it
@@ -184,6 +184,10 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
     3. transposed: each lane scales and stores its 16 tokens of one channel as one 16-byte row
        segment of ``out[H, T]``; otherwise the inverse scales go through shared memory and rows of
        8 channels are stored as 8 bytes of ``out[T, H]``.
+
+    ``loop`` (a static choice of the launch, only for more than ``MAX_GRID_Y`` token tiles): grid.y
+    is ``MAX_GRID_Y`` and each CTA loops over the token tiles ``by, by + MAX_GRID_Y, ...``. Without
+    it the grid has one CTA row per token tile and the code has no loop (the faster hot path).
     """
     import tilelang.language as T
 
@@ -196,6 +200,70 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
     def swz(m, j):
         return m * chunks + (j ^ ((m // 16) % chunks))
 
+    @T.macro
+    def one_tile(x, out, sf, clamp_value, bn, bm, tid, tile, inv, lf, rf, d, vals, sc, amax):
+        """Token tile ``bm``, channel tile ``bn``."""
+        t0 = bm * TILE_M
+        # 1. activations -> bf16 -> shared
+        for i in T.unroll(TILE_M * chunks // PC_THREADS):
+            c = i * PC_THREADS + tid
+            m = c // chunks
+            j = c % chunks
+            col = bn * (TILE_N // 2) + j * 4  # word of l in x's row
+            M["load_unit"](x, t0 + m, col, lf, 8, "bf16")
+            M["load_unit"](x, t0 + m, hidden // 2 + col, rf, 8, "bf16")
+            for v in T.unroll(8):
+                if clamp:
+                    lf[v] = T.min(lf[v], clamp_value)
+                    rf[v] = T.min(T.max(rf[v], clamp_value * T.float32(-1.0)), clamp_value)
+                lf[v] = M["silu"](lf[v], d) * rf[v]
+            for q in T.unroll(4):
+                tile[swz(m, j), q] = T.call_extern("uint32", "tilek_bf16x2", lf[2 * q], lf[2 * q + 1])
+        T.sync_threads()
+        # 2. one channel, 2 x 16 tokens per lane; block maxima and scales
+        warp = tid // 32
+        lane = tid % 32
+        h = warp * 8 + lane % 8  # channel within the tile
+        kk = lane // 8
+        for p in T.unroll(2):
+            for i in T.unroll(16):
+                m = (p * 4 + kk) * 16 + i
+                word = tile[swz(m, h // 8), (h % 8) // 2]
+                vals[p, i] = T.reinterpret(T.if_then_else(h % 2 == 0, T.shift_left(word, T.uint32(16)), T.bitwise_and(word, T.uint32(0xFFFF0000))), "float32")
+            amax[p] = T.float32(0.0)
+            for i in T.unroll(16):
+                amax[p] = T.max(amax[p], T.abs(vals[p, i]))
+            amax[p] = T.max(amax[p], T.shfl_xor(amax[p], 8))  # chunks 2b, 2b+1: a 32-token block
+        if npt == 128:
+            amax[0] = T.max(amax[0], amax[1])
+            amax[0] = T.max(amax[0], T.shfl_xor(amax[0], 16))
+            amax[1] = amax[0]
+        for p in T.unroll(2):
+            M["e4m3_scales"](amax[p], sc, round_sf)
+            block = (p * 4 + kk) * 16 // npt  # scale block within the tile
+            if kk % (npt // 16 if npt == 32 else 4) == 0:
+                if npt == 32 or p == 0:
+                    sf[bm * blocks + block, bn * TILE_N + h] = sc[0]
+                    if not transpose:
+                        inv[block, h] = sc[1]
+            if transpose:
+                for i in T.unroll(16):
+                    vals[p, i] = vals[p, i] * sc[1]
+                T.evaluate(T.call_extern("handle", "tilek_st16", T.address_of(out[bn * TILE_N + h, (t0 + (p * 4 + kk) * 16) // 4]), *[
+                    T.call_extern("uint32", "tilek_e4m3x4", *[vals[p, 4 * q + v] for v in range(4)]) for q in range(4)]))  # fmt: skip
+        # 3. (not transposed) rows of 8 channels
+        if not transpose:
+            T.sync_threads()
+            for i in T.unroll(TILE_M * chunks // PC_THREADS):
+                c = i * PC_THREADS + tid
+                m = c // chunks
+                j = c % chunks
+                for q in T.unroll(4):
+                    word = tile[swz(m, j), q]
+                    lf[2 * q] = T.reinterpret(T.shift_left(word, T.uint32(16)), "float32") * inv[m // npt, j * 8 + 2 * q]
+                    lf[2 * q + 1] = T.reinterpret(T.bitwise_and(word, T.uint32(0xFFFF0000)), "float32") * inv[m // npt, j * 8 + 2 * q + 1]
+                M["store_values"](out, t0 + m, (bn * TILE_N + j * 8) // 4, lf, 8, "e4m3")
+
     @T.prim_func
     def swiglu_per_channel_cast(
         x: T.Tensor((rows, hidden), "uint32"),
@@ -203,7 +271,10 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
         sf: T.Tensor((rows // npt, hidden), "float32"),
         clamp_value: T.float32,
     ):
-        with T.Kernel(hidden // TILE_N, T.min(T.ceildiv(rows, TILE_M), MAX_GRID_Y), threads=PC_THREADS, prelude=PRELUDE) as (bn, by):
+        # (loop: the grid's height and the loop's stride stay symbolic, min(tiles, MAX_GRID_Y): a
+        # literal 65535 would be folded into int32 offset constants that overflow)
+        tiles = T.ceildiv(rows, TILE_M)
+        with T.Kernel(hidden // TILE_N, T.min(tiles, MAX_GRID_Y) if loop else tiles, threads=PC_THREADS, prelude=PRELUDE) as (bn, by):
             T.assume(rows % TILE_M == 0)
             tile = T.alloc_shared((TILE_M * chunks, 4), "uint32")
             inv = T.alloc_shared((blocks, TILE_N), "float32")
@@ -214,70 +285,12 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
             vals = T.alloc_local((2, 16), "float32")
             sc = T.alloc_local((2,), "float32")
             amax = T.alloc_local((2,), "float32")
-            tiles = T.ceildiv(rows, TILE_M)  # token tiles; grid.y covers at most 65535 at a time
-            for it in T.serial(T.ceildiv(tiles - by, T.min(tiles, MAX_GRID_Y))):
-                bm = by + it * T.min(tiles, MAX_GRID_Y)
-                T.sync_threads()  # the previous tile's reads of shared memory are done
-                t0 = bm * TILE_M
-                # 1. activations -> bf16 -> shared
-                for i in T.unroll(TILE_M * chunks // PC_THREADS):
-                    c = i * PC_THREADS + tid
-                    m = c // chunks
-                    j = c % chunks
-                    col = bn * (TILE_N // 2) + j * 4  # word of l in x's row
-                    M["load_unit"](x, t0 + m, col, lf, 8, "bf16")
-                    M["load_unit"](x, t0 + m, hidden // 2 + col, rf, 8, "bf16")
-                    for v in T.unroll(8):
-                        if clamp:
-                            lf[v] = T.min(lf[v], clamp_value)
-                            rf[v] = T.min(T.max(rf[v], clamp_value * T.float32(-1.0)), clamp_value)
-                        lf[v] = M["silu"](lf[v], d) * rf[v]
-                    for q in T.unroll(4):
-                        tile[swz(m, j), q] = T.call_extern("uint32", "tilek_bf16x2", lf[2 * q], lf[2 * q + 1])
-                T.sync_threads()
-                # 2. one channel, 2 x 16 tokens per lane; block maxima and scales
-                warp = tid // 32
-                lane = tid % 32
-                h = warp * 8 + lane % 8  # channel within the tile
-                kk = lane // 8
-                for p in T.unroll(2):
-                    for i in T.unroll(16):
-                        m = (p * 4 + kk) * 16 + i
-                        word = tile[swz(m, h // 8), (h % 8) // 2]
-                        vals[p, i] = T.reinterpret(T.if_then_else(h % 2 == 0, T.shift_left(word, T.uint32(16)), T.bitwise_and(word, T.uint32(0xFFFF0000))), "float32")
-                    amax[p] = T.float32(0.0)
-                    for i in T.unroll(16):
-                        amax[p] = T.max(amax[p], T.abs(vals[p, i]))
-                    amax[p] = T.max(amax[p], T.shfl_xor(amax[p], 8))  # chunks 2b, 2b+1: a 32-token block
-                if npt == 128:
-                    amax[0] = T.max(amax[0], amax[1])
-                    amax[0] = T.max(amax[0], T.shfl_xor(amax[0], 16))
-                    amax[1] = amax[0]
-                for p in T.unroll(2):
-                    M["e4m3_scales"](amax[p], sc, round_sf)
-                    block = (p * 4 + kk) * 16 // npt  # scale block within the tile
-                    if kk % (npt // 16 if npt == 32 else 4) == 0:
-                        if npt == 32 or p == 0:
-                            sf[bm * blocks + block, bn * TILE_N + h] = sc[0]
-                            if not transpose:
-                                inv[block, h] = sc[1]
-                    if transpose:
-                        for i in T.unroll(16):
-                            vals[p, i] = vals[p, i] * sc[1]
-                        T.evaluate(T.call_extern("handle", "tilek_st16", T.address_of(out[bn * TILE_N + h, (t0 + (p * 4 + kk) * 16) // 4]), *[
-                            T.call_extern("uint32", "tilek_e4m3x4", *[vals[p, 4 * q + v] for v in range(4)]) for q in range(4)]))  # fmt: skip
-                # 3. (not transposed) rows of 8 channels
-                if not transpose:
-                    T.sync_threads()
-                    for i in T.unroll(TILE_M * chunks // PC_THREADS):
-                        c = i * PC_THREADS + tid
-                        m = c // chunks
-                        j = c % chunks
-                        for q in T.unroll(4):
-                            word = tile[swz(m, j), q]
-                            lf[2 * q] = T.reinterpret(T.shift_left(word, T.uint32(16)), "float32") * inv[m // npt, j * 8 + 2 * q]
-                            lf[2 * q + 1] = T.reinterpret(T.bitwise_and(word, T.uint32(0xFFFF0000)), "float32") * inv[m // npt, j * 8 + 2 * q + 1]
-                        M["store_values"](out, t0 + m, (bn * TILE_N + j * 8) // 4, lf, 8, "e4m3")
+            if loop:
+                for it in T.serial(T.ceildiv(tiles - by, T.min(tiles, MAX_GRID_Y))):
+                    T.sync_threads()  # the previous tile's reads of shared memory are done
+                    one_tile(x, out, sf, clamp_value, bn, by + it * T.min(tiles, MAX_GRID_Y), tid, tile, inv, lf, rf, d, vals, sc, amax)
+            else:
+                one_tile(x, out, sf, clamp_value, bn, by, tid, tile, inv, lf, rf, d, vals, sc, amax)
 
     return swiglu_per_channel_cast
 
@@ -310,7 +323,7 @@ def _pc_launch(x, *, npt, round_sf=False, transpose=True, clamp=None):
     t, h = x.shape[0], x.shape[1] // 2
     return Launch(
         kernel=swiglu_per_channel_cast_kernel,
-        params=dict(hidden=h, npt=npt, round_sf=bool(round_sf), transpose=bool(transpose), clamp=clamp is not None),
+        params=dict(hidden=h, npt=npt, round_sf=bool(round_sf), transpose=bool(transpose), clamp=clamp is not None, loop=-(-t // TILE_M) > MAX_GRID_Y),
         scalars=dict(clamp_value=scalar(clamp)),
         views={"x": words(x.shape, x.dtype), "out": words((h, t) if transpose else (t, h), jnp.float8_e4m3fn)},
     )

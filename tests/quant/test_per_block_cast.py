@@ -209,7 +209,7 @@ def test_extents_beyond_the_kernel_are_rejected_at_trace_time(fn, shape, message
 
 
 # Token counts whose token tiles exceed grid y's 65,535 take one flat grid; extents near 2^31 lower
-# (the kernel's extents are 64-bit). (shape, dtype, fmt, block, sf layout)
+# (the kernel's extents are 64-bit where an index could pass 2^31). (shape, dtype, fmt, block, sf layout)
 LARGE = [
     ((65535 * 32 + 1, 64), BF16, "e4m3", (32, 32), "col_ue8m0"),
     ((3_000_000, 128), FP32, "e2m1", (32, 128), "row"),
@@ -232,15 +232,41 @@ def test_large_shapes_lower(shape, dtype, fmt, block, sf):
         (k,) = decode_record(call["launch"])["kernels"]
         assert k["grid"] == ([m_tiles * k_tiles, 1, 1] if flat else [k_tiles, m_tiles, 1])
         assert sorted(a[1] for a in k["args"] if a[0] == 0) == list(range(nbuffers))
-        assert all(a[1] == 8 for a in k["args"] if a[0] == 2)  # every extent is a 64-bit scalar
+        wide = (m_tiles + 1) * tm * (k_tiles + 1) * tk * 4 >= 2**31  # the launch's rule
+        assert all(a[1] == (8 if wide else 4) for a in k["args"] if a[0] == 2)  # 64-bit extents only when needed
 
 
-def test_kernel_extents_are_64_bit():
+def test_kernel_extents_are_64_bit_when_wide():
     for fold in (False, True):
-        params = dict(in_dtype="float32", fmt="e4m3", bm=32, bk=128, layout="col_ue8m0", round_sf=True, mode="cast")
-        source = P.per_block_cast_kernel.artifact(dict(params, **({"fold": True} if fold else {})), "sm_90a").source
-        signature = re.search(r'extern "C" __global__ void __launch_bounds__[^{]*', source).group(0)
-        assert signature.endswith("int64_t m_bytes, int64_t num_tokens, int64_t x_words) "), signature
+        for wide in (False, True):
+            params = dict(in_dtype="float32", fmt="e4m3", bm=32, bk=128, layout="col_ue8m0", round_sf=True, mode="cast")
+            params.update({"fold": True} if fold else {}, **({"wide": True} if wide else {}))
+            source = P.per_block_cast_kernel.artifact(params, "sm_90a").source
+            signature = re.search(r'extern "C" __global__ void __launch_bounds__[^{]*', source).group(0)
+            i = "int64_t" if wide else "int"
+            assert signature.endswith(f"{i} m_bytes, {i} num_tokens, {i} x_words) "), signature
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,block,wide",
+    [
+        ((16384, 7168), BF16, (128, 128), False),
+        ((65536, 4096), BF16, (32, 32), False),
+        ((8192, 7168), FP32, (128, 128), False),
+        ((65536, 8192), FP32, (32, 32), True),
+        ((2**31 // 64, 64), BF16, (32, 32), True),
+    ],
+    ids=str,
+)
+def test_extents_are_32_bit_unless_the_shape_needs_64(shape, dtype, block, wide):
+    """Ordinary shapes keep the 32-bit index arithmetic (the fast code); 64-bit extents only for
+    shapes where an index could pass 2^31."""
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    assert P._wide(x, block) == wide
+    (call,) = tilek_calls(lower_for_cuda(lambda x: per_block_cast(x, "e4m3", block, **_flags("col_ue8m0")), x))
+    (k,) = decode_record(call["launch"])["kernels"]
+    assert {a[1] for a in k["args"] if a[0] == 2} == {8 if wide else 4}
+    assert P._params(x, "e4m3", block, "row", True, "cast", None).get("wide", False) == wide
 
 
 # ---------------------------------------------------------------------------------------------

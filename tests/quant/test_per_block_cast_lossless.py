@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.per_block_cast_lossless import _lossless_op, per_block_cast_lossless, tile_plan
+from jax_tilek.quant.per_block_cast_lossless import _lossless_op, _wide, per_block_cast_lossless, tile_plan
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, np_store_sf
@@ -209,7 +209,7 @@ def test_extents_beyond_the_kernel_are_rejected_at_trace_time():
 
 
 # Token counts whose token tiles exceed grid y's 65,535 take one flat grid (the kernel's extents are
-# 64-bit). (T, H, x_block, out_block, input sf layout, output sf layout)
+# 64-bit where an index could pass 2^31). (T, H, x_block, out_block, input sf layout, output sf layout)
 LARGE = [
     (65535 * 32 + 1, 32, (1, 32), (1, 128), "row", "col_ue8m0"),
     (3_000_000, 256, (1, 32), (32, 32), "col_ue8m0", "row"),
@@ -229,7 +229,23 @@ def test_large_token_counts_take_a_flat_grid(t, h, x_block, out_block, in_layout
     (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
     assert m_tiles > 65535 and k["grid"] == [m_tiles * k_tiles, 1, 1]
     assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2, 3]
-    assert all(a[1] == 8 for a in k["args"] if a[0] == 2)  # every extent is a 64-bit scalar
+    wide = (m_tiles + 1) * plan["tm"] * (k_tiles + 1) * plan["tk"] * 4 >= 2**31  # the launch's rule
+    assert _wide(jax.ShapeDtypeStruct((t, h // 2), jnp.uint8), x_block, out_block) == wide
+    assert all(a[1] == (8 if wide else 4) for a in k["args"] if a[0] == 2)  # 64-bit extents only when needed
+
+
+@pytest.mark.parametrize("t,h,wide", [(16384, 7168, False), (65536, 7168, False), (2**31 // 32, 32, True), (2**17, 2**14, True)])
+def test_extents_are_32_bit_unless_the_shape_needs_64(t, h, wide):
+    """Ordinary shapes keep the 32-bit index arithmetic (the fast code); 64-bit extents only for
+    shapes where an index could pass 2^31."""
+    x_block, out_block = (1, 32), (128, 128)
+    in_sf = F.sf_storage_shape("row", F.num_blocks((t, h), x_block))
+    text = lower_for_cuda(
+        lambda d, s: per_block_cast_lossless((d, s), "e4m3", x_block, out_block, **_flags("row"), x_sf_layout="row"),
+        jax.ShapeDtypeStruct((t, h // 2), jnp.uint8), jax.ShapeDtypeStruct(*in_sf),
+    )  # fmt: skip
+    (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
+    assert {a[1] for a in k["args"] if a[0] == 2} == {8 if wide else 4}
 
 
 def test_uint8_data_is_required():

@@ -433,18 +433,27 @@ def test_lowering_wide_rows_take_a_flat_grid(t, h, transposed, tiles):
     assert all(a[1] == 8 for a in k["args"] if a[0] == 2)  # every extent is a 64-bit scalar
 
 
+@pytest.mark.parametrize("t,h,wide", [(16384, 7168, False), (65536, 7168, False), (2**20, 2**11, True)])
+def test_extents_are_32_bit_unless_the_shape_needs_64(t, h, wide):
+    """Ordinary shapes keep the 32-bit index arithmetic (the fast code); 64-bit extents only for
+    shapes where an index could pass 2^31."""
+    (call,) = tilek_calls(lower_for_cuda(lambda x: per_channel_cast(x, impl="tilelang"), S((t, h), jnp.bfloat16)))
+    (k,) = decode_record(call["launch"])["kernels"]
+    assert {a[1] for a in k["args"] if a[0] == 2} == {8 if wide else 4}
+
+
 def test_gather_bounds_checks_positions_in_the_kernel():
     """The gathering kernel checks each position against T itself: with TileLang's implicit guards on
     loads turned off, every load of x or x_sf still sits behind a ``src < Tn`` check."""
     from jax_tilek import compiler
     from jax_tilek.quant.per_channel_cast import per_channel_cast_kernel
 
-    for sf_in in (None, "row"):
-        func = per_channel_cast_kernel.factory(tile_h=128, npt=128, sf_in=sf_in, npc=128, gather=True, min_blocks=2)
+    for sf_in, wide in ((None, False), ("row", False), ("row", True)):
+        func = per_channel_cast_kernel.factory(tile_h=128, npt=128, sf_in=sf_in, npc=128, gather=True, min_blocks=2, wide=wide)
         configs = dict(per_channel_cast_kernel.pass_configs, **{"tl.disable_safe_memory_legalize": True})
         source = compiler.lower_prim_func(func, "sm_90a", pass_configs=configs, name="gather").source
         body = source[source.index('extern "C" __global__ void __launch_bounds__') :]
-        guard = re.search(r"\(\(\(int64_t\)src\[(\w+)\]\) < Tn\)", body)
+        guard = re.search(r"\((?:\(\(int64_t\))?src\[(\w+)\]\)? < Tn\)", body)
         assert guard, "no bounds check of the gathered positions against Tn"
         first_load = min(i for i in (body.find("(x + "), body.find("x_sf[")) if i >= 0)
         assert guard.start() < first_load

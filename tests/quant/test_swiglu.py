@@ -19,6 +19,7 @@ from jax_tilek.quant.swiglu_quant import (
     swiglu_backward_and_per_token_cast,
     swiglu_forward_and_per_channel_cast_and_transpose,
     swiglu_forward_and_per_token_cast,
+    swiglu_per_channel_cast_kernel,
 )
 
 from helpers import decode_record, lower_for_cuda, tilek_calls
@@ -886,14 +887,28 @@ def test_row_kernels_use_64_bit_element_offsets():
 
 
 def test_per_channel_cast_loops_over_token_tiles_beyond_grid_y():
-    """gridDim.y is at most 65535: beyond 65535 x 128 tokens each CTA takes several token tiles."""
+    """gridDim.y is at most 65535: beyond 65535 x 128 tokens each CTA takes several token tiles (a
+    separate kernel, ``loop=True``); up to 65535 tiles the kernel has no loop (the fast hot path)."""
     program = _pc_program(128, True, False, None)
-    for t, tiles in ((128 * 1000, 1000), (2**24, 65535), (MAX_ROWS, 65535)):
-        (call,) = tilek_calls(lower_for_cuda(program, jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)))
+    for t, tiles, loop in ((128 * 1000, 1000, False), (128 * 65535, 65535, False), (128 * 65536, 65535, True), (2**24, 65535, True), (MAX_ROWS, 65535, True)):
+        with jax_tilek.record_kernels() as log:
+            (call,) = tilek_calls(lower_for_cuda(_fresh(program), jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)))
         (k,) = _kernel_of(call)["kernels"]
         assert k["grid"] == [1024 // 64, tiles, 1]
+        assert [dict(params)["loop"] for name, params, _, _ in log if name.endswith("swiglu_per_channel_cast_kernel")] == [loop]
     with pytest.raises(ValueError, match=rf"swiglu_forward_and_per_channel_cast_and_transpose: x may have at most {MAX_ROWS} rows"):
         jax.eval_shape(program, jax.ShapeDtypeStruct((MAX_ROWS + 128, 2048), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_per_channel_cast_hot_path_has_no_token_loop(transpose):
+    """The ordinary kernel (``loop=False``) takes one token tile per CTA, its tile index the block
+    index itself; only ``loop=True`` has the loop over token tiles (and its extra barrier)."""
+    params = dict(hidden=1024, npt=128, round_sf=False, transpose=transpose, clamp=False)
+    plain = swiglu_per_channel_cast_kernel.artifact({**params, "loop": False}, "sm_90a").source
+    looped = swiglu_per_channel_cast_kernel.artifact({**params, "loop": True}, "sm_90a").source
+    assert "for (int it" not in plain and "for (int it" in looped
+    assert looped.count("__syncthreads()") == plain.count("__syncthreads()") + 1
 
 
 @pytest.mark.parametrize("case", GPU_PC, ids=str)
