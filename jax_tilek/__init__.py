@@ -7,7 +7,7 @@ from jax_tilek.compiler import CompileError, NvccNotFoundError
 from jax_tilek.config import offline_mode, target_arch, use_cache_dir
 from jax_tilek.deploy import EXPORT_DISABLED_CHECKS, export, precompile
 from jax_tilek.kernel import TileKernel, kernel, record_kernels
-from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, with_vjp
+from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, default_impl, set_default_impl, with_vjp
 from jax_tilek.platform import NoTargetArchError, kernels_available
 
 __version__ = "0.1.0"
@@ -25,12 +25,14 @@ __all__ = [
     "TileKernel",
     "TileOp",
     "View",
+    "default_impl",
     "export",
     "kernel",
     "kernels_available",
     "offline_mode",
     "precompile",
     "record_kernels",
+    "set_default_impl",
     "target_arch",
     "tilelang_call",
     "tilelang_op",

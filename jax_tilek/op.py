@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import config as _jax_config  # a config state JAX's caches key on (no public API)
 from jax._src import dispatch  # apply_primitive: the standard eager impl for a lowered primitive
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -52,6 +53,37 @@ def check_impl(impl: Any, op: str) -> None:
     """A ValueError naming ``op`` unless ``impl`` is None, "tilelang" or "xla"."""
     if not (impl is None or (isinstance(impl, str) and impl in IMPLS)):
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+
+
+_default_impl = _jax_config.optional_enum_state(
+    "jax_tilek_impl",
+    ["tilelang", "xla"],
+    None,
+    "What impl=None means for every jax_tilek op: unset (kernels where they can run, references elsewhere), "
+    "'tilelang' (kernels, an error where they cannot run) or 'xla' (the pure-JAX references).",
+    include_in_jit_key=True,
+    include_in_trace_context=True,
+)
+
+
+def set_default_impl(impl: Impl) -> None:
+    """Sets what ``impl=None`` means for every jax_tilek op, process-wide: None (kernels where they can
+    run, references elsewhere), ``"tilelang"`` or ``"xla"``. The environment variable
+    ``JAX_TILEK_IMPL`` sets it at import. It is part of JAX's jit key, so jitted functions retrace."""
+    check_impl(impl, "set_default_impl")
+    jax.config.update("jax_tilek_impl", impl)
+
+
+def default_impl(impl: Impl):
+    """A context manager: inside it, ``impl=None`` means ``impl`` (see :func:`set_default_impl`)."""
+    check_impl(impl, "default_impl")
+    return _default_impl(impl)
+
+
+def resolve_impl(impl: Any, op: str) -> Impl:
+    """``impl`` checked (a ValueError naming ``op``), or the global default when it is None."""
+    check_impl(impl, op)
+    return impl if impl is not None else _default_impl.value
 
 
 def static_int(value: Any, op: str, name: str) -> int:
@@ -170,7 +202,7 @@ class TileOp:
     results: tuple[str, ...] = ()
 
     def __call__(self, *args: Any, impl: Impl = None, **static: Any) -> Any:
-        check_impl(impl, self.name)
+        impl = resolve_impl(impl, self.name)
         args = tuple(as_array(a, self.name, self.operand_name(i)) for i, a in enumerate(args))
         if self.check is not None:
             self.check(*args, **static)
@@ -490,6 +522,7 @@ def with_vjp(
 
     @functools.wraps(primal)
     def wrapped(*arrays: Any, impl: Impl = None, **static: Any) -> Any:
+        impl = resolve_impl(impl, getattr(primal, "__name__", "op"))
         if impl == "xla":
             return primal(*arrays, impl=impl, **static)
         return differentiable(impl, freeze(static))(*arrays)

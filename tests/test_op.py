@@ -238,3 +238,52 @@ def test_views_of_packed_sub_byte_buffers_are_sized_in_bits(dtype):
         lower_for_cuda(raw, S((1, 128, 128), dtype))
     (call,) = tilek_calls(lower_for_cuda(raw, S((1, 128, 128), jnp.uint8)))  # 1-byte elements fit exactly
     assert call["has_cubin"]
+
+
+def test_global_default_impl(rng):
+    """impl=None follows set_default_impl / default_impl / JAX_TILEK_IMPL; an explicit impl wins."""
+    x = random_array(rng, (4, 64), np.float32)
+    s = random_array(rng, (4,), np.float32)
+    f = jax.jit(lambda x, s: scale(x, s))
+    with jax_tilek.default_impl("tilelang"):  # no GPU here: the kernel path refuses
+        with pytest.raises(ValueError, match="impl='tilelang'"):
+            jax.jit(lambda x, s: scale(x, s)).lower(x, s).compile()
+        with pytest.raises(ValueError, match="impl='tilelang'"):
+            f(x, s)  # the default is part of the jit key: no stale trace of the outer default
+        np.testing.assert_allclose(scale(x, s, impl="xla"), x * s[:, None], rtol=1e-6)
+    np.testing.assert_allclose(f(x, s), x * s[:, None], rtol=1e-6)
+    primitive = lambda: "tilek_call" in str(jax.make_jaxpr(scale)(x, s))  # noqa: E731
+    assert primitive()
+    with jax_tilek.default_impl("xla"):
+        assert not primitive()  # the reference is called directly
+    assert primitive()
+    jax_tilek.set_default_impl("xla")
+    try:
+        assert not primitive()
+    finally:
+        jax_tilek.set_default_impl(None)
+    with pytest.raises(ValueError, match="set_default_impl: impl must be one of"):
+        jax_tilek.set_default_impl("cuda")
+
+
+def test_default_impl_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "import jax_tilek.op as op; print(op.resolve_impl(None, 'x'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "JAX_TILEK_IMPL": "xla"},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "xla"
+
+
+def test_with_vjp_follows_the_default(rng):
+    calls = []
+
+    def primal(x, *, impl=None):
+        calls.append(impl)
+        return x * 2.0
+
+    f = with_vjp(primal, lambda x, *, impl=None: (primal(x, impl=impl), None), lambda r, g, *, impl=None: (2.0 * g,))
+    with jax_tilek.default_impl("xla"):
+        f(jnp.ones(3))
+    assert calls == ["xla"]
