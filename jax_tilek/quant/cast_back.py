@@ -48,14 +48,6 @@ ROW_ALIGN = 64  # the logical hidden size must be a multiple of this (TileKernel
 SF_DTYPES = {"row": ("float32", "float8_e4m3fn"), "col": ("float32", "float8_e4m3fn"), "col_ue8m0": ("int32",), "ue8m0_along_m": ("int32",)}
 
 
-def as_array(name: str, what: str, value) -> jax.Array:
-    """``jnp.asarray(value)``, or a TypeError naming the op ``name`` and the argument ``what``."""
-    if isinstance(value, (str, bytes, dict, set)) or value is None:
-        raise TypeError(f"{name}: {what} must be an array, got {type(value).__name__}")
-    try:
-        return jnp.asarray(value)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"{name}: {what} must be an array, got {type(value).__name__}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +381,7 @@ def _quant_tensor(x, name: str):
         raise TypeError(f"{name}: x must be a QuantTensor (data, sf), got {type(x).__name__}")
     if len(x) != 2:
         raise ValueError(f"{name}: x must be a QuantTensor (data, sf), got {len(x)} items")
-    return as_array(name, "the data of x", x[0]), as_array(name, "the scales of x", x[1])
+    return F.as_array(name, "the data of x", x[0]), F.as_array(name, "the scales of x", x[1])
 
 
 def _cast_back_call(x, fmt, x_block_size, x_special_fmt, sf_layout, impl, name):
@@ -649,7 +641,7 @@ def per_token_cast_and_cast_back(
       ``formats.dequantize_blocks``. T < ``formats.MAX_TOKENS``; T * S is not limited.
     """
     name = "per_token_cast_and_cast_back"
-    x = as_array(name, "x", x)
+    x = F.as_array(name, "x", x)
     return _round_trip_op(
         x, impl=impl, fmt=fmt, num_per_channels=F.static_int(name, "num_per_channels", num_per_channels),
         round_sf=F.static_bool(name, "round_sf", round_sf), use_e4m3_sf=F.static_bool(name, "use_e4m3_sf", use_e4m3_sf),
@@ -675,7 +667,7 @@ def unpack_from_e2m1fn_x2(x: jax.Array, out_dtype=jnp.float32, *, impl=None) -> 
     """
     name = "unpack_from_e2m1fn_x2"
     F.check_impl(name, impl)
-    x = as_array(name, "x", x)
+    x = F.as_array(name, "x", x)
     if x.dtype not in (jnp.uint8, jnp.int8):
         raise ValueError(f"{name}: x must be uint8 or int8, got {x.dtype}")
     if x.ndim == 0:

@@ -40,6 +40,7 @@ In JAX there are no strided views, so the column-major layouts are returned as t
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -436,6 +437,44 @@ def static_bool(op: str, name: str, value) -> bool:
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{op}: {name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def static_number(op: str, name: str, value, *, positive: bool = False, minimum: float | None = None,
+                  optional: bool = True) -> float | None:  # fmt: skip
+    """A static real number (None allowed where ``optional``): finite, > 0 if ``positive``, >= ``minimum``
+    if given. TypeError for anything else (bools, strings, traced arrays), ValueError for NaN, inf or a
+    value out of range."""
+    if value is None and optional:
+        return None
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+    elif isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.floating):
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(f"{op}: {name} must be a static number (it is compiled into the call), got a traced array")
+        number = float(value)
+    if number is None:
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r:.60}")
+    if not np.isfinite(number) or (positive and not number > 0) or (minimum is not None and number < minimum):
+        rule = f"a finite number >= {minimum}" if minimum is not None else f"a {'positive ' if positive else ''}finite number"
+        raise ValueError(f"{op}: {name} must be {rule}, got {number}")
+    return number
+
+
+def as_array(op: str, name: str, value, optional: bool = False) -> jax.Array | None:
+    """An array argument as a JAX array (None stays None where ``optional``); TypeError naming the op
+    and the argument for anything that is not an array of numbers or booleans."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and value.dtype != object:
+        return jnp.asarray(value)
+    try:
+        array = None if isinstance(value, (str, bytes, dict, set)) or value is None else jnp.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        array = None
+    if array is None or not (jnp.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__} {value!r:.60}")
+    return array
 
 
 IMPLS = (None, "tilelang", "xla")

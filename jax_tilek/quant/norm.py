@@ -32,7 +32,6 @@ its closure.)
 
 import dataclasses
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -796,22 +795,6 @@ def _arrays(op: str, **values):
     return out
 
 
-def _number(op: str, name: str, value, minimum=None) -> float:
-    """A static finite real number (>= ``minimum`` when given): TypeError for non-numbers (bools,
-    strings, traced arrays), ValueError for NaN, inf or values below the minimum."""
-    number = None
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        number = float(value)
-    elif isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.floating):
-        if isinstance(value, jax.core.Tracer):
-            raise TypeError(f"{op}: {name} must be a static number (it is compiled into the call), got a traced array")
-        number = float(value)
-    if number is None:
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r:.60}")
-    if not np.isfinite(number) or (minimum is not None and number < minimum):
-        rule = "a finite number" if minimum is None else f"a finite number >= {minimum}"
-        raise ValueError(f"{op}: {name} must be {rule}, got {number}")
-    return number
 
 
 def _flag(op: str, name: str, value) -> bool:
@@ -829,7 +812,7 @@ def _impl(op: str, impl) -> None:
 def _statics(op: str, eps, out_scale, impl) -> tuple[float, float]:
     """eps (finite, >= 0) and out_scale (finite) as floats; impl checked."""
     _impl(op, impl)
-    return _number(op, "eps", eps, minimum=0.0), _number(op, "out_scale", out_scale)
+    return formats.static_number(op, "eps", eps, minimum=0.0, optional=False), formats.static_number(op, "out_scale", out_scale, optional=False)
 
 
 def _run_forward(x, weight, eps, residual, out_scale, impl, **flags):
@@ -963,7 +946,7 @@ def norm_backward(
     """
     op = "norm_backward"
     _impl(op, impl)
-    out_scale = _number(op, "out_scale", out_scale)
+    out_scale = formats.static_number(op, "out_scale", out_scale, optional=False)
     out_grad, x, weight, rstd, residual_out_grad = _arrays(
         op, out_grad=out_grad, x=x, weight=weight, rstd=rstd, residual_out_grad=residual_out_grad
     )  # fmt: skip

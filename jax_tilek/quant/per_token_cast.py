@@ -610,13 +610,6 @@ def _x_sf_kind(op: str, data, x_sf, x_block_size, x_sf_layout: str | None) -> st
     return f"{dtype}_col" if tuple(x_sf.shape) == col else f"{dtype}_row"
 
 
-def _array(op: str, name: str, value) -> jax.Array:
-    if isinstance(value, (str, bytes, dict, set)) or value is None:
-        raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__}")
-    try:
-        return jnp.asarray(value)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__}") from None
 
 
 def _pair(op: str, name: str, value) -> tuple[int, int]:
@@ -631,7 +624,7 @@ def _seed(op: str, seed) -> jax.Array:
         if not -(2**31) <= int(seed) < 2**32:
             raise ValueError(f"{op}: seed must be an integer scalar in [-2^31, 2^32), got {seed}")
         return jnp.asarray(np.uint32(int(seed) % 2**32)).reshape(-1)
-    s = _array(op, "seed", seed)
+    s = F.as_array(op, "seed", seed)
     if s.size != 1 or not jnp.issubdtype(s.dtype, jnp.integer):
         raise ValueError(f"{op}: seed must be an integer scalar, got {s.dtype}{list(s.shape)}")
     return s.astype(jnp.uint32).reshape(-1)
@@ -642,7 +635,7 @@ def _operands(op: str, x, x_block_size, x_sf_layout, seed=None, sf=None):
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise ValueError(f"{op}: a QuantTensor x is a pair (data, sf), got {len(x)} items")
-        data, x_sf = _array(op, "x's data", x[0]), _array(op, "x's scale factors", x[1])
+        data, x_sf = F.as_array(op, "x's data", x[0]), F.as_array(op, "x's scale factors", x[1])
         if x_block_size is None:
             raise ValueError(f"{op}: a QuantTensor input (data, sf) needs x_block_size")
         x_block_size = _pair(op, "x_block_size", x_block_size)
@@ -654,7 +647,7 @@ def _operands(op: str, x, x_block_size, x_sf_layout, seed=None, sf=None):
             raise ValueError(f"{op}: x's scale factors must be 2-D, got shape {x_sf.shape}")
         args, kind = [data, x_sf], _x_sf_kind(op, data, x_sf, x_block_size, x_sf_layout)
     else:
-        args, kind = [_array(op, "x", x)], None
+        args, kind = [F.as_array(op, "x", x)], None
         if x_block_size is not None:
             raise ValueError(f"{op}: x_block_size is only for QuantTensor inputs (data, sf)")
     if sf is not None:
@@ -804,6 +797,6 @@ def per_token_cast_with_precomputed_sf(
     op = NAMES["data_only"]
     F.check_impl(op, impl)
     _require_fmt(op, fmt)
-    args, kind, x_block_size = _operands(op, x, x_block_size, x_sf_layout, sf=_array(op, "sf", sf))
+    args, kind, x_block_size = _operands(op, x, x_block_size, x_sf_layout, sf=F.as_array(op, "sf", sf))
     return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf,
                                 use_packed_ue8m0, use_packed_ue8m0, use_e4m3_sf, False, None, columns, "data_only"), impl=impl)  # fmt: skip

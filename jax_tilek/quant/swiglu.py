@@ -38,7 +38,6 @@ its closure.)
 
 
 import functools
-import numbers
 from typing import Optional
 
 import jax
@@ -49,6 +48,7 @@ from jax_tilek import platform
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp, View, with_vjp
 from jax_tilek.quant import formats as F
+from jax_tilek.quant.formats import as_array, static_bool, static_int, static_number
 
 TOKEN_ALIGNMENT = 128  # TileKernels v2.1's default per-expert alignment of the psum layout
 HIDDEN_ALIGN = 64  # H must be a multiple of this (TileKernels v2.1)
@@ -929,53 +929,12 @@ def check_impl(op: str, impl) -> None:
         raise ValueError(f"{op}: impl must be None, 'tilelang' or 'xla', got {impl!r}")
 
 
-def as_array(op: str, name: str, value, optional: bool = False) -> Optional[jax.Array]:
-    """An array argument as a JAX array (None stays None where ``optional``); TypeError naming the op
-    and the argument for anything that is not an array of numbers."""
-    if value is None and optional:
-        return None
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        return jnp.asarray(value)
-    try:
-        array = jnp.asarray(value)
-    except (TypeError, ValueError):
-        array = None
-    if array is None or not (jnp.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__} {value!r:.60}")
-    return array
 
 
-def static_number(op: str, name: str, value, *, positive: bool = False, optional: bool = True) -> Optional[float]:
-    """A static real number (None allowed where ``optional``): finite, and > 0 if ``positive``.
-    TypeError for anything else (bools, strings, traced arrays), ValueError for NaN, inf, <= 0."""
-    if value is None and optional:
-        return None
-    number = None
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        number = float(value)
-    elif isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.floating):
-        if isinstance(value, jax.core.Tracer):
-            raise TypeError(f"{op}: {name} must be a static number (it is compiled into the call), got a traced array")
-        number = float(value)
-    if number is None:
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r:.60}")
-    if not np.isfinite(number) or (positive and not number > 0):
-        raise ValueError(f"{op}: {name} must be a {'positive ' if positive else ''}finite number, got {number}")
-    return number
 
 
-def static_int(op: str, name: str, value) -> int:
-    """A static int (Python or NumPy integer, not a bool); TypeError otherwise."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r:.60}")
-    return int(value)
 
 
-def static_bool(op: str, name: str, value) -> bool:
-    """A static bool (Python or NumPy bool, or the int 0 or 1); TypeError otherwise."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r:.60}")
 
 
 def operands(op: str, x, psum, topk_weights) -> tuple:
