@@ -781,27 +781,7 @@ def _check(op: str, x, weight, residual, align: int, min_hidden: int = 1) -> Non
 def _arrays(op: str, **values):
     """The array arguments as JAX arrays (None stays None); TypeError naming the op and the argument
     for anything that is not an array of numbers."""
-    out = []
-    for name, value in values.items():
-        array = None
-        if value is not None:
-            try:
-                array = jnp.asarray(value)
-            except (TypeError, ValueError):
-                array = None
-            if array is None or not (jnp.issubdtype(array.dtype, np.number) or array.dtype == bool):
-                raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__} {value!r:.60}")
-        out.append(array)
-    return out
-
-
-
-
-def _flag(op: str, name: str, value) -> bool:
-    """A static bool (Python or NumPy bool, or the int 0 or 1); TypeError otherwise."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r:.60}")
+    return [formats.as_array(op, name, value, optional=True) for name, value in values.items()]
 
 
 def _impl(op: str, impl) -> None:
@@ -813,6 +793,16 @@ def _statics(op: str, eps, out_scale, impl) -> tuple[float, float]:
     """eps (finite, >= 0) and out_scale (finite) as floats; impl checked."""
     _impl(op, impl)
     return formats.static_number(op, "eps", eps, minimum=0.0, optional=False), formats.static_number(op, "out_scale", out_scale, optional=False)
+
+
+def _forward_inputs(op: str, x, weight, residual, eps, out_scale, impl, align: int, min_hidden: int = 1):
+    """The forward ops' arguments checked: (x, weight, residual) as arrays, eps and out_scale as floats."""
+    eps, out_scale = _statics(op, eps, out_scale, impl)
+    x, weight, residual = _arrays(op, x=x, weight=weight, residual=residual)
+    if x is None:
+        raise TypeError(f"{op}: x must be an array, got None")
+    _check(op, x, weight, residual, align, min_hidden=min_hidden)
+    return x, weight, residual, eps, out_scale
 
 
 def _run_forward(x, weight, eps, residual, out_scale, impl, **flags):
@@ -850,12 +840,8 @@ def norm_forward(
       residual). See the module docstring for the exact operation order.
     """
     op = "norm_forward"
-    eps, out_scale = _statics(op, eps, out_scale, impl)
-    x, weight, residual = _arrays(op, x=x, weight=weight, residual=residual)
-    if x is None:
-        raise TypeError(f"{op}: x must be an array, got None")
-    _check(op, x, weight, residual, FORWARD_ALIGN)
-    with_rstd = _flag(op, "with_rstd", with_rstd)
+    x, weight, residual, eps, out_scale = _forward_inputs(op, x, weight, residual, eps, out_scale, impl, FORWARD_ALIGN)
+    with_rstd = formats.static_bool(op, "with_rstd", with_rstd)
     outs, lead = _run_forward(x, weight, eps, residual, out_scale, impl, with_out=True, with_rstd=with_rstd, sf_layout="", round_sf=False)
     out = outs.pop(0).reshape(x.shape)
     norm_input = outs.pop(0).reshape(x.shape) if residual is not None else x
@@ -889,18 +875,14 @@ def norm_forward_and_per_token_cast(
     that output, in x's dtype. TileKernels' ``mega_moe_sf`` output is not provided.
     """
     op = "norm_forward_and_per_token_cast"
-    eps, out_scale = _statics(op, eps, out_scale, impl)
-    x, weight, residual = _arrays(op, x=x, weight=weight, residual=residual)
-    if x is None:
-        raise TypeError(f"{op}: x must be an array, got None")
-    _check(op, x, weight, residual, QUANT_GROUP)
+    x, weight, residual, eps, out_scale = _forward_inputs(op, x, weight, residual, eps, out_scale, impl, QUANT_GROUP)
     if not (isinstance(fmt, str) and fmt == "e4m3"):
         raise ValueError(f"{op}: fmt must be 'e4m3' (use norm_forward unquantized), got {fmt!r:.60}")
     if isinstance(num_per_channels, (bool, np.bool_)) or not isinstance(num_per_channels, (int, np.integer)):
         raise TypeError(f"{op}: num_per_channels must be an int, got {type(num_per_channels).__name__} {num_per_channels!r:.60}")
     if num_per_channels != QUANT_GROUP:
         raise ValueError(f"{op}: num_per_channels must be {QUANT_GROUP}, got {num_per_channels}")
-    col, packed, round_sf = (_flag(op, n, v) for n, v in (
+    col, packed, round_sf = (formats.static_bool(op, n, v) for n, v in (
         ("use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf), ("use_packed_ue8m0", use_packed_ue8m0), ("round_sf", round_sf),
     ))  # fmt: skip
     try:
@@ -908,7 +890,7 @@ def norm_forward_and_per_token_cast(
     except ValueError as e:
         message = str(e)
         raise ValueError(message if message.startswith(op) else f"{op}: {message}") from None
-    with_out_bf16, with_rstd = _flag(op, "with_out_bf16", with_out_bf16), _flag(op, "with_rstd", with_rstd)
+    with_out_bf16, with_rstd = formats.static_bool(op, "with_out_bf16", with_out_bf16), formats.static_bool(op, "with_rstd", with_rstd)
     outs, lead = _run_forward(
         x, weight, eps, residual, out_scale, impl, with_out=with_out_bf16, with_rstd=with_rstd, sf_layout=layout, round_sf=round_sf,
     )  # fmt: skip
@@ -1003,9 +985,5 @@ def rms_norm(
     rule). ``impl="xla"`` differentiates the JAX reference instead.
     """
     op = "rms_norm"
-    eps, out_scale = _statics(op, eps, out_scale, impl)
-    x, weight, residual = _arrays(op, x=x, weight=weight, residual=residual)
-    if x is None:
-        raise TypeError(f"{op}: x must be an array, got None")
-    _check(op, x, weight, residual, BACKWARD_ALIGN, min_hidden=BACKWARD_ALIGN)
+    x, weight, residual, eps, out_scale = _forward_inputs(op, x, weight, residual, eps, out_scale, impl, BACKWARD_ALIGN, min_hidden=BACKWARD_ALIGN)
     return _rms_norm(x, weight, residual, impl=impl, eps=eps, out_scale=out_scale)
