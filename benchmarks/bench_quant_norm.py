@@ -1,25 +1,40 @@
 """Fused RMSNorm benchmarks (family "quant_norm"): norm_forward, norm_forward_and_per_token_cast and
-norm_backward at DeepSeek hidden sizes, against the same ops written in plain JAX under jit."""
+norm_backward at DeepSeek hidden sizes, against the same ops written in plain JAX under jit, and the
+kernels' tunings (``VARIANTS``). The cases are the functions' named benchmark calls (``bench_*``)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek.quant.norm import norm_backward, norm_forward, norm_forward_and_per_token_cast
+from jax_tilek.norm import norm_backward, norm_forward, norm_forward_and_per_token_cast
 
 from benchmarks.harness import Case
 from benchmarks.plain_jax import per_token_cast_e4m3
 
-EPS = 1e-6
 F32 = jnp.float32
-SF_FLAGS = {"row": (False, False, False), "col_ue8m0": (True, True, True)}  # col, round_sf, packed
 
 
-def _plain_norm(x, w, r, out_scale=1.0):
+def _plain_norm(x, w, eps, r, out_scale=1.0):
     s = x if r is None else (x.astype(F32) + r.astype(F32)).astype(x.dtype)
     sv = s.astype(F32)
-    rstd = jax.lax.rsqrt(jnp.mean(sv * sv, axis=-1, keepdims=True) + EPS)
+    rstd = jax.lax.rsqrt(jnp.mean(sv * sv, axis=-1, keepdims=True) + eps)
     return (sv * rstd * (w.astype(F32) * out_scale)).astype(x.dtype), rstd[:, 0], s
+
+
+def _plain_forward(x, w, eps, r):
+    y, _, s = _plain_norm(x, w, eps, r)
+    return y if r is None else (y, s)
+
+
+def _plain_cast(layout, with_out):
+    def plain(x, w, eps, fmt, num_per_channels, r):
+        y, _, s = _plain_norm(x, w, eps, r)
+        data, sf = per_token_cast_e4m3(y, num_per_channels, layout)
+        return data, sf, (y if with_out else None), s
+
+    return plain
 
 
 def _plain_backward(dy, x, w, rstd, rg):
@@ -32,120 +47,49 @@ def _plain_backward(dy, x, w, rstd, rg):
     return dx.astype(x.dtype), jnp.sum(xh * g, axis=0)
 
 
-def _normal(key, shape, dtype, scale=1.0):
-    return (jax.random.normal(key, shape, F32) * scale).astype(dtype)
+def _case(fn, spec, xla, moved: int, x: jax.ShapeDtypeStruct) -> Case:
+    """The benchmark of a named call: named without "bench_" and the shape (``forward_residual``, and
+    ``backward_residual/ctas2_stages2`` for a tuning); a tuning is not timed in plain JAX."""
+    shape = "x".join(map(str, x.shape))
+    kind, _, tuning = spec.name.removeprefix("bench_").partition(f"_{shape}")
+    case = Case.of_spec("quant_norm", fn, spec, xla, moved, {"shape": shape, "dtype": np.dtype(x.dtype).name})
+    kernel = case.kernel
+
+    def without_inputs(*arrays):  # an input returned as it is (norm_input without a residual): XLA would copy it
+        return [y for y in jax.tree.leaves(kernel(*arrays)) if all(y is not a for a in arrays)]
+
+    name = kind + ("/" + tuning.removeprefix("_") if tuning else "")
+    return dataclasses.replace(case, name=name, kernel=without_inputs, xla=None if tuning else case.xla)
 
 
-def _forward_inputs(t, h, dtype, residual):
-    def make(key):
-        kx, kw, kr = jax.random.split(key, 3)
-        x, w = _normal(kx, (t, h), dtype, 4), _normal(kw, (h,), dtype, 0.5) + 1
-        return (x, w, _normal(kr, (t, h), dtype)) if residual else (x, w)
-
-    return make
+def _forward(spec) -> Case:
+    x, _, _, r = spec.args
+    (t, h), esize = x.shape, np.dtype(x.dtype).itemsize
+    moved = t * h * esize * (2 + 2 * (r is not None)) + h * esize  # x (+ residual) in; out (+ norm_input) out; weight
+    return _case(norm_forward, spec, _plain_forward, moved, x)
 
 
-def _forward_case(t, h, dtype=jnp.bfloat16, residual=True):
-    esize = np.dtype(dtype).itemsize
-    moved = t * h * esize * (2 + 2 * residual) + h * esize  # x (+ residual) in; out (+ norm_input) out; weight
-
-    def kernel(x, w, r=None):  # norm_input is x itself without a residual: not returned (XLA would copy it)
-        out, _, ni = norm_forward(x, w, EPS, residual=r, impl="tilelang")
-        return (out, ni) if residual else out
-
-    def xla(x, w, r=None):
-        y, _, s = _plain_norm(x, w, r)
-        return (y, s) if residual else y
-
-    return Case(
-        family="quant_norm", name="forward" + ("_residual" if residual else ""),
-        make_inputs=_forward_inputs(t, h, dtype, residual), kernel=kernel, xla=xla, min_bytes=moved,
-        params={"shape": f"{t}x{h}", "dtype": np.dtype(dtype).name},
-    )  # fmt: skip
+def _cast(spec) -> Case:
+    x, *_ = spec.args
+    (t, h), esize = x.shape, np.dtype(x.dtype).itemsize
+    options = spec.kwargs
+    layout = "col_ue8m0" if options["use_packed_ue8m0"] else "row"
+    sf_bytes = t * h // 32 * (1 if options["use_packed_ue8m0"] else 4)
+    moved = t * h * esize * (3 + options["with_out_bf16"]) + h * esize + t * h + sf_bytes  # x, residual in; norm_input (+ y), data, sf out
+    return _case(norm_forward_and_per_token_cast, spec, _plain_cast(layout, options["with_out_bf16"]), moved, x)
 
 
-def _cast_case(t, h, layout, with_out, dtype=jnp.bfloat16):
-    esize = np.dtype(dtype).itemsize
-    col, round_sf, packed = SF_FLAGS[layout]
-    sf_bytes = t * h // 32 * (1 if packed else 4)
-    moved = t * h * esize * (3 + with_out) + h * esize + t * h + sf_bytes  # x, residual in; norm_input (+ y), data, sf out
-
-    def kernel(x, w, r):
-        (data, sf), out, _, ni = norm_forward_and_per_token_cast(
-            x, w, EPS, residual=r, use_tma_aligned_col_major_sf=col, round_sf=round_sf, use_packed_ue8m0=packed,
-            with_out_bf16=with_out, impl="tilelang",
-        )  # fmt: skip
-        return data, sf, out, ni
-
-    def xla(x, w, r):
-        y, _, s = _plain_norm(x, w, r)
-        data, sf = per_token_cast_e4m3(y, 32, layout)
-        return data, sf, (y if with_out else None), s
-
-    return Case(
-        family="quant_norm", name=f"forward_cast_{layout}" + ("_out" if with_out else ""),
-        make_inputs=_forward_inputs(t, h, dtype, True), kernel=kernel, xla=xla, min_bytes=moved,
-        params={"shape": f"{t}x{h}", "dtype": np.dtype(dtype).name},
-    )  # fmt: skip
+def _backward(spec) -> Case:
+    _, x, _, _, rg = spec.args
+    (t, h), esize = x.shape, np.dtype(x.dtype).itemsize
+    moved = t * h * esize * (3 + (rg is not None)) + t * 4 + h * (esize + 4)  # dy, x (, rg) in; dx out; rstd; w in, dw out
+    return _case(norm_backward, spec, _plain_backward, moved, x)
 
 
-def _backward_case(t, h, residual_grad, dtype=jnp.bfloat16):
-    esize = np.dtype(dtype).itemsize
-    moved = t * h * esize * (3 + residual_grad) + t * 4 + h * (esize + 4)  # dy, x (, rg) in; dx out; rstd; w in, dw out
-
-    def make(key):
-        kd, kx, kw, kr, kg = jax.random.split(key, 5)
-        dy, x = _normal(kd, (t, h), dtype), _normal(kx, (t, h), dtype, 4)
-        w, rstd = _normal(kw, (h,), dtype, 0.5) + 1, jax.random.uniform(kr, (t,), F32, 0.1, 1.0)
-        return (dy, x, w, rstd) + ((_normal(kg, (t, h), dtype),) if residual_grad else ())
-
-    def kernel(dy, x, w, rstd, rg=None):
-        return norm_backward(dy, x, w, rstd, residual_out_grad=rg, impl="tilelang")
-
-    return Case(
-        family="quant_norm", name="backward" + ("_residual" if residual_grad else ""),
-        make_inputs=make, kernel=kernel, xla=_plain_backward if residual_grad else lambda *a: _plain_backward(*a, None),
-        min_bytes=moved, params={"shape": f"{t}x{h}", "dtype": np.dtype(dtype).name},
-    )  # fmt: skip
-
-
-CASES = [
-    _forward_case(16384, 7168),
-    _forward_case(65536, 4096, residual=False),
-    _cast_case(16384, 7168, "col_ue8m0", with_out=False),
-    _cast_case(4096, 7168, "col_ue8m0", with_out=False),
-    _cast_case(65536, 4096, "row", with_out=True),
-    _backward_case(16384, 7168, residual_grad=True),
-    _backward_case(4096, 4096, residual_grad=False),
-    _backward_case(65536, 4096, residual_grad=True),
-]
-
-
-def _tuned(case, name, tuning):
-    """``case`` run with the kernel tuned by hand (``tuning`` of the internal op), without the XLA timing."""
-    from jax_tilek.quant import norm
-
-    if case.name.startswith("forward_residual"):
-
-        def kernel(x, w, r):
-            return norm._forward_op(
-                x, r, w, impl="tilelang", eps=EPS, out_scale=1.0, has_residual=True, has_weight=True, with_out=True,
-                with_rstd=False, sf_layout="", round_sf=False, tuning=tuning,
-            )  # fmt: skip
-    else:
-
-        def kernel(dy, x, w, rstd, rg):
-            return norm._backward_op(dy, x, rstd, w, rg, impl="tilelang", out_scale=1.0, has_weight=True, has_residual_grad=True, tuning=tuning)
-
-    return Case(
-        family="quant_norm", name=f"{case.name}/{name}", make_inputs=case.make_inputs, kernel=kernel, xla=None,
-        min_bytes=case.min_bytes, params=case.params,
-    )  # fmt: skip
+def _bench(fn, case, tunings: bool) -> list[Case]:
+    return [case(s) for s in fn.cases if s.name.startswith("bench_") and tunings == bool(s.config)]
 
 
 # Defaults: forward 3 CTAs/SM at 7168 (bf16); backward 1 CTA x 3 stages at 7168, 2 CTAs x 2 stages at 4096.
-VARIANTS = [
-    *(_tuned(CASES[0], f"blocks{n}", (("blocks_per_sm", n),)) for n in (2, 4)),
-    *(_tuned(CASES[5], f"ctas{c}_stages{s}", (("ctas_per_sm", c), ("stages", s))) for c, s in ((2, 2), (1, 4))),
-    *(_tuned(CASES[7], f"ctas{c}_stages{s}", (("ctas_per_sm", c), ("stages", s))) for c, s in ((2, 4), (3, 2))),
-]
+CASES = _bench(norm_forward, _forward, False) + _bench(norm_forward_and_per_token_cast, _cast, False) + _bench(norm_backward, _backward, False)
+VARIANTS = _bench(norm_forward, _forward, True) + _bench(norm_backward, _backward, True)

@@ -1,87 +1,58 @@
 """2-D block casts at DeepSeek sizes against the same ops in plain JAX (their references):
-per_block_cast (bf16 / fp32 -> e4m3 / e2m1), per_block_cast_lossless (FP4 -> FP8) and
-batched_transpose_weight_sf (weight scales -> DeepGEMM UE8M0)."""
+per_block_cast (bf16 / fp32 -> e4m3 / e2m1, and its halves), per_block_cast_lossless (FP4 -> FP8) and
+batched_transpose_weight_sf (weight scales -> DeepGEMM UE8M0). The casts' calls are their named
+benchmark calls (``bench_`` cases)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.per_block_cast import per_block_cast, per_block_cast_with_precomputed_sf, per_block_cast_with_sf_only
-from jax_tilek.quant.per_block_cast_lossless import per_block_cast_lossless
-from jax_tilek.quant.weight_sf import batched_transpose_weight_sf
+from jax_tilek.quant import (
+    batched_transpose_weight_sf,
+    per_block_cast,
+    per_block_cast_lossless,
+    per_block_cast_with_precomputed_sf,
+    per_block_cast_with_sf_only,
+)
 
 from benchmarks.harness import Case
 
 FAMILY = "quant_per_block"
-SF_FLAGS = {"row": (False, False, False), "row_round": (False, True, False), "col_ue8m0": (True, True, True)}
 
 
-def _sf_bytes(layout, num_blocks):
-    shape, dtype = F.sf_storage_shape("row" if layout == "row_round" else layout, num_blocks)
-    return shape[0] * shape[1] * dtype.itemsize
+def _nbytes(tree) -> int:
+    """The bytes of the arrays (``jax.ShapeDtypeStruct`` leaves) of a pytree."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree) if hasattr(a, "dtype"))
 
 
-def _cast(t, h, dtype, fmt, block, sf):
-    col, round_sf, packed = SF_FLAGS[sf]
-    fn = lambda x, impl: per_block_cast(x, fmt, block, col, round_sf, packed, impl=impl)  # noqa: E731
-    size = jnp.dtype(dtype).itemsize
-    return Case(
-        family=FAMILY,
-        name=f"cast_{fmt}_{block[0]}x{block[1]}_{sf}",
-        make_inputs=lambda key: ((jax.random.normal(key, (t, h), jnp.float32) * 4).astype(dtype),),
-        kernel=lambda x: fn(x, "tilelang"),
-        xla=lambda x: fn(x, "xla"),
-        min_bytes=t * h * size + t * h * (1 if fmt == "e4m3" else 0.5) + _sf_bytes(sf, F.num_blocks((t, h), block)),
-        params={"shape": f"{t}x{h}", "dtype": jnp.dtype(dtype).name},
-    )
+def _cast(fn, spec) -> Case:
+    """A per-block cast's call: it reads its arrays once and writes its results once."""
+    x, rest = spec.args[0], spec.args[1:]
+    with_sf = lambda x, sf: spec.call(fn, "xla")(x, *rest[:-1], sf)  # noqa: E731
+    out = jax.eval_shape(with_sf, x, rest[-1]) if rest else jax.eval_shape(spec.call(fn, "xla"), x)
+    params = {"shape": "x".join(map(str, x.shape)), "dtype": np.dtype(x.dtype).name}
+
+    def make_x_sf(key):  # x and the scales per_block_cast computes for it (positive, row-major)
+        x = (jax.random.normal(key, spec.args[0].shape, jnp.float32) * 4).astype(spec.args[0].dtype)
+        return x, per_block_cast_with_sf_only(x, *rest[:-1], impl="xla")
+
+    return Case.of_spec(FAMILY, fn, spec, None, _nbytes(spec.args) + _nbytes(out), params, make_inputs=make_x_sf if rest else None)
 
 
-def _split(t, h, block):
-    """The two halves of per_block_cast (e4m3, bf16 in, row-major fp32 scales): scales only, and the
-    cast with those scales given."""
-
-    def make_x(key):
-        return ((jax.random.normal(key, (t, h), jnp.float32) * 4).astype(jnp.bfloat16),)
-
-    def make_x_sf(key):
-        (x,) = make_x(key)
-        return x, per_block_cast_with_sf_only(x, "e4m3", block, impl="xla")
-
-    sf_only = lambda impl: lambda x: per_block_cast_with_sf_only(x, "e4m3", block, impl=impl)  # noqa: E731
-    with_sf = lambda impl: lambda x, sf: per_block_cast_with_precomputed_sf(x, "e4m3", block, sf, impl=impl)  # noqa: E731
-    sf_bytes = _sf_bytes("row", F.num_blocks((t, h), block))
-    params = {"shape": f"{t}x{h}", "dtype": "bfloat16"}
-    name = f"e4m3_{block[0]}x{block[1]}_row"
-    return [
-        Case.of_impls(FAMILY, f"sf_only_{name}", make_x, sf_only, t * h * 2 + sf_bytes, params),
-        Case.of_impls(FAMILY, f"precomputed_sf_{name}", make_x_sf, with_sf, t * h * 3 + sf_bytes, params),
-    ]
-
-
-def _lossless(t, h, out_block, in_layout, out_layout):
-    x_block = (1, 32)
-    in_blocks = F.num_blocks((t, h), x_block)
+def _lossless(spec) -> Case:
+    """FP4 data with power-of-two scales (within 2^11 of each other) in the call's input layout."""
+    ((data, sf),), kw = spec.args, spec.kwargs
+    t, h = data.shape[0], data.shape[1] * 2
 
     def make(key):
         k1, k2 = jax.random.split(key)
-        data = jax.random.bits(k1, (t, h // 2), jnp.uint8)
-        exponents = jax.random.randint(k2, in_blocks, 120, 131, jnp.int32)  # scales within 2^11
-        sf = jax.lax.bitcast_convert_type(exponents << 23, jnp.float32)
-        return data, F.store_sf(sf, in_layout)
+        exponents = jax.random.randint(k2, F.num_blocks((t, h), kw["x_block_size"]), 120, 131, jnp.int32)  # scales within 2^11
+        return jax.random.bits(k1, data.shape, jnp.uint8), F.store_sf(jax.lax.bitcast_convert_type(exponents << 23, jnp.float32), kw["x_sf_layout"])
 
-    col, _, packed = SF_FLAGS[out_layout]
-    fn = lambda d, s, impl: per_block_cast_lossless(  # noqa: E731
-        (d, s), "e4m3", x_block, out_block, col, True, packed, x_sf_layout=in_layout, impl=impl
-    )
-    return Case(
-        family=FAMILY,
-        name=f"lossless_1x32_to_{out_block[0]}x{out_block[1]}_{in_layout}_{out_layout}",
-        make_inputs=make,
-        kernel=lambda d, s: fn(d, s, "tilelang"),
-        xla=lambda d, s: fn(d, s, "xla"),
-        min_bytes=t * h // 2 + _sf_bytes(in_layout, in_blocks) + t * h + _sf_bytes(out_layout, F.num_blocks((t, h), out_block)),
-        params={"shape": f"{t}x{h}", "dtype": "e2m1"},
-    )
+    run = lambda impl: lambda d, s: spec.call(per_block_cast_lossless, impl)((d, s))  # noqa: E731
+    moved = _nbytes(spec.args) + _nbytes(jax.eval_shape(run("xla"), data, sf))
+    return Case.of_impls(FAMILY, spec.name, make, run, moved, {"shape": f"{t}x{h}", "dtype": "e2m1"})
 
 
 def _weight_sf():
@@ -105,16 +76,12 @@ def _weight_sf():
     )
 
 
+def _bench(fn) -> list:
+    return [s for s in fn.cases if s.name.startswith("bench_")]
+
+
 CASES = [
-    _cast(16384, 7168, jnp.bfloat16, "e4m3", (128, 128), "col_ue8m0"),
-    _cast(65536, 4096, jnp.bfloat16, "e4m3", (32, 32), "row_round"),
-    _cast(8192, 7168, jnp.float32, "e4m3", (128, 128), "row_round"),
-    _cast(32768, 7168, jnp.bfloat16, "e2m1", (32, 32), "col_ue8m0"),
-    *_split(16384, 7168, (128, 128)),
-    _lossless(16384, 7168, (128, 128), "col_ue8m0", "col_ue8m0"),
-    _lossless(65536, 4096, (1, 128), "row", "row"),
+    *(_cast(fn, s) for fn in (per_block_cast, per_block_cast_with_sf_only, per_block_cast_with_precomputed_sf) for s in _bench(fn)),
+    *(_lossless(s) for s in _bench(per_block_cast_lossless)),
     _weight_sf(),
-    # More token tiles than grid y's 65,535: the flat grid.
-    _cast(2_162_688, 512, jnp.bfloat16, "e4m3", (32, 32), "col_ue8m0"),
-    _lossless(2_162_688, 512, (32, 32), "col_ue8m0", "row"),
 ]

@@ -1,20 +1,16 @@
 """Per-token quantization benchmarks (DeepSeek sizes) and the dtype cast, against the same ops in plain JAX."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.quant import formats as F
-ptc = importlib.import_module("jax_tilek.quant.per_token_cast")  # modules, not the functions
-cast_module = importlib.import_module("jax_tilek.quant.cast")
-from jax_tilek.quant.cast import cast
+from jax_tilek.quant import per_token_cast, per_token_cast_with_precomputed_sf, per_token_cast_with_sf_only
+from jax_tilek.quant import cast
 
 from benchmarks.harness import Case
 
 FAMILY = "quant_per_token"
-PACKED = dict(use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True)
 
 
 def _sf_bytes(tokens, hidden, npc, flags):
@@ -23,51 +19,35 @@ def _sf_bytes(tokens, hidden, npc, flags):
     return int(np.prod(shape)) * dtype.itemsize
 
 
-def _per_token(name, tokens, hidden, fmt, npc, flags, dtype=jnp.bfloat16, tuning=None, **extra):
+def _per_token(fn, spec) -> Case:
+    """A named benchmark call of a per-token cast: bytes read (x, given scales) and written (data, scales)."""
+    x, kw = spec.args[0], spec.kwargs
+    data = x[0] if isinstance(x, tuple) else x
+    tokens, hidden = data.shape[0], data.shape[1] * (2 if data.dtype == jnp.uint8 else 1)
+    fmt, npc = spec.args[1:3] if fn is per_token_cast_with_precomputed_sf else (kw["fmt"], kw["num_per_channels"])
+    read = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(spec.args) if isinstance(a, jax.ShapeDtypeStruct))
+    written = (0 if fn is per_token_cast_with_sf_only else int(tokens * hidden * (1 if fmt == "e4m3" else 0.5)))
+    written += 0 if fn is per_token_cast_with_precomputed_sf else _sf_bytes(tokens, hidden, npc, kw)
+    src = f"fp4[{kw['x_block_size'][0]}x{kw['x_block_size'][1]}]" if isinstance(x, tuple) else np.dtype(x.dtype).name
+    params = {"shape": f"{tokens}x{hidden}", "dtype": f"{src}->{fmt}/{npc}", **spec.config}
+    if isinstance(x, tuple):  # packed FP4 with 1x32 UE8M0 scales, made here
+        return Case.of_impls(FAMILY, spec.name, _fp4_with_ue8m0(tokens, hidden), lambda impl: lambda d, s: spec.call(fn, impl)((d, s)), read + written, params)
+    make = _x_and_scales(spec) if fn is per_token_cast_with_precomputed_sf else None
+    return Case.of_spec(FAMILY, fn, spec, None, read + written, params, make_inputs=make)
+
+
+def _x_and_scales(spec):
+    """x and the scales per_token_cast computes for it (the layout of the call's flags)."""
+    (tokens, hidden), kw = spec.args[0].shape, spec.kwargs
+
     def make(key):
-        return ((jax.random.normal(key, (tokens, hidden), jnp.float32) * 3).astype(dtype),)
+        x = (jax.random.normal(key, (tokens, hidden), jnp.float32) * 3).astype(jnp.bfloat16)
+        return x, per_token_cast_with_sf_only(x, "e4m3", spec.args[2], round_sf=kw.get("use_packed_ue8m0", False), **kw, impl="xla")
 
-    def run(impl):
-        def f(x):
-            if tuning is None:
-                return ptc.per_token_cast(x, fmt, npc, impl=impl, **flags, **extra)
-            static = ptc._static(fmt, npc, None, None, flags.get("use_tma_aligned_col_major_sf", False), flags.get("round_sf", False),
-                                 flags.get("use_packed_ue8m0", False), flags.get("use_e4m3_sf", False), extra.get("stochastic_cast", False),
-                                 None, None, "full")  # fmt: skip
-            args = (x, jnp.zeros((1,), jnp.uint32)) if extra.get("stochastic_cast") else (x,)
-            return ptc._op(*args, impl=impl, tuning=tuning, **static)
-
-        return f
-
-    data_bytes = tokens * hidden * (1 if fmt == "e4m3" else 0.5)
-    moved = tokens * hidden * np.dtype(dtype).itemsize + int(data_bytes) + _sf_bytes(tokens, hidden, npc, flags)
-    return Case.of_impls(FAMILY, name, make, run, moved, {"shape": f"{tokens}x{hidden}", "dtype": f"{np.dtype(dtype).name}->{fmt}/{npc}"})
+    return make
 
 
-def _split(name, tokens, hidden, npc, flags):
-    """The two halves of per_token_cast: scales only (reads x), and the cast with those scales given."""
-    sf_flags = {k: v for k, v in flags.items() if k != "round_sf"}
-
-    def make_x(key):
-        return ((jax.random.normal(key, (tokens, hidden), jnp.float32) * 3).astype(jnp.bfloat16),)
-
-    def make_x_sf(key):
-        (x,) = make_x(key)
-        return x, ptc.per_token_cast_with_sf_only(x, "e4m3", npc, **flags, impl="xla")
-
-    sf_only = lambda impl: lambda x: ptc.per_token_cast_with_sf_only(x, "e4m3", npc, **flags, impl=impl)  # noqa: E731
-    with_sf = lambda impl: lambda x, sf: ptc.per_token_cast_with_precomputed_sf(x, "e4m3", npc, sf, **sf_flags, impl=impl)  # noqa: E731
-    x_bytes, sf_bytes = tokens * hidden * 2, _sf_bytes(tokens, hidden, npc, flags)
-    params = {"shape": f"{tokens}x{hidden}", "dtype": f"bfloat16->e4m3/{npc}"}
-    return [
-        Case.of_impls(FAMILY, f"{name}_sf_only", make_x, sf_only, x_bytes + sf_bytes, params),
-        Case.of_impls(FAMILY, f"{name}_precomputed_sf", make_x_sf, with_sf, x_bytes + sf_bytes + tokens * hidden, params),
-    ]
-
-
-def _requant(name, tokens, hidden, npc, flags):
-    """Packed FP4 with 1x32 UE8M0 scales -> e4m3 per-token 1 x npc."""
-
+def _fp4_with_ue8m0(tokens, hidden):
     def make(key):
         k1, k2 = jax.random.split(key)
         data = jax.random.randint(k1, (tokens, hidden // 2), 0, 256, jnp.int32).astype(jnp.uint8)
@@ -75,48 +55,35 @@ def _requant(name, tokens, hidden, npc, flags):
         sf = F.store_sf(jax.lax.bitcast_convert_type(exponents << 23, jnp.float32), "col_ue8m0")
         return data, sf
 
-    def run(impl):
-        return lambda d, s: ptc.per_token_cast((d, s), "e4m3", npc, x_block_size=(1, 32), impl=impl, **flags)
-
-    moved = tokens * hidden // 2 + tokens * hidden // 32 + tokens * hidden + _sf_bytes(tokens, hidden, npc, flags)
-    return Case.of_impls(FAMILY, name, make, run, moved, {"shape": f"{tokens}x{hidden}", "dtype": f"fp4[1x32]->e4m3/{npc}"})
+    return make
 
 
-def _cast(name, shape, src, dst, stochastic=False, tuning=None):
-    def make(key):
-        return ((jax.random.normal(key, shape, jnp.float32) * 3).astype(src),)
+def _bench(tuned: bool) -> list[Case]:
+    """The per-token casts' benchmark calls (``bench_``): default thread mappings, or other ones."""
+    fns = (per_token_cast, per_token_cast_with_sf_only, per_token_cast_with_precomputed_sf)
+    return [_per_token(fn, s) for fn in fns for s in fn.cases if s.name.startswith("bench_") and bool(s.config) == tuned]
 
-    def run(impl):
-        if tuning is None:
-            return lambda x: cast(x, dst, stochastic, impl=impl)
-        seed = (jnp.zeros((1,), jnp.uint32),) if stochastic else ()
-        name = np.dtype(dst).name
-        return lambda x: cast_module._cast_op(x, *seed, dtype=name, stochastic_rounding=stochastic, tuning=tuning, impl=impl)
 
-    n = int(np.prod(shape))
-    dtypes = f"{np.dtype(src).name}->{np.dtype(dst).name}{'/sr' if stochastic else ''}"
-    return Case.of_impls(FAMILY, name, make, run, n * (np.dtype(src).itemsize + np.dtype(dst).itemsize), {"shape": "x".join(map(str, shape)), "dtype": dtypes})
+def _cast(tuned: bool) -> list[Case]:
+    """The dtype cast's benchmark calls (``bench_``): the default thread mapping, or other ones."""
+    cases = []
+    for spec in cast.cases:
+        if spec.name.startswith("bench_") and bool(spec.config) == tuned:
+            (x,) = spec.args
+            dst, sr = spec.kwargs["dtype"], spec.kwargs["stochastic_rounding"]
+            moved = x.size * (np.dtype(x.dtype).itemsize + np.dtype(dst).itemsize)
+            params = {"shape": "x".join(map(str, x.shape)), "dtype": f"{np.dtype(x.dtype).name}->{dst}{'/sr' if sr else ''}", **spec.config}
+            cases.append(Case.of_spec(FAMILY, cast, spec, None, moved, params))
+    return cases
 
 
 CASES = [
-    _per_token("e4m3_ue8m0", 4096, 7168, "e4m3", 128, PACKED),
-    _per_token("e4m3_ue8m0", 65536, 7168, "e4m3", 128, PACKED),
-    _per_token("e4m3_row", 16384, 4096, "e4m3", 128, {}),
-    _per_token("e2m1_ue8m0", 16384, 7168, "e2m1", 32, PACKED),
-    _per_token("e4m3_rowwise", 16384, 7168, "e4m3", 7168, dict(round_sf=True)),
-    _per_token("e4m3_ue8m0_partial", 65536, 576, "e4m3", 128, PACKED),  # H % npc != 0: a partial last block
-    _per_token("e4m3_col_e4m3sf", 16384, 7168, "e4m3", 128, dict(use_tma_aligned_col_major_sf=True, use_e4m3_sf=True)),
-    _per_token("e4m3_ue8m0_sr", 16384, 7168, "e4m3", 128, PACKED, stochastic_cast=True),
-    _requant("fp4_to_e4m3", 16384, 7168, 128, PACKED),
-    *_split("e4m3_ue8m0", 16384, 7168, 128, PACKED),
-    _cast("cast", (16384, 7168), jnp.float32, jnp.bfloat16),
-    _cast("cast_sr", (16384, 7168), jnp.float32, jnp.bfloat16, True),
-    _cast("cast_sr", (16384, 7168), jnp.bfloat16, jnp.float8_e4m3fn, True),
+    *_bench(tuned=False),
+    *_cast(tuned=False),
 ]
 
 # Thread mappings: (elements per thread, threads per CTA).
 VARIANTS = [
-    *(_cast(f"cast/e{e}t{t}", (16384, 7168), jnp.float32, jnp.bfloat16, tuning=(e, t)) for e, t in [(8, 256), (32, 256), (16, 512), (16, 128)]),
-    _per_token("e4m3_ue8m0/e16t256", 65536, 7168, "e4m3", 128, PACKED, tuning=(16, 256)),
-    *(_per_token(f"e2m1_ue8m0/e{e}t{t}", 16384, 7168, "e2m1", 32, PACKED, tuning=(e, t)) for e, t in [(16, 256), (32, 512)]),
+    *_cast(tuned=True),
+    *_bench(tuned=True),
 ]

@@ -53,9 +53,40 @@ class Case:
     params: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
+    def of_spec(cls, family: str, fn: Callable[..., Any], spec: Any, xla: Callable[..., Any] | None, min_bytes: int, params: dict | None = None, make_inputs=None) -> "Case":
+        """A case of a named call (:class:`jax_tilek.testing.ArgSpec`) of a public function: its array
+        arguments are made on the device (random normals times 4, or random integers; or by
+        ``make_inputs``), its other arguments and options are the spec's. ``xla`` takes the same
+        array arguments (None: the function with ``impl="xla"``)."""
+        arrays = [i for i, a in enumerate(spec.args) if isinstance(a, jax.ShapeDtypeStruct)]
+
+        def with_arrays(f):
+            def call(*values):
+                args = list(spec.args)
+                for i, v in zip(arrays, values):
+                    args[i] = v
+                return f(*args)
+
+            return call
+
+        kernel = with_arrays(spec.call(fn, "tilelang"))
+        plain = with_arrays(xla) if xla is not None else with_arrays(spec.call(fn, "xla"))
+        make = make_inputs or (lambda key: tuple(random_on_device(k, spec.args[i]) for k, i in zip(jax.random.split(key, len(arrays)), arrays)))
+        return cls(family, spec.name, make, kernel, plain, int(min_bytes), dict(params or {}))
+
+    @classmethod
     def of_impls(cls, family: str, name: str, make_inputs, op_with_impl: Callable[[str], Callable[..., Any]], min_bytes: int, params: dict) -> "Case":
         """A case whose kernel and plain-JAX sides are one op called with ``impl="tilelang"`` and ``impl="xla"``."""
         return cls(family, name, make_inputs, op_with_impl("tilelang"), op_with_impl("xla"), int(min_bytes), params)
+
+
+def random_on_device(key: jax.Array, struct: jax.ShapeDtypeStruct) -> jax.Array:
+    """Random values of ``struct``'s shape and dtype, made on the device: normals times 4 (cast), or
+    random bits for integers."""
+    dtype = np.dtype(struct.dtype)
+    if np.issubdtype(dtype, np.integer):
+        return jax.random.bits(key, struct.shape, jnp.dtype(f"uint{dtype.itemsize * 8}")).view(dtype)
+    return (jax.random.normal(key, struct.shape, jnp.float32) * 4).astype(dtype)
 
 
 def _input_bytes(inputs: Sequence[Any]) -> int:

@@ -12,7 +12,8 @@ defines the name, ``importlib.import_module("...")``), not from what happens to 
 digest is the same in every process and on every machine with the same sources. jax_tilek's framework
 modules (``jax_tilek.op``, ``.kernel``, ``.compiler`` ...) are not followed: they do not generate kernel
 code, and what they do to compiled artifacts is versioned by ``compiler.SPEC_FORMAT`` and the
-toolchain. ``depends=`` still adds modules, but is no longer needed.
+toolchain. ``jax_tilek.device``, the library of device code that kernels' preludes are built from, is
+followed. ``depends=`` still adds modules, but is no longer needed.
 
 The generated CUDA source is the identity of the nvcc build (see :mod:`jax_tilek.cache`): an edit that
 re-keys a kernel without changing its code costs a TileLang lowering, not an nvcc run.
@@ -114,8 +115,15 @@ def _external_dirs() -> tuple[str, ...]:
     return tuple(sorted(dirs))
 
 
+# Top-level jax_tilek modules that are kernel code all the same: they generate device code.
+_KERNEL_CODE_MODULES = frozenset({PACKAGE + ".device"})
+
+
 def _is_framework(name: str) -> bool:
-    """jax_tilek itself and its top-level modules (op, kernel, compiler, ...): not kernel code."""
+    """jax_tilek itself and its top-level modules (op, kernel, compiler, ...): not kernel code, except
+    those of ``_KERNEL_CODE_MODULES``."""
+    if name in _KERNEL_CODE_MODULES:
+        return False
     return name == PACKAGE or (name.startswith(PACKAGE + ".") and name.count(".") == 1 and not _is_package(name))
 
 
@@ -385,7 +393,7 @@ def record_kernels() -> Iterator[list[tuple[str, Any, str, str]]]:
     try:
         yield log
     finally:
-        _usage_logs.remove(log)
+        del _usage_logs[next(i for i, l in enumerate(_usage_logs) if l is log)]  # by identity: logs compare by value
 
 
 def kernel(

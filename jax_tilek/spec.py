@@ -220,13 +220,17 @@ _INT_RANGES = {
 class TensorBinding:
     """How a tensor parameter sees its XLA buffer: shape and strides in elements, plus an offset.
 
-    ``buffer`` indexes the custom call's operands followed by its results.
+    ``buffer`` indexes the custom call's operands followed by its results. An ``unused`` parameter
+    (an optional input the call does not have, an output it does not want) gets no buffer of its
+    own: it is neither checked nor used to solve symbols, its unsolved size symbols are 0, and its
+    pointer is buffer ``buffer``'s (the kernel must not touch it).
     """
 
     buffer: int
     shape: tuple[int, ...]
     strides: tuple[int, ...]
     offset: int = 0
+    unused: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +317,8 @@ class LaunchSpec:
         checks = []
         for p in self.tensor_params:
             t = tensors[p.name]
+            if t.unused:
+                continue
             if len(t.shape) != len(p.shape):
                 raise ValueError(
                     f"kernel {self.name!r}: tensor {p.name!r} must have rank {len(p.shape)}, got shape {t.shape}"
@@ -331,6 +337,11 @@ class LaunchSpec:
                     env[expr] = int(value)
                 if not (empty and what == "stride"):
                     checks.append((p.name, what, i, expr, int(value)))
+        for p in self.tensor_params:
+            if tensors[p.name].unused:
+                for expr in (*p.shape, *(p.strides or ())):
+                    if isinstance(expr, str) and expr not in env:
+                        env[expr] = 0
         for tensor, what, i, expr, value in checks:
             try:
                 want = evaluate(expr, env)

@@ -69,3 +69,23 @@ def axpy_then_square(n: int):
                 z[bx, j] = y[bx, j] * y[bx, j] + 1.0
 
     return main
+
+
+@jax_tilek.kernel
+def scale_rows_maybe(n_cols: int, dtype: str, has_scale: bool, block_m: int = 4):
+    """y[i, :] = x[i, :] * s[i] (or x[i, :] without a scale); ``block_m`` rows per CTA."""
+    import tilelang.language as T
+
+    M, S = T.dynamic("M, S")
+
+    @T.prim_func
+    def main(x: T.Tensor((M, n_cols), dtype), s: T.Tensor((S,), "float32"), y: T.Tensor((M, n_cols), dtype)):
+        with T.Kernel(T.ceildiv(M, block_m), threads=128) as (bx,):
+            for i, j in T.Parallel(block_m, n_cols):
+                if bx * block_m + i < M:
+                    if has_scale:
+                        y[bx * block_m + i, j] = T.cast(T.cast(x[bx * block_m + i, j], "float32") * s[bx * block_m + i], dtype)
+                    else:
+                        y[bx * block_m + i, j] = x[bx * block_m + i, j]
+
+    return main

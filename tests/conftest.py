@@ -1,10 +1,10 @@
 """Shared fixtures.
 
 GPU tests carry ``@pytest.mark.gpu`` and run their jitted program through the ``on_gpu`` fixture,
-exactly once per test. They are skipped without a supported GPU, except in precompile mode:
-``JAX_TILEK_PRECOMPILE=sm_90a pytest -m gpu`` on a machine with TileLang lowers each GPU test's
-program for "cuda" (compiling its kernels into the cache) and then skips it. That cache is what a GPU
-machine without TileLang runs from.
+exactly once per test; they are skipped without a supported GPU. A GPU machine without TileLang runs
+them from a kernel cache a build machine filled (``benchmarks/gpu_prepare.sh``: the op families'
+``ARG_SPECS`` through ``python -m jax_tilek.testing``, and the other GPU tests' ``GPU_PROGRAMS``
+through ``tests/gpu_programs.py prepare``).
 
 Kernel cache: the tests compile into ``JAX_TILEK_CACHE_DIR`` when it is set, else into the checkout's
 git-ignored ``.tilek_cache/`` (never ``~/.cache``); subprocesses inherit it. The tests import the
@@ -40,7 +40,6 @@ NO_NVCC = (
     "CUDA_HOME/JAX_TILEK_NVCC (see jax_tilek.compiler.nvcc_path)"
 )
 
-PRECOMPILE_ARCH = os.environ.get("JAX_TILEK_PRECOMPILE") or None
 HAS_GPU = jax_tilek.kernels_available()
 
 jax.config.update("jax_enable_x64", False)
@@ -80,7 +79,7 @@ def pytest_runtest_call(item):
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_GPU or PRECOMPILE_ARCH:
+    if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA Hopper/Blackwell GPU (see tests/conftest.py)")
     for item in items:
@@ -90,12 +89,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def on_gpu():
-    """``run(fn, *args)``: ``jax.jit(fn)(*args)`` on the GPU; in precompile mode, lower and skip."""
+    """``run(fn, *args)``: ``jax.jit(fn)(*args)`` on the GPU, with device memory poisoned first."""
 
     def run(fn, *args, **kwargs):
-        if PRECOMPILE_ARCH and not HAS_GPU:
-            jax_tilek.precompile(fn, *args, arch=PRECOMPILE_ARCH, **kwargs)
-            pytest.skip(f"precompiled for {PRECOMPILE_ARCH}")
         compiled = jax.jit(fn).lower(*args, **kwargs).compile()
         _poison_device_memory()
         return jax.block_until_ready(compiled(*args, **kwargs))
@@ -119,3 +115,6 @@ def rng(request) -> np.random.Generator:
 @pytest.fixture
 def key(rng) -> jax.Array:
     return jax.random.key(int(rng.integers(2**31)))
+
+
+from jax_tilek.testing import pytest_generate_tests  # noqa: E402,F401  (parametrizes OpContract cases)

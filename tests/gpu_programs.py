@@ -6,6 +6,9 @@ Modes:
   run-cached DIR      the same, with JAX's persistent compilation cache in DIR; also print the number
                       of cache hits
   exported FILE       deserialize a jax.export artifact and run it; print its output digest
+  prepare ARCH        build machine: compile this program and the GPU_PROGRAMS of the GPU tests
+                      outside the op families (test_byo, test_op) for ARCH, and write the exported
+                      program into the kernel cache (the op families' cases: python -m jax_tilek.testing)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax_tilek
 from jax_tilek.transpose import batched_transpose
 
 SHAPE = (4, 256, 512)
+EXPORT_FILE = "transpose_program.jaxexport"
 RUNS = 5
 LAUNCHES_PER_RUN = 3
 DTYPE = jnp.bfloat16
@@ -55,6 +59,8 @@ def digest(arrays) -> str:
 
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "prepare":
+        return prepare(sys.argv[2])
     x = jnp.asarray(example_input())
     if mode in ("run", "run-cached"):
         hits = []
@@ -82,6 +88,24 @@ def main() -> None:
         print(json.dumps({"digest": digest(out), "expected": digest(expected_output())}))
     else:
         raise SystemExit(f"unknown mode {mode}")
+
+
+def prepare(arch: str) -> None:
+    import os
+
+    import test_byo
+    import test_op
+    from jax_tilek import config
+
+    x = jax.ShapeDtypeStruct(SHAPE, DTYPE)
+    jax_tilek.precompile(program, x, arch=arch)
+    os.makedirs(os.path.join(config.cache_dir(), "exports"), exist_ok=True)
+    with open(os.path.join(config.cache_dir(), "exports", EXPORT_FILE), "wb") as f:
+        f.write(jax_tilek.export(program, x, arch=arch).serialize())
+    programs = test_byo.GPU_PROGRAMS + test_op.GPU_PROGRAMS
+    for fn, args in programs:
+        jax_tilek.precompile(fn, *args, arch=arch)
+    print(f"prepared the runtime program, its export and {len(programs)} GPU test programs for {arch}")
 
 
 if __name__ == "__main__":

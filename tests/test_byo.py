@@ -12,7 +12,7 @@ from jax_tilek import View
 
 import byo_kernels
 from conftest import HAS_GPU
-from helpers import decode_record, lower_for_cuda, random_array, tilek_calls
+from jax_tilek.testing import decode_record, lower_for_cuda, random_array, tilek_calls
 
 SCALE_ROWS = [1, 5, 4096, 65537]
 GEMM_ROWS = [1, 200, 1024]
@@ -52,6 +52,15 @@ def axpy_then_square(x_wide, n, alpha, impl=None):
         reference=lambda x: (alpha * x[:, :n], (alpha * x[:, :n]) ** 2 + 1),
         impl=impl,
     )  # fmt: skip
+
+
+S = jax.ShapeDtypeStruct
+# The GPU tests' programs, compiled on the build machine (tests/gpu_programs.py prepare).
+GPU_PROGRAMS = [
+    (lambda x, s: scale_rows(x, s, impl="tilelang"), (S((5, 1024), jnp.bfloat16), S((5,), jnp.float32))),
+    (lambda a, b: gemm(a, b, impl="tilelang"), (S((200, GEMM_K), jnp.bfloat16), S((GEMM_K, GEMM_N), jnp.bfloat16))),
+    (lambda x: axpy_then_square(x, 256, -0.75, impl="tilelang"), (S((777, 384), jnp.float32),)),
+]
 
 
 def _scale_expected(x, s):

@@ -212,7 +212,7 @@ def test_source_digest_covers_shared_jax_tilek_modules(monkeypatch):
     import inspect
 
     from jax_tilek.quant import formats
-    from jax_tilek.quant.norm import norm_forward_kernel
+    from jax_tilek.norm import norm_forward_kernel
 
     before = TileKernel(factory=norm_forward_kernel.factory, name="n").source_digest
     real = inspect.getsource
@@ -221,18 +221,39 @@ def test_source_digest_covers_shared_jax_tilek_modules(monkeypatch):
         text = real(obj)
         return text + "\n# edited\n" if obj is formats else text
 
-    monkeypatch.setattr(inspect, "getsource", edited)  # an edit of quant/formats.py, which norm.py imports
+    monkeypatch.setattr(inspect, "getsource", edited)  # an edit of quant/formats.py, which the norm kernels import
     assert TileKernel(factory=norm_forward_kernel.factory, name="n").source_digest != before
+
+
+def test_source_digest_covers_the_device_library(monkeypatch):
+    import inspect
+
+    from jax_tilek import device
+    from jax_tilek.transpose import batched_transpose_kernel
+
+    kernel_ = TileKernel(factory=batched_transpose_kernel.factory, name="t")
+    assert "jax_tilek.device" in kernel_.dependencies()  # a top-level module, followed: it generates kernel code
+    assert not {"jax_tilek.op", "jax_tilek.kernel", "jax_tilek.spec"} & set(kernel_.dependencies())
+    before = kernel_.source_digest
+    real = inspect.getsource
+    assert "st.global{cache}.v4.u32" in real(device)
+
+    def edited(obj):
+        text = real(obj)
+        return text.replace("st.global{cache}.v4.u32", "st.global{cache}.v4.b32") if obj is device else text
+
+    monkeypatch.setattr(inspect, "getsource", edited)  # an edit of a snippet of device.py, which the kernel's module imports
+    assert TileKernel(factory=batched_transpose_kernel.factory, name="t").source_digest != before
 
 
 def test_depends_is_still_accepted(tmp_path):
     import importlib
 
-    extra = importlib.import_module("jax_tilek.quant." + "e5m6")  # not an import this module's source shows
+    extra = importlib.import_module("jax_tilek.quant." + "_e5m6")  # not an import this module's source shows
     plain = kernel(_artifact)
-    assert "jax_tilek.quant.e5m6" not in plain.dependencies()
+    assert "jax_tilek.quant._e5m6" not in plain.dependencies()
     assert kernel(_artifact, depends=(extra,)).source_digest != plain.source_digest
-    assert "jax_tilek.quant.e5m6" in kernel(_artifact, depends=(extra,)).dependencies()
+    assert "jax_tilek.quant._e5m6" in kernel(_artifact, depends=(extra,)).dependencies()
 
 
 # ---------------------------------------------------------------------------------------------

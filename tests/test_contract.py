@@ -24,13 +24,19 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_tilek.quant.cast import cast
-from jax_tilek.quant.per_block_cast import per_block_cast, per_block_cast_with_precomputed_sf, per_block_cast_with_sf_only
-from jax_tilek.quant.per_block_cast_lossless import per_block_cast_lossless
-from jax_tilek.quant.per_channel_cast import per_channel_cast, per_channel_cast_and_transpose, per_channel_cast_fused
+from jax_tilek.quant import (
+    cast,
+    per_block_cast,
+    per_block_cast_lossless,
+    per_block_cast_with_precomputed_sf,
+    per_block_cast_with_sf_only,
+    per_channel_cast,
+    per_channel_cast_and_transpose,
+    per_channel_cast_fused,
+)
 from jax_tilek.transpose import batched_transpose, transpose
 
-from helpers import lower_for_cuda
+from jax_tilek.testing import lower_for_cuda
 
 S = jax.ShapeDtypeStruct
 

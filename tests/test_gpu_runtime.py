@@ -1,8 +1,8 @@
 """The launcher inside XLA's runtime: command buffers, jax.export artifacts, the persistent cache.
 
 Each case runs tests/gpu_programs.py in fresh processes, since XLA flags and caches are per process.
-In precompile mode (no GPU) the cases compile the program's kernels and write the exported artifact
-into the kernel cache directory, so the GPU machine finds both there.
+The build machine compiles the program's kernels and writes the exported artifact into the kernel
+cache directory (``python tests/gpu_programs.py prepare sm_90a``), so the GPU machine finds both there.
 """
 
 import json
@@ -10,32 +10,17 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
-import jax_tilek
 from jax_tilek import config
 
 import gpu_programs
-from conftest import HAS_GPU, PRECOMPILE_ARCH
 
 HERE = os.path.dirname(__file__)
-EXPORT_FILE = "transpose_program.jaxexport"
 COMMAND_BUFFERS = {
     "on": "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1",
     "off": "--xla_gpu_enable_command_buffer=",
 }
-
-
-def _precompile_and_skip(write_export: bool = False):
-    x = jax.ShapeDtypeStruct(gpu_programs.SHAPE, gpu_programs.DTYPE)
-    jax_tilek.precompile(gpu_programs.program, x, arch=PRECOMPILE_ARCH)
-    if write_export:
-        exported = jax_tilek.export(gpu_programs.program, x, arch=PRECOMPILE_ARCH)
-        os.makedirs(os.path.join(config.cache_dir(), "exports"), exist_ok=True)
-        with open(os.path.join(config.cache_dir(), "exports", EXPORT_FILE), "wb") as f:
-            f.write(exported.serialize())
-    pytest.skip(f"precompiled for {PRECOMPILE_ARCH}")
 
 
 def _run(*args, **env) -> dict:
@@ -49,8 +34,6 @@ def _run(*args, **env) -> dict:
 
 @pytest.mark.gpu
 def test_command_buffers_on_and_off_agree():
-    if not HAS_GPU:
-        _precompile_and_skip()
     runs = {mode: _run("run", XLA_FLAGS=flags, JAX_TILEK_LAUNCH_STATS="1") for mode, flags in COMMAND_BUFFERS.items()}
     assert runs["on"]["digest"] == runs["off"]["digest"] == runs["on"]["expected"]
     # Off: XLA calls the handler for every launch, never while capturing.
@@ -62,10 +45,8 @@ def test_command_buffers_on_and_off_agree():
 
 @pytest.mark.gpu
 def test_exported_program_runs_without_tilelang_or_cache(tmp_path):
-    if not HAS_GPU:
-        _precompile_and_skip(write_export=True)
-    path = os.path.join(config.cache_dir(), "exports", EXPORT_FILE)
-    assert os.path.exists(path), f"{path} is made in precompile mode on the build machine"
+    path = os.path.join(config.cache_dir(), "exports", gpu_programs.EXPORT_FILE)
+    assert os.path.exists(path), f"{path} is written on the build machine (tests/gpu_programs.py prepare)"
     empty = tmp_path / "empty-cache"
     empty.mkdir()
     out = _run("exported", path, JAX_TILEK_CACHE_DIR=str(empty), JAX_TILEK_OFFLINE="1")
@@ -75,8 +56,6 @@ def test_exported_program_runs_without_tilelang_or_cache(tmp_path):
 
 @pytest.mark.gpu
 def test_persistent_compilation_cache_in_a_fresh_process(tmp_path):
-    if not HAS_GPU:
-        _precompile_and_skip()
     first = _run("run-cached", str(tmp_path / "jax-cache"))
     second = _run("run-cached", str(tmp_path / "jax-cache"))
     assert first["digest"] == second["digest"] == first["expected"]

@@ -1,5 +1,7 @@
 """The op helper: impl choice, abstract eval, errors, vmap, custom_vjp, lowering, export."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +9,10 @@ import pytest
 
 import jax_tilek
 from jax_tilek import platform
-from jax_tilek.op import Launch, Static, TileOp, View, with_vjp
+from jax_tilek.op import Launch, Rows, Static, TileOp, View, config_class, uses, with_vjp
 
 import byo_kernels
-from helpers import decode_record, lower_for_cuda, random_array, tilek_calls
+from jax_tilek.testing import decode_record, lower_for_cuda, random_array, tilek_calls
 
 
 def _scale_reference(x, s, *, factor=1.0):
@@ -204,13 +206,13 @@ def test_kernel_check_runs_unless_impl_is_xla():
 
 def _raw_transpose(name, esize, max_extent=2**31 - 1):
     """batched_transpose's kernel with its 3-D grid forced, for lowering errors."""
-    from jax_tilek.transpose.batched_transpose import batched_transpose_kernel, threads_for
+    from jax_tilek.transpose import batched_transpose_kernel
 
     def launch(x):
         b, m, n = x.shape
         per_word = 4 // esize
         return Launch(
-            batched_transpose_kernel, params=dict(esize=esize, tile_m=128, tile_n=128, threads=threads_for(esize, 128, 128)),
+            batched_transpose_kernel, params=dict(esize=esize, tile_m=128, tile_n=128, threads=256),
             views={"x": View((b, m, n // per_word), dtype=np.uint32), "y": View((b, n, m // per_word), dtype=np.uint32)},
         )  # fmt: skip
 
@@ -287,3 +289,128 @@ def test_with_vjp_follows_the_default(rng):
     with jax_tilek.default_impl("xla"):
         f(jnp.ones(3))
     assert calls == ["xla"]
+
+
+# -- named and optional operands, configurations, row-wise ops -----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowsConfig:
+    block_m: int
+
+
+@config_class(_RowsConfig)
+def _rows_config(x, s, **_):
+    return _RowsConfig(block_m=4 if x.shape[0] < 4096 else 8)
+
+
+def _maybe_launch(x, s, *, config):
+    params = dict(n_cols=x.shape[1], dtype=x.dtype.name, has_scale=s is not None, block_m=config.block_m)
+    return Launch(byo_kernels.scale_rows_maybe, params=params)
+
+
+def _maybe_reference(x, s):
+    return x if s is None else (x.astype(jnp.float32) * s[:, None]).astype(x.dtype)
+
+
+scale_maybe = TileOp(
+    name="scale_maybe",
+    launch=_maybe_launch,
+    operands=("x", "s?"),
+    results=("y",),
+    reference=_maybe_reference,
+    config=_rows_config,
+    rows=Rows(operands=("x", "s"), results=("y",)),
+)
+
+
+def _launch_of(text):
+    (call,) = tilek_calls(text)
+    return decode_record(call["launch"])
+
+
+def test_an_absent_optional_operand_leaves_its_parameter_unused():
+    x = jax.ShapeDtypeStruct((10, 64), jnp.float32)
+    record = _launch_of(lower_for_cuda(lambda x: scale_maybe(x), x))
+    (kernel,) = record["kernels"]
+    assert record["num_buffers"] == 2  # x, y: no buffer for s
+    assert [a[1] for a in kernel["args"] if a[0] == 0] == [0, 1]  # the kernel reads no s
+    with_s = _launch_of(lower_for_cuda(lambda x, s: scale_maybe(x, s=s), x, jax.ShapeDtypeStruct((10,), jnp.float32)))
+    assert sorted(a[1] for a in with_s["kernels"][0]["args"] if a[0] == 0) == [0, 1, 2]
+
+
+def test_operands_by_name_and_their_errors(rng):
+    x = random_array(rng, (6, 64), np.float32)
+    s = random_array(rng, (6,), np.float32)
+    np.testing.assert_array_equal(scale_maybe(x=x, s=s), _maybe_reference(x, s))
+    np.testing.assert_array_equal(scale_maybe(x, None), x)
+    with pytest.raises(TypeError, match="operand 'x' is required"):
+        scale_maybe(s=s)
+    with pytest.raises(TypeError, match="operand 's' given twice"):
+        scale_maybe(x, s, s=s)
+    with pytest.raises(TypeError, match="takes 2 operands"):
+        scale_maybe(x, s, s)
+
+
+def test_config_heuristic_and_overrides():
+    x = jax.ShapeDtypeStruct((10, 64), jnp.float32)
+    grid = lambda op, rows: _launch_of(lower_for_cuda(lambda x: op(x), jax.ShapeDtypeStruct((rows, 64), jnp.float32)))["kernels"][0]["grid"]
+    assert grid(scale_maybe, 10) == [3, 1, 1] and grid(scale_maybe, 8192) == [1024, 1, 1]  # heuristic: 4, then 8 rows
+    assert grid(scale_maybe.with_config(block_m=2), 10) == [5, 1, 1]
+    assert grid(scale_maybe.with_config(_RowsConfig(block_m=1)), 10) == [10, 1, 1]
+    with pytest.raises(ValueError, match=r"no config field\(s\) \['rows'\]"):
+        scale_maybe.with_config(rows=3)
+    assert scale_maybe.with_config(block_m=2).with_config(block_m=1).config_overrides == (("block_m", 1),)
+    del x
+
+
+def test_uses_exposes_with_config():
+    @uses(scale_maybe)
+    def public(x, *, impl=None, ops):
+        (op,) = ops
+        return op(x, impl=impl)
+
+    x = jax.ShapeDtypeStruct((10, 64), jnp.float32)
+    assert _launch_of(lower_for_cuda(public.with_config(block_m=5), x))["kernels"][0]["grid"] == [2, 1, 1]
+    assert public.ops == (scale_maybe,)
+    with pytest.raises(ValueError, match="no config field"):
+        public.with_config(stages=2)
+
+
+def test_rows_fold_vmap_into_one_launch(rng):
+    x = random_array(rng, (3, 5, 64), np.float32)
+    s = random_array(rng, (5,), np.float32)
+    f = jax.vmap(lambda x, s: scale_maybe(x, s), in_axes=(0, None))
+    np.testing.assert_allclose(jax.jit(f)(x, s), x * s[None, :, None], rtol=1e-6)
+    text = lower_for_cuda(f, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(s.shape, s.dtype))
+    assert "stablehlo.while" not in text
+    (kernel,) = _launch_of(text)["kernels"]
+    assert kernel["grid"] == [4, 1, 1]  # 15 folded rows, 4 per CTA
+
+
+def test_rows_shard_along_tokens_without_collectives(rng):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("d",), devices=jax.devices("cpu")[:8])
+    x = jax.device_put(random_array(rng, (16, 64), np.float32), NamedSharding(mesh, PartitionSpec("d")))
+    s = random_array(rng, (16,), np.float32)
+    f = jax.jit(lambda x, s: scale_maybe(x, s))
+    np.testing.assert_array_equal(f(x, s), _maybe_reference(np.asarray(x), s))
+    assert f(x, s).sharding.spec == PartitionSpec("d")
+    hlo = f.lower(x, s).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+
+
+# The GPU tests' programs, compiled on the build machine (tests/gpu_programs.py prepare).
+GPU_PROGRAMS = [
+    (lambda x: scale_maybe(x, impl="tilelang"), (jax.ShapeDtypeStruct((37, 64), jnp.float32),)),
+    (lambda x, s: scale_maybe(x, s, impl="tilelang"), (jax.ShapeDtypeStruct((37, 64), jnp.float32), jax.ShapeDtypeStruct((37,), jnp.float32))),
+]
+
+
+@pytest.mark.gpu
+def test_unused_operand_on_gpu(rng, on_gpu):
+    x = random_array(rng, (37, 64), np.float32)
+    s = random_array(rng, (37,), np.float32)
+    np.testing.assert_array_equal(on_gpu(lambda x: scale_maybe(x, impl="tilelang"), x), x)
+    np.testing.assert_array_equal(on_gpu(lambda x, s: scale_maybe(x, s, impl="tilelang"), x, s), _maybe_reference(x, s))

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_tilek.op import ShardingRule, propagate_specs
 from jax_tilek.transpose import batched_transpose, transpose
 
-from helpers import random_array
+from jax_tilek.testing import random_array
 
 COLLECTIVES = re.compile(r"all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter")
 

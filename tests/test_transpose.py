@@ -6,9 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, random_array, tilek_calls
 from jax_tilek.transpose import batched_transpose, transpose
-
-from helpers import decode_record, lower_for_cuda, random_array, tilek_calls
 
 DTYPES = [ml_dtypes.float8_e4m3fn, ml_dtypes.bfloat16, np.float32]
 # (shape of x, columns window): tiles of 64 and 128 on both axes, a column window of strided rows,
@@ -27,6 +26,25 @@ CASES = [
 def _expected(x: np.ndarray, columns) -> np.ndarray:
     start, stop = columns or (0, x.shape[-1])
     return np.ascontiguousarray(np.swapaxes(x[..., start:stop], -1, -2))
+
+
+class TestBatchedTranspose(OpContract):
+    """The op contract over batched_transpose's cases (the GPU kernel bit-exact against jnp.swapaxes
+    on every dtype, tile and window case, and the grouped CTA orders)."""
+
+    fn = batched_transpose
+    rows = True  # vmap folds into B, and B shards
+    differentiable = (0,)
+    bad_inputs = [
+        ((jax.ShapeDtypeStruct((2, 64, 64), jnp.int4),), {}, ValueError, "stores packed"),
+        ((jax.ShapeDtypeStruct((2, 96, 64), jnp.bfloat16),), {}, ValueError, "multiples of 64"),
+    ]
+
+
+class TestTranspose(OpContract):
+    fn = transpose
+    differentiable = (0,)
+    vmappable = True
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -122,7 +140,6 @@ LARGE = [
     ((2, 65536 * 128 + 128, 256), ml_dtypes.bfloat16, (64, 192), 2 * 65537),
     ((1, 2**31 - 64, 64), np.uint8, None, 2**25 - 1),
 ]
-LARGE_ON_GPU = LARGE[:3]  # up to 1.1 GB each
 
 
 @pytest.mark.parametrize("shape,dtype,columns,tiles", LARGE, ids=lambda v: str(v))
@@ -213,13 +230,7 @@ def test_lowers_to_one_launch_per_call(dtype, shape, columns):
 # GPU
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("shape,columns", CASES)
-def test_kernel_is_bit_exact(on_gpu, rng, dtype, shape, columns):
-    x = random_array(rng, shape, dtype)
-    y = on_gpu(lambda x: batched_transpose(x, columns=columns, impl="tilelang"), x)
-    np.testing.assert_array_equal(np.asarray(y).view(np.uint8), _expected(x, columns).view(np.uint8))
+# The kernel bit-exact on every dtype, tile and window case, and in grouped CTA orders: TestBatchedTranspose.
 
 
 @pytest.mark.gpu
@@ -238,34 +249,13 @@ def test_kernel_grad_and_vmap(on_gpu, rng):
     np.testing.assert_array_equal(np.asarray(g), expected)
 
 
+FLAT_CASES = [c for c in batched_transpose.cases if c.name.startswith("flat_")]  # up to 1.1 GB each
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,dtype,columns,tiles", LARGE_ON_GPU, ids=lambda v: str(v))
-def test_kernel_flat_grid_is_bit_exact(on_gpu, rng, shape, dtype, columns, tiles):
-    x = random_array(rng, shape, dtype)
-    y = on_gpu(lambda x: batched_transpose(x, columns=columns, impl="tilelang"), x)
+@pytest.mark.parametrize("case", FLAT_CASES, ids=lambda c: c.name)
+def test_kernel_flat_grid_is_bit_exact(on_gpu, rng, case):
+    (x,) = case.arrays(rng)
+    columns = case.kwargs["columns"]
+    y = on_gpu(case.call(batched_transpose, "tilelang"), x)
     np.testing.assert_array_equal(np.asarray(y).view(np.uint8), _expected(x, columns).view(np.uint8))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "dtype,group_m", [(ml_dtypes.bfloat16, 4), (ml_dtypes.float8_e4m3fn, 8), (np.float32, 2), (ml_dtypes.bfloat16, 1)], ids=str
-)
-def test_grouped_cta_order_is_bit_exact(on_gpu, rng, dtype, group_m):
-    import jax_tilek
-    from jax_tilek.transpose.batched_transpose import batched_transpose_kernel, threads_for
-
-    x = random_array(rng, (3, 1024, 384), dtype)
-    esize = np.dtype(dtype).itemsize
-    per_word = 4 // esize
-
-    def program(x):
-        b, m, n = x.shape
-        return jax_tilek.tilelang_call(
-            batched_transpose_kernel, x,
-            out_shape=jax.ShapeDtypeStruct((b, n, m), x.dtype),
-            params=dict(esize=esize, tile_m=128, tile_n=128, threads=threads_for(esize, 128, 128), group_m=group_m),
-            views={"x": jax_tilek.View((b, m, n // per_word), dtype=np.uint32), "y": jax_tilek.View((b, n, m // per_word), dtype=np.uint32)},
-        )  # fmt: skip
-
-    y = on_gpu(program, x)
-    np.testing.assert_array_equal(np.asarray(y).view(np.uint8), _expected(x, None).view(np.uint8))

@@ -1,5 +1,5 @@
 """Transpose family: ``transpose`` and ``batched_transpose``."""
 
-from jax_tilek.transpose.batched_transpose import batched_transpose, batched_transpose_kernel, transpose
+from jax_tilek.transpose._batched_transpose import batched_transpose, batched_transpose_kernel, transpose
 
 __all__ = ["batched_transpose", "batched_transpose_kernel", "transpose"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jax_tilek.testing import assert_bytes_equal  # noqa: F401  (re-exported for the quant tests)
+
 
 def calc_diff(x, y) -> float:
     """``|x - y|^2 / (|x|^2 + |y|^2)`` in float64 (TileKernels' ``calc_diff``); 0 when both are zero."""
@@ -20,18 +22,6 @@ def check_bias(rounded, exact) -> None:
     below = (rounded < exact).sum() + 0.5 * (rounded == exact).sum()
     share = below / n
     assert abs(share - 0.5) <= 10 / np.sqrt(n), f"biased rounding: {share:.4f} of {n} values rounded down"
-
-
-def assert_bytes_equal(actual, expected) -> None:
-    """Bit-exact comparison (raw bytes; NaN payloads and signed zeros count), with a useful message."""
-    a, e = np.ascontiguousarray(np.asarray(actual)), np.ascontiguousarray(np.asarray(expected))
-    assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, a.dtype, e.shape, e.dtype)
-    if a.size == 0:
-        return
-    itemsize = a.dtype.itemsize
-    differ = (a.view(np.uint8).reshape(-1, itemsize) != e.view(np.uint8).reshape(-1, itemsize)).any(axis=1)
-    where = np.argwhere(differ.reshape(a.shape))
-    assert where.size == 0, f"{len(where)} of {a.size} elements differ, first at {where[:5].tolist()}"
 
 
 def rand_float(rng: np.random.Generator, shape, scale_exp: tuple[int, int] = (-20, 20)) -> np.ndarray:

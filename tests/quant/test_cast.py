@@ -1,6 +1,9 @@
-"""quant.cast: the random-bit hash, stochastic rounding, the cast op (reference, rules, lowering, GPU)."""
+"""quant.cast: the random-bit hash, stochastic rounding, the cast op (reference, rules, lowering, GPU).
 
-import importlib
+The random bits and the rounding rules are checked against their definitions (the module docstring of
+``jax_tilek.quant.cast``, written out here in numpy and exact rationals) on the public paths: the JAX
+reference (``cast(..., impl="xla")``) and the CUDA helpers of ``jax_tilek.device`` (compiled for the host)."""
+
 import re
 import shutil
 import subprocess
@@ -12,16 +15,45 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-C = importlib.import_module("jax_tilek.quant.cast")  # module, not the function `cast`
+from jax_tilek import device
+from jax_tilek.quant import cast, cast_kernel
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.cast import cast
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, check_bias
 
 
 BF16, E4M3 = ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn
+BF16_MAX = float(ml_dtypes.finfo(BF16).max)
 M32 = (1 << 32) - 1
+STOCHASTIC = [("float32", "bfloat16"), ("float32", "float8_e4m3fn"), ("bfloat16", "float8_e4m3fn")]
+S = jax.ShapeDtypeStruct
+
+# ---------------------------------------------------------------------------------------------
+# The contract, over cast's named cases.
+
+
+class TestCast(OpContract):
+    """Rounding to nearest: elementwise, so row-wise (vmap folds into x's first axis, which shards)."""
+
+    fn = cast
+    cases = [c for c in cast.cases if not c.kwargs["stochastic_rounding"]]
+    rows = True
+    bad_inputs = [
+        ((S((8,), jnp.int32),), dict(dtype="float32"), ValueError, "x's dtype must be one of"),
+        ((S((8,), jnp.float32),), dict(dtype="int8"), ValueError, "dtype must be one of"),
+    ]
+
+
+class TestCastStochastic(OpContract):
+    """Stochastic rounding hashes each quad's flat index: not row-wise (vmap maps a loop)."""
+
+    fn = cast
+    cases = [c for c in cast.cases if c.kwargs["stochastic_rounding"]]
+    bad_inputs = [((S((6,), jnp.float32),), dict(dtype="bfloat16", stochastic_rounding=True), ValueError, r"x.size % 4 == 0")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The hash and the rounding rules, from their definitions.
 
 
 def _hash_py(w, index, seed):
@@ -39,25 +71,49 @@ def _hash_py(w, index, seed):
     return r0, r1
 
 
+def _hash_np(w: np.ndarray, index: np.ndarray, seed) -> tuple[np.ndarray, np.ndarray]:
+    """The same hash over arrays: ``w`` uint32 ``[n, 4]``, ``index`` and ``seed`` uint32 (broadcast)."""
+    u = lambda a: np.asarray(a, np.uint64)  # noqa: E731
+    mul = lambda a, b: (a * np.uint64(b)) & np.uint64(M32)  # noqa: E731
+    h = mul(u(index), 0x9E3779B1) ^ mul(u(seed), 0x2C1B3C6D)
+    for k, (m, shift) in enumerate(((0x85EBCA6B, 0), (0xC2B2AE35, 13), (0x27D4EB2F, 16), (0x165667B1, 15))):
+        if shift:
+            h ^= h >> np.uint64(shift)
+        h = mul(h ^ u(w[:, k]), m)
+    h ^= h >> np.uint64(16)
+    r0 = mul(h, 0x7FEB352D)
+    r0 ^= r0 >> np.uint64(15)
+    r1 = mul(r0, 0x846CA68B)
+    r1 ^= r1 >> np.uint64(16)
+    return r0.astype(np.uint32), r1.astype(np.uint32)
+
+
+def _random_bits(v: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The 16 random bits of each element of a flat fp32 array (quad i: elements 4i..4i+3, index i)."""
+    quads = np.ascontiguousarray(v, np.float32).view(np.uint32).reshape(-1, 4)
+    r0, r1 = _hash_np(quads, np.arange(len(quads), dtype=np.uint32), seed)
+    return np.stack([r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16], axis=-1).reshape(-1)
+
+
 def test_hash_matches_its_definition(rng):
     w = rng.integers(0, 2**32, size=(500, 4), dtype=np.uint64).astype(np.uint32)
     index = rng.integers(0, 2**32, size=500, dtype=np.uint64).astype(np.uint32)
     seed = rng.integers(0, 2**32, size=500, dtype=np.uint64).astype(np.uint32)
-    r0, r1 = (np.asarray(r) for r in C.quad_hash(w[:, 0], w[:, 1], w[:, 2], w[:, 3], index, seed))
+    r0, r1 = _hash_np(w, index, seed)
     expected = [_hash_py([int(v) for v in w[i]], int(index[i]), int(seed[i])) for i in range(500)]
     np.testing.assert_array_equal(np.stack([r0, r1], 1), np.array(expected, np.uint32))
 
 
 def test_random_bits_are_uniform_and_seeded():
-    v = jnp.zeros((1 << 16, 4), jnp.float32)  # identical values: only the quad index varies
-    r = np.asarray(C.random_bits(v, C.flat_quad_index(v.shape), jnp.uint32(0))).ravel()
+    v = np.zeros((1 << 18,), np.float32)  # identical values: only the quad index varies
+    r = _random_bits(v)
     assert r.max() < 1 << 16
     counts = np.bincount(r >> 12, minlength=16)  # 16 bins of 2^18 / 16 samples
     expected = r.size / 16
     assert np.all(np.abs(counts - expected) < 6 * np.sqrt(expected)), counts
     for bit in range(16):
         assert abs(((r >> bit) & 1).mean() - 0.5) < 0.01
-    r7 = np.asarray(C.random_bits(v, C.flat_quad_index(v.shape), jnp.uint32(7))).ravel()
+    r7 = _random_bits(v, 7)
     assert (r7 == r).mean() < 0.01
 
 
@@ -76,45 +132,53 @@ def _grid(dtype) -> np.ndarray:
     return np.unique(values[values >= 0])
 
 
-@pytest.mark.parametrize("target", ["bfloat16", "e4m3", "e2m1"])
-def test_stochastic_rounding_rule(rng, target):
-    """Round up iff frac(|x| / spacing) truncated to 16 bits + r >= 2^16 (exact rational check)."""
-    grid = {"bfloat16": _grid(BF16), "e4m3": _grid(E4M3), "e2m1": F.E2M1_VALUES.astype(np.float64)}[target]
-    top = {"bfloat16": 1e30, "e4m3": 440.0, "e2m1": 5.9}[target]
-    v = np.concatenate([
-        rng.standard_normal(600).astype(np.float32) * np.exp2(rng.integers(-12, 6, 600)).astype(np.float32),
-        rng.uniform(-top, top, 600).astype(np.float32),
-        (rng.standard_normal(300) * 2.0**-8).astype(np.float32),  # e4m3 subnormals
-    ])  # fmt: skip
-    r = rng.integers(0, 1 << 16, v.size).astype(np.uint32)
-    vj, rj = jnp.asarray(v), jnp.asarray(r)
-    if target == "bfloat16":
-        got = np.asarray(C.sr_bfloat16(vj, rj)).astype(np.float64)
-    elif target == "e4m3":
-        got = np.asarray(C.sr_e4m3(vj, rj)).astype(np.float64)
-    else:
-        got = np.asarray(F.decode_e2m1(C.sr_e2m1_codes(vj, rj))).astype(np.float64)
-    for x, ri, g in zip(v.tolist(), r.tolist(), got.tolist()):
+GRIDS = {"bfloat16": _grid(BF16), "e4m3": _grid(E4M3), "e2m1": F.E2M1_VALUES.astype(np.float64)}
+
+
+def _stochastically_rounded(v: np.ndarray, r: np.ndarray, target: str) -> np.ndarray:
+    """The rule: round |x| up iff frac(|x| / spacing) truncated to 16 bits + r >= 2^16 (exact rationals)."""
+    grid, out = GRIDS[target], []
+    for x, ri in zip(v.tolist(), r.tolist()):
         lo, hi = _neighbours(x, grid)
         if lo == hi or Fraction(abs(x)) == Fraction(lo):
             expected = lo
         else:
             frac = (Fraction(abs(x)) - Fraction(lo)) / (Fraction(hi) - Fraction(lo))
             expected = hi if int(frac * 65536) + ri >= 65536 else lo
-        assert g == np.copysign(expected, x), (target, x, ri, g, expected)
+        out.append(np.copysign(expected, x))
+    return np.array(out)
+
+
+def _rounding_inputs(rng, target: str) -> np.ndarray:
+    top = {"bfloat16": 1e30, "e4m3": 440.0, "e2m1": 5.9}[target]
+    return np.concatenate([
+        rng.standard_normal(600).astype(np.float32) * np.exp2(rng.integers(-12, 6, 600)).astype(np.float32),
+        rng.uniform(-top, top, 600).astype(np.float32),
+        (rng.standard_normal(300) * 2.0**-8).astype(np.float32),  # e4m3 subnormals
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_stochastic_rounding_rule(rng, dtype):
+    """The reference's stochastic cast rounds by the rule, with the hash's bits (and the seed's)."""
+    v = _rounding_inputs(rng, "bfloat16" if dtype == "bfloat16" else "e4m3")
+    seed = int(rng.integers(0, 2**32))
+    got = np.asarray(cast(v, dtype, True, seed=seed, impl="xla")).astype(np.float64)
+    expected = _stochastically_rounded(v, _random_bits(v, seed), "bfloat16" if dtype == "bfloat16" else "e4m3")
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_stochastic_rounding_saturates_and_keeps_nan():
-    v = jnp.asarray([np.inf, -np.inf, 3.4e38, 500.0, -1e6, np.nan], jnp.float32)
-    r = jnp.full(v.shape, 0xFFFF, jnp.uint32)
-    np.testing.assert_array_equal(np.asarray(C.sr_e4m3(v, r), np.float32)[:5], [448, -448, 448, 448, -448])
-    bf = np.asarray(C.sr_bfloat16(v, r), np.float32)
-    np.testing.assert_array_equal(bf[:3], [C.BF16_MAX, -C.BF16_MAX, C.BF16_MAX])
-    assert np.isnan(bf[5]) and np.isnan(np.asarray(C.sr_e4m3(v, r), np.float32)[5])
-    np.testing.assert_array_equal(np.asarray(C.sr_e2m1_codes(v, r)), [7, 15, 7, 7, 15, 7])
+    v = np.array([np.inf, -np.inf, 3.4e38, 500.0, -1e6, np.nan, 1.0, 1.0], np.float32)
+    for seed in (0, 1, 2**32 - 1):
+        e4m3 = np.asarray(cast(v, jnp.float8_e4m3fn, True, seed=seed, impl="xla"), np.float32)
+        np.testing.assert_array_equal(e4m3[:5], [448, -448, 448, 448, -448])
+        bf = np.asarray(cast(v, jnp.bfloat16, True, seed=seed, impl="xla"), np.float32)
+        np.testing.assert_array_equal(bf[:3], [BF16_MAX, -BF16_MAX, BF16_MAX])
+        assert np.isnan(bf[5]) and np.isnan(e4m3[5])
 
 
-@pytest.mark.parametrize("src,dst", C.STOCHASTIC)
+@pytest.mark.parametrize("src,dst", STOCHASTIC)
 def test_stochastic_cast_is_unbiased(rng, src, dst):
     x = (rng.standard_normal((256, 1024), np.float32) * 50).astype(src)
     y = np.asarray(cast(x, dst, True)).astype(np.float64)
@@ -242,8 +306,7 @@ def test_misuse_raises_a_clear_error(call, error, message):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_cuda_helpers_match_the_reference_on_the_host(rng, tmp_path):
-    body = C.PRELUDE.split("// fp32 -> float8_e4m3fn bits without saturation")[0]
-    body = body.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_fp8.h>", "")
+    body = device.prelude(device.QUAD_HASH, device.RBITS, device.SR_BF16, device.SR_E4M3, device.E2M1_RN, device.E2M1_SR, device.E2M1_TO_FLOAT)
     source = (
         "#include <cstdio>\n#include <cstring>\n#include <cmath>\n#include <cfenv>\n#include <algorithm>\n"
         "#define __device__\n#define __forceinline__ inline\nusing std::min; using std::isnan;\n"
@@ -283,21 +346,21 @@ int main() {
     m = v.size
     w = rng.integers(0, 2**32, size=(m, 4), dtype=np.uint64).astype(np.uint32)
     index, seed = (rng.integers(0, 2**32, size=m, dtype=np.uint64).astype(np.uint32) for _ in range(2))
-    r = rng.integers(0, 1 << 16, m).astype(np.uint32)
+    r = _random_bits(v, 12345)  # the bits cast(v, ..., seed=12345) rounds v with
     lines = "\n".join(
         " ".join(map(str, (*w[k].tolist(), int(index[k]), int(seed[k]), int(v.view(np.uint32)[k]), int(r[k])))) for k in range(m)
     )
     out = subprocess.run([exe], input=lines, capture_output=True, text=True, check=True).stdout
     got = np.array([[int(t) for t in line.split()] for line in out.splitlines()], np.uint64).astype(np.uint32)
-    r0, r1 = C.quad_hash(w[:, 0], w[:, 1], w[:, 2], w[:, 3], index, seed)
-    vj, rj = jnp.asarray(v), jnp.asarray(r)
-    np.testing.assert_array_equal(got[:, 0], np.asarray(r0))
-    np.testing.assert_array_equal(got[:, 1], np.asarray(r1))
-    bf = np.asarray(C.sr_bfloat16(vj, rj)).astype(np.float32).view(np.uint32)
+    r0, r1 = _hash_np(w, index, seed)
+    vj = jnp.asarray(v)
+    np.testing.assert_array_equal(got[:, 0], r0)
+    np.testing.assert_array_equal(got[:, 1], r1)
+    bf = np.asarray(cast(v, jnp.bfloat16, True, seed=12345, impl="xla")).astype(np.float32).view(np.uint32)
     np.testing.assert_array_equal(got[:, 2], bf)
-    e4 = np.asarray(jnp.clip(C.sr_e4m3_values(vj, rj), -448, 448)).view(np.uint32)  # the GPU saturates when casting
-    np.testing.assert_array_equal(np.clip(got[:, 3].view(np.float32), -448, 448).view(np.uint32), e4)
-    np.testing.assert_array_equal(got[:, 4], np.asarray(C.sr_e2m1_codes(vj, rj)))
+    e4 = np.asarray(cast(v, jnp.float8_e4m3fn, True, seed=12345, impl="xla")).astype(np.float32).view(np.uint32)
+    np.testing.assert_array_equal(np.clip(got[:, 3].view(np.float32), -448, 448).view(np.uint32), e4)  # the GPU saturates when casting
+    np.testing.assert_array_equal(np.asarray(F.decode_e2m1(jnp.asarray(got[:, 4], jnp.uint8))), _stochastically_rounded(v, r, "e2m1"))
     np.testing.assert_array_equal(got[:, 5], np.asarray(F.encode_e2m1(vj)))
     np.testing.assert_array_equal(got[:, 6].view(np.float32), np.asarray(F.decode_e2m1(jnp.asarray(r & 15, jnp.uint8))))
 
@@ -305,31 +368,21 @@ int main() {
 # ---------------------------------------------------------------------------------------------
 # Lowering and the GPU kernel.
 
-GPU_CASES = [  # (shape, src, dst, stochastic)
-    ((4001, 7168), "float32", "bfloat16", False),
-    ((4096, 4096), "bfloat16", "float8_e4m3fn", False),
-    ((7, 13), "float32", "float8_e4m3fn", False),
-    ((1, 5), "float8_e4m3fn", "bfloat16", False),
-    ((333, 129), "float8_e4m3fn", "float32", False),
-    ((1000, 100), "float32", "float16", False),
-    ((64, 96), "float16", "float8_e4m3fn", False),
-    ((3, 1000), "bfloat16", "float32", False),
-    ((4001, 7168), "float32", "bfloat16", True),
-    ((4001, 7168), "float32", "float8_e4m3fn", True),
-    ((4096, 4096), "bfloat16", "float8_e4m3fn", True),
-    ((3, 4), "float32", "float8_e4m3fn", True),
-    ((0, 16), "float32", "bfloat16", True),
-]
+# The cases the GPU runs with its own inputs: every dtype pair at small and large sizes (not the
+# thread mappings, "tuned_", nor the benchmarks' sizes, "bench_").
+GPU_CASES = [c for c in cast.cases if not c.config and not c.name.startswith("bench_")]
+TUNED_CASES = [c for c in cast.cases if c.name.startswith("tuned_")]
 
 
-def _case_id(case):
-    shape, src, dst, sr = case
-    return f"{'x'.join(map(str, shape))}-{src}-{dst}{'-sr' if sr else ''}"
+def _signature(case) -> tuple[tuple[int, ...], str, str, bool]:
+    """(shape, source dtype, target dtype, stochastic) of a case."""
+    (x,) = case.args
+    return x.shape, np.dtype(x.dtype).name, case.kwargs["dtype"], case.kwargs["stochastic_rounding"]
 
 
-@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 def test_lowers_to_one_launch(case):
-    shape, src, dst, sr = case
+    shape, src, dst, sr = _signature(case)
     text = lower_for_cuda(lambda x: cast(x, dst, sr, impl="tilelang"), jax.ShapeDtypeStruct(shape, src))
     (call,) = tilek_calls(text)
     record = decode_record(call["launch"])
@@ -340,6 +393,15 @@ def test_lowers_to_one_launch(case):
     (k,) = record["kernels"]
     assert call["has_cubin"] and k["block"] == [256, 1, 1] and k["grid"] == [-(-n // 4096), 1, 1]
     assert k["args"][-1] == (2, 8, n)  # N, a 64-bit scalar
+
+
+@pytest.mark.parametrize("case", TUNED_CASES, ids=lambda c: c.name)
+def test_thread_mappings_lower(case):
+    shape, src, _, _ = _signature(case)
+    config = {"elems": 16, "threads": 256, **case.config}
+    (call,) = tilek_calls(lower_for_cuda(case.call(cast, "tilelang"), jax.ShapeDtypeStruct(shape, src)))
+    (k,) = decode_record(call["launch"])["kernels"]
+    assert k["block"] == [config["threads"], 1, 1] and k["grid"] == [-(-int(np.prod(shape)) // (config["elems"] * config["threads"])), 1, 1]
 
 
 # Near and beyond 2^31 elements (lowered only: no memory needed). Before the fix the last CTA's guard
@@ -353,7 +415,7 @@ def test_guards_are_64_bit_near_2_31(src, dst, sr):
     text = lower_for_cuda(lambda x: cast(x, dst, sr, impl="tilelang"), jax.ShapeDtypeStruct((NEAR,), src))
     (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
     assert k["grid"] == [2**19, 1, 1] and k["args"][-1] == (2, 8, NEAR)  # N: 8 bytes
-    source = C.cast_kernel.artifact(dict(in_dtype=src, out_dtype=dst, stochastic=sr), "sm_90a").source
+    source = cast_kernel.artifact(dict(in_dtype=src, out_dtype=dst, stochastic=sr), "sm_90a").source
     signature = re.search(r'extern "C" __global__ void __launch_bounds__[^{]*', source).group(0)
     assert "int64_t N)" in signature, signature
     # No guard computes a CTA's first or last element in 32 bits.
@@ -384,9 +446,9 @@ def _host_expected(x, dst, sr, seed=None):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 def test_kernel_is_bit_exact(on_gpu, rng, case):
-    shape, src, dst, sr = case
+    shape, src, dst, sr = _signature(case)
     x = _inputs(rng, shape, src)
     y = on_gpu(lambda x: cast(x, dst, sr, impl="tilelang"), x)
     assert_bytes_equal(y, _host_expected(x, dst, sr))
@@ -402,18 +464,13 @@ def test_kernel_with_traced_seed(on_gpu, rng):
     assert_bytes_equal(y, _host_expected(x, "float8_e4m3fn", True, seed=np.uint32(2024)))
 
 
-TUNINGS = [  # (elements per thread, threads per CTA), as the benchmarks try them
-    ("float32", "bfloat16", False, (8, 256)), ("float32", "bfloat16", False, (32, 256)), ("float32", "bfloat16", False, (16, 512)),
-    ("float32", "bfloat16", False, (16, 128)), ("bfloat16", "float8_e4m3fn", True, (32, 256)),
-]  # fmt: skip
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("src,dst,sr,tuning", TUNINGS, ids=lambda v: str(v))
-def test_kernel_tunings_are_bit_exact(on_gpu, rng, src, dst, sr, tuning):
-    x = _inputs(rng, (1001, 76), src)  # a partial last CTA
-    seed = (np.zeros((1,), np.uint32),) if sr else ()
-    y = on_gpu(lambda x, *s: C._cast_op(x, *s, dtype=dst, stochastic_rounding=sr, tuning=tuning, impl="tilelang"), x, *seed)
+@pytest.mark.parametrize("case", TUNED_CASES, ids=lambda c: c.name)
+def test_kernel_tunings_are_bit_exact(on_gpu, rng, case):
+    """The thread mappings the benchmarks try, on a partial last CTA."""
+    shape, src, dst, sr = _signature(case)
+    x = _inputs(rng, shape, src)
+    y = on_gpu(case.call(cast, "tilelang"), x)
     assert_bytes_equal(y, _host_expected(x, dst, sr))
 
 
@@ -432,7 +489,7 @@ def test_kernel_near_2_31_writes_nothing_past_the_end(on_gpu, sr):
     def program(key):
         x = (jax.random.normal(key, (rows, 8), jnp.float32) * 100).astype(jnp.bfloat16)  # 4 GB
         y = jax_tilek.tilelang_call(
-            C.cast_kernel, x, *seed, out_shape=jax.ShapeDtypeStruct((rows, 8), jnp.float8_e4m3fn), params=params,
+            cast_kernel, x, *seed, out_shape=jax.ShapeDtypeStruct((rows, 8), jnp.float8_e4m3fn), params=params,
             views={"x": jax_tilek.View((n,)), "y": jax_tilek.View((n,)), **({"seed": jax_tilek.View((1,))} if sr else {})},
             zero_fill=(0,), impl="tilelang",
         )  # fmt: skip

@@ -1,18 +1,15 @@
 """cast_back / per_token_cast_back / per_token_cast_and_cast_back / unpack_from_e2m1fn_x2: reference
 against independent numpy math, rules, lowering, and the GPU kernels (bit-exact)."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
+from jax_tilek.quant import cast_back, per_token_cast_and_cast_back, per_token_cast_back, unpack_from_e2m1fn_x2
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.cast_back import cast_back, per_token_cast_and_cast_back, per_token_cast_back, unit_plan, unpack_from_e2m1fn_x2
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff
 
 TOLERANCE = {"e4m3": 1e-3, "e2m1": 2e-2, "e5m6": 1e-4}
@@ -61,39 +58,65 @@ def quantized(rng, t, h, fmt, block, layout, e4m3_sf=False):
 # ---------------------------------------------------------------------------------------------
 # cast_back: reference.
 
-# (fmt, block, layout, e4m3 scales, hidden, out dtype): every configuration the GPU tests run.
-CONFIGS = [
-    ("e4m3", (1, 128), "row", False, 7168, "bf16"),
-    ("e4m3", (1, 128), "col", False, 4096, "fp32"),
-    ("e4m3", (1, 128), "col_ue8m0", False, 7168, "bf16"),
-    ("e4m3", (1, 7168), "row", False, 7168, "fp32"),
-    ("e4m3", (1, 32), "row", True, 4096, "bf16"),
-    ("e4m3", (128, 128), "row", False, 7168, "bf16"),
-    ("e4m3", (128, 128), "col_ue8m0", False, 4096, "fp32"),
-    ("e4m3", (128, 1), "row", False, 4096, "bf16"),
-    ("e4m3", (128, 1), "ue8m0_along_m", False, 4096, "fp32"),
-    ("e4m3", (32, 32), "col", False, 7168, "fp32"),
-    ("e2m1", (1, 32), "row", False, 7168, "bf16"),
-    ("e2m1", (1, 16), "col_ue8m0", False, 4096, "fp32"),
-    ("e2m1", (1, 16), "row", True, 7168, "bf16"),
-    ("e2m1", (1, 4096), "col", False, 4096, "bf16"),
-    ("e2m1", (32, 32), "col_ue8m0", False, 7168, "fp32"),
-    ("e5m6", (1, 7168), "row", False, 7168, "bf16"),
-    ("e5m6", (1, 4096), "col", False, 4096, "fp32"),
-    ("e5m6", (1, 4096), "col_ue8m0", False, 4096, "fp32"),
-    # column-major e4m3 scales (16-byte aligned columns: the token axis padded to 16)
-    ("e4m3", (1, 128), "col", True, 4096, "bf16"),
-    # partial last channel block (H % bk != 0; TileKernels tests H = 576): every format and layout
-    ("e4m3", (1, 128), "row", False, 576, "bf16"),
-    ("e4m3", (1, 128), "col", True, 576, "fp32"),
-    ("e4m3", (1, 128), "col_ue8m0", False, 576, "bf16"),
-    ("e4m3", (128, 128), "col", False, 576, "fp32"),
-    ("e2m1", (1, 128), "row", True, 192, "fp32"),
-    ("e2m1", (1, 128), "col_ue8m0", False, 576, "bf16"),
-    ("e5m6", (1, 128), "row", False, 576, "bf16"),
-    ("e5m6", (1, 128), "col", False, 192, "fp32"),
-]
-CONFIG_IDS = [f"{f}-{b[0]}x{b[1]}-{l}{'-e4m3sf' if e else ''}-{h}-{o}" for f, b, l, e, h, o in CONFIGS]
+E4M3 = jnp.float8_e4m3fn
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _describe(case) -> tuple:
+    """(fmt, block, layout, e4m3 scales, hidden, out dtype) of a cast_back case."""
+    data, sf = case.args[0]
+    fmt = "e5m6" if case.kwargs["x_special_fmt"] else "e4m3" if data.dtype == E4M3 else "e2m1"
+    hidden = {"e4m3": data.shape[1], "e2m1": data.shape[1] * 2, "e5m6": data.shape[1] * 2 // 3}[fmt]
+    return fmt, case.kwargs["x_block_size"], case.kwargs["sf_layout"], sf.dtype == E4M3, hidden, case.kwargs["fmt"]
+
+
+def _row_wise(case) -> bool:
+    return case.kwargs["x_block_size"][0] == 1 and case.kwargs["sf_layout"] == "row"
+
+
+# Every configuration the GPU tests run (not the int64-index ones, "wide_", nor the benchmarks' sizes).
+CONFIG_CASES = [c for c in cast_back.cases if not c.bench]
+CASE_IDS = [c.name for c in CONFIG_CASES]
+# The contract runs on every format, scale layout and block shape, a partial last block, and the
+# traced-only cases; the other configurations are lowered by test_cast_back_lowers_to_one_launch and
+# run by the GPU tests (the CPU time of the contract is mostly XLA compiling the reference).
+CONTRACT_CASES = [CONFIG_CASES[i] for i in (0, 2, 5, 8, 12, 13, 15, 16, 18, 19, 22)] + [c for c in cast_back.cases if c.bench]
+
+
+class TestCastBack(OpContract):
+    """Per-token blocks with row-major scales: row-wise (vmap folds into the tokens, which shard)."""
+
+    fn = cast_back
+    cases = [c for c in CONTRACT_CASES if _row_wise(c)]
+    rows = True
+    bad_inputs = [
+        (((_sds((5, 96), E4M3), _sds((5, 1), jnp.float32)),), dict(fmt="bf16", x_block_size=(1, 128)), ValueError, "positive multiple of 64, got 96"),
+        (((_sds((5, 128), E4M3), _sds((5, 2), jnp.float32)),), dict(fmt="bf16", x_block_size=(1, 128)), ValueError, r"expected \(5, 1\) \(row\)"),
+    ]
+
+
+class TestCastBackColumnsAndTiles(OpContract):
+    """Column-major scales and blocks of several tokens: not row-wise (vmap maps a loop)."""
+
+    fn = cast_back
+    cases = [c for c in CONTRACT_CASES if not _row_wise(c)]
+
+
+class TestPerTokenCastBack(OpContract):
+    fn = per_token_cast_back
+
+
+class TestPerTokenCastAndCastBack(OpContract):
+    """Over both formats and dtypes, a column window, partial last groups, and the traced-only cases
+    (the other configurations: test_round_trip_lowers_to_one_launch and the GPU tests)."""
+
+    fn = per_token_cast_and_cast_back
+    cases = [c for i, c in enumerate(per_token_cast_and_cast_back.cases) if i in (0, 3, 5, 8, 9) or c.bench]
+    rows = True
+    bad_inputs = [((_sds((5, 128), jnp.float16),), dict(fmt="e4m3", num_per_channels=32), ValueError, "must be bfloat16 or float32")]
 
 
 def _special(fmt):
@@ -151,13 +174,6 @@ def test_square_block_grids_need_sf_layout(rng):
     assert_bytes_equal(cast_back((data, sf), "fp32", (128, 128), sf_layout="col"), np_dequantize(data, logical, "e4m3", (128, 128), "fp32"))
     row = np.ascontiguousarray(logical)
     assert_bytes_equal(cast_back((data, row), "fp32", (128, 128), sf_layout="row"), np_dequantize(data, logical, "e4m3", (128, 128), "fp32"))
-
-
-E4M3 = jnp.float8_e4m3fn
-
-
-def _sds(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 @pytest.mark.parametrize(
@@ -278,11 +294,16 @@ def _data_struct(fmt, tokens, hidden):
     return _sds((tokens, {"e4m3": hidden, "e2m1": hidden // 2, "e5m6": hidden * 3 // 2}[fmt]), E4M3 if fmt == "e4m3" else jnp.uint8)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+# Values per thread unit and units in flight per thread: one 16-byte store per unit (two for fp32 from
+# FP4 / E5M6), fewer units in flight when a unit needs several scales (bk < values per unit).
+UNITS = {("e4m3", "bf16"): (8, 8), ("e4m3", "fp32"): (4, 16), ("e2m1", "bf16"): (8, 16), ("e2m1", "fp32"): (8, 16), ("e5m6", "bf16"): (8, 6), ("e5m6", "fp32"): (8, 6)}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("tokens", [5, 0])
-def test_cast_back_lowers_to_one_launch(config, tokens):
+def test_cast_back_lowers_to_one_launch(case, tokens):
     """Cross-lowers every GPU test configuration for "cuda" (compiling its cubin) and reads it back."""
-    fmt, block, layout, e4m3_sf, hidden, out = config
+    fmt, block, layout, e4m3_sf, hidden, out = _describe(case)
     data, sf = _data_struct(fmt, tokens, hidden), _sf_struct(fmt, block, layout, e4m3_sf, tokens, hidden)
     text = lower_for_cuda(lambda d, s: cast_back((d, s), out, block, _special(fmt), sf_layout=layout), data, sf)
     (call,) = tilek_calls(text)
@@ -292,7 +313,8 @@ def test_cast_back_lowers_to_one_launch(config, tokens):
         assert record["kernels"] == [] and record["zero_fill"] == [2]
         return
     (k,) = record["kernels"]
-    per_unit, _, unroll = unit_plan(fmt, np.dtype(OUT[out]).name, block[1])  # values a thread stores at once
+    per_unit, unroll = UNITS[(fmt, out)]  # values a thread stores at once, units in flight
+    unroll = max(2, unroll // (per_unit // block[1])) if block[1] < per_unit else unroll
     assert k["grid"] == [-(-tokens * hidden // per_unit // (256 * unroll)), 1, 1] and k["block"] == [256, 1, 1]
     assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2] and all(a[2] == 0 for a in k["args"] if a[0] == 0)
     assert [a[2] for a in k["args"] if a[0] != 0] == [tokens]
@@ -325,22 +347,18 @@ def np_round_trip(x, fmt, npc, round_sf=False, use_e4m3_sf=False, columns=None):
     return (q * sf[..., None]).reshape(t, k_b * npc)[:, :h].astype(x.dtype)
 
 
-RT_CONFIGS = [  # (dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns): every GPU configuration
-    (ml_dtypes.bfloat16, "e4m3", 128, False, False, 7168, None),
-    (ml_dtypes.bfloat16, "e4m3", 32, True, False, 4096, None),
-    (np.float32, "e4m3", 64, False, True, 4096, None),
-    (ml_dtypes.bfloat16, "e2m1", 16, False, True, 7168, None),
-    (np.float32, "e2m1", 32, True, False, 7168, None),
-    (ml_dtypes.bfloat16, "e2m1", 128, False, False, 4096, (512, 4608)),
-    (np.float32, "e4m3", 16, False, False, 7168, (1024, 8192)),
-    # partial last group (H % npc != 0)
-    (ml_dtypes.bfloat16, "e4m3", 128, False, False, 576, None),
-    (np.float32, "e2m1", 128, True, False, 192, None),
-    (ml_dtypes.bfloat16, "e2m1", 128, False, True, 576, (64, 640)),
-    (np.float32, "e4m3", 128, False, True, 576, None),
-    (ml_dtypes.bfloat16, "e4m3", 128, True, False, 64, None),
-]
-RT_IDS = [f"{np.dtype(d).name}-{f}-{n}{'-round' if r else ''}{'-e4m3sf' if e else ''}-{h}{'-window' if c else ''}" for d, f, n, r, e, h, c in RT_CONFIGS]
+def _rt_describe(case) -> tuple:
+    """(dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns) of a per_token_cast_and_cast_back case."""
+    (x,) = case.args
+    k = case.kwargs
+    columns = k["columns"]
+    hidden = x.shape[1] if columns is None else columns[1] - columns[0]
+    return np.dtype(x.dtype).type, k["fmt"], k["num_per_channels"], k["round_sf"], k["use_e4m3_sf"], hidden, columns
+
+
+# Every configuration the GPU tests run (not the int64-index ones, "wide_", nor the benchmarks' sizes).
+RT_CASES = [c for c in per_token_cast_and_cast_back.cases if not c.bench]
+RT_IDS = [c.name for c in RT_CASES]
 
 
 def _rt_input(rng, tokens, dtype, hidden, columns, fmt, use_e4m3_sf):
@@ -390,10 +408,10 @@ def test_round_trip_bad_inputs_raise_at_trace_time(shape, dtype, kwargs, message
         jax.eval_shape(lambda x: per_token_cast_and_cast_back(x, **kwargs), _sds(shape, dtype))
 
 
-@pytest.mark.parametrize("config", RT_CONFIGS, ids=RT_IDS)
+@pytest.mark.parametrize("case", RT_CASES, ids=RT_IDS)
 @pytest.mark.parametrize("tokens", [5, 0])
-def test_round_trip_lowers_to_one_launch(config, tokens):
-    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = config
+def test_round_trip_lowers_to_one_launch(case, tokens):
+    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = _rt_describe(case)
     width = hidden if columns is None else columns[1] + 512
     text = lower_for_cuda(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns), _sds((tokens, width), dtype))
     (call,) = tilek_calls(text)
@@ -467,36 +485,35 @@ def test_unpack_from_e2m1fn_x2(rng):
 # GPU
 
 
-# 4001 tokens (not a multiple of any block) for a subset that covers every format, block shape and layout
-BIG = {0, 2, 4, 5, 8, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26}
-GPU_CASES = [(c, i, 5) for i, c in enumerate(CONFIGS)] + [(c, i, 4001) for i, c in enumerate(CONFIGS) if i in BIG]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("config,index,tokens", GPU_CASES, ids=[f"{CONFIG_IDS[i]}-{t}" for _, i, t in GPU_CASES])
-def test_cast_back_kernel_is_bit_exact(on_gpu, rng, config, index, tokens):
-    fmt, block, layout, e4m3_sf, hidden, out = config
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("tokens", [5, 4001])  # 4001: not a multiple of any block
+def test_cast_back_kernel_is_bit_exact(on_gpu, rng, case, tokens):
+    fmt, block, layout, e4m3_sf, hidden, out = _describe(case)
     x, data, sf, logical = quantized(rng, tokens, hidden, fmt, block, layout, e4m3_sf)
     y = on_gpu(lambda d, s: cast_back((d, s), out, block, _special(fmt), sf_layout=layout, impl="tilelang"), data, sf)
     assert_bytes_equal(y, np_dequantize(data, logical, fmt, block, out))
     assert calc_diff(np.asarray(y[:512], np.float32), x[:512]) < TOLERANCE[fmt]
 
 
+ONE_AND_ZERO = [c for c in CONFIG_CASES if c.name.split("_8x")[0] in ("e4m3_1x128_row", "e2m1_1x16_row_e4m3sf", "e5m6_1x7168_row")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[12], CONFIGS[15]], ids=[CONFIG_IDS[0], CONFIG_IDS[12], CONFIG_IDS[15]])
+@pytest.mark.parametrize("case", ONE_AND_ZERO, ids=lambda c: c.name)
 @pytest.mark.parametrize("tokens", [1, 0])
-def test_cast_back_kernel_one_and_zero_tokens(on_gpu, rng, config, tokens):
-    fmt, block, layout, e4m3_sf, hidden, out = config
+def test_cast_back_kernel_one_and_zero_tokens(on_gpu, rng, case, tokens):
+    fmt, block, layout, e4m3_sf, hidden, out = _describe(case)
     _, data, sf, logical = quantized(rng, tokens, hidden, fmt, block, layout, e4m3_sf)
     y = on_gpu(lambda d, s: cast_back((d, s), out, block, _special(fmt), sf_layout=layout, impl="tilelang"), data, sf)
     assert_bytes_equal(y, np_dequantize(data, logical, fmt, block, out))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", RT_CONFIGS, ids=RT_IDS)
+@pytest.mark.parametrize("case", RT_CASES, ids=RT_IDS)
 @pytest.mark.parametrize("tokens", [1, 4001])
-def test_round_trip_kernel_is_bit_exact(on_gpu, rng, config, tokens):
-    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = config
+def test_round_trip_kernel_is_bit_exact(on_gpu, rng, case, tokens):
+    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = _rt_describe(case)
     x = _rt_input(rng, tokens, dtype, hidden, columns, fmt, use_e4m3_sf)
     y = on_gpu(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns, impl="tilelang"), x)
     assert_bytes_equal(y, np_round_trip(x, fmt, npc, round_sf, use_e4m3_sf, columns))
@@ -506,7 +523,7 @@ def test_round_trip_kernel_is_bit_exact(on_gpu, rng, config, tokens):
 
 @pytest.mark.gpu
 def test_round_trip_kernel_zero_tokens(on_gpu):
-    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = RT_CONFIGS[0]
+    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = _rt_describe(RT_CASES[0])
     y = on_gpu(lambda x: per_token_cast_and_cast_back(x, fmt, npc, round_sf, use_e4m3_sf, columns, impl="tilelang"), np.zeros((0, hidden), dtype))
     assert y.shape == (0, hidden) and y.dtype == dtype
 
@@ -515,28 +532,26 @@ def test_round_trip_kernel_zero_tokens(on_gpu):
 # GPU: sizes past int32 indices (rows built on the device from a small random block with a prime period,
 # so that a row index off by 2^k would read different data).
 
-cb_module = importlib.import_module("jax_tilek.quant.cast_back")  # the module (jax_tilek.quant.cast_back is the function)
-WIDE_CONFIGS = [CONFIGS[i] for i in (19, 24, 25, 6)]
+WIDE_CASES = [c for c in cast_back.cases if c.config.get("wide")]
+RT_WIDE_CASES = [c for c in per_token_cast_and_cast_back.cases if c.config.get("wide")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", WIDE_CONFIGS, ids=[CONFIG_IDS[i] for i in (19, 24, 25, 6)])
-def test_cast_back_kernel_with_64_bit_indices(on_gpu, rng, config):
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: c.name)
+def test_cast_back_kernel_with_64_bit_indices(on_gpu, rng, case):
     """The int64-index kernel (chosen past 2^31 units) on ordinary inputs: bit-exact too."""
-    fmt, block, layout, e4m3_sf, hidden, out = config
+    fmt, block, layout, e4m3_sf, hidden, out = _describe(case)
     _, data, sf, logical = quantized(rng, 4001, hidden, fmt, block, layout, e4m3_sf)
-    static = dict(fmt=out, x_block_size=block, x_special_fmt=_special(fmt), sf_layout=layout, name="cast_back", force_wide=True)
-    y = on_gpu(lambda d, s: cb_module._cast_back_op(d, s, impl="tilelang", **static), data, sf)
+    y = on_gpu(lambda d, s: case.call(cast_back, "tilelang")((d, s)), data, sf)
     assert_bytes_equal(y, np_dequantize(data, logical, fmt, block, out))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [RT_CONFIGS[i] for i in (0, 8, 9)], ids=[RT_IDS[i] for i in (0, 8, 9)])
-def test_round_trip_kernel_with_64_bit_indices(on_gpu, rng, config):
-    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = config
+@pytest.mark.parametrize("case", RT_WIDE_CASES, ids=lambda c: c.name)
+def test_round_trip_kernel_with_64_bit_indices(on_gpu, rng, case):
+    dtype, fmt, npc, round_sf, use_e4m3_sf, hidden, columns = _rt_describe(case)
     x = _rt_input(rng, 4001, dtype, hidden, columns, fmt, use_e4m3_sf)
-    static = dict(fmt=fmt, num_per_channels=npc, round_sf=round_sf, use_e4m3_sf=use_e4m3_sf, columns=columns, force_wide=True)
-    y = on_gpu(lambda x: cb_module._round_trip_op(x, impl="tilelang", **static), x)
+    y = on_gpu(case.call(per_token_cast_and_cast_back, "tilelang"), x)
     assert_bytes_equal(y, np_round_trip(x, fmt, npc, round_sf, use_e4m3_sf, columns))
 
 

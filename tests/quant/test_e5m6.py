@@ -7,16 +7,34 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jax_tilek.quant import cast_back, per_token_cast_to_e5m6
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.cast_back import cast_back
-from jax_tilek.quant.e5m6 import per_token_cast_to_e5m6
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff
 
 # min subnormal, max subnormal, min normal (TileKernels' generate_e5m6_inputs), each row ending in 65024
 SPECIAL_VALUES = (2.0**-20, 2.0**-14 * 63 / 64, 2.0**-14)
 LAYOUTS = {"row": (False, False, False), "col": (True, False, False), "col_round": (True, False, True), "col_ue8m0": (True, True, True), "row_round": (False, False, True)}
+
+
+def _row_wise(case) -> bool:
+    return not case.kwargs["use_tma_aligned_col_major_sf"]
+
+
+class TestPerTokenCastToE5M6(OpContract):
+    """Row-major scales: row-wise (vmap folds into the tokens, which shard)."""
+
+    fn = per_token_cast_to_e5m6
+    cases = [c for c in per_token_cast_to_e5m6.cases if _row_wise(c)]
+    rows = True
+    bad_inputs = [((jax.ShapeDtypeStruct((4, 96), jnp.float32),), dict(num_per_channels=96), ValueError, "positive multiple of 64")]
+
+
+class TestPerTokenCastToE5M6ColumnMajor(OpContract):
+    """Column-major scales are one row for all tokens: not row-wise (vmap maps a loop)."""
+
+    fn = per_token_cast_to_e5m6
+    cases = [c for c in per_token_cast_to_e5m6.cases if not _row_wise(c)]
 
 
 def inputs(rng, tokens, hidden, dtype, special=None):
@@ -122,14 +140,16 @@ def test_bad_inputs_raise_at_trace_time(shape, dtype, kwargs, message):
         jax.eval_shape(lambda x: per_token_cast_to_e5m6(x, **kwargs), jax.ShapeDtypeStruct(shape, dtype))
 
 
-# (dtype, hidden, layout): every configuration the GPU tests run.
-CONFIGS = [
-    (ml_dtypes.bfloat16, 7168, "row"),
-    (np.float32, 4096, "col"),
-    (ml_dtypes.bfloat16, 4096, "col_ue8m0"),
-    (np.float32, 7168, "row_round"),
-]
-IDS = [f"{np.dtype(d).name}-{h}-{l}" for d, h, l in CONFIGS]
+def _describe(case) -> tuple:
+    """(dtype, hidden, layout) of a case, the layout as a key of LAYOUTS."""
+    (x,) = case.args
+    flags = (case.kwargs["use_tma_aligned_col_major_sf"], case.kwargs["use_packed_ue8m0"], case.kwargs["round_sf"])
+    return np.dtype(x.dtype).type, x.shape[1], next(name for name, f in LAYOUTS.items() if f == flags)
+
+
+# Every configuration the GPU tests run (not the benchmark's size).
+CONFIGS = [c for c in per_token_cast_to_e5m6.cases if not c.bench]
+IDS = [c.name for c in CONFIGS]
 # cast_back configurations: cast_back's own tests compile and run these (E5M6 data, per-row blocks)
 BACK = {"row": ("row", "bf16"), "col": ("col", "fp32"), "col_ue8m0": ("col_ue8m0", "fp32"), "row_round": ("row", "bf16")}
 
@@ -137,7 +157,7 @@ BACK = {"row": ("row", "bf16"), "col": ("col", "fp32"), "col_ue8m0": ("col_ue8m0
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("tokens", [5, 0])
 def test_lowers_to_one_launch(config, tokens):
-    dtype, hidden, layout = config
+    dtype, hidden, layout = _describe(config)
     text = lower_for_cuda(lambda x: cast(x, layout), jax.ShapeDtypeStruct((tokens, hidden), dtype))
     (call,) = tilek_calls(text)
     assert call["name"] == "per_token_cast_to_e5m6" and call["has_cubin"]
@@ -165,7 +185,7 @@ GPU_IDS = ["1", "5", "4001", "0"] + [f"5-{i}" for i in SPECIAL_IDS]
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("tokens,special", GPU_CASES, ids=GPU_IDS)
 def test_kernel_is_bit_exact(on_gpu, rng, config, tokens, special):
-    dtype, hidden, layout = config
+    dtype, hidden, layout = _describe(config)
     x = inputs(rng, tokens, hidden, dtype, special)
     data, sf = on_gpu(lambda x: cast(x, layout, impl="tilelang"), x)
     expected_data, expected_sf = np_cast_to_e5m6(x, LAYOUTS[layout][2])
@@ -178,7 +198,7 @@ def test_kernel_is_bit_exact(on_gpu, rng, config, tokens, special):
 @pytest.mark.parametrize("tokens,special", [(4001, None)] + [(129, v) for v in SPECIAL_VALUES], ids=["4001"] + [f"129-{i}" for i in SPECIAL_IDS])
 def test_kernel_round_trip(on_gpu, rng, config, tokens, special):
     """Cast and cast back, both on the GPU: the error bounds TileKernels tests, and bit-exactness."""
-    dtype, hidden, layout = config
+    dtype, hidden, layout = _describe(config)
     sf_layout, out = BACK[layout]
     x = inputs(rng, tokens, hidden, dtype, special)
 

@@ -1,6 +1,5 @@
 """per_block_cast (+ sf-only, + precomputed sf): numpy reference, rules, lowering, the GPU kernel."""
 
-import importlib
 import re
 
 import jax
@@ -10,11 +9,8 @@ import numpy as np
 import pytest
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.per_block_cast import per_block_cast, per_block_cast_with_precomputed_sf, per_block_cast_with_sf_only, tile_shape
-
-P = importlib.import_module("jax_tilek.quant.per_block_cast")  # module, not the function `per_block_cast`
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.quant import per_block_cast, per_block_cast_kernel, per_block_cast_with_precomputed_sf, per_block_cast_with_sf_only
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff, check_bias, np_load_sf, np_store_sf, rand_float
 
 BF16, FP32 = ml_dtypes.bfloat16, np.float32
@@ -29,6 +25,9 @@ MAX = {"e4m3": np.float32(448), "e2m1": np.float32(6)}
 FLOOR = {"e4m3": np.float32(1e-4), "e2m1": np.float32(6 * 2.0**-126)}
 
 
+def tile_shape(block) -> tuple[int, int]:
+    """A CTA's tile: bm x max(bk, 8192 / bm) elements (TileKernels' tiling)."""
+    return block[0], max(block[1], 8192 // block[0])
 
 def _flags(sf: str) -> dict:
     col, round_sf, packed = SF_FLAGS[sf]
@@ -241,7 +240,7 @@ def test_kernel_extents_are_64_bit_when_wide():
         for wide in (False, True):
             params = dict(in_dtype="float32", fmt="e4m3", bm=32, bk=128, layout="col_ue8m0", round_sf=True, mode="cast")
             params.update({"fold": True} if fold else {}, **({"wide": True} if wide else {}))
-            source = P.per_block_cast_kernel.artifact(params, "sm_90a").source
+            source = per_block_cast_kernel.artifact(params, "sm_90a").source
             signature = re.search(r'extern "C" __global__ void __launch_bounds__[^{]*', source).group(0)
             i = "int64_t" if wide else "int"
             assert signature.endswith(f"{i} m_bytes, {i} num_tokens, {i} x_words) "), signature
@@ -260,41 +259,57 @@ def test_kernel_extents_are_64_bit_when_wide():
 )
 def test_extents_are_32_bit_unless_the_shape_needs_64(shape, dtype, block, wide):
     """Ordinary shapes keep the 32-bit index arithmetic (the fast code); 64-bit extents only for
-    shapes where an index could pass 2^31."""
+    shapes where an index could pass 2^31 (whatever the scale layout)."""
     x = jax.ShapeDtypeStruct(shape, dtype)
-    assert P._wide(x, block) == wide
-    (call,) = tilek_calls(lower_for_cuda(lambda x: per_block_cast(x, "e4m3", block, **_flags("col_ue8m0")), x))
-    (k,) = decode_record(call["launch"])["kernels"]
-    assert {a[1] for a in k["args"] if a[0] == 2} == {8 if wide else 4}
-    assert P._params(x, "e4m3", block, "row", True, "cast", None).get("wide", False) == wide
+    for sf in ("col_ue8m0", "row_round"):
+        (call,) = tilek_calls(lower_for_cuda(lambda x: per_block_cast(x, "e4m3", block, **_flags(sf)), x))
+        (k,) = decode_record(call["launch"])["kernels"]
+        assert {a[1] for a in k["args"] if a[0] == 2} == {8 if wide else 4}
 
 
 # ---------------------------------------------------------------------------------------------
-# The configurations the GPU runs: (dtype, fmt, block, sf layout) for the cast; sf-only and
-# precomputed-sf variants. Each is one cubin (token count and hidden size are runtime values).
+# The op contract over the named calls. Not row-wise: a block spans bm tokens.
 
-GPU_CAST = [
-    (dtype, fmt, block, sf)
-    for dtype in (BF16, FP32)
-    for fmt in ("e4m3", "e2m1")
-    for block in ((32, 32), (128, 128))
-    for sf in ("row_round", "col_ue8m0")
-] + [
-    (BF16, "e4m3", (32, 128), "row"),
-    (BF16, "e2m1", (128, 32), "col"),
-    (FP32, "e2m1", (32, 128), "col"),
-    (FP32, "e4m3", (128, 32), "row"),
-]
-GPU_SF_ONLY = [(BF16, "e4m3", (128, 128), "col_ue8m0"), (FP32, "e2m1", (32, 32), "col")]
-GPU_WITH_SF = [(BF16, "e4m3", (128, 128)), (FP32, "e2m1", (32, 32))]
+
+def _sf_name(case) -> str:
+    if case.args[1:]:
+        return "row"
+    flags = tuple(case.kwargs.get(k, False) for k in ("use_tma_aligned_col_major_sf", "round_sf", "use_packed_ue8m0"))
+    return next(name for name, f in SF_FLAGS.items() if f == flags)
+
+
+def _config(case) -> tuple:
+    """(dtype, fmt, block, sf layout) of a named call."""
+    x, fmt, block = case.args[:3] if case.args[1:] else (case.args[0], case.kwargs["fmt"], case.kwargs["block_size"])
+    return np.dtype(x.dtype), fmt, tuple(block), _sf_name(case)
+
+
+class TestPerBlockCast(OpContract):
+    fn = per_block_cast
+    bad_inputs = [((jax.ShapeDtypeStruct((4, 96), jnp.float32),), dict(fmt="e4m3", block_size=(32, 32)), ValueError, "must be a multiple of 64")]
+
+
+class TestPerBlockCastWithSfOnly(OpContract):
+    fn = per_block_cast_with_sf_only
+
+
+class TestPerBlockCastWithPrecomputedSf(OpContract):
+    fn = per_block_cast_with_precomputed_sf
+
+
+# ---------------------------------------------------------------------------------------------
+# The configurations the GPU runs: (dtype, fmt, block, sf layout) of the named calls, each one
+# cubin (token count and hidden size are runtime values); the flat grid forced ("_flat").
+
+def _named(fn, flat: bool = False) -> list:
+    return [c for c in fn.cases if c.name.startswith(("small_", "gpu_")) and c.args[0].shape == (131, 576) and bool(c.config) == flat]
+
+
+GPU_CAST, GPU_SF_ONLY, GPU_WITH_SF = _named(per_block_cast), _named(per_block_cast_with_sf_only), _named(per_block_cast_with_precomputed_sf)
+GPU_FOLD = _named(per_block_cast, flat=True)
 # Token counts: 0, 1, not a multiple of the block, many; hidden sizes: 576 (a partial 128-column
 # block) and DeepSeek's 4096 / 7168.
 GPU_SHAPES = [(0, 7168), (1, 576), (131, 7168), (300, 576), (4001, 4096)]
-
-
-def _cfg_id(cfg):
-    dtype, fmt, block = cfg[:3]
-    return "-".join([np.dtype(dtype).name, fmt, f"{block[0]}x{block[1]}", *cfg[3:]])
 
 
 def _check_launch(text, shape, block, nbuffers):
@@ -313,9 +328,9 @@ def _check_launch(text, shape, block, nbuffers):
     return record
 
 
-@pytest.mark.parametrize("cfg", GPU_CAST, ids=_cfg_id)
-def test_cast_lowers_to_one_launch(cfg):
-    dtype, fmt, block, sf = cfg
+@pytest.mark.parametrize("case", GPU_CAST, ids=lambda c: c.name)
+def test_cast_lowers_to_one_launch(case):
+    dtype, fmt, block, sf = _config(case)
     for shape in [(131, 576), (0, 4096)]:
         text = lower_for_cuda(lambda x: per_block_cast(x, fmt, block, **_flags(sf)), jax.ShapeDtypeStruct(shape, dtype))
         record = _check_launch(text, shape, block, 3)
@@ -323,16 +338,16 @@ def test_cast_lowers_to_one_launch(cfg):
             assert record["kernels"] == [] and record["zero_fill"] == [1, 2]
 
 
-@pytest.mark.parametrize("cfg", GPU_SF_ONLY, ids=_cfg_id)
-def test_sf_only_lowers_to_one_launch(cfg):
-    dtype, fmt, block, sf = cfg
+@pytest.mark.parametrize("case", GPU_SF_ONLY, ids=lambda c: c.name)
+def test_sf_only_lowers_to_one_launch(case):
+    dtype, fmt, block, sf = _config(case)
     text = lower_for_cuda(lambda x: per_block_cast_with_sf_only(x, fmt, block, **_flags(sf)), jax.ShapeDtypeStruct((131, 576), dtype))
     _check_launch(text, (131, 576), block, 2)
 
 
-@pytest.mark.parametrize("cfg", GPU_WITH_SF, ids=_cfg_id)
-def test_with_sf_lowers_to_one_launch(cfg):
-    dtype, fmt, block = cfg
+@pytest.mark.parametrize("case", GPU_WITH_SF, ids=lambda c: c.name)
+def test_with_sf_lowers_to_one_launch(case):
+    dtype, fmt, block, _ = _config(case)
     shape = (131, 576)
     sf = jax.ShapeDtypeStruct(F.num_blocks(shape, block), jnp.float32)
     text = lower_for_cuda(lambda x, s: per_block_cast_with_precomputed_sf(x, fmt, block, s), jax.ShapeDtypeStruct(shape, dtype), sf)
@@ -344,9 +359,9 @@ def test_with_sf_lowers_to_one_launch(cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", GPU_CAST, ids=_cfg_id)
-def test_kernel_is_bit_exact(on_gpu, rng, cfg):
-    dtype, fmt, block, sf = cfg
+@pytest.mark.parametrize("case", GPU_CAST, ids=lambda c: c.name)
+def test_kernel_is_bit_exact(on_gpu, rng, case):
+    dtype, fmt, block, sf = _config(case)
     inputs = [_input(rng, shape, dtype) for shape in GPU_SHAPES]
     outs = on_gpu(lambda *xs: [per_block_cast(x, fmt, block, **_flags(sf), impl="tilelang") for x in xs], *inputs)
     for x, (data, scales) in zip(inputs, outs):
@@ -359,9 +374,9 @@ def test_kernel_is_bit_exact(on_gpu, rng, cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", GPU_SF_ONLY, ids=_cfg_id)
-def test_sf_only_kernel(on_gpu, rng, cfg):
-    dtype, fmt, block, sf = cfg
+@pytest.mark.parametrize("case", GPU_SF_ONLY, ids=lambda c: c.name)
+def test_sf_only_kernel(on_gpu, rng, case):
+    dtype, fmt, block, sf = _config(case)
     inputs = [_input(rng, shape, dtype) for shape in GPU_SHAPES]
     outs = on_gpu(lambda *xs: [per_block_cast_with_sf_only(x, fmt, block, **_flags(sf), impl="tilelang") for x in xs], *inputs)
     for x, scales in zip(inputs, outs):
@@ -369,9 +384,9 @@ def test_sf_only_kernel(on_gpu, rng, cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", GPU_WITH_SF, ids=_cfg_id)
-def test_precomputed_sf_kernel(on_gpu, rng, cfg):
-    dtype, fmt, block = cfg
+@pytest.mark.parametrize("case", GPU_WITH_SF, ids=lambda c: c.name)
+def test_precomputed_sf_kernel(on_gpu, rng, case):
+    dtype, fmt, block, _ = _config(case)
     inputs = []
     for shape in GPU_SHAPES:
         x = _input(rng, shape, dtype)
@@ -385,42 +400,36 @@ def test_precomputed_sf_kernel(on_gpu, rng, cfg):
         assert_bytes_equal(data, np_encode(x.astype(np.float32) * _expand(inv, block, x.shape), fmt))
 
 
-# The flat grid (``fold``), forced on the shapes above, and chosen for a token count beyond grid y.
-GPU_FOLD = [(BF16, "e4m3", (32, 32), "col_ue8m0"), (FP32, "e2m1", (128, 128), "col"), (BF16, "e2m1", (32, 128), "row")]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", GPU_FOLD, ids=_cfg_id)
-def test_flat_grid_kernel_is_bit_exact(on_gpu, rng, cfg):
-    dtype, fmt, block, sf = cfg
-    layout = F.sf_layout(*SF_FLAGS[sf][::2], SF_FLAGS[sf][1])
+@pytest.mark.parametrize("case", GPU_FOLD, ids=lambda c: c.name)
+def test_flat_grid_kernel_is_bit_exact(on_gpu, rng, case):
+    """The flat grid (``fold``) forced on the usual shapes, for the three functions."""
+    dtype, fmt, block, sf = _config(case)
     inputs = [_input(rng, shape, dtype) for shape in GPU_SHAPES]
     given = [np.exp2(rng.uniform(-30, 10, size=F.num_blocks(x.shape, block))).astype(np.float32) for x in inputs]
-    statics = dict(fmt=fmt, block_size=block, fold=True, impl="tilelang")
+    cast, sf_only, with_sf = (fn.with_config(fold=True) for fn in (per_block_cast, per_block_cast_with_sf_only, per_block_cast_with_precomputed_sf))
 
     def program(xs, given):
         return [
-            (
-                P._per_block_cast_op(x, layout=layout, round_sf=SF_FLAGS[sf][1], **statics),
-                P._sf_only_op(x, layout=layout, round_sf=SF_FLAGS[sf][1], **statics),
-                P._with_sf_op(x, s, **statics),
-            )
+            (cast(x, fmt, block, **_flags(sf), impl="tilelang"), sf_only(x, fmt, block, **_flags(sf), impl="tilelang"),
+             with_sf(x, fmt, block, s, impl="tilelang"))
             for x, s in zip(xs, given)
-        ]
+        ]  # fmt: skip
 
-    for x, s, ((data, scales), sf_only, with_sf) in zip(inputs, given, on_gpu(program, inputs, given)):
+    for x, s, ((data, scales), sf_only_scales, with_sf_data) in zip(inputs, given, on_gpu(program, inputs, given)):
         expected_data, expected_sf = np_per_block_cast(x, fmt, block, sf)
         assert_bytes_equal(data, expected_data)
         assert_bytes_equal(scales, expected_sf)
-        assert_bytes_equal(sf_only, expected_sf)
+        assert_bytes_equal(sf_only_scales, expected_sf)
         inv = (np.float32(1) / s).astype(np.float32)
-        assert_bytes_equal(with_sf, np_encode(x.astype(np.float32) * _expand(inv, block, x.shape), fmt))
+        assert_bytes_equal(with_sf_data, np_encode(x.astype(np.float32) * _expand(inv, block, x.shape), fmt))
 
 
 @pytest.mark.gpu
 def test_kernel_beyond_grid_y_is_bit_exact(on_gpu, rng):
-    x = _input(rng, (65535 * 32 + 33, 64), BF16)  # 65,537 token tiles of 32
-    data, scales = on_gpu(lambda x: per_block_cast(x, "e4m3", (32, 32), **_flags("col_ue8m0"), impl="tilelang"), x)
+    (case,) = [c for c in per_block_cast.cases if c.args[0].shape == (65535 * 32 + 33, 64)]  # 65,537 token tiles of 32
+    x = _input(rng, case.args[0].shape, BF16)
+    data, scales = on_gpu(case.call(per_block_cast, "tilelang"), x)
     expected_data, expected_sf = np_per_block_cast(x, "e4m3", (32, 32), "col_ue8m0")
     assert_bytes_equal(scales, expected_sf)
     assert_bytes_equal(data, expected_data)

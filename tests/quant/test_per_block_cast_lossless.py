@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.per_block_cast_lossless import _lossless_op, _wide, per_block_cast_lossless, tile_plan
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.quant import per_block_cast_lossless
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, np_store_sf
 
 LAYOUT_FLAGS = {"row": (False, False), "col": (True, False), "col_ue8m0": (True, True)}  # (col-major, packed)
 
+
+def tile_shape(x_block, out_block) -> tuple[int, int]:
+    """A CTA's tile: max(bm_out, 32) x max(bk_out, 16384 / tm) elements."""
+    tm = max(out_block[0], 32)
+    return tm, max(out_block[1], 16384 // tm)
 
 
 def _flags(layout):
@@ -219,8 +223,8 @@ LARGE = [
 
 @pytest.mark.parametrize("t,h,x_block,out_block,in_layout,out_layout", LARGE, ids=lambda v: str(v))
 def test_large_token_counts_take_a_flat_grid(t, h, x_block, out_block, in_layout, out_layout):
-    plan = tile_plan(x_block, out_block)
-    m_tiles, k_tiles = -(-t // plan["tm"]), -(-h // plan["tk"])
+    tm, tk = tile_shape(x_block, out_block)
+    m_tiles, k_tiles = -(-t // tm), -(-h // tk)
     in_sf = F.sf_storage_shape(in_layout, F.num_blocks((t, h), x_block))
     text = lower_for_cuda(
         lambda d, s: per_block_cast_lossless((d, s), "e4m3", x_block, out_block, **_flags(out_layout), x_sf_layout=in_layout),
@@ -229,8 +233,7 @@ def test_large_token_counts_take_a_flat_grid(t, h, x_block, out_block, in_layout
     (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
     assert m_tiles > 65535 and k["grid"] == [m_tiles * k_tiles, 1, 1]
     assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2, 3]
-    wide = (m_tiles + 1) * plan["tm"] * (k_tiles + 1) * plan["tk"] * 4 >= 2**31  # the launch's rule
-    assert _wide(jax.ShapeDtypeStruct((t, h // 2), jnp.uint8), x_block, out_block) == wide
+    wide = (m_tiles + 1) * tm * (k_tiles + 1) * tk * 4 >= 2**31  # the launch's rule
     assert all(a[1] == (8 if wide else 4) for a in k["args"] if a[0] == 2)  # 64-bit extents only when needed
 
 
@@ -257,24 +260,33 @@ def test_uint8_data_is_required():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU configurations (each one cubin) and their lowering.
+# The op contract over the named calls (not row-wise: blocks span tokens); the GPU configurations
+# (each one cubin) are its calls on [131, 2080].
 
-GPU_CONFIGS = [
-    ((1, 32), out_block, in_layout, out_layout)
-    for out_block in ((1, 128), (32, 32), (128, 128))
-    for in_layout in ("row", "col_ue8m0")
-    for out_layout in ("row", "col_ue8m0")
-] + [((32, 32), (128, 128), "col", "col"), ((1, 32), (1, 128), "col", "col")]
+
+class TestPerBlockCastLossless(OpContract):
+    fn = per_block_cast_lossless
+    bad_inputs = [
+        (((jax.ShapeDtypeStruct((4, 40), jnp.uint8), jax.ShapeDtypeStruct((4, 3), jnp.float32)),),
+         dict(fmt="e4m3", x_block_size=(1, 32), out_block_size=(1, 128)), ValueError, r"hidden size \(80\) must be a multiple of 32"),
+    ]  # fmt: skip
+
+
+def _cfg(case) -> tuple:
+    """(x_block, out_block, input sf layout, output sf layout) of a named call."""
+    kw = case.kwargs
+    out_layout = next(k for k, v in LAYOUT_FLAGS.items() if v == (kw["use_tma_aligned_col_major_sf"], kw["use_packed_ue8m0"]))
+    return tuple(kw["x_block_size"]), tuple(kw["out_block_size"]), kw["x_sf_layout"], out_layout
+
+
+GPU_CONFIGS = [c for c in per_block_cast_lossless.cases if c.name.endswith("_131x2080") and not c.config]
+GPU_FOLD = [c for c in per_block_cast_lossless.cases if c.name.endswith("_131x2080") and c.config]
 GPU_SHAPES = [(0, 7168), (1, 576), (131, 7168), (300, 2080), (4001, 4096)]
 
 
-def _cfg_id(cfg):
-    return f"{_pair_id(cfg[:2])}-{cfg[2]}-{cfg[3]}"
-
-
-@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=_cfg_id)
-def test_lowers_to_one_launch(cfg):
-    x_block, out_block, in_layout, out_layout = cfg
+@pytest.mark.parametrize("case", GPU_CONFIGS, ids=lambda c: c.name)
+def test_lowers_to_one_launch(case):
+    x_block, out_block, in_layout, out_layout = _cfg(case)
     for t, h in [(131, 2080), (0, 256)]:
         in_sf = F.sf_storage_shape(in_layout, F.num_blocks((t, h), x_block))
         text = lower_for_cuda(
@@ -289,15 +301,15 @@ def test_lowers_to_one_launch(cfg):
             assert record["kernels"] == [] and record["zero_fill"] == [2, 3]
             continue
         (k,) = record["kernels"]
-        plan = tile_plan(x_block, out_block)
-        assert k["grid"] == [-(-h // plan["tk"]), -(-t // plan["tm"]), 1] and k["block"] == [256, 1, 1]
+        tm, tk = tile_shape(x_block, out_block)
+        assert k["grid"] == [-(-h // tk), -(-t // tm), 1] and k["block"] == [256, 1, 1]
         assert sorted(a[1] for a in k["args"] if a[0] == 0) == [0, 1, 2, 3]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=_cfg_id)
-def test_kernel_is_exact(on_gpu, rng, cfg):
-    x_block, out_block, in_layout, out_layout = cfg
+@pytest.mark.parametrize("case", GPU_CONFIGS, ids=lambda c: c.name)
+def test_kernel_is_exact(on_gpu, rng, case):
+    x_block, out_block, in_layout, out_layout = _cfg(case)
     cases = [fp4_input(rng, shape, x_block, in_layout) for shape in GPU_SHAPES]
     if x_block == (1, 32) and in_layout == "row":
         bad_data, bad_sf = violating_input(rng, (33, 1024))
@@ -316,25 +328,23 @@ def test_kernel_is_exact(on_gpu, rng, cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [GPU_CONFIGS[2], GPU_CONFIGS[-2]], ids=_cfg_id)
-def test_flat_grid_kernel_is_exact(on_gpu, rng, cfg):
+@pytest.mark.parametrize("case", GPU_FOLD, ids=lambda c: c.name)
+def test_flat_grid_kernel_is_exact(on_gpu, rng, case):
     """The flat grid (``fold``) forced on the usual shapes."""
-    x_block, out_block, in_layout, out_layout = cfg
-    layout = F.sf_layout(*LAYOUT_FLAGS[out_layout], round_sf=True)
+    x_block, out_block, in_layout, out_layout = _cfg(case)
     cases = [fp4_input(rng, shape, x_block, in_layout) for shape in GPU_SHAPES]
     args = [a for data, sf, _ in cases for a in (data, sf)]
-    statics = dict(x_block=x_block, out_block=out_block, in_layout=in_layout, layout=layout, fold=True, impl="tilelang")
-    outs = on_gpu(lambda *a: [_lossless_op(d, s, **statics) for d, s in zip(a[::2], a[1::2])], *args)
+    call = case.call(per_block_cast_lossless, "tilelang")
+    outs = on_gpu(lambda *a: [call((d, s)) for d, s in zip(a[::2], a[1::2])], *args)
     for (data, _, logical), result in zip(cases, outs):
         _check_result(data, logical, x_block, out_block, out_layout, result)
 
 
 @pytest.mark.gpu
 def test_kernel_beyond_grid_y_is_exact(on_gpu, rng):
-    t, h, x_block, out_block, in_layout, out_layout = LARGE[0]
-    data, sf, logical = fp4_input(rng, (t + 31, h), x_block, in_layout)  # 65,537 token tiles of 32
-    result = on_gpu(
-        lambda d, s: per_block_cast_lossless((d, s), "e4m3", x_block, out_block, **_flags(out_layout), x_sf_layout=in_layout, impl="tilelang"),
-        data, sf,
-    )  # fmt: skip
+    (case,) = [c for c in per_block_cast_lossless.cases if c.name.endswith("_2097152x32")]  # 65,537 token tiles of 32
+    x_block, out_block, in_layout, out_layout = _cfg(case)
+    t, h = case.args[0][0].shape[0], case.args[0][0].shape[1] * 2
+    data, sf, logical = fp4_input(rng, (t, h), x_block, in_layout)
+    result = on_gpu(lambda d, s: case.call(per_block_cast_lossless, "tilelang")((d, s)), data, sf)
     _check_result(data, logical, x_block, out_block, out_layout, result)

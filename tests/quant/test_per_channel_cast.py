@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.per_channel_cast import (
-    _per_channel_cast_op,
-    per_channel_cast,
-    per_channel_cast_and_transpose,
-    per_channel_cast_fused,
-)
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.quant import per_channel_cast, per_channel_cast_and_transpose, per_channel_cast_fused, per_channel_cast_kernel
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff, check_bias
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -313,41 +307,58 @@ def test_impl_tilelang_refuses_to_run_off_gpu():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU configurations: each is cross-lowered on CPU (compiling its cubin) and run on the GPU.
+# The op contract over the named calls (not row-wise: a scale spans npt tokens).
 
-# per_channel_cast, bf16: (T, H, npt, round_sf, use_packed_ue8m0). H picks the tile width
-# (256 | H: 256; else 128 | H: 128; else 64); T = 0 and the smallest T = 128 included.
-CAST = [
-    (128, 7168, 128, False, False),
-    (4096, 4096, 128, True, False),
-    (256, 1152, 32, False, False),
-    (384, 576, 32, True, False),
-    (384, 7168, 128, True, True),  # 3 blocks: the last packed word has an unused byte
-    (256, 1152, 32, True, True),
-    (0, 4096, 128, False, False),
-]
-# per_channel_cast, QuantTensor input: (T, H, npt, npc, input sf layout, round_sf, use_packed_ue8m0).
-QUANT = [
-    (256, 7168, 128, 128, "row", False, False),
-    (384, 4096, 32, 32, "col", True, False),
-    (512, 1152, 128, 32, "col_ue8m0", True, True),
-]
-# per_channel_cast_fused: (T_in, H, T_out (None: no gather), cast-back input, round_sf).
-FUSED = [
-    (200, 7168, 272, False, False),
-    (128, 4096, 48, True, True),
-    (256, 2560, None, True, False),
-    (0, 576, 32, False, False),  # nothing to gather from: every position is -1
-    (64, 576, 16, False, False),  # the smallest T_out
-    (64, 576, 0, False, False),
-]
-# per_channel_cast_and_transpose: (T, H, npt, round_sf).
-TRANSPOSE = [
-    (128, 7168, 32, False),
-    (4096, 576, 128, True),
-    (256, 4096, 128, False),
-    (0, 7168, 32, False),
-]
+
+class TestPerChannelCast(OpContract):
+    fn = per_channel_cast
+    bad_inputs = [((S((192, 256), jnp.bfloat16),), {}, ValueError, r"num_tokens \(192\) must be a multiple of 128")]
+
+
+class TestPerChannelCastFused(OpContract):
+    fn = per_channel_cast_fused
+
+
+class TestPerChannelCastAndTranspose(OpContract):
+    fn = per_channel_cast_and_transpose
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU configurations, the named calls: each is cross-lowered on CPU (compiling its cubin) and run on
+# the GPU. per_channel_cast with bf16 input: (T, H, npt, round_sf, use_packed_ue8m0), H picks the tile
+# width (256 | H: 256; else 128 | H: 128; else 64), T = 0 and the smallest T = 128 included; with a
+# QuantTensor input: (T, H, npt, npc, input sf layout, round_sf, use_packed_ue8m0); fused: (T_in, H,
+# T_out (None: no gather), cast-back input, round_sf); transposed: (T, H, npt, round_sf).
+
+
+def _gpu(fn, quant=None) -> list:
+    return [c for c in fn.cases if c.name.startswith(("small_", "gpu_")) and not c.config and quant in (None, isinstance(c.args[0], tuple))]
+
+
+def _cast_params(case) -> tuple:
+    (x,), kw = case.args, case.kwargs
+    return (*x.shape, kw["num_per_tokens"], kw["round_sf"], kw["use_packed_ue8m0"])
+
+
+def _quant_params(case) -> tuple:
+    ((data, _),), kw = case.args, case.kwargs
+    return (*data.shape, kw["num_per_tokens"], kw["num_per_channels"], kw["x_sf_layout"], kw["round_sf"], kw["use_packed_ue8m0"])
+
+
+def _fused_params(case) -> tuple:
+    x, _, _, round_sf, _, *pos = case.args
+    quant = isinstance(x, tuple)
+    return (*(x[0] if quant else x).shape, pos[0].shape[0] if pos else None, quant, round_sf)
+
+
+def _transpose_params(case) -> tuple:
+    (x,), kw = case.args, case.kwargs
+    return (*x.shape, kw["num_per_tokens"], kw["round_sf"])
+
+
+CAST, QUANT = _gpu(per_channel_cast, quant=False), _gpu(per_channel_cast, quant=True)
+FUSED, TRANSPOSE = _gpu(per_channel_cast_fused), _gpu(per_channel_cast_and_transpose)
+ids = lambda c: c.name  # noqa: E731
 
 
 def _tile_h(h, transpose=False):
@@ -373,8 +384,9 @@ def _check_launch(fn, args, *, t_out, h, tile_h, num_buffers):
     return k
 
 
-@pytest.mark.parametrize("t,h,npt,round_sf,packed", CAST)
-def test_lowering_cast(t, h, npt, round_sf, packed):
+@pytest.mark.parametrize("case", CAST, ids=ids)
+def test_lowering_cast(case):
+    t, h, npt, round_sf, packed = _cast_params(case)
     fn = lambda x: per_channel_cast(x, num_per_tokens=npt, round_sf=round_sf, use_packed_ue8m0=packed, impl="tilelang")
     k = _check_launch(fn, (S((t, h), jnp.bfloat16),), t_out=t, h=h, tile_h=_tile_h(h), num_buffers=3)
     if k:
@@ -382,15 +394,17 @@ def test_lowering_cast(t, h, npt, round_sf, packed):
         assert [a[2] for a in k["args"][3:]] == [t, -(-t // npt // 4) if packed else t // npt, t, h // 2]  # P, S0, Tn, XW
 
 
-@pytest.mark.parametrize("t,h,npt,npc,layout,round_sf,packed", QUANT)
-def test_lowering_quant_tensor(t, h, npt, npc, layout, round_sf, packed):
+@pytest.mark.parametrize("case", QUANT, ids=ids)
+def test_lowering_quant_tensor(case):
+    t, h, npt, npc, layout, round_sf, packed = _quant_params(case)
     shape, dtype = F.sf_storage_shape(layout, (t, h // npc))
     fn = lambda x, s: per_channel_cast((x, s), num_per_tokens=npt, num_per_channels=npc, round_sf=round_sf, use_packed_ue8m0=packed, impl="tilelang")
     _check_launch(fn, (S((t, h), jnp.float8_e4m3fn), S(shape, dtype)), t_out=t, h=h, tile_h=_tile_h(h), num_buffers=4)
 
 
-@pytest.mark.parametrize("t_in,h,t_out,quant,round_sf", FUSED)
-def test_lowering_fused(t_in, h, t_out, quant, round_sf):
+@pytest.mark.parametrize("case", FUSED, ids=ids)
+def test_lowering_fused(case):
+    t_in, h, t_out, quant, round_sf = _fused_params(case)
     args = [S((t_in, h), jnp.float8_e4m3fn if quant else jnp.bfloat16)] + ([S((t_in, h // 128), jnp.float32)] if quant else [])
     if t_out is not None:
         args.append(S((t_out,), jnp.int32))
@@ -402,8 +416,9 @@ def test_lowering_fused(t_in, h, t_out, quant, round_sf):
     _check_launch(fn, args, t_out=t_in if t_out is None else t_out, h=h, tile_h=_tile_h(h), num_buffers=len(args) + 2)
 
 
-@pytest.mark.parametrize("t,h,npt,round_sf", TRANSPOSE)
-def test_lowering_transpose(t, h, npt, round_sf):
+@pytest.mark.parametrize("case", TRANSPOSE, ids=ids)
+def test_lowering_transpose(case):
+    t, h, npt, round_sf = _transpose_params(case)
     fn = lambda x: per_channel_cast_and_transpose(x, num_per_tokens=npt, round_sf=round_sf, impl="tilelang")
     tile_h = _tile_h(h, transpose=True)
     k = _check_launch(fn, (S((t, h), jnp.bfloat16),), t_out=t, h=h, tile_h=tile_h, num_buffers=3)
@@ -446,7 +461,6 @@ def test_gather_bounds_checks_positions_in_the_kernel():
     """The gathering kernel checks each position against T itself: with TileLang's implicit guards on
     loads turned off, every load of x or x_sf still sits behind a ``src < Tn`` check."""
     from jax_tilek import compiler
-    from jax_tilek.quant.per_channel_cast import per_channel_cast_kernel
 
     for sf_in, wide in ((None, False), ("row", False), ("row", True)):
         func = per_channel_cast_kernel.factory(tile_h=128, npt=128, sf_in=sf_in, npc=128, gather=True, min_blocks=2, wide=wide)
@@ -465,33 +479,53 @@ def test_reference_and_kernel_agree_on_out_of_range_positions_when_lowered():
     assert call["has_cubin"]
 
 
-# Non-default tilings (benchmarked as variants): (T, H, operand kind, tile_h, min_blocks).
-TILINGS = [
-    (256, 4096, "bf16", 128, 3),
-    (256, 4096, "e4m3", 256, 2),
-    (384, 4096, "transpose", 128, 3),
-]
+# Non-default tilings (benchmarked as variants), and the flat grid (``fold``) forced on the usual shapes.
+TILINGS = [c for fn in (per_channel_cast, per_channel_cast_and_transpose) for c in fn.cases if c.name.startswith("tuned_")]
+FOLDED = [c for fn in (per_channel_cast, per_channel_cast_fused, per_channel_cast_and_transpose) for c in fn.cases
+          if c.config.get("fold") and c.name.startswith("gpu_")]  # fmt: skip
 
 
-def _tiling_program(kind, tile_h, min_blocks):
-    def fn(*args):
-        return _per_channel_cast_op(
-            *args, impl="tilelang", npt=128, round_sf=False, sf_in="row" if kind == "e4m3" else None,
-            npc=128 if kind == "e4m3" else None, packed_sf=False, gather=False, transpose=kind == "transpose",
-            tile_h=tile_h, min_blocks=min_blocks,
-        )  # fmt: skip
-
-    return fn
+def _function(case):
+    return next(fn for fn in (per_channel_cast, per_channel_cast_fused, per_channel_cast_and_transpose) if case in fn.cases)
 
 
-def _tiling_inputs(rng, t, h, kind):
+def _kind(case) -> str:
+    """What a named call casts: bf16, e4m3 (a QuantTensor), transpose, or gather (the fused call)."""
+    fn = _function(case)
+    if fn is not per_channel_cast:
+        return "gather" if fn is per_channel_cast_fused else "transpose"
+    return "e4m3" if isinstance(case.args[0], tuple) else "bf16"
+
+
+def _tiled_inputs(rng, case):
+    """The inputs of a tiled or folded call: its shapes, its kind's values (positions of a gather)."""
+    kind = _kind(case)
+    if kind == "gather":
+        x, pos = case.args[0], case.args[-1]
+        return [_input(rng, *x.shape), _positions(rng, x.shape[0], pos.shape[0])]
+    t, h = (case.args[0][0] if kind == "e4m3" else case.args[0]).shape
     return list(_quant_tensor(rng, t, h, 128, "row")) if kind == "e4m3" else [_input(rng, t, h)]
 
 
-@pytest.mark.parametrize("t,h,kind,tile_h,min_blocks", TILINGS)
-def test_lowering_tilings(t, h, kind, tile_h, min_blocks):
-    args = [S((t, h), jnp.float8_e4m3fn), S((t, h // 128), jnp.float32)] if kind == "e4m3" else [S((t, h), jnp.bfloat16)]
-    _check_launch(_tiling_program(kind, tile_h, min_blocks), args, t_out=t, h=h, tile_h=tile_h, num_buffers=len(args) + 2)
+def _program(case):
+    """The call of a named case with its arrays as arguments (a QuantTensor as two)."""
+    call = case.call(_function(case), "tilelang")
+    if _kind(case) == "e4m3":
+        return lambda d, s: call((d, s))
+    if _kind(case) == "gather":
+        return lambda x, p: call(x, *case.args[1:-1], p)
+    return call
+
+
+def _structs(case) -> list:
+    return jax.tree.leaves([a for a in case.args if not isinstance(a, (str, int, bool, type(None)))])
+
+
+@pytest.mark.parametrize("case", TILINGS, ids=ids)
+def test_lowering_tilings(case):
+    args = _structs(case)
+    t, h = args[0].shape
+    _check_launch(_program(case), args, t_out=t, h=h, tile_h=case.config["tile_h"], num_buffers=len(args) + 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,8 +533,9 @@ def test_lowering_tilings(t, h, kind, tile_h, min_blocks):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,h,npt,round_sf,packed", CAST)
-def test_kernel_cast(on_gpu, rng, t, h, npt, round_sf, packed):
+@pytest.mark.parametrize("case", CAST, ids=ids)
+def test_kernel_cast(on_gpu, rng, case):
+    t, h, npt, round_sf, packed = _cast_params(case)
     x = _input(rng, t, h)
     data, sf = on_gpu(lambda x: per_channel_cast(x, num_per_tokens=npt, round_sf=round_sf, use_packed_ue8m0=packed, impl="tilelang"), x)
     expected_data, expected_sf = _expected(x, npt, round_sf, packed)
@@ -509,8 +544,9 @@ def test_kernel_cast(on_gpu, rng, t, h, npt, round_sf, packed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,h,npt,npc,layout,round_sf,packed", QUANT)
-def test_kernel_quant_tensor(on_gpu, rng, t, h, npt, npc, layout, round_sf, packed):
+@pytest.mark.parametrize("case", QUANT, ids=ids)
+def test_kernel_quant_tensor(on_gpu, rng, case):
+    t, h, npt, npc, layout, round_sf, packed = _quant_params(case)
     data_in, sf_in = _quant_tensor(rng, t, h, npc, layout)
     fn = lambda x, s: per_channel_cast((x, s), num_per_tokens=npt, num_per_channels=npc, round_sf=round_sf, use_packed_ue8m0=packed, impl="tilelang")
     data, sf = on_gpu(fn, data_in, sf_in)
@@ -520,8 +556,9 @@ def test_kernel_quant_tensor(on_gpu, rng, t, h, npt, npc, layout, round_sf, pack
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t_in,h,t_out,quant,round_sf", FUSED)
-def test_kernel_fused(on_gpu, rng, t_in, h, t_out, quant, round_sf):
+@pytest.mark.parametrize("case", FUSED, ids=ids)
+def test_kernel_fused(on_gpu, rng, case):
+    t_in, h, t_out, quant, round_sf = _fused_params(case)
     if quant:
         data_in, sf_in = _quant_tensor(rng, t_in, h, 128, "row")
         args = [data_in, sf_in]
@@ -543,8 +580,9 @@ def test_kernel_fused(on_gpu, rng, t_in, h, t_out, quant, round_sf):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,h,npt,round_sf", TRANSPOSE)
-def test_kernel_transpose(on_gpu, rng, t, h, npt, round_sf):
+@pytest.mark.parametrize("case", TRANSPOSE, ids=ids)
+def test_kernel_transpose(on_gpu, rng, case):
+    t, h, npt, round_sf = _transpose_params(case)
     x = _input(rng, t, h)
     data, sf = on_gpu(lambda x: per_channel_cast_and_transpose(x, num_per_tokens=npt, round_sf=round_sf, impl="tilelang"), x)
     expected_data, expected_sf = _expected(x, npt, round_sf)  # the non-transposed cast ...
@@ -561,15 +599,15 @@ def test_kernel_rounding_is_unbiased(on_gpu, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,h,kind,tile_h,min_blocks", TILINGS)
-def test_kernel_tilings(on_gpu, rng, t, h, kind, tile_h, min_blocks):
-    args = _tiling_inputs(rng, t, h, kind)
-    data, sf = on_gpu(_tiling_program(kind, tile_h, min_blocks), *args)
-    if kind == "e4m3":
+@pytest.mark.parametrize("case", TILINGS, ids=ids)
+def test_kernel_tilings(on_gpu, rng, case):
+    args = _tiled_inputs(rng, case)
+    data, sf = on_gpu(_program(case), *args)
+    if _kind(case) == "e4m3":
         expected_data, expected_sf = _expected(args[0], 128, x_sf=args[1], npc=128, layout="row")
     else:
         expected_data, expected_sf = _expected(args[0], 128)
-    assert_bytes_equal(data, expected_data.T if kind == "transpose" else expected_data)
+    assert_bytes_equal(data, expected_data.T if _kind(case) == "transpose" else expected_data)
     assert_bytes_equal(sf, expected_sf)
 
 
@@ -602,27 +640,11 @@ def test_kernel_fused_out_of_range_positions(on_gpu, rng):
     assert_bytes_equal(data, reference[0])
 
 
-# The flat grid (``fold``), forced on the usual shapes: (T, H, operand kind) as TILINGS.
-FOLDED = [(256, 4096, "bf16"), (256, 4096, "e4m3"), (384, 4096, "transpose"), (272, 576, "gather")]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,h,kind", FOLDED)
-def test_kernel_flat_grid(on_gpu, rng, t, h, kind):
-    if kind == "gather":
-        x, pos = _input(rng, 200, h), _positions(rng, 200, t)
-        args = [x, pos]
-    else:
-        args = _tiling_inputs(rng, t, h, kind)
-
-    def fn(*a):
-        return _per_channel_cast_op(
-            *a, impl="tilelang", npt=128, round_sf=False, sf_in="row" if kind == "e4m3" else None,
-            npc=128 if kind == "e4m3" else None, packed_sf=False, gather=kind == "gather", transpose=kind == "transpose",
-            fold=True,
-        )  # fmt: skip
-
-    data, sf = on_gpu(fn, *args)
+@pytest.mark.parametrize("case", FOLDED, ids=ids)
+def test_kernel_flat_grid(on_gpu, rng, case):
+    kind, args = _kind(case), _tiled_inputs(rng, case)
+    data, sf = on_gpu(_program(case), *args)
     if kind == "e4m3":
         expected_data, expected_sf = _expected(args[0], 128, x_sf=args[1], npc=128, layout="row")
     elif kind == "gather":

@@ -1,7 +1,5 @@
 """quant.per_token_cast: reference vs independent numpy math, rules, modes, lowering, and the GPU kernel."""
 
-import importlib
-
 import dataclasses
 
 import jax
@@ -10,15 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-C = importlib.import_module("jax_tilek.quant.cast")  # module, not the function `cast`
-from jax_tilek.quant.per_token_cast import (
-    per_token_cast,
-    per_token_cast_with_precomputed_sf,
-    per_token_cast_with_sf_only,
-    plan,
-)
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.device import HASH_FINAL, HASH_INDEX, HASH_ROUNDS, HASH_SEED
+from jax_tilek.quant import per_token_cast, per_token_cast_to_e5m6, per_token_cast_with_precomputed_sf, per_token_cast_with_sf_only
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff, check_bias, np_load_sf, np_store_sf, rand_float
 
 
@@ -27,6 +19,7 @@ MAX = {"e4m3": 448.0, "e2m1": 6.0}
 FLOOR = {"e4m3": 1e-4, "e2m1": 6 * 2.0**-126}
 PACKED = dict(use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True)
 COL = dict(use_tma_aligned_col_major_sf=True)
+FLAGS = ("use_tma_aligned_col_major_sf", "round_sf", "use_packed_ue8m0", "use_e4m3_sf")
 
 # ---------------------------------------------------------------------------------------------
 # An independent model of the semantics (numpy + ml_dtypes).
@@ -162,13 +155,6 @@ def run_op(case: Case, impl=None, seed=None):
     return fn
 
 
-def host_expected(case: Case, inputs, seed=None):
-    """The JAX reference, run on the host CPU."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        data, sf = run_op(case, impl="xla", seed=seed)(*[jnp.asarray(a) for a in inputs])
-        return np.asarray(data), np.asarray(sf)
-
-
 # ---------------------------------------------------------------------------------------------
 # The reference against the numpy model.
 
@@ -202,6 +188,49 @@ REFERENCE_CASES = [
 ]
 
 
+def np_random_bits(v: np.ndarray, seed: int) -> np.ndarray:
+    """The 16 random bits of each element of fp32 ``v[T, H]`` (jax_tilek.quant.cast's hash, constants
+    ``jax_tilek.device.HASH_*``): quad ``i = t * H/4 + j`` is ``v[t, 4j:4j+4]``."""
+    m32 = np.uint64(0xFFFFFFFF)
+    mul = lambda a, b: (a * np.uint64(b)) & m32  # noqa: E731
+    w = np.ascontiguousarray(v, np.float32).view(np.uint32).reshape(-1, 4).astype(np.uint64)
+    h = mul(np.arange(len(w), dtype=np.uint64), HASH_INDEX) ^ mul(np.uint64(seed), HASH_SEED)
+    for k, (m, shift) in enumerate(HASH_ROUNDS):
+        if shift:
+            h ^= h >> np.uint64(shift)
+        h = mul(h ^ w[:, k], m)
+    h ^= h >> np.uint64(16)
+    (m0, s0), (m1, s1) = HASH_FINAL
+    r0 = mul(h, m0)
+    r0 ^= r0 >> np.uint64(s0)
+    r1 = mul(r0, m1)
+    r1 ^= r1 >> np.uint64(s1)
+    return np.stack([r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16], axis=-1).reshape(v.shape)
+
+
+def _grid(fmt: str) -> np.ndarray:
+    if fmt == "e2m1":
+        return np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
+    values = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float64)
+    return np.unique(values[np.isfinite(values) & (values >= 0)])
+
+
+def np_stochastic(v: np.ndarray, r: np.ndarray, fmt: str) -> np.ndarray:
+    """Stochastic rounding of fp32 ``v`` to ``fmt`` with 16 random bits ``r`` per element: |v| rounds up
+    to the next value of the grid iff its fraction of the gap, truncated to 16 bits, plus r reaches 2^16
+    (exact in float64); saturating. Returns e4m3 data or packed FP4 bytes."""
+    grid, a = _grid(fmt), np.abs(v.astype(np.float64))
+    i = np.clip(np.searchsorted(grid, a, side="right") - 1, 0, len(grid) - 1)
+    lo, hi = grid[i], grid[np.minimum(i + 1, len(grid) - 1)]
+    gap = np.where(hi > lo, hi - lo, 1.0)
+    up = (hi > lo) & (np.floor((a - lo) / gap * 65536) + r >= 65536)
+    rounded = np.copysign(np.where(up, hi, lo), v)
+    if fmt == "e4m3":
+        return rounded.astype(E4M3)
+    codes = rounded.astype(FP4).view(np.uint8) & 0xF
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
 @pytest.mark.parametrize("case", REFERENCE_CASES, ids=lambda c: c.name)
 def test_reference_matches_numpy(rng, case):
     inputs = make_inputs(rng, case)
@@ -229,13 +258,7 @@ def test_stochastic_cast_rounds_the_scaled_values(rng, fmt):
     data, sf = per_token_cast(x, fmt, 64, round_sf=True, stochastic_cast=True, seed=5)
     expected_data, expected_sf, scaled = np_per_token(x, fmt, 64, (("round_sf", True),))
     assert_bytes_equal(sf, expected_sf)
-    r = C.random_bits(jnp.asarray(scaled), C.flat_quad_index(scaled.shape), jnp.uint32(5))
-    if fmt == "e4m3":
-        expected = C.sr_e4m3(jnp.asarray(scaled), r)
-    else:
-        codes = np.asarray(C.sr_e2m1_codes(jnp.asarray(scaled), r))
-        expected = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    assert_bytes_equal(data, np.asarray(expected))
+    assert_bytes_equal(data, np_stochastic(scaled, np_random_bits(scaled, 5), fmt))
     assert (np.asarray(data).view(np.uint8) != expected_data.view(np.uint8)).any()  # not round-to-nearest
     check_bias(np_decode(np.asarray(data)), scaled)
 
@@ -269,8 +292,6 @@ def test_strided_rows_match_contiguous(rng):
 
 
 def test_e5m6_dispatches_to_the_e5m6_cast(rng):
-    from jax_tilek.quant.e5m6 import per_token_cast_to_e5m6
-
     x = jnp.asarray(rng.standard_normal((4, 64)), jnp.bfloat16)
     got = per_token_cast(x, "e5m6", 64, round_sf=True)
     expected = per_token_cast_to_e5m6(x, 64, round_sf=True)
@@ -380,17 +401,14 @@ def test_partial_blocks_stochastic(rng):
     data, sf = per_token_cast(x, "e2m1", 128, round_sf=True, stochastic_cast=True, seed=3)
     _, expected_sf, scaled = np_per_token(x, "e2m1", 128, (("round_sf", True),))
     assert_bytes_equal(sf, expected_sf)
-    r = C.random_bits(jnp.asarray(scaled), C.flat_quad_index(scaled.shape), jnp.uint32(3))
-    codes = np.asarray(C.sr_e2m1_codes(jnp.asarray(scaled), r))
-    assert_bytes_equal(data, codes[:, 0::2] | (codes[:, 1::2] << 4))
+    assert_bytes_equal(data, np_stochastic(scaled, np_random_bits(scaled, 3), "e2m1"))
 
 
 def test_quad_index_wraps_modulo_2_32():
-    ptc = importlib.import_module("jax_tilek.quant.per_token_cast")
-    index = np.asarray(ptc.quad_index(3, 256))
-    np.testing.assert_array_equal(index, np.arange(3 * 64, dtype=np.uint32).reshape(3, 64))
-    big = jax.eval_shape(lambda: ptc.quad_index(2**25, 1024))  # row 2^25 - 1 wraps: (t * 256 + j) mod 2^32
-    assert big.shape == (2**25, 256) and big.dtype == jnp.uint32
+    """The random-bit index of quad x[t, 4j:4j+4] is (t * H/4 + j) mod 2^32 (uint32): the reference
+    traces for 2^25 rows of 1024 (2^33 quads); row 2^25 - 1 wraps."""
+    big = jax.eval_shape(lambda x: per_token_cast(x, "e4m3", 128, stochastic_cast=True, impl="xla"), S((2**25, 1024), jnp.bfloat16))
+    assert big[0].shape == (2**25, 1024)
     rows = jnp.asarray([2**24, 2**25 - 1], jnp.uint32)[:, None] * np.uint32(256) + jnp.arange(2, dtype=jnp.uint32)
     np.testing.assert_array_equal(np.asarray(rows), [[0, 1], [2**32 - 256, 2**32 - 255]])
 
@@ -453,6 +471,13 @@ def test_python_objects_raise_naming_the_op(x):
         per_token_cast((np.zeros((4, 128), E4M3), np.ones((4, 1), np.float32)), "e4m3", 128, x_block_size=(1, 128.0))
 
 
+def np_mapping(hidden: int, elems: int = 32, threads: int = 256) -> tuple[int, int]:
+    """(threads, rows) per CTA: a row over whole warps of H / elems lanes, CTAs of about ``threads``."""
+    lanes = -(-(hidden // elems) // 32) * 32
+    rows = max(1, threads // lanes)
+    return rows * lanes, rows
+
+
 @pytest.mark.parametrize(
     "tokens,hidden,npc,flags",
     [(2**31 - 2**10, 64, 64, {}), (2**31 - 2**10, 128, 128, dict(COL, use_e4m3_sf=True)), (2**20, 7168, 128, PACKED)],
@@ -462,123 +487,154 @@ def test_huge_inputs_lower(tokens, hidden, npc, flags):
     """Every size eval_shape accepts lowers: int32 row indices up to formats.MAX_TOKENS, 64-bit offsets."""
     text = lower_for_cuda(lambda x: per_token_cast(x, "e4m3", npc, impl="tilelang", **flags), S((tokens, hidden), jnp.bfloat16))
     (k,) = decode_record(tilek_calls(text)[0]["launch"])["kernels"]
-    p = plan(hidden, npc)
-    assert k["grid"] == [-(-tokens // p["rows_per_cta"]), 1, 1] and (2, 4, tokens) in k["args"]  # T is an int32 scalar
+    _, rows = np_mapping(hidden)
+    assert k["grid"] == [-(-tokens // rows), 1, 1] and (2, 4, tokens) in k["args"]  # T is an int32 scalar
 
 
 # ---------------------------------------------------------------------------------------------
-# Lowering and the GPU kernel.
-
-P = tuple(PACKED.items())
-GPU_CASES = [
-    Case("bf16-e4m3-128-row", 4001, 7168, "bfloat16", "e4m3", 128),
-    Case("bf16-e4m3-128-packed", 4001, 7168, "bfloat16", "e4m3", 128, P),
-    Case("fp32-e4m3-32-round", 7, 4096, "float32", "e4m3", 32, (("round_sf", True),)),
-    Case("bf16-e2m1-32-packed", 4001, 7168, "bfloat16", "e2m1", 32, P),
-    Case("bf16-e2m1-16-e4m3sf", 7, 4096, "bfloat16", "e2m1", 16, (("use_e4m3_sf", True),)),
-    Case("fp32-e2m1-64-col", 1, 576, "float32", "e2m1", 64, tuple(COL.items())),
-    Case("bf16-e4m3-64-packed-576", 7, 576, "bfloat16", "e4m3", 64, P),
-    Case("bf16-e4m3-64-col-e4m3sf", 7, 2560, "bfloat16", "e4m3", 64, (("use_tma_aligned_col_major_sf", True), ("use_e4m3_sf", True))),
-    Case("bf16-e4m3-row-packed", 4001, 7168, "bfloat16", "e4m3", -1, P),
-    Case("bf16-e4m3-row-576", 7, 576, "bfloat16", "e4m3", -1),
-    Case("fp32-e2m1-row-512", 7, 512, "float32", "e2m1", -1, (("round_sf", True),)),
-    Case("bf16-e4m3-128-strided", 4001, 7168, "bfloat16", "e4m3", 128, P, columns=(128, 128 + 7168)),
-    Case("bf16-e4m3-32-clamp", 7, 4096, "bfloat16", "e4m3", 32, amax_clamp=0.5),
-    Case("zero-tokens", 0, 4096, "bfloat16", "e4m3", 128, P),
-    Case("e4m3[128x128 row]-e4m3-128-packed", 4001, 7168, "e4m3", "e4m3", 128, P, (128, 128), "row"),
-    Case("e4m3[32x32 ue8m0]-e2m1-32-round", 7, 4096, "e4m3", "e2m1", 32, (("round_sf", True),), (32, 32), "col_ue8m0"),
-    Case("fp4[1x32 ue8m0]-e4m3-128-col", 4001, 7168, "e2m1", "e4m3", 128, tuple(COL.items()), (1, 32), "col_ue8m0"),
-    Case("fp4[1x16 e4m3]-e2m1-16-e4m3sf", 7, 4096, "e2m1", "e2m1", 16, (("use_e4m3_sf", True),), (1, 16), "row", "float8_e4m3fn"),
-    Case("e4m3[128x128 col]-e4m3-row", 129, 576, "e4m3", "e4m3", -1, (("round_sf", True),), (128, 128), "col"),
-    Case("bf16-e4m3-128-packed-sr", 4001, 7168, "bfloat16", "e4m3", 128, P, stochastic=True),
-    Case("fp32-e2m1-32-sr", 7, 4096, "float32", "e2m1", 32, (("round_sf", True),), stochastic=True),
-    Case("fp4[1x32 row]-e4m3-32-sr", 7, 4096, "e2m1", "e4m3", 32, (), (1, 32), "row", stochastic=True),
-    Case("bf16-e4m3-64-col-e4m3sf-4001", 4001, 2560, "bfloat16", "e4m3", 64, (("use_tma_aligned_col_major_sf", True), ("use_e4m3_sf", True))),
-    # partial last channel block (H % npc != 0; TileKernels tests H = 576): every layout, format and input kind
-    Case("bf16-e4m3-128-row-576", 4001, 576, "bfloat16", "e4m3", 128),
-    Case("bf16-e4m3-128-packed-576", 4001, 576, "bfloat16", "e4m3", 128, P),
-    Case("fp32-e4m3-128-round-192", 7, 192, "float32", "e4m3", 128, (("round_sf", True),)),
-    Case("fp32-e4m3-128-col-576", 37, 576, "float32", "e4m3", 128, tuple(COL.items())),
-    Case("bf16-e4m3-128-col-e4m3sf-576", 4001, 576, "bfloat16", "e4m3", 128, (("use_tma_aligned_col_major_sf", True), ("use_e4m3_sf", True))),
-    Case("bf16-e2m1-128-packed-576", 4001, 576, "bfloat16", "e2m1", 128, P),
-    Case("bf16-e2m1-128-e4m3sf-192", 7, 192, "bfloat16", "e2m1", 128, (("use_e4m3_sf", True),)),
-    Case("fp32-e2m1-128-col-576", 5, 576, "float32", "e2m1", 128, tuple(COL.items())),
-    Case("bf16-e4m3-128-64", 7, 64, "bfloat16", "e4m3", 128, (("round_sf", True),)),
-    Case("bf16-e4m3-128-strided-576", 4001, 576, "bfloat16", "e4m3", 128, P, columns=(64, 640)),
-    Case("e4m3[128x128 row]-e4m3-128-packed-576", 4001, 576, "e4m3", "e4m3", 128, P, (128, 128), "row"),
-    Case("e4m3[32x32 ue8m0]-e2m1-128-round-576", 4001, 576, "e4m3", "e2m1", 128, (("round_sf", True),), (32, 32), "col_ue8m0"),
-    Case("e4m3[1x128 e4m3 col]-e4m3-128-col-576", 37, 576, "e4m3", "e4m3", 128, tuple(COL.items()), (1, 128), "col", "float8_e4m3fn"),
-    Case("fp4[1x32 ue8m0]-e4m3-128-col-192", 4001, 192, "e2m1", "e4m3", 128, tuple(COL.items()), (1, 32), "col_ue8m0"),
-    Case("fp4[1x16 e4m3]-e2m1-128-e4m3sf-576", 7, 576, "e2m1", "e2m1", 128, (("use_e4m3_sf", True),), (1, 16), "row", "float8_e4m3fn"),
-    Case("bf16-e4m3-128-packed-sr-576", 4001, 576, "bfloat16", "e4m3", 128, P, stochastic=True),
-    Case("fp32-e2m1-128-sr-192", 7, 192, "float32", "e2m1", 128, (("round_sf", True),), stochastic=True),
-]
+# The op contract over the named calls: row-wise ones (row-major scales, input scales of one-token
+# blocks, rounding to nearest) fold vmap into the tokens and shard along them.
 
 
-def _avals(case: Case):
-    t, h = case.tokens, case.hidden
-    if case.x in ("bfloat16", "float32"):
-        width = h if case.columns is None else case.columns[1] + 64
-        return (S((t, width), case.x),)
-    data = S((t, h), E4M3) if case.x == "e4m3" else S((t, h // 2), jnp.uint8)
-    blocks = (-(-t // case.x_block[0]), -(-h // case.x_block[1]))
-    ones = np.ones(blocks, np.float32 if case.x_layout == "col_ue8m0" else case.x_sf_dtype)
-    stored = np_store_sf(ones, case.x_layout)
-    return data, S(stored.shape, stored.dtype)
+def _row_wise(case) -> bool:
+    kw, x = case.kwargs, case.args[0]
+    one_token_blocks = not isinstance(x, tuple) or (kw["x_block_size"][0] == 1 and kw["x_sf_layout"] == "row")
+    return one_token_blocks and not kw.get("stochastic_cast") and not kw.get("use_tma_aligned_col_major_sf")
 
 
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
-def test_lowers_to_one_launch(case):
-    text = lower_for_cuda(run_op(case, impl="tilelang"), *_avals(case))
+def _cases(fn, row_wise: bool) -> list:
+    return [c for c in fn.cases if _row_wise(c) == row_wise]
+
+
+class TestPerTokenCast(OpContract):
+    fn = per_token_cast
+    cases = _cases(per_token_cast, True)
+    rows = True
+    bad_inputs = [
+        ((S((4, 96), jnp.bfloat16),), dict(fmt="e4m3", num_per_channels=32), ValueError, "multiple of 64, got 96"),
+        (((S((5, 128), E4M3), S((5, 3), jnp.float32)),), dict(fmt="e4m3", num_per_channels=32, x_block_size=(1, 32)), ValueError,
+         r"x's scale factors must be float32\[5, 4\]"),
+    ]  # fmt: skip
+
+
+class TestPerTokenCastNotRowWise(OpContract):
+    """Column-major scales, input scale blocks of several tokens, stochastic rounding."""
+
+    fn = per_token_cast
+    cases = _cases(per_token_cast, False)
+
+
+class TestPerTokenCastWithSfOnly(OpContract):
+    fn = per_token_cast_with_sf_only
+    cases = _cases(per_token_cast_with_sf_only, True)
+    rows = True
+
+
+class TestPerTokenCastWithSfOnlyNotRowWise(OpContract):
+    fn = per_token_cast_with_sf_only
+    cases = _cases(per_token_cast_with_sf_only, False)
+
+
+class TestPerTokenCastWithPrecomputedSf(OpContract):
+    fn = per_token_cast_with_precomputed_sf
+    cases = _cases(per_token_cast_with_precomputed_sf, True)
+    rows = True
+
+
+class TestPerTokenCastWithPrecomputedSfNotRowWise(OpContract):
+    fn = per_token_cast_with_precomputed_sf
+    cases = _cases(per_token_cast_with_precomputed_sf, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering and the GPU kernel, over the named calls: "small_" and "gpu_" ones are the GPU tests'
+# configurations; "tuned_" ones other thread mappings.
+
+GPU_CASES = [c for c in per_token_cast.cases if c.name.startswith(("small_", "gpu_")) and jax.tree.leaves(c.args)[0].shape[0] < 2**18]
+TUNED = [c for c in per_token_cast.cases if c.name.startswith("tuned_")]
+PAST_2_31 = [c for c in per_token_cast.cases if c.name.startswith("gpu_") and jax.tree.leaves(c.args)[0].shape[0] == 2**18 + 5]
+
+
+def _hidden(case) -> int:
+    x, kw = case.args[0], case.kwargs
+    if isinstance(x, tuple):
+        return x[0].shape[1] * (1 if x[0].dtype == E4M3 else 2)
+    start, stop = kw.get("columns") or (0, x.shape[1])
+    return stop - start
+
+
+def spec_inputs(rng, case) -> tuple:
+    """A named call's arguments as the GPU tests make them: bf16/fp32 rows of wide dynamic range, or a
+    QuantTensor of random codes and scales in the call's layout."""
+    x = case.args[0]
+    if not isinstance(x, tuple):
+        return (rand_float(rng, x.shape, (-14, 12)).astype(x.dtype),)
+    data, sf = x
+    t, h = data.shape[0], _hidden(case)
+    bm, bk = case.kwargs["x_block_size"]
+    fmt = "e4m3" if data.dtype == E4M3 else "e2m1"
+    return ((random_codes(rng, (t, h), fmt), random_scales(rng, (-(-t // bm), -(-h // bk)), case.kwargs["x_sf_layout"], np.dtype(sf.dtype).name)),)
+
+
+@pytest.mark.parametrize("case", GPU_CASES + TUNED, ids=lambda c: c.name)
+def test_launch_geometry(case):
+    text = lower_for_cuda(case.call(per_token_cast, "tilelang"), *case.structs())
     (call,) = tilek_calls(text)
     record = decode_record(call["launch"])
-    if case.tokens == 0:
+    tokens, hidden = jax.tree.leaves(case.args)[0].shape[0], _hidden(case)
+    if tokens == 0:
         assert record["kernels"] == [] and record["zero_fill"] == [1, 2]
         return
     (k,) = record["kernels"]
-    p = plan(case.hidden, case.npc_value)
-    assert call["has_cubin"] and k["block"] == [p["threads"], 1, 1]
-    assert p["threads"] % 32 == 0 and p["threads"] // p["rows_per_cta"] >= case.hidden // p["elems"]
-    assert k["grid"] == [-(-case.tokens // p["rows_per_cta"]), 1, 1]
-    n_in = len(_avals(case)) + int(case.stochastic)
+    threads, rows = np_mapping(hidden, **case.config)
+    assert call["has_cubin"] and k["block"] == [threads, 1, 1]
+    assert threads % 32 == 0 and threads // rows >= hidden // case.config.get("elems", 32)
+    assert k["grid"] == [-(-tokens // rows), 1, 1]
+    n_in = len(jax.tree.leaves(case.args)) + int(case.kwargs.get("stochastic_cast", False))
     buffers = sorted(a[1] for a in k["args"] if a[0] == 0)
     assert buffers == list(range(n_in + 2))  # every operand and both results are kernel arguments
-    if case.columns:
+    if "columns" in case.kwargs:
         x_arg = [a for a in k["args"] if a[0] == 0 and a[1] == 0][0]
-        assert x_arg[2] == case.columns[0] * 2  # byte offset of the window
+        assert x_arg[2] == case.kwargs["columns"][0] * 2  # byte offset of the window
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 def test_kernel_is_bit_exact(on_gpu, rng, case):
-    inputs = make_inputs(rng, case)
-    data, sf = on_gpu(run_op(case, impl="tilelang"), *inputs)
-    expected_data, expected_sf = host_expected(case, inputs)
+    inputs = spec_inputs(rng, case)
+    data, sf = on_gpu(case.call(per_token_cast, "tilelang"), *inputs)
+    with jax.default_device(jax.devices("cpu")[0]):
+        expected_data, expected_sf = case.call(per_token_cast, "xla")(*inputs)
     assert_bytes_equal(sf, expected_sf)
     assert_bytes_equal(data, expected_data)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("hidden", [7168, 576])
-def test_kernel_sf_only(on_gpu, rng, hidden):
-    x = rand_float(rng, (4001, hidden), (-14, 12)).astype(ml_dtypes.bfloat16)
-    sf = on_gpu(lambda x: per_token_cast_with_sf_only(x, "e4m3", 128, impl="tilelang", **PACKED), x)
-    assert_bytes_equal(sf, np_per_token(x, "e4m3", 128, P)[1])
+def _flags(case) -> tuple:
+    return tuple((k, v) for k, v in case.kwargs.items() if k in FLAGS)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hidden", [4096, 576, 192])
-def test_kernel_precomputed_sf(on_gpu, rng, hidden):
-    x = rand_float(rng, (4001, hidden), (-14, 12)).astype(ml_dtypes.bfloat16)
+@pytest.mark.parametrize("case", [c for c in per_token_cast_with_sf_only.cases if c.name.startswith("gpu_") and c.kwargs.get("use_packed_ue8m0")], ids=lambda c: c.name)
+def test_kernel_sf_only(on_gpu, rng, case):
+    x = rand_float(rng, case.args[0].shape, (-14, 12)).astype(ml_dtypes.bfloat16)
+    sf = on_gpu(case.call(per_token_cast_with_sf_only, "tilelang"), x)
+    assert_bytes_equal(sf, np_per_token(x, "e4m3", 128, _flags(case))[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in per_token_cast_with_precomputed_sf.cases if c.name.startswith("gpu_") and "_round_" in c.name], ids=lambda c: c.name)
+def test_kernel_precomputed_sf(on_gpu, rng, case):
+    x = rand_float(rng, case.args[0].shape, (-14, 12)).astype(ml_dtypes.bfloat16)
     expected_data, sf, _ = np_per_token(x, "e4m3", 128, (("round_sf", True),))
-    data = on_gpu(lambda x, sf: per_token_cast_with_precomputed_sf(x, "e4m3", 128, sf, impl="tilelang"), x, sf)
+    data = on_gpu(lambda x, sf: case.call(per_token_cast_with_precomputed_sf, "tilelang")(x, "e4m3", 128, sf), x, sf)
     assert_bytes_equal(data, expected_data)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("flags", [dict(COL, use_e4m3_sf=True), PACKED], ids=["e4m3-col", "packed"])
 def test_kernel_sf_only_and_precomputed_partial_blocks(on_gpu, rng, flags):
-    """H = 576 with 128-column blocks and the column-major layouts, including 16-byte aligned e4m3 scales."""
+    """H = 576 with 128-column blocks and the column-major layouts, including 16-byte aligned e4m3 scales
+    (the gpu_..._4001x576 calls of both functions)."""
     x = rand_float(rng, (4001, 576), (-14, 12)).astype(ml_dtypes.bfloat16)
     expected_data, expected_sf, _ = np_per_token(x, "e4m3", 128, tuple(flags.items()))
     cast_flags = {k: v for k, v in flags.items() if k != "round_sf"}
@@ -594,43 +650,42 @@ def test_kernel_sf_only_and_precomputed_partial_blocks(on_gpu, rng, flags):
 
 @pytest.mark.gpu
 def test_kernel_stochastic_with_traced_seed(on_gpu, rng):
-    case = Case("sr-seed", 513, 4096, "bfloat16", "e4m3", 128, P, stochastic=True)
-    (x,) = make_inputs(rng, case)
-    data, sf = on_gpu(lambda x, s: run_op(case, impl="tilelang", seed=s)(x), x, np.uint32(77))
-    expected_data, expected_sf = host_expected(case, (x,), seed=np.uint32(77))
+    (case,) = [c for c in per_token_cast.cases if c.name == "gpu_bf16_e4m3_1x128_ue8m0_sr_513x4096"]
+    (x,) = spec_inputs(rng, case)
+    data, sf = on_gpu(lambda x, s: per_token_cast(x, seed=s, impl="tilelang", **case.kwargs), x, np.uint32(77))
+    with jax.default_device(jax.devices("cpu")[0]):
+        expected_data, expected_sf = per_token_cast(x, seed=np.uint32(77), impl="xla", **case.kwargs)
     assert_bytes_equal(sf, expected_sf)
     assert_bytes_equal(data, expected_data)
-    _, _, scaled = np_per_token(x, "e4m3", 128, P)
+    _, _, scaled = np_per_token(x, "e4m3", 128, tuple(PACKED.items()))
     check_bias(np.asarray(data).astype(np.float64), scaled)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,npc,tuning", [("e4m3", 128, (16, 256)), ("e2m1", 32, (16, 256)), ("e2m1", 32, (32, 512))])
-def test_kernel_tunings_are_bit_exact(on_gpu, rng, fmt, npc, tuning):
+@pytest.mark.parametrize("case", TUNED, ids=lambda c: c.name)
+def test_kernel_tunings_are_bit_exact(on_gpu, rng, case):
     """Other thread mappings (elements per thread, threads per CTA), as the benchmarks try them."""
-    ptc = importlib.import_module("jax_tilek.quant.per_token_cast")
-
     x = rand_float(rng, (1001, 7168), (-14, 12)).astype(ml_dtypes.bfloat16)
-    static = ptc._static(fmt, npc, None, None, True, True, True, False, False, None, None, "full")
-    data, sf = on_gpu(lambda x: ptc._op(x, impl="tilelang", tuning=tuning, **static), x)
-    expected_data, expected_sf, _ = np_per_token(x, fmt, npc, P)
+    data, sf = on_gpu(case.call(per_token_cast, "tilelang"), x)
+    expected_data, expected_sf, _ = np_per_token(x, case.kwargs["fmt"], case.kwargs["num_per_channels"], tuple(PACKED.items()))
     assert_bytes_equal(sf, expected_sf)
     assert_bytes_equal(data, expected_data)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,npc,flags", [("e2m1", 128, (("round_sf", True),)), ("e4m3", 128, P)], ids=["e2m1-row", "e4m3-packed"])
-def test_kernel_past_2_31_elements(on_gpu, rng, fmt, npc, flags):
+@pytest.mark.parametrize("case", PAST_2_31, ids=lambda c: c.name)
+def test_kernel_past_2_31_elements(on_gpu, rng, case):
     """bf16 [2^18 + 5, 8192] (2^31 + 40960 elements): 64-bit element offsets. Rows are built on the device
     from a small block with a prime period; rows past element 2^31 (row 2^18) and the last are checked."""
-    tokens, hidden = 2**18 + 5, 8192
+    tokens, hidden = case.args[0].shape
+    fmt, npc, flags = case.kwargs["fmt"], case.kwargs["num_per_channels"], _flags(case)
     small = rand_float(rng, (1021, hidden), (-14, 12)).astype(ml_dtypes.bfloat16)
     rows = np.array([0, 2**18 - 1, 2**18, 2**18 + 1, tokens - 1])
     col = dict(flags).get("use_tma_aligned_col_major_sf", False)
 
     def program(small):
         x = small[jnp.arange(tokens) % small.shape[0]]
-        data, sf = per_token_cast(x, fmt, npc, impl="tilelang", **dict(flags))
+        data, sf = case.call(per_token_cast, "tilelang")(x)
         return data[rows], (sf[:, rows] if col else sf[rows])
 
     data, sf = on_gpu(program, small)

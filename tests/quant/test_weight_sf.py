@@ -1,14 +1,14 @@
 """batched_transpose_weight_sf: DeepGEMM packed UE8M0 sf0/sf1 against numpy, rules, lowering, the GPU kernel."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_tilek.quant import weight_sf as W
-from jax_tilek.quant.weight_sf import batched_transpose_weight_sf
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.quant import batched_transpose_weight_sf
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal
 
 
@@ -29,6 +29,17 @@ def np_weight_sf(sf: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
                 sf1[:, p, :] |= np.repeat(e[:, 4 * p + i, :], bs, axis=1) << (8 * i)  # column c uses scale column c // bs
     sf0, sf1 = sf0.view(np.int32), sf1.view(np.int32)
     return (sf0, sf1) if sf.ndim == 3 else (sf0[0], sf1[0])
+
+
+class TestBatchedTransposeWeightSf(OpContract):
+    fn = batched_transpose_weight_sf
+    bad_inputs = [(([jax.ShapeDtypeStruct((4, 4), jnp.float32)],), dict(block_size=64, transpose_sf1s=[False]), ValueError, r"block_size must be one of \(32, 128\)")]
+
+
+def warp_tasks(shape: tuple[int, int, int], bs: int) -> int:
+    """Warps of one weight's scales ``(G, n_sf, k_sf)``: each writes up to 512 words of one output row."""
+    g, n_sf, k_sf = shape
+    return g * -(-k_sf // 4) * -(-n_sf * bs // 512) + g * -(-n_sf // 4) * -(-k_sf * bs // 512)
 
 
 def random_scales(rng, shape, exact=True):
@@ -123,15 +134,19 @@ def test_one_launch_for_the_list(bs):
     shapes = [s if len(s) == 3 else (1, *s) for s, b in CASES if b == bs]
     assert record["num_buffers"] == 3 * len(shapes)
     (k,) = record["kernels"]
-    warps = sum(sum(W.warp_tasks(s, bs)) for s in shapes)
+    warps = sum(warp_tasks(s, bs) for s in shapes)
     assert k["grid"] == [-(-warps // 8), 1, 1] and k["block"] == [256, 1, 1]
     assert sorted(a[1] for a in k["args"]) == list(range(3 * len(shapes)))
 
 
-def test_long_lists_take_several_launches(monkeypatch):
-    monkeypatch.setattr(W, "MAX_WEIGHTS_PER_LAUNCH", 2)
-    calls = _lower([((4, 4), 32)] * 3, 32)
-    assert [decode_record(c["launch"])["num_buffers"] for c in calls] == [6, 3]
+def test_long_lists_take_several_launches():
+    """One launch serves up to 32 weights: 33 take two, of 32 * 3 and 3 buffers (operands and results;
+    counted in the text, whose launch record of 32 weights is printed in hex)."""
+    structs = [jax.ShapeDtypeStruct((4, 4), jnp.float32)] * 33
+    text = lower_for_cuda(lambda *s: batched_transpose_weight_sf(list(s), 32, [False] * len(s)), *structs)
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @tilek_launch" in line]
+    buffers = [re.search(r"@tilek_launch\(([^)]*)\)", c).group(1).count("%") + c.split("->")[-1].count("tensor<") for c in calls]
+    assert buffers == [96, 3]
 
 
 @pytest.mark.gpu
@@ -175,4 +190,4 @@ def test_huge_weights_are_refused_or_lower():
     for shape in [(2**11, 64, 64), (4, 2**20), (2**20, 4)]:  # 2^28 and 2^27 words: the largest lower
         (call,) = _lower([(shape, 128)], 128)
         (k,) = decode_record(call["launch"])["kernels"]
-        assert k["grid"] == [-(-sum(W.warp_tasks(shape if len(shape) == 3 else (1, *shape), 128)) // 8), 1, 1]
+        assert k["grid"] == [-(-warp_tasks(shape if len(shape) == 3 else (1, *shape), 128) // 8), 1, 1]

@@ -4,51 +4,79 @@
 - :func:`swiglu_backward_and_per_token_cast`: the backward from an e4m3 input with per-token scales:
   the bf16 gradient, its per-token cast, the weight gradient and optionally the recomputed output.
 - :func:`swiglu_forward_and_per_channel_cast_and_transpose` (v1): SwiGLU forward rounded to bf16,
-  then a per-channel ``(npt, 1)`` cast, optionally transposed.
+  then a per-channel ``(npt, 1)`` cast, optionally transposed (its own kernel, here).
 
-The math, the psum layout and the exactness rules are those of :mod:`jax_tilek.quant.swiglu`; the
-scale-factor rules and layouts those of :mod:`jax_tilek.quant.formats`. Casts are bit-exact with the
-references (padding rows of the psum layout get zero data and zero scales).
+The per-token variants are the forward and backward ops of :mod:`jax_tilek.swiglu._ops`. The math, the
+psum layout and the exactness rules are those of :mod:`jax_tilek.swiglu`; the scale-factor rules and
+layouts those of :mod:`jax_tilek.quant.formats`. Casts are bit-exact with the references (padding rows
+of the psum layout get zero data and zero scales).
 
 (No ``from __future__ import annotations`` here: TileLang resolves a prim_func's annotations through
 its closure.)
 """
 
-
-import importlib
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp
+from jax_tilek.op import Launch, TileOp, check_impl, uses
 from jax_tilek.quant import formats as F
-# The swiglu module (the package's attribute `swiglu` is the public function of that name).
-_SWIGLU_MODULE = importlib.import_module("jax_tilek.quant.swiglu")
-from jax_tilek.quant.swiglu import (  # noqa: E402
-    MAX_HIDDEN,
-    MAX_ROWS,
-    PASS_CONFIGS,
-    PRELUDE,
-    TOKEN_ALIGNMENT,
-    as_array,
-    check_fmt,
-    check_impl,
-    forward_act,
-    macros,
-    operands,
-    pack_operands,
-    scalar,
-    static_bool,
-    static_int,
-    static_number,
-    swiglu_backward_op,
-    swiglu_forward_op,
-    words,
+from jax_tilek.swiglu._cases import WEIGHT_GRAD_TOLERANCE, case, psum_struct, rows_struct, weights_struct
+from jax_tilek.swiglu._kernels import MAX_HIDDEN, MAX_ROWS, PASS_CONFIGS, PRELUDE, macros
+from jax_tilek.swiglu._ops import arrays, backward_op, check_fmt, forward_op, routing, scalar, words
+from jax_tilek.swiglu._reference import TOKEN_ALIGNMENT, forward_act
+
+# The scale layouts as the public flags (use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0).
+LAYOUT_FLAGS = {"row": (False, False, False), "row_round": (False, True, False), "col": (True, False, False), "col_ue8m0": (True, True, True)}
+
+
+def _flags(layout: str) -> dict:
+    col, round_sf, packed = LAYOUT_FLAGS[layout]
+    return dict(use_tma_aligned_col_major_sf=col, round_sf=round_sf, use_packed_ue8m0=packed)
+
+
+def _sf_layout(name: str, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf) -> tuple[str, bool]:
+    """The scale layout the flags name (``formats.sf_layout``) and round_sf, checked (errors name the op)."""
+    flags = [F.static_bool(name, n, v) for n, v in (
+        ("use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf), ("use_packed_ue8m0", use_packed_ue8m0), ("round_sf", round_sf),
+    )]  # fmt: skip
+    return F.sf_layout(*flags, op=name), flags[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token casts: the forward and backward ops with fmt / scales.
+
+
+def _forward_cast_case(name, t, h, npc, layout, psum=False, weights=False, experts=5, rsf=0.75, token_alignment=16, **options):
+    routed = (psum_struct(experts) if psum else None, weights_struct(t) if weights else None)
+    options.setdefault("routed_scaling_factor", rsf if weights else None)
+    return case(f"{name}_{npc}_{layout}", (rows_struct(t, h), "e4m3", npc, *routed), token_alignment=token_alignment, **_flags(layout), **options)
+
+
+H = "H"  # whole-row scales: num_per_channels = H
+FORWARD_CAST_SPECS = tuple(
+    _forward_cast_case(name, t, h, h if npc == H else npc, layout, **options)
+    for name, t, h, npc, layout, options in (
+        ("single_row", 1, 1024, 128, "row", {}),
+        ("routed", 201, 2048, 128, "col_ue8m0", dict(psum=True, weights=True, clamp_value=10.0, with_clamped_count=True)),
+        ("psum", 129, 2048, 32, "col", dict(psum=True, clamp_value=0.5, with_clamped_count=True)),
+        ("weighted", 34, 7168, 32, "col_ue8m0", dict(weights=True)),
+        ("routed", 35, 7168, 128, "row_round", dict(psum=True, weights=True, clamp_value=0.5, with_clamped_count=True)),
+        ("clamped", 66, 1280, 128, "col_ue8m0", dict(clamp_value=10.0)),
+        ("whole_rows_routed", 97, 1024, H, "row", dict(psum=True, weights=True)),
+        ("whole_rows_clamped", 35, 576, H, "row_round", dict(clamp_value=0.5, with_clamped_count=True)),
+        ("empty", 0, 2048, 32, "col_ue8m0", dict(with_clamped_count=True)),
+        ("bench_fwd_cast", 4096, 4096, 128, "col_ue8m0", dict(token_alignment=TOKEN_ALIGNMENT, bench=True)),
+        ("bench_fwd_cast", 32768, 2048, 128, "col_ue8m0", dict(token_alignment=TOKEN_ALIGNMENT, bench=True)),
+        ("bench_fwd_cast_routed", 65536, 2048, 32, "row", dict(psum=True, weights=True, experts=8, rsf=2.5, clamp_value=10.0, with_clamped_count=True,
+                                                     token_alignment=TOKEN_ALIGNMENT, bench=True)),
+    )  # fmt: skip
 )
 
 
+@uses(forward_op, cases=FORWARD_CAST_SPECS)
 def swiglu_forward_and_per_token_cast(
     x: jax.Array,
     fmt: str = "e4m3",
@@ -64,8 +92,9 @@ def swiglu_forward_and_per_token_cast(
     token_alignment: int = TOKEN_ALIGNMENT,
     *,
     impl=None,
+    ops,
 ):
-    """SwiGLU forward (as :func:`jax_tilek.quant.swiglu.swiglu_forward`) cast to e4m3 per token.
+    """SwiGLU forward (as :func:`jax_tilek.swiglu.swiglu_forward`) cast to e4m3 per token.
 
     Args:
       x: ``[T, 2H]`` bf16 or fp32, H a multiple of 64.
@@ -82,32 +111,45 @@ def swiglu_forward_and_per_token_cast(
       ``(data float8_e4m3fn [T, H], sf)`` (plus int32 ``[4]`` clamp counts if asked). Padding rows
       of the psum layout get zero data and zero scales (TileKernels leaves them unwritten).
     """
-    op = "swiglu_forward_and_per_token_cast"
-    check_impl(op, impl)
-    check_fmt(op, fmt, ("e4m3",))
-    x, psum, weights = operands(op, x, psum_num_tokens_per_expert, topk_weights)
-    layout, round_sf = scale_layout(op, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    extra, names = pack_operands(("psum", psum), ("weights", weights))
-    return swiglu_forward_op(
-        x, *extra, impl=impl, names=names, fmt=fmt, npc=static_int(op, "num_per_channels", num_per_channels), layout=layout,
-        round_sf=round_sf, rsf=static_number(op, "routed_scaling_factor", routed_scaling_factor),
-        clamp=static_number(op, "clamp_value", clamp_value, positive=True), count=static_bool(op, "with_clamped_count", with_clamped_count),
-        alignment=static_int(op, "token_alignment", token_alignment),
+    name = "swiglu_forward_and_per_token_cast"
+    check_impl(impl, name)
+    check_fmt(name, fmt, ("e4m3",))
+    x, psum, weights = arrays(name, x, psum_num_tokens_per_expert, topk_weights)
+    sf_layout, round_sf = _sf_layout(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    return ops[0](
+        x, psum, weights, impl=impl, fmt=fmt, num_per_channels=F.static_int(name, "num_per_channels", num_per_channels), sf_layout=sf_layout,
+        round_sf=round_sf, with_clamped_count=F.static_bool(name, "with_clamped_count", with_clamped_count),
+        **routing(name, routed_scaling_factor, clamp_value, token_alignment),
     )  # fmt: skip
 
 
-def scale_layout(op: str, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf) -> tuple[str, bool]:
-    """The scale layout the flags name (``formats.sf_layout``), and round_sf, with errors naming ``op``."""
-    flags = [static_bool(op, n, v) for n, v in (
-        ("use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf), ("use_packed_ue8m0", use_packed_ue8m0), ("round_sf", round_sf),
-    )]  # fmt: skip
-    try:
-        return F.sf_layout(*flags), flags[2]
-    except ValueError as e:
-        message = str(e)
-        raise ValueError(message if message.startswith(op) else f"{op}: {message}") from None
+def _backward_cast_case(name, t, h, npc, layout, x_layout, psum=False, weights=False, experts=5, rsf=1.5, token_alignment=16, **options):
+    x = (rows_struct(t, h, jnp.float8_e4m3fn), jax.ShapeDtypeStruct(*F.sf_storage_shape(x_layout, (t, 2 * h // npc))))
+    routed = (psum_struct(experts) if psum else None, weights_struct(t) if weights else None)
+    options.setdefault("routed_scaling_factor", rsf if weights else None)
+    return case(f"{name}_{npc}_{layout}_from_{x_layout}", (x, jax.ShapeDtypeStruct((t, h), jnp.bfloat16), "e4m3", npc, *routed),
+                x_scales=(npc, x_layout), x_sf_layout=x_layout, token_alignment=token_alignment, **_flags(layout),
+                tolerance=WEIGHT_GRAD_TOLERANCE if weights else None, **options)  # fmt: skip
 
 
+BACKWARD_CAST_SPECS = tuple(
+    _backward_cast_case(name, t, h, npc, layout, x_layout, **options)
+    for name, t, h, npc, layout, x_layout, options in (
+        ("single_row", 1, 1024, 128, "row_round", "row", {}),
+        ("routed", 152, 2048, 128, "col_ue8m0", "col_ue8m0", dict(psum=True, weights=True, clamp_value=10.0, do_recompute=True)),
+        ("routed", 65, 2048, 32, "col", "row", dict(psum=True, weights=True, clamp_value=0.5)),
+        ("weighted", 34, 7168, 32, "col_ue8m0", "col", dict(weights=True, do_recompute=True)),
+        ("psum", 67, 1152, 128, "col_ue8m0", "row", dict(psum=True, clamp_value=0.5)),
+        # TileKernels' operation order where 1 + l·(1 - s) cancels: the scales show it
+        ("weighted", 65, 1024, 128, "row", "row", dict(weights=True)),
+        ("weighted", 65, 1024, 32, "col", "row", dict(weights=True)),
+        ("bench_bwd_cast_routed", 32768, 2048, 128, "col_ue8m0", "col_ue8m0", dict(psum=True, weights=True, experts=8, rsf=2.5, clamp_value=10.0,
+                                                                          do_recompute=True, token_alignment=TOKEN_ALIGNMENT, bench=True)),
+    )  # fmt: skip
+)
+
+
+@uses(backward_op, cases=BACKWARD_CAST_SPECS)
 def swiglu_backward_and_per_token_cast(
     x: tuple[jax.Array, jax.Array],
     act_x_grad: jax.Array,
@@ -125,6 +167,7 @@ def swiglu_backward_and_per_token_cast(
     x_sf_layout: Optional[str] = None,
     *,
     impl=None,
+    ops,
 ):
     """SwiGLU backward from an e4m3 input, with the gradient cast to e4m3 per token (v2.1 form).
 
@@ -144,23 +187,22 @@ def swiglu_backward_and_per_token_cast(
       act_out bf16 [T, H] if do_recompute)``. The cast quantizes the fp32 gradient (not its bf16
       rounding), in ``(1, npc)`` blocks of the 2H columns. Zeros (and zero scales) on padding rows.
     """
-    op = "swiglu_backward_and_per_token_cast"
-    check_impl(op, impl)
+    name = "swiglu_backward_and_per_token_cast"
+    check_impl(impl, name)
     if not (isinstance(x, (tuple, list)) and len(x) == 2):
-        raise TypeError(f"{op}: x must be a QuantTensor (data, sf), a pair of arrays, got {type(x).__name__}")
-    x_fp8, psum, weights = operands(op, x[0], psum_num_tokens_per_expert, topk_weights)
-    x_sf = as_array(op, "x's scale factors (x[1])", x[1])
-    layout, round_sf = scale_layout(op, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    x_layout = layout if x_sf_layout is None else x_sf_layout
-    if not (isinstance(x_layout, str) and x_layout in ("row", "col", "col_ue8m0")):
-        raise ValueError(f"{op}: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r:.60}")
-    check_fmt(op, fmt, ("e4m3",))
-    extra, names = pack_operands(("x_sf", x_sf), ("psum", psum), ("weights", weights))
-    return swiglu_backward_op(
-        x_fp8, as_array(op, "act_x_grad", act_x_grad), *extra, impl=impl, names=names, grad_fmt="bf16",
-        npc=static_int(op, "num_per_channels", num_per_channels), x_layout=x_layout, cast=True, layout=layout, round_sf=round_sf,
-        rsf=static_number(op, "routed_scaling_factor", routed_scaling_factor), clamp=static_number(op, "clamp_value", clamp_value, positive=True),
-        recompute=static_bool(op, "do_recompute", do_recompute), act_fmt="bf16", alignment=static_int(op, "token_alignment", token_alignment),
+        raise TypeError(f"{name}: x must be a QuantTensor (data, sf), a pair of arrays, got {type(x).__name__}")
+    x_fp8, psum, weights = arrays(name, x[0], psum_num_tokens_per_expert, topk_weights)
+    x_sf = F.as_array(name, "x's scale factors (x[1])", x[1])
+    sf_layout, round_sf = _sf_layout(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+    x_sf_layout = sf_layout if x_sf_layout is None else x_sf_layout
+    if not (isinstance(x_sf_layout, str) and x_sf_layout in ("row", "col", "col_ue8m0")):
+        raise ValueError(f"{name}: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r:.60}")
+    check_fmt(name, fmt, ("e4m3",))
+    return ops[0](
+        x_fp8, F.as_array(name, "act_x_grad", act_x_grad), x_sf, psum, weights, impl=impl, fmt="bf16",
+        num_per_channels=F.static_int(name, "num_per_channels", num_per_channels), x_sf_layout=x_sf_layout, sf_layout=sf_layout,
+        round_sf=round_sf, do_recompute=F.static_bool(name, "do_recompute", do_recompute), with_weight_grad=weights is not None,
+        **routing(name, routed_scaling_factor, clamp_value, token_alignment),
     )  # fmt: skip
 
 
@@ -172,7 +214,7 @@ MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: CTAs loop over the token tiles 
 PC_THREADS = 256
 
 
-@kernel(pass_configs=PASS_CONFIGS, depends=(_SWIGLU_MODULE,))
+@kernel(pass_configs=PASS_CONFIGS)
 def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transpose: bool, clamp: bool, loop: bool):
     """One 128-token x 64-channel tile per CTA, in three steps:
 
@@ -249,7 +291,7 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
             if transpose:
                 for i in T.unroll(16):
                     vals[p, i] = vals[p, i] * sc[1]
-                T.evaluate(T.call_extern("handle", "tilek_st16", T.address_of(out[bn * TILE_N + h, (t0 + (p * 4 + kk) * 16) // 4]), *[
+                T.evaluate(T.call_extern("handle", "tilek_store16", T.address_of(out[bn * TILE_N + h, (t0 + (p * 4 + kk) * 16) // 4]), *[
                     T.call_extern("uint32", "tilek_e4m3x4", *[vals[p, 4 * q + v] for v in range(4)]) for q in range(4)]))  # fmt: skip
         # 3. (not transposed) rows of 8 channels
         if not transpose:
@@ -295,7 +337,7 @@ def swiglu_per_channel_cast_kernel(hidden: int, npt: int, round_sf: bool, transp
     return swiglu_per_channel_cast
 
 
-def _pc_check(x, *, npt, round_sf=False, transpose=True, clamp=None):
+def _per_channel_check(x, *, num_per_tokens, **_):
     name = "swiglu_forward_and_per_channel_cast_and_transpose"
     if x.ndim != 2 or x.shape[1] % (2 * TILE_N) or x.shape[1] == 0:
         raise ValueError(f"{name}: x must be [T, 2H] with 2H a multiple of {2 * TILE_N} (and not 0), got shape {x.shape}")
@@ -307,31 +349,51 @@ def _pc_check(x, *, npt, round_sf=False, transpose=True, clamp=None):
         raise ValueError(f"{name}: T ({x.shape[0]}) must be a multiple of {TILE_M}")
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"{name}: x may have at most {MAX_ROWS} rows (T; the kernel indexes rows with int32), got {x.shape[0]}")
-    if static_int(name, "num_per_tokens", npt) not in (32, 128):
-        raise ValueError(f"{name}: num_per_tokens must be 32 or 128, got {npt}")
-    static_number(name, "swiglu_clamp_value", clamp, positive=True)
+    if F.static_int(name, "num_per_tokens", num_per_tokens) not in (32, 128):
+        raise ValueError(f"{name}: num_per_tokens must be 32 or 128, got {num_per_tokens}")
 
 
-def _pc_reference(x, *, npt, round_sf=False, transpose=True, clamp=None):
-    act, _ = forward_act(x, clamp_value=clamp)
+def _per_channel_reference(x, *, num_per_tokens, round_sf=False, transpose=True, clamp_value=None):
+    act, _ = forward_act(x, clamp_value=clamp_value)
     act = act.astype(jnp.bfloat16).astype(jnp.float32)
-    data, sf = F.quantize_blocks(act, "e4m3", (npt, 1), round_sf=round_sf)
+    data, sf = F.quantize_blocks(act, "e4m3", (num_per_tokens, 1), round_sf=round_sf)
     return (data.T if transpose else data), sf
 
 
-def _pc_launch(x, *, npt, round_sf=False, transpose=True, clamp=None):
+def _per_channel_launch(x, *, num_per_tokens, round_sf=False, transpose=True, clamp_value=None) -> Launch:
     t, h = x.shape[0], x.shape[1] // 2
     return Launch(
         kernel=swiglu_per_channel_cast_kernel,
-        params=dict(hidden=h, npt=npt, round_sf=bool(round_sf), transpose=bool(transpose), clamp=clamp is not None, loop=-(-t // TILE_M) > MAX_GRID_Y),
-        scalars=dict(clamp_value=scalar(clamp)),
+        params=dict(hidden=h, npt=num_per_tokens, round_sf=bool(round_sf), transpose=bool(transpose), clamp=clamp_value is not None,
+                    loop=-(-t // TILE_M) > MAX_GRID_Y),  # fmt: skip
+        scalars=dict(clamp_value=scalar(clamp_value)),
         views={"x": words(x.shape, x.dtype), "out": words((h, t) if transpose else (t, h), jnp.float8_e4m3fn)},
     )
 
 
-swiglu_per_channel_cast_op = TileOp(name="swiglu_forward_and_per_channel_cast_and_transpose", launch=_pc_launch, reference=_pc_reference, check=_pc_check)
+# Not row-wise: the scales are per channel, over blocks of tokens.
+per_channel_cast_op = TileOp(
+    name="swiglu_forward_and_per_channel_cast_and_transpose", launch=_per_channel_launch, operands=("x",), results=("out", "sf"),
+    reference=_per_channel_reference, check=_per_channel_check,
+)  # fmt: skip
 
 
+def _per_channel_case(t, h, npt, transpose, round_sf, clamp_value, prefix="", bench=False):
+    name = f"{prefix}{npt}" + ("_transposed" if transpose else "") + ("_round_sf" if round_sf else "") + ("_clamped" if clamp_value else "")
+    options = dict(num_per_tokens=npt, round_sf=round_sf, without_transpose=not transpose, swiglu_clamp_value=clamp_value)
+    return case(name, (rows_struct(t, h),), bench=bench, **options)
+
+
+PER_CHANNEL_SPECS = (
+    _per_channel_case(128, 1024, 128, True, False, None),
+    _per_channel_case(384, 2048, 32, True, True, 10.0),
+    _per_channel_case(256, 7168, 128, False, True, 0.5),
+    _per_channel_case(128, 576, 32, False, False, None),
+    _per_channel_case(16384, 4096, 128, True, False, None, prefix="bench_per_channel_", bench=True),
+)
+
+
+@uses(per_channel_cast_op, cases=PER_CHANNEL_SPECS)
 def swiglu_forward_and_per_channel_cast_and_transpose(
     x: jax.Array,
     fmt: str = "e4m3",
@@ -341,6 +403,7 @@ def swiglu_forward_and_per_channel_cast_and_transpose(
     swiglu_clamp_value: Optional[float] = None,
     *,
     impl=None,
+    ops,
 ):
     """SwiGLU forward, rounded to bf16, cast to e4m3 per channel in ``(npt, 1)`` blocks (v1).
 
@@ -354,10 +417,11 @@ def swiglu_forward_and_per_channel_cast_and_transpose(
       ``(out float8_e4m3fn [H, T] (or [T, H]), sf fp32 [T / npt, H])``, bit-exact with casting
       ``swiglu_forward(x).astype(bf16)`` in ``(npt, 1)`` blocks.
     """
-    op = "swiglu_forward_and_per_channel_cast_and_transpose"
-    check_impl(op, impl)
-    check_fmt(op, fmt, ("e4m3",))
-    return swiglu_per_channel_cast_op(
-        as_array(op, "x", x), impl=impl, npt=static_int(op, "num_per_tokens", num_per_tokens), round_sf=static_bool(op, "round_sf", round_sf),
-        transpose=not static_bool(op, "without_transpose", without_transpose), clamp=static_number(op, "swiglu_clamp_value", swiglu_clamp_value, positive=True),
+    name = "swiglu_forward_and_per_channel_cast_and_transpose"
+    check_impl(impl, name)
+    check_fmt(name, fmt, ("e4m3",))
+    return ops[0](
+        F.as_array(name, "x", x), impl=impl, num_per_tokens=F.static_int(name, "num_per_tokens", num_per_tokens),
+        round_sf=F.static_bool(name, "round_sf", round_sf), transpose=not F.static_bool(name, "without_transpose", without_transpose),
+        clamp_value=F.static_number(name, "swiglu_clamp_value", swiglu_clamp_value, positive=True),
     )  # fmt: skip

@@ -15,33 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import device
+from jax_tilek.device import static_range as _static
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View
-from jax_tilek.quant import e5m6
+from jax_tilek.op import Launch, Rows, TileOp, View, config_class, uses
+from jax_tilek.quant import _e5m6 as e5m6
 from jax_tilek.quant import formats as F
+from jax_tilek.testing import ArgSpec
 
-PRELUDE = """
-__device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
-}
-__device__ __forceinline__ unsigned tilek_bf16x2(float lo, float hi) {
-  unsigned r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-__device__ __forceinline__ unsigned tilek_e4m3x2_f16x2(float lo, float hi) {
-  unsigned short q;
-  unsigned r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(q) : "f"(hi), "f"(lo));
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(q));
-  return r;
-}
-__device__ __forceinline__ float tilek_f16_to_f32(unsigned bits) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)bits));
-  return f;
-}
-"""
+PRELUDE = device.prelude(device.STORE16, device.BF16X2, device.E4M3X2_F16X2, device.F16_TO_F32)
 
 OUT_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 ROW_ALIGN = 64  # the logical hidden size must be a multiple of this (TileKernels)
@@ -52,11 +34,6 @@ SF_DTYPES = {"row": ("float32", "float8_e4m3fn"), "col": ("float32", "float8_e4m
 
 # ---------------------------------------------------------------------------------------------
 # TIR helpers: each builds expressions while a prim_func is parsed.
-
-
-def _static(n: int) -> tuple[int, ...]:
-    """A loop that TileLang expands while parsing (its variable is a Python int), unlike ``range``."""
-    return tuple(range(n))
 
 
 def _e4m3_top_to_f32(top):
@@ -223,7 +200,7 @@ def cast_back_kernel(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _QuantTensor:
     """What a QuantTensor is, as worked out (and checked) from its arrays."""
 
     fmt: str  # element format
@@ -234,8 +211,9 @@ class _Config:
     num_blocks: tuple[int, int]
 
 
-def _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name: str) -> _Config:
-    """Checks a QuantTensor and infers its element format, logical shape and scale layout."""
+def _resolve(data, sf, *, x_block_size, x_special_fmt=None, sf_layout=None, name="cast_back", **_) -> _QuantTensor:
+    """Checks a QuantTensor and infers its element format, logical shape and scale layout (from the
+    cast_back op's static options; ``name`` is the public function the errors name)."""
     if x_special_fmt not in (None, "e5m6"):
         raise ValueError(f"{name}: x_special_fmt must be None or 'e5m6', got {x_special_fmt!r}")
     if data.ndim != 2:
@@ -292,39 +270,61 @@ def _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name: str) -> _Co
         raise ValueError(
             f"{name}: the scales of x, of shape {tuple(sf.shape)}, fit both layouts {matches} for this data and block; say which with sf_layout"
         )
-    return _Config(fmt, tokens, hidden, (bm, bk), matches[0], num_blocks)
+    return _QuantTensor(fmt, tokens, hidden, (bm, bk), matches[0], num_blocks)
 
 
-def _cast_back_check(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None, name="cast_back", force_wide=False):
+def _cast_back_check(data, sf, *, fmt, **static) -> None:
     if not isinstance(fmt, str) or fmt not in OUT_DTYPES:
-        raise ValueError(f"{name}: fmt (the output type) must be 'bf16' or 'fp32', got {fmt!r}")
-    _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name)
+        raise ValueError(f"{static.get('name', 'cast_back')}: fmt (the output type) must be 'bf16' or 'fp32', got {fmt!r}")
+    _resolve(data, sf, **static)
 
 
-def _cast_back_reference(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None, name="cast_back", force_wide=False):
-    cfg = _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name)
-    if cfg.tokens == 0:  # (formats.load_sf cannot unpack empty UE8M0 storage)
-        return jnp.zeros((0, cfg.hidden), OUT_DTYPES[fmt])
-    scales = F.load_sf(sf, cfg.layout, cfg.num_blocks)
-    return F.dequantize_blocks(data, scales, cfg.fmt, cfg.block, out_dtype=OUT_DTYPES[fmt])
+def _cast_back_reference(data, sf, *, fmt, **static) -> jax.Array:
+    q = _resolve(data, sf, **static)
+    if q.tokens == 0:  # (formats.load_sf cannot unpack empty UE8M0 storage)
+        return jnp.zeros((0, q.hidden), OUT_DTYPES[fmt])
+    scales = F.load_sf(sf, q.layout, q.num_blocks)
+    return F.dequantize_blocks(data, scales, q.fmt, q.block, out_dtype=OUT_DTYPES[fmt])
 
 
-def _cast_back_launch(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_layout=None, name="cast_back", force_wide=False) -> Launch:
-    """``force_wide`` (tests): the int64-index kernel also for inputs that do not need it."""
-    cfg = _resolve(data, sf, x_block_size, x_special_fmt, sf_layout, name)
+@dataclasses.dataclass(frozen=True)
+class CastBackConfig:
+    """``unroll`` thread units in flight per thread; ``wide``: int64 unit indices (needed from 2^31
+    units on; taken there whatever this says)."""
+
+    unroll: int
+    wide: bool = False
+
+
+def _units(data, sf, *, fmt, **static) -> tuple[_QuantTensor, int, int]:
+    """(the QuantTensor, values per thread unit, thread units in all)."""
+    q = _resolve(data, sf, **static)
+    per_unit = UNITS[(q.fmt, np.dtype(OUT_DTYPES[fmt]).name)][0]
+    return q, per_unit, q.tokens * (q.hidden // per_unit)
+
+
+@config_class(CastBackConfig)
+def _cast_back_config(data, sf, *, fmt, **static) -> CastBackConfig:
+    """:func:`unit_plan`'s unroll; int64 indices only where int32 ones would overflow."""
+    q, _, units = _units(data, sf, fmt=fmt, **static)
+    unroll = unit_plan(q.fmt, np.dtype(OUT_DTYPES[fmt]).name, q.block[1])[2]
+    return CastBackConfig(unroll=unroll, wide=needs_wide(units, 256, unroll))
+
+
+def _cast_back_launch(data, sf, *, config: CastBackConfig, fmt, **static) -> Launch:
+    q, _, units = _units(data, sf, fmt=fmt, **static)
     out_dtype = np.dtype(OUT_DTYPES[fmt])
-    t, h = cfg.tokens, cfg.hidden
-    bits = F.FORMATS[cfg.fmt].bits
-    per_unit, _, unroll = unit_plan(cfg.fmt, out_dtype.name, cfg.block[1])
+    t, h = q.tokens, q.hidden
     params = dict(
-        hidden=h, fmt=cfg.fmt, out_dtype=out_dtype.name, block=cfg.block, sf_layout=cfg.layout,
-        sf_dtype=np.dtype(sf.dtype).name, unroll=unroll, wide=force_wide or needs_wide(t * (h // per_unit), 256, unroll),
+        hidden=h, fmt=q.fmt, out_dtype=out_dtype.name, block=q.block, sf_layout=q.layout, sf_dtype=np.dtype(sf.dtype).name,
+        unroll=config.unroll, wide=config.wide or needs_wide(units, 256, config.unroll),
     )  # fmt: skip
     return Launch(
         kernel=cast_back_kernel,
         params=params,
+        buffers={"x": "data"},
         views={
-            "x": View((t, h * bits // 32), dtype=np.uint32),
+            "x": View((t, h * F.FORMATS[q.fmt].bits // 32), dtype=np.uint32),
             "y": View((t, h * out_dtype.itemsize // 4), dtype=np.uint32),
             # explicit row-major strides: also right for empty storage (T = 0), which the kernel expects
             "sf": View(tuple(sf.shape), (sf.shape[1], 1), dtype=np.uint8 if sf.dtype == jnp.float8_e4m3fn else None),
@@ -332,10 +332,91 @@ def _cast_back_launch(data, sf, *, fmt, x_block_size, x_special_fmt=None, sf_lay
     )
 
 
-_cast_back_op = TileOp(name="cast_back", launch=_cast_back_launch, reference=_cast_back_reference, check=_cast_back_check)
+def _cast_back_rows(data, sf, **static) -> Rows | None:
+    """Per-token blocks with row-major scales: a token's data and scales are its own rows."""
+    q = _resolve(data, sf, **static)
+    return Rows(("data", "sf"), ("y",)) if q.block[0] == 1 and q.layout == "row" else None
 
 
-def cast_back(x, fmt: str, x_block_size, x_special_fmt: str | None = None, *, sf_layout: str | None = None, impl=None) -> jax.Array:
+_cast_back_op = TileOp(
+    name="cast_back", launch=_cast_back_launch, operands=("data", "sf"), results=("y",), reference=_cast_back_reference,
+    check=_cast_back_check, config=_cast_back_config, rows=_cast_back_rows,
+)  # fmt: skip
+
+
+def _quant_case(fmt: str, block: tuple[int, int], layout: str, out: str, hidden: int, tokens: int = 8, e4m3_sf: bool = False,
+                prefix: str = "", **options) -> ArgSpec:  # fmt: skip
+    """A cast_back call on ``tokens`` rows of normal values quantized by ``formats`` (times 64 for e4m3
+    data with e4m3 scales, which then stay normal)."""
+    shape, sf_dtype = F.sf_storage_shape(layout, F.num_blocks((tokens, hidden), block), jnp.float8_e4m3fn if e4m3_sf else jnp.float32)
+    width = {"e4m3": hidden, "e2m1": hidden // 2, "e5m6": hidden * 3 // 2}[fmt]
+    data = jax.ShapeDtypeStruct((tokens, width), jnp.float8_e4m3fn if fmt == "e4m3" else jnp.uint8)
+
+    def make(rng, x):
+        v = rng.standard_normal((x[0].shape[0], hidden), np.float32) * (64 if e4m3_sf and fmt == "e4m3" else 1)
+        values, sf = F.quantize_blocks(jnp.asarray(v), fmt, block, round_sf="ue8m0" in layout, use_e4m3_sf=e4m3_sf)
+        return ((values, F.store_sf(sf, layout)),)
+
+    name = f"{prefix}{fmt}_{block[0]}x{block[1]}_{layout}{'_e4m3sf' if e4m3_sf else ''}_{tokens}x{hidden}_{out}"
+    kwargs = dict(fmt=out, x_block_size=block, x_special_fmt="e5m6" if fmt == "e5m6" else None, sf_layout=layout)
+    return ArgSpec(name, ((data, jax.ShapeDtypeStruct(shape, sf_dtype)),), kwargs, make=make, **options)
+
+
+# (fmt, block, layout, out, hidden, e4m3 scales): every format, block shape and scale layout, both outputs.
+CAST_BACK_CONFIGS = (
+    ("e4m3", (1, 128), "row", "bf16", 7168, False),
+    ("e4m3", (1, 128), "col", "fp32", 4096, False),
+    ("e4m3", (1, 128), "col_ue8m0", "bf16", 7168, False),
+    ("e4m3", (1, 7168), "row", "fp32", 7168, False),
+    ("e4m3", (1, 32), "row", "bf16", 4096, True),
+    ("e4m3", (128, 128), "row", "bf16", 7168, False),
+    ("e4m3", (128, 128), "col_ue8m0", "fp32", 4096, False),
+    ("e4m3", (128, 1), "row", "bf16", 4096, False),
+    ("e4m3", (128, 1), "ue8m0_along_m", "fp32", 4096, False),
+    ("e4m3", (32, 32), "col", "fp32", 7168, False),
+    ("e2m1", (1, 32), "row", "bf16", 7168, False),
+    ("e2m1", (1, 16), "col_ue8m0", "fp32", 4096, False),
+    ("e2m1", (1, 16), "row", "bf16", 7168, True),
+    ("e2m1", (1, 4096), "col", "bf16", 4096, False),
+    ("e2m1", (32, 32), "col_ue8m0", "fp32", 7168, False),
+    ("e5m6", (1, 7168), "row", "bf16", 7168, False),
+    ("e5m6", (1, 4096), "col", "fp32", 4096, False),
+    ("e5m6", (1, 4096), "col_ue8m0", "fp32", 4096, False),
+    ("e4m3", (1, 128), "col", "bf16", 4096, True),  # e4m3 scales in 16-byte aligned columns (tokens padded to 16)
+    # a partial last channel block (H % bk != 0; TileKernels tests H = 576): every format and layout
+    ("e4m3", (1, 128), "row", "bf16", 576, False),
+    ("e4m3", (1, 128), "col", "fp32", 576, True),
+    ("e4m3", (1, 128), "col_ue8m0", "bf16", 576, False),
+    ("e4m3", (128, 128), "col", "fp32", 576, False),
+    ("e2m1", (1, 128), "row", "fp32", 192, True),
+    ("e2m1", (1, 128), "col_ue8m0", "bf16", 576, False),
+    ("e5m6", (1, 128), "row", "bf16", 576, False),
+    ("e5m6", (1, 128), "col", "fp32", 192, False),
+)
+
+# Named calls: each configuration on 8 tokens; int64 unit indices on ordinary sizes ("wide_", traced
+# only here, run on the GPU) and past 2^31 units (4096 wide rows); the benchmarks' sizes ("bench_").
+CAST_BACK_SPECS = (
+    *(_quant_case(f, b, l, o, h, e4m3_sf=e) for f, b, l, o, h, e in CAST_BACK_CONFIGS),
+    *(_quant_case(f, b, l, o, h, e4m3_sf=e, prefix="wide_", config=dict(wide=True), bench=True)
+      for f, b, l, o, h, e in (CAST_BACK_CONFIGS[i] for i in (19, 24, 25, 6))),  # fmt: skip
+    _quant_case("e4m3", (1, 128), "row", "bf16", 4096, tokens=2**22 + 3, prefix="wide_", bench=True),
+    _quant_case("e4m3", (1, 128), "col_ue8m0", "bf16", 7168, tokens=16384, prefix="bench_", bench=True),
+    _quant_case("e4m3", (1, 128), "row", "bf16", 4096, tokens=65536, prefix="bench_", bench=True),
+    _quant_case("e4m3", (128, 128), "row", "bf16", 7168, tokens=16384, prefix="bench_", bench=True),
+    _quant_case("e4m3", (1, 128), "col", "fp32", 4096, tokens=4096, prefix="bench_", bench=True),
+    _quant_case("e4m3", (1, 128), "col", "bf16", 7168, tokens=16384, e4m3_sf=True, prefix="bench_", bench=True),
+    _quant_case("e4m3", (1, 128), "col_ue8m0", "bf16", 576, tokens=65536, prefix="bench_", bench=True),
+    _quant_case("e2m1", (1, 32), "col_ue8m0", "bf16", 7168, tokens=16384, prefix="bench_", bench=True),
+    _quant_case("e5m6", (1, 7168), "row", "bf16", 7168, tokens=16384, prefix="bench_", bench=True),
+)
+PER_TOKEN_CAST_BACK_SPECS = (  # the scale layout inferred
+    dataclasses.replace(_quant_case("e2m1", (1, 64), "col", "fp32", 192), kwargs=dict(fmt="fp32", num_per_channels=64)),
+)
+
+
+@uses(_cast_back_op, cases=CAST_BACK_SPECS)
+def cast_back(x, fmt: str, x_block_size, x_special_fmt: str | None = None, *, sf_layout: str | None = None, impl=None, ops) -> jax.Array:
     """Dequantizes a QuantTensor: ``out = data · sf`` per ``x_block_size`` block, in fp32, rounded to ``fmt``.
 
     Args:
@@ -360,11 +441,12 @@ def cast_back(x, fmt: str, x_block_size, x_special_fmt: str | None = None, *, sf
       ``[T, H]`` bfloat16 or float32, bit-exact with ``formats.dequantize_blocks``. T < ``formats.MAX_TOKENS``;
       T * H is not limited (the kernel switches to 64-bit unit indices past 2^31 units).
     """
-    return _cast_back_call(x, fmt, x_block_size, x_special_fmt, sf_layout, impl, "cast_back")
+    return _cast_back_call(ops[0], x, fmt, x_block_size, x_special_fmt, sf_layout, impl, "cast_back")
 
 
+@uses(_cast_back_op, cases=PER_TOKEN_CAST_BACK_SPECS)
 def per_token_cast_back(
-    x, fmt: str, num_per_channels: int, x_special_fmt: str | None = None, *, sf_layout: str | None = None, impl=None
+    x, fmt: str, num_per_channels: int, x_special_fmt: str | None = None, *, sf_layout: str | None = None, impl=None, ops
 ) -> jax.Array:
     """:func:`cast_back` with per-token blocks ``(1, num_per_channels)`` (npc divides 64 or is a multiple
     of 64; it need not divide H: the last block is partial)."""
@@ -372,7 +454,7 @@ def per_token_cast_back(
     npc = F.static_int(name, "num_per_channels", num_per_channels)
     if npc < 1:
         raise ValueError(f"{name}: num_per_channels must be positive, got {npc}")
-    return _cast_back_call(x, fmt, (1, npc), x_special_fmt, sf_layout, impl, name)
+    return _cast_back_call(ops[0], x, fmt, (1, npc), x_special_fmt, sf_layout, impl, name)
 
 
 def _quant_tensor(x, name: str):
@@ -384,7 +466,9 @@ def _quant_tensor(x, name: str):
     return F.as_array(name, "the data of x", x[0]), F.as_array(name, "the scales of x", x[1])
 
 
-def _cast_back_call(x, fmt, x_block_size, x_special_fmt, sf_layout, impl, name):
+def _cast_back_call(op: TileOp, x, fmt, x_block_size, x_special_fmt, sf_layout, impl, name):
+    """Checks the arguments and calls the op with the QuantTensor's block and scale layout resolved
+    (so that a vmap folded into the tokens never meets an ambiguous layout)."""
     F.check_impl(name, impl)
     data, sf = _quant_tensor(x, name)
     if isinstance(x_block_size, list):
@@ -397,7 +481,10 @@ def _cast_back_call(x, fmt, x_block_size, x_special_fmt, sf_layout, impl, name):
         raise TypeError(f"{name}: x_special_fmt must be None or 'e5m6', got {x_special_fmt!r}")
     if not isinstance(fmt, str):
         raise TypeError(f"{name}: fmt (the output type) must be 'bf16' or 'fp32', got {fmt!r}")
-    return _cast_back_op(data, sf, impl=impl, fmt=fmt, x_block_size=x_block_size, x_special_fmt=x_special_fmt, sf_layout=sf_layout, name=name)
+    static = dict(x_block_size=x_block_size, x_special_fmt=x_special_fmt, sf_layout=sf_layout, name=name)
+    _cast_back_check(data, sf, fmt=fmt, **static)
+    q = _resolve(data, sf, **static)
+    return op(data, sf, impl=impl, fmt=fmt, x_block_size=q.block, x_special_fmt=x_special_fmt, sf_layout=q.layout, name=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +638,7 @@ def _window(x, columns) -> tuple[int, int]:
     return (0, x.shape[-1]) if columns is None else (int(columns[0]), int(columns[1]))
 
 
-def _round_trip_check(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None, force_wide=False):
+def _round_trip_check(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None):
     name = "per_token_cast_and_cast_back"
     if x.ndim != 2:
         raise ValueError(f"{name}: x must be [T, S], got shape {x.shape}")
@@ -580,7 +667,7 @@ def _round_trip_check(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=F
         raise ValueError(f"{name}: x's rows must be shorter than 2^31 elements (int32 extents), got {x.shape[1]}")
 
 
-def _round_trip_reference(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None, force_wide=False):
+def _round_trip_reference(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None):
     start, stop = _window(x, columns)
     xs = x[:, start:stop]
     block = (1, num_per_channels)
@@ -588,18 +675,37 @@ def _round_trip_reference(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_
     return F.dequantize_blocks(data, sf, fmt, block, out_dtype=x.dtype)
 
 
-def _round_trip_launch(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None, force_wide=False) -> Launch:
+def _slots(x, *, num_per_channels, columns=None, **_) -> int:
+    """Chunk slots per row (see the kernel)."""
+    start, stop = _window(x, columns)
+    per_chunk = 32 // np.dtype(x.dtype).itemsize
+    return F.align((stop - start) // per_chunk, num_per_channels // per_chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTripConfig:
+    """``wide``: int64 slot indices (needed from 2^31 slots on; taken there whatever this says)."""
+
+    wide: bool = False
+
+
+@config_class(RoundTripConfig)
+def _round_trip_config(x, **static) -> RoundTripConfig:
+    """int64 indices only where int32 ones would overflow."""
+    return RoundTripConfig(wide=needs_wide(x.shape[0] * _slots(x, **static), 256, 2))
+
+
+def _round_trip_launch(x, *, config: RoundTripConfig, fmt, num_per_channels, round_sf=False, use_e4m3_sf=False, columns=None) -> Launch:
     t, width = x.shape
     start, stop = _window(x, columns)
     per_word = 4 // np.dtype(x.dtype).itemsize
     h = stop - start
-    per_chunk = 32 // np.dtype(x.dtype).itemsize
-    slots = F.align(h // per_chunk, num_per_channels // per_chunk)  # chunk slots per row (see the kernel)
+    wide = config.wide or needs_wide(t * _slots(x, num_per_channels=num_per_channels, columns=columns), 256, 2)
     return Launch(
         kernel=cast_round_trip_kernel,
         params=dict(
             hidden=h, in_dtype=np.dtype(x.dtype).name, fmt=fmt, num_per_channels=num_per_channels,
-            round_sf=bool(round_sf), use_e4m3_sf=bool(use_e4m3_sf), wide=force_wide or needs_wide(t * slots, 256, 2),
+            round_sf=round_sf, use_e4m3_sf=use_e4m3_sf, wide=wide,
         ),  # fmt: skip
         views={
             "x": View((t, h // per_word), (width // per_word, 1), start // per_word, np.uint32),
@@ -608,7 +714,54 @@ def _round_trip_launch(x, *, fmt, num_per_channels, round_sf=False, use_e4m3_sf=
     )
 
 
-_round_trip_op = TileOp(name="per_token_cast_and_cast_back", launch=_round_trip_launch, reference=_round_trip_reference, check=_round_trip_check)
+_round_trip_op = TileOp(
+    name="per_token_cast_and_cast_back", launch=_round_trip_launch, operands=("x",), results=("y",), reference=_round_trip_reference,
+    check=_round_trip_check, config=_round_trip_config, rows=Rows(("x",), ("y",)),
+)  # fmt: skip
+
+
+def _round_trip_case(dtype, fmt: str, npc: int, hidden: int, columns=None, tokens: int = 8, round_sf: bool = False,
+                     use_e4m3_sf: bool = False, prefix: str = "", **options) -> ArgSpec:  # fmt: skip
+    """A round trip of ``[tokens, hidden]`` (with ``columns``: of that window of rows 512 longer)."""
+    width = hidden if columns is None else columns[1] + 512
+    flags = "".join(f"_{k}" for k, v in (("round_sf", round_sf), ("e4m3_sf", use_e4m3_sf), ("window", columns)) if v)
+    name = f"{prefix}{np.dtype(dtype).name}_{fmt}_1x{npc}{flags}_{tokens}x{hidden}"
+    kwargs = dict(fmt=fmt, num_per_channels=npc, round_sf=round_sf, use_e4m3_sf=use_e4m3_sf, columns=columns)
+    return ArgSpec(name, (jax.ShapeDtypeStruct((tokens, width), dtype),), kwargs, **options)
+
+
+# (dtype, fmt, npc, hidden, columns, round_sf, use_e4m3_sf): both formats and input dtypes, every group
+# size and scale rule, column windows, partial last groups (H % npc != 0).
+ROUND_TRIP_CONFIGS = (
+    (jnp.bfloat16, "e4m3", 128, 7168, None, False, False),
+    (jnp.bfloat16, "e4m3", 32, 4096, None, True, False),
+    (jnp.float32, "e4m3", 64, 4096, None, False, True),
+    (jnp.bfloat16, "e2m1", 16, 7168, None, False, True),
+    (jnp.float32, "e2m1", 32, 7168, None, True, False),
+    (jnp.bfloat16, "e2m1", 128, 4096, (512, 4608), False, False),
+    (jnp.float32, "e4m3", 16, 7168, (1024, 8192), False, False),
+    (jnp.bfloat16, "e4m3", 128, 576, None, False, False),
+    (jnp.float32, "e2m1", 128, 192, None, True, False),
+    (jnp.bfloat16, "e2m1", 128, 576, (64, 640), False, True),
+    (jnp.float32, "e4m3", 128, 576, None, False, True),
+    (jnp.bfloat16, "e4m3", 128, 64, None, True, False),
+)
+
+# Named calls: each configuration on 8 tokens; int64 slot indices on ordinary sizes ("wide_", traced
+# only here, run on the GPU) and past 2^31 elements (8192 wide rows); the benchmarks' sizes ("bench_").
+ROUND_TRIP_SPECS = (
+    *(_round_trip_case(d, f, n, h, c, round_sf=r, use_e4m3_sf=e) for d, f, n, h, c, r, e in ROUND_TRIP_CONFIGS),
+    *(_round_trip_case(d, f, n, h, c, round_sf=r, use_e4m3_sf=e, prefix="wide_", config=dict(wide=True), bench=True)
+      for d, f, n, h, c, r, e in (ROUND_TRIP_CONFIGS[i] for i in (0, 8, 9))),  # fmt: skip
+    _round_trip_case(jnp.bfloat16, "e4m3", 128, 8192, tokens=2**18 + 5, prefix="wide_", bench=True),
+    _round_trip_case(jnp.bfloat16, "e4m3", 128, 7168, tokens=16384, prefix="bench_", bench=True),
+    _round_trip_case(jnp.bfloat16, "e2m1", 16, 4096, tokens=16384, use_e4m3_sf=True, prefix="bench_", bench=True),
+    _round_trip_case(jnp.bfloat16, "e4m3", 128, 576, tokens=65536, prefix="bench_", bench=True),
+)
+
+
+@uses(_round_trip_op, cases=ROUND_TRIP_SPECS)
+
 
 
 def per_token_cast_and_cast_back(
@@ -618,7 +771,9 @@ def per_token_cast_and_cast_back(
     round_sf: bool = False,
     use_e4m3_sf: bool = False,
     columns: tuple[int, int] | None = None,
+    *,
     impl=None,
+    ops,
 ) -> jax.Array:
     """Quantizes and dequantizes per 1 x npc group: TileKernels v2.1's in-place op, made functional.
 
@@ -642,7 +797,7 @@ def per_token_cast_and_cast_back(
     """
     name = "per_token_cast_and_cast_back"
     x = F.as_array(name, "x", x)
-    return _round_trip_op(
+    return ops[0](
         x, impl=impl, fmt=fmt, num_per_channels=F.static_int(name, "num_per_channels", num_per_channels),
         round_sf=F.static_bool(name, "round_sf", round_sf), use_e4m3_sf=F.static_bool(name, "use_e4m3_sf", use_e4m3_sf),
         columns=None if columns is None else _columns(name, columns),

@@ -13,54 +13,27 @@ power-of-two ceiling with ``round_sf``) and ``data = e4m3(x · sf_inv)``; see
 its closure.)
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import device
+from jax_tilek.device import static_range as _static
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, static_flag, static_int
+from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, config_class, static_flag, static_int, uses
 from jax_tilek.quant import formats as F
 from jax_tilek.spec import GRID_LIMITS
+from jax_tilek.testing import ArgSpec, random_array
 
 TILE_T = 128  # tokens per CTA
 THREADS = 256
 
 # Device helpers: bf16 / e4m3 unpacking, exact e4m3 packing, stores the compiler cannot split.
-_PRELUDE = r"""
-__device__ __forceinline__ float tilek_bf16_lo(unsigned w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float tilek_bf16_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
-// Element j (0..3) of four e4m3 codes packed in a word, exactly, as fp32.
-__device__ __forceinline__ float tilek_e4m3_at(unsigned w, int j) {
-  unsigned short pair = (unsigned short)(j < 2 ? w : w >> 16);
-  unsigned h2;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(pair));
-  unsigned short h = (unsigned short)((j & 1) ? h2 >> 16 : h2);
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-// Four fp32 values -> four e4m3 codes (round to nearest even, saturating at +-448), a first.
-__device__ __forceinline__ unsigned tilek_e4m3x4(float a, float b, float c, float d) {
-  unsigned short lo, hi;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
-  return (unsigned)lo | ((unsigned)hi << 16);
-}
-__device__ __forceinline__ float tilek_ue8m0(unsigned char e) { return __uint_as_float(((unsigned)e) << 23); }
-__device__ __forceinline__ void tilek_store8(unsigned* p, unsigned a, unsigned b) {
-  asm volatile("st.global.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(a), "r"(b) : "memory");
-}
-__device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
-}
-"""
+_PRELUDE = device.prelude(device.BF16_UNPACK, device.E4M3_AT, device.E4M3X4, device.UE8M0, device.STORE8, device.STORE16)
 
 SF_INPUTS = (None, "row", "col", "col_ue8m0")
-
-
-def _static(n: int) -> tuple[int, ...]:
-    """A loop over Python ints, unrolled when the kernel is built (``range`` would make a TIR loop)."""
-    return tuple(range(n))
 
 
 @kernel(pass_configs={"tl.disable_warp_specialized": True})
@@ -321,27 +294,19 @@ def per_channel_cast_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# The op: reference, rules, launch. Arguments are ``x`` then ``x_sf`` (if ``sf_in``) then ``pos`` (if
-# ``gather``); outputs ``(data, sf)``.
+# The op: reference, rules, launch. Operands ``x`` (or a QuantTensor's data), its per-token scales
+# ``x_sf``, the gathered rows ``pos``; results ``(out, sf)``. Not row-wise: a scale spans npt tokens.
 
 
-def _operands(args, sf_in, gather):
-    x, rest = args[0], list(args[1:])
-    x_sf = rest.pop(0) if sf_in else None
-    pos = rest.pop(0) if gather else None
-    return x, x_sf, pos
-
-
-def _reference(*args, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, tile_h=None, min_blocks=None, fold=None):
-    x, x_sf, pos = _operands(args, sf_in, gather)
+def _reference(x, x_sf, pos, *, num_per_tokens, round_sf, x_sf_layout, num_per_channels, use_packed_ue8m0, transpose):
     t, h = x.shape
-    if sf_in:  # the kernel's cast-back: fp32 product of the e4m3 value and its per-token scale
-        x = F.dequantize_blocks(x, F.load_sf(x_sf, sf_in, (t, h // npc)), "e4m3", (1, npc))
-    if gather:  # row p = x[pos[p]], zeros for positions outside [0, T)
+    if x_sf is not None:  # the kernel's cast-back: fp32 product of the e4m3 value and its per-token scale
+        x = F.dequantize_blocks(x, F.load_sf(x_sf, x_sf_layout, (t, h // num_per_channels)), "e4m3", (1, num_per_channels))
+    if pos is not None:  # row p = x[pos[p]], zeros for positions outside [0, T)
         padded = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])
         x = padded[jnp.where((pos >= 0) & (pos < t), pos, t)]
-    data, sf = F.quantize_blocks(x, "e4m3", (npt, 1), round_sf=round_sf)
-    sf = F.store_sf(sf, "ue8m0_along_m" if packed_sf else "row")
+    data, sf = F.quantize_blocks(x, "e4m3", (num_per_tokens, 1), round_sf=round_sf)
+    sf = F.store_sf(sf, "ue8m0_along_m" if use_packed_ue8m0 else "row")
     return (data.T if transpose else data), sf
 
 
@@ -368,47 +333,54 @@ def _wide(t: int, p: int, h: int, tile_h: int) -> bool:
     return rows * (h + tile_h) * 4 >= 2**31
 
 
-def _kernel_check(*avals, sf_in, gather, transpose, tile_h=None, **_) -> None:
-    x, _, pos = _operands(avals, sf_in, gather)
-    p, h = (pos.shape[0] if gather else x.shape[0]), x.shape[1]
-    ctas, _ = _grid(p, h, tile_h or tiling(h, quant_in=sf_in is not None, transpose=transpose)[0])
-    if ctas > GRID_LIMITS[0]:
-        raise ValueError(f"per_channel_cast: [{p}, {h}] needs {ctas} tiles, more than the kernel's grid takes ({GRID_LIMITS[0]})")
+@dataclasses.dataclass(frozen=True)
+class PerChannelCastConfig:
+    """The kernel's tiling: ``tile_h`` channels (64, 128 or 256, dividing H) per CTA of 128 tokens,
+    registers budgeted for ``min_blocks`` CTAs per SM, and ``fold`` (None: only beyond grid y's 65,535
+    channel tiles) one flat grid instead of (token tiles, channel tiles)."""
+
+    tile_h: int
+    min_blocks: int
+    fold: bool | None = None
 
 
-def _launch(
-    *avals, npt, round_sf, sf_in, npc, packed_sf, gather, transpose, tile_h=None, min_blocks=None, fold=None
-) -> Launch:
-    """``fold``: None picks the flat grid only when the 2-D one does not fit; True / False force it."""
-    x, x_sf, pos = _operands(avals, sf_in, gather)
+@config_class(PerChannelCastConfig)
+def _config(x, x_sf, pos, *, transpose, **_) -> PerChannelCastConfig:
+    """:func:`tiling`: the widest tile that divides H (64 transposed)."""
+    return PerChannelCastConfig(*tiling(x.shape[1], quant_in=x_sf is not None, transpose=transpose))
+
+
+def _launch(x, x_sf, pos, *, config: PerChannelCastConfig, num_per_tokens, round_sf, x_sf_layout, num_per_channels,
+            use_packed_ue8m0, transpose) -> Launch:  # fmt: skip
     t, h = x.shape
-    p = pos.shape[0] if gather else t
-    default_tile, default_blocks = tiling(h, quant_in=sf_in is not None, transpose=transpose)
-    tile_h, min_blocks = tile_h or default_tile, min_blocks or default_blocks
-    fold = _grid(p, h, tile_h)[1] if fold is None else fold
-    m_b = F.ceil_div(p, npt)
-    views = {"x": View((t, h // (4 if sf_in else 2)), dtype=np.uint32)}
-    if sf_in == "col_ue8m0":
+    p = t if pos is None else pos.shape[0]
+    fold = _grid(p, h, config.tile_h)[1] if config.fold is None else config.fold
+    m_b = F.ceil_div(p, num_per_tokens)
+    views = {"x": View((t, h // (4 if x_sf is not None else 2)), dtype=np.uint32)}
+    if x_sf_layout == "col_ue8m0":
         views["x_sf"] = View((*x_sf.shape, 4), dtype=np.uint8)
     # (explicit strides: the compact strides of an empty [H, 0] are not the kernel's [H, T/4] ones)
     views["out"] = View((h, t // 4), (t // 4, 1), dtype=np.uint32) if transpose else View((p, h // 4), dtype=np.uint32)
-    if packed_sf:
+    if use_packed_ue8m0:
         words = F.ceil_div(m_b, 4)
-        views["sf"] = View((words, h), dtype=np.uint32) if npt == 32 else View((words, h, 4), dtype=np.uint8)
+        views["sf"] = View((words, h), dtype=np.uint32) if num_per_tokens == 32 else View((words, h, 4), dtype=np.uint8)
     params = dict(
-        tile_h=tile_h, npt=npt, round_sf=round_sf, sf_in=sf_in, npc=npc if sf_in else 128,
-        packed_sf=packed_sf, gather=gather, transpose=transpose, min_blocks=min_blocks, **({"fold": True} if fold else {}),
-        **({"wide": True} if _wide(t, p, h, tile_h) else {}),
+        tile_h=config.tile_h, npt=num_per_tokens, round_sf=round_sf, sf_in=x_sf_layout, npc=num_per_channels if x_sf_layout else 128,
+        packed_sf=use_packed_ue8m0, gather=pos is not None, transpose=transpose, min_blocks=config.min_blocks,
+        **({"fold": True} if fold else {}), **({"wide": True} if _wide(t, p, h, config.tile_h) else {}),
     )  # fmt: skip
     return Launch(kernel=per_channel_cast_kernel, params=params, views=views)
 
 
-# The three public ops check their arguments before binding this op (its statics are internal).
-_per_channel_cast_op = TileOp(name="per_channel_cast", launch=_launch, reference=_reference, kernel_check=_kernel_check)
+# The three public functions check their arguments (and the kernel's limits) before binding this op.
+_per_channel_cast_op = TileOp(
+    name="per_channel_cast", launch=_launch, operands=("x", "x_sf?", "pos?"), results=("out", "sf"), reference=_reference,
+    config=_config,
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# Rules and public functions.
+# Rules.
 
 NUM_PER_TOKENS = (32, 128)
 NUM_PER_CHANNELS = (32, 128)
@@ -470,7 +442,7 @@ def _input_sf_layout(name: str, x_sf, t: int, h: int, npc: int, layouts, given: 
 
 def _kernel_limits(name: str, impl, operands: dict, p: int, h: int, transpose: bool = False, quant_in: bool = False) -> None:
     """The kernel path's limits, checked (unless ``impl="xla"``) before binding the shared op, so that
-    the error names the public op: extents below 2^31 and a grid of fewer than 2^31 CTAs."""
+    the error names the public op: extents below 2^31 and a grid of fewer than 2^31 CTAs (default tiling)."""
     if impl == "xla":
         return
     _per_channel_cast_op.check_extents([(k, a.shape) for k, a in operands.items()], op=name)
@@ -479,6 +451,126 @@ def _kernel_limits(name: str, impl, operands: dict, p: int, h: int, transpose: b
         raise ValueError(f"{name}: [{p}, {h}] needs {ctas} tiles, more than the kernel's grid takes ({GRID_LIMITS[0]})")
 
 
+# ---------------------------------------------------------------------------------------------
+# Named calls: every configuration the GPU tests run (T, H (which picks the tile width), npt, round_sf,
+# packed scales; QuantTensor inputs; gathers; the transposed cast), other tilings ("tuned_"), the
+# flat grid forced ("_flat"), the benchmarks'. "small_" calls take the whole contract; "gpu_", "tuned_"
+# and "bench_" ones are only traced and lowered off the GPU.
+
+S = jax.ShapeDtypeStruct
+
+
+def _valid(rng: np.random.Generator, x, *rest):
+    """Random arguments with valid values: e4m3 codes without NaN and positive power-of-two per-token
+    scales (fp32, or packed UE8M0 bytes) for a QuantTensor x; positions in [-1, T) for a gather."""
+    if isinstance(x, tuple):
+        data, sf = x
+        codes = rng.integers(0, 256, size=data.shape, dtype=np.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0x3C
+        if sf.dtype == jnp.int32:
+            scales = rng.integers(117, 138, size=(*sf.shape, 4), dtype=np.uint8).view(np.int32).reshape(sf.shape)
+        else:
+            scales = np.exp2(rng.integers(-10, 10, size=sf.shape)).astype(np.float32)
+        x = (codes.view(jnp.float8_e4m3fn), scales)
+    else:
+        x = random_array(rng, x.shape, x.dtype)
+    t = x[0].shape[0] if isinstance(x, tuple) else x.shape[0]
+    return (x, *(rng.integers(-1, max(t, 1), size=r.shape).astype(np.int32) if isinstance(r, S) else r for r in rest))
+
+
+def _x(t: int, h: int, npc: int | None = None, layout: str | None = None):
+    """bf16 ``[T, H]``, or a QuantTensor of e4m3 data with per-token (1, npc) scales stored in ``layout``."""
+    if layout is None:
+        return S((t, h), jnp.bfloat16)
+    return S((t, h), jnp.float8_e4m3fn), S(*F.sf_storage_shape(layout, (t, h // npc)))
+
+
+def _name(prefix: str, t: int, h: int, npt: int, round_sf: bool, extra=(), config=None) -> str:
+    tuned = [f"tile{config['tile_h']}_mb{config['min_blocks']}"] if config and "tile_h" in config else []
+    flat = ["flat"] if config and config.get("fold") else []
+    return "_".join([prefix, *extra, f"npt{npt}", *(["round"] if round_sf else []), *tuned, *flat, f"{t}x{h}"])
+
+
+def _cast(prefix, t, h, npt=128, round_sf=False, packed=False, npc=None, layout=None, config=None) -> ArgSpec:
+    kwargs = dict(num_per_tokens=npt, round_sf=round_sf, use_packed_ue8m0=packed)
+    kwargs.update(dict(num_per_channels=npc, x_sf_layout=layout) if layout else {})
+    extra = ([f"e4m3_1x{npc}_{layout}"] if layout else ["bf16"]) + (["ue8m0"] if packed else [])
+    return ArgSpec(_name(prefix, t, h, npt, round_sf, extra, config), (_x(t, h, npc, layout),), kwargs, make=_valid if layout else None,
+                   config=config or {}, bench=prefix != "small")  # fmt: skip
+
+
+def _fused(prefix, t, h, t_out=None, quant=False, round_sf=False, config=None) -> ArgSpec:
+    """A per_channel_cast_fused call: bf16 or cast-back (1 x 128 row-major scales) input, gathering
+    ``t_out`` rows (None: no gather)."""
+    pos = () if t_out is None else (S((t_out,), jnp.int32),)
+    args = (_x(t, h, 128, "row") if quant else _x(t, h), "e4m3", 128, round_sf, None, *pos)
+    extra = (["e4m3_1x128_row"] if quant else ["bf16"]) + ([f"gather{t_out}"] if pos else [])
+    return ArgSpec(_name(prefix, t, h, 128, round_sf, extra, config), args, make=_valid, config=config or {}, bench=prefix != "small")
+
+
+def _transpose(prefix, t, h, npt=128, round_sf=False, config=None) -> ArgSpec:
+    return ArgSpec(_name(prefix, t, h, npt, round_sf, ["bf16"], config), (_x(t, h),), dict(num_per_tokens=npt, round_sf=round_sf),
+                   config=config or {}, bench=prefix != "small")  # fmt: skip
+
+
+ARG_SPECS = (
+    # bf16: H picks the tile width (256 | H: 256; else 128 | H: 128; else 64); T = 0 and the smallest T = 128.
+    _cast("gpu", 128, 7168),
+    _cast("gpu", 4096, 4096, round_sf=True),
+    _cast("small", 256, 1152, 32),
+    _cast("small", 384, 576, 32, round_sf=True),
+    _cast("gpu", 384, 7168, round_sf=True, packed=True),  # 3 blocks: the last packed word has an unused byte
+    _cast("small", 256, 1152, 32, round_sf=True, packed=True),
+    _cast("small", 0, 4096),
+    # QuantTensor inputs: per-token scales in every layout.
+    _cast("gpu", 256, 7168, npc=128, layout="row"),
+    _cast("small", 384, 4096, 32, round_sf=True, npc=32, layout="col"),
+    _cast("small", 512, 1152, 128, round_sf=True, packed=True, npc=32, layout="col_ue8m0"),
+    # Other tilings; the flat grid forced.
+    _cast("tuned", 256, 4096, config=dict(tile_h=128, min_blocks=3)),
+    _cast("tuned", 256, 4096, npc=128, layout="row", config=dict(tile_h=256, min_blocks=2)),
+    _cast("gpu", 256, 4096, config=dict(fold=True)),
+    _cast("gpu", 256, 4096, npc=128, layout="row", config=dict(fold=True)),
+    # The benchmarks' calls and tilings.
+    _cast("bench", 4096, 7168),
+    _cast("bench", 16384, 7168),
+    _cast("bench", 65536, 4096, 32, round_sf=True, packed=True),
+    _cast("bench", 16384, 7168, npc=128, layout="row"),
+    *(_cast("bench", t, 7168, config=dict(tile_h=tile_h, min_blocks=blocks)) for t, tile_h, blocks in ((16384, 128, 3), (4096, 128, 2))),
+    *(_cast("bench", 16384, 7168, npc=128, layout="row", config=dict(tile_h=tile_h, min_blocks=blocks)) for tile_h, blocks in ((256, 2), (128, 3), (128, 4))),
+    _cast("bench", 16384, 7168, config=dict(fold=True)),
+)  # fmt: skip
+
+FUSED_SPECS = (
+    _fused("gpu", 200, 7168, 272),
+    _fused("small", 128, 4096, 48, quant=True, round_sf=True),
+    _fused("gpu", 256, 2560, quant=True),
+    _fused("small", 0, 576, 32),  # nothing to gather from: every position is -1
+    _fused("small", 64, 576, 16),  # the smallest T_out
+    _fused("gpu", 64, 576, 0),
+    _fused("gpu", 200, 1152, 272),  # positions outside [0, T)
+    _fused("gpu", 200, 1152, 272, quant=True, round_sf=True),
+    _fused("gpu", 200, 576, 272, config=dict(fold=True)),
+    _fused("bench", 8192, 7168, 16384),
+)
+
+TRANSPOSE_SPECS = (
+    _transpose("small", 128, 7168, 32),
+    _transpose("gpu", 4096, 576, round_sf=True),
+    _transpose("gpu", 256, 4096),
+    _transpose("small", 0, 7168, 32),
+    _transpose("tuned", 384, 4096, config=dict(tile_h=128, min_blocks=3)),
+    _transpose("gpu", 384, 4096, config=dict(fold=True)),
+    _transpose("bench", 16384, 7168),
+    _transpose("bench", 65536, 4096, 32, round_sf=True),
+    *(_transpose("bench", 16384, 7168, config=dict(tile_h=128, min_blocks=blocks)) for blocks in (2, 3)),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+
+@uses(_per_channel_cast_op, cases=ARG_SPECS)
 def per_channel_cast(
     x,
     fmt: str = "e4m3",
@@ -486,9 +578,10 @@ def per_channel_cast(
     round_sf: bool = False,
     num_per_channels: int | None = None,
     use_packed_ue8m0: bool = False,
-    impl=None,
     *,
     x_sf_layout: str | None = None,
+    impl=None,
+    ops,
 ) -> tuple[jax.Array, jax.Array]:
     """Casts ``x[T, H]`` to e4m3 with one scale per ``num_per_tokens`` tokens x 1 channel (v2.1).
 
@@ -530,14 +623,14 @@ def per_channel_cast(
         if h % num_per_channels:
             raise ValueError(f"{name}: hidden ({h}) must be a multiple of num_per_channels={num_per_channels} (x's data has shape {data.shape})")
         sf_in = _input_sf_layout(name, x_sf, t, h, num_per_channels, ("row", "col", "col_ue8m0"), x_sf_layout)
-    args = (data,) if x_sf is None else (data, x_sf)
     _kernel_limits(name, impl, {"x": data} if x_sf is None else {"x's data": data, "x's sf": x_sf}, t, h, quant_in=sf_in is not None)
-    return _per_channel_cast_op(
-        *args, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=sf_in, npc=num_per_channels,
-        packed_sf=bool(use_packed_ue8m0), gather=False, transpose=False,
+    return ops[0](
+        data, x_sf, impl=impl, num_per_tokens=num_per_tokens, round_sf=bool(round_sf), x_sf_layout=sf_in,
+        num_per_channels=num_per_channels, use_packed_ue8m0=bool(use_packed_ue8m0), transpose=False,
     )  # fmt: skip
 
 
+@uses(_per_channel_cast_op, cases=FUSED_SPECS)
 def per_channel_cast_fused(
     x,
     fmt: str = "e4m3",
@@ -545,7 +638,9 @@ def per_channel_cast_fused(
     round_sf: bool = False,
     num_per_channels: int | None = None,
     pos_to_token: jax.Array | None = None,
+    *,
     impl=None,
+    ops,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-channel cast with a fused cast-back input and row gather (v1).
 
@@ -568,7 +663,6 @@ def per_channel_cast_fused(
     t, h = _check_common(name, data, fmt, num_per_tokens, None if gather else 128, "x" if x_sf is None else "x's data")
     num_per_tokens = int(num_per_tokens)
     round_sf = static_flag(round_sf, name, "round_sf")
-    args = [data]
     sf_in = None
     operands = {"x": data} if x_sf is None else {"x's data": data, "x's sf": x_sf}
     if x_sf is not None:
@@ -577,7 +671,6 @@ def per_channel_cast_fused(
         if h % 128:
             raise ValueError(f"{name}: the fused cast-back needs hidden ({h}) to be a multiple of 128 (x's data has shape {data.shape})")
         sf_in = _input_sf_layout(name, x_sf, t, h, 128, ("row",), None)
-        args.append(x_sf)
     elif num_per_channels is not None:
         raise ValueError(f"{name}: num_per_channels is for a QuantTensor x only (a bfloat16 x has no input scales)")
     if gather:
@@ -586,17 +679,17 @@ def per_channel_cast_fused(
             raise ValueError(f"{name}: pos_to_token must be int32 [T_out], got {pos_to_token.dtype} {pos_to_token.shape}")
         if pos_to_token.shape[0] % 16:
             raise ValueError(f"{name}: pos_to_token's length ({pos_to_token.shape[0]}) must be a multiple of 16")
-        args.append(pos_to_token)
         operands["pos_to_token"] = pos_to_token
     _kernel_limits(name, impl, operands, pos_to_token.shape[0] if gather else t, h, quant_in=sf_in is not None)
-    return _per_channel_cast_op(
-        *args, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=sf_in, npc=128 if sf_in else None,
-        packed_sf=False, gather=gather, transpose=False,
+    return ops[0](
+        data, x_sf, pos_to_token, impl=impl, num_per_tokens=num_per_tokens, round_sf=bool(round_sf), x_sf_layout=sf_in,
+        num_per_channels=128 if sf_in else None, use_packed_ue8m0=False, transpose=False,
     )  # fmt: skip
 
 
+@uses(_per_channel_cast_op, cases=TRANSPOSE_SPECS)
 def per_channel_cast_and_transpose(
-    x: jax.Array, fmt: str = "e4m3", num_per_tokens: int = 128, round_sf: bool = False, impl=None
+    x: jax.Array, fmt: str = "e4m3", num_per_tokens: int = 128, round_sf: bool = False, *, impl=None, ops
 ) -> tuple[jax.Array, jax.Array]:
     """Per-channel cast with the data transposed (v1).
 
@@ -617,7 +710,7 @@ def per_channel_cast_and_transpose(
     num_per_tokens = int(num_per_tokens)
     round_sf = static_flag(round_sf, name, "round_sf")
     _kernel_limits(name, impl, {"x": data}, t, h, transpose=True)
-    return _per_channel_cast_op(
-        data, impl=impl, npt=num_per_tokens, round_sf=bool(round_sf), sf_in=None, npc=None,
-        packed_sf=False, gather=False, transpose=True,
+    return ops[0](
+        data, impl=impl, num_per_tokens=num_per_tokens, round_sf=bool(round_sf), x_sf_layout=None, num_per_channels=None,
+        use_packed_ue8m0=False, transpose=True,
     )  # fmt: skip

@@ -18,14 +18,18 @@ NaN inputs are not supported: the kernel's maxima skip NaNs where the reference 
 its closure.)
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import device
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Impl, Launch, TileOp, View, as_array, check_impl, static_flag, static_int
+from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, config_class, static_flag, static_int, uses
 from jax_tilek.quant import formats as F
 from jax_tilek.spec import GRID_LIMITS
+from jax_tilek.testing import ArgSpec, random_array
 
 BLOCK_SIZES = (32, 128)
 FORMATS = ("e4m3", "e2m1")
@@ -36,50 +40,7 @@ TILE_ELEMENTS = 8192  # a CTA tile is bm x max(bk, 8192 / bm)
 PAD = [1, 2, 3]  # offsets of the padding entries that a scale's writer also zeroes
 
 # Element codecs and stores, written out so that every rounding and every access width is explicit.
-PRELUDE = r"""
-__device__ __forceinline__ unsigned tk_e4m3x4(float a, float b, float c, float d, float s) {
-  // Four products x * s -> four float8_e4m3fn bytes (nearest even, saturating), a in the low byte.
-  unsigned short lo, hi;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(__fmul_rn(b, s)), "f"(__fmul_rn(a, s)));
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(__fmul_rn(d, s)), "f"(__fmul_rn(c, s)));
-  return (unsigned)lo | ((unsigned)hi << 16);
-}
-__device__ __forceinline__ unsigned tk_e2m1_t(float p) {
-  // 1.5 * 2^23 + the FP4 e2m1 magnitude code of p (formats.encode_e2m1: nearest even, saturating at
-  // 6; NaN -> 6). With a = min(|p|, 6) the code is min(rint(2a), rint(a + 2), rint(a / 2 + 4)), and
-  // each rint is one exact FMA onto 1.5 * 2^23 (whose ulp is 1): mostly full-rate FP32 work.
-  const float M = 12582912.0f;
-  float a = fminf(fabsf(p), 6.0f);
-  return __float_as_uint(fminf(fminf(__fmaf_rn(a, 2.0f, M), __fmaf_rn(a, 1.0f, M + 2.0f)), __fmaf_rn(a, 0.5f, M + 4.0f)));
-}
-__device__ __forceinline__ unsigned tk_e2m1_add(unsigned r, float p, int k) {
-  // Adds nibble k: (0x4B400000 + code) << 4k (the caller subtracts the constants) and the sign bit.
-  return r + tk_e2m1_t(p) * (1u << (4 * k)) + (__float_as_uint(p) >> 31) * (8u << (4 * k));
-}
-__device__ __forceinline__ unsigned tk_e2m1x4(float a, float b, float c, float d, float s) {
-  // Four products x * s -> four e2m1 codes in 16 bits, a in the lowest nibble.
-  unsigned r = tk_e2m1_add(0u, __fmul_rn(a, s), 0);
-  r = tk_e2m1_add(r, __fmul_rn(b, s), 1);
-  r = tk_e2m1_add(r, __fmul_rn(c, s), 2);
-  r = tk_e2m1_add(r, __fmul_rn(d, s), 3);
-  return r - 0x4B400000u * 0x1111u;
-}
-__device__ __forceinline__ unsigned tk_e2m1x8(float a, float b, float c, float d, float e, float f, float g, float h, float s) {
-  // Eight products x * s -> eight e2m1 codes in 32 bits, a in the lowest nibble.
-  unsigned r = tk_e2m1_add(0u, __fmul_rn(a, s), 0);
-  r = tk_e2m1_add(r, __fmul_rn(b, s), 1);
-  r = tk_e2m1_add(r, __fmul_rn(c, s), 2);
-  r = tk_e2m1_add(r, __fmul_rn(d, s), 3);
-  r = tk_e2m1_add(r, __fmul_rn(e, s), 4);
-  r = tk_e2m1_add(r, __fmul_rn(f, s), 5);
-  r = tk_e2m1_add(r, __fmul_rn(g, s), 6);
-  r = tk_e2m1_add(r, __fmul_rn(h, s), 7);
-  return r - 0x4B400000u * 0x11111111u;
-}
-__device__ __forceinline__ void tk_store8(unsigned* p, unsigned a, unsigned b) {
-  asm volatile("st.global.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(a), "r"(b) : "memory");
-}
-"""
+PRELUDE = device.prelude(device.E4M3X4_SCALED, device.E2M1X4_SCALED, device.E2M1X8_SCALED, device.STORE8)
 
 
 def tile_shape(block_size: tuple[int, int]) -> tuple[int, int]:
@@ -245,15 +206,15 @@ def per_block_cast_kernel(
                     for h in T.unroll(out_words):
                         i = r * 4 + h * (4 * in_size // 4)  # the first word of the next 4 elements
                         if fmt == "e4m3":
-                            o[h] = T.call_extern("uint32", "tk_e4m3x4", *quad(w, i), s_inv)
+                            o[h] = T.call_extern("uint32", "tilek_e4m3x4_scaled", *quad(w, i), s_inv)
                         elif vec == 8:
-                            o[h] = T.call_extern("uint32", "tk_e2m1x8", *quad(w, i), *quad(w, i + 2), s_inv)
+                            o[h] = T.call_extern("uint32", "tilek_e2m1x8_scaled", *quad(w, i), *quad(w, i + 2), s_inv)
                         else:
-                            o[h] = T.Cast("uint16", T.call_extern("uint32", "tk_e2m1x4", *quad(w, i), s_inv))
+                            o[h] = T.Cast("uint16", T.call_extern("uint32", "tilek_e2m1x4_scaled", *quad(w, i), s_inv))
                     if k_ok and row0 + r * rows_per_rep < num_tokens:
                         column = (bx * tk + col) // out_div
                         if out_words == 2:
-                            T.evaluate(T.call_extern("handle", "tk_store8", T.address_of(out[row0 + r * rows_per_rep, column]), o[0], o[1]))
+                            T.evaluate(T.call_extern("handle", "tilek_store8", T.address_of(out[row0 + r * rows_per_rep, column]), o[0], o[1]))
                         else:
                             out[row0 + r * rows_per_rep, column] = o[0]
 
@@ -280,7 +241,12 @@ def per_block_cast_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference, rules, launch.
+# Reference, rules, launch. One op for the three functions: operands ``x`` and the given scales
+# ``sf_in`` (mode "cast_only"); results by mode. Not row-wise: a block spans bm tokens (vmap maps a
+# loop, a token-sharded program gathers).
+
+NAMES = {"cast": "per_block_cast", "sf_only": "per_block_cast_with_sf_only", "cast_only": "per_block_cast_with_precomputed_sf"}
+RESULTS = {"cast": ("out", "sf"), "sf_only": ("sf",), "cast_only": ("out",)}
 
 
 def _layout_of(name: str, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf) -> str:
@@ -307,30 +273,29 @@ def _fmt(fmt, name: str) -> str:
     return fmt
 
 
-def _reference(x, *, fmt, block_size, layout, round_sf, fold=None):
-    data, sf = F.quantize_blocks(x, fmt, tuple(block_size), round_sf=round_sf)
-    return data, F.store_sf(sf, layout)
+def _reference(x, sf_in, *, fmt, block_size, layout, round_sf, mode):
+    if mode == "cast_only":
+        inv = F.exact_div(np.float32(1.0), sf_in.astype(jnp.float32))
+        scaled = x.astype(jnp.float32) * F.expand_blocks(inv, block_size, x.shape)
+        return F.quantize_values(scaled, fmt)
+    data, sf = F.quantize_blocks(x, fmt, block_size, round_sf=round_sf)
+    return (data, F.store_sf(sf, layout)) if mode == "cast" else F.store_sf(sf, layout)
 
 
-def _reference_sf_only(x, *, fmt, block_size, layout, round_sf, fold=None):
-    return _reference(x, fmt=fmt, block_size=block_size, layout=layout, round_sf=round_sf)[1]
-
-
-def _reference_with_sf(x, sf, *, fmt, block_size, fold=None):
-    inv = F.exact_div(np.float32(1.0), sf.astype(jnp.float32))
-    scaled = x.astype(jnp.float32) * F.expand_blocks(inv, tuple(block_size), x.shape)
-    return F.quantize_values(scaled, fmt)
-
-
-def _check(x, *rest, fmt, block_size, name="per_block_cast", **_):
+def _check(x, sf_in, *, fmt, block_size, layout, round_sf, mode):
+    name = NAMES[mode]
     if x.ndim != 2:
         raise ValueError(f"{name}: x must be [num_tokens, hidden], got shape {x.shape}")
     if x.dtype not in IN_DTYPES:
         raise ValueError(f"{name}: x must be bfloat16 or float32, got {x.dtype}")
-    _fmt(fmt, name)
-    _block_size(block_size, name)
     if x.shape[1] % HIDDEN_ALIGN:
         raise ValueError(f"{name}: hidden size (x.shape[1] = {x.shape[1]}) must be a multiple of {HIDDEN_ALIGN}")
+    expected = F.num_blocks(x.shape, block_size)
+    if mode == "cast_only" and (sf_in.dtype != jnp.float32 or tuple(sf_in.shape) != expected):
+        raise ValueError(
+            f"{name}: sf must be row-major float32 {list(expected)} (one scale per block of x {list(x.shape)}), got "
+            f"{sf_in.dtype} {list(sf_in.shape)}"
+        )
 
 
 def _grid(x, block_size) -> tuple[int, bool]:
@@ -349,90 +314,112 @@ def _wide(x, block_size) -> bool:
     return rows * cols * 4 >= 2**31
 
 
-def _kernel_check(x, *rest, block_size, name="per_block_cast", **_):
+def _kernel_check(x, sf_in, *, block_size, mode, **_):
     ctas, _ = _grid(x, block_size)
     if ctas > GRID_LIMITS[0]:
-        raise ValueError(f"{name}: x {list(x.shape)} needs {ctas} tiles, more than the kernel's grid takes ({GRID_LIMITS[0]})")
+        raise ValueError(f"{NAMES[mode]}: x {list(x.shape)} needs {ctas} tiles, more than the kernel's grid takes ({GRID_LIMITS[0]})")
 
 
-def _check_with_sf(x, sf, *, fmt, block_size, fold=None):
-    name = "per_block_cast_with_precomputed_sf"
-    _check(x, fmt=fmt, block_size=block_size, name=name)
-    expected = F.num_blocks(x.shape, tuple(block_size))
-    if sf.dtype != jnp.float32 or tuple(sf.shape) != expected:
-        raise ValueError(
-            f"{name}: sf must be row-major float32 {list(expected)} (one scale per block of x {list(x.shape)}), got "
-            f"{sf.dtype} {list(sf.shape)}"
-        )
+@dataclasses.dataclass(frozen=True)
+class PerBlockCastConfig:
+    """``fold``: one flat grid of every tile instead of the 2-D grid (hidden tiles, token tiles)."""
+
+    fold: bool
 
 
-def _views(x, fmt, block_size, layout, sf_name="sf"):
+@config_class(PerBlockCastConfig)
+def _config(x, sf_in, *, block_size, **_) -> PerBlockCastConfig:
+    """The 2-D grid while the token tiles fit grid y's 65,535, else the flat grid."""
+    return PerBlockCastConfig(fold=_grid(x, block_size)[1])
+
+
+def _launch(x, sf_in, *, config: PerBlockCastConfig, fmt, block_size, layout, round_sf, mode) -> Launch:
+    """64-bit extents (``wide``) only when the shapes need them (ordinary shapes keep the 32-bit code)."""
     t, h = x.shape
     in_size = np.dtype(x.dtype).itemsize
-    if fmt == "e4m3":
-        out = View((t, h // 4), dtype=np.uint32)
-    else:
-        out = View((t, h // 8), dtype=np.uint32) if in_size == 2 else View((t, h // 4), dtype=np.uint16)
-    views = {"x": View((t, h * in_size // 4), dtype=np.uint32), "out": out}
-    # Explicit strides: spec.compact_strides makes the row stride of a [K, 0] array 1, not 0.
-    (rows, row), _ = F.sf_storage_shape(layout, F.num_blocks(x.shape, tuple(block_size)))
-    if layout == "col_ue8m0":
-        views[sf_name] = View((rows, 4 * row), (4 * row, 1), dtype=np.uint8)
-    else:
-        views[sf_name] = View((rows, row), (row, 1))
-    return views
-
-
-def _params(x, fmt, block_size, layout, round_sf, mode, fold):
-    """The kernel's static parameters; ``fold`` None: a flat grid only when the 2-D one does not fit;
-    64-bit extents (``wide``) only when the shapes need them (ordinary shapes keep the 32-bit code)."""
     bm, bk = block_size
-    fold = _grid(x, block_size)[1] if fold is None else fold
-    return dict(
-        in_dtype=np.dtype(x.dtype).name, fmt=fmt, bm=bm, bk=bk, layout=layout, round_sf=bool(round_sf), mode=mode,
-        **({"fold": True} if fold else {}), **({"wide": True} if _wide(x, block_size) else {}),
-    )  # fmt: skip
+    params = dict(in_dtype=np.dtype(x.dtype).name, fmt=fmt, bm=bm, bk=bk, layout=layout, round_sf=round_sf, mode=mode)
+    params.update({"fold": True} if config.fold else {}, **({"wide": True} if _wide(x, block_size) else {}))
+    views = {"x": View((t, h * in_size // 4), dtype=np.uint32)}
+    if mode != "sf_only":  # the data as 32-bit words (16-bit ones for e2m1 from fp32: 4 codes per 4 elements)
+        views["out"] = View((t, h // 4), dtype=np.uint32) if fmt == "e4m3" else View((t, h // 8), dtype=np.uint32) if in_size == 2 else View((t, h // 4), dtype=np.uint16)
+    # Explicit strides: spec.compact_strides makes the row stride of a [K, 0] array 1, not 0.
+    (rows, row), _ = F.sf_storage_shape(layout, F.num_blocks(x.shape, block_size))
+    sf = "sf_in" if mode == "cast_only" else "sf"
+    views[sf] = View((rows, 4 * row), (4 * row, 1), dtype=np.uint8) if layout == "col_ue8m0" else View((rows, row), (row, 1))
+    return Launch(per_block_cast_kernel, params, views=views)
 
 
-def _launch(x, *, fmt, block_size, layout, round_sf, fold=None):
-    params = _params(x, fmt, block_size, layout, round_sf, "cast", fold)
-    return Launch(per_block_cast_kernel, params, views=_views(x, fmt, block_size, layout))
-
-
-def _launch_sf_only(x, *, fmt, block_size, layout, round_sf, fold=None):
-    views = _views(x, fmt, block_size, layout)
-    del views["out"]
-    return Launch(per_block_cast_kernel, _params(x, fmt, block_size, layout, round_sf, "sf_only", fold), views=views)
-
-
-def _launch_with_sf(x, sf, *, fmt, block_size, fold=None):
-    views = _views(x, fmt, block_size, "row", sf_name="sf_in")
-    return Launch(per_block_cast_kernel, _params(x, fmt, block_size, "row", False, "cast_only", fold), views=views)
-
-
-# Internal static option of the three ops: ``fold`` (None: automatic; True / False forces the flat or
-# the 2-D grid, for tests).
 _per_block_cast_op = TileOp(
-    name="per_block_cast", launch=_launch, reference=_reference, check=_check, kernel_check=_kernel_check, operands=("x",)
+    name="per_block_cast", launch=_launch, operands=("x", "sf_in?"), results=lambda *_, mode, **__: RESULTS[mode],
+    reference=_reference, check=_check, config=_config, kernel_check=_kernel_check,
+)  # fmt: skip
+_sf_only_op = dataclasses.replace(_per_block_cast_op, name=NAMES["sf_only"])
+_with_sf_op = dataclasses.replace(_per_block_cast_op, name=NAMES["cast_only"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Named calls: every configuration the GPU tests run (dtype, format, block, scale layout; on
+# [131, 576] here), the flat grid forced ("_flat") and chosen beyond grid y, the benchmarks'. "small_"
+# calls take the whole contract; "gpu_" and "bench_" ones are only traced and lowered off the GPU.
+
+SF_FLAGS = {"row": (False, False, False), "row_round": (False, True, False), "col": (True, False, False), "col_ue8m0": (True, True, True)}
+
+
+def _case(prefix: str, shape, dtype, fmt: str, block, sf: str = "row", flat: bool = False, with_sf: bool = False) -> ArgSpec:
+    """A per_block_cast call with the scale layout ``sf`` (SF_FLAGS), or (``with_sf``) a call with given
+    row-major scales."""
+    name = f"{prefix}_{np.dtype(dtype).name}_{fmt}_{block[0]}x{block[1]}_{sf}{'_flat' if flat else ''}_{shape[0]}x{shape[1]}"
+    x, config, bench = jax.ShapeDtypeStruct(shape, dtype), dict(fold=True) if flat else {}, prefix != "small"
+    if with_sf:
+        sf_in = jax.ShapeDtypeStruct(F.num_blocks(shape, block), jnp.float32)
+        return ArgSpec(name, (x, fmt, block, sf_in), make=_positive_scales, config=config, bench=bench)
+    flags = dict(zip(("use_tma_aligned_col_major_sf", "round_sf", "use_packed_ue8m0"), SF_FLAGS[sf]))
+    return ArgSpec(name, (x,), dict(fmt=fmt, block_size=block, **flags), config=config, bench=bench)
+
+
+def _positive_scales(rng: np.random.Generator, x, fmt, block, sf):
+    """Random x and positive power-of-two scales."""
+    return random_array(rng, x.shape, x.dtype), fmt, block, np.exp2(rng.integers(-30, 10, size=sf.shape)).astype(np.float32)
+
+
+BF16, FP32 = jnp.bfloat16, jnp.float32
+GPU_SHAPE = (131, 576)
+GPU_CAST = (
+    *((dtype, fmt, block, sf) for dtype in (BF16, FP32) for fmt in FORMATS for block in ((32, 32), (128, 128)) for sf in ("row_round", "col_ue8m0")),
+    (BF16, "e4m3", (32, 128), "row"), (BF16, "e2m1", (128, 32), "col"), (FP32, "e2m1", (32, 128), "col"), (FP32, "e4m3", (128, 32), "row"),
+)  # fmt: skip
+# The configurations that take the whole contract ("small_"; the others "gpu_"): both dtypes, formats,
+# square blocks of both sizes, every scale layout, both oblong blocks.
+CONTRACT = ((BF16, "e4m3", (32, 32), "row_round"), (FP32, "e2m1", (128, 128), "col_ue8m0"), (BF16, "e2m1", (32, 32), "col_ue8m0"),
+            (FP32, "e4m3", (128, 128), "row_round"), (BF16, "e4m3", (32, 128), "row"), (FP32, "e2m1", (32, 128), "col"))  # fmt: skip
+FOLDED = ((BF16, "e4m3", (32, 32), "col_ue8m0"), (FP32, "e2m1", (128, 128), "col"), (BF16, "e2m1", (32, 128), "row"))
+
+ARG_SPECS = (
+    *(_case("small" if cfg in CONTRACT else "gpu", GPU_SHAPE, *cfg) for cfg in GPU_CAST),
+    *(_case("small" if cfg == FOLDED[0] else "gpu", GPU_SHAPE, *cfg, flat=True) for cfg in FOLDED),
+    _case("gpu", (65535 * 32 + 33, 64), BF16, "e4m3", (32, 32), "col_ue8m0"),
+    _case("bench", (16384, 7168), BF16, "e4m3", (128, 128), "col_ue8m0"),
+    _case("bench", (65536, 4096), BF16, "e4m3", (32, 32), "row_round"),
+    _case("bench", (8192, 7168), FP32, "e4m3", (128, 128), "row_round"),
+    _case("bench", (32768, 7168), BF16, "e2m1", (32, 32), "col_ue8m0"),
+    _case("bench", (2_162_688, 512), BF16, "e4m3", (32, 32), "col_ue8m0"),
 )
-_sf_only_op = TileOp(
-    name="per_block_cast_with_sf_only",
-    launch=_launch_sf_only,
-    reference=_reference_sf_only,
-    check=lambda x, **kw: _check(x, name="per_block_cast_with_sf_only", **kw),
-    kernel_check=lambda x, **kw: _kernel_check(x, name="per_block_cast_with_sf_only", **kw),
-    operands=("x",),
+SF_ONLY_SPECS = (
+    _case("small", GPU_SHAPE, BF16, "e4m3", (128, 128), "col_ue8m0"),
+    _case("small", GPU_SHAPE, FP32, "e2m1", (32, 32), "col"),
+    *(_case("gpu", GPU_SHAPE, *cfg, flat=True) for cfg in FOLDED),
+    _case("bench", (16384, 7168), BF16, "e4m3", (128, 128), "row"),
 )
-_with_sf_op = TileOp(
-    name="per_block_cast_with_precomputed_sf",
-    launch=_launch_with_sf,
-    reference=_reference_with_sf,
-    check=_check_with_sf,
-    kernel_check=lambda x, sf, **kw: _kernel_check(x, name="per_block_cast_with_precomputed_sf", **kw),
-    operands=("x", "sf"),
+PRECOMPUTED_SPECS = (
+    _case("small", GPU_SHAPE, BF16, "e4m3", (128, 128), with_sf=True),
+    _case("small", GPU_SHAPE, FP32, "e2m1", (32, 32), with_sf=True),
+    *(_case("gpu", GPU_SHAPE, dtype, fmt, block, flat=True, with_sf=True) for dtype, fmt, block, _ in FOLDED),
+    _case("bench", (16384, 7168), BF16, "e4m3", (128, 128), with_sf=True),
 )
 
 
+@uses(_per_block_cast_op, cases=ARG_SPECS)
 def per_block_cast(
     x: jax.Array,
     fmt: str,
@@ -440,7 +427,9 @@ def per_block_cast(
     use_tma_aligned_col_major_sf: bool = False,
     round_sf: bool = False,
     use_packed_ue8m0: bool = False,
-    impl: Impl = None,
+    *,
+    impl=None,
+    ops,
 ) -> tuple[jax.Array, jax.Array]:
     """Quantizes ``x`` with one scale per ``block_size = (bm, bk)`` block.
 
@@ -458,13 +447,14 @@ def per_block_cast(
       ``[K_b, align(M_b, 4)]`` or packed UE8M0 int32 ``[ceil(K_b/4), align(M_b, 4)]``, padding zero).
       Bit-exact with ``formats.quantize_blocks`` + ``formats.store_sf``.
     """
-    name = "per_block_cast"
+    name = NAMES["cast"]
     check_impl(impl, name)
     x, fmt, block_size = as_array(x, name, "x"), _fmt(fmt, name), _block_size(block_size, name)
     layout = _layout_of(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    return _per_block_cast_op(x, impl=impl, fmt=fmt, block_size=block_size, layout=layout, round_sf=bool(round_sf))
+    return ops[0](x, impl=impl, fmt=fmt, block_size=block_size, layout=layout, round_sf=bool(round_sf), mode="cast")
 
 
+@uses(_sf_only_op, cases=SF_ONLY_SPECS)
 def per_block_cast_with_sf_only(
     x: jax.Array,
     fmt: str,
@@ -472,16 +462,19 @@ def per_block_cast_with_sf_only(
     use_tma_aligned_col_major_sf: bool = False,
     round_sf: bool = False,
     use_packed_ue8m0: bool = False,
-    impl: Impl = None,
+    *,
+    impl=None,
+    ops,
 ) -> jax.Array:
     """Only the scales of :func:`per_block_cast` (same arguments, same sf)."""
-    name = "per_block_cast_with_sf_only"
+    name = NAMES["sf_only"]
     check_impl(impl, name)
     x, fmt, block_size = as_array(x, name, "x"), _fmt(fmt, name), _block_size(block_size, name)
     layout = _layout_of(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-    return _sf_only_op(x, impl=impl, fmt=fmt, block_size=block_size, layout=layout, round_sf=bool(round_sf))
+    return ops[0](x, impl=impl, fmt=fmt, block_size=block_size, layout=layout, round_sf=bool(round_sf), mode="sf_only")
 
 
+@uses(_with_sf_op, cases=PRECOMPUTED_SPECS)
 def per_block_cast_with_precomputed_sf(
     x: jax.Array,
     fmt: str,
@@ -490,14 +483,16 @@ def per_block_cast_with_precomputed_sf(
     use_tma_aligned_col_major_sf: bool = False,
     round_sf: bool = False,
     use_packed_ue8m0: bool = False,
-    impl: Impl = None,
+    *,
+    impl=None,
+    ops,
 ) -> jax.Array:
     """Quantizes ``x`` with given scales: ``data = cast(x · (1 / sf))`` per block.
 
     ``sf`` must be row-major float32 ``[ceil(T/bm), ceil(H/bk)]`` (TileKernels asserts the same: the
     column-major and packed flags are rejected; ``round_sf`` has no effect). Returns the data only.
     """
-    name = "per_block_cast_with_precomputed_sf"
+    name = NAMES["cast_only"]
     check_impl(impl, name)
     x, sf = as_array(x, name, "x"), as_array(sf, name, "sf")
     fmt, block_size = _fmt(fmt, name), _block_size(block_size, name)
@@ -507,4 +502,4 @@ def per_block_cast_with_precomputed_sf(
         raise ValueError(
             f"{name}: sf must be row-major float32; use_tma_aligned_col_major_sf and use_packed_ue8m0 must be False"
         )
-    return _with_sf_op(x, sf, impl=impl, fmt=fmt, block_size=block_size)
+    return ops[0](x, sf, impl=impl, fmt=fmt, block_size=block_size, layout="row", round_sf=False, mode="cast_only")

@@ -13,33 +13,25 @@ its closure, so they must be evaluated when the kernel is built.)
 """
 
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import device
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, ShardingRule, Static, TileOp, View, as_array, check_impl, static_int, with_vjp
+from jax_tilek.op import Launch, Rows, ShardingRule, Static, TileOp, View, as_array, check_impl, config_class, static_int, uses, with_vjp
+from jax_tilek.testing import ArgSpec
 from jax_tilek.spec import GRID_LIMITS, bits_of
 
 ALIGN = 64  # M and N must be multiples of this
 
 # 16-byte global accesses the compiler cannot split (nvcc splits uint4 stores from 4-byte-aligned
 # arrays), with optional cache-policy hints: streaming stores, loads that skip L1 and prefetch 256 B.
-_ACCESS16 = """
-__device__ __forceinline__ void tilek_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.global@STORE@.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
-}
-__device__ __forceinline__ void tilek_copy16_to_shared(unsigned* dst, const unsigned* src) {
-  unsigned a, b, c, d;
-  asm volatile("ld.global.nc@LOAD@.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "l"(src));
-  *reinterpret_cast<uint4*>(dst) = make_uint4(a, b, c, d);
-}
-"""
-
-
 def _access_prelude(cache_hints: bool) -> str:
     store, load = (".cs", ".L1::no_allocate.L2::256B") if cache_hints else ("", "")
-    return _ACCESS16.replace("@STORE@", store).replace("@LOAD@", load)
+    return device.prelude(device.store16(store), device.copy16_to_shared(load))
 
 
 @kernel
@@ -217,33 +209,49 @@ def _kernel_check(x: jax.Array, *, columns: tuple[int, int] | None = None) -> No
         )
 
 
-def _launch(x, *, columns: tuple[int, int] | None = None) -> Launch:
+@dataclasses.dataclass(frozen=True)
+class TransposeConfig:
+    """The kernel's tiling: ``tile_m x tile_n`` elements per CTA (each a multiple of 64 dividing M and
+    the window width), ``threads`` per CTA (None: :func:`threads_for`), ``group_m`` consecutive M
+    tiles per N tile in the CTA order (0: the 3-D grid; shapes beyond grid y or z always take the
+    flat order, 1), ``cache_hints`` for streaming stores and L2-prefetching loads."""
+
+    tile_m: int
+    tile_n: int
+    threads: int | None = None
+    group_m: int = 0
+    cache_hints: bool = False
+
+
+@config_class(TransposeConfig)
+def _config(x, *, columns: tuple[int, int] | None = None) -> TransposeConfig:
+    """128-element tiles along the axes 128 divides (64 elsewhere), the 3-D grid, no cache hints."""
+    start, stop = _window(x, columns)
+    return TransposeConfig(*_tiles(x.shape[1], stop - start))
+
+
+def _launch(x, *, config: TransposeConfig, columns: tuple[int, int] | None = None) -> Launch:
     b, m, s = x.shape
     start, stop = _window(x, columns)
     n = stop - start
     esize = np.dtype(x.dtype).itemsize
     per_word = 4 // esize  # the kernel sees every dtype as 32-bit words
-    tile_m, tile_n = _tiles(m, n)
+    tile_m, tile_n = config.tile_m, config.tile_n
+    if m % tile_m or n % tile_n:
+        raise ValueError(f"the tile {tile_m}x{tile_n} does not divide the {m}x{n} matrices")
     _, flat = _grid(b, m, n)
+    group_m = 1 if flat else config.group_m
+    threads = config.threads or threads_for(esize, tile_m, tile_n)
+    params = dict(esize=esize, tile_m=tile_m, tile_n=tile_n, threads=threads)
+    params.update({"group_m": group_m} if group_m else {}, **({"cache_hints": True} if config.cache_hints else {}))
     return Launch(
         kernel=batched_transpose_kernel,
-        params=dict(
-            esize=esize, tile_m=tile_m, tile_n=tile_n, threads=threads_for(esize, tile_m, tile_n), **({"group_m": 1} if flat else {})
-        ),
+        params=params,
         views={
             "x": View((b, m, n // per_word), (m * s // per_word, s // per_word, 1), start // per_word, np.uint32),
             "y": View((b, n, m // per_word), dtype=np.uint32),
         },
     )
-
-
-def _batch(args, dims, *, impl, columns=None):
-    """vmap folds the mapped axis into B: [V, B, M, S] -> [V*B, M, S]."""
-    (x,), (d,) = args, dims
-    x = jnp.moveaxis(x, d, 0)
-    v, b = x.shape[:2]
-    y = _batched_transpose_op(x.reshape(v * b, *x.shape[2:]), impl=impl, columns=columns)
-    return [y.reshape(v, b, *y.shape[1:])], [0]
 
 
 def _sharding(x, *, columns=None) -> ShardingRule:
@@ -254,30 +262,79 @@ def _sharding(x, *, columns=None) -> ShardingRule:
 
 
 _batched_transpose_op = TileOp(
-    name="batched_transpose", launch=_launch, reference=_reference, check=_check, batch=_batch, sharding=_sharding,
-    kernel_check=_kernel_check, operands=("x",),
+    name="batched_transpose", launch=_launch, operands=("x",), results=("y",), reference=_reference, check=_check,
+    config=_config, rows=Rows(("x",), ("y",)), sharding=_sharding, kernel_check=_kernel_check,
 )  # fmt: skip
 
 
-def _primal(x, *, impl=None, columns=None):
-    return _batched_transpose_op(x, impl=impl, columns=columns)
+def _primal(x, *, ops, impl=None, columns=None):
+    return ops[0](x, impl=impl, columns=columns)
 
 
-def _fwd(x, *, impl=None, columns=None):
-    return _primal(x, impl=impl, columns=columns), Static((x.shape[-1], x.dtype))
+def _fwd(x, *, ops, impl=None, columns=None):
+    return _primal(x, ops=ops, impl=impl, columns=columns), Static((x.shape[-1], x.dtype))
 
 
-def _bwd(residuals, g, *, impl=None, columns=None):
+def _bwd(residuals, g, *, ops, impl=None, columns=None):
     width, dtype = residuals.value
     start, stop = (0, width) if columns is None else columns
-    dx = _primal(g, impl=impl)
+    dx = _primal(g, ops=ops, impl=impl)
     return (jnp.pad(dx, ((0, 0), (0, 0), (start, width - stop))).astype(dtype),)
 
 
 _differentiable = with_vjp(_primal, _fwd, _bwd)
 
 
-def batched_transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None) -> jax.Array:
+def _matrices(*shape: int, dtype=jnp.bfloat16) -> tuple[jax.ShapeDtypeStruct]:
+    return (jax.ShapeDtypeStruct(shape, dtype),)
+
+
+def _case(prefix: str, shape: tuple[int, ...], dtype, columns=None, **options) -> ArgSpec:
+    name = f"{prefix}_{np.dtype(dtype).name}_{'x'.join(map(str, shape))}" + (f"_cols{columns[0]}-{columns[1]}" if columns else "")
+    return ArgSpec(name, (jax.ShapeDtypeStruct(shape, dtype),), dict(columns=columns), **options)
+
+
+# Named calls: tiles of 64 and 128 on both axes, column windows of strided rows, one and zero
+# batches; the flat grid of batches and row counts beyond grid z and y; grouped CTA orders; the
+# benchmarks' sizes.
+ARG_SPECS = (
+    *(
+        _case("small", shape, dtype, columns)
+        for dtype in (jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32)
+        for shape, columns in (
+            ((1, 64, 64), None), ((3, 128, 192), None), ((2, 192, 128), None), ((2, 320, 448), None),
+            ((2, 128, 384), (128, 320)), ((1, 256, 512), (64, 448)), ((0, 64, 128), None), ((8, 64, 128), None),
+        )  # fmt: skip
+    ),
+    _case("flat", (70000, 64, 64), jnp.float32, bench=True),
+    _case("flat", (1, 65537 * 64, 64), jnp.float8_e4m3fn, bench=True),
+    _case("flat", (1, 65537 * 64, 128), jnp.uint8, (64, 128), bench=True),
+    *(
+        _case(f"grouped{group_m}", (3, 1024, 384), dtype, config=dict(group_m=group_m))
+        for dtype, group_m in ((jnp.bfloat16, 4), (jnp.float8_e4m3fn, 8), (jnp.float32, 2), (jnp.bfloat16, 1))
+    ),
+    _case("bench", (8, 4096, 7168), jnp.bfloat16, bench=True),
+    _case("bench", (8, 4096, 7168), jnp.float8_e4m3fn, bench=True),
+    _case("bench", (4, 4096, 4096), jnp.float32, bench=True),
+    _case("bench", (2, 2048, 2048), jnp.bfloat16, bench=True),
+    _case("bench", (131072, 64, 128), jnp.bfloat16, bench=True),
+    _case("bench", (1, 8192, 14336), jnp.bfloat16, (0, 7168), bench=True),
+    *(
+        _case(f"bench_t{tm}x{tn}" + (f"_{threads}" if threads else "") + (f"_g{group}" if group else "") + ("_hints" if hints else ""),
+              shape, dtype, bench=True, config=dict(tile_m=tm, tile_n=tn, threads=threads, group_m=group, cache_hints=hints))  # fmt: skip
+        for (shape, dtype), variants in (
+            (((8, 4096, 7168), jnp.bfloat16), [(128, 128, None, 0, True), (256, 128, None, 0, True), (128, 256, None, 0, True),
+                                              (128, 256, None, 0, False), (256, 256, 512, 0, False), (128, 128, None, 1, False)]),
+            (((8, 4096, 7168), jnp.float8_e4m3fn), [(128, 128, None, 0, True), (256, 256, None, 0, True)]),
+            (((4, 4096, 4096), jnp.float32), [(128, 128, None, 0, True), (128, 64, None, 0, True), (64, 128, None, 0, True)]),
+        )  # fmt: skip
+        for tm, tn, threads, group, hints in variants
+    ),
+)
+
+
+@uses(_batched_transpose_op, cases=ARG_SPECS)
+def batched_transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None, ops) -> jax.Array:
     """Transposes the last two axes: ``x[B, M, N] -> [B, N, M]``.
 
     Args:
@@ -292,10 +349,18 @@ def batched_transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, i
     """
     check_impl(impl, "batched_transpose")
     x = as_array(x, "batched_transpose", "x")
-    return _differentiable(x, columns=_columns(columns, "batched_transpose"), impl=impl)
+    return _differentiable(x, columns=_columns(columns, "batched_transpose"), impl=impl, ops=ops)
 
 
-def transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None) -> jax.Array:
+MATRIX_SPECS = (
+    ArgSpec("matrix_bfloat16_192x320", (jax.ShapeDtypeStruct((192, 320), jnp.bfloat16),)),
+    ArgSpec("matrix_window_float32_128x384", (jax.ShapeDtypeStruct((128, 384), jnp.float32),), dict(columns=(128, 320))),
+    ArgSpec("bench_matrix_bfloat16_16384x7168", (jax.ShapeDtypeStruct((16384, 7168), jnp.bfloat16),), bench=True),
+)
+
+
+@uses(_batched_transpose_op, cases=MATRIX_SPECS)
+def transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None, ops) -> jax.Array:
     """Transposes a matrix: ``x[M, N] -> [N, M]``; see :func:`batched_transpose` for the rules."""
     check_impl(impl, "transpose")
     x = as_array(x, "transpose", "x")
@@ -303,7 +368,7 @@ def transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None
         raise ValueError(f"transpose: x must be [M, N], got shape {x.shape}")
     columns = _columns(columns, "transpose")
     try:
-        return batched_transpose(x[None], columns=columns, impl=impl)[0]
+        return _differentiable(x[None], columns=columns, impl=impl, ops=ops)[0]
     except (TypeError, ValueError) as e:  # the rules are batched_transpose's; the error names this op
         prefix, message = "batched_transpose: ", str(e).split("\n--------------------\n")[0]  # without JAX's note
         if type(e) in (TypeError, ValueError) and message.startswith(prefix):

@@ -1,7 +1,7 @@
-"""SwiGLU family (jax_tilek.quant.swiglu / swiglu_quant): references against independent numpy
-arithmetic and float64 math, rules, gradients, cross-lowering, and the GPU kernels bit for bit."""
+"""SwiGLU family (jax_tilek.swiglu): the op contract over every function's named cases; references
+against independent numpy arithmetic and float64 math, rules, gradients, cross-lowering, and the GPU
+kernels bit for bit."""
 
-import importlib
 import functools
 import re
 
@@ -13,17 +13,23 @@ import pytest
 
 import jax_tilek
 from jax_tilek.quant import formats as F
-S = importlib.import_module("jax_tilek.quant.swiglu")  # the package attribute `swiglu` is the function
-from jax_tilek.quant.swiglu import swiglu, swiglu_backward, swiglu_forward
-from jax_tilek.quant.swiglu_quant import (
+from jax_tilek.swiglu import (
+    exp_f32,
+    fma_f32,
+    silu_parts,
+    swiglu,
+    swiglu_backward,
     swiglu_backward_and_per_token_cast,
+    swiglu_backward_kernel,
+    swiglu_forward,
     swiglu_forward_and_per_channel_cast_and_transpose,
     swiglu_forward_and_per_token_cast,
+    swiglu_forward_kernel,
     swiglu_per_channel_cast_kernel,
+    valid_rows,
 )
-
-from helpers import decode_record, lower_for_cuda, tilek_calls
-from quant_testing import assert_bytes_equal, calc_diff, np_load_sf, np_store_sf
+from jax_tilek.testing import OpContract, assert_bytes_equal, decode_record, lower_for_cuda, tilek_calls
+from quant.quant_testing import calc_diff, np_load_sf, np_store_sf  # tests/quant's numpy helpers (tests/ is on the path)
 
 f32 = np.float32
 BF16 = ml_dtypes.bfloat16
@@ -36,9 +42,142 @@ LAYOUT_FLAGS = {  # layout -> (use_tma_aligned_col_major_sf, use_packed_ue8m0, r
     "col_ue8m0": (True, True, True),
 }
 
+# jax_tilek's fp32 exp (jax_tilek.swiglu.exp_f32): the Cody-Waite ln2 split, the rint shifter, a
+# degree-6 polynomial (doubled, in Horner order), the clamp to [-32, 87]; silu's argument floor.
+LOG2E, LN2_HI, LN2_LO, SHIFTER = f32(1.4426950408889634), f32(0.693145751953125), f32(1.428606765330187e-06), f32(12582912.0)
+EXP_POLY2 = tuple(f32(2 * f32(c)) for c in reversed((1.0, 1.0, 0.4999999, 0.1666642, 0.04166823, 0.0083749, 0.00138367)))
+EXP_MIN, EXP_MAX, SILU_MIN = f32(-32.0), f32(87.0), f32(-87.0)
+SCALE_BIAS = (126 - 0x4B400000) & 0xFFFFFFFF  # bits(k + SHIFTER) + SCALE_BIAS == k + 126 (mod 2^32)
+WARPS, BLOCKS_PER_SM = 8, 4  # the row kernels' CTA: 8 warps (a row each), 4 resident per SM
+
 
 def _layout(name):
     return "row" if name == "row_round" else name
+
+
+def _sf_layout(options) -> str:
+    """The scale layout a case's flags name."""
+    return F.sf_layout(options["use_tma_aligned_col_major_sf"], options["use_packed_ue8m0"], options["round_sf"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The op contract, per public function: row-wise calls (vmap folds into the tokens, which shard)
+# and the others (the psum layout, clamp counts, column-major scales; per-channel scales).
+
+
+def _row_wise(case) -> bool:
+    k = case.kwargs
+    psum = any(a.dtype == jnp.int32 and a.ndim == 1 for a in case.args)
+    return not (psum or k.get("with_clamped_count") or k.get("use_tma_aligned_col_major_sf") or k.get("x_sf_layout", "row") != "row")
+
+
+def _cases(fn, row_wise: bool) -> list:
+    return [c for c in fn.cases if _row_wise(c) == row_wise]
+
+
+X = jax.ShapeDtypeStruct((64, 2048), jnp.bfloat16)
+G = jax.ShapeDtypeStruct((64, 1024), jnp.bfloat16)
+XQ = jax.ShapeDtypeStruct((64, 2048), jnp.float8_e4m3fn)
+XSF = jax.ShapeDtypeStruct((64, 16), jnp.float32)
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+class TestSwigluForward(OpContract):
+    fn = swiglu_forward
+    cases = _cases(swiglu_forward, True)
+    rows = True
+
+
+class TestSwigluForwardRouted(OpContract):
+    fn = swiglu_forward
+    cases = _cases(swiglu_forward, False)
+    bad_inputs = [
+        ((_sds((64, 1000), jnp.bfloat16),), {}, ValueError, r"H \(half of x's last dimension, 500\) must be a positive multiple of 64"),
+        ((_sds((64, 2049), jnp.bfloat16),), {}, ValueError, r"x must be \[T, 2H\]"),
+        ((_sds((64, 256), jnp.float16),), {}, ValueError, "x must be bfloat16 or float32"),
+        ((X,), dict(fmt="e4m3"), ValueError, "fmt must be 'bf16' or 'fp32'"),
+        ((X,), dict(clamp_value=-1.0), ValueError, "clamp_value must be a positive finite number"),
+        ((X,), dict(routed_scaling_factor=float("inf")), ValueError, "routed_scaling_factor must be a finite number"),
+        ((X,), dict(token_alignment=0), ValueError, "token_alignment must be a positive integer"),
+    ]
+
+
+class TestSwigluBackward(OpContract):
+    fn = swiglu_backward
+    cases = _cases(swiglu_backward, True)
+    rows = True
+
+
+class TestSwigluBackwardRouted(OpContract):
+    fn = swiglu_backward
+    cases = _cases(swiglu_backward, False)
+    bad_inputs = [
+        ((X, _sds((64, 512), jnp.bfloat16)), {}, ValueError, r"act_x_grad must be bf16 or fp32 \[T, H\]"),
+        ((X, G), dict(fmt="e4m3"), ValueError, "fmt must be 'bf16' or 'fp32'"),
+    ]
+
+
+class TestSwigluForwardAndPerTokenCast(OpContract):
+    fn = swiglu_forward_and_per_token_cast
+    cases = _cases(swiglu_forward_and_per_token_cast, True)
+    rows = True
+
+
+class TestSwigluForwardAndPerTokenCastRouted(OpContract):
+    fn = swiglu_forward_and_per_token_cast
+    cases = _cases(swiglu_forward_and_per_token_cast, False)
+    bad_inputs = [
+        ((X,), dict(fmt="e2m1"), ValueError, "fmt must be 'e4m3'"),
+        ((X,), dict(num_per_channels=64), ValueError, r"num_per_channels must be one of \(32, 128\) or H \(1024\)"),
+        ((X,), dict(num_per_channels=1024, use_tma_aligned_col_major_sf=True), ValueError, "whole-row scales"),
+        ((_sds((64, 2 * 576), jnp.bfloat16),), dict(num_per_channels=128), ValueError, r"H \(576\) must be a multiple of num_per_channels \(128\)"),
+        ((X,), dict(use_tma_aligned_col_major_sf=True, use_packed_ue8m0=True), ValueError, "use_packed_ue8m0 needs round_sf=True"),
+    ]
+
+
+class TestSwigluBackwardAndPerTokenCast(OpContract):
+    fn = swiglu_backward_and_per_token_cast
+    cases = _cases(swiglu_backward_and_per_token_cast, True)
+    rows = True
+
+
+class TestSwigluBackwardAndPerTokenCastRouted(OpContract):
+    fn = swiglu_backward_and_per_token_cast
+    cases = _cases(swiglu_backward_and_per_token_cast, False)
+    bad_inputs = [
+        (((X, XSF), G), {}, ValueError, "x must be float8_e4m3fn"),
+        (((XQ, _sds((64, 15), jnp.float32)), G), {}, ValueError, r"scale factors in layout 'row' must be float32 \(64, 16\)"),
+        (((XQ, XSF), G), dict(num_per_channels=1024), ValueError, r"num_per_channels must be one of \(32, 128\), got 1024"),
+        (((XQ, XSF), G), dict(x_sf_layout="ue8m0_along_m"), ValueError, "x_sf_layout must be"),
+    ]
+
+
+class TestSwigluForwardAndPerChannelCast(OpContract):
+    """Per-channel scales over blocks of tokens: not row-wise (vmap maps a loop)."""
+
+    fn = swiglu_forward_and_per_channel_cast_and_transpose
+    bad_inputs = [
+        ((_sds((100, 2048), jnp.bfloat16),), {}, ValueError, r"T \(100\) must be a multiple of 128"),
+        ((_sds((128, 2048), jnp.float32),), {}, ValueError, "x must be bfloat16"),
+        ((_sds((128, 64), jnp.bfloat16),), {}, ValueError, "2H a multiple of 128"),
+        ((_sds((128, 2048), jnp.bfloat16),), dict(num_per_tokens=64), ValueError, "num_per_tokens must be 32 or 128"),
+    ]
+
+
+class TestSwiglu(OpContract):
+    fn = swiglu
+    cases = _cases(swiglu, True)
+    rows = True
+    differentiable = (0, 1)  # x and topk_weights
+
+
+class TestSwigluRouted(OpContract):
+    fn = swiglu
+    cases = _cases(swiglu, False)
+    differentiable = (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,14 +186,14 @@ def _layout(name):
 
 @np.errstate(over="ignore")
 def np_exp(t):
-    t = np.clip(np.asarray(t, f32), S.EXP_MIN, S.EXP_MAX)
-    y = t * S.LOG2E + S.SHIFTER
-    k = y - S.SHIFTER
-    r = (t - k * S.LN2_HI) - k * S.LN2_LO
-    p = np.full_like(r, S.EXP_POLY2[0])
-    for c in S.EXP_POLY2[1:]:
+    t = np.clip(np.asarray(t, f32), EXP_MIN, EXP_MAX)
+    y = t * LOG2E + SHIFTER
+    k = y - SHIFTER
+    r = (t - k * LN2_HI) - k * LN2_LO
+    p = np.full_like(r, EXP_POLY2[0])
+    for c in EXP_POLY2[1:]:
         p = p * r + c
-    scale = ((y.view(np.uint32) + np.uint32(S.SCALE_BIAS)) << np.uint32(23)).view(f32)
+    scale = ((y.view(np.uint32) + np.uint32(SCALE_BIAS)) << np.uint32(23)).view(f32)
     return p * scale
 
 
@@ -88,7 +227,7 @@ def np_forward(x, psum=None, weights=None, rsf=None, clamp=None, align=128):
     x = np.asarray(x).astype(f32)
     h = x.shape[1] // 2
     l, r = np_clamp(x[:, :h], x[:, h:], clamp)
-    l = np.maximum(l, S.SILU_MIN)
+    l = np.maximum(l, SILU_MIN)
     act = (l / (f32(1) + np_exp(-l))) * r
     w = np_weights(x.shape[0], weights, rsf)
     if w is not None:
@@ -158,7 +297,7 @@ def np_backward(xf, g, psum=None, weights=None, rsf=None, clamp=None, align=128)
     l0, r0 = xf[:, :h], xf[:, h:]
     g = np.asarray(g).astype(f32)
     l, r = np_clamp(l0, r0, clamp)
-    l = np.maximum(l, S.SILU_MIN)
+    l = np.maximum(l, SILU_MIN)
     d = f32(1) + np_exp(-l)
     silu, s = l / d, f32(1) / d
     w = np_weights(t, weights, rsf)
@@ -228,7 +367,7 @@ def np_backward_previous_order(xf, g, w):
     """x_grad in the operation order jax_tilek used before matching TileKernels (for a sensitivity
     check): ``dl = (((g·w)·r)·s)·(1 + l·(1 - s))``, ``dr = (g·w)·(l / d)``; no clamp, no psum."""
     h = xf.shape[1] // 2
-    l, r = np.maximum(xf[:, :h], S.SILU_MIN), xf[:, h:]
+    l, r = np.maximum(xf[:, :h], SILU_MIN), xf[:, h:]
     d = f32(1) + np_exp(-l)
     s = f32(1) / d
     gw = g if w is None else g * w[:, None]
@@ -252,25 +391,25 @@ def test_exp_is_exact_against_numpy_and_accurate(rng):
         rng.standard_normal(100000).astype(f32) * 30,
         np.array([0, -0.0, 88.72, 88.73, 89, 1e30, -1e30, 2**-30], f32),
     ])  # fmt: skip
-    got = np.asarray(jax.jit(S.exp_f32)(t))
+    got = np.asarray(jax.jit(exp_f32)(t))
     assert_bytes_equal(got, np_exp(t))
     inside = (t >= -32) & (t <= 87)
     ref = np.exp(t[inside].astype(np.float64))
     ulp = np.abs(got[inside] - ref) / np.spacing(ref.astype(f32)).astype(np.float64)
     assert ulp.max() <= 1.5
-    assert np.all(got[t >= 87] == np.asarray(S.exp_f32(f32(87)))) and np.all(got[t <= -32] == np.asarray(S.exp_f32(f32(-32))))
+    assert np.all(got[t >= 87] == np.asarray(exp_f32(f32(87)))) and np.all(got[t <= -32] == np.asarray(exp_f32(f32(-32))))
 
 
 def test_silu_matches_float64():
     l = np.linspace(-100, 100, 100001, dtype=f32)
-    _, _, silu = jax.jit(S.silu_parts)(l)
+    _, _, silu = jax.jit(silu_parts)(l)
     ref = l.astype(np.float64) / (1 + np.exp(-l.astype(np.float64)))
     np.testing.assert_allclose(np.asarray(silu), ref, rtol=4e-7, atol=2e-36)  # l saturates at -87: silu = -1.4e-36 below
 
 
 def test_valid_rows_of_the_psum_layout():
     psum = np.array([3, 3, 20, 40, 41], np.int32)  # expert 1 empty; rows 3..15, 20..31, 40 padding
-    got = np.asarray(S.valid_rows(50, jnp.asarray(psum), 16))
+    got = np.asarray(valid_rows(50, jnp.asarray(psum), 16))
     expected = np.zeros(50, bool)
     expected[0:3] = expected[16:20] = expected[32:40] = True
     np.testing.assert_array_equal(got, expected)
@@ -397,15 +536,15 @@ def test_fma_f32_is_one_rounding(rng):
     a_tie = rng.uniform(-87, 20, n).astype(f32)
     b_tie = ((tie - 1) / a_tie.astype(np.float64)).astype(f32)
     l = np.concatenate([rng.uniform(-87, 30, n), (SLOPE_ROOT.view(np.int32) + np.arange(-n // 2, n // 2, dtype=np.int32)).view(f32)]).astype(f32)
-    _, d, _ = jax.jit(S.silu_parts)(l)
+    _, d, _ = jax.jit(silu_parts)(l)
     one_minus_s = f32(1) - f32(1) / np.asarray(d)
     cases = [
         (a, b, (rng.standard_normal(n) * np.exp2(rng.integers(-40, 40, n))).astype(f32)),
         (a, b, -(a * b)),
         (a_tie, b_tie, np.ones(n, f32)),
-        (np.maximum(l, S.SILU_MIN), one_minus_s, np.ones(2 * n, f32)),
+        (np.maximum(l, SILU_MIN), one_minus_s, np.ones(2 * n, f32)),
     ]
-    fma = jax.jit(S.fma_f32)
+    fma = jax.jit(fma_f32)
     for x, y, z in cases:
         assert_bytes_equal(np.asarray(fma(x, y, z)), np_fma(x, y, z))
     assert np.count_nonzero(np_fma(a_tie, b_tie, f32(1)) != a_tie * b_tie + f32(1)) > n // 10  # the cases need one rounding
@@ -544,46 +683,15 @@ def test_swiglu_bf16_output_dtype_and_grad_dtype(rng):
 # ---------------------------------------------------------------------------------------------
 # Rules.
 
-X = jax.ShapeDtypeStruct((64, 2048), jnp.bfloat16)
-G = jax.ShapeDtypeStruct((64, 1024), jnp.bfloat16)
-XQ = jax.ShapeDtypeStruct((64, 2048), jnp.float8_e4m3fn)
-XSF = jax.ShapeDtypeStruct((64, 16), jnp.float32)
-
-
-def _sds(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
 @pytest.mark.parametrize("call,args,message", [
-    (lambda x: swiglu_forward(x), [_sds((64, 1000), jnp.bfloat16)], r"H \(half of x's last dimension, 500\) must be a positive multiple of 64"),
-    (lambda x: swiglu_forward(x), [_sds((64, 2049), jnp.bfloat16)], r"x must be \[T, 2H\]"),
-    (lambda x: swiglu_forward(x), [_sds((64, 256), jnp.float16)], "x must be bfloat16 or float32"),
-    (lambda x: swiglu_forward(x, fmt="e4m3"), [X], "fmt must be 'bf16' or 'fp32'"),
     (lambda x, p: swiglu_forward(x, psum_num_tokens_per_expert=p), [X, _sds((4,), jnp.float32)], "psum_num_tokens_per_expert must be int32"),
     (lambda x, p: swiglu_forward(x, psum_num_tokens_per_expert=p), [X, _sds((0,), jnp.int32)], "1 <= E < 65536"),
     (lambda x, p: swiglu_forward(x, psum_num_tokens_per_expert=p), [X, _sds((1 << 16,), jnp.int32)], "1 <= E < 65536"),
     (lambda x, w: swiglu_forward(x, topk_weights=w), [X, _sds((63,), jnp.float32)], r"topk_weights must be float32 \[T\]"),
     (lambda x, w: swiglu_forward(x, topk_weights=w), [X, _sds((64,), jnp.bfloat16)], r"topk_weights must be float32 \[T\]"),
-    (lambda x: swiglu_forward(x, clamp_value=-1.0), [X], "clamp_value must be a positive finite number"),
-    (lambda x: swiglu_forward(x, routed_scaling_factor=float("inf")), [X], "routed_scaling_factor must be a finite number"),
-    (lambda x: swiglu_forward(x, token_alignment=0), [X], "token_alignment must be a positive integer"),
-    (lambda x: swiglu_forward_and_per_token_cast(x, "e2m1"), [X], "fmt must be 'e4m3'"),
-    (lambda x: swiglu_forward_and_per_token_cast(x, num_per_channels=64), [X], r"num_per_channels must be one of \(32, 128\) or H \(1024\)"),
-    (lambda x: swiglu_forward_and_per_token_cast(x, num_per_channels=1024, use_tma_aligned_col_major_sf=True), [X], "whole-row scales"),
-    (lambda x: swiglu_forward_and_per_token_cast(x, num_per_channels=128), [_sds((64, 2 * 576), jnp.bfloat16)], r"H \(576\) must be a multiple of num_per_channels \(128\)"),
-    (lambda x: swiglu_forward_and_per_token_cast(x, use_tma_aligned_col_major_sf=True, use_packed_ue8m0=True), [X], "use_packed_ue8m0 needs round_sf=True"),
-    (lambda x, g: swiglu_backward(x, g), [X, _sds((64, 512), jnp.bfloat16)], r"act_x_grad must be bf16 or fp32 \[T, H\]"),
-    (lambda x, g: swiglu_backward(x, g, fmt="e4m3"), [X, G], "fmt must be 'bf16' or 'fp32'"),
-    (lambda x, s, g: swiglu_backward_and_per_token_cast((x, s), g), [X, XSF, G], "x must be float8_e4m3fn"),
-    (lambda x, s, g: swiglu_backward_and_per_token_cast((x, s), g), [XQ, _sds((64, 15), jnp.float32), G], r"scale factors in layout 'row' must be float32 \(64, 16\)"),
-    (lambda x, s, g: swiglu_backward_and_per_token_cast((x, s), g, num_per_channels=1024), [XQ, XSF, G], r"num_per_channels must be one of \(32, 128\), got 1024"),
-    (lambda x, s, g: swiglu_backward_and_per_token_cast((x, s), g, x_sf_layout="ue8m0_along_m"), [XQ, XSF, G], "x_sf_layout must be"),
-    (lambda x: swiglu_forward_and_per_channel_cast_and_transpose(x), [_sds((100, 2048), jnp.bfloat16)], r"T \(100\) must be a multiple of 128"),
-    (lambda x: swiglu_forward_and_per_channel_cast_and_transpose(x), [_sds((128, 2048), jnp.float32)], "x must be bfloat16"),
-    (lambda x: swiglu_forward_and_per_channel_cast_and_transpose(x), [_sds((128, 64), jnp.bfloat16)], "2H a multiple of 128"),
-    (lambda x: swiglu_forward_and_per_channel_cast_and_transpose(x, num_per_tokens=64), [_sds((128, 2048), jnp.bfloat16)], "num_per_tokens must be 32 or 128"),
 ])  # fmt: skip
-def test_bad_inputs_raise_at_trace_time(call, args, message):
+def test_bad_routing_arrays_raise_at_trace_time(call, args, message):
+    """(The other bad inputs are the contract classes' ``bad_inputs``.)"""
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(call, *args)
 
@@ -593,7 +701,7 @@ def test_bad_inputs_raise_at_trace_time(call, args, message):
     (lambda: swiglu(jnp.zeros((8, 256), jnp.int32)), ValueError, "swiglu: x must be bfloat16 or float32"),
     (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), fmt="fp16"), ValueError, "swiglu: fmt must be 'bf16' or 'fp32'"),
     (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((8,), jnp.float16)), ValueError, r"swiglu: topk_weights must be float32 \[T\]"),
-    (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), impl="cuda"), ValueError, "swiglu: impl must be None, 'tilelang' or 'xla'"),
+    (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), impl="cuda"), ValueError, "swiglu: impl must be one of"),
     (lambda: swiglu(jnp.zeros((8, 256), jnp.bfloat16), clamp_value=float("nan")), ValueError, "swiglu: clamp_value must be a positive finite number"),
     (lambda: swiglu("x"), TypeError, "swiglu: x must be an array, got str"),
     (lambda: swiglu_forward(None), TypeError, "swiglu_forward: x must be an array, got NoneType"),
@@ -658,57 +766,10 @@ def test_abstract_eval_is_exact():
     assert [(o.shape, o.dtype) for o in jax.tree.leaves(out)] == [((6, 4096), jnp.bfloat16), ((6, 4096), jnp.float8_e4m3fn), ((6, 32), jnp.float32)]
 
 
-def test_impl_tilelang_refuses_to_run_off_gpu():
-    with pytest.raises(ValueError, match="impl='tilelang' needs an NVIDIA Hopper or Blackwell GPU"):
-        jax.jit(lambda x: swiglu_forward(x, impl="tilelang"))(jnp.zeros((8, 128), jnp.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------
-# Configurations run on the GPU; cross-lowered (and compiled) in CI.
-
-GPU_FWD = [
-    # (t, h, dtype, fmt, psum, weights, rsf, clamp, count)
-    (1, 1024, BF16, "bf16", False, False, None, None, False),
-    (1000, 2048, BF16, "bf16", True, True, 2.5, 0.5, True),
-    (257, 7168, BF16, "fp32", False, True, None, 10.0, True),
-    (130, 1280, np.float32, "bf16", True, False, 1.5, None, True),
-    (77, 576, np.float32, "fp32", False, False, None, 0.5, False),
-    (0, 1024, BF16, "bf16", False, False, None, None, True),
-]
-GPU_CAST = [
-    # (t, h, npc, layout, psum, weights, clamp, count)
-    (1, 1024, 128, "row", False, False, None, False),
-    (1001, 2048, 128, "col_ue8m0", True, True, 10.0, True),
-    (513, 2048, 32, "col", True, False, 0.5, True),
-    (130, 7168, 32, "col_ue8m0", False, True, None, False),
-    (131, 7168, 128, "row_round", True, True, 0.5, True),
-    (66, 1280, 128, "col_ue8m0", False, False, 10.0, False),
-    (97, 1024, "H", "row", True, True, None, False),
-    (35, 576, "H", "row_round", False, False, 0.5, True),
-    (0, 2048, 32, "col_ue8m0", False, False, None, True),
-]
-GPU_BWD = [
-    # (t, h, dtype, g dtype, fmt, psum, weights, rsf, clamp, recompute)
-    (1, 1024, BF16, BF16, "bf16", False, False, None, None, False),
-    (700, 2048, BF16, BF16, "bf16", True, True, 2.5, 0.5, True),
-    (129, 7168, np.float32, BF16, "fp32", False, True, None, 10.0, False),
-    (90, 1280, BF16, np.float32, "fp32", True, False, 1.5, None, True),
-]
-GPU_BWD_CAST = [
-    # (t, h, npc, layout, x layout, psum, weights, clamp, recompute)
-    (1, 1024, 128, "row_round", "row", False, False, None, False),
-    (600, 2048, 128, "col_ue8m0", "col_ue8m0", True, True, 10.0, True),
-    (257, 2048, 32, "col", "row", True, True, 0.5, False),
-    (130, 7168, 32, "col_ue8m0", "col", False, True, None, True),
-    (67, 1152, 128, "col_ue8m0", "row", True, False, 0.5, False),
-]
-GPU_PC = [
-    # (t, h, npt, transpose, round_sf, clamp)
-    (128, 1024, 128, True, False, None),
-    (384, 2048, 32, True, True, 10.0),
-    (256, 7168, 128, False, True, 0.5),
-    (128, 576, 32, False, False, None),
-]
+# Lowering for "cuda" (kernels compiled for sm_90a): every case's launch, the row kernels' limits.
 
 
 def _fwd_program(h, fmt, psum, weights, rsf, clamp, count, impl="tilelang"):
@@ -756,17 +817,6 @@ def _pc_program(npt, transpose, round_sf, clamp, impl="tilelang"):
     return program
 
 
-def _fwd_data(rng, t, h, dtype, psum, weights):
-    x, ps, w = make_inputs(rng, t, h, dtype=dtype, psum=True, weights=True)
-    return x, ps, w
-
-
-def _bwd_cast_data(rng, t, h, npc, x_layout, g_dtype=BF16):
-    x = make_x(rng, t, h, f32)
-    xq, xsf = np_quantize(x, (1, npc), x_layout == "col_ue8m0")
-    g = (rng.standard_normal((t, h)) * 0.5).astype(g_dtype)
-    return xq, np_store_sf(xsf, _layout(x_layout)), g, make_psum(rng, t, 5, 16), rng.uniform(0.05, 1, t).astype(f32)
-
 
 def _kernel_of(call):
     record = decode_record(call["launch"])
@@ -774,47 +824,45 @@ def _kernel_of(call):
     return record
 
 
-@pytest.mark.parametrize("case", GPU_FWD + GPU_CAST, ids=str)
-def test_forward_lowers_to_one_persistent_launch(case):
-    if len(case) == 9:
-        t, h, dtype, fmt, psum, weights, rsf, clamp, count = case
-        program, cast, layout = _fwd_program(h, fmt, psum, weights, rsf, clamp, count), False, None
-    else:
-        t, h, npc, layout, psum, weights, clamp, count = case
-        dtype, npc = BF16, (h if npc == "H" else npc)
-        program, cast = _cast_program(npc, layout, psum, weights, clamp, count), True
-    args = (jax.ShapeDtypeStruct((t, 2 * h), dtype), jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((t,), jnp.float32))
-    (call,) = tilek_calls(lower_for_cuda(program, *args))
+def _calls(fn) -> list:
+    """A function's cases that the GPU tests run (not the benchmark sizes)."""
+    return [c for c in fn.cases if not c.bench]
+
+
+def _named(fn, name: str):
+    return next(c for c in fn.cases if c.name == name)
+
+
+def _params(*fns):
+    return [pytest.param(fn, c, id=f"{fn.__name__}-{c.name}") for fn in fns for c in _calls(fn)]
+
+
+@pytest.mark.parametrize("fn,case", _params(swiglu_forward, swiglu_forward_and_per_token_cast))
+def test_forward_lowers_to_one_persistent_launch(fn, case):
+    cast = fn is swiglu_forward_and_per_token_cast
+    (call,) = tilek_calls(lower_for_cuda(case.call(fn, "tilelang"), *case.structs()))
     record = _kernel_of(call)
     assert call["name"] == "swiglu_forward"
-    rows = -(-t // 4) * 4 if cast and _layout(layout) != "row" else t
+    t = case.args[0].shape[0]
+    rows = -(-t // 4) * 4 if cast and _sf_layout(case.kwargs) != "row" else t
     if rows == 0:
         assert record["kernels"] == [] and call["entries"] == ""
         return
     (k,) = record["kernels"]
-    assert k["grid"] == [min(-(-rows // S.WARPS), 132 * S.BLOCKS_PER_SM), 1, 1] and k["block"] == [256, 1, 1] and k["smem"] == 0
-    operands = 1 + int(psum) + int(weights)
-    assert record["zero_fill"] == ([operands + 1 + int(cast)] if count else [])  # the counters, after the data (and sf)
+    assert k["grid"] == [min(-(-rows // WARPS), 132 * BLOCKS_PER_SM), 1, 1] and k["block"] == [256, 1, 1] and k["smem"] == 0
+    operands = len(case.args)  # x, psum and topk_weights where given
+    assert record["zero_fill"] == ([operands + 1 + int(cast)] if case.kwargs.get("with_clamped_count") else [])  # the counters, after the data (and sf)
 
 
-@pytest.mark.parametrize("case", GPU_BWD + GPU_BWD_CAST, ids=str)
-def test_backward_lowers_to_one_persistent_launch(case):
-    if len(case) == 10:
-        t, h, dtype, g_dtype, fmt, psum, weights, rsf, clamp, recompute = case
-        program = _bwd_program(fmt, psum, weights, rsf, clamp, recompute)
-        args = (jax.ShapeDtypeStruct((t, 2 * h), dtype), jax.ShapeDtypeStruct((t, h), g_dtype))
-        rows = t
-    else:
-        t, h, npc, layout, x_layout, psum, weights, clamp, recompute = case
-        program = _bwd_cast_program(npc, layout, x_layout, psum, weights, clamp, recompute)
-        shape, dtype = F.sf_storage_shape(_layout(x_layout), (t, 2 * h // npc))
-        args = (jax.ShapeDtypeStruct((t, 2 * h), jnp.float8_e4m3fn), jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((t, h), jnp.bfloat16))
-        rows = -(-t // 4) * 4 if _layout(layout) != "row" else t
-    args += (jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((t,), jnp.float32))
-    (call,) = tilek_calls(lower_for_cuda(program, *args))
+@pytest.mark.parametrize("fn,case", _params(swiglu_backward, swiglu_backward_and_per_token_cast))
+def test_backward_lowers_to_one_persistent_launch(fn, case):
+    cast = fn is swiglu_backward_and_per_token_cast
+    (call,) = tilek_calls(lower_for_cuda(case.call(fn, "tilelang"), *case.structs()))
     (k,) = _kernel_of(call)["kernels"]
     assert call["name"] == "swiglu_backward"
-    assert k["grid"] == [min(-(-rows // S.WARPS), 132 * S.BLOCKS_PER_SM), 1, 1] and k["block"] == [256, 1, 1]
+    t = case.args[0].shape[0]
+    rows = -(-t // 4) * 4 if cast and _sf_layout(case.kwargs) != "row" else t
+    assert k["grid"] == [min(-(-rows // WARPS), 132 * BLOCKS_PER_SM), 1, 1] and k["block"] == [256, 1, 1]
 
 
 def _fresh(program):
@@ -854,7 +902,7 @@ def test_row_kernels_do_not_depend_on_the_sm_count(monkeypatch, kind):
             (calls[sms],) = tilek_calls(lower_for_cuda(_fresh(program), *args))
         keys[sms] = [(name, key) for name, _, _, key in log]
         (k,) = _kernel_of(calls[sms])["kernels"]
-        ctas = min(-(-rows // S.WARPS), sms * S.BLOCKS_PER_SM)
+        ctas = min(-(-rows // WARPS), sms * BLOCKS_PER_SM)
         assert k["grid"] == [ctas, 1, 1] and (2, 4, ctas) in k["args"]  # the grid, and the kernel's num_ctas scalar
     assert keys[114] == keys[132] and len(keys[132]) == 1
     assert calls[114]["cubin_key"] == calls[132]["cubin_key"]
@@ -867,7 +915,7 @@ def test_row_kernels_take_up_to_max_rows(kind):
     program, args, _ = _row_kernel_program(kind, MAX_ROWS)
     (call,) = tilek_calls(lower_for_cuda(program, *args))
     (k,) = _kernel_of(call)["kernels"]
-    assert k["grid"] == [132 * S.BLOCKS_PER_SM, 1, 1]
+    assert k["grid"] == [132 * BLOCKS_PER_SM, 1, 1]
     program, args, _ = _row_kernel_program(kind, MAX_ROWS + 1)
     op = {"forward": "swiglu_forward", "cast": "swiglu_forward_and_per_token_cast", "backward": "swiglu_backward"}.get(kind, "swiglu_backward_and_per_token_cast")
     with pytest.raises(ValueError, match=rf"{op}: x may have at most {MAX_ROWS} rows"):
@@ -877,8 +925,8 @@ def test_row_kernels_take_up_to_max_rows(kind):
 def test_row_kernels_use_64_bit_element_offsets():
     """T · 2H may pass 2^31 elements: every row offset in the generated code is computed in int64."""
     configs = [
-        (S.swiglu_forward_kernel, dict(hidden=1024, in_dtype="bfloat16", out_kind="bf16", psum=True, weights=True, rsf=True, clamp=True, count=True, alignment=16)),
-        (S.swiglu_backward_kernel, dict(hidden=1024, x_kind="bf16", g_kind="bf16", grad_kind="bf16", psum=True, alignment=16, weights=True, rsf=True, clamp=True, recompute=True)),
+        (swiglu_forward_kernel, dict(hidden=1024, in_dtype="bfloat16", out_kind="bf16", psum=True, weights=True, rsf=True, clamp=True, count=True, alignment=16)),
+        (swiglu_backward_kernel, dict(hidden=1024, x_kind="bf16", g_kind="bf16", grad_kind="bf16", psum=True, alignment=16, weights=True, rsf=True, clamp=True, recompute=True)),
     ]
     for factory, params in configs:
         source = factory.artifact(params, "sm_90a").source
@@ -911,11 +959,11 @@ def test_per_channel_cast_hot_path_has_no_token_loop(transpose):
     assert looped.count("__syncthreads()") == plain.count("__syncthreads()") + 1
 
 
-@pytest.mark.parametrize("case", GPU_PC, ids=str)
+@pytest.mark.parametrize("case", _calls(swiglu_forward_and_per_channel_cast_and_transpose), ids=lambda c: c.name)
 def test_per_channel_lowers_to_one_tiled_launch(case):
-    t, h, npt, transpose, round_sf, clamp = case
-    (call,) = tilek_calls(lower_for_cuda(_pc_program(npt, transpose, round_sf, clamp), jax.ShapeDtypeStruct((t, 2 * h), jnp.bfloat16)))
+    (call,) = tilek_calls(lower_for_cuda(case.call(swiglu_forward_and_per_channel_cast_and_transpose, "tilelang"), *case.structs()))
     (k,) = _kernel_of(call)["kernels"]
+    t, h = case.args[0].shape[0], case.args[0].shape[1] // 2
     assert k["grid"] == [h // 64, t // 128, 1] and k["block"] == [256, 1, 1] and k["smem"] >= 128 * 64 * 2
 
 
@@ -929,84 +977,73 @@ def test_gradient_program_lowers_to_the_backward_kernel():
     assert [c["name"] for c in tilek_calls(lower_for_cuda(program, x, w))] == ["swiglu_forward", "swiglu_backward"]
 
 
+
 # ---------------------------------------------------------------------------------------------
-# GPU: the kernels, bit for bit against the host.
+# GPU: the kernels, bit for bit against the host. (Every case's kernel against its reference is the
+# contract's test_gpu_matches_reference; these add numpy's results, the weight gradient's tolerance
+# and inputs chosen to tell operation orders apart.)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_FWD, ids=str)
-def test_forward_kernel(on_gpu, rng, case):
-    t, h, dtype, fmt, psum, weights, rsf, clamp, count = case
-    x, ps, w = _fwd_data(rng, t, h, dtype, psum, weights)
-    got = on_gpu(_fwd_program(h, fmt, psum, weights, rsf, clamp, count), x, ps, w)
-    expected = host(_fwd_program(h, fmt, psum, weights, rsf, clamp, count, impl="xla"), x, ps, w)
-    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        assert_bytes_equal(np.asarray(a), e)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CAST, ids=str)
+@pytest.mark.parametrize("case", _calls(swiglu_forward_and_per_token_cast), ids=lambda c: c.name)
 def test_forward_and_per_token_cast_kernel(on_gpu, rng, case):
-    t, h, npc, layout, psum, weights, clamp, count = case
-    npc = h if npc == "H" else npc
-    x, ps, w = _fwd_data(rng, t, h, BF16, psum, weights)
-    got = on_gpu(_cast_program(npc, layout, psum, weights, clamp, count), x, ps, w)
-    act, valid = np_forward(x, ps if psum else None, w if weights else None, 0.75 if weights else None, clamp, 16)
-    expected = np_cast(act, valid, npc, _layout(layout), LAYOUT_FLAGS[layout][2])
-    if count:
-        expected += (np_counts(x, valid, clamp),)
+    arrays, k = case.arrays(rng), case.kwargs
+    x, _, npc, ps, w = case.place(arrays)
+    got = on_gpu(case.call(swiglu_forward_and_per_token_cast, "tilelang"), *arrays)
+    act, valid = np_forward(x, ps, w, k["routed_scaling_factor"], k.get("clamp_value"), k["token_alignment"])
+    expected = np_cast(act, valid, npc, _sf_layout(k), k["round_sf"])
+    if k.get("with_clamped_count"):
+        expected += (np_counts(x, valid, k.get("clamp_value")),)
+    assert len(got) == len(expected)
     for a, e in zip(got, expected):
         assert_bytes_equal(np.asarray(a), e)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_BWD, ids=str)
+@pytest.mark.parametrize("case", _calls(swiglu_backward), ids=lambda c: c.name)
 def test_backward_kernel(on_gpu, rng, case):
-    t, h, dtype, g_dtype, fmt, psum, weights, rsf, clamp, recompute = case
-    x, ps, w = _fwd_data(rng, t, h, dtype, psum, weights)
-    g = (rng.standard_normal((t, h)) * 0.5).astype(g_dtype)
-    got = on_gpu(_bwd_program(fmt, psum, weights, rsf, clamp, recompute), x, g, ps, w)
-    expected = host(_bwd_program(fmt, psum, weights, rsf, clamp, recompute, impl="xla"), x, g, ps, w)
-    got, expected = jax.tree.leaves(got), jax.tree.leaves(expected)
+    arrays = case.arrays(rng)
+    weights = case.place(arrays)[4] is not None
+    got = jax.tree.leaves(on_gpu(case.call(swiglu_backward, "tilelang"), *arrays))
+    expected = jax.tree.leaves(host(case.call(swiglu_backward, "xla"), *arrays))
     assert_bytes_equal(np.asarray(got[0]), expected[0])
-    if recompute:
+    if case.kwargs.get("do_recompute"):
         assert_bytes_equal(np.asarray(got[-1]), expected[-1])
     if weights:
         np.testing.assert_allclose(np.asarray(got[1]), expected[1], rtol=1e-5, atol=1e-5 * np.abs(expected[1]).max())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_BWD_CAST, ids=str)
+@pytest.mark.parametrize("case", _calls(swiglu_backward_and_per_token_cast), ids=lambda c: c.name)
 def test_backward_and_per_token_cast_kernel(on_gpu, rng, case):
-    t, h, npc, layout, x_layout, psum, weights, clamp, recompute = case
-    xq, xsf, g, ps, w = _bwd_cast_data(rng, t, h, npc, x_layout)
-    got = on_gpu(_bwd_cast_program(npc, layout, x_layout, psum, weights, clamp, recompute), xq, xsf, g, ps, w)
-    expected = host(_bwd_cast_program(npc, layout, x_layout, psum, weights, clamp, recompute, impl="xla"), xq, xsf, g, ps, w)
-    got, expected = jax.tree.leaves(got), jax.tree.leaves(expected)
-    for i in (0, 1, 2) + ((len(got) - 1,) if recompute else ()):
+    arrays = case.arrays(rng)
+    weights = case.place(arrays)[5] is not None
+    got = jax.tree.leaves(on_gpu(case.call(swiglu_backward_and_per_token_cast, "tilelang"), *arrays))
+    expected = jax.tree.leaves(host(case.call(swiglu_backward_and_per_token_cast, "xla"), *arrays))
+    for i in (0, 1, 2) + ((len(got) - 1,) if case.kwargs.get("do_recompute") else ()):
         assert_bytes_equal(np.asarray(got[i]), expected[i])
     if weights:
         np.testing.assert_allclose(np.asarray(got[3]), expected[3], rtol=1e-5, atol=1e-5 * np.abs(expected[3]).max())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_PC, ids=str)
+@pytest.mark.parametrize("case", _calls(swiglu_forward_and_per_channel_cast_and_transpose), ids=lambda c: c.name)
 def test_per_channel_cast_kernel(on_gpu, rng, case):
-    t, h, npt, transpose, round_sf, clamp = case
-    x = make_x(rng, t, h)
-    got = on_gpu(_pc_program(npt, transpose, round_sf, clamp), x)
-    act, _ = np_forward(x, clamp=clamp)
-    data, sf = np_quantize(act.astype(BF16).astype(f32), (npt, 1), round_sf)
-    assert_bytes_equal(np.asarray(got[0]), data.T if transpose else data)
+    (x,), k = case.arrays(rng), case.kwargs
+    got = on_gpu(case.call(swiglu_forward_and_per_channel_cast_and_transpose, "tilelang"), x)
+    act, _ = np_forward(x, clamp=k["swiglu_clamp_value"])
+    data, sf = np_quantize(act.astype(BF16).astype(f32), (k["num_per_tokens"], 1), k["round_sf"])
+    assert_bytes_equal(np.asarray(got[0]), data if k["without_transpose"] else data.T)
     assert_bytes_equal(np.asarray(got[1]), sf)
 
 
 @pytest.mark.gpu
 def test_swiglu_value_and_grad_kernel(on_gpu, rng):
-    t, h = 300, 2048
-    x, ps, w = make_inputs(rng, t, h, psum=True, weights=True)
+    case = _named(swiglu, "routed_bf16_120x4096")
+    x, w, ps = case.arrays(rng)
+    t, h = x.shape[0], x.shape[1] // 2
     g = (rng.standard_normal((t, h)) * 0.5).astype(BF16)
-    kw = dict(routed_scaling_factor=2.5, clamp_value=10.0, token_alignment=16)
+    kw = case.kwargs
 
     def program(x, w, ps, g, impl="tilelang"):
         y, vjp = jax.vjp(lambda x, w: swiglu(x, w, ps, impl=impl, **kw), x, w)
@@ -1024,35 +1061,38 @@ def test_swiglu_value_and_grad_kernel(on_gpu, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
-def test_backward_kernel_follows_tilekernels_order(on_gpu, rng, fmt):
+@pytest.mark.parametrize("name", ["order_fp32_104x2048", "order_bf16_104x2048"])
+def test_backward_kernel_follows_tilekernels_order(on_gpu, rng, name):
     """Where ``1 + l·(1 - s)`` nearly cancels, the kernel's one fused multiply-add and operation order
     give TileKernels' gradient, bit for bit with the reference and the numpy mirror."""
-    t, h = 300, 1024
+    case = _named(swiglu_backward, name)
+    t, h = case.args[0].shape[0], case.args[0].shape[1] // 2
+    fmt, rsf = case.template[2], case.kwargs["routed_scaling_factor"]
     x = make_cancelling_x(rng, t, h)
     g = rng.standard_normal((t, h)).astype(f32)
-    ps, w = make_psum(rng, t, 5, 16), rng.uniform(0.05, 1.0, t).astype(f32)
-    got = on_gpu(_bwd_program(fmt, False, True, 2.5, None, False), x, g, ps, w)
-    expected = host(_bwd_program(fmt, False, True, 2.5, None, False, impl="xla"), x, g, ps, w)
+    w = rng.uniform(0.05, 1.0, t).astype(f32)
+    got = on_gpu(case.call(swiglu_backward, "tilelang"), x, g, w)
+    expected = host(case.call(swiglu_backward, "xla"), x, g, w)
     assert_bytes_equal(np.asarray(got[0]), expected[0])
-    assert_bytes_equal(np.asarray(got[0]), np_backward(x, g, None, w, 2.5)[0].astype(OUT_DTYPE[fmt]))
+    assert_bytes_equal(np.asarray(got[0]), np_backward(x, g, None, w, rsf)[0].astype(OUT_DTYPE[fmt]))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout,npc", [("row", 128), ("col", 32)])
-def test_backward_cast_kernel_of_cancelling_gradients(on_gpu, rng, layout, npc):
+@pytest.mark.parametrize("name", ["weighted_128_row_from_row_65x2048", "weighted_32_col_from_row_65x2048"])
+def test_backward_cast_kernel_of_cancelling_gradients(on_gpu, rng, name):
     """The fused cast's scales (round_sf=False) of nearly cancelling gradients, as TileKernels'."""
-    t, h = 257, 1024
+    case = _named(swiglu_backward_and_per_token_cast, name)
+    t, h = case.args[0].shape[0], case.args[0].shape[1] // 2
+    npc, layout, rsf = case.template[3], _sf_layout(case.kwargs), case.kwargs["routed_scaling_factor"]
     xq, xsf = _cancelling_cast_input(rng, t, h, npc)
     g = (rng.standard_normal((t, h)) * 0.5).astype(BF16)
-    ps, w = make_psum(rng, t, 5, 16), rng.uniform(0.05, 1.0, t).astype(f32)
-    args = (xq, np_store_sf(xsf, "row"), g, ps, w)
-    got = on_gpu(_bwd_cast_program(npc, layout, "row", False, True, None, False), *args)
-    expected = host(_bwd_cast_program(npc, layout, "row", False, True, None, False, impl="xla"), *args)
-    got, expected = jax.tree.leaves(got), jax.tree.leaves(expected)
+    w = rng.uniform(0.05, 1.0, t).astype(f32)
+    args = (xq, np_store_sf(xsf, "row"), g, w)
+    got = jax.tree.leaves(on_gpu(case.call(swiglu_backward_and_per_token_cast, "tilelang"), *args))
+    expected = jax.tree.leaves(host(case.call(swiglu_backward_and_per_token_cast, "xla"), *args))
     for i in (0, 1, 2):
         assert_bytes_equal(np.asarray(got[i]), expected[i])
-    grad, _, _, valid = np_backward(xq.astype(f32) * np.repeat(xsf, npc, 1), g, None, w, 1.5)
+    grad, _, _, valid = np_backward(xq.astype(f32) * np.repeat(xsf, npc, 1), g, None, w, rsf)
     exp_q, exp_sf = np_cast(grad, valid, npc, layout, False)
     assert_bytes_equal(np.asarray(got[1]), exp_q)
     assert_bytes_equal(np.asarray(got[2]), exp_sf)

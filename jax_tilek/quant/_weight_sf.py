@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Impl, Launch, TileOp, View
+from jax_tilek.op import Impl, Launch, TileOp, View, uses
 from jax_tilek.quant import formats as F
+from jax_tilek.testing import ArgSpec
 
 BLOCK_SIZES = (32, 128)
 ALIGN = 128  # n and k must be multiples of this
@@ -134,7 +135,7 @@ def weight_sf_kernel(shapes: tuple, block_size: int):
         for i in range(len(shapes))
     )
     source = _SOURCE.format(params=params, threads=THREADS, warps=warps, dispatch=dispatch)
-    filename = f"<jax_tilek.quant.weight_sf {len(shapes)} weights {abs(hash(source)):x}>"
+    filename = f"<jax_tilek.quant._weight_sf {len(shapes)} weights {abs(hash(source)):x}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict = {}
     exec(compile(source, filename, "exec"), namespace)
@@ -197,8 +198,24 @@ def _launch(*sfs, block_size):
 _weight_sf_op = TileOp(name="batched_transpose_weight_sf", launch=_launch, reference=_reference, check=_check)
 
 
+def _weights(shapes, block_size: int, **options) -> ArgSpec:
+    name = f"bs{block_size}_" + "_".join("x".join(map(str, shape)) for shape in shapes)
+    structs = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+    return ArgSpec(name, (structs,), dict(block_size=block_size, transpose_sf1s=[i % 2 == 0 for i in range(len(shapes))]), **options)
+
+
+# Named calls: lists of 2-D and grouped scales, k_sf and n_sf multiples of 4 or not (partial words),
+# both block sizes, MoE experts (256 groups of a 7168 x 2048 weight). Scales of any value: the kernel
+# reads their exponent bytes only.
+ARG_SPECS = (
+    _weights([(12, 36), (3, 4, 20)], 32),
+    _weights([(56, 16), (4, 7, 3), (2, 8, 40), (1, 1), (256, 56, 16)], 128),
+)
+
+
+@uses(_weight_sf_op, cases=ARG_SPECS)
 def batched_transpose_weight_sf(
-    sf: Sequence[jax.Array], block_size: int, transpose_sf1s: Sequence[bool], impl: Impl = None
+    sf: Sequence[jax.Array], block_size: int, transpose_sf1s: Sequence[bool], *, impl: Impl = None, ops
 ) -> list[tuple[jax.Array, jax.Array]]:
     """fp32 power-of-two weight scales -> DeepGEMM's packed UE8M0 ``(sf0, sf1)``, one pair per weight.
 
@@ -218,20 +235,12 @@ def batched_transpose_weight_sf(
         raise TypeError(f"{name}: sf must be a list or tuple of arrays (one per weight), got {type(sf).__name__}")
     if not isinstance(transpose_sf1s, (list, tuple)):
         raise TypeError(f"{name}: transpose_sf1s must be a list or tuple of bools (one per weight), got {type(transpose_sf1s).__name__}")
-    arrays = []
-    for i, s in enumerate(sf):
-        if isinstance(s, (str, bytes, dict, set)) or s is None:
-            raise TypeError(f"{name}: sf[{i}] must be an array, got {type(s).__name__}")
-        try:
-            arrays.append(jnp.asarray(s))
-        except (TypeError, ValueError, OverflowError):
-            raise TypeError(f"{name}: sf[{i}] must be an array, got {type(s).__name__}") from None
-    sf = arrays
+    sf = [F.as_array(name, f"sf[{i}]", s) for i, s in enumerate(sf)]
     flags = tuple(F.static_bool(name, f"transpose_sf1s[{i}]", t) for i, t in enumerate(transpose_sf1s))
     if len(flags) != len(sf):
         raise ValueError(f"{name}: {len(sf)} scale arrays but {len(flags)} transpose_sf1s flags")
     block_size = F.static_int(name, "block_size", block_size)
     out = []
     for start in range(0, len(sf), MAX_WEIGHTS_PER_LAUNCH):
-        out += _weight_sf_op(*sf[start : start + MAX_WEIGHTS_PER_LAUNCH], impl=impl, block_size=block_size)
+        out += ops[0](*sf[start : start + MAX_WEIGHTS_PER_LAUNCH], impl=impl, block_size=block_size)
     return [tuple(pair) for pair in out]

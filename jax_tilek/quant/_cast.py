@@ -1,7 +1,8 @@
 """Elementwise dtype cast with optional stochastic rounding (TileKernels v2.1 ``quant.cast``).
 
-Also home of the stochastic-rounding definition shared with :mod:`jax_tilek.quant.per_token_cast`:
-the random-bit hash, the rounding rules (JAX reference), and the CUDA helpers the kernels call.
+Also home of the stochastic-rounding definition shared with :mod:`jax_tilek.quant._per_token_cast`:
+the random-bit hash, the rounding rules (JAX reference), and the prelude of CUDA helpers (from
+:mod:`jax_tilek.device`) the kernels call.
 
 Random bits (seedless, deterministic). Elements are taken in groups of four consecutive values (a
 *quad*); quad ``i`` of a flat array (elements ``4i..4i+3``) gets two 32-bit words
@@ -22,6 +23,7 @@ so ``P(up) = frac(x_u)`` to within ``2^-16``. Results saturate at the largest fi
 for infinities); NaN stays NaN. Targets: bfloat16, float8_e4m3fn (subnormals included), FP4 e2m1.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -30,16 +32,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jax_tilek import device
+from jax_tilek.device import HASH_FINAL, HASH_INDEX, HASH_ROUNDS, HASH_SEED
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, static_flag
+from jax_tilek.op import Launch, Rows, TileOp, View, as_array, check_impl, config_class, static_flag, uses
 from jax_tilek.spec import GRID_LIMITS
+from jax_tilek.testing import ArgSpec
 
 # ---------------------------------------------------------------------------------------------
-# The hash: one table of constants, written out for JAX (``quad_hash``) and CUDA (``PRELUDE``).
-
-HASH_INDEX, HASH_SEED = 0x9E3779B1, 0x2C1B3C6D
-HASH_ROUNDS = ((0x85EBCA6B, 0), (0xC2B2AE35, 13), (0x27D4EB2F, 16), (0x165667B1, 15))  # (multiplier, shift)
-HASH_FINAL = ((0x7FEB352D, 15), (0x846CA68B, 16))
+# The hash: one table of constants (``device.HASH_*``), written out for JAX (``quad_hash``) and CUDA
+# (``device.QUAD_HASH``).
 
 _U32 = np.uint32
 
@@ -136,99 +138,9 @@ def sr_e2m1_codes(v: jax.Array, r: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # CUDA helpers shared by the cast kernels (injected with T.Kernel(..., prelude=PRELUDE)).
 
-
-def _hash_cuda() -> str:
-    lines = [f"  unsigned h = (index * {HASH_INDEX:#x}u) ^ (seed * {HASH_SEED:#x}u);"]
-    for k, (mul, shift) in enumerate(HASH_ROUNDS):
-        mix = f"h ^ (h >> {shift}) ^ w{k}" if shift else f"h ^ w{k}"
-        lines.append(f"  h = ({mix}) * {mul:#x}u;")
-    (m0, s0), (m1, s1) = HASH_FINAL
-    lines += [
-        "  h ^= h >> 16;",
-        f"  unsigned r0 = h * {m0:#x}u; r0 ^= r0 >> {s0};",
-        f"  unsigned r1 = r0 * {m1:#x}u; r1 ^= r1 >> {s1};",
-    ]
-    return "\n".join(lines)
-
-
-PRELUDE = (
-    """
-// ---- jax_tilek.quant.cast helpers ----
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-// Random words (r1 << 32 | r0) of one quad of fp32 bit patterns w0..w3 (see jax_tilek/quant/cast.py).
-__device__ __forceinline__ unsigned long long tilek_quad_hash(unsigned w0, unsigned w1, unsigned w2, unsigned w3,
-                                                              unsigned index, unsigned seed) {
-"""
-    + _hash_cuda()
-    + """
-  return ((unsigned long long)r1 << 32) | r0;
-}
-
-// The 16 random bits of element j (0..3) of a quad.
-__device__ __forceinline__ unsigned tilek_rbits(unsigned long long h, int j) {
-  return (unsigned)(h >> (16 * j)) & 0xFFFFu;
-}
-
-// fp32 -> a bf16-representable fp32, stochastically rounded, saturated; NaN stays NaN.
-__device__ __forceinline__ float tilek_sr_bf16(float x, unsigned r) {
-  float y = __uint_as_float((__float_as_uint(x) + r) & 0xFFFF0000u);
-  y = fminf(fmaxf(y, -0x1.fep127f), 0x1.fep127f);
-  return isnan(x) ? x : y;
-}
-
-// fp32 -> an e4m3-representable fp32, stochastically rounded (before saturation, which the satfinite
-// conversion that follows does). tilek_sr_e4m3_fast is exact for |x| >= 2^-6, zero and infinities;
-// tilek_sr_e4m3_slow(x) says when tilek_sr_e4m3 is needed (e4m3 subnormals, spacing 2^-9, and NaN).
-__device__ __forceinline__ float tilek_sr_e4m3_fast(float x, unsigned r) {
-  return __uint_as_float((__float_as_uint(x) + (r << 4)) & 0xFFF00000u);
-}
-__device__ __forceinline__ unsigned tilek_sr_e4m3_slow(float x) {
-  return (unsigned)(!(fabsf(x) >= 0x1p-6f)) & (unsigned)(x != 0.0f);
-}
-__device__ __forceinline__ float tilek_sr_e4m3(float x, unsigned r) {
-  if (!tilek_sr_e4m3_slow(x)) return tilek_sr_e4m3_fast(x, r);
-  if (isnan(x)) return x;
-  unsigned q = (__float2uint_rz(fabsf(x) * 0x1p25f) + r) >> 16;
-  return copysignf(__uint2float_rn(q) * 0x1p-9f, x);
-}
-
-// fp32 -> FP4 e2m1 code (0..15), round to nearest even, saturating at 6. The code of |x| is
-// rint(|x| * s) + o with (s, o) = (2, 0) below 2, (1, 2) in [2, 4), (1/2, 4) above; it is also the
-// least of the three candidates, each computed exactly as 2^23 + o + rint(|x| * s) by one fma.
-__device__ __forceinline__ unsigned tilek_e2m1_rn(float x) {
-  float a = fminf(fabsf(x), 6.0f);
-  float t = fminf(fminf(__fmaf_rn(a, 2.0f, 0x1p23f), __fadd_rn(a, 0x1p23f + 2.0f)), __fmaf_rn(a, 0.5f, 0x1p23f + 4.0f));
-  return (__float_as_uint(t) & 7u) | ((__float_as_uint(x) >> 28) & 8u);  // t = 2^23 + code
-}
-
-// fp32 -> FP4 e2m1 code, stochastically rounded, saturating at 6: the least of the candidates
-// floor(floor16(|x| * s) + r / 2^16) + o, each computed exactly on the 2^-16 grid of [128, 256) by
-// one fma rounding down (128 + r / 2^16 has the bits 0x43000000 + r).
-__device__ __forceinline__ unsigned tilek_e2m1_sr(float x, unsigned r) {
-  float a = fminf(fabsf(x), 6.0f);
-  float base = __uint_as_float(0x43000000u | r);
-  float t = fminf(fminf(__fmaf_rd(a, 2.0f, base), __fmaf_rd(a, 1.0f, base + 2.0f)), __fmaf_rd(a, 0.5f, base + 4.0f));
-  return ((__float_as_uint(t) - 0x43000000u) >> 16) | ((__float_as_uint(x) >> 28) & 8u);
-}
-
-// FP4 e2m1 code (low 4 bits) -> fp32, exactly: place the code in an fp32 and scale by 2^126.
-__device__ __forceinline__ float tilek_e2m1_to_float(unsigned c) {
-  return __uint_as_float(((c & 7u) << 22) | ((c & 8u) << 28)) * 0x1p126f;
-}
-
-// fp32 -> float8_e4m3fn bits without saturation (overflow -> NaN), as XLA converts.
-__device__ __forceinline__ unsigned char tilek_e4m3_nosat(float x) {
-  return (unsigned char)__nv_cvt_float_to_fp8(x, __NV_NOSAT, __NV_E4M3);
-}
-
-// float8_e4m3fn bits -> fp32.
-__device__ __forceinline__ float tilek_e4m3_to_float(unsigned char b) {
-  __half_raw h = __nv_cvt_fp8_to_halfraw(b, __NV_E4M3);
-  return __half2float(*reinterpret_cast<__half *>(&h));
-}
-// ---- end of jax_tilek.quant.cast helpers ----
-"""
+PRELUDE = device.prelude(
+    device.QUAD_HASH, device.RBITS, device.SR_BF16, device.SR_E4M3, device.E2M1_RN, device.E2M1_SR,
+    device.E2M1_TO_FLOAT, device.E4M3_NOSAT, device.E4M3_TO_FLOAT,
 )
 
 @functools.cache
@@ -386,11 +298,12 @@ def _dtype_name(dtype) -> str:
         raise ValueError(f"cast: dtype must be one of {DTYPES}, got {dtype!r}") from None
 
 
-def cast_reference(x: jax.Array, *seed: jax.Array, dtype: str, stochastic_rounding: bool = False, tuning=None) -> jax.Array:
-    """The cast in plain JAX: round to nearest even (float8 saturating at ±448), or stochastically."""
+def cast_reference(x: jax.Array, seed: jax.Array | None, *, dtype: str, stochastic_rounding: bool = False) -> jax.Array:
+    """The cast in plain JAX: round to nearest even (float8 saturating at ±448), or stochastically
+    (``seed``: uint32 ``[1]``)."""
     if stochastic_rounding:
         v = x.reshape(-1, 4).astype(jnp.float32)
-        r = random_bits(v, flat_quad_index(v.shape), seed[0].reshape(()))
+        r = random_bits(v, flat_quad_index(v.shape), seed.reshape(()))
         y = sr_bfloat16(v, r) if dtype == "bfloat16" else sr_e4m3(v, r)
         return y.reshape(x.shape)
     if dtype == "float8_e4m3fn":
@@ -398,7 +311,7 @@ def cast_reference(x: jax.Array, *seed: jax.Array, dtype: str, stochastic_roundi
     return x.astype(jnp.float32).astype(dtype)
 
 
-def _check(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None) -> None:
+def _check(x, seed, *, dtype: str, stochastic_rounding: bool = False) -> None:
     src = np.dtype(x.dtype).name
     if src not in DTYPES:
         raise ValueError(f"cast: x's dtype must be one of {DTYPES}, got {src}")
@@ -409,39 +322,85 @@ def _check(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None)
             raise ValueError(f"cast: stochastic_rounding supports {STOCHASTIC} (x's dtype, dtype), got ({src}, {dtype})")
         if x.size % 4:
             raise ValueError(f"cast: stochastic_rounding needs x.size % 4 == 0 (groups of four), got {x.size}")
-        if seed[0].size != 1 or not jnp.issubdtype(seed[0].dtype, jnp.integer):
-            raise ValueError(f"cast: seed must be an integer scalar, got {seed[0].dtype}{list(seed[0].shape)}")
 
 
-def _kernel_check(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None) -> None:
-    """One CTA per ``elems * threads`` elements on grid x: up to 2^31 - 1 CTAs (2^43 elements)."""
-    elems, threads = tuning or (16, 256)
-    ctas = -(-x.size // (elems * threads))
-    if ctas > GRID_LIMITS[0]:
-        raise ValueError(f"cast: x has {x.size} elements, more than the kernel's grid covers ({GRID_LIMITS[0] * elems * threads})")
+@dataclasses.dataclass(frozen=True)
+class CastConfig:
+    """The kernel's thread mapping: ``elems`` elements per thread (a multiple of four and of a
+    16-byte input vector) and ``threads`` per CTA."""
+
+    elems: int = 16
+    threads: int = 256
 
 
-def _launch(x, *seed, dtype: str, stochastic_rounding: bool = False, tuning=None) -> Launch:
-    """``tuning``: (elements per thread, threads per CTA), for benchmarks; default (16, 256)."""
+@config_class(CastConfig)
+def _config(x, seed, **static) -> CastConfig:
+    """16 elements per thread, 256 threads: 4096 elements per CTA, for every size and dtype."""
+    return CastConfig()
+
+
+def _kernel_check(x, seed, **static) -> None:
+    """One CTA per 4096 elements on grid x (the default configuration): up to 2^31 - 1 CTAs."""
+    config = _config(x, seed, **static)
+    chunk = config.elems * config.threads
+    if -(-x.size // chunk) > GRID_LIMITS[0]:
+        raise ValueError(f"cast: x has {x.size} elements, more than the kernel's grid covers ({GRID_LIMITS[0] * chunk})")
+
+
+def _launch(x, seed, *, config: CastConfig, dtype: str, stochastic_rounding: bool = False) -> Launch:
     n = math.prod(x.shape)
-    views = {"x": View((n,)), "y": View((n,))}
-    if stochastic_rounding:
-        views["seed"] = View((1,), dtype=np.uint32)
+    tuned = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
     return Launch(
         kernel=cast_kernel,
-        params=dict(
-            in_dtype=np.dtype(x.dtype).name, out_dtype=dtype, stochastic=bool(stochastic_rounding),
-            **(dict(zip(("elems", "threads"), tuning)) if tuning else {}),
-        ),
-        views=views,
+        params=dict(in_dtype=np.dtype(x.dtype).name, out_dtype=dtype, stochastic=stochastic_rounding, **tuned),
+        views={"x": View((n,)), "y": View((n,))},
     )
+
+
+def _rows(x, seed, *, dtype: str, stochastic_rounding: bool = False) -> Rows | None:
+    """Rounding to nearest is elementwise, so row-wise along x's first axis; stochastic rounding hashes
+    each quad's flat index, so a row's random bits depend on where it lies: not row-wise."""
+    return None if stochastic_rounding else Rows(("x",), ("y",))
 
 
 # The kernel takes the element count as a 64-bit value: no limit on x's extents but its grid's.
 _cast_op = TileOp(
-    name="cast", launch=_launch, reference=cast_reference, check=_check, kernel_check=_kernel_check, max_extent=None,
-    operands=("x", "seed"),
+    name="cast", launch=_launch, operands=("x", "seed?"), results=("y",), reference=cast_reference, check=_check,
+    config=_config, rows=_rows, kernel_check=_kernel_check, max_extent=None,
 )  # fmt: skip
+
+
+def _case(prefix: str, shape: tuple[int, ...], src, dst, stochastic: bool = False, **options) -> ArgSpec:
+    name = f"{prefix}_{np.dtype(src).name}_{np.dtype(dst).name}{'_sr' if stochastic else ''}_{'x'.join(map(str, shape))}"
+    return ArgSpec(name, (jax.ShapeDtypeStruct(shape, src),), dict(dtype=np.dtype(dst).name, stochastic_rounding=stochastic), **options)
+
+
+F32, BF16, F16, E4M3 = jnp.float32, jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn
+
+# Named calls: every dtype pair, rounding to nearest and stochastically, partial CTAs and zero tokens;
+# the GPU tests' large sizes ("large_", traced only here); thread mappings ("tuned_"); the benchmarks'
+# sizes and mappings ("bench_").
+ARG_SPECS = (
+    _case("small", (7, 13), F32, E4M3),
+    _case("small", (1, 5), E4M3, BF16),
+    _case("small", (333, 129), E4M3, F32),
+    _case("small", (1000, 100), F32, F16),
+    _case("small", (64, 96), F16, E4M3),
+    _case("small", (3, 1000), BF16, F32),
+    _case("small", (3, 4), F32, E4M3, True),
+    _case("small", (0, 16), F32, BF16, True),
+    _case("large", (4001, 7168), F32, BF16, bench=True),
+    _case("large", (4096, 4096), BF16, E4M3, bench=True),
+    _case("large", (4001, 7168), F32, BF16, True, bench=True),
+    _case("large", (4001, 7168), F32, E4M3, True, bench=True),
+    _case("large", (4096, 4096), BF16, E4M3, True, bench=True),
+    *(_case(f"tuned_e{e}t{t}", (1001, 76), F32, BF16, config=dict(elems=e, threads=t)) for e, t in ((8, 256), (32, 256), (16, 512), (16, 128))),
+    _case("tuned_e32t256", (1001, 76), BF16, E4M3, True, config=dict(elems=32)),
+    _case("bench", (16384, 7168), F32, BF16, bench=True),
+    _case("bench", (16384, 7168), F32, BF16, True, bench=True),
+    _case("bench", (16384, 7168), BF16, E4M3, True, bench=True),
+    *(_case(f"bench_e{e}t{t}", (16384, 7168), F32, BF16, config=dict(elems=e, threads=t), bench=True) for e, t in ((8, 256), (32, 256), (16, 512), (16, 128))),
+)
 
 
 def _seed(seed) -> jax.Array:
@@ -459,7 +418,8 @@ def _seed(seed) -> jax.Array:
     return seed.astype(jnp.uint32).reshape(1)
 
 
-def cast(x: jax.Array, dtype, stochastic_rounding: bool = False, *, seed=None, impl=None) -> jax.Array:
+@uses(_cast_op, cases=ARG_SPECS)
+def cast(x: jax.Array, dtype, stochastic_rounding: bool = False, *, seed=None, impl=None, ops) -> jax.Array:
     """Elementwise cast of ``x`` to ``dtype``, optionally with stochastic rounding.
 
     Args:
@@ -480,11 +440,9 @@ def cast(x: jax.Array, dtype, stochastic_rounding: bool = False, *, seed=None, i
     dtype = _dtype_name(dtype)
     stochastic_rounding = static_flag(stochastic_rounding, "cast", "stochastic_rounding")
     if dtype == np.dtype(x.dtype).name and not stochastic_rounding:
-        _check(x, dtype=dtype)
+        _check(x, None, dtype=dtype)
         return x
-    args = (x,)
-    if stochastic_rounding:
-        args += (_seed(seed),)
-    elif seed is not None:
+    if seed is not None and not stochastic_rounding:
         raise ValueError("cast: seed is only used with stochastic_rounding=True")
-    return _cast_op(*args, dtype=dtype, stochastic_rounding=stochastic_rounding, impl=impl)
+    (op,) = ops
+    return op(x, _seed(seed) if stochastic_rounding else None, dtype=dtype, stochastic_rounding=stochastic_rounding, impl=impl)

@@ -1,5 +1,5 @@
 """E5M6: per-token cast of whole rows to the 12-bit 1-5-6 float, and the element decoder that
-:func:`jax_tilek.quant.cast_back` uses for ``x_special_fmt="e5m6"`` (TileKernels v1 §2.3-2.4).
+:func:`jax_tilek.quant._cast_back` uses for ``x_special_fmt="e5m6"`` (TileKernels v1 §2.3-2.4).
 
 An E5M6 value is the top 12 bits of an fp16. Eight values pack big-endian into three little-endian
 uint32 words (``formats.pack_e5m6``), so a row of H values is ``3H/2`` bytes.
@@ -12,17 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import device
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View
+from jax_tilek.op import Launch, Rows, TileOp, View, uses
 from jax_tilek.quant import formats as F
+from jax_tilek.testing import ArgSpec
 
-PRELUDE = """
-__device__ __forceinline__ unsigned tilek_f16_rz_bits(float v) {
-  unsigned short h;
-  asm("cvt.rz.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  return h;
-}
-"""
+PRELUDE = device.prelude(device.F16_RZ_BITS)
 
 ROW_ALIGN = 64  # H must be a multiple of this (TileKernels' per-token rule)
 MAX_HIDDEN = 32768  # the packed row is staged in shared memory (48 KB)
@@ -185,17 +181,12 @@ def per_token_cast_to_e5m6_kernel(hidden: int, in_dtype: str, sf_layout: str, ro
     return per_token_cast_to_e5m6
 
 
-def _layout(use_tma_aligned_col_major_sf: bool, use_packed_ue8m0: bool, round_sf: bool) -> str:
-    return F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
-
-
-def _reference(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=False, use_packed_ue8m0=False):
-    layout = _layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
+def _reference(x, *, num_per_channels, sf_layout, round_sf):
     data, sf = F.quantize_blocks(x, "e5m6", (1, x.shape[1]), round_sf=round_sf)
-    return data, F.store_sf(sf, layout)
+    return data, F.store_sf(sf, sf_layout)
 
 
-def _check(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=False, use_packed_ue8m0=False):
+def _check(x, *, num_per_channels, sf_layout, round_sf):
     name = "per_token_cast_to_e5m6"
     if x.ndim != 2:
         raise ValueError(f"{name}: x must be [T, H], got shape {x.shape}")
@@ -210,36 +201,65 @@ def _check(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=
         raise ValueError(f"{name}: the hidden size of x must be at most {MAX_HIDDEN}, got {h}")
     if t > F.MAX_TOKENS:
         raise ValueError(f"{name}: x may have at most {F.MAX_TOKENS} rows (one CTA per row, int32 row indices), got {t}")
-    F.sf_layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf, op=name)
 
 
-def _launch(x, *, num_per_channels, use_tma_aligned_col_major_sf=False, round_sf=False, use_packed_ue8m0=False) -> Launch:
+def _launch(x, *, num_per_channels, sf_layout, round_sf) -> Launch:
     t, h = x.shape
-    layout = _layout(use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
     esize = np.dtype(x.dtype).itemsize
-    shape = F.sf_storage_shape(layout, (t, 1))[0]
+    shape = F.sf_storage_shape(sf_layout, (t, 1))[0]
     return Launch(
         kernel=per_token_cast_to_e5m6_kernel,
-        params=dict(hidden=h, in_dtype=np.dtype(x.dtype).name, sf_layout=layout, round_sf=bool(round_sf)),
+        params=dict(hidden=h, in_dtype=np.dtype(x.dtype).name, sf_layout=sf_layout, round_sf=round_sf),
+        buffers={"y": "data"},
         views={
             "x": View((t, h * esize // 4), dtype=np.uint32),
             "y": View((t, h * 3 // 8), dtype=np.uint32),
             "sf": View(shape, (shape[1], 1)),  # explicit strides: also right for empty storage (T = 0)
         },
-        zero_fill=(1,) if layout != "row" else (),  # the padding columns of column-major scale storage
+        zero_fill=("sf",) if sf_layout != "row" else (),  # the padding columns of column-major scale storage
     )
 
 
-_per_token_cast_to_e5m6_op = TileOp(name="per_token_cast_to_e5m6", launch=_launch, reference=_reference, check=_check)
+def _rows(x, *, sf_layout, **static) -> Rows | None:
+    """Row-major scales are per token; column-major ones are one row for all tokens."""
+    return Rows(("x",), ("data", "sf")) if sf_layout == "row" else None
 
 
+_per_token_cast_to_e5m6_op = TileOp(
+    name="per_token_cast_to_e5m6", launch=_launch, operands=("x",), results=("data", "sf"), reference=_reference, check=_check,
+    rows=_rows,
+)  # fmt: skip
+
+# The scale layouts as the public flags (use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0).
+LAYOUT_FLAGS = {"row": (False, False, False), "row_round": (False, True, False), "col": (True, False, False), "col_ue8m0": (True, True, True)}
+
+
+def _case(dtype, hidden: int, layout: str, tokens: int = 8, prefix: str = "", **options) -> ArgSpec:
+    col, round_sf, packed = LAYOUT_FLAGS[layout]
+    kwargs = dict(num_per_channels=hidden, use_tma_aligned_col_major_sf=col, round_sf=round_sf, use_packed_ue8m0=packed)
+    return ArgSpec(f"{prefix}{np.dtype(dtype).name}_{layout}_{tokens}x{hidden}", (jax.ShapeDtypeStruct((tokens, hidden), dtype),), kwargs, **options)
+
+
+# Named calls: both input dtypes, every scale layout and rounding; the benchmark's size ("bench_").
+ARG_SPECS = (
+    _case(jnp.bfloat16, 7168, "row"),
+    _case(jnp.float32, 4096, "col"),
+    _case(jnp.bfloat16, 4096, "col_ue8m0"),
+    _case(jnp.float32, 7168, "row_round"),
+    _case(jnp.bfloat16, 7168, "row", tokens=16384, prefix="bench_", bench=True),
+)
+
+
+@uses(_per_token_cast_to_e5m6_op, cases=ARG_SPECS)
 def per_token_cast_to_e5m6(
     x: jax.Array,
     num_per_channels: int,
     use_tma_aligned_col_major_sf: bool = False,
     round_sf: bool = False,
     use_packed_ue8m0: bool = False,
+    *,
     impl=None,
+    ops,
 ) -> tuple[jax.Array, jax.Array]:
     """Casts each row to E5M6 with one scale per row (TileKernels' ``per_token_cast(fmt='e5m6')``).
 
@@ -258,17 +278,10 @@ def per_token_cast_to_e5m6(
       ``formats.quantize_blocks(x, "e5m6", (1, H))``.
     """
     name = "per_token_cast_to_e5m6"
-    if isinstance(x, (str, bytes, dict, set)) or x is None:
-        raise TypeError(f"{name}: x must be an array, got {type(x).__name__}")
-    try:
-        x = jnp.asarray(x)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"{name}: x must be an array, got {type(x).__name__}") from None
-    return _per_token_cast_to_e5m6_op(
-        x,
-        impl=impl,
-        num_per_channels=F.static_int(name, "num_per_channels", num_per_channels),
-        use_tma_aligned_col_major_sf=F.static_bool(name, "use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf),
-        round_sf=F.static_bool(name, "round_sf", round_sf),
-        use_packed_ue8m0=F.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0),
-    )
+    x = F.as_array(name, "x", x)
+    num_per_channels = F.static_int(name, "num_per_channels", num_per_channels)
+    col = F.static_bool(name, "use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf)
+    round_sf = F.static_bool(name, "round_sf", round_sf)
+    packed = F.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0)
+    sf_layout = F.sf_layout(col, packed, round_sf, op=name)
+    return ops[0](x, impl=impl, num_per_channels=num_per_channels, sf_layout=sf_layout, round_sf=round_sf)

@@ -22,9 +22,12 @@ row-major ``[T, K_b]``, fp32 TMA-aligned column-major storage ``[K_b, align(T, 4
 ``[ceil(K_b/4), align(T, 4)]``, or float8_e4m3fn scales (``use_e4m3_sf``) row-major or column-major
 ``[K_b, align(T, 16)]`` (16-byte aligned columns, TileKernels 2.1). Padding is zero.
 
-Stochastic rounding (``stochastic_cast``) uses :mod:`jax_tilek.quant.cast`'s random bits: the
+Stochastic rounding (``stochastic_cast``) uses :mod:`jax_tilek.quant._cast`'s random bits: the
 values rounded are the scaled fp32 values, quad ``i`` is ``x[t, 4j:4j+4]`` with
 ``i = (t * H/4 + j) mod 2^32`` (uint32 arithmetic, in the kernel and the reference).
+
+Row-wise (vmap folds into the tokens, which shard) unless the scales are column-major, the input's
+scale blocks span several tokens, or the rounding is stochastic (its random bits hash the token index).
 
 Sizes: T < ``formats.MAX_TOKENS`` (int32 row indices); element offsets are 64-bit, so T * H is not
 limited; one CTA-wide 1-D grid of ``ceil(T / rows_per_cta)`` CTAs.
@@ -33,17 +36,17 @@ limited; one CTA-wide 1-D grid of ``ceil(T / rows_per_cta)`` CTAs.
 its closure.)
 """
 
-import importlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View
-cast_module = importlib.import_module("jax_tilek.quant.cast")  # the module; `jax_tilek.quant.cast` is the function
+from jax_tilek.op import Launch, Rows, TileOp, View, config_class, uses
 from jax_tilek.quant import formats as F
-from jax_tilek.quant.cast import PRELUDE, random_bits, sr_e2m1_codes, sr_e4m3, tir_quad_hash
+from jax_tilek.quant._cast import PRELUDE, random_bits, sr_e2m1_codes, sr_e4m3, tir_quad_hash
+from jax_tilek.testing import ArgSpec, random_array
 
 FMTS = ("e4m3", "e2m1")
 # Scale-factor storage kinds: dtype + layout (see the module docstring).
@@ -88,7 +91,7 @@ def plan(hidden: int, num_per_channels: int, elems: int = ELEMS, cta_threads: in
     return dict(elems=elems, threads=rows * lanes_per_row, rows_per_cta=rows, row_reduce=row_reduce)
 
 
-@kernel(pass_configs={"tl.disable_warp_specialized": True}, depends=(cast_module,))
+@kernel(pass_configs={"tl.disable_warp_specialized": True})
 def per_token_cast_kernel(
     hidden: int,
     npc: int,
@@ -119,7 +122,7 @@ def per_token_cast_kernel(
     Args (static): ``x_kind`` bfloat16 | float32 | e4m3 | e2m1; ``x_sf`` (kind, bm, bk) of the input's
     scales (re-quantization) or None; ``sf_in`` the kind of given scales (cast-only mode) or None;
     ``sf_out`` the kind of scales to write or None; ``write_data`` False for the sf-only mode.
-    Unused tensor parameters (``x_sf_buf``, ``seed``, ``y``) are bound to empty views.
+    Tensor parameters a call does not use (``x_sf_buf``, ``seed``, ``y``) are unused bindings.
     """
     import tilelang.language as T
 
@@ -353,22 +356,15 @@ def per_token_cast_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference, rules, launch.
+# Reference, rules, launch. Operands: ``x`` (or a QuantTensor's data), its scales ``x_sf``, given
+# scales ``sf_in`` (the precomputed-sf mode), the stochastic rounding's ``seed``; results by mode.
 
 NAMES = {"full": "per_token_cast", "sf_only": "per_token_cast_with_sf_only", "data_only": "per_token_cast_with_precomputed_sf"}
+RESULTS = {"full": ("y", "sf"), "sf_only": ("sf",), "data_only": ("y",)}
 
 
 def _window(x, columns) -> tuple[int, int]:
     return (0, x.shape[-1]) if columns is None else (int(columns[0]), int(columns[1]))
-
-
-def _unpack(arrays, *, x_block_size, mode, stochastic_cast, **_):
-    """(x, x_sf, sf_in, seed) from the op's operands."""
-    rest = list(arrays[1:])
-    x_sf = rest.pop(0) if x_block_size is not None else None
-    sf_in = rest.pop(0) if mode == "data_only" else None
-    seed = rest.pop(0) if stochastic_cast else None
-    return arrays[0], x_sf, sf_in, seed
 
 
 def _in_fmt(x) -> str | None:
@@ -396,9 +392,8 @@ def quad_index(tokens: int, hidden: int) -> jax.Array:
     return rows + jnp.arange(hidden // 4, dtype=jnp.uint32)[None, :]
 
 
-def _reference(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
-               stochastic_cast, amax_clamp, columns, mode, tuning=None):  # fmt: skip
-    x, x_sf, sf_in, seed = _unpack(arrays, x_block_size=x_block_size, mode=mode, stochastic_cast=stochastic_cast)
+def _reference(x, x_sf, sf_in, seed, *, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
+               stochastic_cast, amax_clamp, columns, mode):  # fmt: skip
     in_fmt = _in_fmt(x)
     if in_fmt is None:
         start, stop = _window(x, columns)
@@ -448,10 +443,9 @@ def _check_sf(op: str, name: str, stored, kind: str, num_blocks) -> None:
         )
 
 
-def _check(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
-           stochastic_cast, amax_clamp, columns, mode, tuning=None):  # fmt: skip
-    op = NAMES.get(mode, "per_token_cast")
-    x, x_sf, sf_in, seed = _unpack(arrays, x_block_size=x_block_size, mode=mode, stochastic_cast=stochastic_cast)
+def _check(x, x_sf, sf_in, seed, *, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
+           stochastic_cast, amax_clamp, columns, mode):  # fmt: skip
+    op = NAMES[mode]
     if fmt not in FMTS:
         raise ValueError(f"{op}: fmt must be one of {FMTS}, got {fmt!r}")
     if x.ndim != 2:
@@ -484,10 +478,6 @@ def _check(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, rou
     if hidden > 1024 * ELEMS:
         raise ValueError(f"{op}: hidden sizes up to {1024 * ELEMS} are supported ({xname}), got {hidden}")
     F.check_num_per_channels(op, num_per_channels, hidden)
-    try:
-        plan(hidden, num_per_channels, *(tuning or ()))
-    except ValueError as e:
-        raise ValueError(str(e).replace("per_token_cast:", f"{op}:", 1)) from None
     k_b = F.ceil_div(hidden, num_per_channels)  # the last block may be partial
     if x_block_size is not None:
         bm, bk = x_block_size
@@ -506,73 +496,76 @@ def _check(*arrays, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, rou
         raise ValueError(f"{op}: seed must be an integer scalar, got {seed.dtype}{list(seed.shape)}")
 
 
-def _empty(rank: int, dtype) -> View:
-    """An empty view for a tensor parameter the configuration does not use (its extents are 0)."""
-    return View((0,) * rank, (0,) * (rank - 1) + (1,), dtype=dtype)
+@dataclasses.dataclass(frozen=True)
+class PerTokenCastConfig:
+    """The kernel's thread mapping (:func:`plan`): ``elems`` consecutive elements per thread (a
+    multiple of 8 dividing H) and CTAs of about ``threads`` threads (whole rows of lanes)."""
+
+    elems: int = ELEMS
+    threads: int = CTA_THREADS
 
 
-def _launch(*avals, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind, round_sf, use_e4m3_sf,
-            stochastic_cast, amax_clamp, columns, mode, tuning=None) -> Launch:  # fmt: skip
-    x, x_sf, sf_in, seed = _unpack(avals, x_block_size=x_block_size, mode=mode, stochastic_cast=stochastic_cast)
+@config_class(PerTokenCastConfig)
+def _config(x, x_sf, sf_in, seed, **static) -> PerTokenCastConfig:
+    """32 elements per thread, CTAs of about 256 threads, for every shape."""
+    return PerTokenCastConfig()
+
+
+def _ue8m0_bytes(shape: tuple[int, int]) -> View:
+    """Packed UE8M0 words are read and written byte by byte: int32 [A, B] as uint8 [A, B, 4]."""
+    a, b = shape
+    return View((a, b, 4), (4 * b, 4, 1), dtype=np.uint8)
+
+
+def _launch(x, x_sf, sf_in, seed, *, config: PerTokenCastConfig, fmt, num_per_channels, x_block_size, x_sf_kind, sf_kind,
+            round_sf, use_e4m3_sf, stochastic_cast, amax_clamp, columns, mode) -> Launch:  # fmt: skip
     in_fmt = _in_fmt(x)
     hidden = _hidden(x, columns)
     tokens, width = x.shape
     start, _ = _window(x, columns)
-    n = len(avals)  # operands: x, [x_sf], [sf], [seed]; then results: [data], [sf]
-    write_data, write_sf = mode != "sf_only", mode != "data_only"
-    sf_index = n + int(write_data) if write_sf else 1 + int(x_sf is not None)
-    buffers = {"x": 0, "x_sf_buf": 0, "seed": 0, "y": 0, "sf": sf_index}
-    views = {"x_sf_buf": _empty(2, np.float32), "seed": _empty(1, np.uint32)}
-    if in_fmt == "e2m1":
-        views["x"] = View((tokens, hidden // 8), (hidden // 8, 1), 0, np.uint32)
-        x_kind = "e2m1"
+    if in_fmt == "e2m1":  # packed FP4 and e2m1 output as 32-bit words of 8 codes
+        views = {"x": View((tokens, hidden // 8), (hidden // 8, 1), 0, np.uint32)}
     else:
-        views["x"] = View((tokens, hidden), (width, 1), start)
-        x_kind = in_fmt or np.dtype(x.dtype).name
-    if x_sf is not None:
-        buffers["x_sf_buf"] = 1
-        views["x_sf_buf"] = _sf_view(x_sf, x_sf_kind)
-    if stochastic_cast:
-        buffers["seed"] = n - 1
-        views["seed"] = View((1,), dtype=np.uint32)
-    if write_data:
-        buffers["y"] = n
-        views["y"] = View((tokens, hidden // 8), dtype=np.uint32) if fmt == "e2m1" else View((tokens, hidden))
-    else:
-        views["y"] = View((0, hidden // 8), dtype=np.uint32) if fmt == "e2m1" else View((0, hidden), dtype=jnp.float8_e4m3fn)
-    sf_aval = sf_in if mode == "data_only" else None
-    if sf_aval is None:
-        shape, dtype = _sf_storage(sf_kind, (tokens, F.ceil_div(hidden, num_per_channels)))
-        sf_aval = jax.ShapeDtypeStruct(shape, dtype)
-    views["sf"] = _sf_view(sf_aval, sf_kind)
+        views = {"x": View((tokens, hidden), (width, 1), start)}
+    if fmt == "e2m1" and mode != "sf_only":
+        views["y"] = View((tokens, hidden // 8), dtype=np.uint32)
+    if x_sf is not None and x_sf_kind == "ue8m0_col":
+        views["x_sf_buf"] = _ue8m0_bytes(x_sf.shape)
+    if sf_kind == "ue8m0_col":  # (given scales were checked to have this shape)
+        views["sf"] = _ue8m0_bytes(_sf_storage(sf_kind, (tokens, F.ceil_div(hidden, num_per_channels)))[0])
     return Launch(
         kernel=per_token_cast_kernel,
         params=dict(
-            hidden=hidden, npc=num_per_channels, fmt=fmt, x_kind=x_kind,
+            hidden=hidden, npc=num_per_channels, fmt=fmt, x_kind=in_fmt or np.dtype(x.dtype).name,
             x_sf=None if x_sf is None else (x_sf_kind, int(x_block_size[0]), int(x_block_size[1])),
-            sf_in=sf_kind if mode == "data_only" else None, sf_out=sf_kind if write_sf else None,
-            write_data=write_data, round_sf=bool(round_sf), e4m3_sf=bool(use_e4m3_sf),
-            stochastic=bool(stochastic_cast), **plan(hidden, num_per_channels, *(tuning or ())),
+            sf_in=sf_kind if mode == "data_only" else None, sf_out=None if mode == "data_only" else sf_kind,
+            write_data=mode != "sf_only", round_sf=bool(round_sf), e4m3_sf=bool(use_e4m3_sf),
+            stochastic=bool(stochastic_cast), **plan(hidden, num_per_channels, config.elems, config.threads),
         ),  # fmt: skip
         scalars=dict(amax_floor=float(np.float32(amax_floor(fmt, use_e4m3_sf, amax_clamp)))),
-        buffers=buffers,
+        buffers={"x_sf_buf": "x_sf", "sf": "sf_in" if mode == "data_only" else "sf", "y": None if mode == "sf_only" else "y"},
         views=views,
     )
 
 
-def _sf_view(aval, kind: str) -> View:
-    """ue8m0 words are written byte by byte: int32 [A, B] -> uint8 [A, B, 4]."""
-    a, b = aval.shape
-    if kind == "ue8m0_col":
-        return View((a, b, 4), (4 * b, 4, 1), dtype=np.uint8)
-    return View((a, b), (b, 1))
+def _rows(x, x_sf, sf_in, seed, *, x_block_size, x_sf_kind, sf_kind, stochastic_cast, mode, **_) -> Rows | None:
+    """Row-wise with row-major scales (and row-major input scales of one-token blocks); column-major
+    scales and input blocks span tokens, and stochastic rounding hashes each token's index."""
+    if stochastic_cast or SF_KINDS[sf_kind][0] != "row":
+        return None
+    if x_sf is not None and (x_block_size[0] != 1 or SF_KINDS[x_sf_kind][0] != "row"):
+        return None
+    return Rows(("x", "x_sf", "sf_in"), RESULTS[mode])
 
 
-_op = TileOp(name="per_token_cast", launch=_launch, reference=_reference, check=_check)
+_op = TileOp(
+    name="per_token_cast", launch=_launch, operands=("x", "x_sf?", "sf_in?", "seed?"), results=lambda *_, mode, **__: RESULTS[mode],
+    reference=_reference, check=_check, config=_config, rows=_rows,
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# Public functions: their arguments are checked here (types) and in ``_check`` (shapes, rules).
+# Argument checks of the public functions (types; shapes and rules are ``_check``'s).
 
 
 def _sf_kind(use_tma_aligned_col_major_sf: bool, use_packed_ue8m0: bool, round_sf: bool, use_e4m3_sf: bool, op: str) -> str:
@@ -610,8 +603,6 @@ def _x_sf_kind(op: str, data, x_sf, x_block_size, x_sf_layout: str | None) -> st
     return f"{dtype}_col" if tuple(x_sf.shape) == col else f"{dtype}_row"
 
 
-
-
 def _pair(op: str, name: str, value) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{op}: {name} must be a pair of ints, got {value!r}")
@@ -630,40 +621,34 @@ def _seed(op: str, seed) -> jax.Array:
     return s.astype(jnp.uint32).reshape(-1)
 
 
-def _operands(op: str, x, x_block_size, x_sf_layout, seed=None, sf=None):
-    """(operands, x_sf_kind, x_block_size) for the op: x or its QuantTensor parts, given scales, the seed."""
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"{op}: a QuantTensor x is a pair (data, sf), got {len(x)} items")
-        data, x_sf = F.as_array(op, "x's data", x[0]), F.as_array(op, "x's scale factors", x[1])
-        if x_block_size is None:
-            raise ValueError(f"{op}: a QuantTensor input (data, sf) needs x_block_size")
-        x_block_size = _pair(op, "x_block_size", x_block_size)
-        if min(x_block_size) < 1:
-            raise ValueError(f"{op}: x_block_size must be positive, got {x_block_size}")
-        if data.ndim != 2 or _in_fmt(data) is None:
-            raise ValueError(f"{op}: x's data must be e4m3 [T, H] or packed FP4 uint8 [T, H/2] (a QuantTensor), got {data.dtype}{list(data.shape)}")
-        if x_sf.ndim != 2:
-            raise ValueError(f"{op}: x's scale factors must be 2-D, got shape {x_sf.shape}")
-        args, kind = [data, x_sf], _x_sf_kind(op, data, x_sf, x_block_size, x_sf_layout)
-    else:
-        args, kind = [F.as_array(op, "x", x)], None
+def _input(op: str, x, x_block_size, x_sf_layout):
+    """(x or a QuantTensor's data, its scales or None, their storage kind, x_block_size as ints)."""
+    if not isinstance(x, (tuple, list)):
         if x_block_size is not None:
             raise ValueError(f"{op}: x_block_size is only for QuantTensor inputs (data, sf)")
-    if sf is not None:
-        args.append(sf)
-    if seed is not None:
-        args.append(_seed(op, seed))
-    return args, kind, x_block_size
+        return F.as_array(op, "x", x), None, None, None
+    if len(x) != 2:
+        raise ValueError(f"{op}: a QuantTensor x is a pair (data, sf), got {len(x)} items")
+    data, x_sf = F.as_array(op, "x's data", x[0]), F.as_array(op, "x's scale factors", x[1])
+    if x_block_size is None:
+        raise ValueError(f"{op}: a QuantTensor input (data, sf) needs x_block_size")
+    x_block_size = _pair(op, "x_block_size", x_block_size)
+    if min(x_block_size) < 1:
+        raise ValueError(f"{op}: x_block_size must be positive, got {x_block_size}")
+    if data.ndim != 2 or _in_fmt(data) is None:
+        raise ValueError(f"{op}: x's data must be e4m3 [T, H] or packed FP4 uint8 [T, H/2] (a QuantTensor), got {data.dtype}{list(data.shape)}")
+    if x_sf.ndim != 2:
+        raise ValueError(f"{op}: x's scale factors must be 2-D, got shape {x_sf.shape}")
+    return data, x_sf, _x_sf_kind(op, data, x_sf, x_block_size, x_sf_layout), x_block_size
 
 
-def _require_fmt(op: str, fmt: str) -> None:
+def _require_fmt(op: str, fmt) -> None:
     if not isinstance(fmt, str) or fmt not in FMTS:
         raise ValueError(f"{op}: fmt must be one of {FMTS}, got {fmt!r}")
 
 
-def _static(fmt, num_per_channels, x_block_size, x_sf_kind, use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0,
-            use_e4m3_sf, stochastic_cast, amax_clamp, columns, mode) -> dict:  # fmt: skip
+def _static(mode: str, fmt, num_per_channels, x_block_size, x_sf_kind, use_tma_aligned_col_major_sf, round_sf,
+            use_packed_ue8m0, use_e4m3_sf, stochastic_cast=False, amax_clamp=None, columns=None) -> dict:  # fmt: skip
     """The op's static options, checked for type (TypeError / ValueError naming the public function)."""
     op = NAMES[mode]
     flags = {
@@ -686,6 +671,185 @@ def _static(fmt, num_per_channels, x_block_size, x_sf_kind, use_tma_aligned_col_
     )  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------
+# Named calls (ARG_SPECS): every kernel configuration the GPU tests and the benchmarks use. "small_"
+# calls take the whole contract; the GPU tests' other configurations and sizes ("gpu_"), thread
+# mappings ("tuned_") and the benchmarks' calls ("bench_") are only traced and lowered off the GPU.
+
+S = jax.ShapeDtypeStruct
+PACKED = dict(use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True)
+COL = dict(use_tma_aligned_col_major_sf=True)
+ROUND = dict(round_sf=True)
+E4M3_SF = dict(use_e4m3_sf=True)
+COL_E4M3_SF = dict(use_tma_aligned_col_major_sf=True, use_e4m3_sf=True)
+
+
+def _flags_name(flags: dict) -> str:
+    layout = F.sf_layout(flags.get("use_tma_aligned_col_major_sf", False), flags.get("use_packed_ue8m0", False), flags.get("round_sf", False))
+    return {"col_ue8m0": "ue8m0"}.get(layout, layout) + ("_round" if flags.get("round_sf") and layout != "col_ue8m0" else "") + (
+        "_e4m3sf" if flags.get("use_e4m3_sf") else "")  # fmt: skip
+
+
+def _x(tokens: int, hidden: int, x: str, x_block=None, x_layout=None, x_sf_dtype=jnp.float32, columns=None):
+    """The x argument: bf16/fp32 ``[T, H]`` (a window of rows 64 wider with ``columns``), or a
+    QuantTensor of e4m3 or packed FP4 ("e2m1") data with its scales stored in ``x_layout``."""
+    if x_block is None:
+        return S((tokens, hidden if columns is None else columns[1] + 64), x)
+    data = S((tokens, hidden), jnp.float8_e4m3fn) if x == "e4m3" else S((tokens, hidden // 2), jnp.uint8)
+    return data, S(*F.sf_storage_shape(x_layout, F.num_blocks((tokens, hidden), x_block), x_sf_dtype))
+
+
+def _name(prefix: str, tokens: int, hidden: int, x: str, fmt: str, npc: int, flags: dict, x_block, x_layout, x_sf_dtype, extra) -> str:
+    src = {"bfloat16": "bf16", "float32": "fp32"}.get(x, x if x == "e4m3" else "fp4")
+    if x_block is not None:
+        src += f"_{x_block[0]}x{x_block[1]}_{x_layout}" + ("_e4m3" if np.dtype(x_sf_dtype) != np.float32 and x_layout != "col_ue8m0" else "")
+    npc_name = "1xH" if npc == hidden else f"1x{npc}"
+    return "_".join([prefix, src, fmt, npc_name, _flags_name(flags), *extra, f"{tokens}x{hidden}"])
+
+
+def _codes_and_scales(rng: np.random.Generator, x, *rest) -> tuple:
+    """``make`` of the calls with scales: random x (e4m3 codes without NaN for quantized data) and
+    positive power-of-two scales (fp32, float8_e4m3fn, or packed UE8M0 bytes in [117, 137])."""
+
+    def scales(s):
+        if np.dtype(s.dtype) == np.int32:
+            return rng.integers(117, 138, size=(*s.shape, 4), dtype=np.uint8).view(np.int32).reshape(s.shape)
+        return np.exp2(rng.integers(-6, 8, size=s.shape)).astype(s.dtype)
+
+    if isinstance(x, tuple):
+        data, x_sf = x
+        codes = rng.integers(0, 256, size=data.shape, dtype=np.uint8)
+        if np.dtype(data.dtype) != np.uint8:
+            codes[(codes & 0x7F) == 0x7F] = 0x3C  # no NaN
+        x = (codes.view(data.dtype), scales(x_sf))
+    else:
+        x = random_array(rng, x.shape, x.dtype)
+    return (x, *(scales(r) if isinstance(r, S) else r for r in rest))
+
+
+def _case(prefix: str, tokens: int, hidden: int, x: str = "bfloat16", fmt: str = "e4m3", npc: int = 128, flags=None, *,
+          x_block=None, x_layout=None, x_sf_dtype=jnp.float32, columns=None, amax_clamp=None, stochastic=False,
+          config=None, bench=None) -> ArgSpec:  # fmt: skip
+    """A per_token_cast call (npc -1: whole rows)."""
+    flags, npc = dict(flags or {}), hidden if npc == -1 else npc
+    kwargs = dict(fmt=fmt, num_per_channels=npc, **flags)
+    if x_block is not None:
+        kwargs.update(x_block_size=x_block, x_sf_layout=x_layout)
+    kwargs.update({k: v for k, v in dict(columns=columns, amax_clamp=amax_clamp).items() if v is not None})
+    kwargs.update(dict(stochastic_cast=True) if stochastic else {})
+    extra = [e for e, on in (("window", columns), ("clamp", amax_clamp), ("sr", stochastic)) if on]
+    extra += [f"e{config['elems']}t{config['threads']}"] if config else []
+    name = _name(prefix, tokens, hidden, x, fmt, npc, flags, x_block, x_layout, x_sf_dtype, extra)
+    make = _codes_and_scales if x_block is not None else None
+    return ArgSpec(name, (_x(tokens, hidden, x, x_block, x_layout, x_sf_dtype, columns),), kwargs, make=make,
+                   config=config or {}, bench=prefix != "small" if bench is None else bench)  # fmt: skip
+
+
+def _sf_only_case(prefix: str, tokens: int, hidden: int, flags: dict) -> ArgSpec:
+    name = _name(prefix, tokens, hidden, "bfloat16", "e4m3", 128, flags, None, None, None, ["sf_only"])
+    return ArgSpec(name, (S((tokens, hidden), jnp.bfloat16),), dict(fmt="e4m3", num_per_channels=128, **flags), bench=prefix != "small")
+
+
+def _precomputed_case(prefix: str, tokens: int, hidden: int, flags: dict) -> ArgSpec:
+    """A per_token_cast_with_precomputed_sf call with the scales of ``flags`` (their round_sf dropped)."""
+    cast_flags = {k: v for k, v in flags.items() if k != "round_sf"}
+    sf_dtype = jnp.float8_e4m3fn if flags.get("use_e4m3_sf") else jnp.float32
+    layout = F.sf_layout(flags.get("use_tma_aligned_col_major_sf", False), flags.get("use_packed_ue8m0", False), flags.get("round_sf", False))
+    sf = S(*F.sf_storage_shape(layout, (tokens, F.ceil_div(hidden, 128)), sf_dtype))
+    name = _name(prefix, tokens, hidden, "bfloat16", "e4m3", 128, flags, None, None, None, ["precomputed"])
+    return ArgSpec(name, (S((tokens, hidden), jnp.bfloat16), "e4m3", 128, sf), cast_flags, make=_codes_and_scales, bench=prefix != "small")
+
+
+ARG_SPECS = (
+    # The GPU tests' configurations: formats, block sizes, every scale layout, column windows, amax
+    # clamps, zero tokens, QuantTensor inputs of both formats, stochastic rounding.
+    _case("gpu", 4001, 7168),
+    _case("gpu", 4001, 7168, flags=PACKED),
+    _case("small", 7, 4096, "float32", "e4m3", 32, ROUND),
+    _case("gpu", 4001, 7168, "bfloat16", "e2m1", 32, PACKED),
+    _case("small", 7, 4096, "bfloat16", "e2m1", 16, E4M3_SF),
+    _case("gpu", 1, 576, "float32", "e2m1", 64, COL),
+    _case("small", 7, 576, "bfloat16", "e4m3", 64, PACKED),
+    _case("small", 7, 2560, "bfloat16", "e4m3", 64, COL_E4M3_SF),
+    _case("gpu", 4001, 7168, "bfloat16", "e4m3", -1, PACKED),
+    _case("small", 7, 576, "bfloat16", "e4m3", -1),
+    _case("gpu", 7, 512, "float32", "e2m1", -1, ROUND),
+    _case("gpu", 4001, 7168, flags=PACKED, columns=(128, 128 + 7168)),
+    _case("small", 7, 4096, "bfloat16", "e4m3", 32, amax_clamp=0.5),
+    _case("small", 0, 4096, flags=PACKED),
+    _case("gpu", 4001, 7168, "e4m3", "e4m3", 128, PACKED, x_block=(128, 128), x_layout="row"),
+    _case("small", 7, 4096, "e4m3", "e2m1", 32, ROUND, x_block=(32, 32), x_layout="col_ue8m0"),
+    _case("gpu", 4001, 7168, "e2m1", "e4m3", 128, COL, x_block=(1, 32), x_layout="col_ue8m0"),
+    _case("small", 7, 4096, "e2m1", "e2m1", 16, E4M3_SF, x_block=(1, 16), x_layout="row", x_sf_dtype=jnp.float8_e4m3fn),
+    _case("small", 129, 576, "e4m3", "e4m3", -1, ROUND, x_block=(128, 128), x_layout="col"),
+    _case("gpu", 4001, 7168, flags=PACKED, stochastic=True),
+    _case("small", 7, 4096, "float32", "e2m1", 32, ROUND, stochastic=True),
+    _case("small", 7, 4096, "e2m1", "e4m3", 32, x_block=(1, 32), x_layout="row", stochastic=True),
+    _case("gpu", 4001, 2560, "bfloat16", "e4m3", 64, COL_E4M3_SF),
+    # Partial last blocks (H % npc != 0; TileKernels tests H = 576): every layout, format and input kind.
+    _case("gpu", 4001, 576),
+    _case("gpu", 4001, 576, flags=PACKED),
+    _case("gpu", 7, 192, "float32", "e4m3", 128, ROUND),
+    _case("gpu", 37, 576, "float32", "e4m3", 128, COL),
+    _case("gpu", 4001, 576, flags=COL_E4M3_SF),
+    _case("gpu", 4001, 576, "bfloat16", "e2m1", 128, PACKED),
+    _case("gpu", 7, 192, "bfloat16", "e2m1", 128, E4M3_SF),
+    _case("gpu", 5, 576, "float32", "e2m1", 128, COL),
+    _case("gpu", 7, 64, flags=ROUND),
+    _case("gpu", 4001, 576, flags=PACKED, columns=(64, 640)),
+    _case("gpu", 4001, 576, "e4m3", "e4m3", 128, PACKED, x_block=(128, 128), x_layout="row"),
+    _case("gpu", 4001, 576, "e4m3", "e2m1", 128, ROUND, x_block=(32, 32), x_layout="col_ue8m0"),
+    _case("gpu", 37, 576, "e4m3", "e4m3", 128, COL, x_block=(1, 128), x_layout="col", x_sf_dtype=jnp.float8_e4m3fn),
+    _case("gpu", 4001, 192, "e2m1", "e4m3", 128, COL, x_block=(1, 32), x_layout="col_ue8m0"),
+    _case("gpu", 7, 576, "e2m1", "e2m1", 128, E4M3_SF, x_block=(1, 16), x_layout="row", x_sf_dtype=jnp.float8_e4m3fn),
+    _case("gpu", 4001, 576, flags=PACKED, stochastic=True),
+    _case("gpu", 7, 192, "float32", "e2m1", 128, ROUND, stochastic=True),
+    # Row-wise calls whose tokens split over 8 devices; a traced seed; 2^31 elements and more; thread mappings.
+    _case("small", 16, 576, "bfloat16", "e4m3", 128, E4M3_SF),
+    _case("small", 24, 512, "e4m3", "e2m1", 32, ROUND, x_block=(1, 128), x_layout="row"),
+    _case("gpu", 513, 4096, flags=PACKED, stochastic=True),
+    _case("gpu", 2**18 + 5, 8192, "bfloat16", "e2m1", 128, ROUND),
+    _case("gpu", 2**18 + 5, 8192, flags=PACKED),
+    *(_case("tuned", 1001, 7168, "bfloat16", fmt, npc, PACKED, config=dict(elems=e, threads=t))
+      for fmt, npc, e, t in (("e4m3", 128, 16, 256), ("e2m1", 32, 16, 256), ("e2m1", 32, 32, 512))),  # fmt: skip
+    # The benchmarks' calls.
+    _case("bench", 4096, 7168, flags=PACKED),
+    _case("bench", 65536, 7168, flags=PACKED),
+    _case("bench", 16384, 4096),
+    _case("bench", 16384, 7168, "bfloat16", "e2m1", 32, PACKED),
+    _case("bench", 16384, 7168, "bfloat16", "e4m3", -1, ROUND),
+    _case("bench", 65536, 576, flags=PACKED),
+    _case("bench", 16384, 7168, flags=COL_E4M3_SF),
+    _case("bench", 16384, 7168, flags=PACKED, stochastic=True),
+    _case("bench", 16384, 7168, "e2m1", "e4m3", 128, PACKED, x_block=(1, 32), x_layout="col_ue8m0"),
+    _case("bench", 65536, 7168, flags=PACKED, config=dict(elems=16, threads=256)),
+    *(_case("bench", 16384, 7168, "bfloat16", "e2m1", 32, PACKED, config=dict(elems=e, threads=t)) for e, t in ((16, 256), (32, 512))),
+)
+
+SF_ONLY_SPECS = (
+    _sf_only_case("small", 16, 576, ROUND),
+    _sf_only_case("small", 13, 512, PACKED),
+    _sf_only_case("gpu", 4001, 7168, PACKED),
+    _sf_only_case("gpu", 4001, 576, PACKED),
+    _sf_only_case("gpu", 4001, 576, COL_E4M3_SF),
+    _sf_only_case("bench", 16384, 7168, PACKED),
+)
+
+PRECOMPUTED_SPECS = (
+    _precomputed_case("small", 16, 256, {}),
+    _precomputed_case("small", 13, 576, COL_E4M3_SF),
+    *(_precomputed_case("gpu", 4001, hidden, ROUND) for hidden in (4096, 576, 192)),
+    _precomputed_case("gpu", 4001, 576, COL_E4M3_SF),
+    _precomputed_case("gpu", 4001, 576, PACKED),
+    _precomputed_case("bench", 16384, 7168, PACKED),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions: their arguments are checked here (types) and in ``_check`` (shapes, rules).
+
+
+@uses(_op, cases=ARG_SPECS)
 def per_token_cast(
     x,
     fmt: str,
@@ -698,10 +862,11 @@ def per_token_cast(
     stochastic_cast: bool = False,
     amax_clamp: float | None = None,
     columns: tuple[int, int] | None = None,
-    impl=None,
     *,
     x_sf_layout: str | None = None,
     seed=None,
+    impl=None,
+    ops,
 ) -> tuple[jax.Array, jax.Array]:
     """Quantizes each row of ``x`` in blocks of ``num_per_channels`` columns.
 
@@ -710,7 +875,7 @@ def per_token_cast(
         QuantTensor ``(data, sf)``: e4m3 ``[T, H]`` or packed FP4 uint8 ``[T, H/2]`` data with scales
         in blocks ``x_block_size`` (fp32 / e4m3, row- or column-major, or packed UE8M0).
       fmt: ``"e4m3"``, ``"e2m1"``, or ``"e5m6"`` (bf16/fp32 input, whole-row scaling only; it is
-        :func:`jax_tilek.quant.e5m6.per_token_cast_to_e5m6`).
+        :func:`jax_tilek.quant.per_token_cast_to_e5m6`).
       num_per_channels: 16, 32, 64, 128, or H (one block per row). H % 64 == 0; npc need not divide
         H: there are ``K_b = ceil(H / npc)`` blocks, the last one partial (its scale from the columns it
         has, as in TileKernels).
@@ -718,14 +883,14 @@ def per_token_cast(
         blocks allowed).
       use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0, use_e4m3_sf: the scale layout and
         rounding (``formats.sf_layout``, ``formats.scale_factors``).
-      stochastic_cast: round the scaled values stochastically (``jax_tilek.quant.cast``); ``seed``
-        (an integer, may be traced) varies the random bits.
+      stochastic_cast: round the scaled values stochastically (``jax_tilek.quant.cast``'s random
+        bits); ``seed`` (an integer, may be traced) varies them.
       amax_clamp: lower clamp of each block's amax (default: 1e-4 for e4m3, 6·2^-126 for e2m1;
         with ``use_e4m3_sf`` max·2^-9).
       columns: ``(start, stop)`` window of x's rows, read in place (16-byte aligned).
-      impl: None, ``"tilelang"`` or ``"xla"``.
       x_sf_layout: "row", "col" or "col_ue8m0" for a QuantTensor's scales, when their shape alone
         does not say.
+      impl: None, ``"tilelang"`` or ``"xla"``.
 
     Returns:
       ``(data, sf)``: e4m3 ``[T, H]`` or packed FP4 uint8 ``[T, H/2]``; scales in the chosen layout
@@ -741,18 +906,20 @@ def per_token_cast(
                 "per_token_cast: fmt='e5m6' takes a plain bf16/fp32 x with whole-row scaling; x_block_size, "
                 "use_e4m3_sf, stochastic_cast, amax_clamp, columns and seed do not apply"
             )
-        from jax_tilek.quant.e5m6 import per_token_cast_to_e5m6
+        from jax_tilek.quant._e5m6 import per_token_cast_to_e5m6
 
         return per_token_cast_to_e5m6(x, num_per_channels, use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0, impl=impl)
     _require_fmt(op, fmt)
     stochastic = F.static_bool(op, "stochastic_cast", stochastic_cast)
     if seed is not None and not stochastic:
         raise ValueError(f"{op}: seed is only used with stochastic_cast=True")
-    args, kind, x_block_size = _operands(op, x, x_block_size, x_sf_layout, seed=(0 if seed is None else seed) if stochastic else None)
-    return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
-                                use_packed_ue8m0, use_e4m3_sf, stochastic, amax_clamp, columns, "full"), impl=impl)  # fmt: skip
+    data, x_sf, kind, x_block_size = _input(op, x, x_block_size, x_sf_layout)
+    static = _static("full", fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
+                     use_packed_ue8m0, use_e4m3_sf, stochastic, amax_clamp, columns)  # fmt: skip
+    return ops[0](data, x_sf, None, _seed(op, 0 if seed is None else seed) if stochastic else None, impl=impl, **static)
 
 
+@uses(_op, cases=SF_ONLY_SPECS)
 def per_token_cast_with_sf_only(
     x,
     fmt: str,
@@ -764,19 +931,22 @@ def per_token_cast_with_sf_only(
     use_e4m3_sf: bool = False,
     amax_clamp: float | None = None,
     columns: tuple[int, int] | None = None,
-    impl=None,
     *,
     x_sf_layout: str | None = None,
+    impl=None,
+    ops,
 ) -> jax.Array:
     """Only the scale factors of :func:`per_token_cast` (same arguments, same ``sf``); no data is written."""
     op = NAMES["sf_only"]
     F.check_impl(op, impl)
     _require_fmt(op, fmt)
-    args, kind, x_block_size = _operands(op, x, x_block_size, x_sf_layout)
-    return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
-                                use_packed_ue8m0, use_e4m3_sf, False, amax_clamp, columns, "sf_only"), impl=impl)  # fmt: skip
+    data, x_sf, kind, x_block_size = _input(op, x, x_block_size, x_sf_layout)
+    static = _static("sf_only", fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
+                     use_packed_ue8m0, use_e4m3_sf, amax_clamp=amax_clamp, columns=columns)  # fmt: skip
+    return ops[0](data, x_sf, impl=impl, **static)
 
 
+@uses(_op, cases=PRECOMPUTED_SPECS)
 def per_token_cast_with_precomputed_sf(
     x,
     fmt: str,
@@ -787,9 +957,10 @@ def per_token_cast_with_precomputed_sf(
     use_packed_ue8m0: bool = False,
     use_e4m3_sf: bool = False,
     columns: tuple[int, int] | None = None,
-    impl=None,
     *,
     x_sf_layout: str | None = None,
+    impl=None,
+    ops,
 ) -> jax.Array:
     """Casts with given scales ``sf`` (the layout named by the flags, ``K_b = ceil(H / npc)`` blocks per
     row): ``data = cast(x * (1 / sf))`` per block. Equals :func:`per_token_cast`'s data when its
@@ -797,6 +968,9 @@ def per_token_cast_with_precomputed_sf(
     op = NAMES["data_only"]
     F.check_impl(op, impl)
     _require_fmt(op, fmt)
-    args, kind, x_block_size = _operands(op, x, x_block_size, x_sf_layout, sf=F.as_array(op, "sf", sf))
-    return _op(*args, **_static(fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf,
-                                use_packed_ue8m0, use_packed_ue8m0, use_e4m3_sf, False, None, columns, "data_only"), impl=impl)  # fmt: skip
+    sf = F.as_array(op, "sf", sf)
+    data, x_sf, kind, x_block_size = _input(op, x, x_block_size, x_sf_layout)
+    # Packed UE8M0 scales are powers of two: the layout rule's round_sf is use_packed_ue8m0.
+    static = _static("data_only", fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf,
+                     use_packed_ue8m0, use_packed_ue8m0, use_e4m3_sf, columns=columns)  # fmt: skip
+    return ops[0](data, x_sf, sf, impl=impl, **static)

@@ -24,14 +24,18 @@ any ``T >= 0``; ``x_block_size = (bm, bk)`` with ``bm in {1, 32, 128}``, ``bk in
 its closure.)
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import device
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Impl, Launch, TileOp, View, as_array, check_impl, static_flag
+from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, config_class, static_flag, uses
 from jax_tilek.quant import formats as F
 from jax_tilek.spec import GRID_LIMITS
+from jax_tilek.testing import ArgSpec
 
 BLOCK_ROWS = (1, 32, 128)
 BLOCK_COLS = (32, 64, 128)
@@ -42,35 +46,7 @@ TILE_ELEMENTS = 16384
 PAD = [1, 2, 3]
 MIN_SHIFT = -24  # 2^-24: the smallest fp16 (subnormal); every product below it rounds to zero in e4m3
 
-PRELUDE = r"""
-#include <cuda_fp16.h>
-__device__ __forceinline__ unsigned tk_fp4x2_e4m3x2(unsigned w, int byte, unsigned scale) {
-  // The two FP4 codes of one byte of w -> two e4m3 bytes (the low nibble's in the low byte).
-  unsigned b = __byte_perm(w, 0u, 0x4440u | byte);
-  unsigned x = b | (b << 12);  // the low code at bits 0..3, the high code at bits 16..19
-  // As fp16 bits, magnitude at [11:9] and sign at 15 of each half: the fp16 is fp4 * 2^-14, exactly
-  // (subnormal for the code 0.5); * 2^14 restores fp4, * scale (2^k) applies the shift.
-  unsigned h = ((x & 0x70007u) << 9) | ((x & 0x80008u) << 12);
-  const unsigned two14 = 0x74007400u;
-  __half2 v = __hmul2(__hmul2(*reinterpret_cast<__half2*>(&h), *reinterpret_cast<const __half2*>(&two14)),
-                      *reinterpret_cast<__half2*>(&scale));
-  unsigned short r;
-  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;" : "=h"(r) : "r"(*reinterpret_cast<unsigned*>(&v)));
-  return r;
-}
-__device__ __forceinline__ unsigned tk_fp4x4_e4m3x4(unsigned w, int byte, unsigned scale) {
-  // Codes 2 * byte .. 2 * byte + 3 of w -> four e4m3 bytes.
-  return tk_fp4x2_e4m3x2(w, byte, scale) | (tk_fp4x2_e4m3x2(w, byte + 1, scale) << 16);
-}
-__device__ __forceinline__ unsigned tk_exp2_f16x2(int k) {
-  // 2^k (-24 <= k <= 15) as fp16, in both halves.
-  unsigned h = k >= -14 ? (unsigned)(k + 15) << 10 : 1u << (k + 24);
-  return h | (h << 16);
-}
-__device__ __forceinline__ void tk_store16(unsigned* p, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
-}
-"""
+PRELUDE = device.prelude(device.FP4_E4M3, device.EXP2_F16X2, device.STORE16)
 
 
 def _log2(n: int) -> int:
@@ -251,14 +227,14 @@ def per_block_cast_lossless_kernel(
                 r, cc = c // cpr, c % cpr * CHUNK  # inside the tile
                 e_in = ein[r // bmi * nki + cc // bki]
                 e_out = T.max(T.Cast("int32", omax[r // bmo * nko + cc // bko]) - 6, 0)
-                scale = T.call_extern("uint32", "tk_exp2_f16x2", T.max(e_in - e_out, MIN_SHIFT))
+                scale = T.call_extern("uint32", "tilek_exp2_f16x2", T.max(e_in - e_out, MIN_SHIFT))
                 for q in T.unroll(8):
-                    o[q] = T.call_extern("uint32", "tk_fp4x4_e4m3x4", w[j * 4 + q // 2], (q % 2) * 2, scale)
+                    o[q] = T.call_extern("uint32", "tilek_fp4x4_e4m3x4", w[j * 4 + q // 2], (q % 2) * 2, scale)
                 if by * tm + r < num_tokens and bx * tk + cc < hidden:
                     for h in T.unroll(2):
                         T.evaluate(
                             T.call_extern(
-                                "handle", "tk_store16", T.address_of(out[by * tm + r, (bx * tk + cc) // 4 + h * 4]),
+                                "handle", "tilek_store16", T.address_of(out[by * tm + r, (bx * tk + cc) // 4 + h * 4]),
                                 o[h * 4], o[h * 4 + 1], o[h * 4 + 2], o[h * 4 + 3],
                             )
                         )  # fmt: skip
@@ -282,7 +258,7 @@ def _exponents(stored: jax.Array, layout: str, num_blocks: tuple[int, int]) -> j
     return (jax.lax.bitcast_convert_type(logical.astype(jnp.float32), jnp.int32) >> 23) & 0xFF
 
 
-def _reference(data, x_sf, *, x_block, out_block, in_layout, layout, fold=None):
+def _reference(data, x_sf, *, x_block, out_block, in_layout, layout):
     t, h = data.shape[0], data.shape[1] * 2
     e_in = _exponents(x_sf, in_layout, F.num_blocks((t, h), x_block))
     e_elem = F.expand_blocks(e_in, x_block, (t, h))
@@ -318,7 +294,7 @@ def infer_sf_layout(data_shape: tuple[int, int], x_sf: jax.Array, x_block: tuple
     )
 
 
-def _check(data, x_sf, *, x_block, out_block, in_layout, layout, fold=None):
+def _check(data, x_sf, *, x_block, out_block, in_layout, layout):
     name = "per_block_cast_lossless"
     if data.ndim != 2 or data.dtype != jnp.uint8:
         raise ValueError(f"{name}: x's data must be packed e2m1 uint8 [num_tokens, hidden / 2], got {data.dtype} {list(data.shape)}")
@@ -369,16 +345,28 @@ def _kernel_check(data, x_sf, *, x_block, out_block, **_):
         )
 
 
-def _launch(data, x_sf, *, x_block, out_block, in_layout, layout, fold=None):
-    """``fold``: None picks the flat grid only when the 2-D one does not fit; True / False force it.
-    64-bit extents (``wide``) only when the shapes need them (ordinary shapes keep the 32-bit code)."""
+@dataclasses.dataclass(frozen=True)
+class LosslessConfig:
+    """``fold``: one flat grid of every tile instead of the 2-D grid (hidden tiles, token tiles)."""
+
+    fold: bool
+
+
+@config_class(LosslessConfig)
+def _config(data, x_sf, *, x_block, out_block, **_) -> LosslessConfig:
+    """The 2-D grid while the token tiles fit grid y's 65,535, else the flat grid."""
+    return LosslessConfig(fold=_grid(data, x_block, out_block)[1])
+
+
+def _launch(data, x_sf, *, config: LosslessConfig, x_block, out_block, in_layout, layout) -> Launch:
+    """64-bit extents (``wide``) only when the shapes need them (ordinary shapes keep the 32-bit code)."""
     t, h = data.shape[0], data.shape[1] * 2
-    fold = _grid(data, x_block, out_block)[1] if fold is None else fold
     params = dict(x_block=tuple(x_block), out_block=tuple(out_block), in_layout=in_layout, layout=layout)
-    params.update({"fold": True} if fold else {}, **({"wide": True} if _wide(data, x_block, out_block) else {}))
+    params.update({"fold": True} if config.fold else {}, **({"wide": True} if _wide(data, x_block, out_block) else {}))
     return Launch(
         per_block_cast_lossless_kernel,
         params,
+        buffers={"x": "x's data", "x_sf": "x's scales", "out": "the output data", "out_sf": "the output scales"},
         views={
             "x": View((t, h // 8), dtype=np.uint32),
             "x_sf": _sf_view(in_layout, F.num_blocks((t, h), x_block)),
@@ -388,12 +376,63 @@ def _launch(data, x_sf, *, x_block, out_block, in_layout, layout, fold=None):
     )
 
 
+# Not row-wise: input and output blocks may span tokens.
 _lossless_op = TileOp(
     name="per_block_cast_lossless", launch=_launch, reference=_reference, check=_check, kernel_check=_kernel_check,
-    operands=("x's data", "x's scales"), results=("the output data", "the output scales"),
+    config=_config, operands=("x's data", "x's scales"), results=("the output data", "the output scales"),
 )  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------
+# Named calls: every configuration the GPU tests run (on [131, 2080] here), the flat grid forced
+# ("_flat") and chosen beyond grid y, the benchmarks'. "small_" calls take the whole contract; "gpu_"
+# and "bench_" ones are only traced and lowered off the GPU.
+
+LAYOUT_FLAGS = {"row": (False, False), "col": (True, False), "col_ue8m0": (True, True)}  # (col-major, packed)
+
+
+def _power_of_two_scales(rng: np.random.Generator, x):
+    """Random FP4 codes and power-of-two scales 2^-7 .. 2^3 (exponent bytes 120 .. 130) in any layout."""
+    data, sf = x
+    if sf.dtype == jnp.int32:  # packed UE8M0: four exponent bytes a word
+        stored = rng.integers(120, 131, size=(*sf.shape, 4), dtype=np.uint8).view(np.int32).reshape(sf.shape)
+    else:
+        stored = (rng.integers(120, 131, size=sf.shape).astype(np.uint32) << 23).view(np.float32)
+    return ((rng.integers(0, 256, size=data.shape, dtype=np.uint8), stored),)
+
+
+def _case(prefix: str, shape, x_block, out_block, in_layout: str, out_layout: str, flat: bool = False) -> ArgSpec:
+    t, h = shape
+    data = jax.ShapeDtypeStruct((t, h // 2), jnp.uint8)
+    sf = jax.ShapeDtypeStruct(*F.sf_storage_shape(in_layout, F.num_blocks(shape, x_block)))
+    col, packed = LAYOUT_FLAGS[out_layout]
+    kwargs = dict(fmt="e4m3", x_block_size=x_block, out_block_size=out_block, use_tma_aligned_col_major_sf=col, round_sf=True,
+                  use_packed_ue8m0=packed, x_sf_layout=in_layout)  # fmt: skip
+    name = f"{prefix}_{x_block[0]}x{x_block[1]}_{in_layout}_to_{out_block[0]}x{out_block[1]}_{out_layout}{'_flat' if flat else ''}_{t}x{h}"
+    return ArgSpec(name, ((data, sf),), kwargs, make=_power_of_two_scales, config=dict(fold=True) if flat else {}, bench=prefix != "small")
+
+
+GPU_SHAPE = (131, 2080)
+GPU_CONFIGS = (
+    *(((1, 32), out_block, in_layout, out_layout) for out_block in ((1, 128), (32, 32), (128, 128)) for in_layout in ("row", "col_ue8m0")
+      for out_layout in ("row", "col_ue8m0")),
+    ((32, 32), (128, 128), "col", "col"), ((1, 32), (1, 128), "col", "col"),
+)  # fmt: skip
+# The configurations that take the whole contract ("small_"; the others "gpu_"): every block pair and layout.
+CONTRACT = (((1, 32), (1, 128), "row", "row"), ((1, 32), (32, 32), "col_ue8m0", "col_ue8m0"), ((1, 32), (128, 128), "row", "col_ue8m0"),
+            ((32, 32), (128, 128), "col", "col"))  # fmt: skip
+ARG_SPECS = (
+    *(_case("small" if cfg in CONTRACT else "gpu", GPU_SHAPE, *cfg) for cfg in GPU_CONFIGS),
+    _case("gpu", GPU_SHAPE, (1, 32), (1, 128), "col_ue8m0", "row", flat=True),
+    _case("gpu", GPU_SHAPE, (32, 32), (128, 128), "col", "col", flat=True),
+    _case("gpu", (65535 * 32 + 32, 32), (1, 32), (1, 128), "row", "col_ue8m0"),
+    _case("bench", (16384, 7168), (1, 32), (128, 128), "col_ue8m0", "col_ue8m0"),
+    _case("bench", (65536, 4096), (1, 32), (1, 128), "row", "row"),
+    _case("bench", (2_162_688, 512), (1, 32), (32, 32), "col_ue8m0", "row"),
+)
+
+
+@uses(_lossless_op, cases=ARG_SPECS)
 def per_block_cast_lossless(
     x: tuple[jax.Array, jax.Array],
     fmt: str,
@@ -402,8 +441,10 @@ def per_block_cast_lossless(
     use_tma_aligned_col_major_sf: bool = False,
     round_sf: bool = False,
     use_packed_ue8m0: bool = False,
-    impl: Impl = None,
+    *,
     x_sf_layout: str | None = None,
+    impl=None,
+    ops,
 ) -> tuple[jax.Array, jax.Array]:
     """Re-blocks FP4 data with power-of-two scales into e4m3 data, exactly (see the module docstring).
 
@@ -416,6 +457,7 @@ def per_block_cast_lossless(
         and has no effect.
       x_sf_layout: ``"row"``, ``"col"`` or ``"col_ue8m0"``; by default inferred from the scales' dtype and
         shape (a square float32 array can be either: then it must be given).
+      impl: None, ``"tilelang"`` or ``"xla"``.
 
     Returns:
       ``(data, sf)``: ``float8_e4m3fn [T, H]`` and the power-of-two scales ``[ceil(T/bm), ceil(H/bk)]``
@@ -443,4 +485,4 @@ def per_block_cast_lossless(
         x_sf_layout = infer_sf_layout(data.shape, x_sf, x_block)
     elif not isinstance(x_sf_layout, str) or x_sf_layout not in ("row", "col", "col_ue8m0"):
         raise ValueError(f"per_block_cast_lossless: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r}")
-    return _lossless_op(data, x_sf, impl=impl, x_block=x_block, out_block=out_block, in_layout=x_sf_layout, layout=layout)
+    return ops[0](data, x_sf, impl=impl, x_block=x_block, out_block=out_block, in_layout=x_sf_layout, layout=layout)
