@@ -55,25 +55,19 @@ def _lossless(spec) -> Case:
     return Case.of_impls(FAMILY, spec.name, make, run, moved, {"shape": f"{t}x{h}", "dtype": "e2m1"})
 
 
-def _weight_sf():
+def _weight_sf(spec) -> Case:
     """One layer's MoE weights: 256 experts of w13 (4096 x 7168 -> sf 32 x 56) and w2 (7168 x 2048 -> 56 x 16)."""
-    shapes = [(256, 32, 56), (256, 56, 16)]
+    (structs,) = spec.args
+    shapes = [s.shape for s in structs]
 
     def make(key):
         keys = jax.random.split(key, len(shapes))
         return tuple(jax.lax.bitcast_convert_type(jax.random.randint(k, s, 100, 140, jnp.int32) << 23, jnp.float32) for k, s in zip(keys, shapes))
 
     out_words = sum(g * (-(-k // 4) * n * 128 + -(-n // 4) * k * 128) for g, n, k in shapes)
-    fn = lambda *s, impl: batched_transpose_weight_sf(list(s), 128, [False] * len(s), impl=impl)  # noqa: E731
-    return Case(
-        family=FAMILY,
-        name="weight_sf_moe_layer",
-        make_inputs=make,
-        kernel=lambda *s: fn(*s, impl="tilelang"),
-        xla=lambda *s: fn(*s, impl="xla"),
-        min_bytes=sum(g * n * k * 4 for g, n, k in shapes) + out_words * 4,
-        params={"shape": "256x(32x56,56x16)", "dtype": "float32"},
-    )
+    run = lambda impl: lambda *s: spec.call(batched_transpose_weight_sf, impl)(list(s))  # noqa: E731
+    moved = sum(g * n * k * 4 for g, n, k in shapes) + out_words * 4
+    return Case.of_impls(FAMILY, "weight_sf_moe_layer", make, run, moved, {"shape": "256x(32x56,56x16)", "dtype": "float32"})
 
 
 def _bench(fn) -> list:
@@ -83,5 +77,5 @@ def _bench(fn) -> list:
 CASES = [
     *(_cast(fn, s) for fn in (per_block_cast, per_block_cast_with_sf_only, per_block_cast_with_precomputed_sf) for s in _bench(fn)),
     *(_lossless(s) for s in _bench(per_block_cast_lossless)),
-    _weight_sf(),
+    *(_weight_sf(s) for s in _bench(batched_transpose_weight_sf)),
 ]

@@ -35,7 +35,8 @@ import numpy as np
 import jax_tilek
 
 ROTATE_BYTES = 512 * 2**20  # > 8x the L2 of an H100 (50 MB) or H200 (60 MB)
-MIN_CALLS = 16  # calls per timed program, at least
+MIN_CALLS = 16  # calls per timed program, at least (unless their inputs pass MAX_HELD_BYTES)
+MAX_HELD_BYTES = 8 * 2**30
 REPEATS = 15
 MIN_BATCH_SECONDS = 0.02
 
@@ -145,7 +146,8 @@ def run_case(case: Case, key: jax.Array) -> dict:
     keys = iter(jax.random.split(key, 65))
     make = jax.jit(case.make_inputs)
     first = make(next(keys))
-    sets = min(64, max(MIN_CALLS, int(math.ceil(ROTATE_BYTES / max(_input_bytes(first), 1)))))
+    per_set = max(_input_bytes(first), 1)  # sets past L2; fewer calls for sets of GiBs (an 80 GB card holds them all)
+    sets = min(64, max(MIN_CALLS if per_set * MIN_CALLS <= MAX_HELD_BYTES else 2, int(math.ceil(ROTATE_BYTES / per_set))))
     device_sets = [first] + [make(next(keys)) for _ in range(sets - 1)]
 
     t_kernel = time_per_call(jax.jit(case.kernel), device_sets)

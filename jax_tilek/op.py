@@ -38,6 +38,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jax_tilek import _ffi, platform
+from jax_tilek.checks import as_array
 from jax_tilek.kernel import TileKernel
 from jax_tilek.spec import LaunchSpec, TensorBinding, bits_of, compact_strides, size_in_bits
 
@@ -84,35 +85,6 @@ def resolve_impl(impl: Any, op: str) -> Impl:
     """``impl`` checked (a ValueError naming ``op``), or the global default when it is None."""
     check_impl(impl, op)
     return impl if impl is not None else _default_impl.value
-
-
-def static_int(value: Any, op: str, name: str) -> int:
-    """A static integer option as a Python int; a TypeError naming ``op`` and ``name`` for anything
-    else (floats, bools, strings, arrays, traced values)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return int(value)
-    raise TypeError(f"{op}: {name} must be an integer, got {value!r}")
-
-
-def static_flag(value: Any, op: str, name: str) -> bool:
-    """A static boolean option as a Python bool (True, False, or NumPy booleans); a TypeError naming
-    ``op`` and ``name`` otherwise (a traced value cannot choose a kernel)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
-
-
-def as_array(value: Any, op: str, name: str) -> jax.Array:
-    """``value`` as a JAX array (a traced value stays traced), or a TypeError naming ``op`` and the
-    argument ``name`` for what is not an array: lists, tuples, None, strings, other Python objects,
-    object arrays, and Python numbers out of JAX's range. Arrays, NumPy scalars, Python numbers and
-    objects with ``__jax_array__`` are accepted."""
-    if isinstance(value, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)) or hasattr(value, "__jax_array__"):
-        try:
-            return jnp.asarray(value)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise TypeError(f"{op}: {name} cannot be a JAX array: {e}") from None
-    raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__}")
 
 
 Buffer = Union[str, int, None]  # a buffer's name, its index (operands, results, workspace), or unused
@@ -329,7 +301,7 @@ class TileOp:
     def _operands(self, args: tuple, kwargs: dict) -> tuple[list[Any], dict[str, Any]]:
         """(every operand in declared order as an array, None where absent; the static options)."""
         if self.operands is None:
-            return [as_array(a, self.name, f"operand {i}") for i, a in enumerate(args)], kwargs
+            return [as_array(self.name, f"operand {i}", a) for i, a in enumerate(args)], kwargs
         names, optional = _parse_operands(self.operands)
         if len(args) > len(names):
             raise TypeError(f"{self.name} takes {len(names)} operands {names}, got {len(args)} positional arguments")
@@ -347,7 +319,7 @@ class TileOp:
             value = given.get(n)
             if value is None and n not in optional:
                 raise TypeError(f"{self.name}: operand {n!r} is required")
-            full.append(None if value is None else as_array(value, self.name, n))
+            full.append(None if value is None else as_array(self.name, n, value))
         return full, static
 
 
@@ -676,15 +648,6 @@ def _row_rule(op: TileOp, full, out_avals, static) -> ShardingRule | None:
     return ShardingRule(f"{', '.join(ins)} -> {', '.join(outs)}", replicated=tuple(replicated))
 
 
-def _parse_rule(rule: str) -> tuple[list[list[str]], list[list[str]]]:
-    operands, results = rule.split("->")
-
-    def side(text: str) -> list[list[str]]:
-        return [part.split() for part in text.split(",")]
-
-    return side(operands), side(results)
-
-
 def propagate_specs(rule: ShardingRule, arg_specs: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     """PartitionSpecs of operands and results under ``rule``, given the operands' current specs.
 
@@ -693,7 +656,7 @@ def propagate_specs(rule: ShardingRule, arg_specs: Sequence[Any]) -> tuple[list[
     """
     from jax.sharding import PartitionSpec
 
-    operands, results = _parse_rule(rule.rule)
+    operands, results = ([part.split() for part in side.split(",")] for side in rule.rule.split("->"))
     axes: dict[str, Any] = {}
     used: set = set()
     for factors, spec in zip(operands, arg_specs):

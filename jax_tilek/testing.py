@@ -152,8 +152,11 @@ def tilek_calls(text: str) -> list[dict]:
             continue
         has_cubin = 'cubin = "\\7FELF' in line
         config = _CUBIN.sub('cubin = "..."', line)
-        launch = re.search(r"launch = (?:dense<\[?(?P<v>[-\d, ]*)\]?>|array<i64(?:: (?P<a>[-\d, ]*))?>)", config)
-        values = launch.group("v") if launch.group("v") is not None else (launch.group("a") or "")
+        launch = re.search(r'launch = (?:dense<\[?(?P<v>[-\d, ]*)\]?>|dense<"0x(?P<h>[0-9A-Fa-f]*)">|array<i64(?:: (?P<a>[-\d, ]*))?>)', config)
+        if launch.group("h") is not None:  # long records print as the hex of their little-endian int64s
+            values = ",".join(map(str, np.frombuffer(bytes.fromhex(launch.group("h")), "<i8")))
+        else:
+            values = launch.group("v") if launch.group("v") is not None else (launch.group("a") or "")
         calls.append(
             {
                 "name": re.search(r'name = "([^"]*)"', config).group(1),
@@ -252,7 +255,8 @@ class OpContract:
           shards without collectives.
         differentiable: argument positions ``jax.grad`` is checked for (empty: not differentiable).
         vmappable: whether vmap over a stack of two draws of every array argument is checked.
-        bad_inputs: ``(args, kwargs, exception, message regex)``: calls that must fail at trace time.
+        bad_inputs: ``(args, kwargs, exception, message regex)``: calls that must fail at trace time
+          (``args`` are traced, so static options go in ``kwargs``).
     """
 
     fn: Callable[..., Any]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import checks
 from jax_tilek.norm._kernels import (
     BACKWARD_ALIGN,
     DTYPES,
@@ -325,10 +326,10 @@ def _forward_inputs(op: str, x, weight, residual, eps, out_scale, impl, align: i
     """The forward functions' arguments checked: (x, weight, residual) as arrays, eps (finite, >= 0)
     and out_scale (finite) as floats."""
     check_impl(impl, op)
-    eps = formats.static_number(op, "eps", eps, minimum=0.0, optional=False)
-    out_scale = formats.static_number(op, "out_scale", out_scale, optional=False)
-    x = formats.as_array(op, "x", x)
-    weight, residual = formats.as_array(op, "weight", weight, optional=True), formats.as_array(op, "residual", residual, optional=True)
+    eps = checks.static_number(op, "eps", eps, minimum=0.0, optional=False)
+    out_scale = checks.static_number(op, "out_scale", out_scale, optional=False)
+    x = checks.as_array(op, "x", x)
+    weight, residual = checks.as_array(op, "weight", weight, optional=True), checks.as_array(op, "residual", residual, optional=True)
     _check(op, x, weight, residual, align)
     return x, weight, residual, eps, out_scale
 
@@ -382,7 +383,7 @@ def norm_forward(
     """
     op = "norm_forward"
     x, weight, residual, eps, out_scale = _forward_inputs(op, x, weight, residual, eps, out_scale, impl, FORWARD_ALIGN)
-    with_rstd = formats.static_bool(op, "with_rstd", with_rstd)
+    with_rstd = checks.static_bool(op, "with_rstd", with_rstd)
     outs = _forward(ops[0], x, residual, weight, impl=impl, eps=eps, out_scale=out_scale, with_rstd=with_rstd)
     return outs["out"], outs.get("rstd"), outs.get("norm_input", x)
 
@@ -419,9 +420,9 @@ def norm_forward_and_per_token_cast(
     x, weight, residual, eps, out_scale = _forward_inputs(op, x, weight, residual, eps, out_scale, impl, QUANT_GROUP)
     if not (isinstance(fmt, str) and fmt == "e4m3"):
         raise ValueError(f"{op}: fmt must be 'e4m3' (use norm_forward unquantized), got {fmt!r:.60}")
-    if formats.static_int(op, "num_per_channels", num_per_channels) != QUANT_GROUP:
+    if checks.static_int(op, "num_per_channels", num_per_channels) != QUANT_GROUP:
         raise ValueError(f"{op}: num_per_channels must be {QUANT_GROUP}, got {num_per_channels}")
-    col, packed, round_sf, with_out_bf16, with_rstd = (formats.static_bool(op, n, v) for n, v in (
+    col, packed, round_sf, with_out_bf16, with_rstd = (checks.static_bool(op, n, v) for n, v in (
         ("use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf), ("use_packed_ue8m0", use_packed_ue8m0),
         ("round_sf", round_sf), ("with_out_bf16", with_out_bf16), ("with_rstd", with_rstd),
     ))  # fmt: skip
@@ -473,9 +474,9 @@ def norm_backward(
     """
     op = "norm_backward"
     check_impl(impl, op)
-    out_scale = formats.static_number(op, "out_scale", out_scale, optional=False)
+    out_scale = checks.static_number(op, "out_scale", out_scale, optional=False)
     out_grad, x, weight, rstd, residual_out_grad = (
-        formats.as_array(op, name, value, optional=name in ("weight", "residual_out_grad"))
+        checks.as_array(op, name, value, optional=name in ("weight", "residual_out_grad"))
         for name, value in (("out_grad", out_grad), ("x", x), ("weight", weight), ("rstd", rstd), ("residual_out_grad", residual_out_grad))
     )  # fmt: skip
     _check(op, x, weight, residual_out_grad, BACKWARD_ALIGN)

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jax_tilek import device
+from jax_tilek import checks, device
 from jax_tilek.device import HASH_FINAL, HASH_INDEX, HASH_ROUNDS, HASH_SEED
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, Rows, TileOp, View, as_array, check_impl, config_class, static_flag, uses
+from jax_tilek.op import Launch, Rows, TileOp, View, check_impl, config_class, uses
 from jax_tilek.spec import GRID_LIMITS
 from jax_tilek.testing import ArgSpec
 
@@ -412,7 +412,7 @@ def _seed(seed) -> jax.Array:
         if not 0 <= seed < 2**32:
             raise ValueError(f"cast: seed must be a uint32 value, in [0, 2^32), got {seed}")
         return jnp.asarray(np.uint32(seed)).reshape(1)
-    seed = as_array(seed, "cast", "seed")
+    seed = checks.as_array("cast", "seed", seed)
     if seed.size != 1 or not jnp.issubdtype(seed.dtype, jnp.integer):
         raise ValueError(f"cast: seed must be an integer scalar, got {seed.dtype}{list(seed.shape)}")
     return seed.astype(jnp.uint32).reshape(1)
@@ -436,9 +436,9 @@ def cast(x: jax.Array, dtype, stochastic_rounding: bool = False, *, seed=None, i
       ``x`` converted to ``dtype`` (same shape); ``x`` itself when the dtype does not change.
     """
     check_impl(impl, "cast")
-    x = as_array(x, "cast", "x")
+    x = checks.as_array("cast", "x", x)
     dtype = _dtype_name(dtype)
-    stochastic_rounding = static_flag(stochastic_rounding, "cast", "stochastic_rounding")
+    stochastic_rounding = checks.static_bool("cast", "stochastic_rounding", stochastic_rounding)
     if dtype == np.dtype(x.dtype).name and not stochastic_rounding:
         _check(x, None, dtype=dtype)
         return x

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import device
+from jax_tilek import checks, device
 from jax_tilek.device import static_range as _static
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, Rows, TileOp, View, config_class, uses
+from jax_tilek.op import Launch, Rows, TileOp, View, check_impl, config_class, uses
 from jax_tilek.quant import _e5m6 as e5m6
 from jax_tilek.quant import formats as F
 from jax_tilek.testing import ArgSpec
@@ -451,7 +451,7 @@ def per_token_cast_back(
     """:func:`cast_back` with per-token blocks ``(1, num_per_channels)`` (npc divides 64 or is a multiple
     of 64; it need not divide H: the last block is partial)."""
     name = "per_token_cast_back"
-    npc = F.static_int(name, "num_per_channels", num_per_channels)
+    npc = checks.static_int(name, "num_per_channels", num_per_channels)
     if npc < 1:
         raise ValueError(f"{name}: num_per_channels must be positive, got {npc}")
     return _cast_back_call(ops[0], x, fmt, (1, npc), x_special_fmt, sf_layout, impl, name)
@@ -463,13 +463,13 @@ def _quant_tensor(x, name: str):
         raise TypeError(f"{name}: x must be a QuantTensor (data, sf), got {type(x).__name__}")
     if len(x) != 2:
         raise ValueError(f"{name}: x must be a QuantTensor (data, sf), got {len(x)} items")
-    return F.as_array(name, "the data of x", x[0]), F.as_array(name, "the scales of x", x[1])
+    return checks.as_array(name, "the data of x", x[0]), checks.as_array(name, "the scales of x", x[1])
 
 
 def _cast_back_call(op: TileOp, x, fmt, x_block_size, x_special_fmt, sf_layout, impl, name):
     """Checks the arguments and calls the op with the QuantTensor's block and scale layout resolved
     (so that a vmap folded into the tokens never meets an ambiguous layout)."""
-    F.check_impl(name, impl)
+    check_impl(impl, name)
     data, sf = _quant_tensor(x, name)
     if isinstance(x_block_size, list):
         x_block_size = tuple(x_block_size)
@@ -796,10 +796,10 @@ def per_token_cast_and_cast_back(
       ``formats.dequantize_blocks``. T < ``formats.MAX_TOKENS``; T * S is not limited.
     """
     name = "per_token_cast_and_cast_back"
-    x = F.as_array(name, "x", x)
+    x = checks.as_array(name, "x", x)
     return ops[0](
-        x, impl=impl, fmt=fmt, num_per_channels=F.static_int(name, "num_per_channels", num_per_channels),
-        round_sf=F.static_bool(name, "round_sf", round_sf), use_e4m3_sf=F.static_bool(name, "use_e4m3_sf", use_e4m3_sf),
+        x, impl=impl, fmt=fmt, num_per_channels=checks.static_int(name, "num_per_channels", num_per_channels),
+        round_sf=checks.static_bool(name, "round_sf", round_sf), use_e4m3_sf=checks.static_bool(name, "use_e4m3_sf", use_e4m3_sf),
         columns=None if columns is None else _columns(name, columns),
     )  # fmt: skip
 
@@ -807,7 +807,7 @@ def per_token_cast_and_cast_back(
 def _columns(name: str, columns) -> tuple[int, int]:
     if not isinstance(columns, (tuple, list)) or len(columns) != 2:
         raise TypeError(f"{name}: columns must be a pair of ints (start, stop), got {columns!r}")
-    return F.static_int(name, "columns", columns[0]), F.static_int(name, "columns", columns[1])
+    return checks.static_int(name, "columns", columns[0]), checks.static_int(name, "columns", columns[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -821,8 +821,8 @@ def unpack_from_e2m1fn_x2(x: jax.Array, out_dtype=jnp.float32, *, impl=None) -> 
     every path (``impl`` is accepted, and checked, for uniformity with the other ops).
     """
     name = "unpack_from_e2m1fn_x2"
-    F.check_impl(name, impl)
-    x = F.as_array(name, "x", x)
+    check_impl(impl, name)
+    x = checks.as_array(name, "x", x)
     if x.dtype not in (jnp.uint8, jnp.int8):
         raise ValueError(f"{name}: x must be uint8 or int8, got {x.dtype}")
     if x.ndim == 0:

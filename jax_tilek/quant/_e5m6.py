@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import device
+from jax_tilek import checks, device
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, Rows, TileOp, View, uses
 from jax_tilek.quant import formats as F
@@ -278,10 +278,10 @@ def per_token_cast_to_e5m6(
       ``formats.quantize_blocks(x, "e5m6", (1, H))``.
     """
     name = "per_token_cast_to_e5m6"
-    x = F.as_array(name, "x", x)
-    num_per_channels = F.static_int(name, "num_per_channels", num_per_channels)
-    col = F.static_bool(name, "use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf)
-    round_sf = F.static_bool(name, "round_sf", round_sf)
-    packed = F.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0)
+    x = checks.as_array(name, "x", x)
+    num_per_channels = checks.static_int(name, "num_per_channels", num_per_channels)
+    col = checks.static_bool(name, "use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf)
+    round_sf = checks.static_bool(name, "round_sf", round_sf)
+    packed = checks.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0)
     sf_layout = F.sf_layout(col, packed, round_sf, op=name)
     return ops[0](x, impl=impl, num_per_channels=num_per_channels, sf_layout=sf_layout, round_sf=round_sf)

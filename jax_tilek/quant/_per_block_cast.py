@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import device
+from jax_tilek import checks, device
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, config_class, static_flag, static_int, uses
+from jax_tilek.op import Launch, TileOp, View, check_impl, config_class, uses
 from jax_tilek.quant import formats as F
 from jax_tilek.spec import GRID_LIMITS
 from jax_tilek.testing import ArgSpec, random_array
@@ -250,9 +250,9 @@ RESULTS = {"cast": ("out", "sf"), "sf_only": ("sf",), "cast_only": ("out",)}
 
 
 def _layout_of(name: str, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf) -> str:
-    col = static_flag(use_tma_aligned_col_major_sf, name, "use_tma_aligned_col_major_sf")
-    packed = static_flag(use_packed_ue8m0, name, "use_packed_ue8m0")
-    return F.sf_layout(col, packed, static_flag(round_sf, name, "round_sf"), op=name)
+    col = checks.static_bool(name, "use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf)
+    packed = checks.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0)
+    return F.sf_layout(col, packed, checks.static_bool(name, "round_sf", round_sf), op=name)
 
 
 def _block_size(block_size, name: str) -> tuple[int, int]:
@@ -261,7 +261,7 @@ def _block_size(block_size, name: str) -> tuple[int, int]:
         raise TypeError(f"{name}: block_size must be a pair (bm, bk) with bm, bk in {BLOCK_SIZES}, got {block_size!r}")
     if len(block_size) != 2:
         raise ValueError(f"{name}: block_size must be (bm, bk) with bm, bk in {BLOCK_SIZES}, got {block_size!r}")
-    block = tuple(static_int(b, name, "block_size") for b in block_size)
+    block = tuple(checks.static_int(name, "block_size", b) for b in block_size)
     if any(b not in BLOCK_SIZES for b in block):
         raise ValueError(f"{name}: block_size must be (bm, bk) with bm, bk in {BLOCK_SIZES}, got {block}")
     return block
@@ -449,7 +449,7 @@ def per_block_cast(
     """
     name = NAMES["cast"]
     check_impl(impl, name)
-    x, fmt, block_size = as_array(x, name, "x"), _fmt(fmt, name), _block_size(block_size, name)
+    x, fmt, block_size = checks.as_array(name, "x", x), _fmt(fmt, name), _block_size(block_size, name)
     layout = _layout_of(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
     return ops[0](x, impl=impl, fmt=fmt, block_size=block_size, layout=layout, round_sf=bool(round_sf), mode="cast")
 
@@ -469,7 +469,7 @@ def per_block_cast_with_sf_only(
     """Only the scales of :func:`per_block_cast` (same arguments, same sf)."""
     name = NAMES["sf_only"]
     check_impl(impl, name)
-    x, fmt, block_size = as_array(x, name, "x"), _fmt(fmt, name), _block_size(block_size, name)
+    x, fmt, block_size = checks.as_array(name, "x", x), _fmt(fmt, name), _block_size(block_size, name)
     layout = _layout_of(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
     return ops[0](x, impl=impl, fmt=fmt, block_size=block_size, layout=layout, round_sf=bool(round_sf), mode="sf_only")
 
@@ -494,11 +494,11 @@ def per_block_cast_with_precomputed_sf(
     """
     name = NAMES["cast_only"]
     check_impl(impl, name)
-    x, sf = as_array(x, name, "x"), as_array(sf, name, "sf")
+    x, sf = checks.as_array(name, "x", x), checks.as_array(name, "sf", sf)
     fmt, block_size = _fmt(fmt, name), _block_size(block_size, name)
-    static_flag(round_sf, name, "round_sf")
-    col = static_flag(use_tma_aligned_col_major_sf, name, "use_tma_aligned_col_major_sf")
-    if col or static_flag(use_packed_ue8m0, name, "use_packed_ue8m0"):
+    checks.static_bool(name, "round_sf", round_sf)
+    col = checks.static_bool(name, "use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf)
+    if col or checks.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0):
         raise ValueError(
             f"{name}: sf must be row-major float32; use_tma_aligned_col_major_sf and use_packed_ue8m0 must be False"
         )

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import device
+from jax_tilek import checks, device
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, config_class, static_flag, uses
+from jax_tilek.op import Launch, TileOp, View, check_impl, config_class, uses
 from jax_tilek.quant import formats as F
 from jax_tilek.spec import GRID_LIMITS
 from jax_tilek.testing import ArgSpec
@@ -467,12 +467,12 @@ def per_block_cast_lossless(
     check_impl(impl, name)
     if not isinstance(x, (tuple, list)) or len(x) != 2:
         raise TypeError(f"{name}: x must be a QuantTensor, a pair (data, sf), got {type(x).__name__}")
-    data, x_sf = as_array(x[0], name, "x's data"), as_array(x[1], name, "x's scales")
+    data, x_sf = checks.as_array(name, "x's data", x[0]), checks.as_array(name, "x's scales", x[1])
     if not isinstance(fmt, str) or fmt != "e4m3":
         raise ValueError(f"{name}: only e2m1 -> e4m3 is lossless; fmt must be 'e4m3', got {fmt!r}")
-    col = static_flag(use_tma_aligned_col_major_sf, name, "use_tma_aligned_col_major_sf")
-    packed = static_flag(use_packed_ue8m0, name, "use_packed_ue8m0")
-    static_flag(round_sf, name, "round_sf")
+    col = checks.static_bool(name, "use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf)
+    packed = checks.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0)
+    checks.static_bool(name, "round_sf", round_sf)
     layout = F.sf_layout(col, packed, round_sf=True, op=name)
     try:
         x_block, out_block = _pair(x_block_size, "x_block_size"), _pair(out_block_size, "out_block_size")

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import device
+from jax_tilek import checks, device
 from jax_tilek.device import static_range as _static
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, TileOp, View, as_array, check_impl, config_class, static_flag, static_int, uses
+from jax_tilek.op import Launch, TileOp, View, check_impl, config_class, uses
 from jax_tilek.quant import formats as F
 from jax_tilek.spec import GRID_LIMITS
 from jax_tilek.testing import ArgSpec, random_array
@@ -391,7 +391,7 @@ def _check_common(name: str, data, fmt: str, num_per_tokens: int, t_rule: int | 
     """Rules shared by the three ops; ``what`` names the data array in errors ("x" or "x's data")."""
     if not isinstance(fmt, str) or fmt != "e4m3":
         raise ValueError(f"{name}: fmt must be 'e4m3', got {fmt!r}")
-    if static_int(num_per_tokens, name, "num_per_tokens") not in NUM_PER_TOKENS:
+    if checks.static_int(name, "num_per_tokens", num_per_tokens) not in NUM_PER_TOKENS:
         raise ValueError(f"{name}: num_per_tokens must be one of {NUM_PER_TOKENS}, got {num_per_tokens}")
     if data.ndim != 2:
         raise ValueError(f"{name}: {what} must be [num_tokens, hidden], got shape {data.shape}")
@@ -408,11 +408,11 @@ def _split_input(name: str, x, plain_dtypes=(jnp.bfloat16,)):
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise ValueError(f"{name}: a QuantTensor x must be a pair (data, sf), got {len(x)} items")
-        data, x_sf = as_array(x[0], name, "x's data"), as_array(x[1], name, "x's sf")
+        data, x_sf = checks.as_array(name, "x's data", x[0]), checks.as_array(name, "x's sf", x[1])
         if data.dtype != jnp.float8_e4m3fn:
             raise ValueError(f"{name}: QuantTensor data must be float8_e4m3fn, got {data.dtype} for x's data")
         return data, x_sf
-    x = as_array(x, name, "x")
+    x = checks.as_array(name, "x", x)
     if x.dtype not in plain_dtypes:
         raise ValueError(f"{name}: x must be bfloat16 or a QuantTensor (e4m3 data, sf), got {x.dtype}")
     return x, None
@@ -605,7 +605,7 @@ def per_channel_cast(
     data, x_sf = _split_input(name, x)
     t, h = _check_common(name, data, fmt, num_per_tokens, 128, "x" if x_sf is None else "x's data")
     num_per_tokens = int(num_per_tokens)
-    round_sf, use_packed_ue8m0 = static_flag(round_sf, name, "round_sf"), static_flag(use_packed_ue8m0, name, "use_packed_ue8m0")
+    round_sf, use_packed_ue8m0 = checks.static_bool(name, "round_sf", round_sf), checks.static_bool(name, "use_packed_ue8m0", use_packed_ue8m0)
     if use_packed_ue8m0 and not round_sf:
         raise ValueError(f"{name}: use_packed_ue8m0 needs round_sf=True (UE8M0 holds powers of two only)")
     if x_sf_layout is not None and (not isinstance(x_sf_layout, str) or x_sf_layout not in SF_INPUTS[1:]):
@@ -617,7 +617,7 @@ def per_channel_cast(
         if x_sf_layout is not None:
             raise ValueError(f"{name}: x_sf_layout is for a QuantTensor x only (a bfloat16 x has no input scales)")
     else:
-        if num_per_channels is None or static_int(num_per_channels, name, "num_per_channels") not in NUM_PER_CHANNELS:
+        if num_per_channels is None or checks.static_int(name, "num_per_channels", num_per_channels) not in NUM_PER_CHANNELS:
             raise ValueError(f"{name}: a QuantTensor x needs num_per_channels in {NUM_PER_CHANNELS}, got {num_per_channels}")
         num_per_channels = int(num_per_channels)
         if h % num_per_channels:
@@ -662,11 +662,11 @@ def per_channel_cast_fused(
     gather = pos_to_token is not None
     t, h = _check_common(name, data, fmt, num_per_tokens, None if gather else 128, "x" if x_sf is None else "x's data")
     num_per_tokens = int(num_per_tokens)
-    round_sf = static_flag(round_sf, name, "round_sf")
+    round_sf = checks.static_bool(name, "round_sf", round_sf)
     sf_in = None
     operands = {"x": data} if x_sf is None else {"x's data": data, "x's sf": x_sf}
     if x_sf is not None:
-        if num_per_channels is not None and static_int(num_per_channels, name, "num_per_channels") != 128:
+        if num_per_channels is not None and checks.static_int(name, "num_per_channels", num_per_channels) != 128:
             raise ValueError(f"{name}: the fused cast-back needs num_per_channels=128, got {num_per_channels}")
         if h % 128:
             raise ValueError(f"{name}: the fused cast-back needs hidden ({h}) to be a multiple of 128 (x's data has shape {data.shape})")
@@ -674,7 +674,7 @@ def per_channel_cast_fused(
     elif num_per_channels is not None:
         raise ValueError(f"{name}: num_per_channels is for a QuantTensor x only (a bfloat16 x has no input scales)")
     if gather:
-        pos_to_token = as_array(pos_to_token, name, "pos_to_token")
+        pos_to_token = checks.as_array(name, "pos_to_token", pos_to_token)
         if pos_to_token.ndim != 1 or pos_to_token.dtype != jnp.int32:
             raise ValueError(f"{name}: pos_to_token must be int32 [T_out], got {pos_to_token.dtype} {pos_to_token.shape}")
         if pos_to_token.shape[0] % 16:
@@ -708,7 +708,7 @@ def per_channel_cast_and_transpose(
         raise ValueError(f"{name}: x must be bfloat16 (no QuantTensor input)")
     t, h = _check_common(name, data, fmt, num_per_tokens, 128)
     num_per_tokens = int(num_per_tokens)
-    round_sf = static_flag(round_sf, name, "round_sf")
+    round_sf = checks.static_bool(name, "round_sf", round_sf)
     _kernel_limits(name, impl, {"x": data}, t, h, transpose=True)
     return ops[0](
         data, impl=impl, num_per_tokens=num_per_tokens, round_sf=bool(round_sf), x_sf_layout=None, num_per_channels=None,

@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import checks
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, Rows, TileOp, View, config_class, uses
+from jax_tilek.op import Launch, Rows, TileOp, View, check_impl, config_class, uses
 from jax_tilek.quant import formats as F
 from jax_tilek.quant._cast import PRELUDE, random_bits, sr_e2m1_codes, sr_e4m3, tir_quad_hash
 from jax_tilek.testing import ArgSpec, random_array
@@ -606,7 +607,7 @@ def _x_sf_kind(op: str, data, x_sf, x_block_size, x_sf_layout: str | None) -> st
 def _pair(op: str, name: str, value) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{op}: {name} must be a pair of ints, got {value!r}")
-    return F.static_int(op, name, value[0]), F.static_int(op, name, value[1])
+    return checks.static_int(op, name, value[0]), checks.static_int(op, name, value[1])
 
 
 def _seed(op: str, seed) -> jax.Array:
@@ -615,7 +616,7 @@ def _seed(op: str, seed) -> jax.Array:
         if not -(2**31) <= int(seed) < 2**32:
             raise ValueError(f"{op}: seed must be an integer scalar in [-2^31, 2^32), got {seed}")
         return jnp.asarray(np.uint32(int(seed) % 2**32)).reshape(-1)
-    s = F.as_array(op, "seed", seed)
+    s = checks.as_array(op, "seed", seed)
     if s.size != 1 or not jnp.issubdtype(s.dtype, jnp.integer):
         raise ValueError(f"{op}: seed must be an integer scalar, got {s.dtype}{list(s.shape)}")
     return s.astype(jnp.uint32).reshape(-1)
@@ -626,10 +627,10 @@ def _input(op: str, x, x_block_size, x_sf_layout):
     if not isinstance(x, (tuple, list)):
         if x_block_size is not None:
             raise ValueError(f"{op}: x_block_size is only for QuantTensor inputs (data, sf)")
-        return F.as_array(op, "x", x), None, None, None
+        return checks.as_array(op, "x", x), None, None, None
     if len(x) != 2:
         raise ValueError(f"{op}: a QuantTensor x is a pair (data, sf), got {len(x)} items")
-    data, x_sf = F.as_array(op, "x's data", x[0]), F.as_array(op, "x's scale factors", x[1])
+    data, x_sf = checks.as_array(op, "x's data", x[0]), checks.as_array(op, "x's scale factors", x[1])
     if x_block_size is None:
         raise ValueError(f"{op}: a QuantTensor input (data, sf) needs x_block_size")
     x_block_size = _pair(op, "x_block_size", x_block_size)
@@ -652,7 +653,7 @@ def _static(mode: str, fmt, num_per_channels, x_block_size, x_sf_kind, use_tma_a
     """The op's static options, checked for type (TypeError / ValueError naming the public function)."""
     op = NAMES[mode]
     flags = {
-        name: F.static_bool(op, name, value)
+        name: checks.static_bool(op, name, value)
         for name, value in dict(
             use_tma_aligned_col_major_sf=use_tma_aligned_col_major_sf, round_sf=round_sf, use_packed_ue8m0=use_packed_ue8m0,
             use_e4m3_sf=use_e4m3_sf, stochastic_cast=stochastic_cast,
@@ -663,7 +664,7 @@ def _static(mode: str, fmt, num_per_channels, x_block_size, x_sf_kind, use_tma_a
             raise TypeError(f"{op}: amax_clamp must be a number or None, got {amax_clamp!r} ({type(amax_clamp).__name__})")
         amax_clamp = float(amax_clamp)
     return dict(
-        fmt=fmt, num_per_channels=F.static_int(op, "num_per_channels", num_per_channels), x_block_size=x_block_size,
+        fmt=fmt, num_per_channels=checks.static_int(op, "num_per_channels", num_per_channels), x_block_size=x_block_size,
         x_sf_kind=x_sf_kind,
         sf_kind=_sf_kind(flags["use_tma_aligned_col_major_sf"], flags["use_packed_ue8m0"], flags["round_sf"], flags["use_e4m3_sf"], op),
         round_sf=flags["round_sf"], use_e4m3_sf=flags["use_e4m3_sf"], stochastic_cast=flags["stochastic_cast"],
@@ -899,7 +900,7 @@ def per_token_cast(
       packed UE8M0), ``K_b = ceil(H / npc)``.
     """
     op = NAMES["full"]
-    F.check_impl(op, impl)
+    check_impl(impl, op)
     if fmt == "e5m6":
         if isinstance(x, (tuple, list)) or x_block_size or use_e4m3_sf or stochastic_cast or amax_clamp is not None or columns or seed is not None:
             raise ValueError(
@@ -910,7 +911,7 @@ def per_token_cast(
 
         return per_token_cast_to_e5m6(x, num_per_channels, use_tma_aligned_col_major_sf, round_sf, use_packed_ue8m0, impl=impl)
     _require_fmt(op, fmt)
-    stochastic = F.static_bool(op, "stochastic_cast", stochastic_cast)
+    stochastic = checks.static_bool(op, "stochastic_cast", stochastic_cast)
     if seed is not None and not stochastic:
         raise ValueError(f"{op}: seed is only used with stochastic_cast=True")
     data, x_sf, kind, x_block_size = _input(op, x, x_block_size, x_sf_layout)
@@ -938,7 +939,7 @@ def per_token_cast_with_sf_only(
 ) -> jax.Array:
     """Only the scale factors of :func:`per_token_cast` (same arguments, same ``sf``); no data is written."""
     op = NAMES["sf_only"]
-    F.check_impl(op, impl)
+    check_impl(impl, op)
     _require_fmt(op, fmt)
     data, x_sf, kind, x_block_size = _input(op, x, x_block_size, x_sf_layout)
     static = _static("sf_only", fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf, round_sf,
@@ -966,9 +967,9 @@ def per_token_cast_with_precomputed_sf(
     row): ``data = cast(x * (1 / sf))`` per block. Equals :func:`per_token_cast`'s data when its
     ``sf_inv`` is ``1 / sf`` (``round_sf`` or ``use_e4m3_sf``)."""
     op = NAMES["data_only"]
-    F.check_impl(op, impl)
+    check_impl(impl, op)
     _require_fmt(op, fmt)
-    sf = F.as_array(op, "sf", sf)
+    sf = checks.as_array(op, "sf", sf)
     data, x_sf, kind, x_block_size = _input(op, x, x_block_size, x_sf_layout)
     # Packed UE8M0 scales are powers of two: the layout rule's round_sf is use_packed_ue8m0.
     static = _static("data_only", fmt, num_per_channels, x_block_size, kind, use_tma_aligned_col_major_sf,

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import checks
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Impl, Launch, TileOp, View, uses
 from jax_tilek.quant import formats as F
@@ -199,7 +200,7 @@ _weight_sf_op = TileOp(name="batched_transpose_weight_sf", launch=_launch, refer
 
 
 def _weights(shapes, block_size: int, **options) -> ArgSpec:
-    name = f"bs{block_size}_" + "_".join("x".join(map(str, shape)) for shape in shapes)
+    name = ("bench_" if options.get("bench") else "") + f"bs{block_size}_" + "_".join("x".join(map(str, shape)) for shape in shapes)
     structs = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
     return ArgSpec(name, (structs,), dict(block_size=block_size, transpose_sf1s=[i % 2 == 0 for i in range(len(shapes))]), **options)
 
@@ -210,6 +211,7 @@ def _weights(shapes, block_size: int, **options) -> ArgSpec:
 ARG_SPECS = (
     _weights([(12, 36), (3, 4, 20)], 32),
     _weights([(56, 16), (4, 7, 3), (2, 8, 40), (1, 1), (256, 56, 16)], 128),
+    _weights([(256, 32, 56), (256, 56, 16)], 128, bench=True),  # one DeepSeek-V3 MoE layer: w13 and w2 of 256 experts
 )
 
 
@@ -235,11 +237,11 @@ def batched_transpose_weight_sf(
         raise TypeError(f"{name}: sf must be a list or tuple of arrays (one per weight), got {type(sf).__name__}")
     if not isinstance(transpose_sf1s, (list, tuple)):
         raise TypeError(f"{name}: transpose_sf1s must be a list or tuple of bools (one per weight), got {type(transpose_sf1s).__name__}")
-    sf = [F.as_array(name, f"sf[{i}]", s) for i, s in enumerate(sf)]
-    flags = tuple(F.static_bool(name, f"transpose_sf1s[{i}]", t) for i, t in enumerate(transpose_sf1s))
+    sf = [checks.as_array(name, f"sf[{i}]", s) for i, s in enumerate(sf)]
+    flags = tuple(checks.static_bool(name, f"transpose_sf1s[{i}]", t) for i, t in enumerate(transpose_sf1s))
     if len(flags) != len(sf):
         raise ValueError(f"{name}: {len(sf)} scale arrays but {len(flags)} transpose_sf1s flags")
-    block_size = F.static_int(name, "block_size", block_size)
+    block_size = checks.static_int(name, "block_size", block_size)
     out = []
     for start in range(0, len(sf), MAX_WEIGHTS_PER_LAUNCH):
         out += ops[0](*sf[start : start + MAX_WEIGHTS_PER_LAUNCH], impl=impl, block_size=block_size)

@@ -40,11 +40,12 @@ In JAX there are no strided views, so the column-major layouts are returned as t
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_tilek import checks
 
 SF_LAYOUTS = ("row", "col", "col_ue8m0", "ue8m0_along_m")
 
@@ -153,8 +154,11 @@ def ue8m0_to_float(byte: jax.Array) -> jax.Array:
 
 
 def encode_e2m1(v: jax.Array) -> jax.Array:
-    """fp32 -> FP4 e2m1 codes (uint8 0..15): round to nearest even, saturate at 6, sign from the sign bit."""
+    """fp32 -> FP4 e2m1 codes (uint8 0..15): round to nearest even, saturate at 6, sign from the sign bit.
+    NaN saturates too (to 6 with its sign bit), as the kernels' conversion does: it arises where a
+    scale overflows (an e4m3 scale past 448 is NaN)."""
     a = jnp.abs(v.astype(jnp.float32))
+    a = jnp.where(jnp.isnan(a), np.float32(6.0), a)
     # Midpoints of the value grid; a tie goes to the neighbour with the even code.
     code = (
         (a > 0.25).astype(jnp.uint8)
@@ -419,71 +423,10 @@ def check_num_per_channels(op: str, num_per_channels, hidden: int, allowed=PER_T
     """The rule for 1 x npc blocks shared by the per-token casts (TileKernels): ``npc`` is one of
     ``allowed`` or the hidden size (whole-row scaling). It need not divide H: the last block is then
     partial (``K_b = ceil(H / npc)``). Returns npc as an int; TypeError / ValueError name ``op``."""
-    npc = static_int(op, "num_per_channels", num_per_channels)
+    npc = checks.static_int(op, "num_per_channels", num_per_channels)
     if npc != hidden and npc not in allowed:
         raise ValueError(f"{op}: num_per_channels must be one of {allowed} or the hidden size {hidden}, got {npc}")
     return npc
-
-
-def static_int(op: str, name: str, value) -> int:
-    """``value`` as a Python int: an int or NumPy integer (not a bool, float or array), else TypeError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
-def static_bool(op: str, name: str, value) -> bool:
-    """``value`` as a Python bool: a bool, NumPy bool or the int 0 / 1, else TypeError naming ``op``."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{op}: {name} must be a bool, got {value!r} ({type(value).__name__})")
-
-
-def static_number(op: str, name: str, value, *, positive: bool = False, minimum: float | None = None,
-                  optional: bool = True) -> float | None:  # fmt: skip
-    """A static real number (None allowed where ``optional``): finite, > 0 if ``positive``, >= ``minimum``
-    if given. TypeError for anything else (bools, strings, traced arrays), ValueError for NaN, inf or a
-    value out of range."""
-    if value is None and optional:
-        return None
-    number = None
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        number = float(value)
-    elif isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.floating):
-        if isinstance(value, jax.core.Tracer):
-            raise TypeError(f"{op}: {name} must be a static number (it is compiled into the call), got a traced array")
-        number = float(value)
-    if number is None:
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r:.60}")
-    if not np.isfinite(number) or (positive and not number > 0) or (minimum is not None and number < minimum):
-        rule = f"a finite number >= {minimum}" if minimum is not None else f"a {'positive ' if positive else ''}finite number"
-        raise ValueError(f"{op}: {name} must be {rule}, got {number}")
-    return number
-
-
-def as_array(op: str, name: str, value, optional: bool = False) -> jax.Array | None:
-    """An array argument as a JAX array (None stays None where ``optional``); TypeError naming the op
-    and the argument for anything that is not an array of numbers or booleans."""
-    if value is None and optional:
-        return None
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and value.dtype != object:
-        return jnp.asarray(value)
-    try:
-        array = None if isinstance(value, (str, bytes, dict, set)) or value is None else jnp.asarray(value)
-    except (TypeError, ValueError, OverflowError):
-        array = None
-    if array is None or not (jnp.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__} {value!r:.60}")
-    return array
-
-
-IMPLS = (None, "tilelang", "xla")
-
-
-def check_impl(op: str, impl) -> None:
-    """``impl`` is None, "tilelang" or "xla" (ValueError naming ``op`` otherwise)."""
-    if not (impl is None or (isinstance(impl, str) and impl in IMPLS)):
-        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
 
 
 MAX_TOKENS = 2**31 - 2**10

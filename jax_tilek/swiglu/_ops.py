@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import platform
+from jax_tilek import checks, platform
 from jax_tilek.op import Launch, Rows, TileOp, View, check_impl, uses, with_vjp
 from jax_tilek.quant import formats as F
-from jax_tilek.testing import PositionalSpec
 from jax_tilek.swiglu._cases import WEIGHT_GRAD_TOLERANCE, case, psum_struct, rows_struct, weights_struct
 from jax_tilek.swiglu._kernels import BLOCKS_PER_SM, MAX_HIDDEN, MAX_ROWS, WARPS, swiglu_backward_kernel, swiglu_forward_kernel
 from jax_tilek.swiglu._reference import KINDS, OUT_DTYPES, TOKEN_ALIGNMENT, backward_reference, forward_reference
+from jax_tilek.testing import PositionalSpec
 
 HIDDEN_ALIGN = 64  # H must be a multiple of this (TileKernels v2.1)
 IN_DTYPES = (jnp.bfloat16, jnp.float32)
@@ -34,17 +34,17 @@ MAX_CTAS = 2**13  # CTAs of a persistent launch (JAX_TILEK_NUM_SMS may ask for m
 def arrays(name: str, x, psum, topk_weights) -> tuple:
     """The array arguments every SwiGLU op takes, as arrays (None stays None but for x)."""
     return (
-        F.as_array(name, "x", x), F.as_array(name, "psum_num_tokens_per_expert", psum, optional=True),
-        F.as_array(name, "topk_weights", topk_weights, optional=True),
+        checks.as_array(name, "x", x), checks.as_array(name, "psum_num_tokens_per_expert", psum, optional=True),
+        checks.as_array(name, "topk_weights", topk_weights, optional=True),
     )  # fmt: skip
 
 
 def routing(name: str, routed_scaling_factor, clamp_value, token_alignment) -> dict:
     """The static options every SwiGLU op takes, checked, as the ops' keywords."""
     return dict(
-        routed_scaling_factor=F.static_number(name, "routed_scaling_factor", routed_scaling_factor),
-        clamp_value=F.static_number(name, "clamp_value", clamp_value, positive=True),
-        token_alignment=F.static_int(name, "token_alignment", token_alignment),
+        routed_scaling_factor=checks.static_number(name, "routed_scaling_factor", routed_scaling_factor),
+        clamp_value=checks.static_number(name, "clamp_value", clamp_value, positive=True),
+        token_alignment=checks.static_int(name, "token_alignment", token_alignment),
     )
 
 
@@ -77,7 +77,7 @@ def check_fmt(name: str, fmt, choices=tuple(OUT_DTYPES)) -> str:
 
 def check_cast(name: str, h: int, num_per_channels: int, sf_layout: str, whole_row: bool = True) -> None:
     """The (1, npc) blocks of a fused per-token cast: 32 or 128, or (``whole_row``) H with row-major scales."""
-    num_per_channels = F.static_int(name, "num_per_channels", num_per_channels)
+    num_per_channels = checks.static_int(name, "num_per_channels", num_per_channels)
     if not (num_per_channels in CAST_BLOCKS or (whole_row and num_per_channels == h)):
         rule = f"one of {CAST_BLOCKS}" + (f" or H ({h})" if whole_row else "")
         raise ValueError(f"{name}: num_per_channels must be {rule}, got {num_per_channels}")
@@ -298,7 +298,7 @@ def swiglu_forward(
     check_impl(impl, name)
     check_fmt(name, fmt)
     x, psum, weights = arrays(name, x, psum_num_tokens_per_expert, topk_weights)
-    count = F.static_bool(name, "with_clamped_count", with_clamped_count)
+    count = checks.static_bool(name, "with_clamped_count", with_clamped_count)
     routed = routing(name, routed_scaling_factor, clamp_value, token_alignment)
     return ops[0](x, psum, weights, impl=impl, fmt=fmt, with_clamped_count=count, **routed)
 
@@ -361,8 +361,8 @@ def swiglu_backward(
     check_impl(impl, name)
     check_fmt(name, fmt)
     x, psum, weights = arrays(name, x, psum_num_tokens_per_expert, topk_weights)
-    g = F.as_array(name, "act_x_grad", act_x_grad)
-    recompute = F.static_bool(name, "do_recompute", do_recompute)
+    g = checks.as_array(name, "act_x_grad", act_x_grad)
+    recompute = checks.static_bool(name, "do_recompute", do_recompute)
     routed = routing(name, routed_scaling_factor, clamp_value, token_alignment)
     out = ops[0](x, g, None, psum, weights, impl=impl, fmt=fmt, do_recompute=recompute, with_weight_grad=weights is not None, **routed)
     return out[0] if len(out) == 1 else out

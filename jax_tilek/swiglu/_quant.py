@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jax_tilek import checks
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp, check_impl, uses
 from jax_tilek.quant import formats as F
@@ -39,7 +40,7 @@ def _flags(layout: str) -> dict:
 
 def _sf_layout(name: str, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf) -> tuple[str, bool]:
     """The scale layout the flags name (``formats.sf_layout``) and round_sf, checked (errors name the op)."""
-    flags = [F.static_bool(name, n, v) for n, v in (
+    flags = [checks.static_bool(name, n, v) for n, v in (
         ("use_tma_aligned_col_major_sf", use_tma_aligned_col_major_sf), ("use_packed_ue8m0", use_packed_ue8m0), ("round_sf", round_sf),
     )]  # fmt: skip
     return F.sf_layout(*flags, op=name), flags[2]
@@ -117,8 +118,8 @@ def swiglu_forward_and_per_token_cast(
     x, psum, weights = arrays(name, x, psum_num_tokens_per_expert, topk_weights)
     sf_layout, round_sf = _sf_layout(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
     return ops[0](
-        x, psum, weights, impl=impl, fmt=fmt, num_per_channels=F.static_int(name, "num_per_channels", num_per_channels), sf_layout=sf_layout,
-        round_sf=round_sf, with_clamped_count=F.static_bool(name, "with_clamped_count", with_clamped_count),
+        x, psum, weights, impl=impl, fmt=fmt, num_per_channels=checks.static_int(name, "num_per_channels", num_per_channels), sf_layout=sf_layout,
+        round_sf=round_sf, with_clamped_count=checks.static_bool(name, "with_clamped_count", with_clamped_count),
         **routing(name, routed_scaling_factor, clamp_value, token_alignment),
     )  # fmt: skip
 
@@ -192,16 +193,16 @@ def swiglu_backward_and_per_token_cast(
     if not (isinstance(x, (tuple, list)) and len(x) == 2):
         raise TypeError(f"{name}: x must be a QuantTensor (data, sf), a pair of arrays, got {type(x).__name__}")
     x_fp8, psum, weights = arrays(name, x[0], psum_num_tokens_per_expert, topk_weights)
-    x_sf = F.as_array(name, "x's scale factors (x[1])", x[1])
+    x_sf = checks.as_array(name, "x's scale factors (x[1])", x[1])
     sf_layout, round_sf = _sf_layout(name, use_tma_aligned_col_major_sf, use_packed_ue8m0, round_sf)
     x_sf_layout = sf_layout if x_sf_layout is None else x_sf_layout
     if not (isinstance(x_sf_layout, str) and x_sf_layout in ("row", "col", "col_ue8m0")):
         raise ValueError(f"{name}: x_sf_layout must be 'row', 'col' or 'col_ue8m0', got {x_sf_layout!r:.60}")
     check_fmt(name, fmt, ("e4m3",))
     return ops[0](
-        x_fp8, F.as_array(name, "act_x_grad", act_x_grad), x_sf, psum, weights, impl=impl, fmt="bf16",
-        num_per_channels=F.static_int(name, "num_per_channels", num_per_channels), x_sf_layout=x_sf_layout, sf_layout=sf_layout,
-        round_sf=round_sf, do_recompute=F.static_bool(name, "do_recompute", do_recompute), with_weight_grad=weights is not None,
+        x_fp8, checks.as_array(name, "act_x_grad", act_x_grad), x_sf, psum, weights, impl=impl, fmt="bf16",
+        num_per_channels=checks.static_int(name, "num_per_channels", num_per_channels), x_sf_layout=x_sf_layout, sf_layout=sf_layout,
+        round_sf=round_sf, do_recompute=checks.static_bool(name, "do_recompute", do_recompute), with_weight_grad=weights is not None,
         **routing(name, routed_scaling_factor, clamp_value, token_alignment),
     )  # fmt: skip
 
@@ -349,7 +350,7 @@ def _per_channel_check(x, *, num_per_tokens, **_):
         raise ValueError(f"{name}: T ({x.shape[0]}) must be a multiple of {TILE_M}")
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"{name}: x may have at most {MAX_ROWS} rows (T; the kernel indexes rows with int32), got {x.shape[0]}")
-    if F.static_int(name, "num_per_tokens", num_per_tokens) not in (32, 128):
+    if checks.static_int(name, "num_per_tokens", num_per_tokens) not in (32, 128):
         raise ValueError(f"{name}: num_per_tokens must be 32 or 128, got {num_per_tokens}")
 
 
@@ -421,7 +422,7 @@ def swiglu_forward_and_per_channel_cast_and_transpose(
     check_impl(impl, name)
     check_fmt(name, fmt, ("e4m3",))
     return ops[0](
-        F.as_array(name, "x", x), impl=impl, num_per_tokens=F.static_int(name, "num_per_tokens", num_per_tokens),
-        round_sf=F.static_bool(name, "round_sf", round_sf), transpose=not F.static_bool(name, "without_transpose", without_transpose),
-        clamp_value=F.static_number(name, "swiglu_clamp_value", swiglu_clamp_value, positive=True),
+        checks.as_array(name, "x", x), impl=impl, num_per_tokens=checks.static_int(name, "num_per_tokens", num_per_tokens),
+        round_sf=checks.static_bool(name, "round_sf", round_sf), transpose=not checks.static_bool(name, "without_transpose", without_transpose),
+        clamp_value=checks.static_number(name, "swiglu_clamp_value", swiglu_clamp_value, positive=True),
     )  # fmt: skip

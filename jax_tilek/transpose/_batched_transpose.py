@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import device
+from jax_tilek import checks, device
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, Rows, ShardingRule, Static, TileOp, View, as_array, check_impl, config_class, static_int, uses, with_vjp
-from jax_tilek.testing import ArgSpec
+from jax_tilek.op import Launch, Rows, ShardingRule, Static, TileOp, View, check_impl, config_class, uses, with_vjp
 from jax_tilek.spec import GRID_LIMITS, bits_of
+from jax_tilek.testing import ArgSpec
 
 ALIGN = 64  # M and N must be multiples of this
 
@@ -150,7 +150,7 @@ def _columns(columns, name: str) -> tuple[int, int] | None:
         return None
     if isinstance(columns, (str, bytes)) or not hasattr(columns, "__len__") or len(columns) != 2:
         raise TypeError(f"{name}: columns must be None or a pair (start, stop), got {columns!r}")
-    return tuple(static_int(c, name, "columns") for c in columns)
+    return tuple(checks.static_int(name, "columns", c) for c in columns)
 
 
 def _tiles(m: int, n: int) -> tuple[int, int]:
@@ -348,7 +348,7 @@ def batched_transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, i
       ``[B, stop - start, M]``, bit-exact with ``jnp.swapaxes``. Differentiable (the VJP is a transpose).
     """
     check_impl(impl, "batched_transpose")
-    x = as_array(x, "batched_transpose", "x")
+    x = checks.as_array("batched_transpose", "x", x)
     return _differentiable(x, columns=_columns(columns, "batched_transpose"), impl=impl, ops=ops)
 
 
@@ -363,7 +363,7 @@ MATRIX_SPECS = (
 def transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None, ops) -> jax.Array:
     """Transposes a matrix: ``x[M, N] -> [N, M]``; see :func:`batched_transpose` for the rules."""
     check_impl(impl, "transpose")
-    x = as_array(x, "transpose", "x")
+    x = checks.as_array("transpose", "x", x)
     if x.ndim != 2:
         raise ValueError(f"transpose: x must be [M, N], got shape {x.shape}")
     columns = _columns(columns, "transpose")

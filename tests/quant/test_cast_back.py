@@ -242,7 +242,7 @@ def test_e4m3_column_major_scales_pad_tokens_to_16(rng):
         (per_token_cast_back, ((np.zeros((2, 128), E4M3), np.ones((2, 3), np.float32)), "bf16", 128), ValueError, r"^per_token_cast_back: the scales of x, of shape \(2, 3\), do not fit"),
         (per_token_cast_and_cast_back, ("abc", "e4m3", 128), TypeError, r"^per_token_cast_and_cast_back: x must be an array"),
         (per_token_cast_and_cast_back, (np.ones((5, 192), np.float32), "e4m3", 128.0), TypeError, r"^per_token_cast_and_cast_back: num_per_channels must be an int"),
-        (per_token_cast_and_cast_back, (np.ones((5, 192), np.float32), "e4m3", 128, "no"), TypeError, r"^per_token_cast_and_cast_back: round_sf must be a bool"),
+        (per_token_cast_and_cast_back, (np.ones((5, 192), np.float32), "e4m3", 128, "no"), TypeError, r"^per_token_cast_and_cast_back: round_sf must be True or False"),
         (per_token_cast_and_cast_back, (np.ones((5, 192), np.float32), "e4m3", 128, False, False, (0, 64.0)), TypeError, r"^per_token_cast_and_cast_back: columns must be an int"),
         (unpack_from_e2m1fn_x2, ({1: 2},), TypeError, r"^unpack_from_e2m1fn_x2: x must be an array"),
         (unpack_from_e2m1fn_x2, (np.zeros(4, np.uint8), "nope"), TypeError, r"^unpack_from_e2m1fn_x2: out_dtype must be a floating dtype"),
@@ -573,7 +573,12 @@ def test_cast_back_kernel_past_2_31_units(on_gpu, rng):
         y = cast_back((_tiled_rows(small_data, tokens), _tiled_rows(small_sf, tokens)), "bf16", block, impl="tilelang")
         return y[rows]
 
-    y = on_gpu(program, data, sf)
+    try:
+        y = on_gpu(program, data, sf)
+    except jax.errors.JaxRuntimeError as e:  # 48 GiB at once: an 80 GB card shared with other test workers may not have it
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        pytest.skip(f"needs about 49 GiB of free device memory: {str(e)[:120]}")
     assert_bytes_equal(y, np_dequantize(data[rows % 1021], sf[rows % 1019], "e4m3", block, "bf16"))
 
 

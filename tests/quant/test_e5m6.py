@@ -219,7 +219,7 @@ def test_kernel_round_trip(on_gpu, rng, config, tokens, special):
     [
         ((jax.ShapeDtypeStruct((2**31 - 2**10 + 1, 64), jnp.bfloat16), 64), {}, ValueError, r"^per_token_cast_to_e5m6: x may have at most 2147482624 rows"),
         ((jax.ShapeDtypeStruct((4, 128), jnp.float32), 128.0), {}, TypeError, r"^per_token_cast_to_e5m6: num_per_channels must be an int"),
-        ((jax.ShapeDtypeStruct((4, 128), jnp.float32), 128), dict(round_sf="yes"), TypeError, r"^per_token_cast_to_e5m6: round_sf must be a bool"),
+        ((jax.ShapeDtypeStruct((4, 128), jnp.float32), 128), dict(round_sf="yes"), TypeError, r"^per_token_cast_to_e5m6: round_sf must be True or False"),
         ((jax.ShapeDtypeStruct((4, 0), jnp.float32), 0), {}, ValueError, r"^per_token_cast_to_e5m6: the hidden size of x must be a positive multiple of 64"),
         ((jax.ShapeDtypeStruct((4, 128), jnp.float32), 128), dict(use_packed_ue8m0=True), ValueError, r"^per_token_cast_to_e5m6: use_packed_ue8m0 needs"),
     ],

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
-from jax_tilek.quant import formats as F
-
 from quant_testing import calc_diff
+
+from jax_tilek import checks
+from jax_tilek.quant import formats as F
 
 
 def test_e2m1_matches_ml_dtypes(rng):
@@ -218,11 +218,17 @@ def test_argument_rules_name_the_op():
     for bad in (128.0, True, "128", None, np.array([128])):
         with pytest.raises(TypeError, match=r"^my_op: num_per_channels must be an int"):
             F.check_num_per_channels("my_op", bad, 576)
-    for bad in ("yes", 2, None, 1.0):
-        with pytest.raises(TypeError, match=r"^my_op: round_sf must be a bool"):
-            F.static_bool("my_op", "round_sf", bad)
-    assert F.static_bool("my_op", "round_sf", np.True_) is True and F.static_bool("my_op", "round_sf", 0) is False
+    for bad in ("yes", 2, 0, None, 1.0):  # one rule for every family: booleans only, not 0 / 1
+        with pytest.raises(TypeError, match=r"^my_op: round_sf must be True or False"):
+            checks.static_bool("my_op", "round_sf", bad)
+    assert checks.static_bool("my_op", "round_sf", np.True_) is True and checks.static_bool("my_op", "round_sf", False) is False
     with pytest.raises(ValueError, match=r"^my_op: use_packed_ue8m0 needs use_tma_aligned_col_major_sf"):
         F.sf_layout(False, True, True, op="my_op")
     with pytest.raises(ValueError, match=r"^use_packed_ue8m0 needs round_sf"):  # unprefixed for callers that add their own
         F.sf_layout(True, True, False)
+
+
+def test_e2m1_nan_saturates_like_the_kernels():
+    """NaN (from an overflowing e4m3 scale) encodes as 6 with its sign bit, as tilek_e2m1_rn does."""
+    v = jnp.asarray(np.array([np.nan, -np.nan, np.inf, -np.inf], np.float32))
+    assert np.asarray(F.encode_e2m1(v)).tolist() == [7, 15, 7, 15]

@@ -426,7 +426,7 @@ def test_quad_index_wraps_modulo_2_32():
         (per_token_cast, (S((4, 576), jnp.float16), "e4m3", 128), {}, ValueError, r"^per_token_cast: x must be bfloat16 or float32"),
         (per_token_cast, (S((576,), jnp.bfloat16), "e4m3", 128), {}, ValueError, r"^per_token_cast: x must be \[T, H\]"),
         (per_token_cast, (S((4, 576), jnp.bfloat16), None, 128), {}, ValueError, r"^per_token_cast: fmt must be one of"),
-        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(round_sf="yes"), TypeError, r"^per_token_cast: round_sf must be a bool"),
+        (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(round_sf="yes"), TypeError, r"^per_token_cast: round_sf must be True or False"),
         (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(amax_clamp="1"), TypeError, r"^per_token_cast: amax_clamp must be a number"),
         (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(columns=(0.0, 64)), TypeError, r"^per_token_cast: columns must be an int"),
         (per_token_cast, (S((4, 576), jnp.bfloat16), "e4m3", 128), dict(columns=64), TypeError, r"^per_token_cast: columns must be a pair"),

@@ -172,7 +172,7 @@ def test_arguments_raise_naming_the_op():
         batched_transpose_weight_sf(np.ones((2, 4, 4), np.float32), 128, [False, False])  # not split along G silently
     with pytest.raises(TypeError, match=rf"^{name}: transpose_sf1s must be a list or tuple"):
         batched_transpose_weight_sf([s], 128, "T")
-    with pytest.raises(TypeError, match=rf"^{name}: transpose_sf1s\[0\] must be a bool"):
+    with pytest.raises(TypeError, match=rf"^{name}: transpose_sf1s\[0\] must be True or False"):
         batched_transpose_weight_sf([s], 128, ["yes"])
     with pytest.raises(TypeError, match=rf"^{name}: block_size must be an int"):
         batched_transpose_weight_sf([s], 128.0, [False])
