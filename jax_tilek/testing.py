@@ -48,7 +48,7 @@ import numpy as np
 
 import jax_tilek
 
-FAMILIES = ("jax_tilek.transpose", "jax_tilek.quant", "jax_tilek.swiglu", "jax_tilek.norm")  # public faces whose functions carry ``cases``
+FAMILIES = ("jax_tilek.transpose", "jax_tilek.quant", "jax_tilek.swiglu", "jax_tilek.norm", "jax_tilek.moe")  # public faces whose functions carry ``cases``
 
 _CUBIN = re.compile(r'cubin = "(?:[^"\\]|\\.)*"')
 
@@ -256,7 +256,7 @@ class OpContract:
         differentiable: argument positions ``jax.grad`` is checked for (empty: not differentiable).
         vmappable: whether vmap over a stack of two draws of every array argument is checked.
         bad_inputs: ``(args, kwargs, exception, message regex)``: calls that must fail at trace time
-          (``args`` are traced, so static options go in ``kwargs``).
+          (the arrays and structs among ``args`` are traced; other values are passed as they are).
     """
 
     fn: Callable[..., Any]
@@ -374,8 +374,9 @@ class OpContract:
         import pytest
 
         for args, kwargs, error, message in self.bad_inputs:
+            call, arrays = _over_arrays(lambda *a: self.function(*a, **kwargs), args)
             with pytest.raises(error, match=message):
-                jax.eval_shape(lambda *a: self.function(*a, **kwargs), *args)
+                jax.eval_shape(call, *arrays)
 
     # -- on the GPU -----------------------------------------------------------------------------
 
