@@ -30,11 +30,18 @@ fi
 $PY -m pip install "${install[@]}" . > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
 $PY -c "import jax, jax_tilek; print('jax', jax.__version__, jax.devices(), 'kernels:', jax_tilek.kernels_available())"
 
-[ $# -gt 0 ] || set -- tests
+# The tests that start fresh GPU processes run alone first: beside busy workers an 80 GB card may
+# have no memory left for a new CUDA context ("no supported devices found").
+serial_rc=0
+if [ $# -eq 0 ]; then
+  XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_runtime.py 2>&1 | tee "$OUT/gpu_tests_serial.log" | tail -5
+  serial_rc=${PIPESTATUS[0]}
+  set -- tests --ignore=tests/test_gpu_runtime.py
+fi
 workers=${GPU_TEST_WORKERS:-4}
 [ "$workers" -le 1 ] || set -- -n "$workers" "$@"
-XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-tests_rc=${PIPESTATUS[0]}
+XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -q -m gpu -p no:cacheprovider --durations=30 "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
+tests_rc=$(( ${PIPESTATUS[0]} || serial_rc ))
 bench_rc=0
 if [ "${BENCH_ONLY:-}" != none ]; then
   $PY -m benchmarks.run --json "$OUT/bench.json" --only "${BENCH_ONLY:-}" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'

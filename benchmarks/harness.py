@@ -56,23 +56,14 @@ class Case:
     @classmethod
     def of_spec(cls, family: str, fn: Callable[..., Any], spec: Any, xla: Callable[..., Any] | None, min_bytes: int, params: dict | None = None, make_inputs=None) -> "Case":
         """A case of a named call (:class:`jax_tilek.testing.ArgSpec`) of a public function: its array
-        arguments are made on the device (random normals times 4, or random integers; or by
-        ``make_inputs``), its other arguments and options are the spec's. ``xla`` takes the same
-        array arguments (None: the function with ``impl="xla"``)."""
-        arrays = [i for i, a in enumerate(spec.args) if isinstance(a, jax.ShapeDtypeStruct)]
+        arguments (the struct leaves of ``spec.args``, in order) are made on the device (random normals
+        times 4, or random integers; or by ``make_inputs``), its other arguments and options are the
+        spec's. ``xla`` takes the same arguments as the function (None: the function with ``impl="xla"``)."""
+        from jax_tilek.testing import over_arrays
 
-        def with_arrays(f):
-            def call(*values):
-                args = list(spec.args)
-                for i, v in zip(arrays, values):
-                    args[i] = v
-                return f(*args)
-
-            return call
-
-        kernel = with_arrays(spec.call(fn, "tilelang"))
-        plain = with_arrays(xla) if xla is not None else with_arrays(spec.call(fn, "xla"))
-        make = make_inputs or (lambda key: tuple(random_on_device(k, spec.args[i]) for k, i in zip(jax.random.split(key, len(arrays)), arrays)))
+        kernel, structs = over_arrays(spec.call(fn, "tilelang"), spec.args)
+        plain = over_arrays(xla, spec.args)[0] if xla is not None else over_arrays(spec.call(fn, "xla"), spec.args)[0]
+        make = make_inputs or (lambda key: tuple(random_on_device(k, s) for k, s in zip(jax.random.split(key, len(structs)), structs)))
         return cls(family, spec.name, make, kernel, plain, int(min_bytes), dict(params or {}))
 
     @classmethod

@@ -277,7 +277,7 @@ class OpContract:
     def bound(self, case: ArgSpec, impl: Any, args: Sequence[Any]) -> tuple[Callable[..., Any], list[Any]]:
         """The case's call with ``impl`` as a function of its array arguments only (the others, such
         as ``eps`` or a format name, closed over), and those arrays taken from ``args``."""
-        return _over_arrays(case.call(self.function, impl), args)
+        return over_arrays(case.call(self.function, impl), args)
 
     # -- off the GPU ----------------------------------------------------------------------------
 
@@ -374,7 +374,7 @@ class OpContract:
         import pytest
 
         for args, kwargs, error, message in self.bad_inputs:
-            call, arrays = _over_arrays(lambda *a: self.function(*a, **kwargs), args)
+            call, arrays = over_arrays(lambda *a: self.function(*a, **kwargs), args)
             with pytest.raises(error, match=message):
                 jax.eval_shape(call, *arrays)
 
@@ -426,7 +426,7 @@ def prepare(arch: str, families: Sequence[str] = FAMILIES) -> int:
     the number of programs lowered."""
     count = 0
     for _, fn, case in public_cases(families):
-        call, structs = _over_arrays(case.call(fn), case.structs())
+        call, structs = over_arrays(case.call(fn), case.structs())
         programs = [(call, structs)]
         if structs:
             stacked = [jax.ShapeDtypeStruct((2, *s.shape), s.dtype) for s in structs]
@@ -440,7 +440,7 @@ def prepare(arch: str, families: Sequence[str] = FAMILIES) -> int:
     return count
 
 
-def _over_arrays(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Callable[..., Any], list[Any]]:
+def over_arrays(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Callable[..., Any], list[Any]]:
     """``fn`` as a function of the array leaves of ``args`` only (other leaves, such as ``eps``, a
     format name or None, closed over), and those arrays."""
     leaves, tree = jax.tree.flatten(list(args), is_leaf=lambda x: x is None)
@@ -456,8 +456,8 @@ def _over_arrays(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Callable[
 
 
 def _array_positions(args: Sequence[Any]) -> list[int]:
-    """For each array leaf of ``args`` (in :func:`_over_arrays` order), the position of its argument."""
-    return [i for i, a in enumerate(args) for _ in _over_arrays(lambda *_: None, [a])[1]]
+    """For each array leaf of ``args`` (in :func:`over_arrays` order), the position of its argument."""
+    return [i for i, a in enumerate(args) for _ in over_arrays(lambda *_: None, [a])[1]]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

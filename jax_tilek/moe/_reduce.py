@@ -20,7 +20,7 @@ import numpy as np
 
 from jax_tilek import checks, device
 from jax_tilek.kernel import kernel
-from jax_tilek.op import Launch, Static, TileOp, View, resolve_impl, uses, with_vjp
+from jax_tilek.op import Launch, TileOp, View, resolve_impl, uses, with_vjp
 from jax_tilek.testing import ArgSpec
 
 PASS_CONFIGS = {"tl.disable_warp_specialized": True}

@@ -37,7 +37,7 @@ import numpy as np
 
 from jax_tilek import checks, device
 from jax_tilek.kernel import kernel
-from jax_tilek.moe._topk_gate import MAX_TOKENS, WARP, desc_key, group_scores, macros, stable_topk, tir_desc_key
+from jax_tilek.moe._topk_gate import MAX_TOKENS, WARP, group_scores, macros, stable_topk, tir_desc_key
 from jax_tilek.op import Launch, Rows, TileOp, uses
 from jax_tilek.testing import ArgSpec
 

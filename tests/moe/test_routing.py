@@ -20,10 +20,10 @@ S = jax.ShapeDtypeStruct
 
 def traced(fn):
     """``fn(*args, **kwargs)`` traced by ``jax.eval_shape`` with the ``ShapeDtypeStruct`` arguments as arrays."""
-    from jax_tilek.testing import _over_arrays
+    from jax_tilek.testing import over_arrays
 
     def call(*args, **kwargs):
-        inner, structs = _over_arrays(lambda *a: fn(*a, **kwargs), args)
+        inner, structs = over_arrays(lambda *a: fn(*a, **kwargs), args)
         return jax.eval_shape(inner, *structs)
 
     return call

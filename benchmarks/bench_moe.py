@@ -1,0 +1,49 @@
+"""MoE benchmarks (family "moe"): every gating and routing function at its named benchmark sizes
+(DeepSeek-V3: T = 4K-64K tokens, E = 256 experts, K = 8, hidden 7168), against the same function's
+pure-JAX definition (``impl="xla"``: ``lax.top_k``, sorts, segment sums and gathers) under jit.
+
+Inputs: floating-point arrays (token rows, logits, weights, scales) are fresh random values made on
+the device for every rotated set; integer arrays (routing tables, top-k indices) are the case's own
+valid values (``ArgSpec.arrays``), made once on the host."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jax_tilek import moe
+from jax_tilek.testing import ArgSpec, over_arrays
+
+from benchmarks.harness import Case, random_on_device
+
+FAMILY = "moe"
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _case(name: str, fn, spec: ArgSpec) -> Case:
+    run, structs = over_arrays(spec.call(fn, "xla"), spec.args)
+    _, host = over_arrays(run, spec.arrays(np.random.default_rng(0)))
+    small = {i: np.asarray(a) for i, (a, s) in enumerate(zip(host, structs)) if not np.issubdtype(s.dtype, np.floating)}
+
+    def make_inputs(key):
+        keys = jax.random.split(key, len(structs))
+        return tuple(small[i] if i in small else random_on_device(k, s) for i, (k, s) in enumerate(zip(keys, structs)))
+
+    out = jax.eval_shape(run, *structs)
+    params = {"shape": "x".join(map(str, structs[0].shape)), "dtype": np.dtype(structs[0].dtype).name}
+    case = Case.of_spec(FAMILY, fn, spec, None, _nbytes(structs) + _nbytes(out), params, make_inputs)
+    return dataclasses.replace(case, name=f"{name}/{spec.name}")
+
+
+def _functions() -> dict:
+    """Each public function once (``moe_topk_gate_forward`` is ``moe_topk_gate``)."""
+    found = {}
+    for name in moe.__all__:
+        found.setdefault(id(getattr(moe, name)), (name, getattr(moe, name)))
+    return dict(found.values())
+
+
+CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in getattr(fn, "cases", ()) if spec.bench]
