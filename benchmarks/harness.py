@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_tilek
+from jax_tilek.testing import over_arrays
 
 ROTATE_BYTES = 512 * 2**20  # > 8x the L2 of an H100 (50 MB) or H200 (60 MB)
 MIN_CALLS = 16  # calls per timed program, at least (unless their inputs pass MAX_HELD_BYTES)
@@ -59,8 +60,6 @@ class Case:
         arguments (the struct leaves of ``spec.args``, in order) are made on the device (random normals
         times 4, or random integers; or by ``make_inputs``), its other arguments and options are the
         spec's. ``xla`` takes the same arguments as the function (None: the function with ``impl="xla"``)."""
-        from jax_tilek.testing import over_arrays
-
         kernel, structs = over_arrays(spec.call(fn, "tilelang"), spec.args)
         plain = over_arrays(xla, spec.args)[0] if xla is not None else over_arrays(spec.call(fn, "xla"), spec.args)[0]
         make = make_inputs or (lambda key: tuple(random_on_device(k, s) for k, s in zip(jax.random.split(key, len(structs)), structs)))
