@@ -334,11 +334,12 @@ def config_class(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]
     return mark
 
 
-def uses(*ops: TileOp, cases: Sequence[Any] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def uses(*ops: TileOp, cases: Sequence[Any] = (), differentiable: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Makes a public function reconfigurable: the function receives ``ops=(op, ...)`` (the ops it
     launches) and gains ``.with_config(**fields)``, the same function with each field set on the ops
-    whose configuration has it; ``.ops``; and ``.cases``, its named calls
-    (:class:`jax_tilek.testing.ArgSpec`) for the contract tests, benchmarks and cache preparation."""
+    whose configuration has it; ``.ops``; ``.cases``, its named calls
+    (:class:`jax_tilek.testing.ArgSpec`) for the contract tests, benchmarks and cache preparation; and
+    ``.differentiable``, whether it has a custom VJP (the cache preparation then compiles its gradient)."""
 
     def bind(fn: Callable[..., Any]) -> Callable[..., Any]:
         def with_config(**fields: Any) -> Callable[..., Any]:
@@ -350,13 +351,13 @@ def uses(*ops: TileOp, cases: Sequence[Any] = ()) -> Callable[[Callable[..., Any
                 op.with_config(**{k: v for k, v in fields.items() if k in op.config_fields()}) if set(fields) & set(op.config_fields()) else op
                 for op in ops
             ]  # fmt: skip
-            return uses(*configured, cases=cases)(fn)
+            return uses(*configured, cases=cases, differentiable=differentiable)(fn)
 
         @functools.wraps(fn)
         def public(*args: Any, **kwargs: Any) -> Any:
             return fn(*args, ops=ops, **kwargs)
 
-        public.differentiable = getattr(fn, "differentiable", False)  # type: ignore[attr-defined]
+        public.differentiable = differentiable  # type: ignore[attr-defined]
         public.with_config = with_config  # type: ignore[attr-defined]
         public.ops = ops  # type: ignore[attr-defined]
         public.cases = tuple(cases)  # type: ignore[attr-defined]
@@ -751,5 +752,4 @@ def with_vjp(
             return primal(*arrays, impl=impl, **static)
         return differentiable(impl, freeze(static))(*arrays)
 
-    wrapped.differentiable = True  # type: ignore[attr-defined]
     return wrapped

@@ -264,7 +264,7 @@ ARG_SPECS = (
 )
 
 
-@uses(_expand_op, cases=ARG_SPECS)
+@uses(_expand_op, cases=ARG_SPECS, differentiable=True)
 def expand_to_fused(x: jax.Array, token_topk_to_pos: jax.Array, pos_to_expert: jax.Array, *, impl=None, ops) -> jax.Array:
     """Copies each token's row to its positions in the fused layout.
 

@@ -512,7 +512,7 @@ WEIGHTS_SPECS = tuple(
 )
 
 
-@uses(_forward_op, _backward_op, cases=WEIGHTS_SPECS)
+@uses(_forward_op, _backward_op, cases=WEIGHTS_SPECS, differentiable=True)
 def topk_gate_weights(
     logits: jax.Array, num_topk: int, routed_scaling_factor: float = 1.0, bias: jax.Array | None = None, *, impl=None, ops
 ) -> tuple[jax.Array, jax.Array]:
@@ -538,6 +538,5 @@ def topk_gate_weights(
     return _weights(logits, bias, impl=impl, topk=k, routed_scaling_factor=scale, ops=ops)
 
 
-topk_gate_weights.differentiable = True  # type: ignore[attr-defined]  # the kernel cache preparation also compiles its gradient
 
 __all__: Any = ["moe_topk_gate", "moe_topk_gate_forward", "moe_topk_gate_backward", "topk_gate_weights"]

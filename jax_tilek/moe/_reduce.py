@@ -282,7 +282,7 @@ ARG_SPECS = (
 )
 
 
-@uses(_reduce_op, cases=ARG_SPECS)
+@uses(_reduce_op, cases=ARG_SPECS, differentiable=True)
 def reduce_fused(
     x,
     topk_weights: jax.Array | None,

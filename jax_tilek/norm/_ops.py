@@ -508,7 +508,7 @@ def _rms_norm_bwd(residuals, g, *, impl=None, eps, out_scale, ops):
 _rms_norm = with_vjp(_rms_norm_primal, _rms_norm_fwd, _rms_norm_bwd)
 
 
-@uses(_forward_op, _backward_op, cases=RMS_NORM_SPECS)
+@uses(_forward_op, _backward_op, cases=RMS_NORM_SPECS, differentiable=True)
 def rms_norm(
     x: jax.Array,
     weight: jax.Array | None,
@@ -529,4 +529,3 @@ def rms_norm(
     return _rms_norm(x, weight, residual, impl=impl, eps=eps, out_scale=out_scale, ops=ops)
 
 
-rms_norm.differentiable = True  # type: ignore[attr-defined]  # the kernel cache preparation also compiles its gradient

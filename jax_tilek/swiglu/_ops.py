@@ -395,7 +395,7 @@ SWIGLU_SPECS = (
 )
 
 
-@uses(forward_op, backward_op, cases=SWIGLU_SPECS)
+@uses(forward_op, backward_op, cases=SWIGLU_SPECS, differentiable=True)
 def swiglu(
     x: jax.Array,
     topk_weights: Optional[jax.Array] = None,
@@ -424,4 +424,3 @@ def swiglu(
     return _swiglu(x, weights, psum, impl=impl, fmt=fmt, ops=ops, **routed)
 
 
-swiglu.differentiable = True  # type: ignore[attr-defined]  # jax_tilek.testing.prepare also compiles its gradient

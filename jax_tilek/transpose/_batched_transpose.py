@@ -333,7 +333,7 @@ ARG_SPECS = (
 )
 
 
-@uses(_batched_transpose_op, cases=ARG_SPECS)
+@uses(_batched_transpose_op, cases=ARG_SPECS, differentiable=True)
 def batched_transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None, ops) -> jax.Array:
     """Transposes the last two axes: ``x[B, M, N] -> [B, N, M]``.
 
@@ -359,7 +359,7 @@ MATRIX_SPECS = (
 )
 
 
-@uses(_batched_transpose_op, cases=MATRIX_SPECS)
+@uses(_batched_transpose_op, cases=MATRIX_SPECS, differentiable=True)
 def transpose(x: jax.Array, *, columns: tuple[int, int] | None = None, impl=None, ops) -> jax.Array:
     """Transposes a matrix: ``x[M, N] -> [N, M]``; see :func:`batched_transpose` for the rules."""
     check_impl(impl, "transpose")
