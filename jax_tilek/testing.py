@@ -350,8 +350,9 @@ class OpContract:
         from jax.sharding import NamedSharding, PartitionSpec
 
         devices = jax.devices("cpu")
-        call, arrays = self.bound(case, None, case.arrays(rng))
-        reference, _ = self.bound(case, "xla", case.arrays(rng))
+        args = case.arrays(rng)
+        call, arrays = self.bound(case, None, args)
+        reference, _ = self.bound(case, "xla", args)
         if len(devices) < 8 or not arrays or np.ndim(arrays[0]) == 0 or np.shape(arrays[0])[0] % 8:
             _skip("needs 8 host devices and a token count divisible by 8")
         mesh = jax.make_mesh((8,), ("d",), devices=devices[:8])
