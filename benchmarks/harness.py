@@ -61,7 +61,7 @@ class Case:
         times 4, or random integers; or by ``make_inputs``), its other arguments and options are the
         spec's. ``xla`` takes the same arguments as the function (None: the function with ``impl="xla"``)."""
         kernel, structs = over_arrays(spec.call(fn, "tilelang"), spec.args)
-        plain = over_arrays(xla, spec.args)[0] if xla is not None else over_arrays(spec.call(fn, "xla"), spec.args)[0]
+        plain = over_arrays(xla if xla is not None else spec.call(fn, "xla"), spec.args)[0]
         make = make_inputs or (lambda key: tuple(random_on_device(k, s) for k, s in zip(jax.random.split(key, len(structs)), structs)))
         return cls(family, spec.name, make, kernel, plain, int(min_bytes), dict(params or {}))
 
