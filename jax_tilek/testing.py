@@ -375,7 +375,7 @@ class OpContract:
         import pytest
 
         for args, kwargs, error, message in self.bad_inputs:
-            call, arrays = over_arrays(lambda *a: self.function(*a, **kwargs), args)
+            call, arrays = over_arrays(lambda a, kw: self.function(*a, **kw), (args, kwargs))
             with pytest.raises(error, match=message):
                 jax.eval_shape(call, *arrays)
 

@@ -5,8 +5,13 @@
 Forward: sqrt-softplus scores u, ranking r = u + bias (``image_bias`` for image tokens), the K largest r
 (ties to the smaller expert), w_k = routed_scaling_factor * u_k / (butterfly sum of the chosen u + 1e-20),
 shared slots, the physical map. It runs :func:`jax_tilek.moe._top2_sum_gate.gate_kernel` (version 2),
-whose docstring gives the order of operations. ``force_random`` is not supported (its TileLang RNG has
-no reference). No EP/TP masking, no groups (as in 2.1).
+whose docstring gives the order of operations. No EP/TP masking, no groups (as in 2.1).
+
+``force_random`` (TileKernels: below ``mask``, above fix-routing) draws from a caller-given JAX key
+instead of TileLang's per-lane Philox stream, which no reference models: K + S distinct experts, uniform
+among the physical experts (sum of ``logical_count``, else E + S), by Floyd's sampling in lane order,
+and a uniform [0, 1) weight per lane; unmapped ids -1, scores 0. It is applied in JAX over the kernel's
+``[T, K + S]`` outputs (and the scores), so kernel and reference paths share it.
 
 Backward (per token, D = sum_k u_k, g the weights' cotangent, s the scaling factor):
 dL/du[idx_k] += (s g_k - <g, w>) / (D + 1e-20) for idx_k >= 0 (duplicates accumulate, in k order); with
@@ -139,6 +144,7 @@ def moe_topk_gate(
     force_random: jax.Array | None = None,
     with_scores: bool = False,
     *,
+    force_random_key: jax.Array | None = None,
     impl=None,
     ops,
 ) -> tuple[jax.Array, ...]:
@@ -158,8 +164,10 @@ def moe_topk_gate(
       fix_routing_mask: bool ``[T]``: take those tokens' experts from ``unmapped_topk_idx``.
       to_physical_map, logical_count: int32 ``[E + S, D]`` and ``[E + S]``, together.
       unmapped_topk_idx: int32 ``[T, K]``; given, its updated value is returned.
-      force_random: not supported (must be None).
+      force_random: bool ``[T]``: those tokens (where ``mask`` allows) get random experts and weights
+        drawn from ``force_random_key`` (module docstring); needs the sum of ``logical_count`` >= K + S.
       with_scores: also return u (TileKernels' ``scores=`` output, which the backward takes).
+      force_random_key: a ``jax.random`` key, given exactly when ``force_random`` is.
       impl: None (kernel on Hopper/Blackwell, reference elsewhere), ``"tilelang"`` or ``"xla"``.
 
     Returns:
@@ -178,15 +186,49 @@ def moe_topk_gate(
     with_scores = checks.static_bool(name, "with_scores", with_scores)
     if scoring_func != "sqrtsoftplus":
         raise ValueError(f"{name}: scoring_func must be 'sqrtsoftplus', got {scoring_func!r}")
-    if force_random is not None:
-        raise ValueError(f"{name}: force_random is not supported (TileKernels' TileLang RNG has no JAX reference)")
+    if (force_random is None) != (force_random_key is None):
+        raise ValueError(f"{name}: force_random and force_random_key must be given together")
     if use_shared and shared not in (1, 2):
         raise ValueError(f"{name}: num_shared_experts must be 1 or 2 with use_shared_as_routed, got {shared}")
     if ep_rank < 0:
         raise ValueError(f"{name}: ep_rank must be >= 0, got {ep_rank}")
     if (a["image_bias"] is None) != (a["image_token_mask"] is None):
         raise ValueError(f"{name}: image_bias and image_token_mask must be given together")
-    return _forward(ops[0], **a, impl=impl, topk=k, shared=shared, routed_scaling_factor=scale, ep_rank=ep_rank, with_scores=with_scores)
+    outputs = _forward(ops[0], **a, impl=impl, topk=k, shared=shared, routed_scaling_factor=scale, ep_rank=ep_rank, with_scores=with_scores)
+    if force_random is None:
+        return outputs
+    tokens, experts = a["logits"].shape
+    force = checks.as_array(name, "force_random", force_random)
+    if force.shape != (tokens,) or force.dtype != jnp.bool_:
+        raise ValueError(f"{name}: force_random must be bool [T={tokens}], got {force.dtype}{list(force.shape)}")
+    if a["mask"] is not None:
+        force = force & a["mask"]
+    count = experts + shared if a["logical_count"] is None else jnp.sum(a["logical_count"])
+    return _force_random(outputs, force, force_random_key, count, has_unmapped=a["unmapped_topk_idx"] is not None)
+
+
+def _force_random(outputs: tuple, force: jax.Array, key: jax.Array, count, *, has_unmapped: bool) -> tuple:
+    """Overrides the gate's outputs on the tokens ``force`` marks (module docstring)."""
+    idx, weights, *rest = outputs
+    tokens, slots = idx.shape
+    index_key, weight_key = jax.random.split(key)
+    # Floyd: slot i draws r in [0, count - slots + i]; a repeat takes count - slots + i instead.
+    highest = count - slots + jnp.arange(slots, dtype=jnp.int32)
+    draws = jax.random.randint(index_key, (tokens, slots), 0, highest + 1, dtype=jnp.int32)
+    picked = []
+    for i in range(slots):
+        seen = jnp.zeros((tokens,), jnp.bool_)
+        for earlier in picked:
+            seen = seen | (earlier == draws[:, i])
+        picked.append(jnp.where(seen, highest[i], draws[:, i]))
+    forced = force[:, None]
+    idx = jnp.where(forced, jnp.stack(picked, axis=1), idx)
+    weights = jnp.where(forced, jax.random.uniform(weight_key, (tokens, slots), jnp.float32), weights)
+    if has_unmapped:
+        rest[0] = jnp.where(forced, -1, rest[0])
+    if len(rest) > has_unmapped:
+        rest[-1] = jnp.where(forced, jnp.float32(0), rest[-1])
+    return (idx, weights, *rest)
 
 
 moe_topk_gate_forward = moe_topk_gate

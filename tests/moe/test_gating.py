@@ -89,7 +89,8 @@ class TestMoeTopkGate(OpContract):
         ((_LOGITS,), dict(num_topk=31, use_shared_as_routed=True, num_shared_experts=2, routed_scaling_factor=1.0, ep_rank=0), ValueError, r"num_topk \+ num_shared_experts must be at most 32"),
         ((_LOGITS,), dict(num_topk=8, use_shared_as_routed=True, num_shared_experts=3, routed_scaling_factor=1.0, ep_rank=0), ValueError, r"num_shared_experts must be 1 or 2"),
         ((_LOGITS,), dict(num_topk=8, use_shared_as_routed=False, num_shared_experts=0, routed_scaling_factor=1.0, ep_rank=0, scoring_func="sigmoid"), ValueError, r"scoring_func must be 'sqrtsoftplus'"),
-        ((_LOGITS,), dict(num_topk=8, use_shared_as_routed=False, num_shared_experts=0, routed_scaling_factor=1.0, ep_rank=0, force_random=jax.ShapeDtypeStruct((4,), jnp.bool_)), ValueError, r"force_random is not supported"),
+        ((_LOGITS,), dict(num_topk=8, use_shared_as_routed=False, num_shared_experts=0, routed_scaling_factor=1.0, ep_rank=0, force_random=jax.ShapeDtypeStruct((4,), jnp.bool_)), ValueError, r"force_random and force_random_key must be given together"),
+        ((_LOGITS,), dict(num_topk=8, use_shared_as_routed=False, num_shared_experts=0, routed_scaling_factor=1.0, ep_rank=0, force_random=jax.ShapeDtypeStruct((4,), jnp.int32), force_random_key=jax.ShapeDtypeStruct((2,), jnp.uint32)), ValueError, r"force_random must be bool \[T=4\]"),
         ((_LOGITS,), dict(num_topk=8, use_shared_as_routed=False, num_shared_experts=0, routed_scaling_factor=1.0, ep_rank=-1), ValueError, r"ep_rank must be >= 0"),
     ]
 
@@ -291,6 +292,46 @@ def test_moe_topk_gate_reference_matches_numpy(rng, tokens, experts, topk, share
                    unmapped=extra["unmapped_topk_idx"], pmap=extra.get("to_physical_map"), count=extra.get("logical_count"),
                    ep=(7, 1, 0, 1), version=2)  # fmt: skip
     _check_gate(got, want, with_unmapped=True, with_scores=True)
+
+
+@pytest.mark.parametrize("experts,topk,shared,duplicates", [(8, 6, 2, 0), (256, 8, 0, 0), (72, 6, 1, 3)])
+def test_force_random(rng, experts, topk, shared, duplicates):
+    """Forced tokens (where the mask allows): K + S distinct experts drawn uniformly among the physical
+    experts, uniform [0, 1) weights, unmapped -1, scores 0; every other token as without force_random."""
+    tokens, slots = 4096, topk + shared
+    extra = dict(mask=rng.random(tokens) < 0.9, unmapped_topk_idx=rng.integers(0, experts, (tokens, topk), dtype=np.int32),
+                 fix_routing_mask=rng.random(tokens) < 0.3)  # fmt: skip
+    physical = experts + shared
+    if duplicates:
+        extra["to_physical_map"] = rng.integers(0, 10000, (experts + shared, duplicates), dtype=np.int32)
+        extra["logical_count"] = rng.integers(1, duplicates + 1, experts + shared, dtype=np.int32)
+        physical = int(extra["logical_count"].sum())
+    logits = separated_gate_logits(rng, tokens, experts, topk, "sqrtsoftplus", np.zeros(experts, np.float32))
+    force = rng.random(tokens) < 0.5
+    args = (logits, topk, bool(shared), shared, 1.5, 0)
+    plain = moe_topk_gate(*args, **extra, with_scores=True, impl="xla")
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    got = moe_topk_gate(*args, **extra, force_random=force, force_random_key=key, with_scores=True, impl="xla")
+    again = moe_topk_gate(*args, **extra, force_random=force, force_random_key=key, with_scores=True, impl="xla")
+    other = moe_topk_gate(*args, **extra, force_random=force, force_random_key=jax.random.fold_in(key, 1), impl="xla")
+    idx, weights, unmapped, scores = map(np.asarray, got)
+    forced = force & extra["mask"]
+    for want, have in zip(plain, got):
+        np.testing.assert_array_equal(np.asarray(have)[~forced], np.asarray(want)[~forced])
+    for a, b in zip(got, again):
+        assert_bytes_equal(a, b)
+    assert not np.array_equal(np.asarray(other[0])[forced], idx[forced])
+    chosen = idx[forced]
+    assert chosen.min() >= 0 and chosen.max() < physical
+    assert all(len(set(row)) == slots for row in chosen.tolist())
+    assert (unmapped[forced] == -1).all() and (scores[forced] == 0).all()
+    w = weights[forced]
+    assert (w >= 0).all() and (w < 1).all() and abs(w.mean() - 0.5) < 0.02
+    # Uniform over the physical experts: every expert's count within 6 standard deviations.
+    counts = np.bincount(chosen.ravel(), minlength=physical)
+    p = slots / physical
+    expected, sd = len(chosen) * p, np.sqrt(len(chosen) * p * (1 - p))
+    assert np.abs(counts - expected).max() < 6 * sd + 1, (counts, expected)
 
 
 def test_duplicate_pick_is_exact_past_int32():
