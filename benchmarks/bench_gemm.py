@@ -1,0 +1,132 @@
+"""Grouped GEMM benchmarks (family "gemm"): grouped_matmul forward and forward + backward at
+DeepSeek-V3 expert shapes (E = 256 experts over 8 or 32 expert-parallel ranks: G = 32 or 8 local
+experts; hidden 7168, expert intermediate 2048: the gate+up projection [T, 7168] x [G, 7168, 4096] and
+the down projection [T, 2048] x [G, 2048, 7168]; T = 4K-64K routed rows; balanced and skewed group
+sizes), in TFLOP/s (useful flops, 2·M·K·N forward, 3x that forward + backward) beside
+``jax.lax.ragged_dot``, a dense einsum over groups padded to the largest, and a dense bf16 ``jnp.dot``
+of the same M, K, N (the peak to compare with).
+
+``python -m benchmarks.bench_gemm`` prints the table (``--json`` writes it); ``CASES`` (the forward
+against ragged_dot, timed by the shared harness) run with ``python -m benchmarks.run --only gemm``.
+Group sizes are drawn on the host once per shape (``random_sizes``: multinomial over ``rank^-skew``).
+"""
+
+import argparse
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tilek import gemm
+from jax_tilek.gemm._grouped_wgrad import random_sizes
+
+from benchmarks.harness import Case, random_on_device, time_per_call
+
+FAMILY = "gemm"
+PROJECTIONS = {"up": (7168, 4096), "down": (2048, 7168)}
+SHAPES = [(t, g, proj, skew) for g in (8, 32) for t in (4096, 16384, 65536) for proj in ("up", "down") for skew in (0.0, 1.5)]
+MAX_PADDED_BYTES = 24 * 2**30  # the padded einsum is skipped where its operands pass this
+
+
+@functools.cache
+def sizes_for(t: int, g: int, skew: float) -> np.ndarray:
+    return random_sizes(np.random.default_rng(t * 1000 + g), t, g, skew)
+
+
+def _inputs(key, t, k, n, g):
+    kx, kw = jax.random.split(key)
+    return random_on_device(kx, jax.ShapeDtypeStruct((t, k), jnp.bfloat16)), random_on_device(kw, jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16))
+
+
+def _name(t, g, proj, skew):
+    return f"{proj}_T{t}_G{g}" + (f"_skew{skew:g}" if skew else "")
+
+
+def _case(t, g, proj, skew) -> Case:
+    k, n = PROJECTIONS[proj]
+    sizes = sizes_for(t, g, skew)
+    make = lambda key: (*_inputs(key, t, k, n, g), jnp.asarray(sizes))  # noqa: E731
+    kernel = lambda x, w, s: gemm.grouped_matmul(x, w, s, impl="tilelang")  # noqa: E731
+    xla = lambda x, w, s: jax.lax.ragged_dot(x, w, s)  # noqa: E731
+    min_bytes = 2 * (t * k + g * k * n + t * n)
+    params = {"shape": f"{t}x{k}x{n}", "dtype": "bfloat16", "groups": g, "skew": skew}
+    return Case(FAMILY, _name(t, g, proj, skew), make, kernel, xla, min_bytes, params)
+
+
+CASES = [_case(*s) for s in SHAPES]
+
+
+def _padded(x, w, sizes: np.ndarray):
+    """The dense einsum over groups padded to the largest (a static capacity from the host's sizes)."""
+    cap = int(sizes.max())
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rows = np.minimum(offsets[:, None] + np.arange(cap)[None], x.shape[0] - 1)  # [G, cap] gather rows
+    valid = np.arange(cap)[None] < sizes[:, None]
+    xg = jnp.where(jnp.asarray(valid)[..., None], x[jnp.asarray(rows)], 0)
+    return jnp.einsum("gck,gkn->gcn", xg, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def measure(t, g, proj, skew, sets: int = 2) -> dict:
+    k, n = PROJECTIONS[proj]
+    sizes = sizes_for(t, g, skew)
+    s = jnp.asarray(sizes)
+    inputs = [_inputs(key, t, k, n, g) for key in jax.random.split(jax.random.key(0), sets)]
+    flops = 2 * t * k * n
+    row = {"case": _name(t, g, proj, skew), "M": t, "K": k, "N": n, "G": g, "skew": skew, "max_group": int(sizes.max())}
+
+    def tflops(fn, arg_sets, scale=1):
+        return scale * flops / time_per_call(fn, arg_sets) / 1e12
+
+    row["kernel_fwd"] = tflops(lambda x, w: gemm.grouped_matmul(x, w, s, impl="tilelang"), inputs)
+    row["ragged_dot_fwd"] = tflops(lambda x, w: jax.lax.ragged_dot(x, w, s), inputs)
+    padded_bytes = 2 * g * int(sizes.max()) * (k + n)
+    if padded_bytes <= MAX_PADDED_BYTES:
+        row["padded_einsum_fwd"] = tflops(lambda x, w: _padded(x, w, sizes), inputs)
+
+    def grad_of(f):
+        return jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32)), argnums=(0, 1))
+
+    row["kernel_fwd_bwd"] = tflops(grad_of(lambda x, w: gemm.grouped_matmul(x, w, s, impl="tilelang")), inputs, 3)
+    row["ragged_dot_fwd_bwd"] = tflops(grad_of(lambda x, w: jax.lax.ragged_dot(x, w, s)), inputs, 3)
+    dense = [(x, w[0]) for x, w in inputs]
+    row["dense_dot"] = tflops(lambda x, w: jnp.dot(x, w), dense)
+    row["kernel_of_dense"] = row["kernel_fwd"] / row["dense_dot"]
+    return row
+
+
+@functools.cache
+def dense_peak() -> float:
+    """TFLOP/s of a large dense bf16 jnp.dot (8192³)."""
+    sets = [tuple(random_on_device(k, jax.ShapeDtypeStruct((8192, 8192), jnp.bfloat16)) for k in jax.random.split(key)) for key in jax.random.split(jax.random.key(1), 4)]
+    return 2 * 8192**3 / time_per_call(jnp.dot, sets) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    parser.add_argument("--only", default="", help="comma-separated case names (default: all)")
+    options = parser.parse_args()
+    only = set(filter(None, options.only.split(",")))
+    rows = []
+    peak = dense_peak()
+    print(f"{jax.devices()[0].device_kind}: dense bf16 8192^3 jnp.dot {peak:.0f} TFLOP/s", flush=True)
+    for shape in SHAPES:
+        if only and _name(*shape) not in only:
+            continue
+        row = measure(*shape)
+        row["kernel_of_peak"] = row["kernel_fwd"] / peak
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    keys = ["kernel_fwd", "ragged_dot_fwd", "padded_einsum_fwd", "kernel_fwd_bwd", "ragged_dot_fwd_bwd", "dense_dot", "kernel_of_peak"]
+    print("case".ljust(24) + "".join(k.rjust(20) for k in keys))
+    for r in rows:
+        print(r["case"].ljust(24) + "".join((f"{r[k]:.2f}" if k in r else "-").rjust(20) for k in keys))
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "dense_peak_tflops": peak, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
