@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Optional, Union
@@ -41,6 +42,8 @@ from jax_tilek import _ffi, platform
 from jax_tilek.checks import as_array
 from jax_tilek.kernel import TileKernel
 from jax_tilek.spec import LaunchSpec, TensorBinding, bits_of, compact_strides, size_in_bits
+
+_log = logging.getLogger(__name__)
 
 Impl = Optional[Literal["tilelang", "xla"]]
 IMPLS = (None, "tilelang", "xla")
@@ -229,7 +232,14 @@ class TileOp:
         self.check_extents([(n, a.shape) for n, a in zip(names, full) if a is not None])
         self.check_extents(list(zip(self.result_names(len(outs), full, static), (o.shape for o in outs))))
         if self.kernel_check is not None:
-            self.kernel_check(*full, **static)
+            try:
+                self.kernel_check(*full, **static)
+            except ValueError as e:
+                if impl is not None:
+                    raise
+                # impl=None promises the kernel only where it can run: these operands it cannot.
+                _log.debug("%s: the reference path (%s)", self.name, e)
+                return self.reference_or_raise()(*full, **static)
         present = tuple(i for i, a in enumerate(full) if a is not None)
         flat = tilek_call_p.bind(*(full[i] for i in present), op=self, static=frozen, present=present,
                                  arity=len(full), impl=impl, local=False)  # fmt: skip
@@ -618,7 +628,13 @@ def map_batch(args, dims, fn: Callable[..., Sequence[Any]]):
     return outs, [0] * len(outs)
 
 
-def _jvp(primals, tangents, *, op: TileOp, **_):
+def _jvp(primals, tangents, *, op: TileOp, **params):
+    """Zero tangents where nothing differentiable flows (integer outputs only, or tangents only on
+    integer operands, as an index computed under a custom VJP carries); otherwise an error."""
+    outs = tilek_call_p.bind(*primals, op=op, **params)
+    inexact = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)  # noqa: E731
+    if not any(map(inexact, outs)) or all(type(t) is ad.Zero or not inexact(p) for p, t in zip(primals, tangents)):
+        return outs, [ad.Zero(jax.typeof(o).to_tangent_aval()) for o in outs]
     raise TypeError(
         f"jax_tilek op {op.name!r} has no derivative rule on its kernel path; call it with impl='xla' to "
         "differentiate the reference"

@@ -64,6 +64,20 @@ def test_no_derivative_without_vjp():
         jax.grad(lambda x: scale(x, jnp.ones(4)).sum())(jnp.ones((4, 8)))
 
 
+def test_integer_results_have_zero_tangents():
+    """An op whose results are integers (or whose only tangents sit on integer operands) differentiates
+    as a constant, under jit too, on its kernel path."""
+    from jax_tilek.moe import get_fused_mapping, topk_gate_weights
+
+    def loss(logits):
+        idx, weights = topk_gate_weights(logits, 2, impl="tilelang")
+        mapping = get_fused_mapping(idx, 8, 0, 16, impl="tilelang")
+        return (weights * mapping[0][:4, None].astype(weights.dtype)).sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.jit(jax.grad(loss)))(S((4, 8), jnp.float32)))
+    assert "tilek_call" in jaxpr
+
+
 def test_with_vjp_and_static_residuals(rng):
     def primal(x, *, impl=None, power=2):
         return x**power if impl == "xla" else scale(x, jnp.ones(x.shape[0]), impl=impl) ** power
@@ -193,15 +207,19 @@ def test_extents_beyond_int32_are_rejected_at_trace_time():
     assert jax.eval_shape(wide, S((2**31,), jnp.float32)).shape == (2**31,)
 
 
-def test_kernel_check_runs_unless_impl_is_xla():
+def test_kernel_check_refuses_tilelang_and_sends_the_default_to_the_reference():
     def limit(x):
-        raise ValueError("limited: too big for the kernel")
+        if x.shape[0] > 4:
+            raise ValueError("limited: too big for the kernel")
 
-    limited = TileOp(name="limited", launch=None, reference=lambda x: x, kernel_check=limit)
-    for impl in (None, "tilelang"):
-        with pytest.raises(ValueError, match="limited: too big"):
-            jax.eval_shape(lambda x: limited(x, impl=impl), S((4,), jnp.float32))
-    assert jax.eval_shape(lambda x: limited(x, impl="xla"), S((4,), jnp.float32)).shape == (4,)
+    limited = TileOp(name="limited", launch=None, reference=lambda x: x + 1, kernel_check=limit)
+    with pytest.raises(ValueError, match="limited: too big"):
+        jax.eval_shape(lambda x: limited(x, impl="tilelang"), S((8,), jnp.float32))
+    # impl=None: the reference wherever the kernel cannot take the operands (no tilek_call at all).
+    for impl in (None, "xla"):
+        assert "tilek_call" not in str(jax.make_jaxpr(lambda x: limited(x, impl=impl))(S((8,), jnp.float32)))
+    assert "tilek_call" in str(jax.make_jaxpr(lambda x: limited(x))(S((4,), jnp.float32)))
+    np.testing.assert_array_equal(limited(jnp.zeros(8)), np.ones(8))
 
 
 def _raw_transpose(name, esize, max_extent=2**31 - 1):
