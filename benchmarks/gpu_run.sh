@@ -30,6 +30,12 @@ fi
 $PY -m pip install "${install[@]}" . > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
 $PY -c "import jax, jax_tilek; print('jax', jax.__version__, jax.devices(), 'kernels:', jax_tilek.kernels_available())"
 
+# A hung kernel fails its test after TEST_TIMEOUT seconds (pytest-timeout, where installed), with the
+# worker's stacks in the log, instead of holding a worker to the end of the run.
+if $PY -c "import pytest_timeout" > /dev/null 2>&1; then
+  export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} --timeout=${TEST_TIMEOUT:-90} --timeout-method=thread"
+fi
+
 # The tests that start fresh GPU processes run alone first: beside busy workers an 80 GB card may
 # have no memory left for a new CUDA context ("no supported devices found").
 serial_rc=0
@@ -40,8 +46,11 @@ if [ $# -eq 0 ]; then
 fi
 workers=${GPU_TEST_WORKERS:-4}
 [ "$workers" -le 1 ] || set -- -n "$workers" "$@"
-XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -q -m gpu -p no:cacheprovider --durations=30 "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
-tests_rc=$(( ${PIPESTATUS[0]} || serial_rc ))
+# -v: each test's outcome is in the log as it finishes, so a run cut short still names what ran.
+XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -v -m gpu -p no:cacheprovider --durations=30 "$@" > "$OUT/gpu_tests.log" 2>&1
+tests_rc=$?
+grep -E "^(FAILED|ERROR)|Timeout|slowest|^[0-9.]+s (call|setup)|passed|failed" "$OUT/gpu_tests.log" | tail -60
+tests_rc=$(( tests_rc || serial_rc ))
 bench_rc=0
 if [ "${BENCH_ONLY:-}" != none ]; then
   $PY -m benchmarks.run --json "$OUT/bench.json" --only "${BENCH_ONLY:-}" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
