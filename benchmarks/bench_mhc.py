@@ -1,0 +1,36 @@
+"""mHC benchmarks (family "mhc"): every mHC function at its named benchmark sizes (DeepSeek: hidden
+4096 / 7168, n = 4 streams, 4K-64K tokens) against the same function's pure-JAX definition
+(``impl="xla"``) under jit. Inputs are random normals made on the device; the GEMM-containing
+functions (norm_fn, pre, head, big_fuse) time the XLA split-K GEMM on both sides."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jax_tilek import mhc
+from jax_tilek.testing import ArgSpec, over_arrays
+
+from benchmarks.harness import Case
+
+FAMILY = "mhc"
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _case(name: str, fn, spec: ArgSpec) -> Case:
+    run, structs = over_arrays(spec.call(fn, "xla"), spec.args)
+    out = jax.eval_shape(run, *structs)
+    params = {"shape": "x".join(map(str, structs[0].shape)), "dtype": np.dtype(structs[0].dtype).name}
+    case = Case.of_spec(FAMILY, fn, spec, None, _nbytes(structs) + _nbytes(out), params)
+    return dataclasses.replace(case, name=f"{name}/{spec.name}")
+
+
+def _functions() -> dict:
+    """Each public function once (``expand_from_embedding`` shares ``expand_to_mhc``'s cases)."""
+    return {name: getattr(mhc, name) for name in mhc.__all__ if name != "expand_from_embedding"}
+
+
+CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in getattr(fn, "cases", ()) if spec.bench]

@@ -1,0 +1,181 @@
+"""mHC semantics beyond the contract: TileKernels' torch-reference math (in float64 numpy), Sinkhorn
+double stochasticity, big-fuse and recompute bit-exact against the step-by-step path, gradients in
+float64, and argument errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_tilek import mhc
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _res(rng, shape):
+    return (rng.standard_normal(shape) * 2).astype(BF16)
+
+
+def test_sinkhorn_doubly_stochastic_and_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 4, 4)).astype(np.float32)
+    out = np.asarray(mhc.sinkhorn_normalize(x, repeat=10, eps=1e-6))
+    np.testing.assert_allclose(out.sum(-2), 1.0, atol=1e-5)  # the last step normalises columns
+    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-2)  # rows: within the last step's change
+    y = np.exp(x - x.max(-1, keepdims=True)).astype(np.float64)
+    y = y / y.sum(-1, keepdims=True) + 1e-6
+    y = y / (y.sum(-2, keepdims=True) + 1e-6)
+    for _ in range(9):
+        y = y / (y.sum(-1, keepdims=True) + 1e-6)
+        y = y / (y.sum(-2, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(out, y, rtol=1e-5, atol=1e-6)
+
+
+def test_split_mixes_and_head_match_numpy():
+    rng = np.random.default_rng(1)
+    m = rng.standard_normal((2, 5, 24)).astype(np.float32)
+    s, b = rng.standard_normal(3).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    pre, post, comb = mhc.mhc_pre_split_mixes(m, s, b, 4, 2.0, 1e-2)
+    z = m.astype(np.float64) * np.concatenate([np.full(4, s[0]), np.full(4, s[1]), np.full(16, s[2])]) + b
+    sig = 1 / (1 + np.exp(-z))
+    np.testing.assert_allclose(pre[..., 0], sig[..., :4] + 1e-2, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(post[..., 0], sig[..., 4:8] * 2, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(comb, z[..., 8:].reshape(2, 5, 4, 4), rtol=1e-5, atol=2e-5)
+    h = mhc.mhc_head_compute_mix(m[..., :4], s[:1], b[:4], 1e-2)
+    np.testing.assert_allclose(h, 1 / (1 + np.exp(-(m[..., :4].astype(np.float64) * s[0] + b[:4]))) + 1e-2, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_mix_post_norm_fn_match_numpy():
+    rng = np.random.default_rng(2)
+    res, x = _res(rng, (3, 4, 64)), _res(rng, (3, 64))
+    mix = rng.random((3, 4, 1)).astype(np.float32)
+    comb = rng.random((3, 4, 4)).astype(np.float32)
+    r64, x64 = res.astype(np.float64), x.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(mhc.mhc_pre_apply_mix(res, mix), np.float64), (r64 * mix).sum(-2), rtol=1e-2, atol=1e-2)
+    want = x64[:, None] * mix + np.einsum("tmo,tmh->toh", comb, r64)
+    np.testing.assert_allclose(np.asarray(mhc.mhc_post(x, res, mix, comb), np.float64), want, rtol=1e-2, atol=1e-2)
+    fn = (rng.standard_normal((24, 256)) * 1e-2).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(256)).astype(np.float32)
+    flat = r64.reshape(3, 256)
+    want = flat @ (fn * w).T.astype(np.float64) / np.sqrt((flat**2).mean(-1, keepdims=True) + 1e-6)
+    for splits in (1, 3, 16):
+        np.testing.assert_allclose(mhc.mhc_pre_norm_fn(res, fn, w, 1e-6, splits), want, rtol=1e-3, atol=1e-3)
+
+
+def _pre_inputs(rng, t=6, h=64, n=4, weight=True):
+    c = n * (n + 2)
+    return (
+        _res(rng, (t, n, h)), (rng.standard_normal((c, n * h)) * 1e-2).astype(np.float32),
+        (rng.standard_normal(3) * 0.5).astype(np.float32), (rng.standard_normal(c) * 0.5).astype(np.float32),
+        (1 + 0.1 * rng.standard_normal(n * h)).astype(np.float32) if weight else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("weight", [False, True])
+def test_big_fuse_is_exactly_the_step_path(weight):
+    res, fn, scale, base, w = _pre_inputs(np.random.default_rng(3), weight=weight)
+    kw = dict(post_mult_value=2.0, pre_eps=1e-2, sinkhorn_eps=1e-6, sinkhorn_repeat=10)
+    post, comb, li = jax.jit(lambda *a: mhc.mhc_pre_big_fuse(*a, rms_eps=1e-6, mhc_pre_eps=1e-2, mhc_sinkhorn_eps=1e-6,
+                                                             mhc_post_mult_value=2.0, sinkhorn_repeat=10))(res, fn, scale, base, w)  # fmt: skip
+    mixes = mhc.mhc_pre_norm_fn(res, fn, w, 1e-6)
+    pre, post2, comb2 = mhc.mhc_pre_split_mixes(mixes, scale, base, 4, kw["post_mult_value"], kw["pre_eps"])
+    comb2 = mhc.sinkhorn_normalize(comb2, 10, 1e-6)
+    li2 = mhc.mhc_pre_apply_mix(res, pre)
+    for a, b in ((post, post2), (comb, comb2), (li, li2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    li3, (post3, comb3) = mhc.mhc_pre(res, fn, scale, base, w, **kw)
+    np.testing.assert_array_equal(np.asarray(li3), np.asarray(li))
+    if weight:  # norm_weight is honoured (TileKernels' big-fuse drops it)
+        _, _, li_unweighted = mhc.mhc_pre_big_fuse(res, fn, scale, base, None)
+        assert not np.array_equal(np.asarray(li_unweighted), np.asarray(mhc.mhc_pre_big_fuse(res, fn, scale, base, w)[2]))
+
+
+@pytest.mark.parametrize("layers,post_layers", [(1, 1), (3, 2), (3, 3)])
+def test_recompute_is_exactly_the_loop(layers, post_layers):
+    rng = np.random.default_rng(4)
+    res = _res(rng, (2, 3, 4, 64))
+    pre = [rng.random((2, 3, 4, 1)).astype(np.float32) for _ in range(layers)]
+    outs = [_res(rng, (2, 3, 64)) for _ in range(post_layers)]
+    post = [rng.random((2, 3, 4, 1)).astype(np.float32) * 2 for _ in range(post_layers)]
+    comb = [rng.random((2, 3, 4, 4)).astype(np.float32) for _ in range(post_layers)]
+    inputs, residuals = jax.jit(mhc.mhc_multilayer_recompute)(res, pre, outs, post, comb)
+    assert len(inputs) == layers and len(residuals) == post_layers
+    r = res
+    for i in range(layers):
+        np.testing.assert_array_equal(np.asarray(inputs[i]), np.asarray(mhc.mhc_pre_apply_mix(r, pre[i])))
+        if i < post_layers:
+            r = mhc.mhc_post(outs[i], r, post[i], comb[i])
+            np.testing.assert_array_equal(np.asarray(residuals[i]), np.asarray(r))
+
+
+def test_pre_post_block_gradients_match_float64():
+    """d loss of a whole block (expand -> pre -> layer -> post -> head) through the custom VJPs,
+    against jax.grad of the same math written in float64 (no bf16 rounding of the stream)."""
+    rng = np.random.default_rng(5)
+    t, n, h = 4, 4, 32
+    emb = _res(rng, (t, h))
+    fn = (rng.standard_normal((24, n * h)) * 1e-1).astype(np.float32)
+    scale, base = (rng.standard_normal(3) * 0.5).astype(np.float32), (rng.standard_normal(24) * 0.5).astype(np.float32)
+    hfn = (rng.standard_normal((n, n * h)) * 1e-1).astype(np.float32)
+    hs, hb = np.float32([0.7]), (rng.standard_normal(n) * 0.5).astype(np.float32)
+    w = (rng.standard_normal((t, h)) * 0.1).astype(np.float32)
+
+    def block(fn, scale, base, hfn, hb):
+        res = mhc.expand_from_embedding(emb, n)
+        li, (post, comb) = mhc.mhc_pre(res, fn, scale, base, post_mult_value=2.0, pre_eps=1e-2)
+        res = mhc.mhc_post(jnp.tanh(li.astype(jnp.float32)).astype(jnp.bfloat16), res, post, comb)
+        return jnp.sum(mhc.mhc_head(res, hfn, hs, hb, pre_eps=1e-2).astype(jnp.float32) * w)
+
+    def block64(fn, scale, base, hfn, hb):
+        res = jnp.broadcast_to(jnp.asarray(emb, jnp.float64)[:, None], (t, n, h))
+
+        def mixes(res, f):
+            flat = res.reshape(t, n * h)
+            return flat @ f.T / jnp.sqrt(jnp.mean(flat**2, -1, keepdims=True) + 1e-6)
+
+        z = mixes(res, fn) * jnp.concatenate([jnp.full(4, scale[0]), jnp.full(4, scale[1]), jnp.full(16, scale[2])]) + base
+        pre, post = jax.nn.sigmoid(z[:, :4]) + 1e-2, jax.nn.sigmoid(z[:, 4:8]) * 2
+        c = jax.nn.softmax(z[:, 8:].reshape(t, 4, 4), -1) + 1e-6
+        c = c / (c.sum(-2, keepdims=True) + 1e-6)
+        for _ in range(9):
+            c = c / (c.sum(-1, keepdims=True) + 1e-6)
+            c = c / (c.sum(-2, keepdims=True) + 1e-6)
+        li = jnp.einsum("ti,tih->th", pre, res)
+        res = jnp.tanh(li)[:, None] * post[..., None] + jnp.einsum("tmo,tmh->toh", c, res)
+        mix = jax.nn.sigmoid(mixes(res, hfn) * hs[0] + hb) + 1e-2
+        return jnp.sum(jnp.einsum("ti,tih->th", mix, res) * w)
+
+    args = (fn, scale, base, hfn, hb)
+    got = jax.jit(jax.grad(block, argnums=range(5)))(*args)
+    with jax.enable_x64(True):
+        want = jax.grad(block64, argnums=range(5))(*(jnp.asarray(a, jnp.float64) for a in args))
+    for g, e in zip(got, want):
+        e = np.asarray(e)
+        np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=5e-2, atol=5e-2 * np.abs(e).max())
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: mhc.expand_to_mhc(np.zeros((4, 64), BF16), 9), "mhc_mult must be in"),
+        (lambda: mhc.expand_to_mhc(np.zeros((4, 60), BF16), 4), "multiple of 8"),
+        (lambda: mhc.expand_to_mhc(np.zeros((4, 64), np.float32), 4), "must be bfloat16"),
+        (lambda: mhc.sinkhorn_normalize(np.zeros((4, 3, 4), np.float32)), r"\[..., n, n\]"),
+        (lambda: mhc.sinkhorn_normalize(np.zeros((4, 4, 4), np.float32), repeat=0), "repeat"),
+        (lambda: mhc.sinkhorn_normalize(np.zeros((4, 4, 4), BF16)), "float32"),
+        (lambda: mhc.mhc_pre_apply_mix(np.zeros((2, 4, 64), BF16), np.zeros((2, 3, 1), np.float32)), "mix must have shape"),
+        (lambda: mhc.mhc_post(np.zeros((2, 64), BF16), np.zeros((2, 4, 64), BF16), np.zeros((2, 4, 1), np.float32),
+                              np.zeros((2, 4, 3), np.float32)), "comb_res_mix"),  # fmt: skip
+        (lambda: mhc.mhc_pre_split_mixes(np.zeros((2, 23), np.float32), np.zeros(3, np.float32), np.zeros(24, np.float32), 4, 1.0, 1e-6),
+         "input_mixes"),  # fmt: skip
+        (lambda: mhc.mhc_pre_norm_fn(np.zeros((2, 4, 64), BF16), np.zeros((24, 255), np.float32), None, 1e-6), "fn must be"),
+        (lambda: mhc.mhc_pre_norm_fn(np.zeros((2, 4, 64), BF16), np.zeros((24, 256), np.float32), None, 1e-6, 0), "n_splits"),
+        (lambda: mhc.mhc_pre(*_pre_inputs(np.random.default_rng(0), n=4)[:4], mhc_mult=2), "streams"),
+        (lambda: mhc.mhc_multilayer_recompute(np.zeros((2, 4, 64), BF16), [np.zeros((2, 4, 1), np.float32)] * 3, [], [], []), "L_post"),
+        (lambda: mhc.mhc_head_compute_mix(np.zeros((2, 4), np.float32), np.zeros(2, np.float32), np.zeros(4, np.float32), 1e-2), "one value"),
+    ],
+)
+def test_bad_arguments_raise(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
