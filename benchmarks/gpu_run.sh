@@ -53,7 +53,9 @@ grep -E "^(FAILED|ERROR)|Timeout|slowest|^[0-9.]+s (call|setup)|passed|failed" "
 tests_rc=$(( tests_rc || serial_rc ))
 bench_rc=0
 if [ "${BENCH_ONLY:-}" != none ]; then
-  $PY -m benchmarks.run --json "$OUT/bench.json" --only "${BENCH_ONLY:-}" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
+  plot=()
+  ! $PY -c "import matplotlib" > /dev/null 2>&1 || plot=(--plot "$OUT/plots")
+  $PY -m jax_tilek bench --family "${BENCH_ONLY:-}" --json "$OUT/bench.json" "${plot[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
   bench_rc=${PIPESTATUS[0]}
 fi
 echo "gpu tests rc=$tests_rc benchmarks rc=$bench_rc"

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_tilek
+from jax_tilek._cli.report import table  # noqa: F401  (re-exported: benchmarks.compare uses it)
 from jax_tilek.testing import over_arrays
 
 ROTATE_BYTES = 512 * 2**20  # > 8x the L2 of an H100 (50 MB) or H200 (60 MB)
@@ -173,12 +174,3 @@ def run(cases: Sequence[Case], *, json_path: str | None = None, precompile_arch:
         with open(json_path, "w") as f:
             json.dump({"device": str(jax.devices()[0].device_kind), "results": results}, f, indent=1)
     return results
-
-
-def table(results: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A fixed-width text table; ``columns`` are (header, key, format)."""
-    rows = [[header for header, _, _ in columns]]
-    for r in results:
-        rows.append([format(r[key], fmt) if key in r else "-" for _, key, fmt in columns])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--json out.json] [--only transpose,overhead]
     python -m benchmarks.run --precompile sm_90a   # build machine: fill the kernel cache only
+    python -m jax_tilek bench [--family ...] [--json out.json] [--plot DIR]   # the same, with plots
 
 A family is a module ``benchmarks/bench_<family>.py`` with a list ``CASES`` of harness cases (and
 optionally ``VARIANTS``, run as family ``<family>_variants``); ``overhead`` is the launch-overhead chain.
@@ -18,6 +19,7 @@ import jax
 
 import benchmarks
 from benchmarks import harness, overhead
+from jax_tilek._cli import report
 
 
 def families() -> dict[str, list]:
@@ -32,36 +34,38 @@ def families() -> dict[str, list]:
     return found
 
 
-def main() -> None:
+def collect(only: set[str]) -> tuple[str, list[dict], list[dict]]:
+    """Runs the families in ``only`` (all when empty) and the overhead chain (when chosen): (device, results, chains)."""
+    cases = [c for family, cs in families().items() if not only or family in only for c in cs]
+    results = harness.run(cases)
+    chains = overhead.measure() if not only or "overhead" in only else []
+    return str(jax.devices()[0].device_kind), results, chains
+
+
+def save(path: str, device: str, results: list[dict], chains: list[dict]) -> None:
+    """Writes a run as JSON (what ``benchmarks.compare`` and ``python -m jax_tilek bench --from-json`` read)."""
+    with open(path, "w") as f:
+        json.dump({"device": device, "results": results, "overhead": chains}, f, indent=1)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--only", default="")
     parser.add_argument("--precompile", metavar="ARCH")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
-    cases = [c for family, cs in families().items() if not only or family in only for c in cs]
     if args.precompile:
+        cases = [c for family, cs in families().items() if not only or family in only for c in cs]
         harness.run(cases, precompile_arch=args.precompile)
         if not only or "overhead" in only:
             overhead.precompile(args.precompile)
         return
-    results = harness.run(cases)
-    chains = overhead.measure() if not only or "overhead" in only else []
+    device, results, chains = collect(only)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "results": results, "overhead": chains}, f, indent=1)
-    print(f"\n{jax.devices()[0].device_kind}")
-    print(harness.table(results, [
-        ("family", "family", "s"), ("case", "case", "s"), ("shape", "shape", "s"), ("dtype", "dtype", "s"),
-        ("us", "time_us", ".1f"), ("GB/s", "gbps", ".0f"), ("copy GB/s", "copy_gbps", ".0f"),
-        ("of copy", "frac_of_copy", ".1%"), ("xla us", "xla_time_us", ".1f"), ("vs xla", "speedup_vs_xla", ".2f"),
-    ]))  # fmt: skip
-    if chains:
-        print(harness.table(chains, [
-            ("chain", "case", "s"), ("cmd buffers", "command_buffers", "s"),
-            ("kernel us/call", "kernel_us_per_call", ".2f"), ("xla us/call", "xla_us_per_call", ".2f"), ("ratio", "ratio", ".3f"),
-            ("ratio range", "ratio_range", "s"),
-        ]))  # fmt: skip
+        save(args.json, device, results, chains)
+    print()
+    print(report.bench_report(device, results, chains))
 
 
 if __name__ == "__main__":

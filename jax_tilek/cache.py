@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -55,6 +57,8 @@ from jax_tilek.spec import LaunchSpec
 
 CACHE_FORMAT = 3
 LOCK_DIR = ".locks"
+
+_log = logging.getLogger(__name__)
 
 
 class CacheError(RuntimeError):
@@ -281,6 +285,42 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+# ---------------------------------------------------------------------------------------------
+# Events: what each request for an entry did (for precompile's summary and DEBUG logging).
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEvent:
+    """One cache outcome: ``kind`` is "hit" (read from disk), "compiled" (built and written),
+    "rebuilt" (a damaged entry replaced) or "cubin_reused" (nvcc skipped: same generated source)."""
+
+    kind: str
+    key: str
+    kernel: str
+    seconds: float
+
+
+_event_logs: list[list[CacheEvent]] = []
+
+
+@contextlib.contextmanager
+def record_events() -> Iterator[list[CacheEvent]]:
+    """Collects the :class:`CacheEvent` of every entry read, compiled or rebuilt inside the block."""
+    log: list[CacheEvent] = []
+    _event_logs.append(log)
+    try:
+        yield log
+    finally:
+        del _event_logs[next(i for i, l in enumerate(_event_logs) if l is log)]
+
+
+def _event(kind: str, key: str, fields: Mapping[str, Any], seconds: float, path: str) -> None:
+    _log.debug("cache %s: %s in %.3fs (%s)", kind, describe(fields), seconds, path)
+    event = CacheEvent(kind, key, str(fields.get("kernel")), seconds)
+    for log in _event_logs:
+        log.append(event)
+
+
 def lookup_offline(fields: Mapping[str, Any], root: str | None = None) -> Artifact:
     """Finds a compiled entry under any toolchain; raises when there is none."""
     root = root or config.cache_dir()
@@ -295,6 +335,7 @@ def lookup_offline(fields: Mapping[str, Any], root: str | None = None) -> Artifa
         toolchains = []
     for toolchain in toolchains:
         path = _entry_path(root, toolchain, key)
+        start = time.perf_counter()
         try:
             artifact = _read(path, key)
         except _Damaged as e:
@@ -305,6 +346,7 @@ def lookup_offline(fields: Mapping[str, Any], root: str | None = None) -> Artifa
         except OSError as e:
             raise CacheError(f"cannot read cache entry {path} for {describe(fields)}: {e}") from e
         if artifact is not None:
+            _event("hit", key, fields, time.perf_counter() - start, path)
             return artifact
     raise KernelNotCompiledError(
         f"{describe(fields)} is not in the kernel cache {root} and this machine cannot compile "
@@ -327,9 +369,11 @@ def get_or_compile(
     root = root or config.cache_dir()
     key = entry_key(fields)
     path = _entry_path(root, toolchain_id(toolchain), key)
+    start = time.perf_counter()
     try:
         artifact = _read(path, key)
         if artifact is not None:
+            _event("hit", key, fields, time.perf_counter() - start, path)
             return artifact
     except _Damaged:
         pass  # rebuilt below, under the lock
@@ -340,11 +384,14 @@ def get_or_compile(
     except OSError as e:
         raise _cannot_write(root, fields, e) from e
     with _locked(root, key, fields):
+        kind = "compiled"
         try:
             artifact = _read(path, key)
             if artifact is not None:
+                _event("hit", key, fields, time.perf_counter() - start, path)
                 return artifact
         except _Damaged as e:
+            kind = "rebuilt"
             warnings.warn(f"rebuilding corrupted kernel cache entry {path} for {describe(fields)}: {e}", stacklevel=2)
             try:
                 _remove(path)
@@ -352,6 +399,7 @@ def get_or_compile(
                 raise _cannot_write(root, fields, e) from e
         except OSError as e:
             raise CacheError(f"cannot read cache entry {path} for {describe(fields)}: {e}") from e
+        compiling = time.perf_counter()
         artifact = compile_fn()
         data = _encode(artifact, key, fields, toolchain)
         try:
@@ -359,6 +407,7 @@ def get_or_compile(
         except OSError as e:
             raise _cannot_write(root, fields, e) from e
         _note_build(root, toolchain_id(toolchain), json.loads(data)["build_id"], path)
+        _event(kind, key, fields, time.perf_counter() - compiling, path)
     return artifact
 
 
@@ -418,7 +467,125 @@ def find_cubin(fields: Mapping[str, Any], toolchain: Mapping[str, str], source: 
         cubin = _unpack(entry["cubin_z"])
         recorded = entry.get("build_id") or build_id(entry["fields"], _unpack(entry["source_z"]).decode())
         if recorded == wanted and _sha256(cubin) == entry["cubin_sha256"]:
+            _event("cubin_reused", entry_key(fields), fields, 0.0, path)
             return cubin
     except Exception:
         pass
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspecting a cache directory (``python -m jax_tilek cache ...``, ``doctor``).
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryInfo:
+    """One file where an entry lives: its toolchain directory, key, size and age, the configuration
+    it holds (``fields``, None when it cannot be read back), why it cannot be used (``problem``, None
+    for an entry that verifies) and its ``cache_format``. An entry of an older cache format is not
+    damaged, only never looked up again (its key hashed another format); its cubin may still be reused
+    (:func:`find_cubin`), and ``cache prune --old-formats`` deletes such entries."""
+
+    path: str
+    toolchain: str
+    key: str
+    size: int
+    mtime: float
+    fields: Mapping[str, Any] | None
+    problem: str | None
+    cache_format: int | None = CACHE_FORMAT
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    @property
+    def old_format(self) -> bool:
+        return self.problem is None and self.cache_format != CACHE_FORMAT
+
+
+def toolchain_dirs(root: str) -> list[str]:
+    """The toolchain directories under ``root`` (names), newest first."""
+    try:
+        names = [d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(names, key=lambda d: os.path.getmtime(os.path.join(root, d)), reverse=True)
+
+
+def entry_paths(root: str) -> list[str]:
+    """Every entry file of every toolchain under ``root`` (``<toolchain>/<xx>/<key>.json``)."""
+    found = []
+    for toolchain in toolchain_dirs(root):
+        found += glob.glob(os.path.join(glob.escape(root), glob.escape(toolchain), "??", "*.json"))
+    return sorted(p for p in found if not os.path.basename(p).startswith("."))
+
+
+def stray_files(root: str) -> list[str]:
+    """Leftovers that are not entries: temporary files of interrupted writes (``.tmp-*``)."""
+    found = []
+    for toolchain in toolchain_dirs(root):
+        found += glob.glob(os.path.join(glob.escape(root), glob.escape(toolchain), "??", ".tmp-*"))
+    return sorted(found)
+
+
+def _recover_fields(data: bytes, key: str) -> Mapping[str, Any] | None:
+    """The configuration a damaged entry recorded, when its JSON still parses and matches its address."""
+    try:
+        fields = json.loads(data)["fields"]
+        return fields if isinstance(fields, dict) and entry_key(fields) == key else None
+    except Exception:
+        return None
+
+
+def inspect_entry(path: str) -> EntryInfo:
+    """Reads and fully verifies the entry at ``path`` (checksums, spec, cubin); never raises for damage."""
+    toolchain = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    key = os.path.basename(path).removesuffix(".json")
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        return EntryInfo(path, toolchain, key, 0, 0.0, None, f"cannot stat: {e}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (IsADirectoryError, NotADirectoryError) as e:
+        return EntryInfo(path, toolchain, key, 0, stat.st_mtime, None, f"not a file: {e}")
+    except OSError as e:
+        return EntryInfo(path, toolchain, key, stat.st_size, stat.st_mtime, None, f"unreadable: {e}")
+    try:
+        entry = json.loads(data)
+        version = entry.get("cache_format") if isinstance(entry, dict) else None
+    except Exception:
+        version = None
+    if isinstance(version, int) and version < CACHE_FORMAT:
+        fields = entry.get("fields") if isinstance(entry.get("fields"), dict) else None
+        return EntryInfo(path, toolchain, key, stat.st_size, stat.st_mtime, fields, None, version)
+    try:
+        _decode(data, key)
+    except _Damaged as e:
+        return EntryInfo(path, toolchain, key, stat.st_size, stat.st_mtime, _recover_fields(data, key), str(e))
+    return EntryInfo(path, toolchain, key, stat.st_size, stat.st_mtime, json.loads(data)["fields"], None)
+
+
+def scan(root: str | None = None) -> list[EntryInfo]:
+    """Every entry under ``root`` (default: the cache directory), verified."""
+    return [inspect_entry(p) for p in entry_paths(root or config.cache_dir())]
+
+
+def find_entry(key: str, root: str | None = None, toolchain: str | None = None) -> str | None:
+    """The path of the entry ``key``: under ``toolchain`` when given, else under the newest toolchain
+    directory that has it."""
+    root = root or config.cache_dir()
+    for name in [toolchain] if toolchain else toolchain_dirs(root):
+        path = _entry_path(root, name, key)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def remove_entry(path: str) -> None:
+    """Deletes an entry (a file or whatever sits in its place) and its directory when left empty."""
+    _remove(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))

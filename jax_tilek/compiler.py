@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +43,8 @@ from jax_tilek.spec import (
 TILELANG_VERSION = "0.1.15"
 SPEC_FORMAT = 1  # bump when extraction or the build flags change: it is part of every cache key
 SUPPORTED_ARCHS = ("sm_90a", "sm_100a", "sm_103a")
+
+_log = logging.getLogger(__name__)
 
 
 class CompileError(RuntimeError):
@@ -401,12 +405,15 @@ def lower_prim_func(func, arch: str, *, pass_configs: Mapping[str, Any] | None =
     pass_configs = dict(pass_configs or {})
     name = name or "kernel"
     target = Target({"kind": "cuda", "arch": arch})
+    start = time.perf_counter()
     try:
         with tvm.transform.PassContext(opt_level=3, config=pass_configs), target:
             lowered = tilelang.lower(func, target=target)
     except Exception as e:
         raise CompileError(f"TileLang could not lower kernel {name!r}: {e}") from e
-    return Lowered(source=lowered.kernel_source, spec=extract_spec(func, lowered, name))
+    result = Lowered(source=lowered.kernel_source, spec=extract_spec(func, lowered, name))
+    _log.debug("TileLang lowered %s for %s in %.2fs", name, arch, time.perf_counter() - start)
+    return result
 
 
 def build_cubin(source: str, arch: str, *, pass_configs: Mapping[str, Any] | None = None, name: str = "") -> bytes:
@@ -417,9 +424,11 @@ def build_cubin(source: str, arch: str, *, pass_configs: Mapping[str, Any] | Non
         cu, cubin = os.path.join(tmp, "kernel.cu"), os.path.join(tmp, "kernel.cubin")
         with open(cu, "w") as f:
             f.write(source)
+        start = time.perf_counter()
         result = subprocess.run(nvcc_command(arch, pass_configs, cu, cubin), capture_output=True, text=True)
         if result.returncode != 0:
             raise CompileError(f"nvcc failed for kernel {name!r} ({arch}):\n{result.stderr[-4000:]}")
+        _log.debug("nvcc built %s for %s in %.2fs", name, arch, time.perf_counter() - start)
         with open(cubin, "rb") as f:
             return f.read()
 

@@ -44,6 +44,14 @@ from jax_tilek.kernel import TileKernel
 from jax_tilek.spec import LaunchSpec, TensorBinding, bits_of, compact_strides, size_in_bits
 
 _log = logging.getLogger(__name__)
+_told: set[tuple[str, str, str]] = set()
+
+
+def _tell(op: str, platform_name: str, choice: str, why: str) -> None:
+    """Logs (INFO, once per op, platform and choice) which implementation an op took and why."""
+    if (op, platform_name, choice) not in _told:
+        _told.add((op, platform_name, choice))
+        _log.info("%s on %s: %s (%s)", op, platform_name, choice, why)
 
 Impl = Optional[Literal["tilelang", "xla"]]
 IMPLS = (None, "tilelang", "xla")
@@ -221,6 +229,7 @@ class TileOp:
         if self.check is not None:
             self.check(*full, **static)
         if impl == "xla":
+            _tell(self.name, "any platform", "the reference", "impl='xla'")
             return self.reference_or_raise()(*full, **static)
         frozen = freeze(static)
         try:
@@ -239,6 +248,7 @@ class TileOp:
                     raise
                 # impl=None promises the kernel only where it can run: these operands it cannot.
                 _log.debug("%s: the reference path (%s)", self.name, e)
+                _tell(self.name, "any platform", "the reference", "the kernel does not take these operands")
                 return self.reference_or_raise()(*full, **static)
         present = tuple(i for i, a in enumerate(full) if a is not None)
         flat = tilek_call_p.bind(*(full[i] for i in present), op=self, static=frozen, present=present,
@@ -447,6 +457,8 @@ def _reference_lowering(ctx, *operands, op: TileOp, static, present, arity, impl
             f"{op.name}: impl='tilelang' needs an NVIDIA Hopper or Blackwell GPU, but this program is "
             f"lowered for {ctx.module_context.platforms}; use impl=None to fall back to the reference"
         )
+    platforms = "/".join(ctx.module_context.platforms)
+    _tell(op.name, platforms, "the reference", f"lowered for {platforms}: kernels run only on CUDA")
     reference, kwargs = op.reference_or_raise(), dict(static)
     lowered = lambda *a: jax.tree.leaves(reference(*_expand(present, arity, a), **kwargs))  # noqa: E731
     return mlir.lower_fun(lowered, multiple_results=True)(ctx, *operands)
@@ -460,7 +472,10 @@ def _cuda_lowering(ctx, *operands, op: TileOp, static, present, arity, impl, loc
     if arch is None:
         if impl == "tilelang":
             raise ValueError(f"{op.name}: impl='tilelang' but jax_tilek has no kernels for this GPU")
+        _tell(op.name, "cuda", "the reference", "this GPU is not one jax_tilek has kernels for (Hopper or Blackwell)")
         return _reference_lowering(ctx, *operands, op=op, static=static, present=present, arity=arity, impl=impl, local=True)
+    why = "architecture set by JAX_TILEK_ARCH or target_arch()" if platform.config.arch_override() else "the local GPU"
+    _tell(op.name, "cuda", f"the TileLang kernel for {arch}", why)
     full, kwargs = _expand(present, arity, ctx.avals_in), dict(static)
     operand_names = op.operand_names(arity)
     with named_errors(op.name):  # a shape the kernel cannot launch for: a ValueError naming the op

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from jax_tilek import config
 
 # Compute capability -> the arch-specific target TileLang's Hopper/Blackwell code needs.
 ARCH_BY_COMPUTE_CAPABILITY = {"9.0": "sm_90a", "10.0": "sm_100a", "10.3": "sm_103a"}
+
+_log = logging.getLogger(__name__)
 
 
 class NoTargetArchError(ValueError):
@@ -31,7 +34,15 @@ def _local_gpu_arch() -> tuple[bool, str | None]:
         gpus = jax.devices("cuda")
     except RuntimeError:
         return False, None
-    return True, device_arch(gpus[0])
+    arch = device_arch(gpus[0])
+    if arch is None:  # once per process (cached)
+        _log.warning(
+            "%s (compute capability %s) is not a GPU jax_tilek has kernels for (Hopper sm_90, Blackwell "
+            "sm_100/sm_103): jax_tilek ops run their pure-JAX references on it",
+            getattr(gpus[0], "device_kind", "this GPU"),
+            getattr(gpus[0], "compute_capability", "unknown"),
+        )
+    return True, arch
 
 
 def lowering_arch() -> str | None:

@@ -34,11 +34,10 @@ Tests need pytest; importing this module does not. :func:`pytest_generate_tests`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
-import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -424,21 +423,28 @@ def public_cases(families: Sequence[str] = FAMILIES) -> Iterator[tuple[str, Call
 def prepare(arch: str, families: Sequence[str] = FAMILIES) -> int:
     """Compiles into the kernel cache every kernel the cases of ``families`` use on ``arch``: each case
     as called, vmapped over its arrays, and (for functions with a custom VJP) differentiated; returns
-    the number of programs lowered."""
+    the number of programs lowered. Serial, in this process (``python -m jax_tilek precompile`` runs
+    the same programs in parallel worker processes)."""
     count = 0
     for _, fn, case in public_cases(families):
-        call, structs = over_arrays(case.call(fn), case.structs())
-        programs = [(call, structs)]
-        if structs:
-            stacked = [jax.ShapeDtypeStruct((2, *s.shape), s.dtype) for s in structs]
-            programs.append((jax.vmap(call), stacked))
-        floats = [i for i, s in enumerate(structs) if jnp.issubdtype(s.dtype, jnp.floating)]
-        if getattr(fn, "differentiable", False) and floats:
-            programs.append((jax.grad(lambda *a: sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(call(*a))), floats), structs))
+        programs = case_programs(fn, case)
         for program, args in programs:
             jax_tilek.precompile(program, *args, arch=arch)
         count += len(programs)
     return count
+
+
+def case_programs(fn: Callable[..., Any], case: ArgSpec) -> list[tuple[Callable[..., Any], list[Any]]]:
+    """The programs :func:`prepare` lowers for one case: as called, vmapped, and differentiated."""
+    call, structs = over_arrays(case.call(fn), case.structs())
+    programs = [(call, structs)]
+    if structs:
+        stacked = [jax.ShapeDtypeStruct((2, *s.shape), s.dtype) for s in structs]
+        programs.append((jax.vmap(call), stacked))
+    floats = [i for i, s in enumerate(structs) if jnp.issubdtype(s.dtype, jnp.floating)]
+    if getattr(fn, "differentiable", False) and floats:
+        programs.append((jax.grad(lambda *a: sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(call(*a))), floats), structs))
+    return programs
 
 
 def over_arrays(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Callable[..., Any], list[Any]]:
@@ -461,14 +467,12 @@ def _array_positions(args: Sequence[Any]) -> list[int]:
     return [i for i, a in enumerate(args) for _ in over_arrays(lambda *_: None, [a])[1]]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Compile every kernel the op cases use into the jax_tilek cache.")
-    parser.add_argument("--arch", default=os.environ.get("JAX_TILEK_ARCH", "sm_90a"))
-    parser.add_argument("--family", action="append", help="a family module (default: all)")
-    options = parser.parse_args(argv)
-    count = prepare(options.arch, options.family or FAMILIES)
-    print(f"lowered {count} calls for {options.arch}")
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jax_tilek.testing --arch sm_90a``: ``python -m jax_tilek precompile`` for the families."""
+    from jax_tilek._cli import main as cli
+
+    return cli(["precompile", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
