@@ -324,14 +324,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"step 0: held-out loss {evaluate(0):.3f}")
     tokens_per_step = c.batch * c.seq
     bar = tqdm(range(start, stop), initial=start, total=stop, desc=ran, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    rate, t0 = None, None
     for step in bar:
         state, m = train_step(state, batch_at(train_ids, step, c.batch, c.seq, args.seed))
         if step == start or (step + 1) % 10 == 0 or step + 1 == stop:
             loss, aux = float(m["loss"]), float(m["aux"])  # syncs
-            rate = (step + 1 - start) * tokens_per_step / (time.perf_counter() - t0)  # the first step includes compiling
-            bar.set_postfix(loss=f"{loss:.3f}", aux=f"{aux / c.layers:.3f}", tok_s=f"{rate:,.0f}")
-            record({"step": step + 1, "loss": loss, "aux": aux / c.layers, "tokens_per_s": rate})
+            row = {"step": step + 1, "loss": loss, "aux": aux / c.layers}
+            if t0 is None:  # the rate counts from the first step's end: compiling is not training
+                t0, counted_from = time.perf_counter(), step + 1
+            elif step + 1 > counted_from:
+                rate = row["tokens_per_s"] = (step + 1 - counted_from) * tokens_per_step / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss:.3f}", aux=f"{aux / c.layers:.3f}", tok_s=f"{rate:,.0f}")
+            record(row)
         if (step + 1) % args.eval_every == 0 and step + 1 < stop:
             bar.write(f"step {step + 1}: held-out loss {evaluate(step + 1):.3f}")
     bar.close()
@@ -350,8 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_losses = list(losses.values())
     print(f"held-out loss {final_eval:.3f} (train {train_losses[0] if train_losses else float('nan'):.3f} -> "
           f"{train_losses[-1] if train_losses else float('nan'):.3f}); wrote {args.out}/metrics.jsonl, loss.png, ckpt/{stop}")  # fmt: skip
+    if rate:
+        print(f"{rate:,.0f} tokens/s after the first step ({ran})")
     print("sample:\n" + text)
-    return {"eval_loss": final_eval, "losses": losses, "start": start, "sample": text}
+    return {"eval_loss": final_eval, "losses": losses, "start": start, "sample": text, "tokens_per_s": rate}
 
 
 if __name__ == "__main__":

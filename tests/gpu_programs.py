@@ -6,8 +6,8 @@ Modes:
   run-cached DIR      the same, with JAX's persistent compilation cache in DIR; also print the number
                       of cache hits
   exported FILE       deserialize a jax.export artifact and run it; print its output digest
-  prepare ARCH        build machine: compile this program and the GPU_PROGRAMS of the GPU tests
-                      outside the op families (test_byo, test_op) for ARCH, and write the exported
+  prepare ARCH        build machine: compile this program and the GPU_PROGRAMS of the test modules
+                      (what GPU tests launch beyond the op families' cases) for ARCH, and write the exported
                       program into the kernel cache (the op families' cases: python -m jax_tilek.testing)
 """
 
@@ -90,11 +90,34 @@ def main() -> None:
         raise SystemExit(f"unknown mode {mode}")
 
 
+def modules_with_gpu_programs() -> list:
+    """Every test module that defines ``GPU_PROGRAMS``: the (fn, abstract args) its GPU tests launch
+    beyond the op families' named cases (imported as pytest would, with its folder on sys.path)."""
+    import glob
+    import importlib
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    modules = []
+    for path in sorted(glob.glob(os.path.join(here, "**", "test_*.py"), recursive=True)):
+        with open(path) as f:
+            if "\nGPU_PROGRAMS = " not in f.read():
+                continue
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        try:
+            modules.append(importlib.import_module(os.path.basename(path)[:-3]))
+        except BaseException as e:  # pytest.importorskip's Skipped: an optional dependency is missing
+            if type(e).__name__ != "Skipped":
+                raise
+            print(f"skipped {os.path.relpath(path, here)}: {e}")
+    return modules
+
+
 def prepare(arch: str) -> None:
     import os
 
-    import test_byo
-    import test_op
     from jax_tilek import config
 
     x = jax.ShapeDtypeStruct(SHAPE, DTYPE)
@@ -102,7 +125,7 @@ def prepare(arch: str) -> None:
     os.makedirs(os.path.join(config.cache_dir(), "exports"), exist_ok=True)
     with open(os.path.join(config.cache_dir(), "exports", EXPORT_FILE), "wb") as f:
         f.write(jax_tilek.export(program, x, arch=arch).serialize())
-    programs = test_byo.GPU_PROGRAMS + test_op.GPU_PROGRAMS
+    programs = [p for module in modules_with_gpu_programs() for p in module.GPU_PROGRAMS]
     for fn, args in programs:
         jax_tilek.precompile(fn, *args, arch=arch)
     print(f"prepared the runtime program, its export and {len(programs)} GPU test programs for {arch}")

@@ -399,24 +399,56 @@ class TestUniqueGroupIndices(OpContract):
 # GPU: the kernels against numpy on fresh inputs (the contract's GPU test covers every named call).
 
 
+MAPPING_CASES = [(4001, 8, 256, 128), (1, 1, 8, 16), (0, 6, 64, 64), (8001, 6, 384, 1), (100000, 8, 256, 64)]  # t, k, e, alignment
+ROUNDTRIP_CASES = [(7168, BF16), (576, BF16), (2048, np.float32), (96, E4M3)]  # h, dtype
+ROUNDTRIP_TOKENS, ROUNDTRIP_TOPK, ROUNDTRIP_EXPERTS, ROUNDTRIP_ALIGNMENT = 3001, 8, 256, 128
+
+
+def fused_mapping_tilelang(e: int, alignment: int):
+    return lambda idx: get_fused_mapping(idx, e, 0, alignment, impl="tilelang")
+
+
+def expand_tilelang(x, ttp, pte):
+    return expand_to_fused(x, ttp, pte, impl="tilelang")
+
+
+def reduce_tilelang(x, w, ttp):
+    return reduce_fused(x, w, ttp, impl="tilelang")
+
+
+def _roundtrip_programs(h: int, dtype) -> list:
+    t, k, e = ROUNDTRIP_TOKENS, ROUNDTRIP_TOPK, ROUNDTRIP_EXPERTS
+    p = capacity(t, k, e, ROUNDTRIP_ALIGNMENT)
+    struct = jax.ShapeDtypeStruct
+    programs = [(expand_tilelang, (struct((t, h), dtype), struct((t, k), jnp.int32), struct((p,), jnp.int32)))]
+    if (h * np.dtype(dtype).itemsize) % 16 == 0:
+        programs.append((reduce_tilelang, (struct((p, h), dtype), struct((t, k), jnp.float32), struct((t, k), jnp.int32))))
+    return programs
+
+
+GPU_PROGRAMS = [(fused_mapping_tilelang(e, a), (jax.ShapeDtypeStruct((max(t, 1), k), jnp.int32),)) for t, k, e, a in MAPPING_CASES] + [
+    p for h, dtype in ROUNDTRIP_CASES for p in _roundtrip_programs(h, dtype)
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,k,e,alignment", [(4001, 8, 256, 128), (1, 1, 8, 16), (0, 6, 64, 64), (8001, 6, 384, 1), (100000, 8, 256, 64)])
+@pytest.mark.parametrize("t,k,e,alignment", MAPPING_CASES)
 def test_fused_mapping_kernel(on_gpu, rng, t, k, e, alignment):
     idx = random_topk_idx(rng, t, k, e)
-    got = on_gpu(lambda i: get_fused_mapping(i, e, 0, alignment, impl="tilelang"), idx)
+    got = on_gpu(fused_mapping_tilelang(e, alignment), idx)
     for g, w in zip(got, np_fused_mapping(idx, e, capacity(t, k, e, alignment), alignment)):
         assert_bytes_equal(g, np.asarray(w, np.int32))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("h,dtype", [(7168, BF16), (576, BF16), (2048, np.float32), (96, E4M3)])
+@pytest.mark.parametrize("h,dtype", ROUNDTRIP_CASES)
 def test_expand_and_reduce_kernels(on_gpu, rng, h, dtype):
-    t, k, e = 3001, 8, 256
-    ttp, pte = mapping(rng, t, k, e, 128)
+    t, k, e = ROUNDTRIP_TOKENS, ROUNDTRIP_TOPK, ROUNDTRIP_EXPERTS
+    ttp, pte = mapping(rng, t, k, e, ROUNDTRIP_ALIGNMENT)
     x = (rng.standard_normal((t, h), np.float32) * 4).astype(dtype)
-    got = on_gpu(lambda *a: expand_to_fused(*a, impl="tilelang"), x, ttp, pte)
+    got = on_gpu(expand_tilelang, x, ttp, pte)
     assert_bytes_equal(got, np_expand(x, ttp, pte.shape[0]))
     if (h * np.dtype(dtype).itemsize) % 16 == 0:
         w = rng.random((t, k), np.float32)
-        red = on_gpu(lambda g, w: reduce_fused(g, w, ttp, impl="tilelang"), np.asarray(got), w)
+        red = on_gpu(reduce_tilelang, np.asarray(got), w, ttp)
         assert_bytes_equal(red, np_reduce(np.asarray(got), w, ttp))

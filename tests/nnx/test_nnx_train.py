@@ -62,3 +62,29 @@ def test_resume_continues_the_curve(train_moe, tmp_path):
 def test_fp8_flag_is_not_implemented_yet(train_moe):
     with pytest.raises(NotImplementedError, match="FP8"):
         train_moe.main(["--fp8"])
+
+
+@pytest.fixture(scope="module")
+def train_moe_as_shipped():
+    """The job with its own configurations: the shapes ``--precompile`` compiled."""
+    spec = importlib.util.spec_from_file_location("train_moe_as_shipped", os.path.join(ROOT, "examples", "train_moe.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(400)  # three programs compiled per implementation
+def test_kernels_train_like_the_references(train_moe_as_shipped, tmp_path):
+    """The tiny model for 60 steps on the kernels and on the references (XLA on the same GPU): both
+    learn, and the curves agree to bfloat16 rounding; prints both rates (tokens/s after the first step)."""
+    common = ["--steps", "60", "--eval-every", "1000"]
+    runs = {impl: train_moe_as_shipped.main(["--impl", impl, "--out", str(tmp_path / impl), *common]) for impl in ("tilelang", "xla")}
+    kernels, reference = runs["tilelang"], runs["xla"]
+    assert kernels["losses"][60] < kernels["losses"][1] - 1.0
+    for step in (1, 10, 60):
+        assert kernels["losses"][step] == pytest.approx(reference["losses"][step], abs=0.05), step
+    assert kernels["eval_loss"] == pytest.approx(reference["eval_loss"], abs=0.05)
+    print(f"tokens/s: tilelang {kernels['tokens_per_s']:,.0f}, xla {reference['tokens_per_s']:,.0f} "
+          f"({kernels['tokens_per_s'] / reference['tokens_per_s']:.2f}x)")
