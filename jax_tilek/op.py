@@ -44,14 +44,12 @@ from jax_tilek.kernel import TileKernel
 from jax_tilek.spec import LaunchSpec, TensorBinding, bits_of, compact_strides, size_in_bits
 
 _log = logging.getLogger(__name__)
-_told: set[tuple[str, str, str]] = set()
 
 
+@functools.cache  # once per op, platform, choice and reason
 def _tell(op: str, platform_name: str, choice: str, why: str) -> None:
-    """Logs (INFO, once per op, platform and choice) which implementation an op took and why."""
-    if (op, platform_name, choice) not in _told:
-        _told.add((op, platform_name, choice))
-        _log.info("%s on %s: %s (%s)", op, platform_name, choice, why)
+    """Logs (INFO) which implementation an op took and why."""
+    _log.info("%s on %s: %s (%s)", op, platform_name, choice, why)
 
 Impl = Optional[Literal["tilelang", "xla"]]
 IMPLS = (None, "tilelang", "xla")
@@ -247,8 +245,7 @@ class TileOp:
                 if impl is not None:
                     raise
                 # impl=None promises the kernel only where it can run: these operands it cannot.
-                _log.debug("%s: the reference path (%s)", self.name, e)
-                _tell(self.name, "any platform", "the reference", "the kernel does not take these operands")
+                _tell(self.name, "any platform", "the reference", f"the kernel does not take these operands: {e}")
                 return self.reference_or_raise()(*full, **static)
         present = tuple(i for i, a in enumerate(full) if a is not None)
         flat = tilek_call_p.bind(*(full[i] for i in present), op=self, static=frozen, present=present,
@@ -474,8 +471,7 @@ def _cuda_lowering(ctx, *operands, op: TileOp, static, present, arity, impl, loc
             raise ValueError(f"{op.name}: impl='tilelang' but jax_tilek has no kernels for this GPU")
         _tell(op.name, "cuda", "the reference", "this GPU is not one jax_tilek has kernels for (Hopper or Blackwell)")
         return _reference_lowering(ctx, *operands, op=op, static=static, present=present, arity=arity, impl=impl, local=True)
-    why = "architecture set by JAX_TILEK_ARCH or target_arch()" if platform.config.arch_override() else "the local GPU"
-    _tell(op.name, "cuda", f"the TileLang kernel for {arch}", why)
+    _tell(op.name, "cuda", f"the TileLang kernel for {arch}", "set by JAX_TILEK_ARCH or target_arch()" if platform.config.arch_override() else "the local GPU")
     full, kwargs = _expand(present, arity, ctx.avals_in), dict(static)
     operand_names = op.operand_names(arity)
     with named_errors(op.name):  # a shape the kernel cannot launch for: a ValueError naming the op

@@ -36,12 +36,8 @@ def _local_gpu_arch() -> tuple[bool, str | None]:
         return False, None
     arch = device_arch(gpus[0])
     if arch is None:  # once per process (cached)
-        _log.warning(
-            "%s (compute capability %s) is not a GPU jax_tilek has kernels for (Hopper sm_90, Blackwell "
-            "sm_100/sm_103): jax_tilek ops run their pure-JAX references on it",
-            getattr(gpus[0], "device_kind", "this GPU"),
-            getattr(gpus[0], "compute_capability", "unknown"),
-        )
+        _log.warning("%s (compute capability %s) is not a GPU jax_tilek has kernels for (Hopper sm_90, Blackwell sm_100/sm_103): "
+                     "its ops run their pure-JAX references", gpus[0].device_kind, getattr(gpus[0], "compute_capability", "?"))
     return True, arch
 
 

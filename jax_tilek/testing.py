@@ -47,7 +47,7 @@ import numpy as np
 
 import jax_tilek
 
-FAMILIES = ("jax_tilek.transpose", "jax_tilek.quant", "jax_tilek.swiglu", "jax_tilek.norm", "jax_tilek.moe", "jax_tilek.gemm", "jax_tilek.mhc")  # public faces whose functions carry ``cases``
+FAMILIES = ("jax_tilek.transpose", "jax_tilek.quant", "jax_tilek.swiglu", "jax_tilek.norm", "jax_tilek.moe", "jax_tilek.gemm", "jax_tilek.mhc", "jax_tilek.engram", "jax_tilek.rope")  # public faces whose functions carry ``cases``
 
 _CUBIN = re.compile(r'cubin = "(?:[^"\\]|\\.)*"')
 

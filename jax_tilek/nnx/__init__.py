@@ -1,7 +1,8 @@
 """Flax NNX layers built on jax_tilek's ops (``pip install jax_tilek[nnx]``).
 
 ``RMSNorm`` (fused residual add, optional FP8 output), ``SwiGLU`` (an MLP), ``Router`` and ``MoE``
-(routed experts on the fused layout, shared experts, the load-balancing loss). Each layer's ``impl``
+(routed experts on the fused layout, shared experts, the load-balancing loss), ``RotaryEmbedding``
+and ``EngramGate`` (hash → table lookup → gate, tables shardable by rows). Each layer's ``impl``
 (None: kernels on Hopper/Blackwell GPUs, references elsewhere; ``"tilelang"``; ``"xla"``) is passed to
 every op it calls; None follows ``jax_tilek.set_default_impl`` / ``jax_tilek.default_impl``.
 
@@ -21,10 +22,14 @@ from jax_tilek.nnx._layers import (
     SwiGLU,
     param,
 )
+from jax_tilek.nnx._engram import ENGRAM_ROWS, EngramGate, is_table, ngram_token_ids
 from jax_tilek.nnx._moe import MoE, Router, RouterBias, load_balancing_loss, scores
+from jax_tilek.nnx._rope import RotaryCache, RotaryEmbedding
 
 __all__ = [
     "EMBED",
+    "ENGRAM_ROWS",
+    "EngramGate",
     "EXPERT",
     "HEADS",
     "HEAD_DIM",
@@ -32,10 +37,14 @@ __all__ = [
     "VOCAB",
     "MoE",
     "RMSNorm",
+    "RotaryCache",
+    "RotaryEmbedding",
     "Router",
     "RouterBias",
     "SwiGLU",
+    "is_table",
     "load_balancing_loss",
+    "ngram_token_ids",
     "param",
     "scores",
 ]
