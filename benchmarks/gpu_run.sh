@@ -6,7 +6,7 @@
 # Build machine first (TileLang + nvcc, no GPU needed):   bash benchmarks/gpu_prepare.sh
 # Then ship the checkout with .tilek_cache/ and run:     bash benchmarks/gpu_run.sh [pytest paths/args]
 # To prepare an image that installs offline: pip install "scikit-build-core>=0.10" cmake (and jax, jaxlib).
-# BENCH_ONLY=family,... limits the benchmarks (default: all); BENCH_ONLY=none skips them.
+# BENCH_ONLY=family,... limits the benchmarks (default: all); BENCH_ONLY=none skips them; BENCH_TIMEOUT=s per family.
 # GPU_TEST_WORKERS=N runs the tests in N processes sharing the GPU (default 4; compiling is the slow part).
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_tilek_gpu}
@@ -53,10 +53,18 @@ grep -E "^(FAILED|ERROR)|Timeout|slowest|^[0-9.]+s (call|setup)|passed|failed" "
 tests_rc=$(( tests_rc || serial_rc ))
 bench_rc=0
 if [ "${BENCH_ONLY:-}" != none ]; then
+  # One process per family, each bounded by BENCH_TIMEOUT seconds (default 300): a slow family costs
+  # only itself, and every finished case is also a JSON line in bench_<family>.log.
+  families=${BENCH_ONLY:-$($PY -m jax_tilek bench --list | tr '\n' ',')}
+  for family in ${families//,/ }; do
+    timeout "${BENCH_TIMEOUT:-300}" $PY -m jax_tilek bench --family "$family" --json "$OUT/bench_$family.json" > "$OUT/bench_$family.log" 2>&1
+    rc=$?; echo "benchmarks $family rc=$rc"; bench_rc=$(( bench_rc || rc ))
+  done
   plot=()
   ! $PY -c "import matplotlib" > /dev/null 2>&1 || plot=(--plot "$OUT/plots")
-  $PY -m jax_tilek bench --family "${BENCH_ONLY:-}" --json "$OUT/bench.json" "${plot[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
-  bench_rc=${PIPESTATUS[0]}
+  $PY -c "import glob, json, sys; runs = [json.load(open(p)) for p in sorted(glob.glob(sys.argv[1] + '/bench_*.json'))]; \
+json.dump({'device': runs[0]['device'] if runs else '?', 'results': [r for x in runs for r in x['results']], 'overhead': [c for x in runs for c in x.get('overhead') or []]}, open(sys.argv[1] + '/bench.json', 'w'), indent=1)" "$OUT"
+  $PY -m jax_tilek bench --from-json "$OUT/bench.json" "${plot[@]}" 2>&1 | tee "$OUT/bench.log"
 fi
 echo "gpu tests rc=$tests_rc benchmarks rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))
