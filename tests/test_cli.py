@@ -363,6 +363,19 @@ def test_sanitize_runs_each_tool_and_prints_a_line_per_kernel(capsys, tmp_path):
     assert main(["sanitize", "--tool", "leakcheck"]) == 2
 
 
+def test_sanitize_runs_tools_in_parallel_with_a_bounded_case_count(capsys, tmp_path):
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER.format(python=sys.executable, env=sanitize.MANIFEST_ENV))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    argv = ["sanitize", "--parallel", "--cases-per-op", "2", "--family", "transpose", "--sanitizer", str(fake), "--out", str(tmp_path / "logs")]
+    assert main(argv) == 1  # the fake's memcheck reports an error
+    out = capsys.readouterr().out.splitlines()
+    totals = [line.split()[0] for line in out if "total:" in line]
+    assert totals == list(sanitize.TOOLS)  # every tool ran, reported in the given order
+    manifest = json.load(open(tmp_path / "logs" / "synccheck.manifest.json"))
+    assert manifest["ran"] == [f"{sys.executable} -m jax_tilek._cli.sanitize_child --family transpose --cases-per-op 2"]
+
+
 def test_sanitize_plugin_records_each_tests_kernels(tmp_path):
     test = tmp_path / "test_lowers.py"
     test.write_text(textwrap.dedent("""

@@ -18,6 +18,7 @@ whose device entry it names (records naming no jax_tilek kernel are XLA's or JAX
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -159,6 +160,8 @@ def target_command(args: argparse.Namespace) -> list[str]:
             command += ["--family", f]
         for o in args.op or ():
             command += ["--op", o]
+        if args.cases_per_op:
+            command += ["--cases-per-op", str(args.cases_per_op)]
         return command
     pytest_args = args.pytest if args.pytest else ["-m", "gpu", "tests"]
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
@@ -218,6 +221,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--tool", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOLS)} (default: all)")
     p.add_argument("--family", action="append", metavar="FAMILY", help="run this family's cases instead of the GPU tests")
     p.add_argument("--op", action="append", metavar="FAMILY.FUNCTION", help="run this function's cases (e.g. quant.per_token_cast)")
+    p.add_argument("--cases-per-op", type=int, metavar="N", help="with --family/--op: each function's first N cases only")
+    p.add_argument("--parallel", action="store_true", help="run the tools at the same time (one process each, on one GPU)")
     p.add_argument("--pytest", nargs=argparse.REMAINDER, help="pytest arguments instead of '-m gpu tests' (last option)")
     p.add_argument("--out", default="sanitize_logs", help="where the logs go (default ./sanitize_logs)")
     p.add_argument("--sanitizer", help="the compute-sanitizer executable")
@@ -236,8 +241,8 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     target = target_command(args)
     problems = 0
-    for tool in tools:
-        lines, found = run_tool(sanitizer, tool, target, args.out)
-        problems += found
-        print("\n".join(lines), flush=True)
+    with concurrent.futures.ThreadPoolExecutor(len(tools) if args.parallel else 1) as pool:
+        for lines, found in pool.map(lambda tool: run_tool(sanitizer, tool, target, args.out), tools):
+            problems += found
+            print("\n".join(lines), flush=True)
     return 1 if problems else 0

@@ -17,6 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--family", action="append", default=[])
     parser.add_argument("--op", action="append", default=[])
+    parser.add_argument("--cases-per-op", type=int, default=0, help="each function's first N cases (0: all)")
     args = parser.parse_args(argv)
 
     from jax_tilek._cli.precompile import family_module
@@ -31,9 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             chosen.setdefault(family_module(family), set()).add(function)
     manifest = Manifest()
     rng = np.random.default_rng(0)
+    taken: dict[str, int] = {}
     for family, functions in sorted(chosen.items()):
         for qualified, fn, case in public_cases([family]):
             if case.bench or (functions is not None and qualified.rsplit(".", 1)[-1] not in functions):
+                continue
+            taken[qualified] = taken.get(qualified, 0) + 1
+            if args.cases_per_op and taken[qualified] > args.cases_per_op:
                 continue
             label = f"{qualified}/{case.name}"
             try:
