@@ -376,6 +376,17 @@ def test_sanitize_runs_tools_in_parallel_with_a_bounded_case_count(capsys, tmp_p
     assert manifest["ran"] == [f"{sys.executable} -m jax_tilek._cli.sanitize_child --family transpose --cases-per-op 2"]
 
 
+def test_sanitize_stops_a_run_at_its_time_limit_and_says_so(capsys, tmp_path):
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    start = time.monotonic()
+    assert main(["sanitize", "--tool", "memcheck", "--time-limit", "1", "--op", "transpose.transpose", "--sanitizer", str(fake), "--out", str(tmp_path)]) == 1
+    assert time.monotonic() - start < 30
+    out = capsys.readouterr().out
+    assert "memcheck  FAIL  the run did not finish cleanly (exit stopped after 1 s)" in out
+
+
 def test_sanitize_plugin_records_each_tests_kernels(tmp_path):
     test = tmp_path / "test_lowers.py"
     test.write_text(textwrap.dedent("""

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -178,15 +179,22 @@ def sanitizer_env(manifest: str) -> dict[str, str]:
     return env
 
 
-def run_tool(sanitizer: str, tool: str, target: Sequence[str], out: str) -> tuple[list[str], int]:
-    """Runs ``target`` under one tool; returns its summary lines and the number of problems."""
+def run_tool(sanitizer: str, tool: str, target: Sequence[str], out: str, time_limit: float | None = None) -> tuple[list[str], int]:
+    """Runs ``target`` under one tool, stopped (its process group killed) after ``time_limit`` seconds;
+    returns its summary lines and the number of problems."""
     log, manifest = os.path.join(out, f"{tool}.log"), os.path.join(out, f"{tool}.manifest.json")
     for path in (log, manifest):
         if os.path.exists(path):
             os.unlink(path)
     with open(os.path.join(out, f"{tool}.stdout"), "w") as stdout:
-        rc = subprocess.run(sanitizer_command(sanitizer, tool, log, target), env=sanitizer_env(manifest),
-                            stdout=stdout, stderr=subprocess.STDOUT).returncode  # fmt: skip
+        process = subprocess.Popen(sanitizer_command(sanitizer, tool, log, target), env=sanitizer_env(manifest),
+                                   stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            rc = process.wait(time_limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            rc = f"stopped after {time_limit:g} s"
     text = ""
     if os.path.exists(log):
         with open(log, errors="replace") as f:
@@ -196,7 +204,9 @@ def run_tool(sanitizer: str, tool: str, target: Sequence[str], out: str) -> tupl
         with open(manifest) as f:
             ran = json.load(f)
     except (OSError, ValueError):
-        ran = {"kernels": {}, "failures": [f"no manifest: the run did not finish (exit {rc})"], "ran": []}
+        ran = {"kernels": {}, "failures": [], "ran": []}
+    if rc != 0:
+        ran["failures"].append(f"the run did not finish cleanly (exit {rc})")
     by_kernel = attribute(parsed.records, ran["kernels"])
     lines = []
     for name, item in ran["kernels"].items():
@@ -204,7 +214,7 @@ def run_tool(sanitizer: str, tool: str, target: Sequence[str], out: str) -> tupl
         first = f": {errors[0].splitlines()[0]}" if errors else ""
         lines.append(f"{tool:<9} {'FAIL' if errors else 'ok':<4}  {name}  [{', '.join(item['entries'])}; "
                      f"{len(item['configs'])} configs]: {len(errors)} errors{first}")  # fmt: skip
-    problems = sum(len(v) for v in by_kernel.values()) + len(ran["failures"]) + (rc != 0)
+    problems = sum(len(v) for v in by_kernel.values()) + len(ran["failures"])
     if by_kernel[""]:
         lines.append(f"{tool:<9} FAIL  (not a jax_tilek kernel): {len(by_kernel[''])} errors: {by_kernel[''][0].splitlines()[0]}")
     for failure in ran["failures"]:
@@ -222,6 +232,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--family", action="append", metavar="FAMILY", help="run this family's cases instead of the GPU tests")
     p.add_argument("--op", action="append", metavar="FAMILY.FUNCTION", help="run this function's cases (e.g. quant.per_token_cast)")
     p.add_argument("--cases-per-op", type=int, metavar="N", help="with --family/--op: each function's first N cases only")
+    p.add_argument("--time-limit", type=float, metavar="S", help="stop each tool's run after S seconds (what ran is still reported)")
     p.add_argument("--parallel", action="store_true", help="run the tools at the same time (one process each, on one GPU)")
     p.add_argument("--pytest", nargs=argparse.REMAINDER, help="pytest arguments instead of '-m gpu tests' (last option)")
     p.add_argument("--out", default="sanitize_logs", help="where the logs go (default ./sanitize_logs)")
@@ -242,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     target = target_command(args)
     problems = 0
     with concurrent.futures.ThreadPoolExecutor(len(tools) if args.parallel else 1) as pool:
-        for lines, found in pool.map(lambda tool: run_tool(sanitizer, tool, target, args.out), tools):
+        for lines, found in pool.map(lambda tool: run_tool(sanitizer, tool, target, args.out, args.time_limit), tools):
             problems += found
             print("\n".join(lines), flush=True)
     return 1 if problems else 0

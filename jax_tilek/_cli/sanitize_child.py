@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         family, _, function = op.rpartition(".")
         if chosen.get(family_module(family), set()) is not None:
             chosen.setdefault(family_module(family), set()).add(function)
-    manifest = Manifest()
+    manifest, path = Manifest(), os.environ.get(MANIFEST_ENV, "sanitize_manifest.json")
     rng = np.random.default_rng(0)
     taken: dict[str, int] = {}
     for family, functions in sorted(chosen.items()):
@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as e:  # AssertionError included: reported, the other cases go on
                 manifest.failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 print(f"FAILED {label}: {e}", flush=True)
-    manifest.save(os.environ.get(MANIFEST_ENV, "sanitize_manifest.json"))
+            manifest.save(path)  # after every case: a run stopped by --time-limit still says what ran
+    manifest.save(path)
     return 1 if manifest.failures else 0
 
 
