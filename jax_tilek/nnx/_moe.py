@@ -11,6 +11,7 @@ from flax import nnx
 
 from jax_tilek import gemm, moe
 from jax_tilek.nnx._layers import EMBED, EXPERT, MLP, Impl, SwiGLU, param, rows
+from jax_tilek.nnx._moe_parallel import axis_size, expert_parallel
 from jax_tilek.swiglu import swiglu
 
 Gate = Literal["sqrtsoftplus", "top2_sum"]
@@ -101,16 +102,26 @@ class MoE(nnx.Module):
     bfloat16/float16 and dim, ffn multiples of 128 (``impl="xla"`` takes any). Expert weights have
     axes ``"expert", "embed", "mlp"`` / ``"expert", "mlp", "embed"``. ``fp8=True`` (an FP8 grouped GEMM
     path) is not implemented yet.
+
+    ``expert_axis``: expert parallelism over that axis of the mesh in context (``jax.set_mesh``): the
+    experts' weights and the tokens are split over it (E and the token count divisible by its size);
+    each device routes its tokens, sends the rows to the experts' devices with a ragged all-to-all, and
+    combines what comes back (``jax_tilek.nnx._moe_parallel``; exact, nothing dropped). Results equal
+    the single-device layer's. Map ``"expert"`` to the axis in ``nnx.logical_axis_rules`` so the expert
+    weights live where they are used; the router's and shared experts' weights are used replicated.
     """
 
     def __init__(self, dim: int, ffn: int, num_experts: int, num_topk: int, *, num_shared_experts: int = 0, gate: Gate = "sqrtsoftplus",
                  scoring_func: str = "sqrtsoftplus", num_groups: int = 0, num_topk_groups: int = 0, routed_scaling_factor: float = 1.0,
                  alignment: int = 128, clamp_value: float | None = None, dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32,
-                 fp8: bool = False, impl: Impl = None, rngs: nnx.Rngs):  # fmt: skip
+                 fp8: bool = False, impl: Impl = None, expert_axis: str | None = None, rngs: nnx.Rngs):  # fmt: skip
         if fp8:
             raise NotImplementedError("MoE(fp8=True): the FP8 grouped GEMM does not exist yet in jax_tilek.gemm")
         self.dim, self.ffn, self.num_experts, self.num_topk = dim, ffn, num_experts, num_topk
         self.alignment, self.clamp_value, self.dtype, self.impl = alignment, clamp_value, dtype, impl
+        self.expert_axis = expert_axis
+        if expert_axis is not None and not jax.sharding.get_abstract_mesh().empty:
+            axis_size(self)
         self.router = Router(dim, num_experts, num_topk, gate=gate, scoring_func=scoring_func, num_groups=num_groups, num_topk_groups=num_topk_groups,
                              routed_scaling_factor=routed_scaling_factor, impl=impl, rngs=rngs)  # fmt: skip
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -127,6 +138,8 @@ class MoE(nnx.Module):
         return gemm.grouped_matmul(a, self.w_down[...].astype(self.dtype), expert_start=start, expert_end=end, impl=self.impl)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.expert_axis is not None:
+            return expert_parallel(self, x)
         tokens = rows(x).astype(self.dtype)
         idx, weights, probs = self.router(tokens)
         pos_to_expert, _, _, token_topk_to_pos, start, end, _, _ = moe.get_fused_mapping(idx, self.num_experts, 0, self.alignment, impl=self.impl)
