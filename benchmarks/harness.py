@@ -82,7 +82,7 @@ def random_on_device(key: jax.Array, struct: jax.ShapeDtypeStruct) -> jax.Array:
 
 
 def _input_bytes(inputs: Sequence[Any]) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in inputs)
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(inputs))
 
 
 def _program(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,8 +137,10 @@ def run_case(case: Case, key: jax.Array) -> dict:
     keys = iter(jax.random.split(key, 65))
     make = jax.jit(case.make_inputs)
     first = make(next(keys))
-    per_set = max(_input_bytes(first), 1)  # sets past L2; fewer calls for sets of GiBs (an 80 GB card holds them all)
-    sets = min(64, max(MIN_CALLS if per_set * MIN_CALLS <= MAX_HELD_BYTES else 2, int(math.ceil(ROTATE_BYTES / per_set))))
+    per_set = max(_input_bytes(first), 1)  # sets past L2
+    # Fewer calls where one call's inputs and outputs are GiBs: a program holds every call's outputs.
+    held = per_set + _input_bytes(jax.eval_shape(case.kernel, *first))
+    sets = min(64, max(MIN_CALLS if held * MIN_CALLS <= MAX_HELD_BYTES else 2, int(math.ceil(ROTATE_BYTES / per_set))))
     device_sets = [first] + [make(next(keys)) for _ in range(sets - 1)]
 
     t_kernel = time_per_call(jax.jit(case.kernel), device_sets)
