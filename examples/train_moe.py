@@ -1,12 +1,21 @@
 """Trains a small DeepSeek-style MoE transformer on Python's own standard-library sources.
 
 Pre-norm blocks (``jax_tilek.nnx.RMSNorm`` with the residual add fused), causal attention
-(``jax.nn.dot_product_attention``) and an MoE FFN (``jax_tilek.nnx.MoE``: routed SwiGLU experts plus a
-shared expert, with the load-balancing loss). Text: the ``.py`` files of the running Python's stdlib
-(nothing is downloaded), a character vocabulary built from them, the last files held out.
+(``jax.nn.dot_product_attention``, queries and keys rotated by ``jax_tilek.nnx.RotaryEmbedding``) and an
+MoE FFN (``jax_tilek.nnx.MoE``: routed SwiGLU experts plus a shared expert, with the load-balancing
+loss). Text: the ``.py`` files of the running Python's stdlib (nothing is downloaded), a character
+vocabulary built from them, the last files held out.
+
+``--mhc N`` widens the residual stream to N mHC streams (``jax_tilek.nnx.hyper_expand`` from the
+embedding, every attention and MoE sub-layer in a ``HyperConnection``, ``HyperHead`` before the final
+norm). ``--engram`` adds a ``jax_tilek.nnx.EngramGate`` (hashed 2- and 3-gram tables gated into the
+residual stream) at the start of the blocks in ``Config.engram_layers``, before attention, as DeepSeek's
+Engram demo places it (a shallow layer: its ``layer_ids`` are 1 and 15 of 30); its tables train with
+``jax_tilek.engram.sinkhorn_momentum`` through ``optax.multi_transform``, everything else with AdamW.
 
     python examples/train_moe.py                      # tiny model, CPU-friendly (kernels on Hopper/Blackwell)
     python examples/train_moe.py --steps 600          # again: resumes from the checkpoint in --out
+    python examples/train_moe.py --mhc --engram       # mHC residual streams (n = 4) and the Engram gate
     python examples/train_moe.py --precompile sm_90a  # fill the kernel cache for exactly this job, then exit
 
 Writes to ``--out``: ``metrics.jsonl`` (one JSON object per logged step and per evaluation),
@@ -34,7 +43,23 @@ from flax import nnx
 from tqdm import tqdm
 
 import jax_tilek
-from jax_tilek.nnx import EMBED, HEAD_DIM, HEADS, VOCAB, MoE, RMSNorm, param
+from jax_tilek.engram import sinkhorn_momentum
+from jax_tilek.nnx import (
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    VOCAB,
+    EngramGate,
+    HyperConnection,
+    HyperHead,
+    MoE,
+    RMSNorm,
+    RotaryEmbedding,
+    hyper_expand,
+    is_table,
+    ngram_token_ids,
+    param,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +77,18 @@ class Config:
     alignment: int = 128  # rows per expert segment (the grouped GEMM's M-tile)
     aux_coef: float = 1e-2
     vocab: int = 0  # set from the data
+    # --engram: the blocks that get a gate, the tables' sizes [n-gram order 2..N][table], their width
+    engram_layers: tuple[int, ...] = (1,)
+    engram_vocab: tuple[tuple[int, ...], ...] = ((4093, 4091), (8191, 8179))
+    engram_dim: int = 32
+    mhc_sinkhorn_repeat: int = 20  # --mhc: Sinkhorn iterations of every comb mix (the mHC paper's 20)
 
 
+# Head dim 64 in both: the rotary kernels take rotary dims of 64 or 128.
 CONFIGS = {
-    "tiny": Config(dim=128, layers=2, heads=4, experts=8, topk=2, ffn=128, seq=128, batch=16, steps=500, lr=3e-3),
-    "small": Config(dim=512, layers=6, heads=8, experts=32, topk=4, ffn=256, seq=512, batch=32, steps=2000, lr=1e-3),
+    "tiny": Config(dim=128, layers=2, heads=2, experts=8, topk=2, ffn=128, seq=128, batch=16, steps=500, lr=3e-3),
+    "small": Config(dim=512, layers=6, heads=8, experts=32, topk=4, ffn=256, seq=512, batch=32, steps=2000, lr=1e-3,
+                    engram_layers=(1, 3), engram_vocab=((16381, 16369), (65521, 65519)), engram_dim=64),
 }
 
 
@@ -126,54 +158,106 @@ def batch_at(ids: np.ndarray, step: int, batch: int, seq: int, seed: int) -> np.
 
 
 class Attention(nnx.Module):
-    """Causal multi-head self-attention (``jax.nn.dot_product_attention``) on ``[B, S, dim]``."""
+    """Causal multi-head self-attention (``jax.nn.dot_product_attention``) on ``[B, S, dim]``, queries and
+    keys rotated by their positions (RoPE over the whole head dim, 64 or 128)."""
 
-    def __init__(self, dim: int, heads: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, max_positions: int, *, dtype: Any, impl=None, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(2, 3))
         self.wqkv = param(rngs, init, (dim, 3, heads, dim // heads), jnp.float32, (EMBED, None, HEADS, HEAD_DIM))
         self.wo = param(rngs, nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), (heads, dim // heads, dim), jnp.float32,
                         (HEADS, HEAD_DIM, EMBED))  # fmt: skip
+        self.rope = RotaryEmbedding(dim // heads, max_positions, impl=impl)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = jnp.unstack(jnp.einsum("bsd,dthk->tbshk", x, self.wqkv[...].astype(self.dtype)))
+        q, k = self.rope(q, k)
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(self.dtype))
 
 
+def engram_gate(c: Config, streams: int, *, impl, rngs: nnx.Rngs) -> EngramGate:
+    return EngramGate(c.dim, streams, c.engram_vocab, c.engram_dim, impl=impl, rngs=rngs)
+
+
 class Block(nnx.Module):
-    def __init__(self, c: Config, *, impl, dtype: Any, rngs: nnx.Rngs):
+    """[Engram ->] attention -> MoE, pre-norm, on a ``[B, S, dim]`` residual stream."""
+
+    def __init__(self, c: Config, *, impl, dtype: Any, engram: bool = False, rngs: nnx.Rngs):
+        self.engram = engram_gate(c, 1, impl=impl, rngs=rngs) if engram else None
         self.attn_norm = RMSNorm(c.dim, impl=impl, rngs=rngs)
-        self.attn = Attention(c.dim, c.heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(c.dim, c.heads, c.seq, dtype=dtype, impl=impl, rngs=rngs)
         self.ffn_norm = RMSNorm(c.dim, impl=impl, rngs=rngs)
         self.moe = MoE(c.dim, c.ffn, c.experts, c.topk, num_shared_experts=1, alignment=c.alignment, dtype=dtype, impl=impl, rngs=rngs)
 
-    def __call__(self, x: jax.Array, residual: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, residual: jax.Array | None, ngrams: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(block output, residual stream, aux loss)``; the residual add is fused into the norms."""
+        if self.engram is not None:  # the gate adds its branch to the stream itself (one stream: hc = 1)
+            stream = x if residual is None else x + residual
+            x, residual = self.engram(stream[..., None, :], ngrams)[..., 0, :], None
         h, residual = self.attn_norm(x, residual) if residual is not None else (self.attn_norm(x), x)
         h, residual = self.ffn_norm(self.attn(h), residual)
         y, aux = self.moe(h)
         return y, residual, aux
 
 
-class Transformer(nnx.Module):
-    """Token ids ``[B, S]`` -> float32 logits ``[B, S, vocab]`` and the summed load-balancing loss."""
+class HyperBlock(nnx.Module):
+    """The same block on an mHC stream ``[B, S, n, dim]``: [Engram on the n streams ->] attention and MoE,
+    each with its pre-norm inside a ``HyperConnection``."""
 
-    def __init__(self, c: Config, *, impl=None, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
+    def __init__(self, c: Config, n: int, *, impl, dtype: Any, engram: bool = False, rngs: nnx.Rngs):
+        self.engram = engram_gate(c, n, impl=impl, rngs=rngs) if engram else None
+        attn = nnx.Sequential(RMSNorm(c.dim, impl=impl, rngs=rngs), Attention(c.dim, c.heads, c.seq, dtype=dtype, impl=impl, rngs=rngs))
+        experts = MoE(c.dim, c.ffn, c.experts, c.topk, num_shared_experts=1, alignment=c.alignment, dtype=dtype, impl=impl, rngs=rngs)
+        moe = nnx.Sequential(RMSNorm(c.dim, impl=impl, rngs=rngs), experts)
+        self.attn = HyperConnection(attn, c.dim, n, sinkhorn_repeat=c.mhc_sinkhorn_repeat, impl=impl, rngs=rngs)
+        self.moe = HyperConnection(moe, c.dim, n, sinkhorn_repeat=c.mhc_sinkhorn_repeat, impl=impl, rngs=rngs)
+
+    def __call__(self, stream: jax.Array, ngrams: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """``(new stream, aux loss)``."""
+        if self.engram is not None:
+            stream = self.engram(stream, ngrams)
+        return self.moe(self.attn(stream))
+
+
+class Transformer(nnx.Module):
+    """Token ids ``[B, S]`` -> float32 logits ``[B, S, vocab]`` and the summed load-balancing loss.
+
+    ``mhc``: 0 for the plain residual stream, else its number of mHC streams; ``engram``: Engram gates
+    in the blocks ``c.engram_layers``."""
+
+    def __init__(self, c: Config, *, impl=None, dtype: Any = jnp.bfloat16, mhc: int = 0, engram: bool = False, rngs: nnx.Rngs):
+        if engram and not all(0 <= i < c.layers for i in c.engram_layers):
+            raise ValueError(f"engram_layers {c.engram_layers} must name blocks of the {c.layers}-layer model")
+        gated = set(c.engram_layers) if engram else set()
         self.embed = param(rngs, nnx.initializers.normal(1.0), (c.vocab, c.dim), jnp.float32, (VOCAB, EMBED))
-        self.pos = param(rngs, nnx.initializers.normal(0.02), (c.seq, c.dim), jnp.float32, (None, EMBED))
-        self.blocks = nnx.List([Block(c, impl=impl, dtype=dtype, rngs=rngs) for _ in range(c.layers)])
+        if mhc:
+            blocks = [HyperBlock(c, mhc, impl=impl, dtype=dtype, engram=i in gated, rngs=rngs) for i in range(c.layers)]
+        else:
+            blocks = [Block(c, impl=impl, dtype=dtype, engram=i in gated, rngs=rngs) for i in range(c.layers)]
+        self.blocks = nnx.List(blocks)
+        self.head = HyperHead(c.dim, mhc, impl=impl, rngs=rngs) if mhc else None
         self.norm = RMSNorm(c.dim, impl=impl, rngs=rngs)
         self.unembed = param(rngs, nnx.initializers.normal(c.dim**-0.5), (c.dim, c.vocab), jnp.float32, (EMBED, VOCAB))
-        self.dtype = dtype
+        self.dtype, self.mhc, self.impl = dtype, mhc, impl
+        self.ngram = len(c.engram_vocab) + 1 if engram else 0  # the n-gram size the gates hash
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = (self.embed[...][tokens] + self.pos[...][: tokens.shape[1]]).astype(self.dtype)
-        residual, aux = None, jnp.float32(0)
-        for block in self.blocks:
-            x, residual, a = block(x, residual)
-            aux = aux + a
-        h, _ = self.norm(x, residual)
+        x = self.embed[...][tokens].astype(self.dtype)
+        ngrams = ngram_token_ids(tokens, self.ngram) if self.ngram else None
+        aux = jnp.float32(0)
+        if self.mhc:
+            stream = hyper_expand(x, self.mhc, impl=self.impl)
+            for block in self.blocks:
+                stream, a = block(stream, ngrams)
+                aux = aux + a
+            h = self.norm(self.head(stream))
+        else:
+            residual = None
+            for block in self.blocks:
+                x, residual, a = block(x, residual, ngrams)
+                aux = aux + a
+            h, _ = self.norm(x, residual)
         return jnp.einsum("bsd,dv->bsv", h, self.unembed[...].astype(self.dtype)).astype(jnp.float32), aux
 
 
@@ -182,12 +266,26 @@ def cross_entropy(model: Transformer, batch: jax.Array) -> tuple[jax.Array, jax.
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean(), aux
 
 
-def make_fns(c: Config, impl=None, seed: int = 0):
+def optimizer_for(c: Config, engram: bool = False, impl=None) -> optax.GradientTransformation:
+    """AdamW (clipped, warmup + cosine); with ``engram``, the Engram tables take Sinkhorn momentum on the
+    same schedule instead (``optax.multi_transform``, tables labelled by ``jax_tilek.nnx.is_table``)."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, c.lr, max(1, c.steps // 20), c.steps, c.lr / 10)
+    adamw = optax.adamw(schedule, b2=0.95, weight_decay=0.1)
+    if not engram:
+        return optax.chain(optax.clip_by_global_norm(1.0), adamw)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "table" if is_table(path) else "rest", params)
+
+    split = optax.multi_transform({"table": sinkhorn_momentum(schedule, impl=impl), "rest": adamw}, labels)
+    return optax.chain(optax.clip_by_global_norm(1.0), split)
+
+
+def make_fns(c: Config, impl=None, seed: int = 0, mhc: int = 0, engram: bool = False):
     """``(graphdef, state, train_step, eval_step, decode)``: pure jitted functions of the model and
     optimizer state (an ``nnx.State``), so they also serve ``jax_tilek.precompile``."""
-    model = Transformer(c, impl=impl, rngs=nnx.Rngs(seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, c.lr, max(1, c.steps // 20), c.steps, c.lr / 10)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=0.1))
+    model = Transformer(c, impl=impl, mhc=mhc, engram=engram, rngs=nnx.Rngs(seed))
+    tx = optimizer_for(c, engram, impl)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
@@ -259,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fp8", action="store_true", help="FP8 expert matmuls (not implemented yet)")
     p.add_argument("--steps", type=int, default=None, help="train up to this step (default: the model's schedule length)")
     p.add_argument("--model", choices=tuple(CONFIGS), default="tiny")
+    p.add_argument("--mhc", type=int, nargs="?", const=4, default=0, metavar="N", help="mHC residual streams (N, default 4 when given)")
+    p.add_argument("--engram", action="store_true", help="Engram gates (Config.engram_layers), tables trained by Sinkhorn momentum")
     p.add_argument("--precompile", metavar="ARCH", help="compile this job's kernels for ARCH (e.g. sm_90a) into the cache and exit")
     p.add_argument("--out", default="train_moe_out", help="metrics.jsonl, loss.png, vocab.json and checkpoints (resumed from)")
     p.add_argument("--data-bytes", type=int, default=3_000_000)
@@ -271,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     tok, train_ids, val_ids = load_data(args.data_bytes)
     c = dataclasses.replace(CONFIGS[args.model], vocab=tok.vocab)
     stop = args.steps or c.steps
-    graphdef, state, train_step, eval_step, decode = make_fns(c, args.impl, args.seed)
+    graphdef, state, train_step, eval_step, decode = make_fns(c, args.impl, args.seed, mhc=args.mhc, engram=args.engram)
     batch_struct = jax.ShapeDtypeStruct((c.batch, c.seq + 1), jnp.int32)
 
     if args.precompile:
@@ -316,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ran = implementation(args.impl)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)))
-    print(f"model {args.model}: {params / 1e6:.2f}M parameters, vocab {c.vocab} (ln {math.log(c.vocab):.2f}), "
+    variant = "".join((f" + mHC (n = {args.mhc})" if args.mhc else "", " + Engram" if args.engram else ""))
+    print(f"model {args.model}{variant}: {params / 1e6:.2f}M parameters, vocab {c.vocab} (ln {math.log(c.vocab):.2f}), "
           f"{len(train_ids) / 1e6:.2f}M train / {len(val_ids) / 1e6:.2f}M held-out chars; {ran}")  # fmt: skip
     if start:
         print(f"resumed from {args.out}/ckpt step {start}")

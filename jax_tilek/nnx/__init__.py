@@ -1,8 +1,9 @@
 """Flax NNX layers built on jax_tilek's ops (``pip install jax_tilek[nnx]``).
 
 ``RMSNorm`` (fused residual add, optional FP8 output), ``SwiGLU`` (an MLP), ``Router`` and ``MoE``
-(routed experts on the fused layout, shared experts, the load-balancing loss), ``RotaryEmbedding``
-and ``EngramGate`` (hash → table lookup → gate, tables shardable by rows). Each layer's ``impl``
+(routed experts on the fused layout, shared experts, the load-balancing loss), ``RotaryEmbedding``,
+``EngramGate`` (hash → table lookup → gate, tables shardable by rows) and the mHC residual blocks
+``HyperConnection``, ``hyper_expand``, ``HyperHead``. Each layer's ``impl``
 (None: kernels on Hopper/Blackwell GPUs, references elsewhere; ``"tilelang"``; ``"xla"``) is passed to
 every op it calls; None follows ``jax_tilek.set_default_impl`` / ``jax_tilek.default_impl``.
 
@@ -23,6 +24,7 @@ from jax_tilek.nnx._layers import (
     param,
 )
 from jax_tilek.nnx._engram import ENGRAM_ROWS, EngramGate, is_table, ngram_token_ids
+from jax_tilek.nnx._mhc import HyperConnection, HyperHead, hyper_expand
 from jax_tilek.nnx._moe import MoE, Router, RouterBias, load_balancing_loss, scores
 from jax_tilek.nnx._rope import RotaryCache, RotaryEmbedding
 
@@ -33,6 +35,8 @@ __all__ = [
     "EXPERT",
     "HEADS",
     "HEAD_DIM",
+    "HyperConnection",
+    "HyperHead",
     "MLP",
     "VOCAB",
     "MoE",
@@ -42,6 +46,7 @@ __all__ = [
     "Router",
     "RouterBias",
     "SwiGLU",
+    "hyper_expand",
     "is_table",
     "load_balancing_loss",
     "ngram_token_ids",

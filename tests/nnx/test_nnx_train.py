@@ -1,5 +1,6 @@
-"""examples/train_moe.py on a shrunken model: the training step lowers the loss, and a run saves a
-checkpoint that a second run resumes exactly where an uninterrupted run would be."""
+"""examples/train_moe.py on a shrunken model: the training step lowers the loss, a run saves a
+checkpoint that a second run resumes exactly where an uninterrupted run would be, and the --mhc and
+--engram variants train."""
 
 import dataclasses
 import importlib.util
@@ -7,14 +8,17 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import ROOT
 
-pytest.importorskip("flax.nnx")
+nnx = pytest.importorskip("flax.nnx")
 pytest.importorskip("optax")
 pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("tqdm")
+
+from jax_tilek.engram import SinkhornMomentumState  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,8 @@ def train_moe():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    small = dict(dim=128, layers=1, heads=2, experts=8, topk=2, ffn=128, seq=32, batch=4, steps=6, lr=3e-3)
+    small = dict(dim=128, layers=1, heads=2, experts=8, topk=2, ffn=128, seq=32, batch=4, steps=6, lr=3e-3, engram_layers=(0,),
+                 mhc_sinkhorn_repeat=4)  # fmt: skip
     module.CONFIGS["tiny"] = dataclasses.replace(module.CONFIGS["tiny"], **small)
     return module
 
@@ -57,6 +62,28 @@ def test_resume_continues_the_curve(train_moe, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 6
     assert (out / "loss.png").stat().st_size > 0 and sorted(p.name for p in (out / "ckpt").iterdir()) == ["4", "6"]
     assert len(resumed["sample"]) == train_moe.CONFIGS["tiny"].seq
+
+
+@pytest.mark.parametrize("flags,variant", [(["--mhc"], "mHC (n = 4)"), (["--engram"], "Engram")])
+def test_mhc_and_engram_variants_train(train_moe, tmp_path, capsys, flags, variant):
+    run = train_moe.main([*flags, "--steps", "8", "--eval-every", "1000", "--data-bytes", "200000", "--out", str(tmp_path)])
+    assert variant in capsys.readouterr().out
+    losses = run["losses"]
+    assert sorted(losses) == [1, 8] and np.isfinite(list(losses.values())).all()
+    assert losses[8] < losses[1] - 0.8
+    assert np.isfinite(run["eval_loss"]) and len(run["sample"]) == train_moe.CONFIGS["tiny"].seq
+
+
+def test_engram_tables_take_sinkhorn_momentum(train_moe):
+    """Only the Engram table's optimizer state is Sinkhorn momentum; everything else is AdamW."""
+    c = dataclasses.replace(train_moe.CONFIGS["tiny"], vocab=100)
+    model = train_moe.Transformer(c, engram=True, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    state = train_moe.optimizer_for(c, engram=True).init(params)
+    momenta = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, SinkhornMomentumState)) if isinstance(s, SinkhornMomentumState)]
+    assert len(momenta) == 1
+    shapes = [a.shape for a in jax.tree.leaves(momenta[0].momentum)]
+    assert shapes == [model.blocks[0].engram.table.shape]
 
 
 def test_fp8_flag_is_not_implemented_yet(train_moe):
