@@ -77,10 +77,8 @@ def cache_dir() -> str:
 def env_flag(name: str) -> bool:
     """A boolean environment variable: 1/0, on/off, true/false, yes/no (any case); unset is False."""
     value = os.environ.get(name, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
+    if value in _TRUE + _FALSE:
+        return value in _TRUE
     raise ValueError(f"{name}={os.environ[name]!r} is not understood: use one of 1/0, on/off, true/false, yes/no")
 
 
@@ -89,11 +87,9 @@ def offline() -> bool:
     forced = getattr(_local, "offline", None)
     if forced is not None:
         return forced
-    if env_flag("JAX_TILEK_OFFLINE"):
-        return True
     from jax_tilek.compiler import tilelang_available
 
-    return not tilelang_available()
+    return env_flag("JAX_TILEK_OFFLINE") or not tilelang_available()
 
 
 def lock_timeout() -> float:

@@ -142,9 +142,8 @@ class Launch:
     zero_fill: Sequence[str | int] = ()
 
     def workspace_items(self) -> list[tuple[str, jax.ShapeDtypeStruct]]:
-        if isinstance(self.workspace, Mapping):
-            return list(self.workspace.items())
-        return [(f"workspace{i}", w) for i, w in enumerate(self.workspace)]
+        named = self.workspace if isinstance(self.workspace, Mapping) else {f"workspace{i}": w for i, w in enumerate(self.workspace)}
+        return list(named.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +234,7 @@ class TileOp:
         except TypeError:
             raise TypeError(f"{self.name}: static options must be hashable values, got {static!r}") from None
         outs, tree = _out_signature(self, _signature(full), frozen)
-        names = self.operand_names(len(full))
-        self.check_extents([(n, a.shape) for n, a in zip(names, full) if a is not None])
+        self.check_extents([(n, a.shape) for n, a in zip(self.operand_names(len(full)), full) if a is not None])
         self.check_extents(list(zip(self.result_names(len(outs), full, static), (o.shape for o in outs))))
         if self.kernel_check is not None:
             try:
@@ -264,9 +262,8 @@ class TileOp:
         unknown = sorted(set(fields) - set(self.config_fields()))
         if unknown:
             raise ValueError(f"{self.name}.with_config: no config field(s) {unknown}; fields: {self.config_fields()}")
-        merged = dict(self.config_overrides or ()) if isinstance(self.config_overrides, tuple) else {}
-        merged.update(fields)
-        return dataclasses.replace(self, config_overrides=freeze(merged))
+        earlier = dict(self.config_overrides) if isinstance(self.config_overrides, tuple) else {}
+        return dataclasses.replace(self, config_overrides=freeze({**earlier, **fields}))
 
     def config_fields(self) -> tuple[str, ...]:
         """The names of this op's configuration fields (from the config class's annotations)."""
@@ -305,15 +302,14 @@ class TileOp:
     def check_extents(self, shapes: Sequence[tuple[str, Sequence[int]]], op: str | None = None) -> None:
         """A ValueError naming the op (``op``, default this op's name) and the array for an extent beyond
         ``max_extent``."""
-        if self.max_extent is None:
-            return
-        for name, shape in shapes:
-            for axis, extent in enumerate(shape):
-                if extent > self.max_extent:
-                    raise ValueError(
-                        f"{op or self.name}: {name} has {extent} elements along axis {axis}; the kernel takes extents "
-                        f"up to {self.max_extent} (use impl='xla' for the reference)"
-                    )
+        limit = self.max_extent
+        over = [(n, a, e) for n, shape in shapes for a, e in enumerate(shape) if limit is not None and e > limit]
+        if over:
+            name, axis, extent = over[0]
+            raise ValueError(
+                f"{op or self.name}: {name} has {extent} elements along axis {axis}; the kernel takes extents "
+                f"up to {limit} (use impl='xla' for the reference)"
+            )
 
     def _operands(self, args: tuple, kwargs: dict) -> tuple[list[Any], dict[str, Any]]:
         """(every operand in declared order as an array, None where absent; the static options)."""
@@ -331,13 +327,10 @@ class TileOp:
                 raise TypeError(f"{self.name}: operand {key!r} given twice")
             else:
                 given[key] = value
-        full = []
-        for n in names:
-            value = given.get(n)
-            if value is None and n not in optional:
-                raise TypeError(f"{self.name}: operand {n!r} is required")
-            full.append(None if value is None else as_array(self.name, n, value))
-        return full, static
+        missing = [n for n in names if given.get(n) is None and n not in optional]
+        if missing:
+            raise TypeError(f"{self.name}: operand {missing[0]!r} is required")
+        return [None if given.get(n) is None else as_array(self.name, n, given[n]) for n in names], static
 
 
 def config_class(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -400,10 +393,8 @@ def _signature(args: Sequence[Any]) -> tuple:
 
 def _expand(present: Sequence[int], arity: int, values: Sequence[Any]) -> list[Any]:
     """Operands in declared order, None where absent."""
-    full: list[Any] = [None] * arity
-    for i, v in zip(present, values):
-        full[i] = v
-    return full
+    given = dict(zip(present, values))
+    return [given.get(i) for i in range(arity)]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -595,12 +586,8 @@ def _row_operands(op: TileOp, full, out_avals, static) -> set[str] | None:
     rows = op.rows_for(*full, **dict(static)) if op.rows is not None else None
     if rows is None or not set(op.result_names(len(out_avals), full, dict(static))) <= set(rows.results):
         return None
-    names = op.operand_names(len(full))
-    if any(n in rows.operands and a is not None and a.ndim == 0 for n, a in zip(names, full)):
-        return None
-    if any(a.ndim == 0 for a in out_avals):
-        return None
-    return set(rows.operands)
+    row_args = [a for n, a in zip(op.operand_names(len(full)), full) if n in rows.operands and a is not None]
+    return None if any(a.ndim == 0 for a in [*row_args, *out_avals]) else set(rows.operands)
 
 
 def _fold_rows(op: TileOp, full, dims, static, impl):
@@ -626,16 +613,12 @@ def _fold_rows(op: TileOp, full, dims, static, impl):
 
 def map_batch(args, dims, fn: Callable[..., Sequence[Any]]):
     """A vmap rule that runs ``fn`` once per batch element (``lax.map``)."""
-    moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
     mapped = [i for i, d in enumerate(dims) if d is not None]
 
     def body(xs):
-        full = list(moved)
-        for i, x in zip(mapped, xs):
-            full[i] = x
-        return fn(*full)
+        return fn(*(xs[mapped.index(i)] if i in mapped else a for i, a in enumerate(args)))
 
-    outs = jax.lax.map(body, [moved[i] for i in mapped])
+    outs = jax.lax.map(body, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped])
     return outs, [0] * len(outs)
 
 
@@ -712,17 +695,10 @@ def _partitioned(op: TileOp, static, present, arity, impl, rule: ShardingRule) -
         # Arguments as a tuple, results in the structure the function returns (a list).
         return tuple(NamedSharding(mesh, s) for s in in_specs), [NamedSharding(mesh, s) for s in out_specs]
 
-    def partition(mesh, arg_shapes, result_shape):
-        arg_shardings, result_shardings = shardings(mesh, arg_shapes)
-        return mesh, local, result_shardings, arg_shardings
-
-    def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
-        return shardings(mesh, arg_shapes)[1]
-
     fn = custom_partitioning(local)
     fn.def_partition(
-        partition=partition,
-        infer_sharding_from_operands=infer_sharding_from_operands,
+        partition=lambda mesh, arg_shapes, _: (mesh, local, *reversed(shardings(mesh, arg_shapes))),
+        infer_sharding_from_operands=lambda mesh, arg_shapes, _: shardings(mesh, arg_shapes)[1],
         sharding_rule=rule.rule,
         need_replication_factors=rule.replicated,
     )
