@@ -1,6 +1,9 @@
 """Layer benchmarks (family "nnx"): ``jax_tilek.nnx.MoE`` forward + backward (gradients of every
 parameter and of the input) on the kernels against the same layer on the plain-JAX references
-(``impl="xla"``: ``lax.top_k``, sorts, gathers, segment sums, ``lax.ragged_dot``) under jit.
+(``impl="xla"``: ``lax.top_k``, sorts, gathers, segment sums, ``lax.ragged_dot``) under jit; and an
+mHC block (``jax_tilek.nnx.HyperConnection``, n = 4 streams, around an elementwise sub-layer so that
+the mHC machinery is what is timed: norm + mixes + Sinkhorn, the pre mix, the post/comb update and
+their backward) the same way, at DeepSeek's hidden sizes.
 
 Each input set is fresh tokens and fresh float32 parameters (the layer as it trains: master weights
 in float32, compute in bfloat16). ``min_bytes`` counts the parameters and tokens read and their
@@ -78,4 +81,34 @@ def _case(shape: MoEShape) -> Case:
     return Case.of_impls(FAMILY, f"moe_fwd_bwd/{shape.name}", make_inputs, lambda impl: _forward_backward(shape, impl), min_bytes, params)
 
 
-CASES = [_case(s) for s in SHAPES]
+MHC_SHAPES = ((4096, 4096), (16384, 4096), (4096, 7168), (16384, 7168))  # tokens, hidden
+
+
+def _mhc_forward_backward(dim: int, impl: str):
+    from jax_tilek.nnx import HyperConnection
+
+    graphdef = functools.cache(lambda: nnx.split(nnx.eval_shape(lambda: HyperConnection(jax.nn.silu, dim, 4, impl=impl, rngs=nnx.Rngs(0))))[0])
+
+    def step(residual, state):
+        def objective(state, residual):
+            return jnp.vdot(nnx.merge(graphdef(), state)(residual).astype(jnp.float32), residual.astype(jnp.float32))
+
+        return jax.grad(objective, argnums=(0, 1))(state, residual)
+
+    return step
+
+
+def _mhc_case(tokens: int, dim: int) -> Case:
+    from jax_tilek.nnx import HyperConnection
+
+    def make_inputs(key):
+        k_x, k_params = jax.random.split(key)
+        residual = jax.random.normal(k_x, (tokens, 4, dim), jnp.float32).astype(jnp.bfloat16)
+        return residual, nnx.state(HyperConnection(jax.nn.silu, dim, 4, impl="xla", rngs=nnx.Rngs(k_params)))
+
+    min_bytes = 2 * tokens * 4 * dim * 2 * 2  # the residual read and written, forward and backward
+    params = {"shape": f"{tokens}x4x{dim}", "dtype": "bfloat16"}
+    return Case.of_impls(FAMILY, f"mhc_block_fwd_bwd/t{tokens}_h{dim}", make_inputs, lambda impl: _mhc_forward_backward(dim, impl), min_bytes, params)
+
+
+CASES = [_case(s) for s in SHAPES] + [_mhc_case(t, d) for t, d in MHC_SHAPES]
