@@ -4,11 +4,16 @@ experts; hidden 7168, expert intermediate 2048: the gate+up projection [T, 7168]
 the down projection [T, 2048] x [G, 2048, 7168]; T = 4K-64K routed rows; balanced and skewed group
 sizes), in TFLOP/s (useful flops, 2·M·K·N forward, 3x that forward + backward) beside
 ``jax.lax.ragged_dot``, a dense einsum over groups padded to the largest, and a dense bf16 ``jnp.dot``
-of the same M, K, N (the peak to compare with).
+of the same M, K, N (the peak to compare with). At the same shapes, FP8: ``grouped_matmul_fp8`` of
+operands quantized beforehand (e4m3, x per token 1 × 128 with column-major scales, weights per
+128 × 128 block stored ``[G, N, K]``: the kernel's layouts, as DeepGEMM takes them), its ratio to the
+bf16 kernel, and ``grouped_matmul_quantized`` (bf16 in, the two casts and the FP8 product; its
+backward the bf16 kernels).
 
-``python -m benchmarks.bench_gemm`` prints the table (``--json`` writes it); ``CASES`` (the forward
-against ragged_dot, timed by the shared harness) run with ``python -m benchmarks.run --only gemm``.
-Group sizes are drawn on the host once per shape (``random_sizes``: multinomial over ``rank^-skew``).
+``python -m benchmarks.bench_gemm`` prints the table (``--json`` writes it); ``CASES`` (the bf16
+forward against ragged_dot, the FP8 forward against plain JAX's dequantize-to-bf16-then-ragged_dot,
+timed by the shared harness) run with ``python -m benchmarks.run --only gemm``. Group sizes are drawn
+on the host once per shape (``random_sizes``: multinomial over ``rank^-skew``).
 """
 
 import argparse
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import gemm
+from jax_tilek import gemm, quant
 from jax_tilek.gemm._grouped_wgrad import random_sizes
 
 from benchmarks.harness import Case, random_on_device, time_per_call
@@ -55,7 +60,38 @@ def _case(t, g, proj, skew) -> Case:
     return Case(FAMILY, _name(t, g, proj, skew), make, kernel, xla, min_bytes, params)
 
 
-CASES = [_case(*s) for s in SHAPES]
+def _fp8_inputs(key, t, k, n, g):
+    """e4m3 operands as jax_tilek.quant's casts make them (their references, run on the device): x per
+    token with column-major scales, each w[g] per 128 x 128 block, stored [G, N, K]."""
+    return _fp8_inputs_of(*_inputs(key, t, k, n, g))
+
+
+def _fp8_inputs_of(x, w):
+    g, k, n = w.shape
+    x8, x_sf = quant.per_token_cast(x, "e4m3", 128, use_tma_aligned_col_major_sf=True, impl="xla")
+    w8, w_sf = quant.per_block_cast(jnp.swapaxes(w, 1, 2).reshape(g * n, k), "e4m3", (128, 128), impl="xla")
+    return x8, x_sf, w8.reshape(g, n, k), w_sf.reshape(g, n // 128, k // 128)
+
+
+def _dequantized_ragged_dot(x8, x_sf, w8, w_sf, sizes):
+    """FP8 in plain JAX: the operands dequantized to bf16, then ``jax.lax.ragged_dot``."""
+    t, (g, n, k) = x8.shape[0], w8.shape
+    x = (x8.astype(jnp.float32) * jnp.repeat(x_sf[:, :t].T, 128, axis=1)).astype(jnp.bfloat16)
+    w = (w8.astype(jnp.float32) * jnp.repeat(jnp.repeat(w_sf, 128, axis=1), 128, axis=2)).astype(jnp.bfloat16)
+    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), sizes)
+
+
+def _fp8_case(t, g, proj, skew) -> Case:
+    k, n = PROJECTIONS[proj]
+    sizes = sizes_for(t, g, skew)
+    make = lambda key: (*_fp8_inputs(key, t, k, n, g), jnp.asarray(sizes))  # noqa: E731
+    kernel = lambda x8, x_sf, w8, w_sf, s: gemm.grouped_matmul_fp8(x8, x_sf, w8, w_sf, s, transpose_w=True, impl="tilelang")  # noqa: E731
+    min_bytes = t * k + g * k * n + 2 * t * n + 4 * (t * k // 128 + g * k * n // 128**2)
+    params = {"shape": f"{t}x{k}x{n}", "dtype": "float8_e4m3fn", "groups": g, "skew": skew}
+    return Case(FAMILY, "fp8_" + _name(t, g, proj, skew), make, kernel, _dequantized_ragged_dot, min_bytes, params)
+
+
+CASES = [_case(*s) for s in SHAPES] + [_fp8_case(*s) for s in SHAPES]
 
 
 def _padded(x, w, sizes: np.ndarray):
@@ -66,6 +102,21 @@ def _padded(x, w, sizes: np.ndarray):
     valid = np.arange(cap)[None] < sizes[:, None]
     xg = jnp.where(jnp.asarray(valid)[..., None], x[jnp.asarray(rows)], 0)
     return jnp.einsum("gck,gkn->gcn", xg, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def precompile(arch: str, shapes) -> None:
+    """Compiles every kernel :func:`measure` launches at ``shapes`` into the kernel cache."""
+    from jax_tilek import deploy
+
+    for t, g, proj, skew in shapes:
+        k, n = PROJECTIONS[proj]
+        s = jax.ShapeDtypeStruct((g,), jnp.int32)
+        x, w = jax.ShapeDtypeStruct((t, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16)
+        fp8 = jax.eval_shape(lambda x, w: _fp8_inputs_of(x, w), x, w)
+        for fn in (gemm.grouped_matmul, gemm.grouped_matmul_quantized):
+            deploy.precompile(lambda x, w, s: fn(x, w, s, impl="tilelang"), x, w, s, arch=arch)
+            deploy.precompile(jax.grad(lambda x, w, s: jnp.sum(fn(x, w, s, impl="tilelang").astype(jnp.float32)), argnums=(0, 1)), x, w, s, arch=arch)
+        deploy.precompile(lambda *a: gemm.grouped_matmul_fp8(*a[:4], a[4], transpose_w=True, impl="tilelang"), *fp8, s, arch=arch)
 
 
 def measure(t, g, proj, skew, sets: int = 2) -> dict:
@@ -90,6 +141,11 @@ def measure(t, g, proj, skew, sets: int = 2) -> dict:
 
     row["kernel_fwd_bwd"] = tflops(grad_of(lambda x, w: gemm.grouped_matmul(x, w, s, impl="tilelang")), inputs, 3)
     row["ragged_dot_fwd_bwd"] = tflops(grad_of(lambda x, w: jax.lax.ragged_dot(x, w, s)), inputs, 3)
+    fp8_inputs = [_fp8_inputs(key, t, k, n, g) for key in jax.random.split(jax.random.key(0), sets)]
+    row["fp8_fwd"] = tflops(lambda *a: gemm.grouped_matmul_fp8(*a, s, transpose_w=True, impl="tilelang"), fp8_inputs)
+    row["fp8_of_bf16"] = row["fp8_fwd"] / row["kernel_fwd"]
+    row["quantized_fwd"] = tflops(lambda x, w: gemm.grouped_matmul_quantized(x, w, s, impl="tilelang"), inputs)
+    row["quantized_fwd_bwd"] = tflops(grad_of(lambda x, w: gemm.grouped_matmul_quantized(x, w, s, impl="tilelang")), inputs, 3)
     dense = [(x, w[0]) for x, w in inputs]
     row["dense_dot"] = tflops(lambda x, w: jnp.dot(x, w), dense)
     row["kernel_of_dense"] = row["kernel_fwd"] / row["dense_dot"]
@@ -107,8 +163,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--only", default="", help="comma-separated case names (default: all)")
+    parser.add_argument("--precompile", metavar="ARCH", help="compile the kernels the chosen cases launch, and exit")
     options = parser.parse_args()
     only = set(filter(None, options.only.split(",")))
+    if options.precompile:
+        return precompile(options.precompile, [s for s in SHAPES if not only or _name(*s) in only])
     rows = []
     peak = dense_peak()
     print(f"{jax.devices()[0].device_kind}: dense bf16 8192^3 jnp.dot {peak:.0f} TFLOP/s", flush=True)
@@ -119,7 +178,8 @@ def main() -> None:
         row["kernel_of_peak"] = row["kernel_fwd"] / peak
         rows.append(row)
         print(json.dumps(row), flush=True)
-    keys = ["kernel_fwd", "ragged_dot_fwd", "padded_einsum_fwd", "kernel_fwd_bwd", "ragged_dot_fwd_bwd", "dense_dot", "kernel_of_peak"]
+    keys = ["kernel_fwd", "ragged_dot_fwd", "padded_einsum_fwd", "kernel_fwd_bwd", "ragged_dot_fwd_bwd", "dense_dot", "kernel_of_peak",
+            "fp8_fwd", "fp8_of_bf16", "quantized_fwd", "quantized_fwd_bwd"]
     print("case".ljust(24) + "".join(k.rjust(20) for k in keys))
     for r in rows:
         print(r["case"].ljust(24) + "".join((f"{r[k]:.2f}" if k in r else "-").rjust(20) for k in keys))

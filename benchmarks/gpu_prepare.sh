@@ -12,7 +12,7 @@ python -m jax_tilek.testing --arch "$ARCH"
 PYTHONPATH="$PWD:$PWD/tests" python tests/gpu_programs.py prepare "$ARCH"
 python -c "import sys; from benchmarks import overhead; overhead.precompile(sys.argv[1])" "$ARCH"
 for model in tiny small; do
-  for variant in "" --mhc --engram; do python examples/train_moe.py --precompile "$ARCH" --model $model $variant > /dev/null && echo "precompiled train_moe --model $model $variant"; done
+  for variant in "" --mhc --engram --fp8; do python examples/train_moe.py --precompile "$ARCH" --model $model $variant > /dev/null && echo "precompiled train_moe --model $model $variant"; done
 done
 # The benchmarks must find every kernel they launch in what the cases compiled:
 JAX_TILEK_OFFLINE=1 python -m benchmarks.run --precompile "$ARCH" | tail -1

@@ -12,10 +12,13 @@ norm). ``--engram`` adds a ``jax_tilek.nnx.EngramGate`` (hashed 2- and 3-gram ta
 residual stream) at the start of the blocks in ``Config.engram_layers``, before attention, as DeepSeek's
 Engram demo places it (a shallow layer: its ``layer_ids`` are 1 and 15 of 30); its tables train with
 ``jax_tilek.engram.sinkhorn_momentum`` through ``optax.multi_transform``, everything else with AdamW.
+``--fp8`` trains the MoE layers (routed and shared experts) in FP8, DeepSeek-V3's way: e4m3 with 1 × 128
+activation and 128 × 128 weight block scales in the forward products, bf16 backward products.
 
     python examples/train_moe.py                      # tiny model, CPU-friendly (kernels on Hopper/Blackwell)
     python examples/train_moe.py --steps 600          # again: resumes from the checkpoint in --out
     python examples/train_moe.py --mhc --engram       # mHC residual streams (n = 4) and the Engram gate
+    python examples/train_moe.py --fp8                # FP8 expert matmuls
     python examples/train_moe.py --precompile sm_90a  # fill the kernel cache for exactly this job, then exit
 
 Writes to ``--out``: ``metrics.jsonl`` (one JSON object per logged step and per evaluation),
@@ -183,12 +186,12 @@ def engram_gate(c: Config, streams: int, *, impl, rngs: nnx.Rngs) -> EngramGate:
 class Block(nnx.Module):
     """[Engram ->] attention -> MoE, pre-norm, on a ``[B, S, dim]`` residual stream."""
 
-    def __init__(self, c: Config, *, impl, dtype: Any, engram: bool = False, rngs: nnx.Rngs):
+    def __init__(self, c: Config, *, impl, dtype: Any, engram: bool = False, fp8: bool = False, rngs: nnx.Rngs):
         self.engram = engram_gate(c, 1, impl=impl, rngs=rngs) if engram else None
         self.attn_norm = RMSNorm(c.dim, impl=impl, rngs=rngs)
         self.attn = Attention(c.dim, c.heads, c.seq, dtype=dtype, impl=impl, rngs=rngs)
         self.ffn_norm = RMSNorm(c.dim, impl=impl, rngs=rngs)
-        self.moe = MoE(c.dim, c.ffn, c.experts, c.topk, num_shared_experts=1, alignment=c.alignment, dtype=dtype, impl=impl, rngs=rngs)
+        self.moe = MoE(c.dim, c.ffn, c.experts, c.topk, num_shared_experts=1, alignment=c.alignment, dtype=dtype, fp8=fp8, impl=impl, rngs=rngs)
 
     def __call__(self, x: jax.Array, residual: jax.Array | None, ngrams: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(block output, residual stream, aux loss)``; the residual add is fused into the norms."""
@@ -205,10 +208,10 @@ class HyperBlock(nnx.Module):
     """The same block on an mHC stream ``[B, S, n, dim]``: [Engram on the n streams ->] attention and MoE,
     each with its pre-norm inside a ``HyperConnection``."""
 
-    def __init__(self, c: Config, n: int, *, impl, dtype: Any, engram: bool = False, rngs: nnx.Rngs):
+    def __init__(self, c: Config, n: int, *, impl, dtype: Any, engram: bool = False, fp8: bool = False, rngs: nnx.Rngs):
         self.engram = engram_gate(c, n, impl=impl, rngs=rngs) if engram else None
         attn = nnx.Sequential(RMSNorm(c.dim, impl=impl, rngs=rngs), Attention(c.dim, c.heads, c.seq, dtype=dtype, impl=impl, rngs=rngs))
-        experts = MoE(c.dim, c.ffn, c.experts, c.topk, num_shared_experts=1, alignment=c.alignment, dtype=dtype, impl=impl, rngs=rngs)
+        experts = MoE(c.dim, c.ffn, c.experts, c.topk, num_shared_experts=1, alignment=c.alignment, dtype=dtype, fp8=fp8, impl=impl, rngs=rngs)
         moe = nnx.Sequential(RMSNorm(c.dim, impl=impl, rngs=rngs), experts)
         self.attn = HyperConnection(attn, c.dim, n, sinkhorn_repeat=c.mhc_sinkhorn_repeat, impl=impl, rngs=rngs)
         self.moe = HyperConnection(moe, c.dim, n, sinkhorn_repeat=c.mhc_sinkhorn_repeat, impl=impl, rngs=rngs)
@@ -224,17 +227,18 @@ class Transformer(nnx.Module):
     """Token ids ``[B, S]`` -> float32 logits ``[B, S, vocab]`` and the summed load-balancing loss.
 
     ``mhc``: 0 for the plain residual stream, else its number of mHC streams; ``engram``: Engram gates
-    in the blocks ``c.engram_layers``."""
+    in the blocks ``c.engram_layers``; ``fp8``: the MoE layers' matmuls in FP8 (``MoE(fp8=True)``)."""
 
-    def __init__(self, c: Config, *, impl=None, dtype: Any = jnp.bfloat16, mhc: int = 0, engram: bool = False, rngs: nnx.Rngs):
+    def __init__(self, c: Config, *, impl=None, dtype: Any = jnp.bfloat16, mhc: int = 0, engram: bool = False, fp8: bool = False,
+                 rngs: nnx.Rngs):  # fmt: skip
         if engram and not all(0 <= i < c.layers for i in c.engram_layers):
             raise ValueError(f"engram_layers {c.engram_layers} must name blocks of the {c.layers}-layer model")
         gated = set(c.engram_layers) if engram else set()
         self.embed = param(rngs, nnx.initializers.normal(1.0), (c.vocab, c.dim), jnp.float32, (VOCAB, EMBED))
         if mhc:
-            blocks = [HyperBlock(c, mhc, impl=impl, dtype=dtype, engram=i in gated, rngs=rngs) for i in range(c.layers)]
+            blocks = [HyperBlock(c, mhc, impl=impl, dtype=dtype, engram=i in gated, fp8=fp8, rngs=rngs) for i in range(c.layers)]
         else:
-            blocks = [Block(c, impl=impl, dtype=dtype, engram=i in gated, rngs=rngs) for i in range(c.layers)]
+            blocks = [Block(c, impl=impl, dtype=dtype, engram=i in gated, fp8=fp8, rngs=rngs) for i in range(c.layers)]
         self.blocks = nnx.List(blocks)
         self.head = HyperHead(c.dim, mhc, impl=impl, rngs=rngs) if mhc else None
         self.norm = RMSNorm(c.dim, impl=impl, rngs=rngs)
@@ -281,10 +285,10 @@ def optimizer_for(c: Config, engram: bool = False, impl=None) -> optax.GradientT
     return optax.chain(optax.clip_by_global_norm(1.0), split)
 
 
-def make_fns(c: Config, impl=None, seed: int = 0, mhc: int = 0, engram: bool = False):
+def make_fns(c: Config, impl=None, seed: int = 0, mhc: int = 0, engram: bool = False, fp8: bool = False):
     """``(graphdef, state, train_step, eval_step, decode)``: pure jitted functions of the model and
     optimizer state (an ``nnx.State``), so they also serve ``jax_tilek.precompile``."""
-    model = Transformer(c, impl=impl, mhc=mhc, engram=engram, rngs=nnx.Rngs(seed))
+    model = Transformer(c, impl=impl, mhc=mhc, engram=engram, fp8=fp8, rngs=nnx.Rngs(seed))
     tx = optimizer_for(c, engram, impl)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
@@ -354,7 +358,7 @@ def implementation(impl) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", choices=("tilelang", "xla"), default=None, help="default: kernels on Hopper/Blackwell, references elsewhere")
-    p.add_argument("--fp8", action="store_true", help="FP8 expert matmuls (not implemented yet)")
+    p.add_argument("--fp8", action="store_true", help="the MoE layers' matmuls in FP8 (e4m3, DeepSeek's block scales; bf16 backward)")
     p.add_argument("--steps", type=int, default=None, help="train up to this step (default: the model's schedule length)")
     p.add_argument("--model", choices=tuple(CONFIGS), default="tiny")
     p.add_argument("--mhc", type=int, nargs="?", const=4, default=0, metavar="N", help="mHC residual streams (N, default 4 when given)")
@@ -365,13 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.fp8:
-        raise NotImplementedError("--fp8: the FP8 grouped GEMM does not exist yet in jax_tilek.gemm (MoE(fp8=True) raises too)")
 
     tok, train_ids, val_ids = load_data(args.data_bytes)
     c = dataclasses.replace(CONFIGS[args.model], vocab=tok.vocab)
     stop = args.steps or c.steps
-    graphdef, state, train_step, eval_step, decode = make_fns(c, args.impl, args.seed, mhc=args.mhc, engram=args.engram)
+    graphdef, state, train_step, eval_step, decode = make_fns(c, args.impl, args.seed, mhc=args.mhc, engram=args.engram, fp8=args.fp8)
     batch_struct = jax.ShapeDtypeStruct((c.batch, c.seq + 1), jnp.int32)
 
     if args.precompile:
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ran = implementation(args.impl)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)))
-    variant = "".join((f" + mHC (n = {args.mhc})" if args.mhc else "", " + Engram" if args.engram else ""))
+    variant = "".join((f" + mHC (n = {args.mhc})" if args.mhc else "", " + Engram" if args.engram else "", " + FP8 MoE" if args.fp8 else ""))
     print(f"model {args.model}{variant}: {params / 1e6:.2f}M parameters, vocab {c.vocab} (ln {math.log(c.vocab):.2f}), "
           f"{len(train_ids) / 1e6:.2f}M train / {len(val_ids) / 1e6:.2f}M held-out chars; {ran}")  # fmt: skip
     if start:

@@ -1,7 +1,8 @@
 """Flax NNX layers built on jax_tilek's ops (``pip install jax_tilek[nnx]``).
 
-``RMSNorm`` (fused residual add, optional FP8 output), ``SwiGLU`` (an MLP), ``Router`` and ``MoE``
-(routed experts on the fused layout, shared experts, the load-balancing loss), ``RotaryEmbedding``,
+``RMSNorm`` (fused residual add, optional FP8 output), ``FP8Linear`` (DeepSeek-style FP8 training),
+``SwiGLU`` (an MLP, optionally FP8), ``Router`` and ``MoE`` (routed experts on the fused layout,
+shared experts, the load-balancing loss; bf16 or FP8 expert matmuls), ``RotaryEmbedding``,
 ``EngramGate`` (hash → table lookup → gate, tables shardable by rows) and the mHC residual blocks
 ``HyperConnection``, ``hyper_expand``, ``HyperHead``. Each layer's ``impl``
 (None: kernels on Hopper/Blackwell GPUs, references elsewhere; ``"tilelang"``; ``"xla"``) is passed to
@@ -19,6 +20,7 @@ from jax_tilek.nnx._layers import (
     HEADS,
     MLP,
     VOCAB,
+    FP8Linear,
     RMSNorm,
     SwiGLU,
     param,
@@ -33,6 +35,7 @@ __all__ = [
     "ENGRAM_ROWS",
     "EngramGate",
     "EXPERT",
+    "FP8Linear",
     "HEADS",
     "HEAD_DIM",
     "HyperConnection",

@@ -1,5 +1,5 @@
 """Shared pieces of the Flax NNX layers (parameters with logical axes, dtypes) and the dense layers
-``RMSNorm`` and ``SwiGLU``."""
+``RMSNorm``, ``FP8Linear`` and ``SwiGLU``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_tilek import gemm
 from jax_tilek import norm as _norm
 from jax_tilek import swiglu as _swiglu
 
@@ -70,23 +71,52 @@ class RMSNorm(nnx.Module):
         return quantized, norm_input
 
 
+def fp8_matmul(x: jax.Array, w: jax.Array, *, impl: Impl = None) -> jax.Array:
+    """``x [T, K] · w [K, N]`` bf16 with the forward in FP8, DeepSeek's way: x cast per token (1 × 128),
+    w per 128 × 128 block, to e4m3 (``jax_tilek.gemm.grouped_matmul_quantized`` with one group);
+    gradients straight through the casts. K and N multiples of 128; returns bf16 ``[T, N]``."""
+    sizes = jnp.full((1,), x.shape[0], jnp.int32)
+    return gemm.grouped_matmul_quantized(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)[None], sizes, impl=impl)
+
+
+class FP8Linear(nnx.Module):
+    """A bias-free linear layer trained in FP8, DeepSeek-V3 style: bf16 (or ``param_dtype``) master
+    weights ``kernel [din, dout]`` (axes ``axes``), the forward product in e4m3 with 1 × 128 activation
+    and 128 × 128 weight block scales (:func:`fp8_matmul`), the backward products in bf16 on the
+    unquantized operands (straight through the casts). ``x [..., din]`` -> bf16 ``[..., dout]``;
+    din and dout multiples of 128."""
+
+    def __init__(self, din: int, dout: int, *, axes: tuple[str | None, str | None] = (EMBED, MLP), param_dtype: Any = jnp.float32,
+                 impl: Impl = None, rngs: nnx.Rngs):  # fmt: skip
+        for label, extent in (("din", din), ("dout", dout)):
+            if extent <= 0 or extent % 128:
+                raise ValueError(f"FP8Linear: {label} must be a positive multiple of 128 (the scales' block), got {extent}")
+        self.din, self.dout, self.impl = din, dout, impl
+        self.kernel = param(rngs, nnx.initializers.lecun_normal(), (din, dout), param_dtype, axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return fp8_matmul(rows(x), self.kernel[...], impl=self.impl).reshape(*x.shape[:-1], self.dout)
+
+
 class SwiGLU(nnx.Module):
     """A SwiGLU MLP: ``(silu(x W_l) * (x W_r)) W_down`` with ``W_up = [W_l | W_r]``.
 
     ``x``: ``[..., dim]``; computes in ``dtype`` (default x's), parameters in ``param_dtype``: ``w_up``
     ``[dim, 2·hidden]`` (axes ``"embed", "mlp"``), ``w_down`` ``[hidden, dim]`` (``"mlp", "embed"``).
     The activation is ``jax_tilek.swiglu.swiglu`` (hidden % 64 == 0), with an optional ``clamp_value``.
+    ``fp8=True`` runs both products as :func:`fp8_matmul` (dim and hidden multiples of 128; output bf16).
     """
 
     def __init__(self, dim: int, hidden: int, *, clamp_value: float | None = None, dtype: Any = None, param_dtype: Any = jnp.float32,
-                 impl: Impl = None, rngs: nnx.Rngs):  # fmt: skip
-        self.dim, self.hidden, self.clamp_value, self.dtype, self.impl = dim, hidden, clamp_value, dtype, impl
+                 fp8: bool = False, impl: Impl = None, rngs: nnx.Rngs):  # fmt: skip
+        self.dim, self.hidden, self.clamp_value, self.dtype, self.fp8, self.impl = dim, hidden, clamp_value, dtype, fp8, impl
         init = nnx.initializers.lecun_normal()
         self.w_up = param(rngs, init, (dim, 2 * hidden), param_dtype, (EMBED, MLP))
         self.w_down = param(rngs, init, (hidden, dim), param_dtype, (MLP, EMBED))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
-        h = rows(x).astype(dtype) @ self.w_up[...].astype(dtype)
+        dtype = jnp.bfloat16 if self.fp8 else self.dtype or x.dtype
+        matmul = (lambda a, w: fp8_matmul(a, w, impl=self.impl)) if self.fp8 else (lambda a, w: a @ w.astype(dtype))  # noqa: E731
+        h = matmul(rows(x).astype(dtype), self.w_up[...])
         a = _swiglu.swiglu(h, clamp_value=self.clamp_value, impl=self.impl)
-        return (a @ self.w_down[...].astype(dtype)).reshape(x.shape)
+        return matmul(a, self.w_down[...]).reshape(x.shape)

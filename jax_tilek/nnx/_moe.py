@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jax_tilek import gemm, moe
@@ -100,8 +101,10 @@ class MoE(nnx.Module):
     Returns ``(y, aux_loss)``: ``y`` like x (in ``dtype``) and the float32 load-balancing loss
     (:func:`load_balancing_loss`; weigh it in your objective). The kernel path needs ``dtype``
     bfloat16/float16 and dim, ffn multiples of 128 (``impl="xla"`` takes any). Expert weights have
-    axes ``"expert", "embed", "mlp"`` / ``"expert", "mlp", "embed"``. ``fp8=True`` (an FP8 grouped GEMM
-    path) is not implemented yet.
+    axes ``"expert", "embed", "mlp"`` / ``"expert", "mlp", "embed"``. ``fp8=True`` runs the routed
+    experts' two products on ``jax_tilek.gemm.grouped_matmul_quantized`` (e4m3, 1 × 128 activation and
+    128 × 128 weight block scales, the backward in bf16 straight through the casts) and the shared
+    experts' on ``FP8Linear``'s product; it needs dtype bfloat16 and dim, ffn multiples of 128.
 
     ``expert_axis``: expert parallelism over that axis of the mesh in context (``jax.set_mesh``): the
     experts' weights and the tokens are split over it (E and the token count divisible by its size);
@@ -115,9 +118,9 @@ class MoE(nnx.Module):
                  scoring_func: str = "sqrtsoftplus", num_groups: int = 0, num_topk_groups: int = 0, routed_scaling_factor: float = 1.0,
                  alignment: int = 128, clamp_value: float | None = None, dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32,
                  fp8: bool = False, impl: Impl = None, expert_axis: str | None = None, rngs: nnx.Rngs):  # fmt: skip
-        if fp8:
-            raise NotImplementedError("MoE(fp8=True): the FP8 grouped GEMM does not exist yet in jax_tilek.gemm")
-        self.dim, self.ffn, self.num_experts, self.num_topk = dim, ffn, num_experts, num_topk
+        if fp8 and (np.dtype(dtype) != jnp.bfloat16 or dim % 128 or ffn % 128):
+            raise ValueError(f"MoE(fp8=True) needs dtype bfloat16 and dim, ffn multiples of 128, got {np.dtype(dtype).name}, {dim}, {ffn}")
+        self.dim, self.ffn, self.num_experts, self.num_topk, self.fp8 = dim, ffn, num_experts, num_topk, fp8
         self.alignment, self.clamp_value, self.dtype, self.impl = alignment, clamp_value, dtype, impl
         self.expert_axis = expert_axis
         if expert_axis is not None and not jax.sharding.get_abstract_mesh().empty:
@@ -127,15 +130,16 @@ class MoE(nnx.Module):
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.w_up = param(rngs, init, (num_experts, dim, 2 * ffn), param_dtype, (EXPERT, EMBED, MLP))
         self.w_down = param(rngs, init, (num_experts, ffn, dim), param_dtype, (EXPERT, MLP, EMBED))
-        self.shared = (SwiGLU(dim, num_shared_experts * ffn, clamp_value=clamp_value, dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=rngs)
-                       if num_shared_experts else None)  # fmt: skip
+        self.shared = (SwiGLU(dim, num_shared_experts * ffn, clamp_value=clamp_value, dtype=dtype, param_dtype=param_dtype, fp8=fp8, impl=impl,
+                              rngs=rngs) if num_shared_experts else None)  # fmt: skip
 
     def experts(self, x: jax.Array, start: jax.Array, end: jax.Array) -> jax.Array:
         """The routed experts on fused rows: ``x[P, dim]`` whose segment ``[start[e], end[e])`` belongs to
-        expert e -> ``[P, dim]`` (rows outside every segment give zeros). An FP8 path replaces this."""
-        h = gemm.grouped_matmul(x, self.w_up[...].astype(self.dtype), expert_start=start, expert_end=end, impl=self.impl)
+        expert e -> ``[P, dim]`` (rows outside every segment give zeros)."""
+        matmul = gemm.grouped_matmul_quantized if self.fp8 else gemm.grouped_matmul
+        h = matmul(x, self.w_up[...].astype(self.dtype), expert_start=start, expert_end=end, impl=self.impl)
         a = swiglu(h, clamp_value=self.clamp_value, impl=self.impl)
-        return gemm.grouped_matmul(a, self.w_down[...].astype(self.dtype), expert_start=start, expert_end=end, impl=self.impl)
+        return matmul(a, self.w_down[...].astype(self.dtype), expert_start=start, expert_end=end, impl=self.impl)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         if self.expert_axis is not None:

@@ -174,3 +174,40 @@ def test_logical_axes_shard_on_a_mesh(rules, up_spec):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y0, np.float32), rtol=2e-2, atol=2e-2)
     assert float(aux) == pytest.approx(float(aux0), rel=1e-5)
     assert np.isfinite(np.asarray(g["w_up"][...], np.float32)).all()
+
+
+def test_fp8_linear_is_the_dequantized_product():
+    """FP8Linear: x cast per token (1 x 128) and the kernel per 128 x 128 block to e4m3, their
+    dequantized product (float64 here) rounded to bf16; gradients those of the unquantized bf16 product."""
+    from jax_tilek.nnx import FP8Linear
+    from jax_tilek.quant import formats as F
+
+    layer = FP8Linear(256, 384, impl="xla", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (3, 50, 256), jnp.float32).astype(jnp.bfloat16)
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+    assert y.shape == (3, 50, 384) and y.dtype == jnp.bfloat16
+    x8, x_sf = F.quantize_blocks(x.reshape(150, 256), "e4m3", (1, 128))
+    w = layer.kernel[...].astype(jnp.bfloat16)
+    w8, w_sf = F.quantize_blocks(w, "e4m3", (128, 128))
+    deq = lambda q, sf, block: np.asarray(q, np.float64) * np.repeat(np.repeat(np.asarray(sf, np.float64), block[0], 0), block[1], 1)  # noqa: E731
+    expected = deq(x8, x_sf, (1, 128)) @ deq(w8, w_sf, (128, 128))
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(150, 384), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+    assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - (x @ w).astype(jnp.float32)))) > 0  # really quantized
+
+    g = jax.random.normal(jax.random.key(3), y.shape, jnp.float32).astype(jnp.bfloat16)
+    graphdef, state = nnx.split(layer)  # one parameter: the kernel
+
+    def objective(x, kernel):
+        return jnp.vdot(nnx.merge(graphdef, jax.tree.map(lambda _: kernel, state))(x).astype(jnp.float32), g.astype(jnp.float32))
+
+    dx, dw = jax.grad(objective, argnums=(0, 1))(x, layer.kernel[...])
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(g.astype(jnp.float32) @ w.astype(jnp.float32).T), rtol=2e-2, atol=2e-2)
+    dw_expected = x.reshape(150, 256).astype(jnp.float32).T @ g.reshape(150, 384).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(dw_expected), rtol=2e-2, atol=5e-2)
+
+
+def test_fp8_linear_refuses_sizes_off_the_block():
+    from jax_tilek.nnx import FP8Linear
+
+    with pytest.raises(ValueError, match="dout must be a positive multiple of 128"):
+        FP8Linear(128, 200, rngs=nnx.Rngs(0))

@@ -170,9 +170,32 @@ def test_balance_loss_of_a_collapsed_routing():
     assert float(aux) == pytest.approx(4 * u0 / (u0 + 7 * u) + 4 * u / (u0 + 7 * u), rel=1e-6)  # f = (4, 4, 0, ...)
 
 
-def test_fp8_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="FP8 grouped GEMM"):
-        MoE(128, 128, 8, 2, fp8=True, rngs=nnx.Rngs(0))
+def test_fp8_moe_stays_near_the_bf16_layer():
+    """MoE(fp8=True): the same parameters give the bf16 layer's output up to FP8 rounding (e4m3 with
+    block scales: under 10%), the same routing and aux loss, and gradients of every parameter
+    close to the bf16 layer's (the backward is bf16, straight through the casts)."""
+    bf16 = MoE(128, 128, 8, 2, num_shared_experts=1, impl="xla", rngs=nnx.Rngs(3))
+    fp8 = MoE(128, 128, 8, 2, num_shared_experts=1, fp8=True, impl="xla", rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(1), (96, 128), jnp.float32).astype(jnp.bfloat16)
+
+    def loss(layer, x):
+        y, aux = layer(x)
+        return jnp.vdot(y.astype(jnp.float32), x.astype(jnp.float32)) + aux, (y, aux)
+
+    (_, (y8, aux8)), g8 = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(fp8, x)
+    (_, (y16, aux16)), g16 = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(bf16, x)
+    assert float(aux8) == float(aux16)
+    rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))  # noqa: E731
+    assert 0 < rel(y8, y16) < 0.1  # e4m3 keeps 3 mantissa bits: a few per cent a product, two products
+    for (path, a), b in zip(jax.tree.leaves_with_path(g8), jax.tree.leaves(g16), strict=True):
+        assert rel(a, b) < 0.1, jax.tree_util.keystr(path)
+
+
+def test_fp8_moe_refuses_what_the_fp8_gemm_cannot_take():
+    with pytest.raises(ValueError, match="multiples of 128"):
+        MoE(128, 64, 8, 2, fp8=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="bfloat16"):
+        MoE(128, 128, 8, 2, fp8=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
 def test_bad_router_options():

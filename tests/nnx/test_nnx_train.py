@@ -1,6 +1,6 @@
 """examples/train_moe.py on a shrunken model: the training step lowers the loss, a run saves a
-checkpoint that a second run resumes exactly where an uninterrupted run would be, and the --mhc and
---engram variants train."""
+checkpoint that a second run resumes exactly where an uninterrupted run would be, and the --mhc,
+--engram and --fp8 variants train."""
 
 import dataclasses
 import importlib.util
@@ -64,8 +64,8 @@ def test_resume_continues_the_curve(train_moe, tmp_path):
     assert len(resumed["sample"]) == train_moe.CONFIGS["tiny"].seq
 
 
-@pytest.mark.parametrize("flags,variant", [(["--mhc"], "mHC (n = 4)"), (["--engram"], "Engram")])
-def test_mhc_and_engram_variants_train(train_moe, tmp_path, capsys, flags, variant):
+@pytest.mark.parametrize("flags,variant", [(["--mhc"], "mHC (n = 4)"), (["--engram"], "Engram"), (["--fp8"], "FP8 MoE")])
+def test_variants_train(train_moe, tmp_path, capsys, flags, variant):
     run = train_moe.main([*flags, "--steps", "8", "--eval-every", "1000", "--data-bytes", "200000", "--out", str(tmp_path)])
     assert variant in capsys.readouterr().out
     losses = run["losses"]
@@ -84,11 +84,6 @@ def test_engram_tables_take_sinkhorn_momentum(train_moe):
     assert len(momenta) == 1
     shapes = [a.shape for a in jax.tree.leaves(momenta[0].momentum)]
     assert shapes == [model.blocks[0].engram.table.shape]
-
-
-def test_fp8_flag_is_not_implemented_yet(train_moe):
-    with pytest.raises(NotImplementedError, match="FP8"):
-        train_moe.main(["--fp8"])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,355 @@
+"""grouped_matmul_fp8: ``out[r] = (x[r] · x_sf) · (w[g] · w_sf[g])`` for the rows r of segment g, with
+float8_e4m3fn operands and DeepSeek's block scales: 1 × 128 per-token scales on ``x`` (the layouts
+``jax_tilek.quant.per_token_cast`` writes: ``"row"``, ``"col"``, ``"col_ue8m0"``) and 128 × 128
+block scales on ``w`` (what ``jax_tilek.quant.per_block_cast`` writes for each ``w[g]``, fp32, row
+layout). The segments and the M-tile table are :func:`jax_tilek.gemm.grouped_matmul`'s.
+
+Kernel (sm_90a): the bf16 kernel's grid, one CTA per (N-tile, M-tile), N fastest, with 128 × 128
+output tiles and a K step of 128, the scales' block. Warp-specialized by TileLang: a producer
+warpgroup TMA-loads per K block the x tile ``[128, 128]``, the w tile ``[128 (N), 128 (K)]`` (wgmma
+reads 8-bit operands K-major only, so the kernel takes ``w`` as ``[G, N, K]``) and the 128 x-scales of
+the tile's rows (column-major storage: one contiguous run) into a ``stages``-deep ring; two consumer
+warpgroups (64 rows each) run e4m3 × e4m3 wgmma (m64n128k32) into a per-block fp32 partial sum,
+then promote it, DeepGEMM's way: ``acc[i, j] += partial[i, j] · x_sf[r0 + i, kb] · w_sf[g, nb, kb]``
+(fp32 registers), so the tensor cores' limited-precision accumulation never spans more than 128
+products. The tile's rows go out through shared memory (bf16) or from registers (fp32). Tiles of
+no segment run no K blocks and store zeros.
+
+Row-major ``"row"`` x-scales are transposed to the column-major storage by XLA before the launch
+(1/32 of x's bytes); ``w`` given as ``[G, K, N]`` is transposed to ``[G, N, K]`` (with its scales)
+by XLA: store FP8 weights as ``[G, N, K]`` (``transpose_w=True``, DeepGEMM's layout) to avoid it.
+
+(No ``from __future__ import annotations``: TileLang resolves a prim_func's annotations through its
+closure.)
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_tilek import checks
+from jax_tilek.gemm import _segments as S
+from jax_tilek.gemm._grouped_wgrad import check_operands, random_sizes
+from jax_tilek.kernel import kernel
+from jax_tilek.op import Launch, TileOp, config_class, uses
+from jax_tilek.quant import formats as F
+from jax_tilek.testing import ArgSpec
+
+BLOCK = 128  # the scales' block edge: the kernel's K step and N tile
+# x's scales are TMA-loaded per K block as a run of SF_BOX entries (4 bytes each) from the tile's first
+# row rounded down to SF_ALIGN rows: a TMA copy's innermost coordinate must be a multiple of 16 bytes
+# (Hopper raises CUDA_ERROR_ILLEGAL_INSTRUCTION otherwise), and a tile starts at any row. SF_BOX covers
+# the <= 3 rows of that rounding (BLOCK + 3, rounded up to 160 so that each stage of the ring is a whole
+# number of 128-byte lines).
+SF_ALIGN = 4
+SF_BOX = 160
+FP8 = "float8_e4m3fn"
+SF_LAYOUTS = ("row", "col", "col_ue8m0")  # x's scale layouts (jax_tilek.quant.formats), as given
+OUT_DTYPES = ("bfloat16", "float32")
+
+
+def dequantize(x, x_sf, w, w_sf, *, x_sf_layout: str) -> tuple[jax.Array, jax.Array]:
+    """float32 ``x[M, K]`` and ``w[G, N, K]``: the codes times their block scales (``x_sf`` in
+    ``x_sf_layout`` storage, ``w_sf`` fp32 ``[G, N/128, K/128]``)."""
+    m, k = x.shape
+    g, n, _ = w.shape
+    sf = F.load_sf(x_sf, x_sf_layout, (m, k // BLOCK))
+    x32 = F.dequantize_blocks(x, sf, "e4m3", (1, BLOCK))
+    w32 = F.dequantize_blocks(w.reshape(g * n, k), w_sf.reshape(g * n // BLOCK, k // BLOCK), "e4m3", (BLOCK, BLOCK))
+    return x32, w32.reshape(g, n, k)
+
+
+def _reference(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype):
+    """Dequantized operands in float32, ``jax.lax.ragged_dot`` of the rows in segment order (float32,
+    highest precision); rows outside every segment give zeros. ``tiles`` is not read."""
+    x32, w32 = dequantize(x, x_sf, w, w_sf, x_sf_layout=x_sf_layout)
+    perm, sizes = S.row_order(start, end, x.shape[0])
+    y = jax.lax.ragged_dot(x32[perm], jnp.swapaxes(w32, 1, 2), sizes, precision=jax.lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)  # fmt: skip
+    return jnp.zeros_like(y).at[perm].set(y).astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedMatmulFp8Config:
+    """The depth of the TMA ring (``stages``; 32.5 KB of shared memory a stage); how x's scales reach
+    the consumers (``sf_load``: "ldg", read from global memory before each K block's wgmma, or
+    "tma", loaded by the producer into the ring)."""
+
+    stages: int = 6
+    sf_load: str = "ldg"
+
+
+@config_class(GroupedMatmulFp8Config)
+def _config(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype) -> GroupedMatmulFp8Config:
+    """Six stages: as many as fit beside the output tile (DeepGEMM's rule)."""
+    return GroupedMatmulFp8Config()
+
+
+@kernel
+def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, stages: int, sf_load: str = "tma"):
+    """``out[r] = Σ_kb (x[r, kb] · w[g, :, kb]ᵀ) · x_sf[r, kb] · w_sf[g, :, kb]`` per the tile table
+    (module docstring); ``sf_layout`` "col" (fp32 ``[K/128, MP]``) or "col_ue8m0" (int32
+    ``[ceil(K/512), MP]``, byte ``kb % 4`` of word ``kb // 4``)."""
+    import tilelang.language as T
+
+    M, MP, G, NT = T.dynamic("M, MP, G, NT")
+    BM = BN = BK = BLOCK
+    kb_count = k // BK
+    sf_rows, sf_dtype = (kb_count, "float32") if sf_layout == "col" else (F.ceil_div(kb_count, 4), "int32")
+    via_shared = out_dtype != "float32"
+
+    @T.prim_func
+    def grouped_matmul_fp8(
+        x: T.Tensor((M, k), FP8),
+        x_sf: T.Tensor((sf_rows, MP), sf_dtype),
+        w: T.Tensor((G, n, k), FP8),
+        w_sf: T.Tensor((G, n // BN, kb_count), "float32"),
+        tiles: T.Tensor((NT, 3), "int32"),
+        out: T.Tensor((M, n), out_dtype),
+    ):
+        with T.Kernel(n // BN, NT, threads=256) as (bn, bt):
+            a_s = T.alloc_shared((BM, BK), FP8)
+            b_s = T.alloc_shared((BN, BK), FP8)
+            if sf_load == "tma":
+                sa_s = T.alloc_shared((SF_BOX,), sf_dtype)
+            part = T.alloc_fragment((BM, BN), "float32")
+            acc = T.alloc_fragment((BM, BN), "float32")
+            row_scale = T.alloc_fragment((BM,), "float32")
+            raw = T.alloc_fragment((BM,), sf_dtype)
+            w_scale = T.alloc_var("float32")
+            g = tiles[bt, 0]
+            r0 = tiles[bt, 1]
+            r1 = tiles[bt, 2]
+            # The scales' TMA box starts at r0 rounded down to SF_ALIGN rows: a TMA copy whose
+            # innermost coordinate is not 16-byte aligned faults (CUDA_ERROR_ILLEGAL_INSTRUCTION).
+            sf0 = r0 // SF_ALIGN * SF_ALIGN
+            T.clear(acc)
+            for kb in T.Pipelined(T.if_then_else(g >= 0, kb_count, 0), num_stages=stages):
+                T.copy(x[r0, kb * BK], a_s)
+                T.copy(w[g, bn * BN, kb * BK], b_s)
+                if sf_load == "tma":
+                    T.copy(x_sf[kb if sf_layout == "col" else kb // 4, sf0 : sf0 + SF_BOX], sa_s)
+                w_scale = w_sf[g, bn, kb]  # loaded before the wgmma, which hides its latency
+                if sf_load == "ldg":
+                    for i in T.Parallel(BM):
+                        raw[i] = T.if_then_else(r0 + i < MP, x_sf[kb if sf_layout == "col" else kb // 4, r0 + i], T.cast(0, sf_dtype))
+                T.gemm(a_s, b_s, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                for i in T.Parallel(BM):
+                    sf = sa_s[r0 % SF_ALIGN + i] if sf_load == "tma" else raw[i]
+                    if sf_layout == "col":
+                        row_scale[i] = sf * w_scale
+                    else:  # a UE8M0 byte is the biased exponent of a power of two
+                        byte = T.shift_right(T.reinterpret(sf, "uint32"), T.cast((kb % 4) * 8, "uint32")) & T.uint32(255)
+                        row_scale[i] = T.reinterpret(T.shift_left(byte, T.uint32(23)), "float32") * w_scale
+                for i, j in T.Parallel(BM, BN):
+                    acc[i, j] += part[i, j] * row_scale[i]
+            if via_shared:
+                c_s = T.alloc_shared((BM, BN), out_dtype)
+                T.copy(acc, c_s)
+                for i, j in T.Parallel(BM, BN):
+                    if r0 + i < r1:
+                        out[r0 + i, bn * BN + j] = c_s[i, j]
+            else:
+                for i, j in T.Parallel(BM, BN):
+                    if r0 + i < r1:
+                        out[r0 + i, bn * BN + j] = acc[i, j]
+
+    return grouped_matmul_fp8
+
+
+def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Config, x_sf_layout, out_dtype) -> Launch:
+    return Launch(
+        kernel=grouped_matmul_fp8_kernel,
+        params=dict(k=x.shape[1], n=w.shape[1], sf_layout=x_sf_layout, out_dtype=np.dtype(out_dtype).name, stages=config.stages,
+                    sf_load=config.sf_load),  # fmt: skip
+    )
+
+
+_op = TileOp(
+    name="grouped_matmul_fp8", launch=_launch, operands=("x", "x_sf", "w", "w_sf", "start", "end", "tiles"), results=("out",),
+    reference=_reference, config=_config,
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument rules, shared with grouped_matmul_quantized.
+
+
+def x_sf_storage(m: int, k: int) -> dict[str, tuple[tuple[int, int], np.dtype]]:
+    """Shape and dtype of x's 1 × 128 scales ``[M, K/128]`` in each layout (``formats.sf_storage_shape``)."""
+    return {layout: F.sf_storage_shape(layout, (m, k // BLOCK)) for layout in SF_LAYOUTS}
+
+
+def infer_x_sf_layout(name: str, x_sf: jax.Array, m: int, k: int, given) -> str:
+    """The layout of x's scales: ``given`` (checked against their shape and dtype), else the one
+    layout their shape and dtype fit; a ValueError naming the choices otherwise."""
+    storage = x_sf_storage(m, k)
+    if given is not None and (not isinstance(given, str) or given not in SF_LAYOUTS):
+        raise ValueError(f"{name}: x_sf_layout must be one of {SF_LAYOUTS}, got {given!r}")
+    found = (tuple(x_sf.shape), np.dtype(x_sf.dtype))
+    fits = [layout for layout in ([given] if given else SF_LAYOUTS) if storage[layout] == found]
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        raise ValueError(f"{name}: x_sf {list(x_sf.shape)} could be 'row' or 'col' storage; say which with x_sf_layout")
+    expected = ", ".join(f"{lay}: {d.name}{list(s)}" for lay, (s, d) in storage.items() if given in (None, lay))
+    raise ValueError(f"{name}: x_sf must be x's 1 x {BLOCK} scales ({expected}), got {found[1].name}{list(x_sf.shape)}")
+
+
+def check_fp8_operands(name: str, x, x_sf, w, w_sf, transpose_w: bool, x_sf_layout) -> str:
+    """ValueErrors for operands the op does not take; returns x's scale layout."""
+    if x.ndim != 2 or w.ndim != 3:
+        raise ValueError(f"{name}: x must be [M, K] and w [G, K, N] (rank 2 and 3), got shapes {x.shape} and {w.shape}")
+    if x.dtype != FP8 or w.dtype != FP8:
+        raise ValueError(f"{name}: x and w must be {FP8}, got {x.dtype} and {w.dtype}")
+    g, k, n = (w.shape[0], w.shape[2], w.shape[1]) if transpose_w else w.shape
+    if x.shape[1] != k:
+        raise ValueError(f"{name}: x is [M, {x.shape[1]}] but w{list(w.shape)} takes K = {k}" + (" (transpose_w)" if transpose_w else ""))
+    for label, extent in (("K", k), ("N", n)):
+        if extent <= 0 or extent % BLOCK:
+            raise ValueError(f"{name}: {label} must be a positive multiple of {BLOCK} (the scales' block), got {extent}")
+    blocks = (g, n // BLOCK, k // BLOCK) if transpose_w else (g, k // BLOCK, n // BLOCK)
+    if tuple(w_sf.shape) != blocks or w_sf.dtype != jnp.float32:
+        raise ValueError(f"{name}: w_sf must be float32 {list(blocks)} (w's {BLOCK} x {BLOCK} block scales), got {w_sf.dtype}{list(w_sf.shape)}")
+    return infer_x_sf_layout(name, x_sf, x.shape[0], k, x_sf_layout)
+
+
+def out_dtype_of(name: str, preferred_element_type) -> str:
+    out = np.dtype(preferred_element_type if preferred_element_type is not None else jnp.bfloat16).name
+    if out not in OUT_DTYPES:
+        raise ValueError(f"{name}: preferred_element_type must be bfloat16 or float32, got {out}")
+    return out
+
+
+def kernel_operands(x_sf, w, w_sf, transpose_w: bool, x_sf_layout: str) -> tuple[jax.Array, jax.Array, jax.Array, str]:
+    """``(x_sf, w, w_sf, layout)`` as the kernel reads them: column-major x-scales, ``w[G, N, K]``."""
+    if x_sf_layout == "row":
+        x_sf, x_sf_layout = F.store_sf(x_sf, "col"), "col"
+    if not transpose_w:
+        w, w_sf = jnp.swapaxes(w, 1, 2), jnp.swapaxes(w_sf, 1, 2)
+    return x_sf, w, w_sf, x_sf_layout
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function.
+
+
+def random_blocks(rng: np.random.Generator, shape: tuple[int, int], block: tuple[int, int]) -> jax.Array:
+    """bf16 normal values of about 0.25 times a power of two from 2^-2 to 2^2 drawn per ``block``, so
+    that scales differ from block to block (a scale applied to the wrong block shows) while sums over
+    K stay of order 1 (the tests' absolute tolerance is not swamped by FP8 rounding)."""
+    t, h = shape
+    blocks = F.num_blocks(shape, block)
+    exponent = rng.integers(-4, 1, size=blocks).astype(np.float32)
+    scale = np.repeat(np.repeat(np.exp2(exponent), block[0], axis=0), block[1], axis=1)[:t, :h]
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * scale, jnp.bfloat16)
+
+
+def quantized_operands(rng: np.random.Generator, m: int, k: int, n: int, g: int, *, transpose_w: bool, layout: str) -> tuple:
+    """``(x, x_sf, w, w_sf)``: :func:`random_blocks` values quantized as ``jax_tilek.quant``'s casts
+    would (per token 1 × 128, x's scales stored in ``layout``; per 128 × 128 block of each ``w[g]``)."""
+    x8, sf = F.quantize_blocks(random_blocks(rng, (m, k), (1, BLOCK)), "e4m3", (1, BLOCK), round_sf=layout == "col_ue8m0")
+    rows, cols = (n, k) if transpose_w else (k, n)
+    w8, w_sf = F.quantize_blocks(random_blocks(rng, (g * rows, cols), (BLOCK, BLOCK)), "e4m3", (BLOCK, BLOCK))
+    return x8, F.store_sf(sf, layout), w8.reshape(g, rows, cols), w_sf.reshape(g, rows // BLOCK, cols // BLOCK)
+
+
+def _case(m: int, k: int, n: int, g: int, *, skew: float = 0.0, empty: int = 0, transpose_w: bool = False, segments: bool = False,
+          layout: str = "col", out=None, tag: str = "", **options) -> ArgSpec:  # fmt: skip
+    """A call on quantized random data (:func:`quantized_operands`): group sizes from
+    :func:`random_sizes` (about 90% of m grouped), or with ``segments`` a fused-mapping layout (each
+    group padded to a multiple of 128 rows, the tail past the last segment)."""
+    w_shape = (g, n, k) if transpose_w else (g, k, n)
+    sf_shape, sf_dtype = x_sf_storage(m, k)[layout]
+    w_sf_shape = tuple(d // BLOCK if i else d for i, d in enumerate(w_shape))
+    int_struct = jax.ShapeDtypeStruct((g,), jnp.int32)
+    args = (jax.ShapeDtypeStruct((m, k), FP8), jax.ShapeDtypeStruct(sf_shape, sf_dtype), jax.ShapeDtypeStruct(w_shape, FP8),
+            jax.ShapeDtypeStruct(w_sf_shape, jnp.float32))  # fmt: skip
+    args += (None, int_struct, int_struct) if segments else (int_struct,)
+
+    def make(rng, *structs):
+        operands = quantized_operands(rng, m, k, n, g, transpose_w=transpose_w, layout=layout)
+        if not segments:
+            return (*operands, random_sizes(rng, m, g, skew, empty, total=m - m // 10))
+        sizes = random_sizes(rng, m // 2, g, skew, empty)
+        padded = -(-sizes // S.BLOCK_M) * S.BLOCK_M
+        end = np.minimum(np.cumsum(padded), m).astype(np.int32)
+        return (*operands, None, (end - np.minimum(padded, end)).astype(np.int32), end)
+
+    name = f"e4m3_{m}x{k}x{n}_g{g}_sf_{layout}" + ("_wT" if transpose_w else "") + ("_segments" if segments else "")
+    name += (f"_skew{skew:g}" if skew else "") + (f"_empty{empty}" if empty else "") + (f"_{np.dtype(out).name}" if out else "") + tag
+    kwargs = dict(transpose_w=transpose_w, preferred_element_type=out) if out is not None else dict(transpose_w=transpose_w)
+    return ArgSpec(name, args, kwargs, make=make, **options)
+
+
+ARG_SPECS = (
+    _case(300, 640, 256, 4, empty=1, layout="row", tolerance=2e-2),
+    _case(77, 640, 256, 3, skew=2.0, transpose_w=True, tolerance=2e-2),
+    _case(520, 640, 256, 8, skew=1.0, empty=2, layout="col_ue8m0", transpose_w=True, tolerance=2e-2),
+    _case(640, 640, 256, 4, segments=True, tolerance=2e-2),
+    _case(200, 640, 256, 2, out=jnp.float32, tolerance=2e-2),
+    _case(0, 640, 256, 2),
+    # DeepSeek-V3 expert shapes, weights stored [G, N, K]: gate+up [T, 7168] x [G, 4096, 7168], down [T, 2048] x [G, 7168, 2048].
+    _case(8192, 7168, 4096, 8, transpose_w=True, bench=True),
+    _case(8192, 2048, 7168, 8, transpose_w=True, bench=True),
+    _case(65536, 7168, 4096, 32, skew=1.0, transpose_w=True, bench=True),
+    _case(65536, 2048, 7168, 32, segments=True, transpose_w=True, bench=True),
+)
+
+
+@uses(_op, cases=ARG_SPECS)
+def grouped_matmul_fp8(
+    x: jax.Array,
+    x_sf: jax.Array,
+    w: jax.Array,
+    w_sf: jax.Array,
+    group_sizes=None,
+    expert_start=None,
+    expert_end=None,
+    *,
+    transpose_w: bool = False,
+    x_sf_layout: str | None = None,
+    preferred_element_type=None,
+    impl=None,
+    ops,
+) -> jax.Array:
+    """An FP8 grouped matmul with block scales: ``out[r] = x̂[r] · ŵ[g]`` for the rows r of group g,
+    where ``x̂ = x · x_sf`` per 1 × 128 block and ``ŵ[g] = w[g] · w_sf[g]`` per 128 × 128 block.
+
+    Args:
+      x: float8_e4m3fn ``[M, K]``.
+      x_sf: x's per-token scales ``[M, K/128]`` as ``jax_tilek.quant.per_token_cast(x, "e4m3", 128,
+        ...)`` stores them: fp32 ``"row"`` ``[M, K/128]``, fp32 ``"col"`` ``[K/128, align(M, 4)]``
+        (the kernel's layout) or packed UE8M0 ``"col_ue8m0"`` int32 ``[ceil(K/512), align(M, 4)]``.
+      w: float8_e4m3fn ``[G, K, N]``, or ``[G, N, K]`` with ``transpose_w`` (the kernel's layout;
+        the other one costs an XLA transpose of w per call).
+      w_sf: float32 block scales of each ``w[g]`` as stored: ``[G, K/128, N/128]``, or
+        ``[G, N/128, K/128]`` with ``transpose_w`` (``jax_tilek.quant.per_block_cast(w[g], "e4m3",
+        (128, 128))``'s row layout).
+      group_sizes, expert_start, expert_end: the groups, as :func:`jax_tilek.gemm.grouped_matmul`
+        takes them (``ragged_dot``'s sizes, or disjoint segments); rows outside every group give zeros.
+      transpose_w: w is ``[G, N, K]``.
+      x_sf_layout: ``"row"``, ``"col"`` or ``"col_ue8m0"``; by default told from x_sf's shape and dtype.
+      preferred_element_type: bfloat16 (default) or float32; accumulation is float32, the scales
+        applied per 128-wide K block.
+
+    K and N must be positive multiples of 128. Not differentiable (see
+    :func:`grouped_matmul_quantized` for bf16 inputs quantized on the fly).
+
+    Returns: ``[M, N]``.
+    """
+    name = "grouped_matmul_fp8"
+    x, x_sf, w, w_sf = (checks.as_array(name, label, v) for label, v in (("x", x), ("x_sf", x_sf), ("w", w), ("w_sf", w_sf)))
+    group_sizes, expert_start, expert_end = (None if v is None else checks.as_array(name, label, v)
+                                             for label, v in (("group_sizes", group_sizes), ("expert_start", expert_start), ("expert_end", expert_end)))  # fmt: skip
+    transpose_w = checks.static_bool(name, "transpose_w", transpose_w)
+    layout = check_fp8_operands(name, x, x_sf, w, w_sf, transpose_w, x_sf_layout)
+    out_dtype = out_dtype_of(name, preferred_element_type)
+    start, end, g = check_operands(name, x, group_sizes, expert_start, expert_end)
+    if g != w.shape[0]:
+        raise ValueError(f"{name}: {g} groups but w has {w.shape[0]}")
+    x_sf, w, w_sf, layout = kernel_operands(x_sf, w, w_sf, transpose_w, layout)
+    tiles = S.tile_table(start, end, x.shape[0])
+    return ops[0](x, x_sf, w, w_sf, start, end, tiles, impl=impl, x_sf_layout=layout, out_dtype=out_dtype)

@@ -1,0 +1,311 @@
+"""FP8 grouped GEMM (grouped_matmul_fp8, grouped_matmul_quantized): the reference against independent
+float64 numpy dequantization on fresh random codes (the three x-scale layouts, both weight layouts,
+group sizes and segments, empty groups, M = 0), its agreement with the bf16 product of the values
+jax_tilek.quant's casts quantized, the straight-through gradients, argument errors, the op contract
+(kernels compiled for sm_90a; the generated CUDA runs e4m3 wgmma), and on a GPU the kernels at
+DeepSeek-V3 shapes and the gradients of the quantized matmul."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_tilek
+from jax_tilek import gemm, quant
+from jax_tilek.gemm._grouped_matmul_fp8 import grouped_matmul_fp8_kernel, quantized_operands, random_blocks, x_sf_storage
+from jax_tilek.gemm._grouped_wgrad import random_sizes
+from jax_tilek.testing import OpContract, lower_for_cuda, over_arrays, random_array, tilek_calls
+
+BF16, E4M3 = ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn
+ST = jax.ShapeDtypeStruct
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent numpy math (float64).
+
+
+def np_x_scales(x_sf, layout: str, m: int, kb: int) -> np.ndarray:
+    """x's scales ``[M, K/128]`` from their storage (float64)."""
+    s = np.asarray(x_sf)
+    if layout == "row":
+        return s.astype(np.float64)
+    if layout == "col":
+        return s[:, :m].T.astype(np.float64)
+    exponents = np.ascontiguousarray(s[:, :m].T).astype("<i4").view(np.uint8).reshape(m, s.shape[0] * 4)[:, :kb]  # byte j of word i: block 4i + j
+    return np.exp2(exponents.astype(np.float64) - 127)
+
+
+def np_dequantized(x, x_sf, w, w_sf, layout: str, transpose_w: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``x[M, K]`` and ``w[G, K, N]``: the codes times their block scales."""
+    m, k = x.shape
+    x64 = np.asarray(x).astype(np.float64) * np.repeat(np_x_scales(x_sf, layout, m, k // 128), 128, axis=1)
+    w64 = np.asarray(w).astype(np.float64) * np.repeat(np.repeat(np.asarray(w_sf, np.float64), 128, axis=1), 128, axis=2)
+    return x64, (np.swapaxes(w64, 1, 2) if transpose_w else w64)
+
+
+def np_grouped(x64, w64, start, end) -> np.ndarray:
+    out = np.zeros((x64.shape[0], w64.shape[2]))
+    for g in range(w64.shape[0]):
+        s, e = max(int(start[g]), 0), min(int(end[g]), x64.shape[0])
+        if s < e:
+            out[s:e] = x64[s:e] @ w64[g]
+    return out
+
+
+def np_segments(sizes, m: int) -> tuple[np.ndarray, np.ndarray]:
+    end = np.minimum(np.cumsum(np.maximum(sizes, 0)), m)
+    return np.minimum(end - np.maximum(sizes, 0), m), end
+
+
+def close(actual, expected, rel: float) -> None:
+    """Within ``rel`` of the largest magnitude."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == e.shape
+    np.testing.assert_allclose(a, e, rtol=0, atol=rel * max(float(np.abs(e).max(initial=0.0)), 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against numpy.
+
+
+@pytest.mark.parametrize("layout", ["row", "col", "col_ue8m0"])
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("m,k,n,g,skew,empty,total", [(300, 640, 256, 4, 0.0, 1, 260), (77, 256, 384, 3, 2.0, 0, 77), (0, 128, 128, 2, 0.0, 0, 0)])
+def test_reference_matches_numpy(rng, layout, transpose_w, m, k, n, g, skew, empty, total):
+    x, x_sf, w, w_sf = quantized_operands(rng, m, k, n, g, transpose_w=transpose_w, layout=layout)
+    sizes = random_sizes(rng, m, g, skew, empty, total=total)
+    f = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=transpose_w, preferred_element_type=jnp.float32, impl="xla"))
+    got = f(x, x_sf, w, w_sf, sizes)
+    want = np_grouped(*np_dequantized(x, x_sf, w, w_sf, layout, transpose_w), *np_segments(sizes, m))
+    close(got, want, 1e-6)
+    bf = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=transpose_w, impl="xla"))(x, x_sf, w, w_sf, sizes)
+    assert bf.dtype == jnp.bfloat16 and bf.shape == (m, n)
+    close(bf, want, 1e-2)
+
+
+def test_reference_on_unsorted_segments_with_gaps(rng):
+    m, k, n = 700, 256, 128
+    start = np.array([500, 0, 128, 650, 0], np.int32)
+    end = np.array([501, 100, 300, 640, 0], np.int32)  # an inverted and an empty segment give nothing
+    x, x_sf, w, w_sf = quantized_operands(rng, m, k, n, 5, transpose_w=True, layout="col")
+    got = gemm.grouped_matmul_fp8(x, x_sf, w, w_sf, None, start, end, transpose_w=True, preferred_element_type=jnp.float32, impl="xla")
+    close(got, np_grouped(*np_dequantized(x, x_sf, w, w_sf, "col", True), start, end), 1e-6)
+
+
+@pytest.mark.parametrize("flags,layout", [(dict(), "row"), (dict(use_tma_aligned_col_major_sf=True), "col"),
+                                          (dict(use_tma_aligned_col_major_sf=True, round_sf=True, use_packed_ue8m0=True), "col_ue8m0")])  # fmt: skip
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_casts_of_jax_tilek_quant_feed_it(rng, flags, layout, transpose_w):
+    """The scales exactly as quant.per_token_cast and quant.per_block_cast store them (the layout told
+    from their shape): the FP8 product is the product of the dequantized values, and the bf16 product
+    of the unquantized ones within FP8's rounding."""
+    m, k, n, g = 333, 640, 384, 3
+    x = random_blocks(rng, (m, k), (1, 128))
+    w = random_blocks(rng, (g * (n if transpose_w else k), k if transpose_w else n), (128, 128))
+    x8, x_sf = quant.per_token_cast(x, "e4m3", 128, impl="xla", **flags)
+    w8, w_sf = quant.per_block_cast(w, "e4m3", (128, 128), impl="xla")
+    w, w8 = (a.reshape(g, -1, a.shape[1]) for a in (w, w8))
+    w_sf = w_sf.reshape(g, w.shape[1] // 128, w.shape[2] // 128)
+    sizes = random_sizes(rng, m, g, 1.0, 0)
+    got = gemm.grouped_matmul_fp8(x8, x_sf, w8, w_sf, sizes, transpose_w=transpose_w, preferred_element_type=jnp.float32, impl="xla")
+    exact = gemm.grouped_matmul(x, w, sizes, transpose_w=transpose_w, preferred_element_type=jnp.float32, impl="xla")
+    close(got, exact, 0.05)  # e4m3 keeps 3 mantissa bits: a few percent per product, averaging out over K
+    close(got, np_grouped(*np_dequantized(x8, x_sf, w8, w_sf, layout, transpose_w), *np_segments(sizes, m)), 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_matmul_quantized: quant's casts, then the FP8 product; gradients straight through.
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_quantized_is_the_fp8_product_of_the_casts(rng, transpose_w):
+    m, k, n, g = 260, 384, 256, 3
+    x = random_blocks(rng, (m, k), (1, 128))
+    w = random_blocks(rng, (g * (n if transpose_w else k), k if transpose_w else n), (128, 128)).reshape(g, -1, k if transpose_w else n)
+    sizes = random_sizes(rng, m, g, 0.5, 0, total=250)
+    got = jax.jit(lambda x, w, s: gemm.grouped_matmul_quantized(x, w, s, transpose_w=transpose_w))(x, w, sizes)
+    x8, x_sf = quant.per_token_cast(x, "e4m3", 128, impl="xla")
+    w8, w_sf = quant.per_block_cast(w.reshape(-1, w.shape[2]), "e4m3", (128, 128), impl="xla")
+    w8, w_sf = w8.reshape(w.shape), w_sf.reshape(g, w.shape[1] // 128, w.shape[2] // 128)
+    want = gemm.grouped_matmul_fp8(x8, x_sf, w8, w_sf, sizes, transpose_w=transpose_w, impl="xla")
+    jax_tilek.testing.assert_bytes_equal(got, want, "quantized")
+
+
+@pytest.mark.parametrize("impl", [None, "xla"])
+@pytest.mark.parametrize("form", ["sizes", "segments", "transposed"])
+def test_quantized_gradients_are_the_bf16_gradients(rng, impl, form):
+    """Straight through the casts: d/dx and d/dw of sum(out · c) are grouped_matmul's: bit for bit by
+    its custom VJP's ops (impl=None), within bf16 rounding of JAX's own derivative of its reference
+    (impl="xla", which grouped_matmul differentiates directly)."""
+    m, k, n, g = 400, 256, 384, 3
+    transpose_w = form == "transposed"
+    x = random_blocks(rng, (m, k), (1, 128))
+    w = random_blocks(rng, (g * (n if transpose_w else k), k if transpose_w else n), (128, 128)).reshape(g, -1, k if transpose_w else n)
+    groups = (None, np.array([0, 128, 384], np.int32), np.array([100, 300, 390], np.int32)) if form == "segments" else (np.array([150, 0, 200], np.int32),)
+    c = jnp.asarray(random_array(rng, (m, n), np.float32))
+
+    def grads(fn):
+        loss = lambda x, w: jnp.sum(fn(x, w, *groups, transpose_w=transpose_w, impl=impl).astype(jnp.float32) * c)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+    for got, want in zip(grads(gemm.grouped_matmul_quantized), grads(gemm.grouped_matmul)):
+        if impl is None:
+            jax_tilek.testing.assert_bytes_equal(got, want, form)
+        else:
+            close(got, want, 1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument errors, configuration, the contract.
+
+X, W, W_SF = ST((64, 256), E4M3), ST((2, 256, 384), E4M3), ST((2, 2, 3), jnp.float32)
+X_SF = ST((64, 2), jnp.float32)
+SIZES = ST((2,), jnp.int32)
+
+BAD_FP8 = [
+    ((ST((64, 256), BF16), X_SF, W, W_SF, SIZES), {}, ValueError, "must be float8_e4m3fn"),
+    ((X, X_SF, ST((2, 384, 256), E4M3), W_SF, SIZES), {}, ValueError, "takes K = 384"),
+    ((ST((64, 192), E4M3), ST((64, 2), jnp.float32), ST((2, 192, 384), E4M3), W_SF, SIZES), {}, ValueError, "K must be a positive multiple of 128"),
+    ((X, X_SF, ST((2, 256, 200), E4M3), W_SF, SIZES), {}, ValueError, "N must be a positive multiple of 128"),
+    ((X, X_SF, W, ST((2, 3, 2), jnp.float32), SIZES), {}, ValueError, r"w_sf must be float32 \[2, 2, 3\]"),
+    ((X, X_SF, W, W_SF, SIZES), dict(transpose_w=True), ValueError, "takes K = 384"),
+    ((X, ST((64, 2), jnp.int32), W, W_SF, SIZES), {}, ValueError, "x_sf must be x's 1 x 128 scales"),
+    ((X, ST((2, 63), jnp.float32), W, W_SF, SIZES), {}, ValueError, "x_sf must be x's 1 x 128 scales"),
+    ((X, X_SF, W, W_SF, SIZES), dict(x_sf_layout="col"), ValueError, r"col: float32\[2, 64\]"),
+    ((X, X_SF, W, W_SF, SIZES), dict(x_sf_layout="blocks"), ValueError, "x_sf_layout must be one of"),
+    ((ST((4, 512), E4M3), ST((4, 4), jnp.float32), ST((2, 512, 384), E4M3), ST((2, 4, 3), jnp.float32), SIZES), {}, ValueError,
+     "could be 'row' or 'col'"),
+    ((X, X_SF, W, W_SF, SIZES), dict(preferred_element_type=jnp.float16), ValueError, "bfloat16 or float32"),
+    ((X, X_SF, W, W_SF, ST((3,), jnp.int32)), {}, ValueError, "3 groups but w has 2"),
+    ((X, X_SF, W, W_SF), {}, ValueError, "give group_sizes"),
+]
+
+
+class TestGroupedMatmulFp8(OpContract):
+    fn = gemm.grouped_matmul_fp8
+    bad_inputs = BAD_FP8
+
+
+class TestGroupedMatmulQuantized(OpContract):
+    fn = gemm.grouped_matmul_quantized
+    differentiable = (0, 1)
+    bad_inputs = [
+        ((X, W, SIZES), {}, ValueError, "must be bfloat16"),
+        ((ST((64, 256), BF16), ST((2, 384, 256), BF16), SIZES), {}, ValueError, "takes K = 384"),
+        ((ST((64, 64), BF16), ST((2, 64, 256), BF16), SIZES), {}, ValueError, "K must be a positive multiple of 128"),
+        ((ST((64, 256), BF16), ST((3, 256, 256), BF16), SIZES), {}, ValueError, "2 groups but w has 3"),
+    ]
+
+
+def test_ambiguous_scales_are_taken_as_told(rng):
+    """x_sf of 4 rows and K = 512: [4, 4] is row-major or column-major storage; x_sf_layout says which."""
+    x, x_sf, w, w_sf = quantized_operands(rng, 4, 512, 128, 1, transpose_w=True, layout="row")
+    sizes = np.array([4], np.int32)
+    row = gemm.grouped_matmul_fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, x_sf_layout="row", impl="xla")
+    col = gemm.grouped_matmul_fp8(x, x_sf.T, w, w_sf, sizes, transpose_w=True, x_sf_layout="col", impl="xla")
+    jax_tilek.testing.assert_bytes_equal(row, col, "layouts")
+
+
+def test_config_and_overrides():
+    op = gemm.grouped_matmul_fp8.ops[0]
+    structs = (ST((64, 256), E4M3), ST((2, 64), jnp.float32), ST((2, 384, 256), E4M3), ST((2, 3, 2), jnp.float32), SIZES, SIZES, ST((5, 3), jnp.int32))
+    assert op.config_for(*structs, x_sf_layout="col", out_dtype="bfloat16") == gemm.GroupedMatmulFp8Config(stages=6)
+    assert gemm.grouped_matmul_fp8.with_config(stages=4).ops[0].config_for(*structs, x_sf_layout="col", out_dtype="bfloat16").stages == 4
+    assert gemm.grouped_matmul_quantized.with_config(stages=3).ops[0].config_for(*structs, x_sf_layout="col", out_dtype="bfloat16").stages == 3
+    with pytest.raises(ValueError, match="no config field"):
+        gemm.grouped_matmul_fp8.with_config(block_n=256)
+
+
+WGMMA_E4M3 = "wgmma_ss<tl::DataType::kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, 64, 128, 32,"
+
+
+@pytest.mark.parametrize("case", [c for c in gemm.grouped_matmul_fp8.cases if not c.bench], ids=lambda c: c.name)
+def test_kernels_run_e4m3_wgmma_warp_specialized(case):
+    """What the contract's cases compile for sm_90a: e4m3 x e4m3 -> fp32 wgmma (m64n128k32, the two
+    consumer warpgroups 64 rows each) fed by TMA (x, w; x's scales too with sf_load="tma") from a producer warpgroup,
+    within the shared memory a CTA may have."""
+    call, structs = over_arrays(case.call(gemm.grouped_matmul_fp8), case.structs())
+    with jax_tilek.record_kernels() as log:
+        (lowered,) = tilek_calls(lower_for_cuda(call, *structs))
+    (params,) = [p for name, p, _, _ in log if name.endswith("grouped_matmul_fp8_kernel")]
+    artifact = grouped_matmul_fp8_kernel.artifact(params, "sm_90a", record=False)
+    assert artifact.spec.kernels[0].block == (384, 1, 1) and artifact.spec.kernels[0].smem <= 227 * 1024
+    assert sorted(t.tensor for t in artifact.spec.tma) == ["w", "x"] + (["x_sf"] if params["sf_load"] == "tma" else [])
+    assert WGMMA_E4M3 in artifact.source and "warpgroup_reg_alloc" in artifact.source
+    assert not re.search(r"wgmma_ss<tl::DataType::kBFloat16", artifact.source)
+    assert lowered["has_cubin"]
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU.
+
+DEEPSEEK_SHAPES = [(8192, 7168, 4096, 8, 0.0, "col"), (16384, 2048, 7168, 32, 1.5, "col_ue8m0")]  # m, k, n, groups, skew, x_sf layout
+GRAD_FORMS = ("sizes", "segments", "transposed")
+GRAD_SHAPE = (1500, 256, 384, 5)  # m, k, n, groups
+
+
+def deepseek_fp8(x, x_sf, w, w_sf, sizes):
+    return gemm.grouped_matmul_fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, impl="tilelang")
+
+
+def quantized_program(form: str, impl: str):
+    """``(fn, abstract args)``: the value and the gradients in x and w of ``sum(out · c)`` for
+    grouped_matmul_quantized, with the groups as sizes, segments, or sizes with transposed weights."""
+    m, k, n, g = GRAD_SHAPE
+    transpose_w = form == "transposed"
+
+    def value_and_grads(x, w, c, groups):
+        def loss(x, w):
+            return jnp.sum(gemm.grouped_matmul_quantized(x, w, *groups, transpose_w=transpose_w, impl=impl).astype(jnp.float32) * c)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+    groups = (None, ST((g,), jnp.int32), ST((g,), jnp.int32)) if form == "segments" else (ST((g,), jnp.int32),)
+    return value_and_grads, [ST((m, k), BF16), ST((g, n, k) if transpose_w else (g, k, n), BF16), ST((m, n), jnp.float32), groups]
+
+
+def _deepseek_args(m, k, n, g, layout):
+    sf_shape, sf_dtype = x_sf_storage(m, k)[layout]
+    return (ST((m, k), E4M3), ST(sf_shape, sf_dtype), ST((g, n, k), E4M3), ST((g, n // 128, k // 128), jnp.float32), ST((g,), jnp.int32))
+
+
+GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
+    (deepseek_fp8, _deepseek_args(m, k, n, g, layout)) for m, k, n, g, _, layout in DEEPSEEK_SHAPES
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,g,skew,layout", DEEPSEEK_SHAPES)
+def test_gpu_deepseek_shapes(rng, on_gpu, m, k, n, g, skew, layout):
+    """The kernel at DeepSeek-V3 expert shapes against the dequantized float32 reference (on the GPU)."""
+    operands = quantized_operands(rng, m, k, n, g, transpose_w=True, layout=layout)
+    sizes = random_sizes(rng, m, g, skew, 0)
+    got = on_gpu(deepseek_fp8, *operands, sizes)
+    want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
+    close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", GRAD_FORMS)
+def test_gpu_quantized_value_and_grads(rng, on_gpu, form):
+    m, k, n, g = GRAD_SHAPE
+    transpose_w = form == "transposed"
+    x = random_blocks(rng, (m, k), (1, 128))
+    w = random_blocks(rng, (g * (n if transpose_w else k), k if transpose_w else n), (128, 128)).reshape(g, -1, k if transpose_w else n)
+    c = random_array(rng, (m, n), np.float32)
+    if form == "segments":
+        sizes = random_sizes(rng, m // 2, g, 1.0, empty=1)
+        padded = -(-sizes // 128) * 128
+        end = np.minimum(np.cumsum(padded), m).astype(np.int32)
+        groups = (None, (end - np.minimum(padded, end)).astype(np.int32), end)
+    else:
+        groups = (random_sizes(rng, m, g, 1.0, 1, total=m - 37),)
+    value, grads = on_gpu(quantized_program(form, "tilelang")[0], x, w, c, groups)
+    with jax.default_device(jax.devices("cpu")[0]):
+        want_value, want_grads = jax.jit(quantized_program(form, "xla")[0])(x, w, c, groups)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-2, atol=1.0)
+    for a, b in zip(grads, want_grads):
+        close(a, b, 1e-2)
