@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("baseline")
     args = parser.parse_args()
     new, old = (json.load(open(p)) for p in (args.new, args.baseline))
-    pairs = match(new["results"], old["results"])
+    measured = lambda data: [r for r in data["results"] if "error" not in r]  # noqa: E731
+    pairs = match(measured(new), measured(old))
     rows = [
         {
             "family": n["family"], "case": n["case"], "shape": n["shape"], "dtype": n["dtype"],

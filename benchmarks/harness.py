@@ -37,7 +37,7 @@ from jax_tilek._cli.report import table  # noqa: F401  (re-exported: benchmarks.
 from jax_tilek.testing import over_arrays
 
 ROTATE_BYTES = 512 * 2**20  # > 8x the L2 of an H100 (50 MB) or H200 (60 MB)
-MIN_CALLS = 16  # calls per timed program, at least (unless their inputs pass MAX_HELD_BYTES)
+MIN_CALLS = 16  # calls per timed program, at least (unless they would hold more than held_budget())
 MAX_HELD_BYTES = 8 * 2**30
 REPEATS = 15
 MIN_BATCH_SECONDS = 0.02
@@ -133,14 +133,38 @@ def copy_gbps() -> float:
     return 2 * COPY_BYTES / time_per_call(_copy, sets) / 1e9
 
 
+def _call_bytes(fn: Callable[..., Any], inputs: Sequence[Any]) -> int:
+    """Device bytes one call of ``fn`` needs beside its inputs: its outputs and XLA's temporaries (the
+    compiled program's memory analysis; the outputs alone where a backend gives none)."""
+    try:
+        stats = jax.jit(fn).lower(*inputs).compile().memory_analysis()
+        return int(stats.output_size_in_bytes + stats.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - no analysis here: count the outputs
+        return _input_bytes(jax.eval_shape(fn, *inputs))
+
+
+def held_budget() -> int:
+    """Bytes a timed program may hold: 45% of the device's memory (the rest for XLA's own pools and
+    the other side's program), or ``MAX_HELD_BYTES`` where the device does not say."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(0.45 * stats["bytes_limit"]) if "bytes_limit" in stats else MAX_HELD_BYTES
+
+
+def set_count(per_set: int, per_call: int, budget: int) -> int:
+    """Input sets per timed program: enough to rotate ``ROTATE_BYTES`` past L2 (at most 64), at least
+    ``MIN_CALLS``, fewer (down to 1) where the program, which holds every set's inputs and every call's
+    outputs and temporaries, would pass ``budget``."""
+    fits = max(1, budget // max(per_set + per_call, 1))
+    return max(1, min(64, fits, max(MIN_CALLS, int(math.ceil(ROTATE_BYTES / per_set)))))
+
+
 def run_case(case: Case, key: jax.Array) -> dict:
     keys = iter(jax.random.split(key, 65))
     make = jax.jit(case.make_inputs)
     first = make(next(keys))
     per_set = max(_input_bytes(first), 1)  # sets past L2
-    # Fewer calls where one call's inputs and outputs are GiBs: a program holds every call's outputs.
-    held = per_set + _input_bytes(jax.eval_shape(case.kernel, *first))
-    sets = min(64, max(MIN_CALLS if held * MIN_CALLS <= MAX_HELD_BYTES else 2, int(math.ceil(ROTATE_BYTES / per_set))))
+    per_call = max(_call_bytes(fn, first) for fn in (case.kernel, case.xla) if fn is not None)
+    sets = set_count(per_set, per_call, held_budget())
     device_sets = [first] + [make(next(keys)) for _ in range(sets - 1)]
 
     t_kernel = time_per_call(jax.jit(case.kernel), device_sets)
@@ -170,7 +194,12 @@ def run(cases: Sequence[Case], *, json_path: str | None = None, precompile_arch:
     results = []
     for case in cases:
         key, sub = jax.random.split(key)
-        results.append(run_case(case, sub))
+        try:
+            results.append(run_case(case, sub))
+        except Exception as e:  # noqa: BLE001 - one case failing (out of memory, say) leaves the others' numbers
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            results.append({"family": case.family, "case": case.name, **case.params, "error": f"{type(e).__name__}: {message}"[:300]})
+            jax.clear_caches()
         print(json.dumps(results[-1]), flush=True)
     if json_path:
         with open(json_path, "w") as f:

@@ -45,6 +45,23 @@ HAS_GPU = jax_tilek.kernels_available()
 jax.config.update("jax_enable_x64", False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def xla_compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the run, shared by the xdist workers: the suite
+    compiles many identical programs (references, training steps run twice), which then load.
+    Kernels still lower (and are recorded) per program: the cache key is taken after lowering."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if root.name.startswith("popen-gw") else root
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(shared / "xla_compilation_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
 def pytest_report_header(config):
     try:
         nvcc = f"{compiler.nvcc_path()} ({compiler.nvcc_version()})"

@@ -466,3 +466,41 @@ def test_nothing_is_printed_by_default():
     assert done.stdout == "(128, 64)\n" and done.stderr == ""
     loud = subprocess.run([sys.executable, "-m", "jax_tilek", "-v", "doctor", "--no-smoke"], capture_output=True, text=True, cwd=ROOT)
     assert loud.returncode == 0 and "OK    jax" in loud.stdout
+
+
+def test_sanitizer_env_turns_autotuning_off_and_keeps_other_flags(monkeypatch):
+    from jax_tilek._cli import sanitize
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    env = sanitize.sanitizer_env("/tmp/m.json")
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", "--xla_gpu_autotune_level=0"]
+    assert env["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+
+
+def test_bench_harness_sizes_rotation_by_memory_and_reports_failed_cases(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import harness
+
+    mib = 2**20
+    assert harness.set_count(64 * mib, 64 * mib, 80 * 2**30) == harness.MIN_CALLS  # small: MIN_CALLS sets
+    assert harness.set_count(mib, mib, 80 * 2**30) == 64  # tiny: enough to rotate past L2, at most 64
+    assert harness.set_count(2**30, 12 * 2**30, 36 * 2**30) == 2  # temporaries of GiBs: what fits
+    assert harness.set_count(2**30, 40 * 2**30, 36 * 2**30) == 1
+    # XLA:CPU gives a compiled program's temporaries and outputs.
+    x = jax.numpy.ones((1024, 256), jax.numpy.float32)
+    assert harness._call_bytes(lambda a: (a @ a.T).sum(0), (x,)) >= 1024 * 4
+
+    def boom(key):
+        raise MemoryError("RESOURCE_EXHAUSTED: out of memory\nmore lines")
+
+    cases = [harness.Case("demo", "fails", boom, lambda x: x, None, 4, {"shape": "1"}),
+             harness.Case("demo", "runs", lambda key: (jax.random.normal(key, (256,)),), lambda x: x * 2, lambda x: x + x, 1024, {"shape": "256"})]
+    monkeypatch.setattr(harness, "copy_gbps", lambda: 1.0)  # the real one copies GiBs: minutes on a CPU
+    monkeypatch.setattr(harness, "REPEATS", 2)
+    results = harness.run(cases)
+    assert results[0]["error"] == "MemoryError: RESOURCE_EXHAUSTED: out of memory" and "time_us" not in results[0]
+    assert results[1]["time_us"] > 0 and "error" not in results[1]
+    from jax_tilek._cli.report import bench_report
+
+    report = bench_report("cpu", results, [])
+    assert "not measured: demo/fails: MemoryError" in report and "runs" in report

@@ -28,7 +28,8 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
 
 def bench_report(device: str, results: Sequence[dict], chains: Sequence[dict]) -> str:
     """The benchmark tables: every case, then the launch-overhead chains (when measured)."""
-    parts = [device, table(results, RESULT_COLUMNS)]
+    parts = [device, table([r for r in results if "error" not in r], RESULT_COLUMNS)]
+    parts += [f"not measured: {r['family']}/{r['case']}: {r['error']}" for r in results if "error" in r]
     if chains:
         parts.append(table(chains, OVERHEAD_COLUMNS))
     return "\n".join(parts)

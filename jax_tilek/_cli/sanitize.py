@@ -175,6 +175,9 @@ def sanitizer_command(sanitizer: str, tool: str, log: str, target: Sequence[str]
 
 def sanitizer_env(manifest: str) -> dict[str, str]:
     env = dict(os.environ, XLA_PYTHON_CLIENT_ALLOCATOR="platform", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    # No autotuning: under a tool it runs thousands of XLA's candidate kernels, for minutes (and has
+    # crashed the process); the tools are here for jax_tilek's kernels.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
     env[MANIFEST_ENV] = manifest
     return env
 
