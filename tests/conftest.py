@@ -55,7 +55,7 @@ def xla_compilation_cache(tmp_path_factory):
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
     saved = {name: getattr(jax.config, name) for name in names}
     jax.config.update("jax_compilation_cache_dir", str(shared / "xla_compilation_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield
     for name, value in saved.items():
