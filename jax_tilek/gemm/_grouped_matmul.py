@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import checks
 from jax_tilek.gemm import _segments as S
-from jax_tilek.gemm._grouped_wgrad import check_operands, kernel_shapes, random_sizes, wgrad
+from jax_tilek.gemm._grouped_wgrad import kernel_shapes, matmul_operands, matmul_tiles, random_sizes, wgrad
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp, config_class, uses, with_vjp
 from jax_tilek.testing import ArgSpec
@@ -244,20 +243,9 @@ def grouped_matmul(
     Returns: ``[M, N]``. Differentiable in x and w (a custom VJP running the dx and dw kernels).
     """
     name = "grouped_matmul"
-    x, w = checks.as_array(name, "x", x), checks.as_array(name, "w", w)
-    group_sizes, expert_start, expert_end = (None if v is None else checks.as_array(name, label, v)
-                                             for label, v in (("group_sizes", group_sizes), ("expert_start", expert_start), ("expert_end", expert_end)))  # fmt: skip
-    transpose_w = checks.static_bool(name, "transpose_w", transpose_w)
-    if x.ndim != 2 or w.ndim != 3:
-        raise ValueError(f"{name}: x must be [M, K] and w [G, K, N] (rank 2 and 3), got shapes {x.shape} and {w.shape}")
-    k = w.shape[2] if transpose_w else w.shape[1]
-    if x.shape[1] != k:
-        raise ValueError(f"{name}: x is [M, {x.shape[1]}] but w{list(w.shape)} takes K = {k}" + (" (transpose_w)" if transpose_w else ""))
+    x, w, groups, transpose_w, _, _ = matmul_operands(name, x, w, group_sizes, expert_start, expert_end, transpose_w)
     if x.dtype != w.dtype:
         raise ValueError(f"{name}: x and w must have one dtype, got {x.dtype} and {w.dtype}")
-    start, end, g = check_operands(name, x, group_sizes, expert_start, expert_end)
-    if g != w.shape[0]:
-        raise ValueError(f"{name}: {g} groups but w has {w.shape[0]}")
+    start, end, tiles = matmul_tiles(name, x, w, groups)
     out_dtype = np.dtype(preferred_element_type if preferred_element_type is not None else x.dtype)
-    tiles = S.tile_table(start, end, x.shape[0])
     return _differentiable(x, w, start, end, tiles, impl=impl, transpose_w=transpose_w, out_dtype=out_dtype.name)

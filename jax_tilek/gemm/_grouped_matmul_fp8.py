@@ -31,7 +31,7 @@ import numpy as np
 
 from jax_tilek import checks
 from jax_tilek.gemm import _segments as S
-from jax_tilek.gemm._grouped_wgrad import check_operands, random_sizes
+from jax_tilek.gemm._grouped_wgrad import matmul_operands, matmul_tiles, random_sizes
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp, config_class, uses
 from jax_tilek.quant import formats as F
@@ -198,18 +198,20 @@ def infer_x_sf_layout(name: str, x_sf: jax.Array, m: int, k: int, given) -> str:
     raise ValueError(f"{name}: x_sf must be x's 1 x {BLOCK} scales ({expected}), got {found[1].name}{list(x_sf.shape)}")
 
 
-def check_fp8_operands(name: str, x, x_sf, w, w_sf, transpose_w: bool, x_sf_layout) -> str:
-    """ValueErrors for operands the op does not take; returns x's scale layout."""
-    if x.ndim != 2 or w.ndim != 3:
-        raise ValueError(f"{name}: x must be [M, K] and w [G, K, N] (rank 2 and 3), got shapes {x.shape} and {w.shape}")
-    if x.dtype != FP8 or w.dtype != FP8:
-        raise ValueError(f"{name}: x and w must be {FP8}, got {x.dtype} and {w.dtype}")
-    g, k, n = (w.shape[0], w.shape[2], w.shape[1]) if transpose_w else w.shape
-    if x.shape[1] != k:
-        raise ValueError(f"{name}: x is [M, {x.shape[1]}] but w{list(w.shape)} takes K = {k}" + (" (transpose_w)" if transpose_w else ""))
+def check_blocks(name: str, k: int, n: int) -> None:
+    """A ValueError unless K and N are positive multiples of the scales' block."""
     for label, extent in (("K", k), ("N", n)):
         if extent <= 0 or extent % BLOCK:
             raise ValueError(f"{name}: {label} must be a positive multiple of {BLOCK} (the scales' block), got {extent}")
+
+
+def check_fp8_operands(name: str, x, x_sf, w, w_sf, transpose_w: bool, k: int, n: int, x_sf_layout) -> str:
+    """ValueErrors for operands the op does not take (beyond :func:`matmul_operands`' rules); returns
+    x's scale layout."""
+    if x.dtype != FP8 or w.dtype != FP8:
+        raise ValueError(f"{name}: x and w must be {FP8}, got {x.dtype} and {w.dtype}")
+    check_blocks(name, k, n)
+    g = w.shape[0]
     blocks = (g, n // BLOCK, k // BLOCK) if transpose_w else (g, k // BLOCK, n // BLOCK)
     if tuple(w_sf.shape) != blocks or w_sf.dtype != jnp.float32:
         raise ValueError(f"{name}: w_sf must be float32 {list(blocks)} (w's {BLOCK} x {BLOCK} block scales), got {w_sf.dtype}{list(w_sf.shape)}")
@@ -341,15 +343,10 @@ def grouped_matmul_fp8(
     Returns: ``[M, N]``.
     """
     name = "grouped_matmul_fp8"
-    x, x_sf, w, w_sf = (checks.as_array(name, label, v) for label, v in (("x", x), ("x_sf", x_sf), ("w", w), ("w_sf", w_sf)))
-    group_sizes, expert_start, expert_end = (None if v is None else checks.as_array(name, label, v)
-                                             for label, v in (("group_sizes", group_sizes), ("expert_start", expert_start), ("expert_end", expert_end)))  # fmt: skip
-    transpose_w = checks.static_bool(name, "transpose_w", transpose_w)
-    layout = check_fp8_operands(name, x, x_sf, w, w_sf, transpose_w, x_sf_layout)
+    x, w, groups, transpose_w, k, n = matmul_operands(name, x, w, group_sizes, expert_start, expert_end, transpose_w)
+    x_sf, w_sf = checks.as_array(name, "x_sf", x_sf), checks.as_array(name, "w_sf", w_sf)
+    layout = check_fp8_operands(name, x, x_sf, w, w_sf, transpose_w, k, n, x_sf_layout)
     out_dtype = out_dtype_of(name, preferred_element_type)
-    start, end, g = check_operands(name, x, group_sizes, expert_start, expert_end)
-    if g != w.shape[0]:
-        raise ValueError(f"{name}: {g} groups but w has {w.shape[0]}")
+    start, end, tiles = matmul_tiles(name, x, w, groups)
     x_sf, w, w_sf, layout = kernel_operands(x_sf, w, w_sf, transpose_w, layout)
-    tiles = S.tile_table(start, end, x.shape[0])
     return ops[0](x, x_sf, w, w_sf, start, end, tiles, impl=impl, x_sf_layout=layout, out_dtype=out_dtype)

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import checks, quant
+from jax_tilek import quant
 from jax_tilek.gemm import _segments as S
 from jax_tilek.gemm._grouped_matmul import _bwd as bf16_bwd
-from jax_tilek.gemm._grouped_matmul_fp8 import BLOCK, _op as fp8_op, out_dtype_of, random_blocks
-from jax_tilek.gemm._grouped_wgrad import check_operands, random_sizes
+from jax_tilek.gemm._grouped_matmul_fp8 import BLOCK, _op as fp8_op, check_blocks, out_dtype_of, random_blocks
+from jax_tilek.gemm._grouped_wgrad import matmul_operands, matmul_tiles, random_sizes
 from jax_tilek.op import TileOp, resolve_impl, uses
 from jax_tilek.testing import ArgSpec
 
@@ -118,23 +118,10 @@ def grouped_matmul_quantized(
     of the bf16 product, by the bf16 kernels (the module docstring says why).
     """
     name = "grouped_matmul_quantized"
-    x, w = checks.as_array(name, "x", x), checks.as_array(name, "w", w)
-    group_sizes, expert_start, expert_end = (None if v is None else checks.as_array(name, label, v)
-                                             for label, v in (("group_sizes", group_sizes), ("expert_start", expert_start), ("expert_end", expert_end)))  # fmt: skip
-    transpose_w = checks.static_bool(name, "transpose_w", transpose_w)
-    if x.ndim != 2 or w.ndim != 3:
-        raise ValueError(f"{name}: x must be [M, K] and w [G, K, N] (rank 2 and 3), got shapes {x.shape} and {w.shape}")
+    x, w, groups, transpose_w, k, n = matmul_operands(name, x, w, group_sizes, expert_start, expert_end, transpose_w)
     if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
         raise ValueError(f"{name}: x and w must be bfloat16, got {x.dtype} and {w.dtype}")
-    k, n = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
-    if x.shape[1] != k:
-        raise ValueError(f"{name}: x is [M, {x.shape[1]}] but w{list(w.shape)} takes K = {k}" + (" (transpose_w)" if transpose_w else ""))
-    for label, extent in (("K", k), ("N", n)):
-        if extent <= 0 or extent % BLOCK:
-            raise ValueError(f"{name}: {label} must be a positive multiple of {BLOCK} (the scales' block), got {extent}")
+    check_blocks(name, k, n)
     out_dtype = out_dtype_of(name, preferred_element_type)
-    start, end, g = check_operands(name, x, group_sizes, expert_start, expert_end)
-    if g != w.shape[0]:
-        raise ValueError(f"{name}: {g} groups but w has {w.shape[0]}")
-    tiles = S.tile_table(start, end, x.shape[0])
+    start, end, tiles = matmul_tiles(name, x, w, groups)
     return _differentiable(ops[0], resolve_impl(impl, name), transpose_w, out_dtype)(x, w, start, end, tiles)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_tilek import checks
 from jax_tilek.gemm import _segments as S
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, TileOp, config_class, uses
@@ -168,6 +169,32 @@ def check_operands(name: str, x, group_sizes, expert_start, expert_end) -> tuple
     return start, end, expert_start.shape[0]
 
 
+def matmul_operands(name: str, x, w, group_sizes, expert_start, expert_end, transpose_w) -> tuple:
+    """The argument rules the grouped matmuls share: ``x``, ``w`` and the groups as arrays (None where
+    absent), ``transpose_w`` a static bool, ``x [M, K]`` and ``w [G, K, N]`` (``[G, N, K]`` with
+    ``transpose_w``) agreeing on K. Returns ``(x, w, (group_sizes, expert_start, expert_end),
+    transpose_w, K, N)``."""
+    x, w = checks.as_array(name, "x", x), checks.as_array(name, "w", w)
+    groups = tuple(None if v is None else checks.as_array(name, label, v)
+                   for label, v in (("group_sizes", group_sizes), ("expert_start", expert_start), ("expert_end", expert_end)))  # fmt: skip
+    transpose_w = checks.static_bool(name, "transpose_w", transpose_w)
+    if x.ndim != 2 or w.ndim != 3:
+        raise ValueError(f"{name}: x must be [M, K] and w [G, K, N] (rank 2 and 3), got shapes {x.shape} and {w.shape}")
+    k, n = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    if x.shape[1] != k:
+        raise ValueError(f"{name}: x is [M, {x.shape[1]}] but w{list(w.shape)} takes K = {k}" + (" (transpose_w)" if transpose_w else ""))
+    return x, w, groups, transpose_w, k, n
+
+
+def matmul_tiles(name: str, x, w, groups) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(start, end, tiles)``: the segments of ``groups`` (:func:`check_operands`), as many as w has,
+    and the kernels' M-tile table."""
+    start, end, g = check_operands(name, x, *groups)
+    if g != w.shape[0]:
+        raise ValueError(f"{name}: {g} groups but w has {w.shape[0]}")
+    return start, end, S.tile_table(start, end, x.shape[0])
+
+
 def random_sizes(rng: np.random.Generator, m: int, g: int, skew: float = 0.0, empty: int = 0, total: int | None = None) -> np.ndarray:
     """int32 group sizes summing to ``total`` (default m): multinomial over weights ``rank^-skew``
     (0: balanced, larger: a few groups take most rows), ``empty`` groups forced to 0."""
@@ -218,8 +245,6 @@ def grouped_matmul_wgrad(
 
     Returns: ``[G, K, N]``; empty groups give zeros.
     """
-    from jax_tilek import checks
-
     name = "grouped_matmul_wgrad"
     x, dy = checks.as_array(name, "x", x), checks.as_array(name, "dy", dy)
     group_sizes, expert_start, expert_end = (None if v is None else checks.as_array(name, label, v)
