@@ -8,7 +8,9 @@ of the same M, K, N (the peak to compare with). At the same shapes, FP8: ``group
 operands quantized beforehand (e4m3, x per token 1 × 128 with column-major scales, weights per
 128 × 128 block stored ``[G, N, K]``: the kernel's layouts, as DeepGEMM takes them), its ratio to the
 bf16 kernel, and ``grouped_matmul_quantized`` (bf16 in, the two casts and the FP8 product; its
-backward the bf16 kernels).
+backward FP8 too: dy cast per token for dx, x and dy cast per channel and transposed for dw). The
+weight-gradient products alone: ``grouped_matmul_wgrad`` (bf16) and ``grouped_matmul_wgrad_fp8`` of
+operands quantized beforehand (per channel, transposed: DeepSeek-V3's wgrad inputs).
 
 ``python -m benchmarks.bench_gemm`` prints the table (``--json`` writes it); ``CASES`` (the bf16
 forward against ragged_dot, the FP8 forward against plain JAX's dequantize-to-bf16-then-ragged_dot,
@@ -121,6 +123,15 @@ def precompile(arch: str, shapes) -> None:
             deploy.precompile(lambda x, w, s: fn(x, w, s, impl="tilelang"), x, w, s, arch=arch)
             deploy.precompile(jax.grad(lambda x, w, s: jnp.sum(fn(x, w, s, impl="tilelang").astype(jnp.float32)), argnums=(0, 1)), x, w, s, arch=arch)
         deploy.precompile(lambda *a: gemm.grouped_matmul_fp8(*a[:4], a[4], transpose_w=True, impl="tilelang"), *fp8, s, arch=arch)
+        dy = jax.ShapeDtypeStruct((t, n), jnp.bfloat16)
+        deploy.precompile(lambda x, dy, s: gemm.grouped_matmul_wgrad(x, dy, s, impl="tilelang"), x, dy, s, arch=arch)
+        wgrad_fp8 = jax.eval_shape(_wgrad_fp8_inputs_of, x, dy)
+        deploy.precompile(lambda *a: gemm.grouped_matmul_wgrad_fp8(*a, impl="tilelang"), *wgrad_fp8, s, arch=arch)
+
+
+def _wgrad_fp8_inputs_of(x, dy):
+    """x and dy cast per channel (128 rows a block) and transposed, as DeepSeek-V3's wgrad takes them."""
+    return (*quant.per_channel_cast_and_transpose(x, "e4m3", impl="xla"), *quant.per_channel_cast_and_transpose(dy, "e4m3", impl="xla"))
 
 
 def measure(t, g, proj, skew, sets: int = 2) -> dict:
@@ -150,6 +161,12 @@ def measure(t, g, proj, skew, sets: int = 2) -> dict:
     del fp8_inputs
     measure_into("quantized_fwd", lambda x, w: gemm.grouped_matmul_quantized(x, w, s, impl="tilelang"), inputs)
     measure_into("quantized_fwd_bwd", grad_of(lambda x, w: gemm.grouped_matmul_quantized(x, w, s, impl="tilelang")), inputs, 3)
+    dys = [random_on_device(key, jax.ShapeDtypeStruct((t, n), jnp.bfloat16)) for key in jax.random.split(jax.random.key(2), sets)]
+    measure_into("wgrad_bf16", lambda x, dy: gemm.grouped_matmul_wgrad(x, dy, s, impl="tilelang"), [(x, dy) for (x, _), dy in zip(inputs, dys)])
+    wgrad_inputs = [jax.jit(_wgrad_fp8_inputs_of)(x, dy) for (x, _), dy in zip(inputs, dys)]
+    del dys
+    measure_into("wgrad_fp8", lambda *a: gemm.grouped_matmul_wgrad_fp8(*a, s, impl="tilelang"), wgrad_inputs)
+    del wgrad_inputs
     measure_into("dense_dot", lambda x, w: jnp.dot(x, w), [(x, w[0]) for x, w in inputs])
     measure_into("ragged_dot_fwd", lambda x, w: jax.lax.ragged_dot(x, w, s), inputs)
     measure_into("ragged_dot_fwd_bwd", grad_of(lambda x, w: jax.lax.ragged_dot(x, w, s)), inputs, 3)
@@ -157,6 +174,8 @@ def measure(t, g, proj, skew, sets: int = 2) -> dict:
         measure_into("padded_einsum_fwd", lambda x, w: _padded(x, w, sizes), inputs)
     if "fp8_fwd" in row and "kernel_fwd" in row:
         row["fp8_of_bf16"] = row["fp8_fwd"] / row["kernel_fwd"]
+    if "quantized_fwd_bwd" in row and "kernel_fwd_bwd" in row:
+        row["fp8_fwd_bwd_of_bf16"] = row["quantized_fwd_bwd"] / row["kernel_fwd_bwd"]
     if "dense_dot" in row and "kernel_fwd" in row:
         row["kernel_of_dense"] = row["kernel_fwd"] / row["dense_dot"]
     return row
@@ -190,7 +209,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     keys = ["kernel_fwd", "ragged_dot_fwd", "padded_einsum_fwd", "kernel_fwd_bwd", "ragged_dot_fwd_bwd", "dense_dot", "kernel_of_peak",
-            "fp8_fwd", "fp8_of_bf16", "quantized_fwd", "quantized_fwd_bwd"]
+            "fp8_fwd", "fp8_of_bf16", "quantized_fwd", "quantized_fwd_bwd", "fp8_fwd_bwd_of_bf16", "wgrad_bf16", "wgrad_fp8"]
     print("case".ljust(24) + "".join(k.rjust(20) for k in keys))
     for r in rows:
         print(r["case"].ljust(24) + "".join((f"{r[k]:.2f}" if k in r else "-").rjust(20) for k in keys))

@@ -13,7 +13,7 @@ residual stream) at the start of the blocks in ``Config.engram_layers``, before 
 Engram demo places it (a shallow layer: its ``layer_ids`` are 1 and 15 of 30); its tables train with
 ``jax_tilek.engram.sinkhorn_momentum`` through ``optax.multi_transform``, everything else with AdamW.
 ``--fp8`` trains the MoE layers (routed and shared experts) in FP8, DeepSeek-V3's way: e4m3 with 1 × 128
-activation and 128 × 128 weight block scales in the forward products, bf16 backward products.
+activation and 128 × 128 weight block scales, forward and backward products.
 
     python examples/train_moe.py                      # tiny model, CPU-friendly (kernels on Hopper/Blackwell)
     python examples/train_moe.py --steps 600          # again: resumes from the checkpoint in --out
@@ -358,9 +358,10 @@ def implementation(impl) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", choices=("tilelang", "xla"), default=None, help="default: kernels on Hopper/Blackwell, references elsewhere")
-    p.add_argument("--fp8", action="store_true", help="the MoE layers' matmuls in FP8 (e4m3, DeepSeek's block scales; bf16 backward)")
+    p.add_argument("--fp8", action="store_true", help="the MoE layers' matmuls in FP8, forward and backward (e4m3, DeepSeek's block scales)")
     p.add_argument("--steps", type=int, default=None, help="train up to this step (default: the model's schedule length)")
     p.add_argument("--model", choices=tuple(CONFIGS), default="tiny")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the model's)")
     p.add_argument("--mhc", type=int, nargs="?", const=4, default=0, metavar="N", help="mHC residual streams (N, default 4 when given)")
     p.add_argument("--engram", action="store_true", help="Engram gates (Config.engram_layers), tables trained by Sinkhorn momentum")
     p.add_argument("--precompile", metavar="ARCH", help="compile this job's kernels for ARCH (e.g. sm_90a) into the cache and exit")
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tok, train_ids, val_ids = load_data(args.data_bytes)
     c = dataclasses.replace(CONFIGS[args.model], vocab=tok.vocab)
+    c = dataclasses.replace(c, batch=args.batch or c.batch)
     stop = args.steps or c.steps
     graphdef, state, train_step, eval_step, decode = make_fns(c, args.impl, args.seed, mhc=args.mhc, engram=args.engram, fp8=args.fp8)
     batch_struct = jax.ShapeDtypeStruct((c.batch, c.seq + 1), jnp.int32)

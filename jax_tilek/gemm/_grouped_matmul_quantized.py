@@ -1,15 +1,21 @@
-"""grouped_matmul_quantized: a bf16 grouped matmul whose forward runs in FP8: ``x`` is cast per token
-(1 × 128 blocks, ``jax_tilek.quant.per_token_cast``, column-major fp32 scales: the FP8 kernel's
-layout), each ``w[g]`` per 128 × 128 block (``jax_tilek.quant.per_block_cast``), and
-``grouped_matmul_fp8`` multiplies them: three launches.
+"""grouped_matmul_quantized: a bf16 grouped matmul run in FP8, forward and backward, DeepSeek-V3's way.
 
-Backward (a custom VJP, the same for every ``impl``): straight through the quantization, the
-gradients of the unquantized product ``x · w[g]``, by the bf16 kernels of
-:func:`jax_tilek.gemm.grouped_matmul` (``dx = dy · w[g]ᵀ``, ``dw[g] = x_gᵀ · dy_g``) from the saved
-bf16 ``x`` and ``w``. DeepSeek-V3 runs these two products in FP8 as well; keeping them bf16 costs
-their speed-up but puts no FP8 rounding into the gradients, and saves only what the bf16 op saves.
+Forward: ``x`` cast per token (1 × 128 blocks, ``jax_tilek.quant.per_token_cast``, column-major fp32
+scales: the FP8 kernel's layout), each ``w[g]`` per 128 × 128 block (``jax_tilek.quant.per_block_cast``),
+and ``grouped_matmul_fp8`` multiplies them: three launches.
+
+Backward (a custom VJP; straight through the quantization, the gradients of ``x · w[g]`` with FP8
+operands):
+
+- ``dx = dy · w[g]ᵀ``: ``dy`` cast per token (1 × 128 along N), times the forward's FP8 ``w`` (its
+  128 × 128 blocks serve both orientations), by ``grouped_matmul_fp8``;
+- ``dw[g] = x_gᵀ · dy_g``: ``x`` and ``dy`` cast per channel (128 × 1 blocks along the rows) and
+  transposed (``jax_tilek.quant.per_channel_cast_and_transpose``; rows padded with zeros to a
+  multiple of 128 first), by ``grouped_matmul_wgrad_fp8``.
+
+``fp8_backward=False`` runs the two products in bf16 instead (``jax_tilek.gemm.grouped_matmul``'s
+kernels on the saved bf16 ``x`` and ``w``): slower, with no FP8 rounding in the gradients.
 """
-
 from __future__ import annotations
 
 import functools
@@ -18,42 +24,74 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import quant
+from jax_tilek import checks, quant
 from jax_tilek.gemm import _segments as S
 from jax_tilek.gemm._grouped_matmul import _bwd as bf16_bwd
 from jax_tilek.gemm._grouped_matmul_fp8 import BLOCK, _op as fp8_op, check_blocks, out_dtype_of, random_blocks
 from jax_tilek.gemm._grouped_wgrad import matmul_operands, matmul_tiles, random_sizes
+from jax_tilek.gemm._grouped_wgrad_fp8 import _op as wgrad_fp8_op
 from jax_tilek.op import TileOp, resolve_impl, uses
 from jax_tilek.testing import ArgSpec
 
 
-def quantize(x: jax.Array, w: jax.Array, *, transpose_w: bool, impl) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(x8, x_sf, w8, w_sf)`` as the FP8 kernel reads them: e4m3 ``x[M, K]`` with fp32 scales in
-    column-major storage ``[K/128, align(M, 4)]``, e4m3 ``w[G, N, K]`` with fp32 ``[G, N/128, K/128]``.
-    ``w`` is ``[G, K, N]`` (``[G, N, K]`` with ``transpose_w``): the former is cast in place and its
-    e4m3 codes transposed (half the bytes of transposing bf16)."""
-    x8, x_sf = quant.per_token_cast(x, "e4m3", BLOCK, use_tma_aligned_col_major_sf=True, impl=impl)
+def per_token(x: jax.Array, impl) -> tuple[jax.Array, jax.Array]:
+    """e4m3 ``x[M, C]`` with 1 × 128 fp32 scales in the FP8 kernel's column-major storage."""
+    return quant.per_token_cast(x, "e4m3", BLOCK, use_tma_aligned_col_major_sf=True, impl=impl)
+
+
+def per_block(w: jax.Array, impl) -> tuple[jax.Array, jax.Array]:
+    """e4m3 ``w[G, R, C]`` with fp32 128 × 128 block scales ``[G, R/128, C/128]``."""
     g, rows, cols = w.shape
     w8, w_sf = quant.per_block_cast(w.reshape(g * rows, cols), "e4m3", (BLOCK, BLOCK), impl=impl)
-    w8, w_sf = w8.reshape(g, rows, cols), w_sf.reshape(g, rows // BLOCK, cols // BLOCK)
-    if not transpose_w:
-        w8, w_sf = jnp.swapaxes(w8, 1, 2), jnp.swapaxes(w_sf, 1, 2)
-    return x8, x_sf, w8, w_sf
+    return w8.reshape(g, rows, cols), w_sf.reshape(g, rows // BLOCK, cols // BLOCK)
+
+
+def per_channel_t(x: jax.Array, impl) -> tuple[jax.Array, jax.Array]:
+    """e4m3 ``xᵀ[C, M']`` with per-channel fp32 scales ``[M'/128, C]``: x's rows padded with zeros to
+    ``M'``, a multiple of 128."""
+    pad = -x.shape[0] % BLOCK
+    return quant.per_channel_cast_and_transpose(jnp.pad(x, ((0, pad), (0, 0))) if pad else x, "e4m3", BLOCK, impl=impl)
+
+
+def fp8_bwd(fp8: TileOp, wgrad: TileOp, impl, transpose_w: bool, residuals, dy):
+    """``(dx, dw)`` from FP8 operands (module docstring); residuals ``(x, w8, w_sf, start, end,
+    tiles)`` with the forward's FP8 ``w`` as ``[G, K, N]`` (the dx product's kernel layout)."""
+    x, w8, w_sf, start, end, tiles = residuals
+    dy = dy.astype(jnp.bfloat16)
+    dy8, dy_sf = per_token(dy, impl)
+    dx = fp8(dy8, dy_sf, w8, w_sf, start, end, tiles, impl=impl, x_sf_layout="col", out_dtype="bfloat16")
+    x_t, x_t_sf = per_channel_t(x, impl)
+    dy_t, dy_t_sf = per_channel_t(dy, impl)
+    if transpose_w:
+        dw = wgrad(dy_t, dy_t_sf, x_t, x_t_sf, start, end, impl=impl, out_dtype="bfloat16")
+    else:
+        dw = wgrad(x_t, x_t_sf, dy_t, dy_t_sf, start, end, impl=impl, out_dtype="bfloat16")
+    return dx, dw, None, None, None
 
 
 @functools.lru_cache(maxsize=256)
-def _differentiable(op: TileOp, impl, transpose_w: bool, out_dtype: str):
+def _differentiable(fp8: TileOp, wgrad: TileOp, impl, transpose_w: bool, out_dtype: str, fp8_backward: bool):
     """``f(x, w, start, end, tiles)`` with the straight-through custom VJP (module docstring)."""
 
-    def forward(x, w, start, end, tiles):
-        x8, x_sf, w8, w_sf = quantize(x, w, transpose_w=transpose_w, impl=impl)
-        return op(x8, x_sf, w8, w_sf, start, end, tiles, impl=impl, x_sf_layout="col", out_dtype=out_dtype)
+    def forward_with_weights(x, w, start, end, tiles):
+        """The product and FP8 ``w`` in both orientations: ``[G, N, K]`` for this kernel, ``[G, K, N]`` for dx's."""
+        x8, x_sf = per_token(x, impl)
+        w8, w_sf = per_block(w, impl)
+        swapped = jnp.swapaxes(w8, 1, 2), jnp.swapaxes(w_sf, 1, 2)
+        nk, kn = ((w8, w_sf), swapped) if transpose_w else (swapped, (w8, w_sf))
+        return fp8(x8, x_sf, *nk, start, end, tiles, impl=impl, x_sf_layout="col", out_dtype=out_dtype), kn
 
-    f = jax.custom_vjp(forward)
-    f.defvjp(
-        lambda *arrays: (forward(*arrays), arrays),
-        lambda residuals, dy: bf16_bwd(residuals, dy, impl=impl, transpose_w=transpose_w, out_dtype=out_dtype),
-    )
+    def fwd(x, w, start, end, tiles):
+        out, kn = forward_with_weights(x, w, start, end, tiles)
+        return out, ((x, *kn, start, end, tiles) if fp8_backward else (x, w, start, end, tiles))
+
+    def bwd(residuals, dy):
+        if fp8_backward:
+            return fp8_bwd(fp8, wgrad, impl, transpose_w, residuals, dy)
+        return bf16_bwd(residuals, dy, impl=impl, transpose_w=transpose_w, out_dtype=out_dtype)
+
+    f = jax.custom_vjp(lambda *arrays: forward_with_weights(*arrays)[0])
+    f.defvjp(fwd, bwd)
     return f
 
 
@@ -92,7 +130,7 @@ ARG_SPECS = (
 )
 
 
-@uses(fp8_op, cases=ARG_SPECS, differentiable=True)
+@uses(fp8_op, wgrad_fp8_op, cases=ARG_SPECS, differentiable=True)
 def grouped_matmul_quantized(
     x: jax.Array,
     w: jax.Array,
@@ -102,20 +140,22 @@ def grouped_matmul_quantized(
     *,
     transpose_w: bool = False,
     preferred_element_type=None,
+    fp8_backward: bool = True,
     impl=None,
     ops,
 ) -> jax.Array:
-    """:func:`jax_tilek.gemm.grouped_matmul` of bf16 operands with its forward in FP8: x cast per
-    token (1 × 128), each ``w[g]`` per 128 × 128 block, to e4m3, then :func:`grouped_matmul_fp8`.
+    """:func:`jax_tilek.gemm.grouped_matmul` of bf16 operands run in FP8: x cast per token (1 × 128),
+    each ``w[g]`` per 128 × 128 block, to e4m3, then :func:`grouped_matmul_fp8`; the backward products
+    in FP8 too (the module docstring).
 
     Args:
       x: bfloat16 ``[M, K]``; w: bfloat16 ``[G, K, N]`` (``[G, N, K]`` with ``transpose_w``); K and N
         positive multiples of 128.
       group_sizes, expert_start, expert_end: the groups, as ``grouped_matmul`` takes them.
       preferred_element_type: bfloat16 (default) or float32.
+      fp8_backward: run ``dx`` and ``dw`` in FP8 (default) or, False, by the bf16 kernels.
 
-    Returns: ``[M, N]``. Differentiable in x and w, straight through the quantization: the gradients
-    of the bf16 product, by the bf16 kernels (the module docstring says why).
+    Returns: ``[M, N]``. Differentiable in x and w, straight through the quantization.
     """
     name = "grouped_matmul_quantized"
     x, w, groups, transpose_w, k, n = matmul_operands(name, x, w, group_sizes, expert_start, expert_end, transpose_w)
@@ -124,4 +164,5 @@ def grouped_matmul_quantized(
     check_blocks(name, k, n)
     out_dtype = out_dtype_of(name, preferred_element_type)
     start, end, tiles = matmul_tiles(name, x, w, groups)
-    return _differentiable(ops[0], resolve_impl(impl, name), transpose_w, out_dtype)(x, w, start, end, tiles)
+    fp8_backward = checks.static_bool(name, "fp8_backward", fp8_backward)
+    return _differentiable(*ops, resolve_impl(impl, name), transpose_w, out_dtype, fp8_backward)(x, w, start, end, tiles)

@@ -72,9 +72,9 @@ class RMSNorm(nnx.Module):
 
 
 def fp8_matmul(x: jax.Array, w: jax.Array, *, impl: Impl = None) -> jax.Array:
-    """``x [T, K] · w [K, N]`` bf16 with the forward in FP8, DeepSeek's way: x cast per token (1 × 128),
-    w per 128 × 128 block, to e4m3 (``jax_tilek.gemm.grouped_matmul_quantized`` with one group);
-    gradients straight through the casts. K and N multiples of 128; returns bf16 ``[T, N]``."""
+    """``x [T, K] · w [K, N]`` bf16 run in FP8, DeepSeek's way: x cast per token (1 × 128), w per
+    128 × 128 block, to e4m3 (``jax_tilek.gemm.grouped_matmul_quantized`` with one group); gradients
+    straight through the casts, their products in FP8 too. K and N multiples of 128; returns bf16 ``[T, N]``."""
     sizes = jnp.full((1,), x.shape[0], jnp.int32)
     return gemm.grouped_matmul_quantized(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)[None], sizes, impl=impl)
 
@@ -82,8 +82,8 @@ def fp8_matmul(x: jax.Array, w: jax.Array, *, impl: Impl = None) -> jax.Array:
 class FP8Linear(nnx.Module):
     """A bias-free linear layer trained in FP8, DeepSeek-V3 style: bf16 (or ``param_dtype``) master
     weights ``kernel [din, dout]`` (axes ``axes``), the forward product in e4m3 with 1 × 128 activation
-    and 128 × 128 weight block scales (:func:`fp8_matmul`), the backward products in bf16 on the
-    unquantized operands (straight through the casts). ``x [..., din]`` -> bf16 ``[..., dout]``;
+    and 128 × 128 weight block scales (:func:`fp8_matmul`), the backward products in FP8 as well
+    (dy per token for dx; x and dy per channel for dw; straight through the casts). ``x [..., din]`` -> bf16 ``[..., dout]``;
     din and dout multiples of 128."""
 
     def __init__(self, din: int, dout: int, *, axes: tuple[str | None, str | None] = (EMBED, MLP), param_dtype: Any = jnp.float32,

@@ -103,7 +103,7 @@ class MoE(nnx.Module):
     bfloat16/float16 and dim, ffn multiples of 128 (``impl="xla"`` takes any). Expert weights have
     axes ``"expert", "embed", "mlp"`` / ``"expert", "mlp", "embed"``. ``fp8=True`` runs the routed
     experts' two products on ``jax_tilek.gemm.grouped_matmul_quantized`` (e4m3, 1 × 128 activation and
-    128 × 128 weight block scales, the backward in bf16 straight through the casts) and the shared
+    128 × 128 weight block scales, the backward products in FP8 too, straight through the casts) and the shared
     experts' on ``FP8Linear``'s product; it needs dtype bfloat16 and dim, ffn multiples of 128.
 
     ``expert_axis``: expert parallelism over that axis of the mesh in context (``jax.set_mesh``): the

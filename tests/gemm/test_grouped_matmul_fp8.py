@@ -1,9 +1,10 @@
-"""FP8 grouped GEMM (grouped_matmul_fp8, grouped_matmul_quantized): the reference against independent
-float64 numpy dequantization on fresh random codes (the three x-scale layouts, both weight layouts,
-group sizes and segments, empty groups, M = 0), its agreement with the bf16 product of the values
-jax_tilek.quant's casts quantized, the straight-through gradients, argument errors, the op contract
-(kernels compiled for sm_90a; the generated CUDA runs e4m3 wgmma), and on a GPU the kernels at
-DeepSeek-V3 shapes and the gradients of the quantized matmul."""
+"""FP8 grouped GEMM (grouped_matmul_fp8, grouped_matmul_wgrad_fp8, grouped_matmul_quantized): the
+references against independent float64 numpy dequantization on fresh random codes (the three
+x-scale layouts, both weight layouts, group sizes and segments, segments across the 128-row scale
+blocks, empty groups, M = 0), their agreement with the bf16 products of the values jax_tilek.quant's
+casts quantized, the straight-through gradients (FP8 and bf16 backward), argument errors, the op
+contract (kernels compiled for sm_90a; the generated CUDA runs e4m3 wgmma), and on a GPU the
+kernels at DeepSeek-V3 shapes and the gradients of the quantized matmul."""
 
 import re
 
@@ -17,6 +18,8 @@ import jax_tilek
 from jax_tilek import gemm, quant
 from jax_tilek.gemm._grouped_matmul_fp8 import grouped_matmul_fp8_kernel, quantized_operands, random_blocks, x_sf_storage
 from jax_tilek.gemm._grouped_wgrad import random_sizes
+from jax_tilek.gemm._grouped_wgrad_fp8 import grouped_wgrad_fp8_kernel
+from jax_tilek.quant import formats
 from jax_tilek.testing import OpContract, lower_for_cuda, over_arrays, random_array, tilek_calls
 
 BF16, E4M3 = ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn
@@ -117,6 +120,60 @@ def test_casts_of_jax_tilek_quant_feed_it(rng, flags, layout, transpose_w):
 
 
 # ---------------------------------------------------------------------------------------------
+# grouped_matmul_wgrad_fp8: per-channel FP8 operands, transposed.
+
+
+def channel_quantized(rng, m: int, cols: int) -> tuple[jax.Array, jax.Array]:
+    """e4m3 codes ``[cols, m]`` and fp32 scales ``[m/128, cols]`` of random per-(128 rows, channel) data."""
+    codes, sf = formats.quantize_blocks(random_blocks(rng, (m, cols), (128, 1)), "e4m3", (128, 1))
+    return codes.T, sf
+
+
+def np_channel_dequantized(codes_t, sf) -> np.ndarray:
+    """float64 ``[M, C]`` from transposed codes ``[C, M]`` and per-channel scales ``[M/128, C]``."""
+    return np.asarray(codes_t).astype(np.float64).T * np.repeat(np.asarray(sf, np.float64), 128, axis=0)
+
+
+def np_wgrad(a64, b64, start, end) -> np.ndarray:
+    out = np.zeros((len(start), a64.shape[1], b64.shape[1]))
+    for g, (s, e) in enumerate(zip(start, end)):
+        out[g] = a64[max(s, 0) : max(e, s)].T @ b64[max(s, 0) : max(e, s)]
+    return out
+
+
+@pytest.mark.parametrize("m,k,n,groups", [
+    (384, 256, 128, ("sizes", [100, 0, 200, 50])),  # segments start and end inside 128-row blocks
+    (256, 128, 256, ("sizes", [30, 40])),  # two segments inside one block
+    (512, 128, 128, ("segments", [0, 128, 384], [128, 384, 512])),  # aligned (a fused mapping's)
+    (640, 256, 128, ("segments", [300, 5, 640], [600, 290, 640])),  # unsorted, gaps, one empty
+    (0, 128, 128, ("sizes", [0, 0])),
+])  # fmt: skip
+def test_wgrad_fp8_reference_matches_numpy(rng, m, k, n, groups):
+    x_t, x_sf = channel_quantized(rng, m, k)
+    dy_t, dy_sf = channel_quantized(rng, m, n)
+    form, *values = groups
+    groups = (np.array(values[0], np.int32),) if form == "sizes" else (None, *(np.array(v, np.int32) for v in values))
+    start, end = np_segments(groups[0], m) if form == "sizes" else groups[1:]
+    got = gemm.grouped_matmul_wgrad_fp8(x_t, x_sf, dy_t, dy_sf, *groups, preferred_element_type=jnp.float32, impl="xla")
+    want = np_wgrad(np_channel_dequantized(x_t, x_sf), np_channel_dequantized(dy_t, dy_sf), start, end)
+    close(got, want, 1e-6)
+
+
+def test_wgrad_fp8_of_quant_casts_is_the_bf16_wgrad(rng):
+    """quant.per_channel_cast_and_transpose of bf16 x and dy feeds it; the result is the bf16 weight
+    gradient within FP8's rounding (each product term off by at most 2 x 2^-4 relative)."""
+    m, k, n = 512, 256, 384
+    x, dy = random_array(rng, (m, k), BF16), random_array(rng, (m, n), BF16)
+    sizes = np.array([130, 0, 250, 100], np.int32)
+    x_t, x_sf = quant.per_channel_cast_and_transpose(x, "e4m3", impl="xla")
+    dy_t, dy_sf = quant.per_channel_cast_and_transpose(dy, "e4m3", impl="xla")
+    got = gemm.grouped_matmul_wgrad_fp8(x_t, x_sf, dy_t, dy_sf, sizes, preferred_element_type=jnp.float32, impl="xla")
+    start, end = np_segments(sizes, m)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    bound = np_wgrad(np.abs(x64), np.abs(dy64), start, end) * 2 * 2.0**-4 + 1e-6
+    assert np.all(np.abs(np.asarray(got, np.float64) - np_wgrad(x64, dy64, start, end)) <= bound)
+
+
 # grouped_matmul_quantized: quant's casts, then the FP8 product; gradients straight through.
 
 
@@ -134,28 +191,61 @@ def test_quantized_is_the_fp8_product_of_the_casts(rng, transpose_w):
     jax_tilek.testing.assert_bytes_equal(got, want, "quantized")
 
 
-@pytest.mark.parametrize("impl", [None, "xla"])
-@pytest.mark.parametrize("form", ["sizes", "segments", "transposed"])
-def test_quantized_gradients_are_the_bf16_gradients(rng, impl, form):
-    """Straight through the casts: d/dx and d/dw of sum(out · c) are grouped_matmul's: bit for bit by
-    its custom VJP's ops (impl=None), within bf16 rounding of JAX's own derivative of its reference
-    (impl="xla", which grouped_matmul differentiates directly)."""
+def quantized_grad_case(rng, form: str):
+    """``(x, w, groups, c, transpose_w)`` for the gradient tests: bf16 operands, groups as sizes,
+    segments or sizes with transposed weights, a float32 cotangent."""
     m, k, n, g = 400, 256, 384, 3
     transpose_w = form == "transposed"
     x = random_blocks(rng, (m, k), (1, 128))
     w = random_blocks(rng, (g * (n if transpose_w else k), k if transpose_w else n), (128, 128)).reshape(g, -1, k if transpose_w else n)
     groups = (None, np.array([0, 128, 384], np.int32), np.array([100, 300, 390], np.int32)) if form == "segments" else (np.array([150, 0, 200], np.int32),)
-    c = jnp.asarray(random_array(rng, (m, n), np.float32))
+    return x, w, groups, jnp.asarray(random_array(rng, (m, n), np.float32)), transpose_w
 
-    def grads(fn):
-        loss = lambda x, w: jnp.sum(fn(x, w, *groups, transpose_w=transpose_w, impl=impl).astype(jnp.float32) * c)  # noqa: E731
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
 
-    for got, want in zip(grads(gemm.grouped_matmul_quantized), grads(gemm.grouped_matmul)):
+def quantized_grads(fn, x, w, groups, c, transpose_w, **options):
+    loss = lambda x, w: jnp.sum(fn(x, w, *groups, transpose_w=transpose_w, **options).astype(jnp.float32) * c)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+
+@pytest.mark.parametrize("impl", [None, "xla"])
+@pytest.mark.parametrize("form", ["sizes", "segments", "transposed"])
+def test_quantized_bf16_backward_is_grouped_matmuls(rng, impl, form):
+    """fp8_backward=False, straight through the casts: d/dx and d/dw of sum(out · c) are
+    grouped_matmul's: bit for bit by its custom VJP's ops (impl=None), within bf16 rounding of JAX's
+    own derivative of its reference (impl="xla", which grouped_matmul differentiates directly)."""
+    *case, transpose_w = quantized_grad_case(rng, form)
+    got = quantized_grads(gemm.grouped_matmul_quantized, *case, transpose_w, impl=impl, fp8_backward=False)
+    for got, want in zip(got, quantized_grads(gemm.grouped_matmul, *case, transpose_w, impl=impl)):
         if impl is None:
             jax_tilek.testing.assert_bytes_equal(got, want, form)
         else:
             close(got, want, 1e-2)
+
+
+@pytest.mark.parametrize("form", ["sizes", "segments", "transposed"])
+def test_quantized_fp8_backward(rng, form):
+    """The FP8 backward is, bit for bit, dx = grouped_matmul_fp8 of dy cast per token and the forward's
+    block-cast w, and dw = grouped_matmul_wgrad_fp8 of x and dy cast per channel (rows padded to
+    128); and within FP8's rounding of the bf16 gradients."""
+    x, w, groups, c, transpose_w = quantized_grad_case(rng, form)
+    dx, dw = quantized_grads(gemm.grouped_matmul_quantized, x, w, groups, c, transpose_w)
+    m, pad = x.shape[0], -x.shape[0] % 128
+    dy = c.astype(jnp.bfloat16)
+    dy8, dy_sf = quant.per_token_cast(dy, "e4m3", 128, impl="xla")
+    w_kn = jnp.swapaxes(w, 1, 2) if transpose_w else w
+    w8, w_sf = quant.per_block_cast(w_kn.reshape(-1, w_kn.shape[2]), "e4m3", (128, 128), impl="xla")
+    g, kk, nn = w_kn.shape
+    want_dx = gemm.grouped_matmul_fp8(dy8, dy_sf, w8.reshape(g, kk, nn), w_sf.reshape(g, kk // 128, nn // 128), *groups, transpose_w=True, impl="xla")
+    x_t, x_sf = quant.per_channel_cast_and_transpose(jnp.pad(x, ((0, pad), (0, 0))), "e4m3", impl="xla")
+    dy_t, dy_t_sf = quant.per_channel_cast_and_transpose(jnp.pad(dy, ((0, pad), (0, 0))), "e4m3", impl="xla")
+    pairs = ((dy_t, dy_t_sf, x_t, x_sf) if transpose_w else (x_t, x_sf, dy_t, dy_t_sf))
+    want_dw = gemm.grouped_matmul_wgrad_fp8(*pairs, *groups, impl="xla")
+    # x's row count (400) is not a multiple of 128: the padded rows belong to no group.
+    assert m % 128 and want_dx.shape == dx.shape and want_dw.shape == dw.shape
+    jax_tilek.testing.assert_bytes_equal(dx, want_dx, "dx")
+    jax_tilek.testing.assert_bytes_equal(dw, want_dw, "dw")
+    for got, want in zip((dx, dw), quantized_grads(gemm.grouped_matmul, x, w, groups, c, transpose_w, impl="xla")):
+        close(got, want, 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +290,23 @@ class TestGroupedMatmulQuantized(OpContract):
     ]
 
 
+XT, XT_SF, DYT, DYT_SF = ST((256, 128), E4M3), ST((1, 256), jnp.float32), ST((384, 128), E4M3), ST((1, 384), jnp.float32)
+
+
+class TestGroupedMatmulWgradFp8(OpContract):
+    fn = gemm.grouped_matmul_wgrad_fp8
+    bad_inputs = [
+        ((ST((256, 128), BF16), XT_SF, DYT, DYT_SF, SIZES), {}, ValueError, "must be float8_e4m3fn"),
+        ((XT, XT_SF, ST((384, 256), E4M3), DYT_SF, SIZES), {}, ValueError, "with the same M"),
+        ((ST((256, 100), E4M3), XT_SF, ST((384, 100), E4M3), DYT_SF, SIZES), {}, ValueError, "M must be a multiple of 128"),
+        ((ST((200, 128), E4M3), ST((1, 200), jnp.float32), DYT, DYT_SF, SIZES), {}, ValueError, "K must be a positive multiple of 128"),
+        ((XT, ST((256, 1), jnp.float32), DYT, DYT_SF, SIZES), {}, ValueError, r"x_sf must be float32 \[1, 256\]"),
+        ((XT, XT_SF, DYT, ST((1, 384), jnp.int32), SIZES), {}, ValueError, r"dy_sf must be float32 \[1, 384\]"),
+        ((XT, XT_SF, DYT, DYT_SF, SIZES), dict(preferred_element_type=jnp.float16), ValueError, "bfloat16 or float32"),
+        ((XT, XT_SF, DYT, DYT_SF), {}, ValueError, "give group_sizes"),
+    ]
+
+
 def test_ambiguous_scales_are_taken_as_told(rng):
     """x_sf of 4 rows and K = 512: [4, 4] is row-major or column-major storage; x_sf_layout says which."""
     x, x_sf, w, w_sf = quantized_operands(rng, 4, 512, 128, 1, transpose_w=True, layout="row")
@@ -239,6 +346,21 @@ def test_kernels_run_e4m3_wgmma_warp_specialized(case):
     assert lowered["has_cubin"]
 
 
+@pytest.mark.parametrize("case", [c for c in gemm.grouped_matmul_wgrad_fp8.cases if not c.bench], ids=lambda c: c.name)
+def test_wgrad_kernel_runs_e4m3_wgmma_warp_specialized(case):
+    """The weight-gradient kernel: e4m3 wgmma (m64n128k32) on TMA-loaded transposed codes and both
+    operands' per-channel scales, warp-specialized, within a CTA's shared memory."""
+    call, structs = over_arrays(case.call(gemm.grouped_matmul_wgrad_fp8), case.structs())
+    with jax_tilek.record_kernels() as log:
+        (lowered,) = tilek_calls(lower_for_cuda(call, *structs))
+    (params,) = [p for name, p, _, _ in log if name.endswith("grouped_wgrad_fp8_kernel")]
+    artifact = grouped_wgrad_fp8_kernel.artifact(params, "sm_90a", record=False)
+    assert artifact.spec.kernels[0].block == (384, 1, 1) and artifact.spec.kernels[0].smem <= 227 * 1024
+    assert {"a_t", "b_t", "a_sf", "b_sf"} <= {t.tensor for t in artifact.spec.tma}
+    assert WGMMA_E4M3 in artifact.source and "warpgroup_reg_alloc" in artifact.source
+    assert lowered["has_cubin"]
+
+
 # ---------------------------------------------------------------------------------------------
 # On the GPU.
 
@@ -272,9 +394,20 @@ def _deepseek_args(m, k, n, g, layout):
     return (ST((m, k), E4M3), ST(sf_shape, sf_dtype), ST((g, n, k), E4M3), ST((g, n // 128, k // 128), jnp.float32), ST((g,), jnp.int32))
 
 
+WGRAD_SHAPES = [(8192, 7168, 2048, 8, 0.0), (16384, 2048, 7168, 32, 1.5)]  # m, k, n, groups, skew
+
+
+def deepseek_wgrad_fp8(x_t, x_sf, dy_t, dy_sf, sizes):
+    return gemm.grouped_matmul_wgrad_fp8(x_t, x_sf, dy_t, dy_sf, sizes, preferred_element_type=jnp.float32, impl="tilelang")
+
+
+def _wgrad_args(m, k, n, g):
+    return (ST((k, m), E4M3), ST((m // 128, k), jnp.float32), ST((n, m), E4M3), ST((m // 128, n), jnp.float32), ST((g,), jnp.int32))
+
+
 GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
     (deepseek_fp8, _deepseek_args(m, k, n, g, layout)) for m, k, n, g, _, layout in DEEPSEEK_SHAPES
-]
+] + [(deepseek_wgrad_fp8, _wgrad_args(m, k, n, g)) for m, k, n, g, _ in WGRAD_SHAPES]
 
 
 @pytest.mark.gpu
@@ -285,6 +418,19 @@ def test_gpu_deepseek_shapes(rng, on_gpu, m, k, n, g, skew, layout):
     sizes = random_sizes(rng, m, g, skew, 0)
     got = on_gpu(deepseek_fp8, *operands, sizes)
     want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
+    close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,g,skew", WGRAD_SHAPES)
+def test_gpu_wgrad_deepseek_shapes(rng, on_gpu, m, k, n, g, skew):
+    """The weight-gradient kernel at DeepSeek-V3 shapes (groups of any size, so segments start and
+    end inside the scales' 128-row blocks) against the dequantized float32 reference on the CPU."""
+    operands = (*channel_quantized(rng, m, k), *channel_quantized(rng, m, n))
+    sizes = random_sizes(rng, m, g, skew, 0, total=m - 100)
+    got = on_gpu(deepseek_wgrad_fp8, *operands, sizes)
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = jax.jit(lambda *a: gemm.grouped_matmul_wgrad_fp8(*a, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
     close(got, want, 1e-2)
 
 
