@@ -6,6 +6,18 @@ elementwise op in XLA, so the device work is alike and the difference is the lau
 Each command-buffer setting runs in its own process (``python -m benchmarks.overhead --child``),
 since XLA reads its flags once; the settings alternate over ``REPEATS`` fresh processes each, and the
 medians are reported with their ranges (per-call host cost varies between processes).
+
+Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15's measurements):
+
+- ``donated``: the chains run as ``x = f(x)`` with x donated, so the buffers' addresses repeat
+  between executions (XLA updates a command buffer in place when they do, and must re-record a
+  traced custom call when they do not);
+- ``execute_ns``: the launcher's own host time per execute call (``JAX_TILEK_LAUNCH_STATS=1``), and
+  how many execute calls one run of the chain makes with command buffers on (0 when XLA replays the
+  graph, 100 when it re-captures our calls);
+- ``graph``: the same cubin in CUDA graphs built by hand with the driver API, outside XLA, timed by
+  events: 100 kernel nodes in a chain (how XLA's own kernels enter a graph) against 100 child-graph
+  nodes of one kernel each (how a traced FFI call enters one).
 """
 
 from __future__ import annotations
@@ -78,6 +90,136 @@ def _child() -> None:
     print(json.dumps(out))
 
 
+def _donated_child() -> None:
+    """Per-call microseconds of both chains run as ``x = f(x)`` with x donated, and with
+    ``JAX_TILEK_LAUNCH_STATS=1`` set, the launcher's execute count and host time per timed run."""
+    import time
+
+    from jax_tilek import _ffi
+
+    x = jax.device_put(np.random.default_rng(0).standard_normal(SHAPE, np.float32).astype(jnp.bfloat16))
+    out = {}
+    for label, chain in zip(("kernel", "xla"), PAIRS["elementwise"]):
+        f = jax.jit(chain, donate_argnums=0)
+        x = jax.block_until_ready(f(f(x)))
+        before = _ffi.launch_stats()
+        runs, samples = 200, []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(runs):
+                x = f(x)
+            jax.block_until_ready(x)
+            samples.append((time.perf_counter() - start) / (runs * CHAIN) * 1e6)
+        out[label] = statistics.median(samples)
+        after = _ffi.launch_stats()
+        if label == "kernel":
+            executions = after["executions"] - before["executions"]
+            out["executions_per_run"] = executions / (5 * runs)
+            out["execute_ns_per_call"] = (after["execute_ns"] - before["execute_ns"]) / max(executions, 1)
+    print(json.dumps(out))
+
+
+def _graph_child() -> None:
+    """The affine cubin in hand-built CUDA graphs (driver API through ctypes, no XLA): microseconds
+    per node, by events over a launch of each graph (median of 50), for a chain of ``CHAIN`` kernel
+    nodes and a chain of ``CHAIN`` child-graph nodes of one kernel node each."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+
+    def check(result, what):
+        if result != 0:
+            raise RuntimeError(f"{what} failed: CUresult {result}")
+
+    artifact = affine_kernel.artifact(dict(n_cols=SHAPE[1]), os.environ.get("JAX_TILEK_GRAPH_ARCH", "sm_90a"), record=False)
+    entry = artifact.spec.kernels[0].entry.encode()
+    p = ctypes.c_void_p
+    ctx, dev, module, fn, stream = p(), ctypes.c_int(), p(), p(), p()
+    check(cuda.cuInit(0), "cuInit")
+    check(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+    check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+    check(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    image = ctypes.create_string_buffer(artifact.cubin, len(artifact.cubin))
+    check(cuda.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
+    check(cuda.cuModuleGetFunction(ctypes.byref(fn), module, entry), "cuModuleGetFunction")
+    check(cuda.cuStreamCreate(ctypes.byref(stream), 0), "cuStreamCreate")
+    buffers = [ctypes.c_uint64() for _ in range(2)]
+    for b in buffers:
+        check(cuda.cuMemAlloc_v2(ctypes.byref(b), SHAPE[0] * SHAPE[1] * 2), "cuMemAlloc")
+    rows = ctypes.c_int32(SHAPE[0])
+
+    class KernelNodeParams(ctypes.Structure):  # CUDA_KERNEL_NODE_PARAMS_v2
+        _fields_ = [("func", p), ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                    ("params", ctypes.POINTER(p)), ("extra", p), ("kern", p), ("ctx", p)]  # fmt: skip
+
+    keep = []
+
+    def add_kernel(graph, deps, i):
+        src, dst = buffers[i % 2], buffers[(i + 1) % 2]
+        values = [ctypes.c_uint64(src.value), ctypes.c_uint64(dst.value), ctypes.c_int32(rows.value)]
+        args = (p * 3)(*[ctypes.addressof(v) for v in values])
+        keep.extend([values, args])
+        node_params = KernelNodeParams(fn, (1, 1, 1), (256, 1, 1), 0, args, None, None, None)
+        node = p()
+        check(cuda.cuGraphAddKernelNode_v2(ctypes.byref(node), graph, deps, len(deps), ctypes.byref(node_params)), "cuGraphAddKernelNode")
+        return node
+
+    def build(child_nodes: bool):
+        graph = p()
+        check(cuda.cuGraphCreate(ctypes.byref(graph), 0), "cuGraphCreate")
+        previous = None
+        for i in range(CHAIN):
+            deps = (p * 1)(previous) if previous is not None else (p * 0)()
+            if child_nodes:
+                child = p()
+                check(cuda.cuGraphCreate(ctypes.byref(child), 0), "cuGraphCreate")
+                add_kernel(child, (p * 0)(), i)
+                node = p()
+                check(cuda.cuGraphAddChildGraphNode(ctypes.byref(node), graph, deps, len(deps), child), "cuGraphAddChildGraphNode")
+            else:
+                node = add_kernel(graph, deps, i)
+            previous = node
+        executable = p()
+        check(cuda.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, ctypes.c_ulonglong(0)), "cuGraphInstantiate")
+        return executable
+
+    start, stop = p(), p()
+    check(cuda.cuEventCreate(ctypes.byref(start), 0), "cuEventCreate")
+    check(cuda.cuEventCreate(ctypes.byref(stop), 0), "cuEventCreate")
+    out = {}
+    for label, child_nodes in (("kernel_nodes", False), ("child_graph_nodes", True)):
+        executable = build(child_nodes)
+        samples = []
+        for _ in range(60):
+            check(cuda.cuEventRecord(start, stream), "cuEventRecord")
+            check(cuda.cuGraphLaunch(executable, stream), "cuGraphLaunch")
+            check(cuda.cuEventRecord(stop, stream), "cuEventRecord")
+            check(cuda.cuEventSynchronize(stop), "cuEventSynchronize")
+            ms = ctypes.c_float()
+            check(cuda.cuEventElapsedTime(ctypes.byref(ms), start, stop), "cuEventElapsedTime")
+            samples.append(ms.value * 1e3 / CHAIN)
+        out[label] = statistics.median(samples[10:])
+    print(json.dumps(out))
+
+
+def _run_child(mode: str, flags: str, **env_extra: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **env_extra)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", mode], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def explain() -> dict:
+    """Issue 15's measurements (module docstring), each command-buffer setting in its own processes."""
+    result = {"graph": _run_child("--graph", "")}
+    for setting, flags in FLAGS.items():
+        result[f"donated_{setting}"] = [_run_child("--donated", flags) for _ in range(REPEATS)]
+        result[f"stats_{setting}"] = _run_child("--donated", flags, JAX_TILEK_LAUNCH_STATS="1")
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
 def measure() -> list[dict]:
     samples: dict[str, list[dict]] = {setting: [] for setting in FLAGS}
     for _ in range(REPEATS):
@@ -107,7 +249,5 @@ def precompile(arch: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--child"]:
-        _child()
-    else:
-        measure()
+    modes = {"--child": _child, "--donated": _donated_child, "--graph": _graph_child, "--explain": explain}
+    modes.get(sys.argv[1] if sys.argv[1:] else "", measure)()

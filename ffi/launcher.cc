@@ -20,6 +20,7 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -156,8 +157,29 @@ struct KernelLaunch {
 // Opt-in counters (JAX_TILEK_LAUNCH_STATS=1 when a call site is instantiated): how often execute ran,
 // and how often it ran while XLA was capturing a CUDA graph. Replays of a captured graph do not call
 // execute at all, which is what makes command-buffer capture observable from tests.
+// Also the host time spent in execute, and in its TMA descriptor encoding, in nanoseconds.
 std::atomic<int64_t> g_executions{0};
 std::atomic<int64_t> g_captured_executions{0};
+std::atomic<int64_t> g_execute_ns{0};
+std::atomic<int64_t> g_encode_ns{0};
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Adds the time since its construction to `total` when `on`.
+class HostTimer {
+ public:
+  HostTimer(bool on, std::atomic<int64_t>& total) : on_(on), total_(total), start_(on ? NowNs() : 0) {}
+  ~HostTimer() {
+    if (on_) total_.fetch_add(NowNs() - start_, std::memory_order_relaxed);
+  }
+
+ private:
+  bool on_;
+  std::atomic<int64_t>& total_;
+  int64_t start_;
+};
 
 struct LaunchState {
   static ffi::TypeId id;
@@ -406,6 +428,7 @@ ffi::Error Initialize(LaunchState* st) {
 
 ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   const Driver& d = GetDriver();
+  HostTimer execute_timer(st->count_stats, g_execute_ns);
   if (st->count_stats) {
     g_executions.fetch_add(1, std::memory_order_relaxed);
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
@@ -450,15 +473,18 @@ ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ff
   }
 
   alignas(64) std::array<CUtensorMap, kMaxTma> maps;
-  for (size_t i = 0; i < st->tma.size(); ++i) {
-    const TmaRecipe& t = st->tma[i];
-    CUresult r = d.TensorMapEncodeTiled(&maps[i], t.dtype, t.rank, ptrs[t.buffer] + t.byte_offset, t.dims, t.strides,
-                                        t.box, t.element_strides, t.interleave, t.swizzle, t.l2_promotion,
-                                        t.oob_fill);
-    if (r != CUDA_SUCCESS) {
-      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                        st->Where() + ": cuTensorMapEncodeTiled failed for TMA descriptor " + std::to_string(i) +
-                            " (buffer " + std::to_string(t.buffer) + "): " + DescribeCuda(r));
+  {
+    HostTimer encode_timer(st->count_stats && !st->tma.empty(), g_encode_ns);
+    for (size_t i = 0; i < st->tma.size(); ++i) {
+      const TmaRecipe& t = st->tma[i];
+      CUresult r = d.TensorMapEncodeTiled(&maps[i], t.dtype, t.rank, ptrs[t.buffer] + t.byte_offset, t.dims, t.strides,
+                                          t.box, t.element_strides, t.interleave, t.swizzle, t.l2_promotion,
+                                          t.oob_fill);
+      if (r != CUDA_SUCCESS) {
+        return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                          st->Where() + ": cuTensorMapEncodeTiled failed for TMA descriptor " + std::to_string(i) +
+                              " (buffer " + std::to_string(t.buffer) + "): " + DescribeCuda(r));
+      }
     }
   }
 
@@ -582,8 +608,9 @@ PyObject* StateType(PyObject*, PyObject*) {
 PyObject* DriverProblem(PyObject*, PyObject*) { return PyUnicode_FromString(GetDriver().problem.c_str()); }
 
 PyObject* LaunchStats(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:L,s:L}", "executions", static_cast<long long>(g_executions.load()), "captured",
-                       static_cast<long long>(g_captured_executions.load()));
+  return Py_BuildValue("{s:L,s:L,s:L,s:L}", "executions", static_cast<long long>(g_executions.load()), "captured",
+                       static_cast<long long>(g_captured_executions.load()), "execute_ns",
+                       static_cast<long long>(g_execute_ns.load()), "encode_ns", static_cast<long long>(g_encode_ns.load()));
 }
 
 PyMethodDef kMethods[] = {

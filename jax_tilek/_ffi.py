@@ -80,7 +80,8 @@ def allow_export() -> None:
 
 
 def launch_stats() -> dict[str, int]:
-    """Execute-stage calls so far, and those made while XLA captured a CUDA graph, at call sites
+    """Execute-stage calls so far, those made while XLA captured a CUDA graph, and the host time spent
+    in them (``execute_ns``; ``encode_ns`` of it encoding TMA descriptors), at call sites
     instantiated with ``JAX_TILEK_LAUNCH_STATS=1`` (a diagnostic; off by default)."""
     return _launcher().launch_stats()
 
