@@ -289,6 +289,11 @@ class TileKernel:
     name: str
     pass_configs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     depends: tuple[ModuleType, ...] = ()
+    module: str = ""  # the factory's module by import name ("__main__" resolved), default: factory.__module__
+
+    def __post_init__(self) -> None:
+        if not self.module:
+            object.__setattr__(self, "module", getattr(self.factory, "__module__", "") or "")
 
     def __call__(self, **params: Any) -> Any:
         """Builds the prim_func for ``params`` (needs TileLang)."""
@@ -298,7 +303,7 @@ class TileKernel:
     def source_digest(self) -> str:
         """A digest of the factory's code: its module and the kernel-code modules it imports, transitively."""
         h = hashlib.sha256()
-        name = getattr(self.factory, "__module__", "") or ""
+        name = self.module
         roots = [d.__name__ for d in self.depends]
         own = _module_source(name) if name else None
         if own is not None:
@@ -319,7 +324,7 @@ class TileKernel:
 
     def dependencies(self) -> list[str]:
         """The modules whose source is in :attr:`source_digest`, besides the factory's own."""
-        name = getattr(self.factory, "__module__", "")
+        name = self.module
         return sorted(m for m in module_closure([name, *(d.__name__ for d in self.depends)]) if m != name)
 
     def cache_fields(self, params: Mapping[str, Any], arch: str) -> dict[str, Any]:
@@ -420,11 +425,13 @@ def kernel(
     def wrap(f: Callable[..., Any]) -> TileKernel:
         module = sys.modules.get(f.__module__)
         spec = getattr(module, "__spec__", None)  # under `python -m pkg.mod`, __module__ is "__main__"
+        module_name = spec.name if spec else f.__module__
         return TileKernel(
             factory=f,
-            name=name or f"{spec.name if spec else f.__module__}.{f.__qualname__}",
+            name=name or f"{module_name}.{f.__qualname__}",
             pass_configs=dict(pass_configs or {}),
             depends=tuple(depends),
+            module=module_name,
         )
 
     return wrap(factory) if factory is not None else wrap
