@@ -83,7 +83,7 @@ def test_reference_matches_numpy(rng, layout, transpose_w, m, k, n, g, skew, emp
     f = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=transpose_w, preferred_element_type=jnp.float32, impl="xla"))
     got = f(x, x_sf, w, w_sf, sizes)
     want = np_grouped(*np_dequantized(x, x_sf, w, w_sf, layout, transpose_w), *np_segments(sizes, m))
-    close(got, want, 1e-6)
+    close(got, want, 1e-5)  # fp32 sums of K products in XLA's order vs float64: ~sqrt(K) ulps
     bf = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=transpose_w, impl="xla"))(x, x_sf, w, w_sf, sizes)
     assert bf.dtype == jnp.bfloat16 and bf.shape == (m, n)
     close(bf, want, 1e-2)
@@ -95,7 +95,7 @@ def test_reference_on_unsorted_segments_with_gaps(rng):
     end = np.array([501, 100, 300, 640, 0], np.int32)  # an inverted and an empty segment give nothing
     x, x_sf, w, w_sf = quantized_operands(rng, m, k, n, 5, transpose_w=True, layout="col")
     got = gemm.grouped_matmul_fp8(x, x_sf, w, w_sf, None, start, end, transpose_w=True, preferred_element_type=jnp.float32, impl="xla")
-    close(got, np_grouped(*np_dequantized(x, x_sf, w, w_sf, "col", True), start, end), 1e-6)
+    close(got, np_grouped(*np_dequantized(x, x_sf, w, w_sf, "col", True), start, end), 1e-5)
 
 
 @pytest.mark.parametrize("flags,layout", [(dict(), "row"), (dict(use_tma_aligned_col_major_sf=True), "col"),
@@ -116,7 +116,7 @@ def test_casts_of_jax_tilek_quant_feed_it(rng, flags, layout, transpose_w):
     got = gemm.grouped_matmul_fp8(x8, x_sf, w8, w_sf, sizes, transpose_w=transpose_w, preferred_element_type=jnp.float32, impl="xla")
     exact = gemm.grouped_matmul(x, w, sizes, transpose_w=transpose_w, preferred_element_type=jnp.float32, impl="xla")
     close(got, exact, 0.05)  # e4m3 keeps 3 mantissa bits: a few percent per product, averaging out over K
-    close(got, np_grouped(*np_dequantized(x8, x_sf, w8, w_sf, layout, transpose_w), *np_segments(sizes, m)), 1e-6)
+    close(got, np_grouped(*np_dequantized(x8, x_sf, w8, w_sf, layout, transpose_w), *np_segments(sizes, m)), 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_wgrad_fp8_reference_matches_numpy(rng, m, k, n, groups):
     start, end = np_segments(groups[0], m) if form == "sizes" else groups[1:]
     got = gemm.grouped_matmul_wgrad_fp8(x_t, x_sf, dy_t, dy_sf, *groups, preferred_element_type=jnp.float32, impl="xla")
     want = np_wgrad(np_channel_dequantized(x_t, x_sf), np_channel_dequantized(dy_t, dy_sf), start, end)
-    close(got, want, 1e-6)
+    close(got, want, 1e-5)
 
 
 def test_wgrad_fp8_of_quant_casts_is_the_bf16_wgrad(rng):
