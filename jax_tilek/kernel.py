@@ -273,6 +273,13 @@ def module_closure(roots: Sequence[str]) -> dict[str, str]:
     return sources
 
 
+def _import_name(f: Callable[..., Any]) -> str:
+    """``f``'s module as it is imported: under ``python -m pkg.mod`` its ``__module__`` is "__main__"."""
+    name = getattr(f, "__module__", "") or ""
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    return spec.name if spec else name
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TileKernel:
     """A TileLang kernel factory with what jax_tilek needs to cache and launch it.
@@ -289,11 +296,11 @@ class TileKernel:
     name: str
     pass_configs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     depends: tuple[ModuleType, ...] = ()
-    module: str = ""  # the factory's module by import name ("__main__" resolved), default: factory.__module__
 
-    def __post_init__(self) -> None:
-        if not self.module:
-            object.__setattr__(self, "module", getattr(self.factory, "__module__", "") or "")
+    @functools.cached_property
+    def module(self) -> str:
+        """The factory's module by import name."""
+        return _import_name(self.factory)
 
     def __call__(self, **params: Any) -> Any:
         """Builds the prim_func for ``params`` (needs TileLang)."""
@@ -423,15 +430,11 @@ def kernel(
     """
 
     def wrap(f: Callable[..., Any]) -> TileKernel:
-        module = sys.modules.get(f.__module__)
-        spec = getattr(module, "__spec__", None)  # under `python -m pkg.mod`, __module__ is "__main__"
-        module_name = spec.name if spec else f.__module__
         return TileKernel(
             factory=f,
-            name=name or f"{module_name}.{f.__qualname__}",
+            name=name or f"{_import_name(f)}.{f.__qualname__}",
             pass_configs=dict(pass_configs or {}),
             depends=tuple(depends),
-            module=module_name,
         )
 
     return wrap(factory) if factory is not None else wrap
