@@ -71,9 +71,8 @@ def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool):
     1. One thread per slot: ``targeted[pos] = 1`` (a zero-filled workspace).
     2. The copy, flat over (row, 16-byte vector) of ``max(T, P)`` rows, ``UNROLL`` vectors per thread
        (consecutive threads take consecutive vectors: coalesced; a CTA spans several rows when rows are
-       short): a thread loads its vectors of ``x[r]`` (and their positions) first, then stores each at
-       every position of its row, and writes zeros to vector ``v`` of output row ``r`` when no slot
-       targets it.
+       short): a thread loads its vector of ``x[r]`` once and stores it at each of the row's positions,
+       and writes zeros to vector ``v`` of output row ``r`` when no slot targets it.
     3. With scales (``has_sf``): one thread per (token, scale element) stores the element at each
        position of the token (row-major ``[P, W]`` or column-major ``[W, align(P)]`` storage, which the
        launcher zero-fills).
@@ -106,36 +105,24 @@ def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool):
 
         with T.Kernel(T.ceildiv(T.max(N, P) * vecs, span), threads=THREADS) as b:
             T.assume(W % 4 == 0)
-            reg = T.alloc_local((UNROLL * 4,), "uint32")
-            dst = T.alloc_local((UNROLL * K,), "int32")
-            hit = T.alloc_local((UNROLL,), "int32")
+            reg = T.alloc_local((4,), "uint32")
             tid = T.get_thread_binding(0)
-            # Every load before any store: the compiler cannot move a load above a store that may alias it.
             for u in T.unroll(UNROLL):
                 f = (b * UNROLL + u) * THREADS + tid
                 r = f // vecs
                 v = f % vecs
-                hit[u] = 1
                 if r < N:
                     for j in T.vectorized(4):
-                        reg[u * 4 + j] = x[r, v * 4 + j]
+                        reg[j] = x[r, v * 4 + j]
                     for k in T.unroll(K):
-                        dst[u * K + k] = token_topk_to_pos[r, k]
-                if r < P:
-                    hit[u] = targeted[r]
-            for u in T.unroll(UNROLL):
-                f = (b * UNROLL + u) * THREADS + tid
-                r = f // vecs
-                v = f % vecs
-                if r < N:
-                    for k in T.unroll(K):
-                        pos = dst[u * K + k]
+                        pos = token_topk_to_pos[r, k]
                         if T.And(pos >= 0, pos < P):
                             for j in T.vectorized(4):
-                                out[pos, v * 4 + j] = reg[u * 4 + j]
-                if hit[u] == 0:
-                    for j in T.vectorized(4):
-                        out[r, v * 4 + j] = T.uint32(0)
+                                out[pos, v * 4 + j] = reg[j]
+                if r < P:
+                    if targeted[r] == 0:
+                        for j in T.vectorized(4):
+                            out[r, v * 4 + j] = T.uint32(0)
 
         if has_sf:
             with T.Kernel(T.ceildiv(N * SW, THREADS), threads=THREADS) as b:
