@@ -1,6 +1,6 @@
 """Runs every benchmark family and prints a short table; ``--json`` writes all numbers.
 
-    python -m benchmarks.run [--json out.json] [--only transpose,overhead]
+    python -m benchmarks.run [--json out.json] [--only transpose,overhead] [--case expand_to_fused/]
     python -m benchmarks.run --precompile sm_90a   # build machine: fill the kernel cache only
     python -m jax_tilek bench [--family ...] [--json out.json] [--plot DIR]   # the same, with plots
 
@@ -34,9 +34,14 @@ def families() -> dict[str, list]:
     return found
 
 
-def collect(only: set[str]) -> tuple[str, list[dict], list[dict]]:
-    """Runs the families in ``only`` (all when empty) and the overhead chain (when chosen): (device, results, chains)."""
-    cases = [c for family, cs in families().items() if not only or family in only for c in cs]
+def chosen(only: set[str], prefixes: tuple[str, ...] = ()) -> list:
+    """The cases of the families in ``only`` (all when empty) whose names start with one of ``prefixes`` (any when empty)."""
+    return [c for family, cs in families().items() if not only or family in only for c in cs if c.name.startswith(prefixes or "")]
+
+
+def collect(only: set[str], prefixes: tuple[str, ...] = ()) -> tuple[str, list[dict], list[dict]]:
+    """Runs the chosen cases (:func:`chosen`) and the overhead chain (when chosen): (device, results, chains)."""
+    cases = chosen(only, prefixes)
     results = harness.run(cases)
     chains = overhead.measure() if not only or "overhead" in only else []
     return str(jax.devices()[0].device_kind), results, chains
@@ -52,16 +57,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--only", default="")
+    parser.add_argument("--case", default="", help="comma-separated case name prefixes (default: every case)")
     parser.add_argument("--precompile", metavar="ARCH")
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
+    prefixes = tuple(filter(None, args.case.split(",")))
     if args.precompile:
-        cases = [c for family, cs in families().items() if not only or family in only for c in cs]
-        harness.run(cases, precompile_arch=args.precompile)
+        harness.run(chosen(only, prefixes), precompile_arch=args.precompile)
         if not only or "overhead" in only:
             overhead.precompile(args.precompile)
         return
-    device, results, chains = collect(only)
+    device, results, chains = collect(only, prefixes)
     if args.json:
         save(args.json, device, results, chains)
     print()

@@ -264,6 +264,19 @@ def test_bench_plots_a_saved_run(capsys, tmp_path):
     assert (tmp_path / "a" / "overhead.png").stat().st_size > 10_000
 
 
+def test_bench_case_prefixes_choose_rows_and_cases(capsys):
+    saved = os.path.join(SAVED, "h100-2026-12-06-b.json")
+    assert main(["bench", "--from-json", saved, "--case", "expand_to_fused/,reduce_fused/"]) == 0
+    out = capsys.readouterr().out
+    assert "expand_to_fused/bfloat16_4096x7168" in out and "reduce_fused/bfloat16_16384x7168" in out
+    assert "expand_to_fused_with_sf" not in out and "topk_gate" not in out and "engram" not in out
+    from benchmarks import run as bench_run
+
+    names = [c.name for c in bench_run.chosen({"moe"}, ("expand_to_fused/",))]
+    assert names and all(n.startswith("expand_to_fused/") for n in names)
+    assert len(bench_run.chosen({"moe"})) > len(names)
+
+
 def test_bench_plots_leave_out_compute_bound_families(tmp_path):
     import matplotlib
 

@@ -51,6 +51,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--family", action="append", metavar="FAMILY",
                    help="benchmark families to run (transpose, quant_per_token, ..., overhead; repeatable or comma-separated)")  # fmt: skip
+    p.add_argument("--case", action="append", metavar="PREFIX",
+                   help="only the cases whose name starts with PREFIX (e.g. expand_to_fused/; repeatable or comma-separated)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="write every number to FILE")
     p.add_argument("--plot", metavar="DIR", help="write the PNG charts into DIR")
     p.add_argument("--from-json", metavar="FILE", help="a saved run to tabulate and plot, instead of running")
@@ -59,12 +61,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     only = _families(args.family)
+    prefixes = tuple(_families(args.case))
     if args.from_json:
         with open(args.from_json) as f:
             data: dict[str, Any] = json.load(f)
         if only:
             data["results"] = [r for r in data["results"] if r["family"] in only]
             data["overhead"] = data.get("overhead") if "overhead" in only else []
+        data["results"] = [r for r in data["results"] if r["case"].startswith(prefixes or "")]
     else:
         bench_run = benchmarks_run_module()
         if args.list:
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             print("bench: the benchmarks time the kernels, which need a Hopper/Blackwell GPU (see python -m jax_tilek doctor); "
                   "to tabulate or plot a saved run use --from-json FILE", file=sys.stderr)  # fmt: skip
             return 2
-        device, results, chains = bench_run.collect(only)
+        device, results, chains = bench_run.collect(only, prefixes)
         data = {"device": device, "results": results, "overhead": chains}
         if args.json:
             bench_run.save(args.json, device, results, chains)
