@@ -293,7 +293,9 @@ class OpContract:
         args = case.arrays(rng)
         call, arrays = self.bound(case, None, args)
         reference, _ = self.bound(case, "xla", args)
-        assert_trees_equal(jax.jit(call)(*arrays), jax.jit(reference)(*arrays), what=case.name)
+        default, xla = (jax.jit(f).lower(*arrays).as_text(debug_info=False) for f in (call, reference))
+        if default != xla:  # the same program needs no run; a differently staged one must compute the same
+            assert_trees_equal(jax.jit(call)(*arrays), jax.jit(reference)(*arrays), what=case.name)
 
     def test_lowers_to_its_launches(self, case: ArgSpec) -> None:
         calls = tilek_calls(lower_for_cuda(*_flat(self.bound(case, None, case.structs()))))
@@ -316,7 +318,8 @@ class OpContract:
         call, _ = self.bound(case, None, draws[0])
         stacked = [jnp.stack([jnp.asarray(a) for a in pair]) for pair in zip(*(self.bound(case, None, d)[1] for d in draws))]
         batched = jax.jit(jax.vmap(call))(*stacked)
-        expected = jax.tree.map(lambda *ys: jnp.stack(ys), *[call(*(s[k] for s in stacked)) for k in range(2)])
+        one = jax.jit(call)  # compiled once for both items: eager op-by-op dispatch of a reference is the slow part
+        expected = jax.tree.map(lambda *ys: jnp.stack(ys), *[one(*(s[k] for s in stacked)) for k in range(2)])
         assert_trees_equal(batched, expected, what=f"{case.name} vmap")
         if self.rows:  # a batch of the token operand alone (shared weights) folds into the tokens
             structs = [jax.ShapeDtypeStruct(s.shape if i == 0 else s.shape[1:], s.dtype) for i, s in enumerate(stacked)]

@@ -110,19 +110,25 @@ class MoE(nnx.Module):
     experts' weights and the tokens are split over it (E and the token count divisible by its size);
     each device routes its tokens, sends the rows to the experts' devices with a ragged all-to-all, and
     combines what comes back (``jax_tilek.nnx._moe_parallel``; exact, nothing dropped). Results equal
-    the single-device layer's. Map ``"expert"`` to the axis in ``nnx.logical_axis_rules`` so the expert
+    the single-device layer's. ``dispatch_fp8=True`` (with ``expert_axis``; dim a multiple of 128) sends
+the rows as e4m3 with 1 × 128 scales, half the bytes; the experts then see the rows dequantized, and
+the gradient goes straight through that rounding. Map ``"expert"`` to the axis in ``nnx.logical_axis_rules`` so the expert
     weights live where they are used; the router's and shared experts' weights are used replicated.
     """
 
     def __init__(self, dim: int, ffn: int, num_experts: int, num_topk: int, *, num_shared_experts: int = 0, gate: Gate = "sqrtsoftplus",
                  scoring_func: str = "sqrtsoftplus", num_groups: int = 0, num_topk_groups: int = 0, routed_scaling_factor: float = 1.0,
                  alignment: int = 128, clamp_value: float | None = None, dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32,
-                 fp8: bool = False, impl: Impl = None, expert_axis: str | None = None, rngs: nnx.Rngs):  # fmt: skip
+                 fp8: bool = False, impl: Impl = None, expert_axis: str | None = None, dispatch_fp8: bool = False,
+                 rngs: nnx.Rngs):  # fmt: skip
+        if dispatch_fp8 and (expert_axis is None or dim % 128 or np.dtype(dtype) not in (jnp.bfloat16, jnp.float32)):
+            raise ValueError(f"MoE(dispatch_fp8=True) needs expert_axis, dim a multiple of 128 and dtype bfloat16 or float32, "
+                             f"got expert_axis={expert_axis!r}, dim {dim}, {np.dtype(dtype).name}")  # fmt: skip
         if fp8 and (np.dtype(dtype) != jnp.bfloat16 or dim % 128 or ffn % 128):
             raise ValueError(f"MoE(fp8=True) needs dtype bfloat16 and dim, ffn multiples of 128, got {np.dtype(dtype).name}, {dim}, {ffn}")
         self.dim, self.ffn, self.num_experts, self.num_topk, self.fp8 = dim, ffn, num_experts, num_topk, fp8
         self.alignment, self.clamp_value, self.dtype, self.impl = alignment, clamp_value, dtype, impl
-        self.expert_axis = expert_axis
+        self.expert_axis, self.dispatch_fp8 = expert_axis, dispatch_fp8
         if expert_axis is not None and not jax.sharding.get_abstract_mesh().empty:
             axis_size(self)
         self.router = Router(dim, num_experts, num_topk, gate=gate, scoring_func=scoring_func, num_groups=num_groups, num_topk_groups=num_topk_groups,

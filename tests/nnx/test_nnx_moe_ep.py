@@ -1,7 +1,8 @@
 """jax_tilek.nnx.MoE with ``expert_axis`` (expert parallelism) on 8 host CPU devices (tests/conftest.py):
 forward, load-balancing loss and gradients equal the single-device layer's for EP = 2, 4, 8, with even
 and uneven routing; the CPU exchange (``padded_ragged_all_to_all``) against ``ragged_all_to_all``'s
-documented semantics; ``ragged_all_to_all`` itself in the program lowered for CUDA; bad configurations.
+documented semantics; ``ragged_all_to_all`` itself in the program lowered for CUDA; bad configurations;
+the FP8 dispatch against the single-device layer on rows rounded through e4m3 (straight-through gradient).
 On a machine with 2 or 4 GPUs: the kernels' path against the single-device layer."""
 
 from functools import partial
@@ -14,7 +15,9 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 nnx = pytest.importorskip("flax.nnx")
 
+from jax_tilek import moe, quant  # noqa: E402
 from jax_tilek.nnx import MoE  # noqa: E402
+from jax_tilek.nnx._moe import load_balancing_loss  # noqa: E402
 from jax_tilek.nnx._moe_parallel import padded_ragged_all_to_all, ragged_all_to_all  # noqa: E402
 from jax_tilek.testing import lower_for_cuda  # noqa: E402
 
@@ -34,9 +37,10 @@ def mesh_of(n: int, axis_type: AxisType = AxisType.Explicit, platform: str = "cp
     return jax.make_mesh((n,), ("ep",), axis_types=(axis_type,), devices=devices[:n])
 
 
-def make(expert_axis: str | None = None, num_experts: int = EXPERTS, dim: int = DIM, dtype=jnp.float32, impl="xla", alignment: int = 8) -> MoE:
+def make(expert_axis: str | None = None, num_experts: int = EXPERTS, dim: int = DIM, dtype=jnp.float32, impl="xla", alignment: int = 8,
+         dispatch_fp8: bool = False) -> MoE:  # fmt: skip
     return MoE(dim, dim, num_experts, TOPK, num_shared_experts=1, routed_scaling_factor=1.5, alignment=alignment, dtype=dtype, impl=impl,
-               expert_axis=expert_axis, rngs=nnx.Rngs(0))  # fmt: skip
+               expert_axis=expert_axis, dispatch_fp8=dispatch_fp8, rngs=nnx.Rngs(0))  # fmt: skip
 
 
 def inputs(dim: int = DIM, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
@@ -48,28 +52,29 @@ def inputs(dim: int = DIM, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} if jax.default_backend() == "cpu" else None
 
 
-@partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _value_and_grads(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, cot: jax.Array):
+@partial(jax.jit, static_argnums=(0, 4), compiler_options=FAST_COMPILE)
+def _value_and_grads(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, cot: jax.Array, forward=None):
     def loss(m, x):
-        y, aux = m(x)
+        y, aux = (forward or type(m).__call__)(m, x)
         return jnp.sum(y.astype(jnp.float32) * cot) + 3.0 * aux, (y, aux)
 
     (_, (y, aux)), (g, gx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(nnx.merge(graphdef, state), x)
     return y, aux, g, gx
 
 
-def value_and_grads(m: MoE, x: jax.Array, cot: jax.Array):
-    """``(y, aux_loss, parameter gradients, x's gradient)`` of ``sum(y · cot) + 3 · aux_loss``."""
-    return _value_and_grads(*nnx.split(m), x, cot)
+def value_and_grads(m: MoE, x: jax.Array, cot: jax.Array, forward=None):
+    """``(y, aux_loss, parameter gradients, x's gradient)`` of ``sum(y · cot) + 3 · aux_loss`` (of ``m(x)``,
+    or of ``forward(m, x)``)."""
+    return _value_and_grads(*nnx.split(m), x, cot, forward)
 
 
-def results(m: MoE) -> dict:
+def results(m: MoE, forward=None) -> dict:
     """Per bias: y, the loss, the input's gradient and every parameter's (one compilation)."""
     x, cot = inputs(m.dim, m.dtype)
     out = {}
     for name, bias in BIASES.items():
         m.router.bias[...] = jnp.asarray(bias)
-        y, aux, g, gx = value_and_grads(m, x, cot)
+        y, aux, g, gx = value_and_grads(m, x, cot, forward)
         out[name] = (y, aux, gx, dict(nnx.to_flat_state(g)))
     return out
 
@@ -129,6 +134,31 @@ def test_gpu_kernels_match_the_single_device_layer(n):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
         parallel = results(make("ep", **kw))
     assert_same_results(parallel, single, tol=1e-2, y_tol=1e-2)
+
+
+def rounded_experts_input(m: MoE, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The single-device layer, its routed experts fed the rows rounded through e4m3 with 1 x 128 scales
+    (the FP8 dispatch's rounding), the gradient straight through that rounding."""
+    tokens = x.reshape(-1, m.dim).astype(m.dtype)
+    rounded = quant.per_token_cast_back(quant.per_token_cast(tokens, "e4m3", 128, impl="xla"), "fp32", 128, impl="xla")
+    rounded = tokens + jax.lax.stop_gradient(rounded - tokens)
+    idx, weights, probs = m.router(tokens)
+    pos_to_expert, _, _, token_topk_to_pos, start, end, _, _ = moe.get_fused_mapping(idx, m.num_experts, 0, m.alignment, impl="xla")
+    fused = moe.expand_to_fused(rounded, token_topk_to_pos, pos_to_expert, impl="xla")
+    y = moe.reduce_fused(m.experts(fused, start, end), weights, token_topk_to_pos, impl="xla") + m.shared(tokens)
+    return y.reshape(x.shape), load_balancing_loss(idx, probs)
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_fp8_dispatch_is_the_layer_on_rounded_rows(n):
+    with jax.default_device(jax.devices("cpu")[0]):
+        single = results(make(dim=128), rounded_experts_input)
+        unrounded = results(make(dim=128))
+    with jax.set_mesh(mesh_of(n)), nnx.logical_axis_rules(RULES):
+        parallel = results(make("ep", dim=128, dispatch_fp8=True))
+    assert_same_results(parallel, single, tol=1e-5, y_tol=1e-6)
+    for name in BIASES:  # the rounding is there: e4m3 keeps 3 mantissa bits
+        assert 1e-3 < rel_err(parallel[name][0], unrounded[name][0]) < 0.1, name
 
 
 def reference_ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offsets, recv_sizes):
@@ -222,6 +252,20 @@ def test_cuda_lowering_uses_ragged_all_to_all():
     assert cuda.count("ragged_all_to_all") == 4  # on CPU, test_matches_the_single_device_layer runs the padded exchange
 
 
+def test_fp8_dispatch_sends_bytes_and_returns_full_precision():
+    """Forward: the rows as e4m3 bytes and their fp32 scales; the return and both transposes in the layer's dtype."""
+    with jax.set_mesh(mesh_of(4)), nnx.logical_axis_rules(RULES):
+        graphdef, state = nnx.split(make("ep", dim=128, dtype=jnp.bfloat16, dispatch_fp8=True))
+
+        def program(state, x):
+            return nnx.grad(lambda m, x: m(x)[0].astype(jnp.float32).sum(), argnums=(0, 1))(nnx.merge(graphdef, state), x)
+
+        cuda = lower_for_cuda(program, state, jax.ShapeDtypeStruct((64, 128), jnp.bfloat16))
+    exchanged = [line.split(":")[-1] for line in cuda.splitlines() if "ragged_all_to_all" in line]
+    assert len(exchanged) == 5, exchanged
+    assert sorted(next(t for t in ("xui8>", "xf32>", "xbf16>") if t in e) for e in exchanged) == ["xbf16>"] * 3 + ["xf32>", "xui8>"]
+
+
 def test_bad_configurations_name_the_rule():
     with jax.set_mesh(mesh_of(4)), nnx.logical_axis_rules(RULES):
         with pytest.raises(ValueError, match=r"num_experts must be divisible by the size of mesh axis 'ep' \(4\), got 6"):
@@ -233,3 +277,7 @@ def test_bad_configurations_name_the_rule():
         m(jnp.zeros((8, DIM)))
     with jax.set_mesh(mesh_of(2)), pytest.raises(ValueError, match="needs a mesh with axis 'experts'"):
         make("experts")
+    with pytest.raises(ValueError, match=r"MoE\(dispatch_fp8=True\) needs expert_axis, dim a multiple of 128"):
+        make(dispatch_fp8=True, dim=128)
+    with jax.set_mesh(mesh_of(2)), pytest.raises(ValueError, match="dim a multiple of 128 .* got expert_axis='ep', dim 64"):
+        make("ep", dispatch_fp8=True)
