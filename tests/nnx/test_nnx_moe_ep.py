@@ -149,12 +149,12 @@ def rounded_experts_input(m: MoE, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return y.reshape(x.shape), load_balancing_loss(idx, probs)
 
 
-@pytest.mark.parametrize("n", [2, 8])
-def test_fp8_dispatch_is_the_layer_on_rounded_rows(n):
+def test_fp8_dispatch_is_the_layer_on_rounded_rows():
+    """EP = 8 (the uneven routings leave devices without rows); other sizes share the exchange code."""
     with jax.default_device(jax.devices("cpu")[0]):
         single = results(make(dim=128), rounded_experts_input)
         unrounded = results(make(dim=128))
-    with jax.set_mesh(mesh_of(n)), nnx.logical_axis_rules(RULES):
+    with jax.set_mesh(mesh_of(8)), nnx.logical_axis_rules(RULES):
         parallel = results(make("ep", dim=128, dispatch_fp8=True))
     assert_same_results(parallel, single, tol=1e-5, y_tol=1e-6)
     for name in BIASES:  # the rounding is there: e4m3 keeps 3 mantissa bits
