@@ -147,8 +147,12 @@ FP8_BLOCK = 128  # the scale block of an FP8-dispatched row: 1 x 128, as the FP8
 def dispatch(tokens: jax.Array, token_topk_to_pos: jax.Array, pos_to_expert: jax.Array, plan: Plan, num_rows: int, axis_name: str,
              capacity: int, impl: str | None) -> jax.Array:  # fmt: skip
     """The expanded rows of ``tokens[T/n, dim]`` sent to their experts' devices: ``[num_rows, dim]``."""
-    sent = moe.expand_to_fused(tokens, token_topk_to_pos, pos_to_expert, impl=impl)
-    return ragged_all_to_all(sent, num_rows, plan.send_offsets, plan.send_sizes, plan.dest_offsets, plan.recv_sizes,
+    return send_rows(moe.expand_to_fused(tokens, token_topk_to_pos, pos_to_expert, impl=impl), num_rows, plan, axis_name, capacity)
+
+
+def send_rows(rows: jax.Array, num_rows: int, plan: Plan, axis_name: str, capacity: int) -> jax.Array:
+    """The dispatch exchange of expert-major ``rows`` into ``[num_rows, ...]`` (the plan's dispatch side)."""
+    return ragged_all_to_all(rows, num_rows, plan.send_offsets, plan.send_sizes, plan.dest_offsets, plan.recv_sizes,
                              axis_name=axis_name, capacity=capacity)  # fmt: skip
 
 
@@ -159,26 +163,22 @@ def dispatch_fp8(tokens: jax.Array, token_topk_to_pos: jax.Array, pos_to_expert:
     (the bytes travel as uint8: the exchange need not know float8). Gradient: straight through."""
     data, sf = quant.per_token_cast(tokens, "e4m3", FP8_BLOCK, impl=impl)
     data, sf = moe.expand_to_fused_with_sf((data, sf), FP8_BLOCK, token_topk_to_pos, pos_to_expert, impl=impl)
-
-    def send(rows: jax.Array) -> jax.Array:
-        return ragged_all_to_all(rows, num_rows, plan.send_offsets, plan.send_sizes, plan.dest_offsets, plan.recv_sizes,
-                                 axis_name=axis_name, capacity=capacity)  # fmt: skip
-
-    data = jax.lax.bitcast_convert_type(send(jax.lax.bitcast_convert_type(data, jnp.uint8)), jnp.float8_e4m3fn)
+    data, sf = (send_rows(a, num_rows, plan, axis_name, capacity) for a in (jax.lax.bitcast_convert_type(data, jnp.uint8), sf))
+    data = jax.lax.bitcast_convert_type(data, jnp.float8_e4m3fn)
     fmt = "bf16" if tokens.dtype == jnp.bfloat16 else "fp32"
-    return quant.per_token_cast_back((data, send(sf)), fmt, FP8_BLOCK, impl=impl).astype(tokens.dtype)
+    return quant.per_token_cast_back((data, sf), fmt, FP8_BLOCK, impl=impl).astype(tokens.dtype)
 
 
 def _dispatch_fp8_fwd(tokens, token_topk_to_pos, pos_to_expert, plan, num_rows, axis_name, capacity, impl):
     out = dispatch_fp8(tokens, token_topk_to_pos, pos_to_expert, plan, num_rows, axis_name, capacity, impl)
-    return out, (jax.ShapeDtypeStruct(tokens.shape, tokens.dtype), token_topk_to_pos, pos_to_expert, plan)
+    return out, (token_topk_to_pos, pos_to_expert, plan)
 
 
 def _dispatch_fp8_bwd(num_rows, axis_name, capacity, impl, residuals, cotangent):
-    tokens, token_topk_to_pos, pos_to_expert, plan = residuals
+    token_topk_to_pos, pos_to_expert, plan = residuals
+    tokens = jnp.zeros((token_topk_to_pos.shape[0], cotangent.shape[1]), cotangent.dtype)
     # dispatch is linear in tokens: its VJP at zeros is its transpose (the forward part is dead code).
-    _, transpose = jax.vjp(lambda t: dispatch(t, token_topk_to_pos, pos_to_expert, plan, num_rows, axis_name, capacity, impl),
-                           jnp.zeros(tokens.shape, tokens.dtype))  # fmt: skip
+    _, transpose = jax.vjp(lambda t: dispatch(t, token_topk_to_pos, pos_to_expert, plan, num_rows, axis_name, capacity, impl), tokens)
     return (transpose(cotangent)[0], None, None, None)
 
 
