@@ -124,15 +124,16 @@ def test_matches_the_single_device_layer(single_device, n, axis_type, created_on
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [2, 4])
-def test_gpu_kernels_match_the_single_device_layer(n):
+@pytest.mark.parametrize("n,dispatch_fp8", [(2, False), (4, False), (2, True)])
+def test_gpu_kernels_match_the_single_device_layer(n, dispatch_fp8):
     """impl="tilelang", bfloat16: the kernels inside shard_map, the exchange by ragged_all_to_all (the
-    kernels are those of test_nnx_moe.py's GPU programs: dim 128, E = 8, K = 2)."""
+    kernels are those of test_nnx_moe.py's GPU programs: dim 128, E = 8, K = 2); with the FP8
+    dispatch, against the single-device layer fed the rounded rows."""
     kw = dict(dim=128, dtype=jnp.bfloat16, impl="tilelang", alignment=128)
     mesh = mesh_of(n, platform="gpu")
-    single = results(make(**kw))
+    single = results(make(**kw), rounded_experts_input if dispatch_fp8 else None)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        parallel = results(make("ep", **kw))
+        parallel = results(make("ep", dispatch_fp8=dispatch_fp8, **kw))
     assert_same_results(parallel, single, tol=1e-2, y_tol=1e-2)
 
 
@@ -140,7 +141,8 @@ def rounded_experts_input(m: MoE, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The single-device layer, its routed experts fed the rows rounded through e4m3 with 1 x 128 scales
     (the FP8 dispatch's rounding), the gradient straight through that rounding."""
     tokens = x.reshape(-1, m.dim).astype(m.dtype)
-    rounded = quant.per_token_cast_back(quant.per_token_cast(tokens, "e4m3", 128, impl="xla"), "fp32", 128, impl="xla")
+    fmt = "bf16" if m.dtype == jnp.bfloat16 else "fp32"
+    rounded = quant.per_token_cast_back(quant.per_token_cast(tokens, "e4m3", 128, impl="xla"), fmt, 128, impl="xla")
     rounded = tokens + jax.lax.stop_gradient(rounded - tokens)
     idx, weights, probs = m.router(tokens)
     pos_to_expert, _, _, token_topk_to_pos, start, end, _, _ = moe.get_fused_mapping(idx, m.num_experts, 0, m.alignment, impl="xla")
@@ -159,6 +161,20 @@ def test_fp8_dispatch_is_the_layer_on_rounded_rows():
     assert_same_results(parallel, single, tol=1e-5, y_tol=1e-6)
     for name in BIASES:  # the rounding is there: e4m3 keeps 3 mantissa bits
         assert 1e-3 < rel_err(parallel[name][0], unrounded[name][0]) < 0.1, name
+
+
+def _fp8_dispatch_kernels(tokens, token_topk_to_pos, pos_to_expert, received):
+    """The FP8 dispatch's kernels at test_gpu_kernels_match_the_single_device_layer's sizes (EP = 2)."""
+    data, sf = quant.per_token_cast(tokens, "e4m3", 128, impl="tilelang")
+    sent = moe.expand_to_fused_with_sf((data, sf), 128, token_topk_to_pos, pos_to_expert, impl="tilelang")
+    return sent, quant.per_token_cast_back(received, "bf16", 128, impl="tilelang")
+
+
+_ROWS = TOKENS[0] * TOKENS[1] // 2  # per device at EP = 2
+_RECEIVED = (2 * _ROWS * TOPK + 127 * EXPERTS // 2) // 128 * 128
+GPU_PROGRAMS = [(_fp8_dispatch_kernels, (jax.ShapeDtypeStruct((_ROWS, 128), jnp.bfloat16), jax.ShapeDtypeStruct((_ROWS, TOPK), jnp.int32),
+                                         jax.ShapeDtypeStruct((_ROWS * TOPK,), jnp.int32),
+                                         (jax.ShapeDtypeStruct((_RECEIVED, 128), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((_RECEIVED, 1), jnp.float32))))]  # fmt: skip
 
 
 def reference_ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offsets, recv_sizes):
