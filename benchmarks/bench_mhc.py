@@ -1,14 +1,20 @@
 """mHC benchmarks (family "mhc"): every mHC function at its named benchmark sizes (DeepSeek: hidden
 4096 / 7168, n = 4 streams, 4K-64K tokens) against the same function's pure-JAX definition
 (``impl="xla"``) under jit. Inputs are random normals made on the device; the GEMM-containing
-functions (norm_fn, pre, head, big_fuse) time the XLA split-K GEMM on both sides."""
+functions (norm_fn, pre, head, big_fuse) time the XLA split-K GEMM on both sides.
+
+``VARIANTS`` (family "mhc_variants"): ``mhc_pre_norm_fn`` and ``mhc_pre`` with that GEMM in XLA's
+``BF16_BF16_F32_X6`` and ``X3`` algorithms instead of fp32 ``HIGHEST`` (``_norm_fn.GEMM_PRECISION``),
+on both sides: is a cheaper exact-enough GEMM the way to the block's speed-up?"""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 
 from jax_tilek import mhc
+from jax_tilek.mhc import _norm_fn
 from jax_tilek.testing import ArgSpec, over_arrays
 
 from benchmarks.harness import Case
@@ -34,3 +40,29 @@ def _functions() -> dict:
 
 
 CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in getattr(fn, "cases", ()) if spec.bench]
+
+
+GEMM_ALGORITHMS = {"x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6, "x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3}
+
+
+def with_gemm_precision(fn, precision):
+    """``fn`` traced with the mHC partials GEMM at ``precision`` (the module constant is read at trace time)."""
+
+    @functools.wraps(fn)
+    def traced(*args):
+        saved, _norm_fn.GEMM_PRECISION = _norm_fn.GEMM_PRECISION, precision
+        try:
+            return fn(*args)
+        finally:
+            _norm_fn.GEMM_PRECISION = saved
+
+    return traced
+
+
+def gemm_variants(cases) -> list:
+    """Each case once per :data:`GEMM_ALGORITHMS` entry, kernel and plain-JAX sides alike."""
+    return [dataclasses.replace(c, name=f"{c.name}_gemm_{label}", kernel=with_gemm_precision(c.kernel, p), xla=with_gemm_precision(c.xla, p))
+            for label, p in GEMM_ALGORITHMS.items() for c in cases]  # fmt: skip
+
+
+VARIANTS = gemm_variants([c for c in CASES if c.name.startswith(("mhc_pre_norm_fn/", "mhc_pre/"))])
