@@ -4,7 +4,10 @@ pure-JAX definition (``impl="xla"``: ``lax.top_k``, sorts, segment sums and gath
 
 Inputs: floating-point arrays (token rows, logits, weights, scales) are fresh random values made on
 the device for every rotated set; integer arrays (routing tables, top-k indices) are the case's own
-valid values (``ArgSpec.arrays``), made once on the host when the case runs."""
+valid values (``ArgSpec.arrays``), made once on the host when the case runs.
+
+``VARIANTS`` (family "moe_variants"): expand_to_fused at its benchmark sizes in other
+``ExpandConfig`` tunings (threads per CTA x 16-byte vectors per thread) than the default 128 x 4."""
 
 import dataclasses
 import functools
@@ -59,3 +62,12 @@ def _functions() -> dict:
 
 
 CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in getattr(fn, "cases", ()) if spec.bench]
+
+
+EXPAND_TUNINGS = [dict(threads=t, unroll=u) for t, u in ((128, 2), (128, 8), (256, 2), (256, 4), (512, 1), (512, 2))]
+VARIANTS = [
+    dataclasses.replace(c, name=f"{c.name}_t{tuning['threads']}_u{tuning['unroll']}")
+    for tuning in EXPAND_TUNINGS
+    for spec in moe.expand_to_fused.cases if spec.bench
+    for c in [_case("expand_to_fused", moe.expand_to_fused.with_config(**tuning), spec)]
+]

@@ -301,6 +301,10 @@ class OpContract:
         calls = tilek_calls(lower_for_cuda(*_flat(self.bound(case, None, case.structs()))))
         assert len(calls) == case.launches, [c["name"] for c in calls]
         assert all(c["has_cubin"] for c in calls)
+        if case.config:  # the configuration reaches a kernel (a function that bypasses its ops would drop it)
+            default = dataclasses.replace(case, config={})
+            keys = [c["cubin_key"] for c in tilek_calls(lower_for_cuda(*_flat(self.bound(default, None, default.structs()))))]
+            assert [c["cubin_key"] for c in calls] != keys, f"{case.name}: with_config({case.config}) changed no kernel"
 
     def test_tilelang_refused_off_gpu(self, case: ArgSpec) -> None:
         if jax_tilek.kernels_available():

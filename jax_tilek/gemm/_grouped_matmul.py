@@ -133,16 +133,16 @@ _op = TileOp(
 # The custom VJP.
 
 
-def _primal(x, w, start, end, tiles, *, impl=None, transpose_w, out_dtype):
-    return _op(x, w, start, end, tiles, impl=impl, transpose_w=transpose_w, out_dtype=out_dtype)
+def _primal(x, w, start, end, tiles, *, impl=None, ops, transpose_w, out_dtype):
+    return ops[0](x, w, start, end, tiles, impl=impl, transpose_w=transpose_w, out_dtype=out_dtype)
 
 
-def _fwd(x, w, start, end, tiles, *, impl=None, transpose_w, out_dtype):
-    out = _primal(x, w, start, end, tiles, impl=impl, transpose_w=transpose_w, out_dtype=out_dtype)
+def _fwd(x, w, start, end, tiles, *, impl=None, ops, transpose_w, out_dtype):
+    out = _primal(x, w, start, end, tiles, impl=impl, ops=ops, transpose_w=transpose_w, out_dtype=out_dtype)
     return out, (x, w, start, end, tiles)
 
 
-def _bwd(residuals, dy, *, impl=None, transpose_w, out_dtype):
+def _bwd(residuals, dy, *, impl=None, ops, transpose_w, out_dtype):
     """``dx = dy · w[g]ᵀ`` (the forward kernel with the other weight orientation) and
     ``dw[g] = x_gᵀ dy_g`` (or ``dy_gᵀ x_g`` for transposed weights). The kernels read 16-bit operands:
     a wider cotangent (a float32 output) is split into a 16-bit head and tail, each multiplied, and the
@@ -153,7 +153,7 @@ def _bwd(residuals, dy, *, impl=None, transpose_w, out_dtype):
         parts.append((dy - parts[0].astype(dy.dtype)).astype(x.dtype))
     wide = len(parts) > 1
     dx_dtype, dw_dtype = ("float32", jnp.float32) if wide else (np.dtype(x.dtype).name, w.dtype)
-    dx = sum(_op(p, w, start, end, tiles, impl=impl, transpose_w=not transpose_w, out_dtype=dx_dtype) for p in parts)
+    dx = sum(ops[0](p, w, start, end, tiles, impl=impl, transpose_w=not transpose_w, out_dtype=dx_dtype) for p in parts)
     dw = sum(wgrad(p, x, start, end, dw_dtype, impl) if transpose_w else wgrad(x, p, start, end, dw_dtype, impl) for p in parts)
     return dx.astype(x.dtype), dw.astype(w.dtype), None, None, None
 
@@ -204,6 +204,7 @@ ARG_SPECS = (
     _case(640, 256, 256, 4, segments=True, tolerance=2e-2),
     _case(200, 128, 256, 2, out=jnp.float32, tolerance=2e-2),
     _case(0, 128, 128, 2),
+    _case(136, 256, 256, 3, skew=1.0, config=dict(block_n=128, stages=3), tag="_n128_s3", tolerance=2e-2),
     # DeepSeek-V3 expert shapes: gate+up projection [T, 7168] x [G, 7168, 4096], down [T, 2048] x [G, 2048, 7168].
     _case(8192, 7168, 4096, 8, bench=True),
     _case(8192, 2048, 7168, 8, bench=True),
@@ -248,4 +249,4 @@ def grouped_matmul(
         raise ValueError(f"{name}: x and w must have one dtype, got {x.dtype} and {w.dtype}")
     start, end, tiles = matmul_tiles(name, x, w, groups)
     out_dtype = np.dtype(preferred_element_type if preferred_element_type is not None else x.dtype)
-    return _differentiable(x, w, start, end, tiles, impl=impl, transpose_w=transpose_w, out_dtype=out_dtype.name)
+    return _differentiable(x, w, start, end, tiles, impl=impl, ops=ops, transpose_w=transpose_w, out_dtype=out_dtype.name)
