@@ -26,7 +26,7 @@ import numpy as np
 
 from jax_tilek import checks, quant
 from jax_tilek.gemm import _segments as S
-from jax_tilek.gemm._grouped_matmul import _bwd as bf16_bwd
+from jax_tilek.gemm._grouped_matmul import _bwd as bf16_bwd, _op as bf16_op
 from jax_tilek.gemm._grouped_matmul_fp8 import BLOCK, _op as fp8_op, check_blocks, out_dtype_of, random_blocks
 from jax_tilek.gemm._grouped_wgrad import matmul_operands, matmul_tiles, random_sizes
 from jax_tilek.gemm._grouped_wgrad_fp8 import _op as wgrad_fp8_op
@@ -88,7 +88,7 @@ def _differentiable(fp8: TileOp, wgrad: TileOp, impl, transpose_w: bool, out_dty
     def bwd(residuals, dy):
         if fp8_backward:
             return fp8_bwd(fp8, wgrad, impl, transpose_w, residuals, dy)
-        return bf16_bwd(residuals, dy, impl=impl, transpose_w=transpose_w, out_dtype=out_dtype)
+        return bf16_bwd(residuals, dy, impl=impl, ops=(bf16_op,), transpose_w=transpose_w, out_dtype=out_dtype)
 
     f = jax.custom_vjp(lambda *arrays: forward_with_weights(*arrays)[0])
     f.defvjp(fwd, bwd)
