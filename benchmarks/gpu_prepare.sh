@@ -15,8 +15,9 @@ for model in tiny small; do
   for variant in "" --mhc --engram --fp8; do python examples/train_moe.py --precompile "$ARCH" --model $model $variant > /dev/null && echo "precompiled train_moe --model $model $variant"; done
 done
 # The tunings the benchmarks compare (the *_variants families) are configurations no case uses:
-python -m benchmarks.run --precompile "$ARCH" --only "$(python -m jax_tilek bench --list | grep _variants | paste -sd,)"
+families=$(python -m jax_tilek bench --list)
+python -m benchmarks.run --precompile "$ARCH" --only "$(grep _variants <<< "$families" | paste -sd,)"
 # Every other kernel the benchmarks launch must be among those the cases compiled:
-JAX_TILEK_OFFLINE=1 python -m benchmarks.run --precompile "$ARCH" --only "$(python -m jax_tilek bench --list | grep -v _variants | paste -sd,)" | tail -1
+JAX_TILEK_OFFLINE=1 python -m benchmarks.run --precompile "$ARCH" --only "$(grep -v _variants <<< "$families" | paste -sd,)" | tail -1
 rm -rf .tilek_cache/.locks   # no one compiles now: nothing to ship there
 du -sh .tilek_cache

@@ -42,7 +42,8 @@ def benchmarks_run_module() -> ModuleType:
     return bench_run
 
 
-def _families(values: list[str] | None) -> set[str]:
+def _names(values: list[str] | None) -> set[str]:
+    """The names in repeatable, comma-separated option values."""
     return {f.strip() for v in values or () for f in v.split(",") if f.strip()}
 
 
@@ -60,8 +61,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    only = _families(args.family)
-    prefixes = tuple(_families(args.case))
+    only = _names(args.family)
+    prefixes = tuple(_names(args.case))
     if args.from_json:
         with open(args.from_json) as f:
             data: dict[str, Any] = json.load(f)

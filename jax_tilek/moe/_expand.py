@@ -28,8 +28,6 @@ from jax_tilek.quant import formats as F
 from jax_tilek.testing import ArgSpec
 
 PASS_CONFIGS = {"tl.disable_warp_specialized": True}
-THREADS = 128  # the defaults of ExpandConfig
-UNROLL = 4
 MAX_FLAT = 2**31 - 2**20  # int32 flat (row, vector) indices
 SF_LAYOUTS = ("row", "col", "col_ue8m0")
 
@@ -67,7 +65,7 @@ def _expand_reference(x, token_topk_to_pos, pos_to_expert, x_sf=None, *, sf_layo
 
 
 @kernel(pass_configs=PASS_CONFIGS)
-def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, threads: int = THREADS, unroll: int = UNROLL):
+def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, threads: int, unroll: int):
     """Up to three kernels:
 
     1. One thread per slot: ``targeted[pos] = 1`` (a zero-filled workspace).
@@ -151,8 +149,8 @@ def _row_words(x) -> int:
 class ExpandConfig:
     """Threads per CTA (a multiple of 32 in [32, 1024]) and 16-byte vectors each thread copies (1 ... 16)."""
 
-    threads: int = THREADS
-    unroll: int = UNROLL
+    threads: int = 128
+    unroll: int = 4
 
 
 @config_class(ExpandConfig)

@@ -111,9 +111,10 @@ class MoE(nnx.Module):
     each device routes its tokens, sends the rows to the experts' devices with a ragged all-to-all, and
     combines what comes back (``jax_tilek.nnx._moe_parallel``; exact, nothing dropped). Results equal
     the single-device layer's. ``dispatch_fp8=True`` (with ``expert_axis``; dim a multiple of 128) sends
-the rows as e4m3 with 1 × 128 scales, half the bytes; the experts then see the rows dequantized, and
-the gradient goes straight through that rounding. Map ``"expert"`` to the axis in ``nnx.logical_axis_rules`` so the expert
-    weights live where they are used; the router's and shared experts' weights are used replicated.
+    the rows as e4m3 with 1 × 128 scales, half the bytes; the experts then see the rows dequantized, and
+    the gradient goes straight through that rounding. Map ``"expert"`` to the axis in
+    ``nnx.logical_axis_rules`` so the expert weights live where they are used; the router's and shared
+    experts' weights are used replicated.
     """
 
     def __init__(self, dim: int, ffn: int, num_experts: int, num_topk: int, *, num_shared_experts: int = 0, gate: Gate = "sqrtsoftplus",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,12 +161,21 @@ def dispatch_fp8(tokens: jax.Array, token_topk_to_pos: jax.Array, pos_to_expert:
                  capacity: int, impl: str | None) -> jax.Array:  # fmt: skip
     """:func:`dispatch` of e4m3 rows with 1 x 128 fp32 scales, dequantized on arrival to tokens' dtype
     (the bytes travel as uint8: the exchange need not know float8). Gradient: straight through."""
-    data, sf = quant.per_token_cast(tokens, "e4m3", FP8_BLOCK, impl=impl)
-    data, sf = moe.expand_to_fused_with_sf((data, sf), FP8_BLOCK, token_topk_to_pos, pos_to_expert, impl=impl)
+    data, sf = quantized_rows(tokens, token_topk_to_pos, pos_to_expert, impl)
     data, sf = (send_rows(a, num_rows, plan, axis_name, capacity) for a in (jax.lax.bitcast_convert_type(data, jnp.uint8), sf))
-    data = jax.lax.bitcast_convert_type(data, jnp.float8_e4m3fn)
-    fmt = "bf16" if tokens.dtype == jnp.bfloat16 else "fp32"
-    return quant.per_token_cast_back((data, sf), fmt, FP8_BLOCK, impl=impl).astype(tokens.dtype)
+    return dequantized_rows(jax.lax.bitcast_convert_type(data, jnp.float8_e4m3fn), sf, tokens.dtype, impl)
+
+
+def quantized_rows(tokens: jax.Array, token_topk_to_pos: jax.Array, pos_to_expert: jax.Array, impl: str | None) -> tuple[jax.Array, jax.Array]:
+    """The FP8 dispatch's send side: the expanded rows as e4m3 ``[S, dim]`` and their fp32 scales ``[S, dim/128]``."""
+    data, sf = quant.per_token_cast(tokens, "e4m3", FP8_BLOCK, impl=impl)
+    return moe.expand_to_fused_with_sf((data, sf), FP8_BLOCK, token_topk_to_pos, pos_to_expert, impl=impl)
+
+
+def dequantized_rows(data: jax.Array, sf: jax.Array, dtype: Any, impl: str | None) -> jax.Array:
+    """The FP8 dispatch's receive side: ``data · sf`` in ``dtype`` (bfloat16 or float32)."""
+    fmt = "bf16" if dtype == jnp.bfloat16 else "fp32"
+    return quant.per_token_cast_back((data, sf), fmt, FP8_BLOCK, impl=impl).astype(dtype)
 
 
 def _dispatch_fp8_fwd(tokens, token_topk_to_pos, pos_to_expert, plan, num_rows, axis_name, capacity, impl):

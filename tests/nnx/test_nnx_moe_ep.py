@@ -18,7 +18,7 @@ nnx = pytest.importorskip("flax.nnx")
 from jax_tilek import moe, quant  # noqa: E402
 from jax_tilek.nnx import MoE  # noqa: E402
 from jax_tilek.nnx._moe import load_balancing_loss  # noqa: E402
-from jax_tilek.nnx._moe_parallel import padded_ragged_all_to_all, ragged_all_to_all  # noqa: E402
+from jax_tilek.nnx._moe_parallel import dequantized_rows, padded_ragged_all_to_all, quantized_rows, ragged_all_to_all  # noqa: E402
 from jax_tilek.testing import lower_for_cuda  # noqa: E402
 
 DIM, EXPERTS, TOPK, TOKENS = 64, 8, 2, (3, 16)
@@ -165,9 +165,8 @@ def test_fp8_dispatch_is_the_layer_on_rounded_rows():
 
 def _fp8_dispatch_kernels(tokens, token_topk_to_pos, pos_to_expert, received):
     """The FP8 dispatch's kernels at test_gpu_kernels_match_the_single_device_layer's sizes (EP = 2)."""
-    data, sf = quant.per_token_cast(tokens, "e4m3", 128, impl="tilelang")
-    sent = moe.expand_to_fused_with_sf((data, sf), 128, token_topk_to_pos, pos_to_expert, impl="tilelang")
-    return sent, quant.per_token_cast_back(received, "bf16", 128, impl="tilelang")
+    sent = quantized_rows(tokens, token_topk_to_pos, pos_to_expert, "tilelang")
+    return sent, dequantized_rows(*received, jnp.bfloat16, "tilelang")
 
 
 _ROWS = TOKENS[0] * TOKENS[1] // 2  # per device at EP = 2
