@@ -42,7 +42,10 @@ def _functions() -> dict:
 CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in getattr(fn, "cases", ()) if spec.bench]
 
 
-GEMM_ALGORITHMS = {"x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6, "x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3}
+GEMM_ALGORITHMS = {
+    "x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6, "x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    "split_bf16": "split_bf16",  # _norm_fn.split_bf16_products: one bf16 dot of x by fn's three bf16 parts
+}  # fmt: skip
 
 
 def with_gemm_precision(fn, precision):

@@ -268,12 +268,61 @@ def _merge_bwd(res, g, *, impl=None):
 merge_flat = with_vjp(_merge_primal, _merge_fwd, _merge_bwd)
 
 
+def bf16_parts(a: jax.Array, count: int) -> list[jax.Array]:
+    """``count`` bf16 arrays whose fp32 sum is ``a`` fp32 to ``8 * count`` significant bits (hi first)."""
+    parts = []
+    for _ in range(count):
+        parts.append(a.astype(jnp.bfloat16))
+        a = a - parts[-1].astype(jnp.float32)
+    return parts
+
+
+def _dot(a, b, contract: tuple[int, int]):
+    return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def split_bf16_products(x, fn):
+    """``x [T, G]`` bf16, ``fn [M, G]`` fp32 -> ``(x fnᵀ [T, M], sum of x² [T])`` fp32, on bf16 tensor cores.
+
+    x is exact in bf16, so ``fn`` split into three bf16 parts gives fp32-accurate products in one dot of
+    N = 3M that reads x once; no fp32 copy of x. The backward splits the cotangent in two parts
+    (``dx`` ends in bf16, ``dfn`` within 2^-16 relative)."""
+    return _split_fwd(x, fn)[0]
+
+
+def _split_fwd(x, fn):
+    m = fn.shape[0]
+    p = _dot(x, jnp.concatenate(bf16_parts(fn, 3)), (1, 1))
+    mul = (p[:, :m] + p[:, m : 2 * m]) + p[:, 2 * m :]
+    sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1)
+    return (mul, sq), (x, fn)
+
+
+def _split_bwd(res, g):
+    x, fn = res
+    dmul, dsq = g
+    d_hi, d_lo = bf16_parts(dmul, 2)
+    f_hi, f_lo = bf16_parts(fn, 2)
+    dx = _dot(jnp.concatenate([d_hi, d_hi, d_lo], axis=1), jnp.concatenate([f_hi, f_lo, f_hi]), (1, 0))
+    dx = (dx + 2.0 * x.astype(jnp.float32) * dsq[:, None]).astype(x.dtype)
+    m = fn.shape[0]
+    dfn = _dot(jnp.concatenate([d_hi, d_lo], axis=1), x, (0, 0))
+    return dx, dfn[:m] + dfn[m:]
+
+
+split_bf16_products.defvjp(_split_fwd, _split_bwd)
+
+
 def norm_fn_flat(x, fn, w, *, impl, eps: float, n_splits: int):
     """``x [T, n, H]`` bf16 -> mixes ``[T, M]`` fp32 (differentiable in x, fn and w)."""
     t = x.shape[0]
     g = x.shape[1] * x.shape[2]
     if w is not None:
         fn = merge_flat(fn, w, impl=impl)
+    if GEMM_PRECISION == "split_bf16":
+        mul, sq = split_bf16_products(x.reshape(t, g), fn)
+        return reduce_flat(mul[None], sq[None], impl=impl, group=g, eps=eps)
     mul_s, sq_s = split_k_partials(x.reshape(t, g).astype(jnp.float32), fn, n_splits)
     return reduce_flat(mul_s, sq_s, impl=impl, group=g, eps=eps)
 

@@ -179,3 +179,48 @@ def test_pre_post_block_gradients_match_float64():
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_split_bf16_products_match_float64_with_gradients():
+    """The partials GEMM on bf16 tensor cores (fn in three bf16 parts) is fp32-accurate, and so is its
+    custom backward (to the 2^-16 of its two-part cotangent) against float64 autodiff."""
+    from jax_tilek.mhc import _norm_fn
+
+    rng = np.random.default_rng(7)
+    x = _res(rng, (37, 320))
+    fn = (rng.standard_normal((24, 320)) * 1e-2).astype(np.float32)
+    dmul, dsq = rng.standard_normal((37, 24)).astype(np.float32), rng.standard_normal(37).astype(np.float32)
+    x64, fn64 = x.astype(np.float64), fn.astype(np.float64)
+    mul, sq = _norm_fn.split_bf16_products(jnp.asarray(x), jnp.asarray(fn))
+    assert np.all(np.abs(np.asarray(mul, np.float64) - x64 @ fn64.T) <= 1e-6 * (np.abs(x64) @ np.abs(fn64.T)))  # fp32 accuracy
+    np.testing.assert_allclose(sq, (x64**2).sum(1), rtol=1e-6)
+    _, vjp = jax.vjp(_norm_fn.split_bf16_products, jnp.asarray(x), jnp.asarray(fn))
+    dx, dfn = vjp((jnp.asarray(dmul), jnp.asarray(dsq)))
+    assert dx.dtype == jnp.bfloat16 and dfn.dtype == jnp.float32
+    want_dx = dmul.astype(np.float64) @ fn64 + 2 * x64 * dsq[:, None]
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=8e-3, atol=1e-6)
+    np.testing.assert_allclose(dfn, dmul.astype(np.float64).T @ x64, rtol=1e-4, atol=1e-4)
+
+
+def test_split_bf16_path_matches_the_highest_path():
+    """mhc_pre_norm_fn and its gradients agree whichever algorithm runs the partials GEMM."""
+    from jax_tilek.mhc import _norm_fn
+
+    rng = np.random.default_rng(8)
+    res = _res(rng, (19, 4, 96))
+    fn = (rng.standard_normal((24, 384)) * 1e-2).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(384)).astype(np.float32)
+
+    def run(algorithm):
+        saved, _norm_fn.GEMM_PRECISION = _norm_fn.GEMM_PRECISION, algorithm
+        try:
+            f = lambda r, f, w: jnp.sum(jnp.sin(mhc.mhc_pre_norm_fn(r, f, w, 1e-6)))
+            return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(res, fn, w)
+        finally:
+            _norm_fn.GEMM_PRECISION = saved
+
+    (v1, g1), (v2, g2) = run("highest"), run("split_bf16")
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g1[0], np.float32), np.asarray(g2[0], np.float32), rtol=1e-2, atol=1e-4)
+    for a, b in zip(g1[1:], g2[1:]):  # within the 2^-16 of the cotangent's two parts, at the sums' scale
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * float(np.max(np.abs(a))))
