@@ -517,3 +517,15 @@ def test_bench_harness_sizes_rotation_by_memory_and_reports_failed_cases(monkeyp
 
     report = bench_report("cpu", results, [])
     assert "not measured: demo/fails: MemoryError" in report and "runs" in report
+
+
+def test_kernel_times_groups_ncu_rows_by_kernel_name():
+    from benchmarks.kernel_times import kernel_table
+
+    header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
+    rows = ['"0","expand_to_fused_kernel(unsigned int *)","gpu__time_duration.sum","ns","1,500"',
+            '"1","loop_fusion_3","gpu__time_duration.sum","ns","250"',
+            '"2","expand_to_fused_kernel(unsigned int *)","gpu__time_duration.sum","ns","500"',
+            '"3","loop_fusion_3","dram__bytes.sum","byte","99999"']  # fmt: skip
+    text = "\n".join(["==PROF== Connected to process 1", header, *rows, "program output"])
+    assert kernel_table(text) == [("expand_to_fused_kernel", 2, 2.0), ("loop_fusion_3", 1, 0.25)]
