@@ -7,7 +7,8 @@ the device for every rotated set; integer arrays (routing tables, top-k indices)
 valid values (``ArgSpec.arrays``), made once on the host when the case runs.
 
 ``VARIANTS`` (family "moe_variants"): expand_to_fused at its benchmark sizes in other
-``ExpandConfig`` tunings (threads per CTA x 16-byte vectors per thread) than the default 128 x 4."""
+``ExpandConfig`` tunings (threads per CTA x 16-byte vectors per thread) than the default 128 x 4, and
+with the bulk-copy engine storing the rows (``bulk``)."""
 
 import dataclasses
 import functools
@@ -65,8 +66,9 @@ CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in 
 
 
 EXPAND_TUNINGS = [dict(threads=t, unroll=u) for t, u in ((128, 2), (128, 8), (256, 2), (256, 4), (512, 1), (512, 2))]
+EXPAND_TUNINGS += [dict(threads=t, bulk=True) for t in (64, 128, 256)]
 VARIANTS = [
-    dataclasses.replace(c, name=f"{c.name}_t{tuning['threads']}_u{tuning['unroll']}")
+    dataclasses.replace(c, name=f"{c.name}_t{tuning['threads']}" + ("_bulk" if tuning.get("bulk") else f"_u{tuning['unroll']}"))
     for tuning in EXPAND_TUNINGS
     for spec in moe.expand_to_fused.cases if spec.bench
     for c in [_case("expand_to_fused", moe.expand_to_fused.with_config(**tuning), spec)]

@@ -28,6 +28,12 @@ from jax_tilek.quant import formats as F
 from jax_tilek.testing import ArgSpec
 
 PASS_CONFIGS = {"tl.disable_warp_specialized": True}
+BULK_STORE_SOURCE = r"""
+__device__ __forceinline__ void jax_tilek_bulk_store(void* dst, const void* src, unsigned bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+               :: "l"(dst), "r"((unsigned)__cvta_generic_to_shared(src)), "r"(bytes) : "memory");
+}
+"""
 MAX_FLAT = 2**31 - 2**20  # int32 flat (row, vector) indices
 SF_LAYOUTS = ("row", "col", "col_ue8m0")
 
@@ -65,7 +71,7 @@ def _expand_reference(x, token_topk_to_pos, pos_to_expert, x_sf=None, *, sf_layo
 
 
 @kernel(pass_configs=PASS_CONFIGS)
-def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, threads: int, unroll: int):
+def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, threads: int, unroll: int, bulk_row_words: int = 0):
     """Up to three kernels:
 
     1. One thread per slot: ``targeted[pos] = 1`` (a zero-filled workspace).
@@ -76,11 +82,17 @@ def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, thre
     3. With scales (``has_sf``): one thread per (token, scale element) stores the element at each
        position of the token (row-major ``[P, W]`` or column-major ``[W, align(P)]`` storage, which the
        launcher zero-fills).
+
+    With ``bulk_row_words`` (rows of that many words, static) the copy is one CTA per (row, chunk of
+    the row): its threads load the chunk of ``x[r]`` into shared memory, one thread hands the K stores
+    to the bulk-copy engine (``cp.async.bulk`` shared -> global), and the threads write zeros to output
+    row r when no slot targets it.
     """
     import tilelang.language as T
 
     K = num_topk
-    N, P, W = T.dynamic("N, P, W")  # tokens, positions, 4-byte words per row
+    N, P = T.dynamic("N, P")  # tokens, positions
+    W = bulk_row_words or T.dynamic("W")  # 4-byte words per row
     vecs = W // 4
     span = threads * unroll
     SN, SP, SW = T.dynamic("SN, SP, SW")  # scale storage extents along tokens (padded when column-major), per token
@@ -103,26 +115,57 @@ def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, thre
                 if T.And(pos >= 0, pos < P):
                     targeted[pos] = 1
 
-        with T.Kernel(T.ceildiv(T.max(N, P) * vecs, span), threads=threads) as b:
-            T.assume(W % 4 == 0)
-            reg = T.alloc_local((4,), "uint32")
-            tid = T.get_thread_binding(0)
-            for u in T.unroll(unroll):
-                f = (b * unroll + u) * threads + tid
-                r = f // vecs
-                v = f % vecs
+        if bulk_row_words:
+            chunk = bulk_chunk_words(bulk_row_words)
+            chunk_vecs = chunk // 4
+            with T.Kernel(T.max(N, P), bulk_row_words // chunk, threads=threads) as (r, c):
+                T.import_source(BULK_STORE_SOURCE)
+                buf = T.alloc_shared((chunk,), "uint32")
+                tid = T.get_thread_binding(0)
                 if r < N:
-                    for j in T.vectorized(4):
-                        reg[j] = x[r, v * 4 + j]
-                    for k in T.unroll(K):
-                        pos = token_topk_to_pos[r, k]
-                        if T.And(pos >= 0, pos < P):
+                    for i in T.unroll(T.ceildiv(chunk_vecs, threads)):
+                        v = i * threads + tid
+                        if v < chunk_vecs:
                             for j in T.vectorized(4):
-                                out[pos, v * 4 + j] = reg[j]
+                                buf[v * 4 + j] = x[r, c * chunk + v * 4 + j]
+                    T.fence_proxy_async()  # the bulk copies read what these generic stores wrote
+                    T.sync_threads()
+                    if tid == 0:
+                        for k in T.serial(K):
+                            pos = token_topk_to_pos[r, k]
+                            if T.And(pos >= 0, pos < P):
+                                T.call_extern("handle", "jax_tilek_bulk_store", T.address_of(out[pos, c * chunk]), T.address_of(buf[0]), chunk * 4)
+                        T.tma_store_arrive()
+                        T.tma_store_wait(0)
                 if r < P:
                     if targeted[r] == 0:
+                        for i in T.unroll(T.ceildiv(chunk_vecs, threads)):
+                            v = i * threads + tid
+                            if v < chunk_vecs:
+                                for j in T.vectorized(4):
+                                    out[r, c * chunk + v * 4 + j] = T.uint32(0)
+
+        else:
+            with T.Kernel(T.ceildiv(T.max(N, P) * vecs, span), threads=threads) as b:
+                T.assume(W % 4 == 0)
+                reg = T.alloc_local((4,), "uint32")
+                tid = T.get_thread_binding(0)
+                for u in T.unroll(unroll):
+                    f = (b * unroll + u) * threads + tid
+                    r = f // vecs
+                    v = f % vecs
+                    if r < N:
                         for j in T.vectorized(4):
-                            out[r, v * 4 + j] = T.uint32(0)
+                            reg[j] = x[r, v * 4 + j]
+                        for k in T.unroll(K):
+                            pos = token_topk_to_pos[r, k]
+                            if T.And(pos >= 0, pos < P):
+                                for j in T.vectorized(4):
+                                    out[pos, v * 4 + j] = reg[j]
+                    if r < P:
+                        if targeted[r] == 0:
+                            for j in T.vectorized(4):
+                                out[r, v * 4 + j] = T.uint32(0)
 
         if has_sf:
             with T.Kernel(T.ceildiv(N * SW, threads), threads=threads) as b:
@@ -145,12 +188,26 @@ def _row_words(x) -> int:
     return x.shape[1] * np.dtype(x.dtype).itemsize // 4
 
 
+BULK_CHUNK_WORDS = 4096  # 16 KiB of shared memory per CTA at most
+
+
+def bulk_chunk_words(row_words: int) -> int:
+    """The bulk copy's chunk of a row: the fewest equal chunks of at most 16 KiB, each a whole number
+    of 16-byte vectors."""
+    chunks = -(-row_words // BULK_CHUNK_WORDS)
+    while row_words % chunks or (row_words // chunks) % 4:
+        chunks += 1
+    return row_words // chunks
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpandConfig:
-    """Threads per CTA (a multiple of 32 in [32, 1024]) and 16-byte vectors each thread copies (1 ... 16)."""
+    """Threads per CTA (a multiple of 32 in [32, 1024]), 16-byte vectors each thread copies (1 ... 16),
+    and ``bulk``: one CTA per row chunk, the K stores by the bulk-copy engine (``unroll`` unused)."""
 
     threads: int = 128
     unroll: int = 4
+    bulk: bool = False
 
 
 @config_class(ExpandConfig)
@@ -166,7 +223,8 @@ def _launch(x, token_topk_to_pos, pos_to_expert, x_sf=None, *, sf_layout=None, c
     t, p = x.shape[0], pos_to_expert.shape[0]
     words = _row_words(x)
     views = {"x": View((t, words), dtype=np.uint32), "out": View((p, words), dtype=np.uint32)}
-    params = dict(num_topk=token_topk_to_pos.shape[1], has_sf=False, sf_dtype="uint32", sf_col=False, threads=threads, unroll=unroll)
+    params = dict(num_topk=token_topk_to_pos.shape[1], has_sf=False, sf_dtype="uint32", sf_col=False, threads=threads, unroll=unroll,
+                  bulk_row_words=words if config.bulk else 0)  # fmt: skip
     buffers = {"x": "x", "token_topk_to_pos": "token_topk_to_pos", "out": "out", "targeted": "targeted", "x_sf": None, "out_sf": None}
     zero_fill = ["targeted"]
     if x_sf is not None:
@@ -277,6 +335,9 @@ ARG_SPECS = (
     _case(12, 128, 6, 8, 8, masked=1.0),
     _case(32, 7168, 8, 384, 1),
     _case(77, 512, 4, 8, 16, config=dict(threads=256, unroll=2)),
+    _case(33, 576, 6, 16, 16, config=dict(bulk=True)),  # a chunk of 72 vectors for 128 threads
+    _case(9, 16384, 2, 8, 4, config=dict(threads=64, bulk=True)),  # two chunks per row
+    _case(0, 1024, 4, 8, 4, config=dict(bulk=True)),
     _case(4096, 7168, 8, 256, 128, bench=True),
     _case(16384, 7168, 8, 256, 128, bench=True),
 )
