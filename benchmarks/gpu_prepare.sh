@@ -14,10 +14,12 @@ python -c "import sys; from benchmarks import overhead; overhead.precompile(sys.
 for model in tiny small; do
   for variant in "" --mhc --engram --fp8; do python examples/train_moe.py --precompile "$ARCH" --model $model $variant > /dev/null && echo "precompiled train_moe --model $model $variant"; done
 done
-# The tunings the benchmarks compare (the *_variants families) are configurations no case uses:
+# The tunings the benchmarks compare (the *_variants families) are configurations no case uses, and
+# the layer benchmarks (nnx) run whole models whose gates and GEMMs take sizes of their own:
 families=$(python -m jax_tilek bench --list)
-python -m benchmarks.run --precompile "$ARCH" --only "$(grep _variants <<< "$families" | paste -sd,)"
+online='_variants$|^nnx$'
+python -m benchmarks.run --precompile "$ARCH" --only "$(grep -E "$online" <<< "$families" | paste -sd,)"
 # Every other kernel the benchmarks launch must be among those the cases compiled:
-JAX_TILEK_OFFLINE=1 python -m benchmarks.run --precompile "$ARCH" --only "$(grep -v _variants <<< "$families" | paste -sd,)" | tail -1
+JAX_TILEK_OFFLINE=1 python -m benchmarks.run --precompile "$ARCH" --only "$(grep -vE "$online" <<< "$families" | paste -sd,)" | tail -1
 rm -rf .tilek_cache/.locks   # no one compiles now: nothing to ship there
 du -sh .tilek_cache
