@@ -6,9 +6,9 @@ Inputs: floating-point arrays (token rows, logits, weights, scales) are fresh ra
 the device for every rotated set; integer arrays (routing tables, top-k indices) are the case's own
 valid values (``ArgSpec.arrays``), made once on the host when the case runs.
 
-``VARIANTS`` (family "moe_variants"): expand_to_fused at its benchmark sizes in other
-``ExpandConfig`` tunings (threads per CTA x 16-byte vectors per thread) than the default 128 x 4, and
-with the bulk-copy engine storing the rows (``bulk``)."""
+``VARIANTS`` (family "moe_variants"): expand_to_fused at its benchmark sizes in other ``ExpandConfig``
+tunings than the default (the bulk-copy engine storing the rows, 128 threads per CTA): other CTA
+sizes, and the per-thread copy (threads per CTA x 16-byte vectors per thread) it replaced."""
 
 import dataclasses
 import functools
@@ -65,8 +65,8 @@ def _functions() -> dict:
 CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in getattr(fn, "cases", ()) if spec.bench]
 
 
-EXPAND_TUNINGS = [dict(threads=t, unroll=u) for t, u in ((128, 2), (128, 8), (256, 2), (256, 4), (512, 1), (512, 2))]
-EXPAND_TUNINGS += [dict(threads=t, bulk=True) for t in (64, 128, 256)]
+EXPAND_TUNINGS = [dict(threads=t, unroll=u, bulk=False) for t, u in ((128, 4), (128, 8), (256, 4))]
+EXPAND_TUNINGS += [dict(threads=t) for t in (64, 256)]
 VARIANTS = [
     dataclasses.replace(c, name=f"{c.name}_t{tuning['threads']}" + ("_bulk" if tuning.get("bulk") else f"_u{tuning['unroll']}"))
     for tuning in EXPAND_TUNINGS

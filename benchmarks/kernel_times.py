@@ -1,12 +1,14 @@
 """Where a benchmark case's device time goes: every kernel one call launches, timed by Nsight Compute.
 
     python -m benchmarks.kernel_times FAMILY CASE [--side kernel|xla] [--top N] [--csv PATH]
+    python -m benchmarks.kernel_times FAMILY CASE --details "-k regex:NAME -c 1"
 
 runs ``ncu`` (``--clock-control none``, metric ``gpu__time_duration.sum``) over one call of the case's
 jitted kernel side (or its plain-JAX side), after two warm-up calls outside the profiled range, with
 XLA's command buffers off so that each kernel is its own launch; prints the kernels grouped by name,
 the largest first, and their total. ``FAMILY`` is a ``benchmarks.run`` family (``nnx_variants`` ...),
-``CASE`` a case name or a prefix that names one case.
+``CASE`` a case name or a prefix that names one case. ``--details ARGS`` prints ncu's full report
+(``--set full``) of the kernels ``ARGS`` choose instead (ncu's own filter options).
 """
 
 import argparse
@@ -64,14 +66,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side", choices=("kernel", "xla"), default="kernel")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--csv", help="also save ncu's raw CSV here")
+    parser.add_argument("--details", metavar="NCU_ARGS", help="ncu's full report of the kernels these ncu options choose")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(args.family, args.case, args.side)
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip())
-    command = ["ncu", "--clock-control", "none", "--profile-from-start", "off", "--metrics", METRIC, "--csv", "--print-units", "base",
+    what = ["--set", "full", *args.details.split()] if args.details else ["--metrics", METRIC, "--csv", "--print-units", "base"]
+    command = ["ncu", "--clock-control", "none", "--profile-from-start", "off", *what,
                sys.executable, "-m", "benchmarks.kernel_times", args.family, args.case, "--side", args.side, "--child"]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if args.details:
+        print(done.stdout[-60000:], done.stderr[-2000:] if done.returncode else "")
+        sys.exit(done.returncode)
     if args.csv:
         with open(args.csv, "w") as f:
             f.write(done.stdout)

@@ -75,18 +75,16 @@ def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, thre
     """Up to three kernels:
 
     1. One thread per slot: ``targeted[pos] = 1`` (a zero-filled workspace).
-    2. The copy, flat over (row, 16-byte vector) of ``max(T, P)`` rows, ``unroll`` vectors per thread
-       (consecutive threads take consecutive vectors: coalesced; a CTA spans several rows when rows are
-       short): a thread loads its vector of ``x[r]`` once and stores it at each of the row's positions,
-       and writes zeros to vector ``v`` of output row ``r`` when no slot targets it.
+    2. The copy of ``max(T, P)`` rows. With ``bulk_row_words`` (rows of that many words, static; the
+       default config): one CTA per (row, chunk of the row), whose threads load the chunk of ``x[r]``
+       into shared memory; one thread hands the K stores to the bulk-copy engine (``cp.async.bulk``
+       shared -> global), and the threads write zeros to output row r when no slot targets it.
+       Without: flat over (row, 16-byte vector), ``unroll`` vectors per thread (consecutive threads
+       take consecutive vectors): a thread loads its vector of ``x[r]`` once and stores it at each of
+       the row's positions, and writes zeros to vector ``v`` of output row ``r`` when no slot targets it.
     3. With scales (``has_sf``): one thread per (token, scale element) stores the element at each
        position of the token (row-major ``[P, W]`` or column-major ``[W, align(P)]`` storage, which the
        launcher zero-fills).
-
-    With ``bulk_row_words`` (rows of that many words, static) the copy is one CTA per (row, chunk of
-    the row): its threads load the chunk of ``x[r]`` into shared memory, one thread hands the K stores
-    to the bulk-copy engine (``cp.async.bulk`` shared -> global), and the threads write zeros to output
-    row r when no slot targets it.
     """
     import tilelang.language as T
 
@@ -207,12 +205,13 @@ class ExpandConfig:
 
     threads: int = 128
     unroll: int = 4
-    bulk: bool = False
+    bulk: bool = True
 
 
 @config_class(ExpandConfig)
 def _config(x, token_topk_to_pos, pos_to_expert, x_sf=None, **_) -> ExpandConfig:
-    """128 threads of 4 vectors (measured on an H100: 81% of a copy at 4096 x 7168, top-8)."""
+    """The bulk copy with 128 threads: on an H100 (2026-12-07) 98% / 92% of a device copy at 4096 /
+    16384 tokens of 7168 bf16, top-8, against 80% / 70% for the best per-thread tuning (128 x 4)."""
     return ExpandConfig()
 
 
@@ -334,10 +333,10 @@ ARG_SPECS = (
     _case(0, 256, 8, 8, 4),
     _case(12, 128, 6, 8, 8, masked=1.0),
     _case(32, 7168, 8, 384, 1),
-    _case(77, 512, 4, 8, 16, config=dict(threads=256, unroll=2)),
-    _case(33, 576, 6, 16, 16, config=dict(bulk=True)),  # a chunk of 72 vectors for 128 threads
-    _case(9, 16384, 2, 8, 4, config=dict(threads=64, bulk=True)),  # two chunks per row
-    _case(0, 1024, 4, 8, 4, config=dict(bulk=True)),
+    _case(77, 512, 4, 8, 16, config=dict(threads=256, unroll=2, bulk=False)),
+    _case(33, 576, 6, 16, 16, config=dict(threads=64, unroll=1, bulk=False)),
+    _case(9, 16384, 2, 8, 4, config=dict(threads=64)),  # two chunks per row
+    _case(0, 1024, 4, 8, 4),
     _case(4096, 7168, 8, 256, 128, bench=True),
     _case(16384, 7168, 8, 256, 128, bench=True),
 )
