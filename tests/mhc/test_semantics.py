@@ -183,7 +183,7 @@ def test_bad_arguments_raise(call, message):
 
 def test_split_bf16_products_match_float64_with_gradients():
     """The partials GEMM on bf16 tensor cores (fn in three bf16 parts) is fp32-accurate, and so is its
-    custom backward (to the 2^-16 of its two-part cotangent) against float64 autodiff."""
+    custom backward against float64 autodiff (dx to its bf16 rounding)."""
     from jax_tilek.mhc import _norm_fn
 
     rng = np.random.default_rng(7)
@@ -191,6 +191,8 @@ def test_split_bf16_products_match_float64_with_gradients():
     fn = (rng.standard_normal((24, 320)) * 1e-2).astype(np.float32)
     dmul, dsq = rng.standard_normal((37, 24)).astype(np.float32), rng.standard_normal(37).astype(np.float32)
     x64, fn64 = x.astype(np.float64), fn.astype(np.float64)
+    parts = jax.jit(lambda a: [p.astype(jnp.float32) for p in _norm_fn.bf16_parts(a, 3)])(fn)
+    np.testing.assert_array_equal((parts[0] + parts[1]) + parts[2], fn)  # three parts hold fp32 exactly
     mul, sq = _norm_fn.split_bf16_products(jnp.asarray(x), jnp.asarray(fn))
     assert np.all(np.abs(np.asarray(mul, np.float64) - x64 @ fn64.T) <= 1e-6 * (np.abs(x64) @ np.abs(fn64.T)))  # fp32 accuracy
     np.testing.assert_allclose(sq, (x64**2).sum(1), rtol=1e-6)
@@ -222,5 +224,5 @@ def test_split_bf16_path_matches_the_highest_path():
     (v1, g1), (v2, g2) = run("highest"), run("split_bf16")
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(g1[0], np.float32), np.asarray(g2[0], np.float32), rtol=1e-2, atol=1e-4)
-    for a, b in zip(g1[1:], g2[1:]):  # within the 2^-16 of the cotangent's two parts, at the sums' scale
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * float(np.max(np.abs(a))))
+    for a, b in zip(g1[1:], g2[1:]):  # fp32 sums over tokens, in other orders
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(a))))
