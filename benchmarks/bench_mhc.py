@@ -3,9 +3,9 @@
 (``impl="xla"``) under jit. Inputs are random normals made on the device; the GEMM-containing
 functions (norm_fn, pre, head, big_fuse) time the XLA split-K GEMM on both sides.
 
-``VARIANTS`` (family "mhc_variants"): ``mhc_pre_norm_fn`` and ``mhc_pre`` with that GEMM in XLA's
-``BF16_BF16_F32_X6`` and ``X3`` algorithms instead of fp32 ``HIGHEST`` (``_norm_fn.GEMM_PRECISION``),
-on both sides: is a cheaper exact-enough GEMM the way to the block's speed-up?"""
+``VARIANTS`` (family "mhc_variants"): ``mhc_pre_norm_fn`` and ``mhc_pre`` with that GEMM as the S-split
+fp32 einsum at ``HIGHEST`` precision or in XLA's ``BF16_BF16_F32_X6`` / ``X3`` algorithms instead of
+the default one-pass bf16 dot (``_norm_fn.GEMM_PRECISION``), on both sides."""
 
 import dataclasses
 import functools
@@ -43,8 +43,7 @@ CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in 
 
 
 GEMM_ALGORITHMS = {
-    "x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6, "x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-    "split_bf16": "split_bf16",  # _norm_fn.split_bf16_products: one bf16 dot of x by fn's three bf16 parts
+    "highest": "highest", "x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6, "x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
 }  # fmt: skip
 
 

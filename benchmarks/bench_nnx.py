@@ -113,5 +113,5 @@ def _mhc_case(tokens: int, dim: int) -> Case:
 
 
 CASES = [_case(s) for s in SHAPES] + [_mhc_case(t, d) for t, d in MHC_SHAPES]
-# The mHC blocks with the partials GEMM in XLA's cheaper exact-enough algorithms (benchmarks/bench_mhc.py).
+# The mHC blocks with the partials GEMM in the other algorithms (benchmarks/bench_mhc.py).
 VARIANTS = bench_mhc.gemm_variants([c for c in CASES if c.name.startswith("mhc_block_fwd_bwd/")])

@@ -63,7 +63,7 @@ if [ "${BENCH_ONLY:-}" != none ]; then
   plot=()
   ! $PY -c "import matplotlib" > /dev/null 2>&1 || plot=(--plot "$OUT/plots")
   $PY -c "import glob, json, sys; runs = [json.load(open(p)) for p in sorted(glob.glob(sys.argv[1] + '/bench_*.json'))]; \
-json.dump({'device': runs[0]['device'] if runs else '?', **{k: runs[0][k] for k in ('copy_gbps', 'fill_gbps') if runs and k in runs[0]}, 'results': [r for x in runs for r in x['results']], 'overhead': [c for x in runs for c in x.get('overhead') or []]}, open(sys.argv[1] + '/bench.json', 'w'), indent=1)" "$OUT"
+json.dump({'device': runs[0]['device'] if runs else '?', 'results': [r for x in runs for r in x['results']], 'overhead': [c for x in runs for c in x.get('overhead') or []]}, open(sys.argv[1] + '/bench.json', 'w'), indent=1)" "$OUT"
   $PY -m jax_tilek bench --from-json "$OUT/bench.json" "${plot[@]}" 2>&1 | tee "$OUT/bench.log"
 fi
 echo "gpu tests rc=$tests_rc benchmarks rc=$bench_rc"

@@ -133,14 +133,6 @@ def copy_gbps() -> float:
     return 2 * COPY_BYTES / time_per_call(_copy, sets) / 1e9
 
 
-@functools.cache
-def fill_gbps() -> float:
-    """The device's write-only bandwidth in this run: XLA filling ``COPY_BYTES`` with a runtime value
-    (in GB/s; a yardstick for kernels whose bytes are nearly all writes, as expand_to_fused's)."""
-    sets = [(jnp.uint32(i),) for i in range(MIN_CALLS)]
-    return COPY_BYTES / time_per_call(lambda v: jnp.full((COPY_BYTES // 4,), v), sets) / 1e9
-
-
 def _call_bytes(fn: Callable[..., Any], inputs: Sequence[Any]) -> int:
     """Device bytes one call of ``fn`` needs beside its inputs: its outputs and XLA's temporaries (the
     compiled program's memory analysis; the outputs alone where a backend gives none)."""
@@ -211,6 +203,5 @@ def run(cases: Sequence[Case], *, json_path: str | None = None, precompile_arch:
         print(json.dumps(results[-1]), flush=True)
     if json_path:
         with open(json_path, "w") as f:
-            yardsticks = {"copy_gbps": copy_gbps(), "fill_gbps": fill_gbps()}
-            json.dump({"device": str(jax.devices()[0].device_kind), **yardsticks, "results": results}, f, indent=1)
+            json.dump({"device": str(jax.devices()[0].device_kind), "results": results}, f, indent=1)
     return results
