@@ -68,7 +68,7 @@ CASES = [_case(name, fn, spec) for name, fn in _functions().items() for spec in 
 EXPAND_TUNINGS = [dict(threads=t, unroll=u, bulk=False) for t, u in ((128, 4), (128, 8), (256, 4))]
 EXPAND_TUNINGS += [dict(threads=t) for t in (64, 256)]
 VARIANTS = [
-    dataclasses.replace(c, name=f"{c.name}_t{tuning['threads']}" + ("_bulk" if tuning.get("bulk") else f"_u{tuning['unroll']}"))
+    dataclasses.replace(c, name=f"{c.name}_t{tuning['threads']}" + (f"_u{tuning['unroll']}" if tuning.get("bulk") is False else "_bulk"))
     for tuning in EXPAND_TUNINGS
     for spec in moe.expand_to_fused.cases if spec.bench
     for c in [_case("expand_to_fused", moe.expand_to_fused.with_config(**tuning), spec)]

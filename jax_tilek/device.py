@@ -16,7 +16,7 @@ Snippets are written out so that every rounding, every access width and every ca
 
 - memory: 16- and 8-byte global stores the compiler cannot split (:func:`store16`, :func:`store8`,
   with optional cache operators), 16-byte loads into shared memory (:func:`copy16_to_shared`),
-  ``cp.async`` (``CP_ASYNC``);
+  ``cp.async`` (``CP_ASYNC``), bulk stores from shared memory (``BULK_STORE``);
 - conversions and packers: bf16x2, e4m3x2/x4 (also of scaled products), FP4 e2m1 x4/x8, FP4 -> e4m3,
   fp16 <-> fp32, UE8M0;
 - exact fp32 arithmetic: ``RCP`` / ``DIV`` (IEEE division without the slow path);
@@ -221,6 +221,18 @@ __device__ __forceinline__ void tilek_cp_async4(void* smem, const void* gmem, bo
 }
 __device__ __forceinline__ void tilek_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void tilek_cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+""")
+
+BULK_STORE = snippet("BULK_STORE", r"""
+// The bulk-copy engine: shared -> global, `bytes` (a multiple of 16, both addresses 16-byte aligned) in
+// the current bulk group. Before it, each thread that wrote the shared source with ordinary stores runs
+// fence.proxy.async.shared::cta, then a barrier; before the shared memory is reused or the CTA exits,
+// the issuing thread commits the group and waits for its reads (cp.async.bulk.commit_group,
+// cp.async.bulk.wait_group.read).
+__device__ __forceinline__ void tilek_bulk_store(void* gmem, const void* smem, unsigned bytes) {
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" :: "l"(gmem), "r"(s), "r"(bytes) : "memory");
+}
 """)
 
 # ---------------------------------------------------------------------------------------------

@@ -161,6 +161,10 @@ extern "C" __global__ void tilek_device_test(unsigned* out, const unsigned* in, 
   tilek_cp_async_commit();
   tilek_cp_async_wait<0>();
   __syncthreads();
+  if (threadIdx.x == 0) {
+    tilek_bulk_store(out + 64, smem, 64);
+    asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;" ::: "memory");
+  }
   acc += tilek_bf16x2(x, y);
   facc += tilek_bf16_lo(w) + tilek_bf16_hi(w) + tilek_f16_to_f32(w);
   acc += tilek_f16_rz_bits(x) + tilek_e4m3x2(x, y) + tilek_e4m3x2_to_f16x2((unsigned short)w);

@@ -21,19 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import checks
+from jax_tilek import checks, device
 from jax_tilek.kernel import kernel
 from jax_tilek.op import Launch, Static, TileOp, View, config_class, uses, with_vjp
 from jax_tilek.quant import formats as F
 from jax_tilek.testing import ArgSpec
 
 PASS_CONFIGS = {"tl.disable_warp_specialized": True}
-BULK_STORE_SOURCE = r"""
-__device__ __forceinline__ void jax_tilek_bulk_store(void* dst, const void* src, unsigned bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-               :: "l"(dst), "r"((unsigned)__cvta_generic_to_shared(src)), "r"(bytes) : "memory");
-}
-"""
+PRELUDE = device.prelude(device.BULK_STORE)
 MAX_FLAT = 2**31 - 2**20  # int32 flat (row, vector) indices
 SF_LAYOUTS = ("row", "col", "col_ue8m0")
 
@@ -116,8 +111,7 @@ def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, thre
         if bulk_row_words:
             chunk = bulk_chunk_words(bulk_row_words)
             chunk_vecs = chunk // 4
-            with T.Kernel(T.max(N, P), bulk_row_words // chunk, threads=threads) as (r, c):
-                T.import_source(BULK_STORE_SOURCE)
+            with T.Kernel(T.max(N, P), bulk_row_words // chunk, threads=threads, prelude=PRELUDE) as (r, c):
                 buf = T.alloc_shared((chunk,), "uint32")
                 tid = T.get_thread_binding(0)
                 if r < N:
@@ -132,7 +126,7 @@ def expand_kernel(num_topk: int, has_sf: bool, sf_dtype: str, sf_col: bool, thre
                         for k in T.serial(K):
                             pos = token_topk_to_pos[r, k]
                             if T.And(pos >= 0, pos < P):
-                                T.call_extern("handle", "jax_tilek_bulk_store", T.address_of(out[pos, c * chunk]), T.address_of(buf[0]), chunk * 4)
+                                T.call_extern("handle", "tilek_bulk_store", T.address_of(out[pos, c * chunk]), T.address_of(buf[0]), chunk * 4)
                         T.tma_store_arrive()
                         T.tma_store_wait(0)
                 if r < P:
