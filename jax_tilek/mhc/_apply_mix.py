@@ -89,14 +89,64 @@ def apply_mix_fwd_kernel(mult: int, hidden: int):
 
 
 @kernel(pass_configs=PASS_CONFIGS)
-def apply_mix_bwd_kernel(mult: int, hidden: int):
-    """One warp per token: lanes take vectors ``lane, lane + 32, ...``, write dx and sum
-    ``dout * x[i]``; a butterfly over the warp gives dmix."""
+def apply_mix_bwd_kernel(mult: int, hidden: int, with_dx: bool = True):
+    """One warp per token: lanes take vectors ``lane, lane + 32, ...``, write dx (``with_dx``) and
+    sum ``dout * x[i]``; a butterfly over the warp gives dmix."""
     import tilelang.language as T
 
     N, V = mult, hidden // VEC
     KV = -(-V // 32)
     TT = T.dynamic("T")
+
+    @T.macro
+    def body(dout, x, mix, dx, dmix):
+        dv = T.alloc_local((VEC,), "bfloat16")
+        xv = T.alloc_local((VEC,), "bfloat16")
+        ov = T.alloc_local((VEC,), "bfloat16")
+        w = T.alloc_local((N,), "float32")
+        acc = T.alloc_local((N,), "float32")
+        tid = T.get_thread_binding(0)
+        lane = tid % 32
+        r = T.get_block_binding(0) * WARPS + tid // 32
+        if r < TT:
+            for i in T.unroll(N):
+                w[i] = mix[r, i, 0]
+                acc[i] = T.float32(0)
+            for k in T.serial(KV):
+                v = lane + k * 32
+                if v < V:
+                    for j in T.vectorized(VEC):
+                        dv[j] = dout[r, v * VEC + j]
+                    for i in T.unroll(N):
+                        for j in T.vectorized(VEC):
+                            xv[j] = x[r, i, v * VEC + j]
+                        for j in T.unroll(VEC):
+                            acc[i] = acc[i] + T.Cast("float32", dv[j]) * T.Cast("float32", xv[j])
+                            if with_dx:
+                                ov[j] = T.Cast("bfloat16", w[i] * T.Cast("float32", dv[j]))
+                        if with_dx:
+                            for j in T.vectorized(VEC):
+                                dx[r, i, v * VEC + j] = ov[j]
+            for i in T.unroll(N):
+                for s in T.unroll(5):
+                    acc[i] = acc[i] + T.shfl_xor(acc[i], 16 >> s)
+            if lane == 0:
+                for i in T.unroll(N):
+                    dmix[r, i, 0] = acc[i]
+
+    if not with_dx:
+
+        @T.prim_func
+        def mhc_pre_apply_mix_dmix(
+            dout: T.Tensor((TT, hidden), "bfloat16"),
+            x: T.Tensor((TT, N, hidden), "bfloat16"),
+            mix: T.Tensor((TT, N, 1), "float32"),
+            dmix: T.Tensor((TT, N, 1), "float32"),
+        ):
+            with T.Kernel(T.ceildiv(TT, WARPS), threads=THREADS):
+                body(dout, x, mix, dmix, dmix)
+
+        return mhc_pre_apply_mix_dmix
 
     @T.prim_func
     def mhc_pre_apply_mix_bwd(
@@ -106,38 +156,8 @@ def apply_mix_bwd_kernel(mult: int, hidden: int):
         dx: T.Tensor((TT, N, hidden), "bfloat16"),
         dmix: T.Tensor((TT, N, 1), "float32"),
     ):
-        with T.Kernel(T.ceildiv(TT, WARPS), threads=THREADS) as b:
-            dv = T.alloc_local((VEC,), "bfloat16")
-            xv = T.alloc_local((VEC,), "bfloat16")
-            ov = T.alloc_local((VEC,), "bfloat16")
-            w = T.alloc_local((N,), "float32")
-            acc = T.alloc_local((N,), "float32")
-            tid = T.get_thread_binding(0)
-            lane = tid % 32
-            r = b * WARPS + tid // 32
-            if r < TT:
-                for i in T.unroll(N):
-                    w[i] = mix[r, i, 0]
-                    acc[i] = T.float32(0)
-                for k in T.serial(KV):
-                    v = lane + k * 32
-                    if v < V:
-                        for j in T.vectorized(VEC):
-                            dv[j] = dout[r, v * VEC + j]
-                        for i in T.unroll(N):
-                            for j in T.vectorized(VEC):
-                                xv[j] = x[r, i, v * VEC + j]
-                            for j in T.unroll(VEC):
-                                acc[i] = acc[i] + T.Cast("float32", dv[j]) * T.Cast("float32", xv[j])
-                                ov[j] = T.Cast("bfloat16", w[i] * T.Cast("float32", dv[j]))
-                            for j in T.vectorized(VEC):
-                                dx[r, i, v * VEC + j] = ov[j]
-                for i in T.unroll(N):
-                    for s in T.unroll(5):
-                        acc[i] = acc[i] + T.shfl_xor(acc[i], 16 >> s)
-                if lane == 0:
-                    for i in T.unroll(N):
-                        dmix[r, i, 0] = acc[i]
+        with T.Kernel(T.ceildiv(TT, WARPS), threads=THREADS):
+            body(dout, x, mix, dx, dmix)
 
     return mhc_pre_apply_mix_bwd
 
@@ -151,6 +171,12 @@ _bwd_op = TileOp(
     name="mhc_pre_apply_mix_bwd", operands=("dout", "x", "mix"), results=("dx", "dmix"), reference=apply_mix_backward_reference,
     rows=Rows(("dout", "x", "mix"), ("dx", "dmix")),
     launch=lambda dout, x, mix: Launch(kernel=apply_mix_bwd_kernel, params=dict(mult=x.shape[1], hidden=x.shape[2])),
+)  # fmt: skip
+
+dmix_op = TileOp(
+    name="mhc_pre_apply_mix_dmix", operands=("dout", "x", "mix"), results=("dmix",),
+    reference=lambda dout, x, mix: apply_mix_backward_reference(dout, x, mix)[1], rows=Rows(("dout", "x", "mix"), ("dmix",)),
+    launch=lambda dout, x, mix: Launch(kernel=apply_mix_bwd_kernel, params=dict(mult=x.shape[1], hidden=x.shape[2], with_dx=False)),
 )  # fmt: skip
 
 

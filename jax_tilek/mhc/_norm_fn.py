@@ -313,16 +313,37 @@ def _split_fwd(x, fn):
 def _split_bwd(res, g):
     x, fn = res
     dmul, dsq = g
-    m = fn.shape[0]
-    d_hi, d_mid, d_lo = bf16_parts(dmul, 3)
+    d_hi, d_mid, _ = bf16_parts(dmul, 3)
     f_hi, f_lo = bf16_parts(fn, 2)
     dx = _dot(jnp.concatenate([d_hi, d_hi, d_mid], axis=1), jnp.concatenate([f_hi, f_lo, f_hi]), (1, 0))
     dx = (dx + 2.0 * x.astype(jnp.float32) * dsq[:, None]).astype(x.dtype)
-    dfn = _dot(jnp.concatenate([d_hi, d_mid, d_lo], axis=1), x, (0, 0))
-    return dx, (dfn[:m] + dfn[m : 2 * m]) + dfn[2 * m :]
+    return dx, _split_dfn(dmul, x)
+
+
+def _split_dfn(dmul, x):
+    m = dmul.shape[1]
+    dfn = _dot(jnp.concatenate(bf16_parts(dmul, 3), axis=1), x, (0, 0))
+    return (dfn[:m] + dfn[m : 2 * m]) + dfn[2 * m :]
 
 
 split_bf16_products.defvjp(_split_fwd, _split_bwd)
+
+
+def products(x, fn, n_splits: int):
+    """The GEMM partials ``(out_mul_splitted [S, T, M], sqrsum_splitted [S, T])`` of ``x [T, G]`` bf16
+    by ``fn [M, G]`` fp32 as ``GEMM_PRECISION`` computes them (S = 1 for split_bf16), with no VJP."""
+    if GEMM_PRECISION == "split_bf16":
+        mul, sq = _split_fwd(x, fn)[0]
+        return mul[None], sq[None]
+    return split_k_partials(x.astype(jnp.float32), fn, n_splits)
+
+
+def products_dfn(dmul, x):
+    """``dmulᵀ x [M, G]`` fp32 for ``dmul [T, M]`` fp32, ``x [T, G]`` bf16: split_bf16 takes dmul in
+    three bf16 parts (fp32-accurate), an einsum precision takes x in fp32."""
+    if GEMM_PRECISION == "split_bf16":
+        return _split_dfn(dmul, x)
+    return jnp.einsum("tm,tg->mg", dmul, x.astype(jnp.float32), precision=GEMM_PRECISION)
 
 
 def norm_fn_flat(x, fn, w, *, impl, eps: float, n_splits: int):

@@ -2,8 +2,9 @@
 ``mhc_multilayer_recompute`` (TileKernels v1 §5.8-5.10, ``modeling/mhc/functional.py``).
 
 ``mhc_pre`` = norm_fn -> split_mixes -> sinkhorn(comb) -> apply_mix(residual, pre), each step its
-own kernel with its own custom VJP; JAX sums the residual's cotangents (from norm_fn, apply_mix and,
-outside, mhc_post) functionally.
+own kernel forward; the backward is one custom VJP over the chain that writes the residual's
+cotangent once (:mod:`jax_tilek.mhc._residual_grad`); JAX adds mhc_post's cotangent of the
+residual to it functionally. ``mhc_head`` likewise, with the head mix.
 
 ``mhc_pre_big_fuse`` (inference) returns ``(post_mix, comb_mix, layer_input)``. **It is not a fused
 kernel here**: it runs the same kernels as ``mhc_pre`` in the same order, so its results are
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek import checks
-from jax_tilek.mhc import _apply_mix, _norm_fn, _post, _sinkhorn, _split_mixes
+from jax_tilek.mhc import _apply_mix, _norm_fn, _post, _residual_grad, _sinkhorn, _split_mixes
 from jax_tilek.mhc._common import BF16, F32, check_dtype, check_eps, check_shape, n3
 from jax_tilek.op import uses
 from jax_tilek.testing import ArgSpec, random_array
@@ -40,7 +41,7 @@ from jax_tilek.testing import ArgSpec, random_array
 _PRE_OPS = (
     _norm_fn._reduce_fwd_op, _norm_fn._reduce_bwd_op, _norm_fn._merge_fwd_op, _norm_fn._merge_bwd_op,
     _split_mixes._split_fwd_op, _split_mixes._split_bwd_op, _sinkhorn._fwd_op, _sinkhorn._bwd_op,
-    _apply_mix._fwd_op, _apply_mix._bwd_op,
+    _apply_mix._fwd_op, _apply_mix.dmix_op, _residual_grad.residual_grad_op,
 )  # fmt: skip
 
 
@@ -61,11 +62,12 @@ def _check_pre(op, residual, fn, scale, base, norm_weight, norm_eps, mhc_mult, p
 
 
 def _pre_flat(x, fn, scale, base, w, *, impl, n: int, eps, n_splits, post_mult_value, pre_eps, repeat, sinkhorn_eps):
-    """The step-by-step path on flat tokens: ``(layer_input [T, H], post [T, n, 1], comb [T, n, n])``."""
-    mixes = _norm_fn.norm_fn_flat(x, fn, w, impl=impl, eps=eps, n_splits=n_splits)
-    pre, post, comb = _split_mixes.split_flat(mixes, scale, base, impl=impl, mult=n, post_mult_value=post_mult_value, pre_eps=pre_eps)
-    comb = _sinkhorn.sinkhorn_flat(comb, impl=impl, repeat=repeat, eps=sinkhorn_eps)
-    layer_input = _apply_mix.apply_mix_flat(x, pre, impl=impl)
+    """The pre chain on flat tokens: ``(layer_input [T, H], post [T, n, 1], comb [T, n, n])``
+    (:mod:`jax_tilek.mhc._residual_grad`: the step-by-step kernels forward, a fused backward)."""
+    layer_input, (post, comb) = _residual_grad.norm_mix_apply_flat(
+        x, fn, scale, base, w, impl=impl, kind="pre", eps=eps, n_splits=n_splits, post_mult_value=post_mult_value,
+        pre_eps=pre_eps, repeat=repeat, sinkhorn_eps=sinkhorn_eps,
+    )  # fmt: skip
     return layer_input, post, comb
 
 
@@ -187,8 +189,7 @@ def _head_case(lead, h, n=4, weight=False, **options) -> ArgSpec:
 HEAD_SPECS = (_head_case((2, 4), 128), _head_case((6,), 64, weight=True), _head_case((4096,), 7168, bench=True))
 
 
-@uses(*_PRE_OPS[:4], _split_mixes._head_fwd_op, _split_mixes._head_bwd_op, _apply_mix._fwd_op, _apply_mix._bwd_op,
-      cases=HEAD_SPECS, differentiable=True)  # fmt: skip
+@uses(*_PRE_OPS[:4], _split_mixes._head_fwd_op, _split_mixes._head_bwd_op, *_PRE_OPS[-3:], cases=HEAD_SPECS, differentiable=True)
 def mhc_head(
     residual: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, norm_weight: jax.Array | None = None, *,
     norm_eps: float = 1e-6, mhc_mult: int = 4, pre_eps: float = 1e-6, n_splits: int = 16, impl=None, ops,
@@ -209,10 +210,11 @@ def mhc_head(
     check_shape(name, "base", base, (n,))
     pre_eps = check_eps(name, "pre_eps", pre_eps)
     lead = residual.shape[:-2]
-    x = residual.reshape(-1, n, h)
-    mixes = _norm_fn.norm_fn_flat(x, fn, w, impl=impl, eps=eps, n_splits=s)
-    mix = _split_mixes.head_flat(mixes, scale.reshape(1), base, impl=impl, pre_eps=pre_eps)
-    return _apply_mix.apply_mix_flat(x, mix[..., None], impl=impl).reshape(*lead, h)
+    out, _ = _residual_grad.norm_mix_apply_flat(
+        residual.reshape(-1, n, h), fn, scale.reshape(1), base, w, impl=impl, kind="head", eps=eps, n_splits=s,
+        post_mult_value=None, pre_eps=pre_eps, repeat=None, sinkhorn_eps=None,
+    )  # fmt: skip
+    return out.reshape(*lead, h)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,6 +155,65 @@ def test_pre_post_block_gradients_match_float64():
         np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=5e-2, atol=5e-2 * np.abs(e).max())
 
 
+def _pre64(res, fn, scale, base, w, n, post_mult=2.0, pre_eps=1e-2, repeat=10, eps=1e-6):
+    """mhc_pre in float64: ``(layer_input, post, comb)``."""
+    t = res.shape[0]
+    flat = res.reshape(t, -1)
+    z = flat @ (fn * w).T / jnp.sqrt(jnp.mean(flat**2, -1, keepdims=True) + 1e-6)
+    z = z * jnp.concatenate([jnp.full(n, scale[0]), jnp.full(n, scale[1]), jnp.full(n * n, scale[2])]) + base
+    pre, post = jax.nn.sigmoid(z[:, :n]) + pre_eps, jax.nn.sigmoid(z[:, n : 2 * n]) * post_mult
+    c = jax.nn.softmax(z[:, 2 * n :].reshape(t, n, n), -1) + eps
+    c = c / (c.sum(-2, keepdims=True) + eps)
+    for _ in range(repeat - 1):
+        c = c / (c.sum(-1, keepdims=True) + eps)
+        c = c / (c.sum(-2, keepdims=True) + eps)
+    return jnp.einsum("ti,tih->th", pre, res), post[..., None], c
+
+
+@pytest.mark.parametrize("algorithm", ["split_bf16", "highest"])
+@pytest.mark.parametrize("t,n,h", [(5, 4, 40), (130, 2, 264)])
+def test_pre_fused_backward_matches_float64(algorithm, t, n, h):
+    """mhc_pre's backward (the residual's cotangent in one kernel, mhc_pre_residual_bwd, on the
+    reference path here) against float64 autodiff in every input, the residual included; T not a
+    multiple of the kernel's 128 tokens, nH not a multiple of its 256 columns."""
+    from jax_tilek.mhc import _norm_fn
+
+    rng = np.random.default_rng(11)
+    m = n * (n + 2)
+    res = _res(rng, (t, n, h))
+    fn = (rng.standard_normal((m, n * h)) * 1e-1).astype(np.float32)
+    scale, base = (rng.standard_normal(3) * 0.5).astype(np.float32), (rng.standard_normal(m) * 0.5).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(n * h)).astype(np.float32)
+    cts = [rng.standard_normal(s).astype(np.float32) for s in ((t, h), (t, n, 1), (t, n, n))]
+    cts[0] = cts[0].astype(BF16).astype(np.float32)  # layer_input's cotangent is bf16: exact in both
+
+    def loss(pre):
+        def f(*a):
+            li, post, comb = pre(*a)
+            return sum(jnp.sum(v * c.astype(v.dtype)) for v, c in zip((li, post, comb), cts))
+
+        return f
+
+    def ours(r, f, s, b, w):
+        li, (post, comb) = mhc.mhc_pre(r, f, s, b, w, mhc_mult=n, post_mult_value=2.0, pre_eps=1e-2)
+        return li.astype(jnp.float32), post, comb
+
+    saved, _norm_fn.GEMM_PRECISION = _norm_fn.GEMM_PRECISION, algorithm
+    try:
+        grad = jax.jit(jax.grad(loss(ours), argnums=range(5)))
+        assert "mhc_pre_residual_bwd" in str(jax.make_jaxpr(grad)(res, fn, scale, base, w))
+        got = grad(res, fn, scale, base, w)
+    finally:
+        _norm_fn.GEMM_PRECISION = saved
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(a, jnp.float64) for a in (res, fn, scale, base, w)]
+        want = jax.grad(loss(lambda *a: _pre64(*a, n)), argnums=range(5))(*args64)
+    assert got[0].dtype == jnp.bfloat16
+    for i, (g, e) in enumerate(zip(got, want)):  # dx rounded once to bf16; its RMS term 2 x d sqrsum is ~1% of it
+        e = np.asarray(e)
+        np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=1e-2, atol=(1e-3 if i == 0 else 5e-3) * np.abs(e).max())
+
+
 @pytest.mark.parametrize(
     "call,message",
     [

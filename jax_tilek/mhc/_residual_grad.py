@@ -1,0 +1,177 @@
+"""The backward of norm_fn -> mixes -> apply_mix (``mhc_pre``, ``mhc_head``) with the residual's
+cotangent written once.
+
+Step by step, that chain's backward writes three cotangents of the residual x (apply_mix's
+``mix · dout``; the GEMM's ``d out_mul · fn``, fp32; ``2 x · d sqrsum``) and XLA sums them: on an
+H100 (2026-12-07) that sum alone was 30% of an mHC block's forward + backward. Here
+:func:`norm_mix_apply_flat` has one custom VJP over the chain (per token, ``G = nH``)::
+
+    dmix[i]  = sum_h dout[h] x[i, h]                              (apply_mix's dmix alone)
+    (d out_mul [M], d sqrsum) <- the mixes' VJP (split + Sinkhorn, or the head mix) <- reduce backward
+    dx[i, h] = bf16((sum_m d out_mul[m] fn[m, iH + h] + mix[i] dout[h]) + 2 x[i, h] d sqrsum)
+
+The last line is one kernel, ``mhc_pre_residual_bwd`` (fp32 FMAs in m order, ``fn`` staged in shared
+memory), rounded to bf16 once; ``dfn = d out_mulᵀ x`` is :func:`_norm_fn.products_dfn`. The forward
+runs the step-by-step kernels, so its results are those of the unfused path bit for bit.
+
+(No ``from __future__ import annotations``: TileLang resolves a prim_func's annotations through its
+closure.)
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jax_tilek.kernel import kernel
+from jax_tilek.mhc import _apply_mix, _norm_fn, _sinkhorn, _split_mixes
+from jax_tilek.mhc._common import THREADS, VEC
+from jax_tilek.op import Launch, Rows, TileOp, with_vjp
+
+PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
+COLUMNS = 32 * VEC  # a CTA's columns of G: one 16-byte vector per lane
+TOKENS = 128  # a CTA's tokens
+STEP = 8  # tokens a thread accumulates at once (8 x 8 fp32 registers)
+
+
+def residual_grad_reference(dout, x, mix, dmul, dsq, fn):
+    """``dout [T, H]`` bf16, ``x [T, n, H]`` bf16, ``mix [T, n, 1]``, ``dmul [T, M]``, ``dsq [T]``,
+    ``fn [M, nH]`` (fp32) -> ``dx [T, n, H]`` bf16 (module docstring)."""
+    t, n, h = x.shape
+    acc = jnp.einsum("tm,mk->tk", dmul, fn, precision="highest").reshape(t, n, h)
+    acc = acc + mix * dout.astype(jnp.float32)[:, None, :]
+    return (acc + 2.0 * x.astype(jnp.float32) * dsq[:, None, None]).astype(x.dtype)
+
+
+@kernel(pass_configs=PASS_CONFIGS)
+def residual_grad_kernel(mult: int, hidden: int, rows: int):
+    """A CTA per (COLUMNS columns of G, TOKENS tokens): fn's columns and the tokens' d out_mul in shared
+    memory; warp w takes tokens ``w * TOKENS / 4 + ...``, STEP at a time, a lane one 8-column vector."""
+    import tilelang.language as T
+
+    N, H, M = mult, hidden, rows
+    G = N * H
+    warps = THREADS // 32
+    rounds = TOKENS // (warps * STEP)
+    TT = T.dynamic("T")
+
+    @T.prim_func
+    def mhc_pre_residual_bwd(
+        dout: T.Tensor((TT, H), "bfloat16"),
+        x: T.Tensor((TT, N, H), "bfloat16"),
+        mix: T.Tensor((TT, N, 1), "float32"),
+        dmul: T.Tensor((TT, M), "float32"),
+        dsq: T.Tensor((TT,), "float32"),
+        fn: T.Tensor((M, G), "float32"),
+        dx: T.Tensor((TT, N, H), "bfloat16"),
+    ):
+        with T.Kernel(T.ceildiv(G, COLUMNS), T.ceildiv(TT, TOKENS), threads=THREADS) as (bc, bt):
+            fn_s = T.alloc_shared((M, COLUMNS), "float32")
+            d_s = T.alloc_shared((TOKENS, M), "float32")
+            f = T.alloc_local((VEC,), "float32")
+            acc = T.alloc_local((STEP, VEC), "float32")
+            gv = T.alloc_local((VEC,), "bfloat16")
+            xv = T.alloc_local((VEC,), "bfloat16")
+            ov = T.alloc_local((VEC,), "bfloat16")
+            tid = T.get_thread_binding(0)
+            lane = tid % 32
+            c0 = bc * COLUMNS
+            t0 = bt * TOKENS
+            for e in T.serial(M * COLUMNS // THREADS):
+                m = (e * THREADS + tid) // COLUMNS
+                c = (e * THREADS + tid) % COLUMNS
+                fn_s[m, c] = T.float32(0)
+                if c0 + c < G:
+                    fn_s[m, c] = fn[m, c0 + c]
+            for e in T.serial(TOKENS * M // THREADS):
+                r = (e * THREADS + tid) // M
+                m = (e * THREADS + tid) % M
+                d_s[r, m] = T.float32(0)
+                if t0 + r < TT:
+                    d_s[r, m] = dmul[t0 + r, m]
+            T.sync_threads()
+            k = c0 + lane * VEC
+            i = k // H
+            h = k % H
+            for rd in T.serial(rounds):
+                r0 = (tid // 32) * (TOKENS // warps) + rd * STEP
+                for s in T.unroll(STEP):
+                    for j in T.unroll(VEC):
+                        acc[s, j] = T.float32(0)
+                for m in T.serial(M):
+                    for j in T.vectorized(VEC):
+                        f[j] = fn_s[m, lane * VEC + j]
+                    for s in T.unroll(STEP):
+                        for j in T.unroll(VEC):
+                            acc[s, j] = acc[s, j] + d_s[r0 + s, m] * f[j]
+                for s in T.unroll(STEP):
+                    t = t0 + r0 + s
+                    if t < TT and k < G:
+                        w = mix[t, i, 0]
+                        q = T.float32(2) * dsq[t]
+                        for j in T.vectorized(VEC):
+                            gv[j] = dout[t, h + j]
+                        for j in T.vectorized(VEC):
+                            xv[j] = x[t, i, h + j]
+                        for j in T.unroll(VEC):
+                            ov[j] = T.Cast("bfloat16", (acc[s, j] + w * T.Cast("float32", gv[j])) + q * T.Cast("float32", xv[j]))
+                        for j in T.vectorized(VEC):
+                            dx[t, i, h + j] = ov[j]
+
+    return mhc_pre_residual_bwd
+
+
+residual_grad_op = TileOp(
+    name="mhc_pre_residual_bwd", operands=("dout", "x", "mix", "dmul", "dsq", "fn"), results=("dx",),
+    reference=residual_grad_reference, rows=Rows(("dout", "x", "mix", "dmul", "dsq"), ("dx",)),
+    launch=lambda dout, x, mix, dmul, dsq, fn: Launch(
+        kernel=residual_grad_kernel, params=dict(mult=x.shape[1], hidden=x.shape[2], rows=fn.shape[0])),
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The chain with its fused backward.
+
+
+def _streams(mixes, scale, base, *, impl, kind: str, n: int, post_mult_value, pre_eps, repeat, sinkhorn_eps):
+    """The mixes -> ``(apply_mix's mix [T, n, 1], the other outputs)``: mhc_pre's ``(post, comb)``
+    (split + Sinkhorn) or, for the head, none."""
+    if kind == "head":
+        return _split_mixes.head_flat(mixes, scale, base, impl=impl, pre_eps=pre_eps)[..., None], ()
+    pre, post, comb = _split_mixes.split_flat(mixes, scale, base, impl=impl, mult=n, post_mult_value=post_mult_value, pre_eps=pre_eps)
+    return pre, (post, _sinkhorn.sinkhorn_flat(comb, impl=impl, repeat=repeat, eps=sinkhorn_eps))
+
+
+def _primal(x, fn, scale, base, w, *, impl, eps, n_splits, **mixing):
+    mixes = _norm_fn.norm_fn_flat(x, fn, w, impl=impl, eps=eps, n_splits=n_splits)
+    mix, rest = _streams(mixes, scale, base, impl=impl, n=x.shape[1], **mixing)
+    return _apply_mix.apply_mix_flat(x, mix, impl=impl), rest
+
+
+def _fwd(x, fn, scale, base, w, *, impl, eps, n_splits, **mixing):
+    t, n, h = x.shape
+    fn_merged = fn if w is None else _norm_fn.merge_flat(fn, w, impl=impl)
+    mul_s, sq_s = _norm_fn.products(x.reshape(t, n * h), fn_merged, n_splits)
+    mixes, mul, sq = _norm_fn._reduce_fwd_op(mul_s, sq_s, impl=impl, group=n * h, eps=eps)
+    (mix, rest), streams_vjp = jax.vjp(lambda *a: _streams(*a, impl=impl, n=n, **mixing), mixes, scale, base)
+    out = _apply_mix._fwd_op(x, mix, impl=impl)
+    return (out, rest), (x, fn, w, fn_merged, mul, sq, mix, streams_vjp)
+
+
+def _bwd(residuals, g, *, impl, eps, n_splits, **mixing):
+    x, fn, w, fn_merged, mul, sq, mix, streams_vjp = residuals
+    dout, drest = g
+    t, n, h = x.shape
+    dmix = _apply_mix.dmix_op(dout, x, mix, impl=impl)
+    dmixes, dscale, dbase = streams_vjp((dmix, drest))
+    dmul, dsq = _norm_fn._reduce_bwd_op(dmixes, mul, sq, impl=impl, group=n * h, eps=eps)
+    dx = residual_grad_op(dout, x, mix, dmul, dsq, fn_merged, impl=impl)
+    dfn = _norm_fn.products_dfn(dmul, x.reshape(t, n * h))
+    if w is None:
+        return dx, dfn, dscale, dbase, None
+    dfn, dw = _norm_fn._merge_bwd_op(dfn, fn, w, impl=impl)
+    return dx, dfn, dscale, dbase, dw
+
+
+norm_mix_apply_flat = with_vjp(_primal, _fwd, _bwd)
+"""``(x [T, n, H] bf16, fn [M, nH], scale, base, norm_weight [nH] | None)`` -> ``(apply_mix output
+[T, H] bf16, mhc_pre's (post [T, n, 1], comb [T, n, n]) or ())``, with static ``kind`` ("pre" or
+"head"), ``eps``, ``n_splits`` and the mixes' options; differentiable in every array (module docstring)."""
