@@ -170,14 +170,53 @@ def _pre64(res, fn, scale, base, w, n, post_mult=2.0, pre_eps=1e-2, repeat=10, e
     return jnp.einsum("ti,tih->th", pre, res), post[..., None], c
 
 
-@pytest.mark.parametrize("algorithm", ["split_bf16", "highest"])
-@pytest.mark.parametrize("t,n,h", [(5, 4, 40), (130, 2, 264)])
-def test_pre_fused_backward_matches_float64(algorithm, t, n, h):
-    """mhc_pre's backward (the residual's cotangent in one kernel, mhc_pre_residual_bwd, on the
-    reference path here) against float64 autodiff in every input, the residual included; T not a
-    multiple of the kernel's 128 tokens, nH not a multiple of its 256 columns."""
+def _with_gemm(algorithm, f):
+    """``f`` traced with ``_norm_fn.GEMM_PRECISION = algorithm``."""
     from jax_tilek.mhc import _norm_fn
 
+    def traced(*args):
+        saved, _norm_fn.GEMM_PRECISION = _norm_fn.GEMM_PRECISION, algorithm
+        try:
+            return f(*args)
+        finally:
+            _norm_fn.GEMM_PRECISION = saved
+
+    return traced
+
+
+def _pre_loss(pre, cts):
+    def f(*a):
+        li, post, comb = pre(*a)
+        return sum(jnp.sum(v * c.astype(v.dtype)) for v, c in zip((li, post, comb), cts))
+
+    return f
+
+
+def _pre_grad(algorithm, n):
+    """jax.grad of mhc_pre against cotangents ``(d layer_input, d post, d comb)`` in every input."""
+
+    def ours(r, f, s, b, w):
+        li, (post, comb) = mhc.mhc_pre(r, f, s, b, w, mhc_mult=n, post_mult_value=2.0, pre_eps=1e-2)
+        return li.astype(jnp.float32), post, comb
+
+    return jax.jit(_with_gemm(algorithm, lambda *a: jax.grad(_pre_loss(ours, a[5:]), argnums=range(5))(*a[:5])))
+
+
+FUSED_SHAPES = [(5, 4, 40), (130, 2, 264)]
+
+
+def _pre_structs(t, n, h):
+    f32, m = jnp.float32, n * (n + 2)
+    shapes = [(m, n * h), (3,), (m,), (n * h,), (t, h), (t, n, 1), (t, n, n)]
+    return (jax.ShapeDtypeStruct((t, n, h), jnp.bfloat16), *(jax.ShapeDtypeStruct(s, f32) for s in shapes))
+
+
+@pytest.mark.parametrize("algorithm", ["split_bf16", "highest"])
+@pytest.mark.parametrize("t,n,h", FUSED_SHAPES)
+def test_pre_fused_backward_matches_float64(algorithm, t, n, h):
+    """mhc_pre's backward (the residual's cotangent in one kernel, mhc_pre_residual_bwd; on the CPU its
+    reference) against float64 autodiff in every input, the residual included; T not a multiple of
+    the kernel's 128 tokens, nH not a multiple of its 256 columns."""
     rng = np.random.default_rng(11)
     m = n * (n + 2)
     res = _res(rng, (t, n, h))
@@ -186,28 +225,13 @@ def test_pre_fused_backward_matches_float64(algorithm, t, n, h):
     w = (1 + 0.1 * rng.standard_normal(n * h)).astype(np.float32)
     cts = [rng.standard_normal(s).astype(np.float32) for s in ((t, h), (t, n, 1), (t, n, n))]
     cts[0] = cts[0].astype(BF16).astype(np.float32)  # layer_input's cotangent is bf16: exact in both
-
-    def loss(pre):
-        def f(*a):
-            li, post, comb = pre(*a)
-            return sum(jnp.sum(v * c.astype(v.dtype)) for v, c in zip((li, post, comb), cts))
-
-        return f
-
-    def ours(r, f, s, b, w):
-        li, (post, comb) = mhc.mhc_pre(r, f, s, b, w, mhc_mult=n, post_mult_value=2.0, pre_eps=1e-2)
-        return li.astype(jnp.float32), post, comb
-
-    saved, _norm_fn.GEMM_PRECISION = _norm_fn.GEMM_PRECISION, algorithm
-    try:
-        grad = jax.jit(jax.grad(loss(ours), argnums=range(5)))
-        assert "mhc_pre_residual_bwd" in str(jax.make_jaxpr(grad)(res, fn, scale, base, w))
-        got = grad(res, fn, scale, base, w)
-    finally:
-        _norm_fn.GEMM_PRECISION = saved
+    args = (res, fn, scale, base, w, *cts)
+    grad = _pre_grad(algorithm, n)
+    assert "mhc_pre_residual_bwd" in str(jax.make_jaxpr(grad)(*args))
+    got = grad(*args)
     with jax.enable_x64(True):
         args64 = [jnp.asarray(a, jnp.float64) for a in (res, fn, scale, base, w)]
-        want = jax.grad(loss(lambda *a: _pre64(*a, n)), argnums=range(5))(*args64)
+        want = jax.grad(_pre_loss(lambda *a: _pre64(*a, n), cts), argnums=range(5))(*args64)
     assert got[0].dtype == jnp.bfloat16
     for i, (g, e) in enumerate(zip(got, want)):  # dx rounded once to bf16; its RMS term 2 x d sqrsum is ~1% of it
         e = np.asarray(e)
@@ -263,25 +287,28 @@ def test_split_bf16_products_match_float64_with_gradients():
     np.testing.assert_allclose(dfn, dmul.astype(np.float64).T @ x64, rtol=1e-4, atol=1e-4)
 
 
+def _norm_fn_grad(algorithm):
+    f = lambda r, f, w: jnp.sum(jnp.sin(mhc.mhc_pre_norm_fn(r, f, w, 1e-6)))  # noqa: E731
+    return jax.jit(_with_gemm(algorithm, jax.value_and_grad(f, argnums=(0, 1, 2))))
+
+
 def test_split_bf16_path_matches_the_highest_path():
     """mhc_pre_norm_fn and its gradients agree whichever algorithm runs the partials GEMM."""
-    from jax_tilek.mhc import _norm_fn
-
     rng = np.random.default_rng(8)
     res = _res(rng, (19, 4, 96))
     fn = (rng.standard_normal((24, 384)) * 1e-2).astype(np.float32)
     w = (1 + 0.1 * rng.standard_normal(384)).astype(np.float32)
 
-    def run(algorithm):
-        saved, _norm_fn.GEMM_PRECISION = _norm_fn.GEMM_PRECISION, algorithm
-        try:
-            f = lambda r, f, w: jnp.sum(jnp.sin(mhc.mhc_pre_norm_fn(r, f, w, 1e-6)))
-            return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(res, fn, w)
-        finally:
-            _norm_fn.GEMM_PRECISION = saved
-
-    (v1, g1), (v2, g2) = run("highest"), run("split_bf16")
+    (v1, g1), (v2, g2) = (_norm_fn_grad(a)(res, fn, w) for a in ("highest", "split_bf16"))
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(g1[0], np.float32), np.asarray(g2[0], np.float32), rtol=1e-2, atol=1e-4)
     for a, b in zip(g1[1:], g2[1:]):  # fp32 sums over tokens, in other orders
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(a))))
+
+
+# What the GPU runs of these tests launch beyond the families' cases (tests/gpu_programs.py prepare).
+_F32 = jnp.float32
+GPU_PROGRAMS = [(_pre_grad(a, n), _pre_structs(t, n, h)) for a in ("split_bf16", "highest") for t, n, h in FUSED_SHAPES] + [
+    (_norm_fn_grad(a), (jax.ShapeDtypeStruct((19, 4, 96), jnp.bfloat16), jax.ShapeDtypeStruct((24, 384), _F32), jax.ShapeDtypeStruct((384,), _F32)))
+    for a in ("split_bf16", "highest")
+]
