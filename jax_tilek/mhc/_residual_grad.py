@@ -32,19 +32,22 @@ TOKENS = 128  # a CTA's tokens
 STEP = 8  # tokens a thread accumulates at once (8 x 8 fp32 registers)
 
 
-def residual_grad_reference(dout, x, mix, dmul, dsq, fn):
+def residual_grad_reference(dout, x, mix, dmul, dsq, fn, dres=None):
     """``dout [T, H]`` bf16, ``x [T, n, H]`` bf16, ``mix [T, n, 1]``, ``dmul [T, M]``, ``dsq [T]``,
-    ``fn [M, nH]`` (fp32) -> ``dx [T, n, H]`` bf16 (module docstring)."""
+    ``fn [M, nH]`` (fp32), optionally another cotangent of x ``dres [T, n, H]`` bf16 to add ->
+    ``dx [T, n, H]`` bf16 (module docstring)."""
     t, n, h = x.shape
     acc = jnp.einsum("tm,mk->tk", dmul, fn, precision="highest").reshape(t, n, h)
     acc = acc + mix * dout.astype(jnp.float32)[:, None, :]
-    return (acc + 2.0 * x.astype(jnp.float32) * dsq[:, None, None]).astype(x.dtype)
+    acc = acc + 2.0 * x.astype(jnp.float32) * dsq[:, None, None]
+    return (acc if dres is None else acc + dres.astype(jnp.float32)).astype(x.dtype)
 
 
 @kernel(pass_configs=PASS_CONFIGS)
-def residual_grad_kernel(mult: int, hidden: int, rows: int):
+def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool = False):
     """A CTA per (COLUMNS columns of G, TOKENS tokens): fn's columns and the tokens' d out_mul in shared
-    memory; warp w takes tokens ``w * TOKENS / 4 + ...``, STEP at a time, a lane one 8-column vector."""
+    memory; warp w takes tokens ``w * TOKENS / 4 + ...``, STEP at a time, a lane one 8-column vector.
+    ``accumulate``: dres is given and added before the rounding."""
     import tilelang.language as T
 
     N, H, M = mult, hidden, rows
@@ -61,6 +64,7 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int):
         dmul: T.Tensor((TT, M), "float32"),
         dsq: T.Tensor((TT,), "float32"),
         fn: T.Tensor((M, G), "float32"),
+        dres: T.Tensor((TT, N, H), "bfloat16"),
         dx: T.Tensor((TT, N, H), "bfloat16"),
     ):
         with T.Kernel(T.ceildiv(G, COLUMNS), T.ceildiv(TT, TOKENS), threads=THREADS) as (bc, bt):
@@ -70,6 +74,7 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int):
             acc = T.alloc_local((STEP, VEC), "float32")
             gv = T.alloc_local((VEC,), "bfloat16")
             xv = T.alloc_local((VEC,), "bfloat16")
+            rv = T.alloc_local((VEC,), "bfloat16")
             ov = T.alloc_local((VEC,), "bfloat16")
             tid = T.get_thread_binding(0)
             lane = tid % 32
@@ -112,7 +117,14 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int):
                         for j in T.vectorized(VEC):
                             xv[j] = x[t, i, h + j]
                         for j in T.unroll(VEC):
-                            ov[j] = T.Cast("bfloat16", (acc[s, j] + w * T.Cast("float32", gv[j])) + q * T.Cast("float32", xv[j]))
+                            acc[s, j] = (acc[s, j] + w * T.Cast("float32", gv[j])) + q * T.Cast("float32", xv[j])
+                        if accumulate:
+                            for j in T.vectorized(VEC):
+                                rv[j] = dres[t, i, h + j]
+                            for j in T.unroll(VEC):
+                                acc[s, j] = acc[s, j] + T.Cast("float32", rv[j])
+                        for j in T.unroll(VEC):
+                            ov[j] = T.Cast("bfloat16", acc[s, j])
                         for j in T.vectorized(VEC):
                             dx[t, i, h + j] = ov[j]
 
@@ -120,10 +132,10 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int):
 
 
 residual_grad_op = TileOp(
-    name="mhc_pre_residual_bwd", operands=("dout", "x", "mix", "dmul", "dsq", "fn"), results=("dx",),
-    reference=residual_grad_reference, rows=Rows(("dout", "x", "mix", "dmul", "dsq"), ("dx",)),
-    launch=lambda dout, x, mix, dmul, dsq, fn: Launch(
-        kernel=residual_grad_kernel, params=dict(mult=x.shape[1], hidden=x.shape[2], rows=fn.shape[0])),
+    name="mhc_pre_residual_bwd", operands=("dout", "x", "mix", "dmul", "dsq", "fn", "dres?"), results=("dx",),
+    reference=residual_grad_reference, rows=Rows(("dout", "x", "mix", "dmul", "dsq", "dres"), ("dx",)),
+    launch=lambda dout, x, mix, dmul, dsq, fn, dres: Launch(
+        kernel=residual_grad_kernel, params=dict(mult=x.shape[1], hidden=x.shape[2], rows=fn.shape[0], accumulate=dres is not None)),
 )  # fmt: skip
 
 
@@ -140,30 +152,31 @@ def _streams(mixes, scale, base, *, impl, kind: str, n: int, post_mult_value, pr
     return pre, (post, _sinkhorn.sinkhorn_flat(comb, impl=impl, repeat=repeat, eps=sinkhorn_eps))
 
 
-def _primal(x, fn, scale, base, w, *, impl, eps, n_splits, **mixing):
+def _primal(x, fn, scale, base, w, *, impl, eps, n_splits, alias: bool, **mixing):
     mixes = _norm_fn.norm_fn_flat(x, fn, w, impl=impl, eps=eps, n_splits=n_splits)
     mix, rest = _streams(mixes, scale, base, impl=impl, n=x.shape[1], **mixing)
-    return _apply_mix.apply_mix_flat(x, mix, impl=impl), rest
+    out = _apply_mix.apply_mix_flat(x, mix, impl=impl)
+    return (out, rest, x) if alias else (out, rest)
 
 
-def _fwd(x, fn, scale, base, w, *, impl, eps, n_splits, **mixing):
+def _fwd(x, fn, scale, base, w, *, impl, eps, n_splits, alias: bool, **mixing):
     t, n, h = x.shape
     fn_merged = fn if w is None else _norm_fn.merge_flat(fn, w, impl=impl)
     mul_s, sq_s = _norm_fn.products(x.reshape(t, n * h), fn_merged, n_splits)
     mixes, mul, sq = _norm_fn._reduce_fwd_op(mul_s, sq_s, impl=impl, group=n * h, eps=eps)
     (mix, rest), streams_vjp = jax.vjp(lambda *a: _streams(*a, impl=impl, n=n, **mixing), mixes, scale, base)
     out = _apply_mix._fwd_op(x, mix, impl=impl)
-    return (out, rest), (x, fn, w, fn_merged, mul, sq, mix, streams_vjp)
+    return ((out, rest, x) if alias else (out, rest)), (x, fn, w, fn_merged, mul, sq, mix, streams_vjp)
 
 
-def _bwd(residuals, g, *, impl, eps, n_splits, **mixing):
+def _bwd(residuals, g, *, impl, eps, n_splits, alias: bool, **mixing):
     x, fn, w, fn_merged, mul, sq, mix, streams_vjp = residuals
-    dout, drest = g
+    dout, drest, dres = g if alias else (*g, None)
     t, n, h = x.shape
     dmix = _apply_mix.dmix_op(dout, x, mix, impl=impl)
     dmixes, dscale, dbase = streams_vjp((dmix, drest))
     dmul, dsq = _norm_fn._reduce_bwd_op(dmixes, mul, sq, impl=impl, group=n * h, eps=eps)
-    dx = residual_grad_op(dout, x, mix, dmul, dsq, fn_merged, impl=impl)
+    dx = residual_grad_op(dout, x, mix, dmul, dsq, fn_merged, dres, impl=impl)
     dfn = _norm_fn.products_dfn(dmul, x.reshape(t, n * h))
     if w is None:
         return dx, dfn, dscale, dbase, None
@@ -173,5 +186,8 @@ def _bwd(residuals, g, *, impl, eps, n_splits, **mixing):
 
 norm_mix_apply_flat = with_vjp(_primal, _fwd, _bwd)
 """``(x [T, n, H] bf16, fn [M, nH], scale, base, norm_weight [nH] | None)`` -> ``(apply_mix output
-[T, H] bf16, mhc_pre's (post [T, n, 1], comb [T, n, n]) or ())``, with static ``kind`` ("pre" or
-"head"), ``eps``, ``n_splits`` and the mixes' options; differentiable in every array (module docstring)."""
+[T, H] bf16, mhc_pre's (post [T, n, 1], comb [T, n, n]) or ())`` and, with ``alias=True``, x itself
+third: a caller that reads the residual only through that alias (``HyperConnection``'s mhc_post)
+hands its cotangent to this backward, which adds it in the kernel instead of XLA adding two
+``[T, n, H]`` cotangents after it. Static: ``kind`` ("pre" or "head"), ``eps``, ``n_splits``,
+``alias`` and the mixes' options; differentiable in every array (module docstring)."""

@@ -116,10 +116,10 @@ class HyperConnection(nnx.Module):
         return self._forward(residual, *args)
 
     def _forward(self, residual: jax.Array, *args: Any) -> Any:
-        x, (post, comb) = mhc.mhc_pre(
+        x, (post, comb), residual = mhc.mhc_pre(
             residual, self.fn[...], self.scale[...], self.base[...], norm_eps=self.norm_eps, mhc_mult=self.mhc_mult,
             post_mult_value=self.post_mult_value, pre_eps=self.pre_eps, sinkhorn_eps=self.sinkhorn_eps,
-            sinkhorn_repeat=self.sinkhorn_repeat, n_splits=self.n_splits, impl=self.impl,
+            sinkhorn_repeat=self.sinkhorn_repeat, n_splits=self.n_splits, return_residual=True, impl=self.impl,
         )  # fmt: skip
         out = self.sublayer(x, *args)
         y, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)

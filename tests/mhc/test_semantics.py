@@ -186,52 +186,55 @@ def _with_gemm(algorithm, f):
 
 def _pre_loss(pre, cts):
     def f(*a):
-        li, post, comb = pre(*a)
-        return sum(jnp.sum(v * c.astype(v.dtype)) for v, c in zip((li, post, comb), cts))
+        return sum(jnp.sum(v * c.astype(v.dtype)) for v, c in zip(pre(*a), cts))
 
     return f
 
 
-def _pre_grad(algorithm, n):
-    """jax.grad of mhc_pre against cotangents ``(d layer_input, d post, d comb)`` in every input."""
+def _pre_grad(algorithm, n, alias):
+    """jax.grad of mhc_pre against cotangents ``(d layer_input, d post, d comb[, d residual alias])``
+    in every input."""
 
     def ours(r, f, s, b, w):
-        li, (post, comb) = mhc.mhc_pre(r, f, s, b, w, mhc_mult=n, post_mult_value=2.0, pre_eps=1e-2)
-        return li.astype(jnp.float32), post, comb
+        li, (post, comb), *res = mhc.mhc_pre(r, f, s, b, w, mhc_mult=n, post_mult_value=2.0, pre_eps=1e-2, return_residual=alias)
+        return li.astype(jnp.float32), post, comb, *(x.astype(jnp.float32) for x in res)
 
     return jax.jit(_with_gemm(algorithm, lambda *a: jax.grad(_pre_loss(ours, a[5:]), argnums=range(5))(*a[:5])))
 
 
 FUSED_SHAPES = [(5, 4, 40), (130, 2, 264)]
+FUSED_VARIANTS = [("split_bf16", False), ("highest", False), ("split_bf16", True)]
 
 
-def _pre_structs(t, n, h):
+def _pre_structs(t, n, h, alias):
     f32, m = jnp.float32, n * (n + 2)
-    shapes = [(m, n * h), (3,), (m,), (n * h,), (t, h), (t, n, 1), (t, n, n)]
+    shapes = [(m, n * h), (3,), (m,), (n * h,), (t, h), (t, n, 1), (t, n, n)] + ([(t, n, h)] if alias else [])
     return (jax.ShapeDtypeStruct((t, n, h), jnp.bfloat16), *(jax.ShapeDtypeStruct(s, f32) for s in shapes))
 
 
-@pytest.mark.parametrize("algorithm", ["split_bf16", "highest"])
+@pytest.mark.parametrize("algorithm,alias", FUSED_VARIANTS)
 @pytest.mark.parametrize("t,n,h", FUSED_SHAPES)
-def test_pre_fused_backward_matches_float64(algorithm, t, n, h):
+def test_pre_fused_backward_matches_float64(algorithm, alias, t, n, h):
     """mhc_pre's backward (the residual's cotangent in one kernel, mhc_pre_residual_bwd; on the CPU its
-    reference) against float64 autodiff in every input, the residual included; T not a multiple of
-    the kernel's 128 tokens, nH not a multiple of its 256 columns."""
+    reference) against float64 autodiff in every input, the residual included (with ``alias``, plus
+    the cotangent of the returned residual); T not a multiple of the kernel's 128 tokens, nH not a
+    multiple of its 256 columns."""
     rng = np.random.default_rng(11)
     m = n * (n + 2)
     res = _res(rng, (t, n, h))
     fn = (rng.standard_normal((m, n * h)) * 1e-1).astype(np.float32)
     scale, base = (rng.standard_normal(3) * 0.5).astype(np.float32), (rng.standard_normal(m) * 0.5).astype(np.float32)
     w = (1 + 0.1 * rng.standard_normal(n * h)).astype(np.float32)
-    cts = [rng.standard_normal(s).astype(np.float32) for s in ((t, h), (t, n, 1), (t, n, n))]
-    cts[0] = cts[0].astype(BF16).astype(np.float32)  # layer_input's cotangent is bf16: exact in both
+    cts = [rng.standard_normal(s).astype(np.float32) for s in ((t, h), (t, n, 1), (t, n, n), (t, n, h))[: 4 if alias else 3]]
+    for i in (0, 3)[: 2 if alias else 1]:  # the bf16 outputs' cotangents are bf16: exact in both
+        cts[i] = cts[i].astype(BF16).astype(np.float32)
     args = (res, fn, scale, base, w, *cts)
-    grad = _pre_grad(algorithm, n)
+    grad = _pre_grad(algorithm, n, alias)
     assert "mhc_pre_residual_bwd" in str(jax.make_jaxpr(grad)(*args))
     got = grad(*args)
     with jax.enable_x64(True):
         args64 = [jnp.asarray(a, jnp.float64) for a in (res, fn, scale, base, w)]
-        want = jax.grad(_pre_loss(lambda *a: _pre64(*a, n), cts), argnums=range(5))(*args64)
+        want = jax.grad(_pre_loss(lambda *a: (*_pre64(*a, n), a[0]), cts), argnums=range(5))(*args64)
     assert got[0].dtype == jnp.bfloat16
     for i, (g, e) in enumerate(zip(got, want)):  # dx rounded once to bf16; its RMS term 2 x d sqrsum is ~1% of it
         e = np.asarray(e)
@@ -308,7 +311,7 @@ def test_split_bf16_path_matches_the_highest_path():
 
 # What the GPU runs of these tests launch beyond the families' cases (tests/gpu_programs.py prepare).
 _F32 = jnp.float32
-GPU_PROGRAMS = [(_pre_grad(a, n), _pre_structs(t, n, h)) for a in ("split_bf16", "highest") for t, n, h in FUSED_SHAPES] + [
+GPU_PROGRAMS = [(_pre_grad(a, n, alias), _pre_structs(t, n, h, alias)) for a, alias in FUSED_VARIANTS for t, n, h in FUSED_SHAPES] + [
     (_norm_fn_grad(a), (jax.ShapeDtypeStruct((19, 4, 96), jnp.bfloat16), jax.ShapeDtypeStruct((24, 384), _F32), jax.ShapeDtypeStruct((384,), _F32)))
     for a in ("split_bf16", "highest")
 ]
