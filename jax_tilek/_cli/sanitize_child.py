@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     got = jax.block_until_ready(jax.jit(kernel)(*arrays))
                 manifest.add(label, used)
                 assert_trees_equal(got, reference_on_cpu(reference, arrays), case.tolerance, label)
+                if getattr(fn, "differentiable", False):
+                    with record_kernels() as used:
+                        jax.block_until_ready(_gradient(kernel, arrays))
+                    manifest.add(f"{label}/grad", used)
                 print(f"ok {label}", flush=True)
             except Exception as e:  # AssertionError included: reported, the other cases go on
                 manifest.failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -56,6 +60,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest.save(path)  # after every case: a run stopped by --time-limit still says what ran
     manifest.save(path)
     return 1 if manifest.failures else 0
+
+
+def _gradient(fn, arrays):
+    """The gradient of the sum of ``fn``'s floating outputs with respect to its floating inputs: runs
+    the backward kernels (no comparison: the GPU tests compare gradients)."""
+    import jax.numpy as jnp
+
+    floating = [i for i, a in enumerate(arrays) if jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+    if not floating:
+        return ()
+
+    def loss(*xs):
+        leaves = jax.tree.leaves(fn(*xs))
+        return sum(jnp.sum(x.astype(jnp.float32)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
+
+    return jax.jit(jax.grad(loss, argnums=tuple(floating)))(*arrays)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,13 @@ then promote it, DeepGEMM's way: ``acc[i, j] += partial[i, j] · x_sf[r0 + i, kb
 products. The tile's rows go out through shared memory (bf16) or from registers (fp32). Tiles of
 no segment run no K blocks and store zeros.
 
+With ``overlap`` (``GroupedMatmulFp8Config``), the promotion runs under the next block's wgmma, as
+DeepGEMM overlaps them: even K blocks accumulate into one partial sum, odd ones into another; each
+block issues its wgmma asynchronously (``T.wgmma_gemm``), promotes the previous block's partial sum
+while the tensor cores work, then waits for its own wgmma (``T.wait_wgmma(0)``), and only then
+releases its ring stage to the producer (TileLang releases a stage after the last statement that reads
+it: the branch that ends with the wait). The last block is promoted after the loop.
+
 Row-major ``"row"`` x-scales are transposed to the column-major storage by XLA before the launch
 (1/32 of x's bytes); ``w`` given as ``[G, K, N]`` is transposed to ``[G, N, K]`` (with its scales)
 by XLA: store FP8 weights as ``[G, N, K]`` (``transpose_w=True``, DeepGEMM's layout) to avoid it.
@@ -75,10 +82,13 @@ def _reference(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype):
 class GroupedMatmulFp8Config:
     """The depth of the TMA ring (``stages``; 32.5 KB of shared memory a stage); how x's scales reach
     the consumers (``sf_load``: "ldg", read from global memory before each K block's wgmma, or
-    "tma", loaded by the producer into the ring)."""
+    "tma", loaded by the producer into the ring); ``overlap``: promote each K block's partial sum
+    while the next block's wgmma runs (two partial sums, 64 more registers a consumer thread)
+    instead of after a synchronous wgmma."""
 
     stages: int = 6
     sf_load: str = "ldg"
+    overlap: bool = False
 
 
 @config_class(GroupedMatmulFp8Config)
@@ -88,10 +98,11 @@ def _config(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype) -> G
 
 
 @kernel
-def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, stages: int, sf_load: str = "tma"):
+def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, stages: int, sf_load: str = "tma", overlap: bool = False):
     """``out[r] = Σ_kb (x[r, kb] · w[g, :, kb]ᵀ) · x_sf[r, kb] · w_sf[g, :, kb]`` per the tile table
     (module docstring); ``sf_layout`` "col" (fp32 ``[K/128, MP]``) or "col_ue8m0" (int32
-    ``[ceil(K/512), MP]``, byte ``kb % 4`` of word ``kb // 4``)."""
+    ``[ceil(K/512), MP]``, byte ``kb % 4`` of word ``kb // 4``); ``overlap``: two partial sums in
+    turn, block kb's promotion under block kb + 1's wgmma."""
     import tilelang.language as T
 
     M, MP, G, NT = T.dynamic("M, MP, G, NT")
@@ -99,6 +110,23 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
     kb_count = k // BK
     sf_rows, sf_dtype = (kb_count, "float32") if sf_layout == "col" else (F.ceil_div(kb_count, 4), "int32")
     via_shared = out_dtype != "float32"
+    threads = 256  # the two consumer warpgroups (TileLang adds the producer's)
+
+    @T.macro
+    def row_scales(kb, sf_word, w_scale: T.Ref, dst):
+        """``dst[i]``: row i's x-scale of K block kb (from its storage word) times w's block scale."""
+        for i in T.Parallel(BM):
+            sf = sf_word(i)
+            if sf_layout == "col":
+                dst[i] = sf * w_scale
+            else:  # a UE8M0 byte is the biased exponent of a power of two
+                byte = T.shift_right(T.reinterpret(sf, "uint32"), T.cast((kb % 4) * 8, "uint32")) & T.uint32(255)
+                dst[i] = T.reinterpret(T.shift_left(byte, T.uint32(23)), "float32") * w_scale
+
+    @T.macro
+    def promote(acc, part, scale):
+        for i, j in T.Parallel(BM, BN):
+            acc[i, j] += part[i, j] * scale[i]
 
     @T.prim_func
     def grouped_matmul_fp8(
@@ -109,7 +137,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
         tiles: T.Tensor((NT, 3), "int32"),
         out: T.Tensor((M, n), out_dtype),
     ):
-        with T.Kernel(n // BN, NT, threads=256) as (bn, bt):
+        with T.Kernel(n // BN, NT, threads=threads) as (bn, bt):
             a_s = T.alloc_shared((BM, BK), FP8)
             b_s = T.alloc_shared((BN, BK), FP8)
             if sf_load == "tma":
@@ -117,6 +145,9 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
             part = T.alloc_fragment((BM, BN), "float32")
             acc = T.alloc_fragment((BM, BN), "float32")
             row_scale = T.alloc_fragment((BM,), "float32")
+            if overlap:
+                part_odd = T.alloc_fragment((BM, BN), "float32")
+                scale_odd = T.alloc_fragment((BM,), "float32")
             raw = T.alloc_fragment((BM,), sf_dtype)
             w_scale = T.alloc_var("float32")
             g = tiles[bt, 0]
@@ -125,8 +156,13 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
             # The scales' TMA box starts at r0 rounded down to SF_ALIGN rows: a TMA copy whose
             # innermost coordinate is not 16-byte aligned faults (CUDA_ERROR_ILLEGAL_INSTRUCTION).
             sf0 = r0 // SF_ALIGN * SF_ALIGN
+            sf_word = (lambda i: sa_s[r0 % SF_ALIGN + i]) if sf_load == "tma" else (lambda i: raw[i])
+            count = T.if_then_else(g >= 0, kb_count, 0)
             T.clear(acc)
-            for kb in T.Pipelined(T.if_then_else(g >= 0, kb_count, 0), num_stages=stages):
+            if overlap:  # never read before written (kb > 0 below), but TileLang's init check cannot tell
+                T.clear(part_odd)
+                T.clear(scale_odd)
+            for kb in T.Pipelined(count, num_stages=stages):
                 T.copy(x[r0, kb * BK], a_s)
                 T.copy(w[g, bn * BN, kb * BK], b_s)
                 if sf_load == "tma":
@@ -135,16 +171,32 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 if sf_load == "ldg":
                     for i in T.Parallel(BM):
                         raw[i] = T.if_then_else(r0 + i < MP, x_sf[kb if sf_layout == "col" else kb // 4, r0 + i], T.cast(0, sf_dtype))
-                T.gemm(a_s, b_s, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                for i in T.Parallel(BM):
-                    sf = sa_s[r0 % SF_ALIGN + i] if sf_load == "tma" else raw[i]
-                    if sf_layout == "col":
-                        row_scale[i] = sf * w_scale
-                    else:  # a UE8M0 byte is the biased exponent of a power of two
-                        byte = T.shift_right(T.reinterpret(sf, "uint32"), T.cast((kb % 4) * 8, "uint32")) & T.uint32(255)
-                        row_scale[i] = T.reinterpret(T.shift_left(byte, T.uint32(23)), "float32") * w_scale
-                for i, j in T.Parallel(BM, BN):
-                    acc[i, j] += part[i, j] * row_scale[i]
+                if not overlap:
+                    T.gemm(a_s, b_s, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                    row_scales(kb, sf_word, w_scale, row_scale)
+                    promote(acc, part, row_scale)
+                else:
+                    # Even blocks into part, odd ones into part_odd. Each branch ends with the wait:
+                    # TileLang releases the stage after this if (the last statement reading a_s, b_s
+                    # and sa_s), so never under a running wgmma.
+                    if kb % 2 == 0:
+                        T.wgmma_gemm(a_s, b_s, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                        if kb > 0:
+                            promote(acc, part_odd, scale_odd)
+                        row_scales(kb, sf_word, w_scale, row_scale)
+                        T.wait_wgmma(0)
+                        T.warpgroup_fence_operand(part, num_regs=BM * BN // threads)  # no read of it moves above the wait
+                    else:
+                        T.wgmma_gemm(a_s, b_s, part_odd, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                        promote(acc, part, row_scale)
+                        row_scales(kb, sf_word, w_scale, scale_odd)
+                        T.wait_wgmma(0)
+                        T.warpgroup_fence_operand(part_odd, num_regs=BM * BN // threads)
+            if overlap:
+                if count % 2 == 1:
+                    promote(acc, part, row_scale)
+                elif count > 0:
+                    promote(acc, part_odd, scale_odd)
             if via_shared:
                 c_s = T.alloc_shared((BM, BN), out_dtype)
                 T.copy(acc, c_s)
@@ -163,7 +215,7 @@ def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Conf
     return Launch(
         kernel=grouped_matmul_fp8_kernel,
         params=dict(k=x.shape[1], n=w.shape[1], sf_layout=x_sf_layout, out_dtype=np.dtype(out_dtype).name, stages=config.stages,
-                    sf_load=config.sf_load),  # fmt: skip
+                    sf_load=config.sf_load, overlap=config.overlap),  # fmt: skip
     )
 
 

@@ -3,8 +3,9 @@ references against independent float64 numpy dequantization on fresh random code
 x-scale layouts, both weight layouts, group sizes and segments, segments across the 128-row scale
 blocks, empty groups, M = 0), their agreement with the bf16 products of the values jax_tilek.quant's
 casts quantized, the straight-through gradients (FP8 and bf16 backward), argument errors, the op
-contract (kernels compiled for sm_90a; the generated CUDA runs e4m3 wgmma), and on a GPU the
-kernels at DeepSeek-V3 shapes and the gradients of the quantized matmul."""
+contract (kernels compiled for sm_90a; the generated CUDA runs e4m3 wgmma; the overlapped promotion
+releases a stage only after its wgmma), and on a GPU the kernels at DeepSeek-V3 shapes, the overlapped
+promotion against the default schedule, and the gradients of the quantized matmul."""
 
 import re
 
@@ -394,6 +395,42 @@ def _deepseek_args(m, k, n, g, layout):
     return (ST((m, k), E4M3), ST(sf_shape, sf_dtype), ST((g, n, k), E4M3), ST((g, n // 128, k // 128), jnp.float32), ST((g,), jnp.int32))
 
 
+# GroupedMatmulFp8Config.overlap on small cases: groups of any size (one empty), rows past the last
+# group, an odd, an even and a single K block, both x-scale layouts, both output dtypes, both sf_loads.
+OVERLAP_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load
+    (700, 640, 256, (130, 0, 301, 200), "col", "bfloat16", "ldg"),
+    (700, 512, 384, (0, 257, 128, 250), "col_ue8m0", "float32", "ldg"),
+    (333, 128, 256, (100, 0, 200), "col", "float32", "tma"),
+    (520, 896, 128, (1, 0, 300, 190), "col_ue8m0", "bfloat16", "tma"),
+]
+
+
+def overlap_program(out: str, sf_load: str):
+    """The product with ``overlap`` and with the default schedule (both with ``sf_load``)."""
+
+    def both(x, x_sf, w, w_sf, sizes):
+        def product(**config):
+            fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, **config)
+            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
+
+        return product(overlap=True), product()
+
+    return both
+
+
+@pytest.mark.parametrize("k,n,layout,out,sf_load", [(k, n, lay, out, sfl) for _, k, n, _, lay, out, sfl in OVERLAP_CASES])
+def test_overlap_releases_a_stage_after_its_wgmma(k, n, layout, out, sf_load):
+    """overlap=True for sm_90a: asynchronous wgmma (none of TileLang's own waits) in two branches, each
+    waiting for its wgmma (wait_wgmma<0>) before the consumers release the stage to the producer."""
+    params = dict(k=k, n=n, sf_layout=layout, out_dtype=out, stages=6, sf_load=sf_load, overlap=True)
+    source = grouped_matmul_fp8_kernel.artifact(params, "sm_90a", record=False).source
+    consumer = source[source.index("warpgroup_reg_alloc") :]
+    events = re.findall(r"warpgroup_commit_batch|wait_wgmma<\d+>|warpgroup_wait<\d+>|\]\.arrive\(\)", consumer)
+    assert events[:4] == ["warpgroup_commit_batch", "wait_wgmma<0>"] * 2
+    assert events[4:] and set(events[4:]) == {"].arrive()"}
+    assert WGMMA_E4M3 in source
+
+
 WGRAD_SHAPES = [(8192, 7168, 2048, 8, 0.0), (16384, 2048, 7168, 32, 1.5)]  # m, k, n, groups, skew
 
 
@@ -407,7 +444,9 @@ def _wgrad_args(m, k, n, g):
 
 GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
     (deepseek_fp8, _deepseek_args(m, k, n, g, layout)) for m, k, n, g, _, layout in DEEPSEEK_SHAPES
-] + [(deepseek_wgrad_fp8, _wgrad_args(m, k, n, g)) for m, k, n, g, _ in WGRAD_SHAPES]
+] + [(deepseek_wgrad_fp8, _wgrad_args(m, k, n, g)) for m, k, n, g, _ in WGRAD_SHAPES] + [
+    (overlap_program(out, sf_load), _deepseek_args(m, k, n, len(sizes), layout)) for m, k, n, sizes, layout, out, sf_load in OVERLAP_CASES
+]
 
 
 @pytest.mark.gpu
@@ -418,6 +457,22 @@ def test_gpu_deepseek_shapes(rng, on_gpu, m, k, n, g, skew, layout):
     sizes = random_sizes(rng, m, g, skew, 0)
     got = on_gpu(deepseek_fp8, *operands, sizes)
     want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
+    close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,sizes,layout,out,sf_load", OVERLAP_CASES)
+def test_gpu_overlapped_promotion(rng, on_gpu, m, k, n, sizes, layout, out, sf_load):
+    """overlap=True does the default schedule's float32 arithmetic (the same wgmma, the same fused
+    promotions in K order), only issued in another order: the same bytes; and the dequantized
+    reference (on the CPU) within the FP8 product's tolerance."""
+    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
+    sizes = np.array(sizes, np.int32)
+    got, default = on_gpu(overlap_program(out, sf_load), *operands, sizes)
+    assert got.dtype == out
+    jax_tilek.testing.assert_bytes_equal(got, default, "overlap against the default schedule")
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
     close(got, want, 1e-2)
 
 
