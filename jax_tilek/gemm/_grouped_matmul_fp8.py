@@ -87,13 +87,15 @@ class GroupedMatmulFp8Config:
     instead of after a synchronous wgmma."""
 
     stages: int = 6
-    sf_load: str = "ldg"
-    overlap: bool = False
+    sf_load: str = "tma"
+    overlap: bool = True
 
 
 @config_class(GroupedMatmulFp8Config)
 def _config(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype) -> GroupedMatmulFp8Config:
-    """Six stages: as many as fit beside the output tile (DeepGEMM's rule)."""
+    """Six stages: as many as fit beside the output tile (DeepGEMM's rule); x's scales through the
+    ring and the promotion under the next wgmma: the fastest of the four on an H100 (2026-12-07, 16384
+    tokens: 1177 / 791 us at the up / down G8 / G32 shapes against 1456 / 940 us for ldg without overlap)."""
     return GroupedMatmulFp8Config()
 
 
