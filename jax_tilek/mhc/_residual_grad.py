@@ -8,7 +8,7 @@ H100 (2026-12-07) that sum alone was 30% of an mHC block's forward + backward. H
 
     dmix[i]  = sum_h dout[h] x[i, h]                              (apply_mix's dmix alone)
     (d out_mul [M], d sqrsum) <- the mixes' VJP (split + Sinkhorn, or the head mix) <- reduce backward
-    dx[i, h] = bf16((sum_m d out_mul[m] fn[m, iH + h] + mix[i] dout[h]) + 2 x[i, h] d sqrsum)
+    dx[i, h] = bf16((mix[i] dout[h] + 2 x[i, h] d sqrsum) + sum_m d out_mul[m] fn[m, iH + h])
 
 The last line is one kernel, ``mhc_pre_residual_bwd`` (fp32 FMAs in m order, ``fn`` staged in shared
 memory), rounded to bf16 once; ``dfn = d out_mulᵀ x`` is :func:`_norm_fn.products_dfn`. The forward
@@ -37,10 +37,9 @@ def residual_grad_reference(dout, x, mix, dmul, dsq, fn, dres=None):
     ``fn [M, nH]`` (fp32), optionally another cotangent of x ``dres [T, n, H]`` bf16 to add ->
     ``dx [T, n, H]`` bf16 (module docstring)."""
     t, n, h = x.shape
-    acc = jnp.einsum("tm,mk->tk", dmul, fn, precision="highest").reshape(t, n, h)
-    acc = acc + mix * dout.astype(jnp.float32)[:, None, :]
-    acc = acc + 2.0 * x.astype(jnp.float32) * dsq[:, None, None]
-    return (acc if dres is None else acc + dres.astype(jnp.float32)).astype(x.dtype)
+    acc = mix * dout.astype(jnp.float32)[:, None, :] + 2.0 * x.astype(jnp.float32) * dsq[:, None, None]
+    acc = acc if dres is None else acc + dres.astype(jnp.float32)
+    return (acc + jnp.einsum("tm,mk->tk", dmul, fn, precision="highest").reshape(t, n, h)).astype(x.dtype)
 
 
 @kernel(pass_configs=PASS_CONFIGS)
@@ -83,24 +82,36 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool = F
             for e in T.serial(M * COLUMNS // THREADS):
                 m = (e * THREADS + tid) // COLUMNS
                 c = (e * THREADS + tid) % COLUMNS
-                fn_s[m, c] = T.float32(0)
-                if c0 + c < G:
-                    fn_s[m, c] = fn[m, c0 + c]
+                fn_s[m, c] = T.if_then_else(c0 + c < G, fn[m, c0 + c], T.float32(0))
             for e in T.serial(TOKENS * M // THREADS):
                 r = (e * THREADS + tid) // M
-                m = (e * THREADS + tid) % M
-                d_s[r, m] = T.float32(0)
-                if t0 + r < TT:
-                    d_s[r, m] = dmul[t0 + r, m]
+                d_s[r, (e * THREADS + tid) % M] = T.if_then_else(t0 + r < TT, dmul[t0 + r, (e * THREADS + tid) % M], T.float32(0))
             T.sync_threads()
             k = c0 + lane * VEC
             i = k // H
             h = k % H
             for rd in T.serial(rounds):
                 r0 = (tid // 32) * (TOKENS // warps) + rd * STEP
+                # The element-wise terms first: the STEP tokens' loads are in flight together and the
+                # fn products' FMAs cover their latency.
                 for s in T.unroll(STEP):
+                    t = t0 + r0 + s
                     for j in T.unroll(VEC):
                         acc[s, j] = T.float32(0)
+                    if t < TT and k < G:
+                        w = mix[t, i, 0]
+                        q = T.float32(2) * dsq[t]
+                        for j in T.vectorized(VEC):
+                            gv[j] = dout[t, h + j]
+                        for j in T.vectorized(VEC):
+                            xv[j] = x[t, i, h + j]
+                        for j in T.unroll(VEC):
+                            acc[s, j] = w * T.Cast("float32", gv[j]) + q * T.Cast("float32", xv[j])
+                        if accumulate:
+                            for j in T.vectorized(VEC):
+                                rv[j] = dres[t, i, h + j]
+                            for j in T.unroll(VEC):
+                                acc[s, j] = acc[s, j] + T.Cast("float32", rv[j])
                 for m in T.serial(M):
                     for j in T.vectorized(VEC):
                         f[j] = fn_s[m, lane * VEC + j]
@@ -110,19 +121,6 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool = F
                 for s in T.unroll(STEP):
                     t = t0 + r0 + s
                     if t < TT and k < G:
-                        w = mix[t, i, 0]
-                        q = T.float32(2) * dsq[t]
-                        for j in T.vectorized(VEC):
-                            gv[j] = dout[t, h + j]
-                        for j in T.vectorized(VEC):
-                            xv[j] = x[t, i, h + j]
-                        for j in T.unroll(VEC):
-                            acc[s, j] = (acc[s, j] + w * T.Cast("float32", gv[j])) + q * T.Cast("float32", xv[j])
-                        if accumulate:
-                            for j in T.vectorized(VEC):
-                                rv[j] = dres[t, i, h + j]
-                            for j in T.unroll(VEC):
-                                acc[s, j] = acc[s, j] + T.Cast("float32", rv[j])
                         for j in T.unroll(VEC):
                             ov[j] = T.Cast("bfloat16", acc[s, j])
                         for j in T.vectorized(VEC):
