@@ -9,15 +9,16 @@ Per token, with ``xf = flatten(residual[n, H])`` in fp32 (G = nH) and ``F = fn [
 The path is TileKernels 2.1's: partials of the GEMM ``out_mul_splitted [S, T, M]`` and of the sum of
 squares ``sqrsum_splitted [S, T]``, then ``mhc_reduce_partials_and_rmsnorm`` sums the partials in
 split order and applies the RMS scale; the reduce/rmsnorm step and the norm-weight merge are TileLang
-kernels, forward and backward. **The partials GEMM is XLA's, not a TileLang kernel** (TileKernels 2.1
-moved it to DeepGEMM; 1.0 ran it in TF32 on a pre-rounded fn). By default (``GEMM_PRECISION =
-"split_bf16"``) it is :func:`split_bf16_products`: one dot on bf16 tensor cores that reads x once
-(x is exact in bf16; fn in three bf16 parts holds it exactly, so the products are fp32-accurate), as
-one partial (S = 1) whatever ``n_splits`` is, as TileKernels 1.0 forces n_splits to 1: the split
-order changes only fp32 rounding, and the dot's own summation order is cuBLAS's. With a
-``jnp.einsum`` precision instead it is the S-split fp32 einsum (S = ``n_splits`` contiguous slices of
-``ceil(G / S)`` columns, the last one short). On an H100 (2026-12-07) the mHC block forward+backward
-at 16384 x 4 x 4096 took 4259 us with split_bf16, 4322 us with BF16_BF16_F32_X3, 4594 us with X6.
+kernels, forward and backward. By default (``GEMM_PRECISION = "split_bf16"``) the partials are the
+``mhc_pre_norm_fn_products`` kernel (:mod:`._products`: one pass over x for the products and the
+squares, on bf16 tensor cores with fn in three bf16 parts, fp32-accurate; TileKernels 2.1 runs the
+partials in DeepGEMM's TF32 pre-norm GEMM), S chosen from the shape, not ``n_splits`` (which only
+changes fp32 rounding; TileKernels 1.0 forces it to 1). Its XLA form, :func:`split_bf16_products`,
+is the reference and the path for shapes the kernel does not take (G not a multiple of 64, or
+M > 85), there as one partial. With a ``jnp.einsum`` precision instead the partials are the S-split
+fp32 einsum (S = ``n_splits`` contiguous slices of ``ceil(G / S)`` columns, the last one short). On
+an H100 (2026-12-07) the mHC block forward+backward at 16384 x 4 x 4096 took 4259 us with split_bf16
+as XLA's dot, 4322 us with BF16_BF16_F32_X3, 4594 us with X6.
 
 Backward of the reduce (r = the rsqrt, ``out_mul`` the summed products, ``sqrsum`` the summed squares)::
 
@@ -25,7 +26,7 @@ Backward of the reduce (r = the rsqrt, ``out_mul`` the summed products, ``sqrsum
     d sqrsum     = (sum_j dout[j] out_mul[j]) * r / (sqrsum + eps G) / -2
 
 and of the merge ``F' = F w``: ``dF = dF' w``, ``dw = sum over rows of dF' F`` (rows in order). The
-GEMM's backward is XLA's (``dF = d out_mulᵀ x``, ``dx = d out_mul F + 2 x d sqrsum``); JAX adds every
+partials' backward is XLA's (``dF = d out_mulᵀ x``, ``dx = d out_mul F + 2 x d sqrsum``); JAX adds every
 cotangent of the residual (functional accumulation, in place of TileKernels' ``grad_from_mhc_post``
 stash).
 
@@ -33,13 +34,17 @@ stash).
 closure.)
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jax_tilek import checks
 from jax_tilek.kernel import kernel
+from jax_tilek.mhc import _products
+from jax_tilek.mhc._products import bf16_parts
 from jax_tilek.mhc._common import BF16, F32, THREADS, check_dtype, check_eps, check_residual, check_shape, n3
-from jax_tilek.op import Launch, Rows, TileOp, uses, with_vjp
+from jax_tilek.op import Launch, Rows, TileOp, resolve_impl, uses, with_vjp
 from jax_tilek.testing import ArgSpec
 
 PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
@@ -274,89 +279,100 @@ def _merge_bwd(res, g, *, impl=None):
 merge_flat = with_vjp(_merge_primal, _merge_fwd, _merge_bwd)
 
 
-def bf16_parts(a: jax.Array, count: int) -> list[jax.Array]:
-    """``count`` bf16 arrays whose fp32 sum is ``a`` fp32 to ``8 * count`` significant bits (hi first;
-    three parts hold any normal fp32 exactly). Each part but the last is ``a`` truncated to its top 8
-    significant bits by a bit mask, not by a bf16 round trip: XLA, allowed excess precision, may drop
-    a round trip's rounding and leave ``a - a = 0`` for the next part."""
-    parts = []
-    for _ in range(count - 1):
-        bits = jax.lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(0xFFFF0000)
-        head = jax.lax.bitcast_convert_type(bits, jnp.float32)
-        parts.append(head.astype(jnp.bfloat16))  # exact
-        a = a - head  # exact
-    return [*parts, a.astype(jnp.bfloat16)]
-
-
-def _dot(a, b, contract: tuple[int, int]):
-    return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=jnp.float32)
-
-
-@jax.custom_vjp
-def split_bf16_products(x, fn):
-    """``x [T, G]`` bf16, ``fn [M, G]`` fp32 -> ``(x fnᵀ [T, M], sum of x² [T])`` fp32, on bf16 tensor cores.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def split_bf16_products(x, fn, splits: int = 1):
+    """``x [T, G]`` bf16, ``fn [M, G]`` fp32 -> ``(mul [T, S, M], sq [T, S])`` fp32: per split of G
+    (S contiguous slices) ``x fnᵀ`` and the sum of ``x²``, on bf16 tensor cores as XLA runs them
+    (``_products.products_reference``, the kernel's definition).
 
     x is exact in bf16, so ``fn`` split into three bf16 parts gives fp32-accurate products in one dot of
     N = 3M that reads x once; no fp32 copy of x. The backward splits the cotangent in three parts for
     ``dfn`` (fp32-accurate) and takes the leading terms to 16 bits for ``dx`` (which ends in bf16)."""
-    return _split_fwd(x, fn)[0]
+    return _products.products_reference(x, _products.fn_parts(fn), rows=fn.shape[0], splits=splits)
 
 
-def _split_fwd(x, fn):
-    m = fn.shape[0]
-    p = _dot(x, jnp.concatenate(bf16_parts(fn, 3)), (1, 1))
-    mul = (p[:, :m] + p[:, m : 2 * m]) + p[:, 2 * m :]
-    sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1)
-    return (mul, sq), (x, fn)
+def _split_fwd(x, fn, splits):
+    return split_bf16_products(x, fn, splits), (x, fn)
 
 
-def _split_bwd(res, g):
-    x, fn = res
-    dmul, dsq = g
+def _split_bwd(splits, res, g):
+    (x, fn), (dmul, dsq) = res, g
+    (t, cols), m = x.shape, fn.shape[0]
+    x3 = x.reshape(t, splits, cols // splits)
     d_hi, d_mid, _ = bf16_parts(dmul, 3)
     f_hi, f_lo = bf16_parts(fn, 2)
-    dx = _dot(jnp.concatenate([d_hi, d_hi, d_mid], axis=1), jnp.concatenate([f_hi, f_lo, f_hi]), (1, 0))
-    dx = (dx + 2.0 * x.astype(jnp.float32) * dsq[:, None]).astype(x.dtype)
-    return dx, _split_dfn(dmul, x)
+    rhs = jnp.concatenate([f_hi, f_lo, f_hi]).reshape(3 * m, splits, cols // splits)
+    dx = jnp.einsum("tsp,psc->tsc", jnp.concatenate([d_hi, d_hi, d_mid], axis=-1), rhs, preferred_element_type=jnp.float32)
+    dx = (dx + 2.0 * x3.astype(jnp.float32) * dsq[..., None]).astype(x.dtype).reshape(t, cols)
+    return dx, _split_dfn(dmul, x3)
 
 
-def _split_dfn(dmul, x):
-    m = dmul.shape[1]
-    dfn = _dot(jnp.concatenate(bf16_parts(dmul, 3), axis=1), x, (0, 0))
-    return (dfn[:m] + dfn[m : 2 * m]) + dfn[2 * m :]
+def _split_dfn(dmul, x3):
+    """``dmul [T, S, M]`` fp32, ``x3 [T, S, C]`` bf16 -> ``dfn [M, S C]``, dmul in three bf16 parts."""
+    m = dmul.shape[-1]
+    dfn = jnp.einsum("tsp,tsc->psc", jnp.concatenate(bf16_parts(dmul, 3), axis=-1), x3, preferred_element_type=jnp.float32)
+    return ((dfn[:m] + dfn[m : 2 * m]) + dfn[2 * m :]).reshape(m, -1)
 
 
 split_bf16_products.defvjp(_split_fwd, _split_bwd)
 
 
-def products(x, fn, n_splits: int):
+def products(x, fn, n_splits: int, *, impl=None):
     """The GEMM partials ``(out_mul_splitted [S, T, M], sqrsum_splitted [S, T])`` of ``x [T, G]`` bf16
-    by ``fn [M, G]`` fp32 as ``GEMM_PRECISION`` computes them (S = 1 for split_bf16), with no VJP."""
-    if GEMM_PRECISION == "split_bf16":
-        mul, sq = _split_fwd(x, fn)[0]
-        return mul[None], sq[None]
-    return split_k_partials(x.astype(jnp.float32), fn, n_splits)
+    by ``fn [M, G]`` fp32 as ``GEMM_PRECISION`` computes them, with no VJP. split_bf16: the
+    ``mhc_pre_norm_fn_products`` kernel where it takes the shape (S from the shape,
+    :mod:`._products`; XLA's form of it with ``impl="xla"``), else one partial of XLA's dot; an
+    einsum precision: ``n_splits`` fp32 einsum slices."""
+    if GEMM_PRECISION != "split_bf16":
+        return split_k_partials(x.astype(jnp.float32), fn, n_splits)
+    (t, g), m = x.shape, fn.shape[0]
+    kernel = _products.takes(g, m)
+    splits = _products.split_count(t, g) if kernel else 1
+    if kernel and resolve_impl(impl, _products.products_op.name) != "xla":
+        mul, sq = _products.products_op(x, _products.fn_parts(fn), rows=m, splits=splits, impl=impl)
+    else:
+        mul, sq = split_bf16_products(x, fn, splits)
+    return jnp.moveaxis(mul, 1, 0), sq.T
 
 
 def products_dfn(dmul, x):
     """``dmulᵀ x [M, G]`` fp32 for ``dmul [T, M]`` fp32, ``x [T, G]`` bf16: split_bf16 takes dmul in
     three bf16 parts (fp32-accurate), an einsum precision takes x in fp32."""
     if GEMM_PRECISION == "split_bf16":
-        return _split_dfn(dmul, x)
+        return _split_dfn(dmul[:, None], x[:, None])
     return jnp.einsum("tm,tg->mg", dmul, x.astype(jnp.float32), precision=GEMM_PRECISION)
 
 
-def norm_fn_flat(x, fn, w, *, impl, eps: float, n_splits: int):
-    """``x [T, n, H]`` bf16 -> mixes ``[T, M]`` fp32 (differentiable in x, fn and w)."""
-    t = x.shape[0]
-    g = x.shape[1] * x.shape[2]
-    if w is not None:
-        fn = merge_flat(fn, w, impl=impl)
+def products_backward(dmul, dsq, x, fn):
+    """The partials' VJP for one cotangent of every split: ``(dx [T, G] bf16, dfn [M, G] fp32)``."""
     if GEMM_PRECISION == "split_bf16":
-        mul, sq = split_bf16_products(x.reshape(t, g), fn)
-        return reduce_flat(mul[None], sq[None], impl=impl, group=g, eps=eps)
-    mul_s, sq_s = split_k_partials(x.reshape(t, g).astype(jnp.float32), fn, n_splits)
-    return reduce_flat(mul_s, sq_s, impl=impl, group=g, eps=eps)
+        return _split_bwd(1, (x, fn), (dmul[:, None], dsq[:, None]))
+    dx = jnp.einsum("tm,mg->tg", dmul, fn, precision=GEMM_PRECISION) + 2.0 * x.astype(jnp.float32) * dsq[:, None]
+    return dx.astype(x.dtype), products_dfn(dmul, x)
+
+
+def _norm_fn_fwd(x, fn, w, *, impl, eps: float, n_splits: int):
+    t, n, h = x.shape
+    fn_merged = fn if w is None else _merge_fwd_op(fn, w, impl=impl)
+    mul_s, sq_s = products(x.reshape(t, n * h), fn_merged, n_splits, impl=impl)
+    out, mul, sq = _reduce_fwd_op(mul_s, sq_s, impl=impl, group=n * h, eps=eps)
+    return out, (x, fn, w, fn_merged, mul, sq)
+
+
+def _norm_fn_bwd(res, g, *, impl, eps: float, n_splits: int):
+    x, fn, w, fn_merged, mul, sq = res
+    t, n, h = x.shape
+    dmul, dsq = _reduce_bwd_op(g, mul, sq, impl=impl, group=n * h, eps=eps)
+    dx, dfn = products_backward(dmul, dsq, x.reshape(t, n * h), fn_merged)
+    if w is None:
+        return dx.reshape(x.shape), dfn, None
+    dfn, dw = _merge_bwd_op(dfn, fn, w, impl=impl)
+    return dx.reshape(x.shape), dfn, dw
+
+
+norm_fn_flat = with_vjp(lambda *a, **k: _norm_fn_fwd(*a, **k)[0], _norm_fn_fwd, _norm_fn_bwd)
+"""``(x [T, n, H] bf16, fn [M, nH], norm_weight [nH] | None)`` -> mixes ``[T, M]`` fp32, differentiable
+in all three; static ``impl``, ``eps``, ``n_splits``."""
 
 
 def check_norm_fn(op: str, residual, fn, norm_weight, eps, n_splits, mhc_mult=None, rows=None):
@@ -384,7 +400,7 @@ def _case(lead, h, n=4, weight=False, n_splits=16, **options) -> ArgSpec:
         jax.ShapeDtypeStruct((n * h,), F32) if weight else None, 1e-6,
     )  # fmt: skip
     name = f"{'x'.join(map(str, lead))}x{h}_n{n}_s{n_splits}" + ("_w" if weight else "")
-    return ArgSpec(name, args, dict(n_splits=n_splits), make=_make(args), tolerance=1e-3, launches=2 if weight else 1, **options)
+    return ArgSpec(name, args, dict(n_splits=n_splits), make=_make(args), tolerance=1e-3, launches=(2 if weight else 1) + _products.takes(n * h, n3(n)), **options)
 
 
 def _make(structs):
@@ -408,7 +424,7 @@ ARG_SPECS = (
 )
 
 
-@uses(_reduce_fwd_op, _reduce_bwd_op, _merge_fwd_op, _merge_bwd_op, cases=ARG_SPECS, differentiable=True)
+@uses(_products.products_op, _reduce_fwd_op, _reduce_bwd_op, _merge_fwd_op, _merge_bwd_op, cases=ARG_SPECS, differentiable=True)
 def mhc_pre_norm_fn(
     residual: jax.Array, mhc_fn: jax.Array, mhc_norm_weight: jax.Array | None, mhc_norm_eps: float, n_splits: int = 16,
     *, impl=None, ops,

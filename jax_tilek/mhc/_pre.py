@@ -33,13 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tilek import checks
-from jax_tilek.mhc import _apply_mix, _norm_fn, _post, _residual_grad, _sinkhorn, _split_mixes
+from jax_tilek.mhc import _apply_mix, _norm_fn, _post, _products, _residual_grad, _sinkhorn, _split_mixes
 from jax_tilek.mhc._common import BF16, F32, check_dtype, check_eps, check_shape, n3
 from jax_tilek.op import uses
 from jax_tilek.testing import ArgSpec, random_array
 
 _PRE_OPS = (
-    _norm_fn._reduce_fwd_op, _norm_fn._reduce_bwd_op, _norm_fn._merge_fwd_op, _norm_fn._merge_bwd_op,
+    _products.products_op, _norm_fn._reduce_fwd_op, _norm_fn._reduce_bwd_op, _norm_fn._merge_fwd_op, _norm_fn._merge_bwd_op,
     _split_mixes._split_fwd_op, _split_mixes._split_bwd_op, _sinkhorn._fwd_op, _sinkhorn._bwd_op,
     _apply_mix._fwd_op, _apply_mix.dmix_op, _residual_grad.residual_grad_op,
 )  # fmt: skip
@@ -96,7 +96,7 @@ def _pre_case(lead, h, n=4, weight=False, launches=None, **options) -> ArgSpec:
     structs, w = _pre_args(lead, h, n, weight)
     kwargs = dict(mhc_mult=n, post_mult_value=2.0, pre_eps=1e-2)
     name = f"{'x'.join(map(str, lead))}x{h}_n{n}" + ("_w" if weight else "")
-    count = launches if launches is not None else (5 if weight else 4)
+    count = launches if launches is not None else (5 if weight else 4) + _products.takes(n * h, n3(n))
     return ArgSpec(name, structs + (w,), kwargs, make=_pre_make(structs, w, False), tolerance=1e-2, launches=count, **options)
 
 
@@ -139,7 +139,7 @@ def _fuse_case(lead, h, n=4, weight=False, **options) -> ArgSpec:
     structs, w = _pre_args(lead, h, n, weight)
     kwargs = dict(rms_eps=1e-6, mhc_pre_eps=1e-2, mhc_sinkhorn_eps=1e-6, mhc_post_mult_value=2.0, sinkhorn_repeat=10)
     name = f"{'x'.join(map(str, lead))}x{h}_n{n}" + ("_w" if weight else "")
-    return ArgSpec(name, structs + (w,), kwargs, make=_pre_make(structs, w, False), tolerance=1e-2, launches=5 if weight else 4, **options)
+    return ArgSpec(name, structs + (w,), kwargs, make=_pre_make(structs, w, False), tolerance=1e-2, launches=(5 if weight else 4) + _products.takes(n * h, n3(n)), **options)
 
 
 FUSE_SPECS = (
@@ -188,13 +188,13 @@ def _head_case(lead, h, n=4, weight=False, **options) -> ArgSpec:
         )  # fmt: skip
 
     name = f"{'x'.join(map(str, lead))}x{h}_n{n}" + ("_w" if weight else "")
-    return ArgSpec(name, args, dict(mhc_mult=n, pre_eps=1e-2), make=make, tolerance=1e-2, launches=4 if weight else 3, **options)
+    return ArgSpec(name, args, dict(mhc_mult=n, pre_eps=1e-2), make=make, tolerance=1e-2, launches=(4 if weight else 3) + _products.takes(n * h, n), **options)
 
 
 HEAD_SPECS = (_head_case((2, 4), 128), _head_case((6,), 64, weight=True), _head_case((4096,), 7168, bench=True))
 
 
-@uses(*_PRE_OPS[:4], _split_mixes._head_fwd_op, _split_mixes._head_bwd_op, *_PRE_OPS[-3:], cases=HEAD_SPECS, differentiable=True)
+@uses(*_PRE_OPS[:5], _split_mixes._head_fwd_op, _split_mixes._head_bwd_op, *_PRE_OPS[-3:], cases=HEAD_SPECS, differentiable=True)
 def mhc_head(
     residual: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, norm_weight: jax.Array | None = None, *,
     norm_eps: float = 1e-6, mhc_mult: int = 4, pre_eps: float = 1e-6, n_splits: int = 16, impl=None, ops,

@@ -267,27 +267,57 @@ def test_bad_arguments_raise(call, message):
         call()
 
 
-def test_split_bf16_products_match_float64_with_gradients():
-    """The partials GEMM on bf16 tensor cores (fn in three bf16 parts) is fp32-accurate, and so is its
-    custom backward against float64 autodiff (dx to its bf16 rounding)."""
+@pytest.mark.parametrize("splits", [1, 4])
+def test_split_bf16_products_match_float64_with_gradients(splits):
+    """The partials GEMM on bf16 tensor cores (fn in three bf16 parts) is fp32-accurate per split of
+    the columns, and so is its custom backward against float64 autodiff (dx to its bf16 rounding)."""
     from jax_tilek.mhc import _norm_fn
 
     rng = np.random.default_rng(7)
     x = _res(rng, (37, 320))
     fn = (rng.standard_normal((24, 320)) * 1e-2).astype(np.float32)
-    dmul, dsq = rng.standard_normal((37, 24)).astype(np.float32), rng.standard_normal(37).astype(np.float32)
-    x64, fn64 = x.astype(np.float64), fn.astype(np.float64)
+    dmul, dsq = rng.standard_normal((37, splits, 24)).astype(np.float32), rng.standard_normal((37, splits)).astype(np.float32)
+    x64, fn64 = x.astype(np.float64).reshape(37, splits, -1), fn.astype(np.float64).reshape(24, splits, -1)
     parts = jax.jit(lambda a: [p.astype(jnp.float32) for p in _norm_fn.bf16_parts(a, 3)])(fn)
     np.testing.assert_array_equal((parts[0] + parts[1]) + parts[2], fn)  # three parts hold fp32 exactly
-    mul, sq = _norm_fn.split_bf16_products(jnp.asarray(x), jnp.asarray(fn))
-    assert np.all(np.abs(np.asarray(mul, np.float64) - x64 @ fn64.T) <= 1e-6 * (np.abs(x64) @ np.abs(fn64.T)))  # fp32 accuracy
-    np.testing.assert_allclose(sq, (x64**2).sum(1), rtol=1e-6)
-    _, vjp = jax.vjp(_norm_fn.split_bf16_products, jnp.asarray(x), jnp.asarray(fn))
+    mul, sq = _norm_fn.split_bf16_products(jnp.asarray(x), jnp.asarray(fn), splits)
+    assert mul.shape == (37, splits, 24) and sq.shape == (37, splits)
+    bound = 1e-6 * np.einsum("tsc,msc->tsm", np.abs(x64), np.abs(fn64))
+    assert np.all(np.abs(np.asarray(mul, np.float64) - np.einsum("tsc,msc->tsm", x64, fn64)) <= bound)  # fp32 accuracy
+    np.testing.assert_allclose(sq, (x64**2).sum(2), rtol=1e-6)
+    _, vjp = jax.vjp(lambda x, fn: _norm_fn.split_bf16_products(x, fn, splits), jnp.asarray(x), jnp.asarray(fn))
     dx, dfn = vjp((jnp.asarray(dmul), jnp.asarray(dsq)))
     assert dx.dtype == jnp.bfloat16 and dfn.dtype == jnp.float32
-    want_dx = dmul.astype(np.float64) @ fn64 + 2 * x64 * dsq[:, None]
-    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=8e-3, atol=1e-6)
-    np.testing.assert_allclose(dfn, dmul.astype(np.float64).T @ x64, rtol=1e-4, atol=1e-4)
+    want_dx = np.einsum("tsm,msc->tsc", dmul.astype(np.float64), fn64) + 2 * x64 * dsq[..., None]
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx.reshape(37, 320), rtol=8e-3, atol=1e-6)
+    np.testing.assert_allclose(dfn, np.einsum("tsm,tsc->msc", dmul.astype(np.float64), x64).reshape(24, 320), rtol=1e-4, atol=1e-4)
+
+
+PRODUCTS_SHAPES = [(1, 4, 64), (130, 4, 256), (517, 2, 3584), (4099, 4, 1024)]  # T, n, H
+
+
+def _products_call(t, n, h):
+    from jax_tilek.mhc import _norm_fn
+
+    return jax.jit(lambda x, fn: _norm_fn.products(x, fn, 16))
+
+
+@pytest.mark.parametrize("t,n,h", PRODUCTS_SHAPES)
+def test_products_match_float64_per_split(t, n, h):
+    """The partials (the ``mhc_pre_norm_fn_products`` kernel on a GPU): each split's products to fp32
+    accuracy and its sum of squares, for token counts off the 128-token tile and S > 1."""
+    from jax_tilek.mhc import _products
+
+    rng = np.random.default_rng(t)
+    m, g = n * (n + 2), n * h
+    x, fn = _res(rng, (t, g)), (rng.standard_normal((m, g)) * 1e-2).astype(np.float32)
+    mul, sq = _products_call(t, n, h)(x, fn)
+    s = _products.split_count(t, g)
+    assert mul.shape == (s, t, m) and sq.shape == (s, t)
+    x64, fn64 = x.astype(np.float64).reshape(t, s, -1), fn.astype(np.float64).reshape(m, s, -1)
+    bound = 1e-5 * np.einsum("tsc,msc->stm", np.abs(x64), np.abs(fn64))  # fp32 sums (bf16 parts: ~4e-3)
+    assert np.all(np.abs(np.asarray(mul, np.float64) - np.einsum("tsc,msc->stm", x64, fn64)) <= bound)
+    np.testing.assert_allclose(sq, (x64**2).sum(2).T, rtol=2e-6)
 
 
 def _norm_fn_grad(algorithm):
@@ -314,4 +344,4 @@ _F32 = jnp.float32
 GPU_PROGRAMS = [(_pre_grad(a, n, alias), _pre_structs(t, n, h, alias)) for a, alias in FUSED_VARIANTS for t, n, h in FUSED_SHAPES] + [
     (_norm_fn_grad(a), (jax.ShapeDtypeStruct((19, 4, 96), jnp.bfloat16), jax.ShapeDtypeStruct((24, 384), _F32), jax.ShapeDtypeStruct((384,), _F32)))
     for a in ("split_bf16", "highest")
-]
+] + [(_products_call(t, n, h), (jax.ShapeDtypeStruct((t, n * h), jnp.bfloat16), jax.ShapeDtypeStruct((n * (n + 2), n * h), _F32))) for t, n, h in PRODUCTS_SHAPES]
