@@ -192,6 +192,13 @@ def decode_record(record: list[int]) -> dict:
     return out
 
 
+def jit_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` as one jitted program, the arrays among the arguments traced and the
+    other values static: called eagerly, a reference compiles an XLA program per operation."""
+    call, arrays = over_arrays(lambda a, kw: fn(*a, **kw), (args, kwargs))
+    return jax.jit(call)(*arrays)
+
+
 def assert_bytes_equal(actual: Any, expected: Any, what: str = "") -> None:
     """Bit-exact equality of two arrays of one dtype and shape (NaN payloads and signed zeros count)."""
     a, e = np.ascontiguousarray(np.asarray(actual)), np.ascontiguousarray(np.asarray(expected))
@@ -278,6 +285,17 @@ class OpContract:
         as ``eps`` or a format name, closed over), and those arrays taken from ``args``."""
         return over_arrays(case.call(self.function, impl), args)
 
+    def jitted(self, case: ArgSpec, impl: Any, args: Sequence[Any]) -> tuple[Callable[..., Any], list[Any]]:
+        """:meth:`bound` under ``jax.jit``, one jitted function per case, ``impl`` and non-array
+        arguments in this process: the tests of a case trace, lower and compile it once."""
+        call, arrays = self.bound(case, impl, args)
+        leaves, tree = jax.tree.flatten(list(args), is_leaf=lambda x: x is None)
+        key = (self.function, id(case), impl, tree, tuple(a for a in leaves if not (_is_struct(a) or _is_array(a))))
+        try:
+            return _JITTED.setdefault(key, (case, jax.jit(call)))[1], arrays
+        except TypeError:  # an unhashable option
+            return jax.jit(call), arrays
+
     # -- off the GPU ----------------------------------------------------------------------------
 
     def test_abstract_eval_matches_reference(self, case: ArgSpec) -> None:
@@ -291,11 +309,11 @@ class OpContract:
         if jax_tilek.kernels_available():
             _skip("the default path runs the kernel here (see test_gpu_matches_reference)")
         args = case.arrays(rng)
-        call, arrays = self.bound(case, None, args)
-        reference, _ = self.bound(case, "xla", args)
-        default, xla = (jax.jit(f).lower(*arrays).as_text(debug_info=False) for f in (call, reference))
+        call, arrays = self.jitted(case, None, args)
+        reference, _ = self.jitted(case, "xla", args)
+        default, xla = (f.lower(*arrays).as_text(debug_info=False) for f in (call, reference))
         if default != xla:  # the same program needs no run; a differently staged one must compute the same
-            assert_trees_equal(jax.jit(call)(*arrays), jax.jit(reference)(*arrays), what=case.name)
+            assert_trees_equal(call(*arrays), reference(*arrays), what=case.name)
 
     def test_lowers_to_its_launches(self, case: ArgSpec) -> None:
         calls = tilek_calls(lower_for_cuda(*_flat(self.bound(case, None, case.structs()))))
@@ -319,16 +337,20 @@ class OpContract:
         if not self.vmappable:
             _skip("not vmappable")
         draws = [case.arrays(rng) for _ in range(2)]
+        one, _ = self.jitted(case, None, draws[0])  # compiled once for both items: eager op-by-op dispatch is slow
         call, _ = self.bound(case, None, draws[0])
-        stacked = [jnp.stack([jnp.asarray(a) for a in pair]) for pair in zip(*(self.bound(case, None, d)[1] for d in draws))]
+        stacked = [np.stack([_host(a) for a in pair]) for pair in zip(*(self.bound(case, None, d)[1] for d in draws))]
         batched = jax.jit(jax.vmap(call))(*stacked)
-        one = jax.jit(call)  # compiled once for both items: eager op-by-op dispatch of a reference is the slow part
-        expected = jax.tree.map(lambda *ys: jnp.stack(ys), *[one(*(s[k] for s in stacked)) for k in range(2)])
-        assert_trees_equal(batched, expected, what=f"{case.name} vmap")
+        expected = jax.tree.map(lambda *ys: np.stack([_host(y) for y in ys]), *[one(*(s[k] for s in stacked)) for k in range(2)])
+        assert_trees_equal(batched, expected, self.vmap_tolerance(case), what=f"{case.name} vmap")
         if self.rows:  # a batch of the token operand alone (shared weights) folds into the tokens
             structs = [jax.ShapeDtypeStruct(s.shape if i == 0 else s.shape[1:], s.dtype) for i, s in enumerate(stacked)]
             text = lower_for_cuda(jax.vmap(call, in_axes=(0,) + (None,) * (len(structs) - 1)), *structs)
             assert len(tilek_calls(text)) == case.launches and "stablehlo.while" not in text, "vmap did not fold into the tokens"
+
+    def vmap_tolerance(self, case: ArgSpec) -> float | None:
+        """The tolerance of vmap against the loop: None, bit-exact."""
+        return None
 
     def test_grad_matches_the_reference(self, case: ArgSpec, rng: np.random.Generator) -> None:
         if not self.differentiable:
@@ -357,23 +379,22 @@ class OpContract:
 
         devices = jax.devices("cpu")
         args = case.arrays(rng)
-        call, arrays = self.bound(case, None, args)
-        reference, _ = self.bound(case, "xla", args)
+        f, arrays = self.jitted(case, None, args)
+        reference, _ = self.jitted(case, "xla", args)
         if len(devices) < 8 or not arrays or np.ndim(arrays[0]) == 0 or np.shape(arrays[0])[0] % 8:
             _skip("needs 8 host devices and a token count divisible by 8")
         mesh = jax.make_mesh((8,), ("d",), devices=devices[:8])
         sharded = [jax.device_put(arrays[0], NamedSharding(mesh, PartitionSpec("d"))), *arrays[1:]]
-        f = jax.jit(call)
-        assert_trees_equal(f(*sharded), jax.jit(reference)(*arrays), what=f"{case.name} sharded")
+        assert_trees_equal(f(*sharded), reference(*arrays), what=f"{case.name} sharded")
         hlo = f.lower(*sharded).compile().as_text()
         assert not re.search(r"all-gather|all-to-all|collective-permute|all-reduce", hlo), "sharded tokens were exchanged"
 
     def test_export_round_trip(self, case: ArgSpec, rng: np.random.Generator) -> None:
         exported = jax_tilek.export(*_flat(self.bound(case, None, case.structs())), arch="sm_90a", platforms=("cuda", "cpu"))
         restored = jax.export.deserialize(exported.serialize())
-        reference, arrays = self.bound(case, "xla", case.arrays(rng))
+        reference, arrays = self.jitted(case, "xla", case.arrays(rng))
         with jax.default_device(jax.devices("cpu")[0]):
-            assert_trees_equal(restored.call(*arrays), jax.jit(reference)(*arrays), what=f"{case.name} export")
+            assert_trees_equal(restored.call(*arrays), reference(*arrays), what=f"{case.name} export")
 
     def test_bad_inputs_raise_at_trace_time(self) -> None:
         if not self.bad_inputs:
@@ -412,6 +433,14 @@ def _flat(bound: tuple[Callable[..., Any], list[Any]]) -> list[Any]:
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array))
+
+
+def _host(x: Any) -> np.ndarray:
+    """``x`` as a NumPy array of its JAX dtype (stacked and sliced without compiling XLA programs)."""
+    return np.asarray(jax.device_put(x))
+
+
+_JITTED: dict[tuple, tuple[ArgSpec, Callable[..., Any]]] = {}  # OpContract.jitted's functions (with their case, keeping its id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from jax_tilek.moe._moe_topk_gate import moe_topk_gate, moe_topk_gate_backward, topk_gate_weights
 from jax_tilek.moe._top2_sum_gate import separated_gate_logits, top2_sum_gate
 from jax_tilek.moe._topk_gate import topk_gate, topk_sum_and_topk_group_idx
-from jax_tilek.testing import OpContract, assert_bytes_equal
+from jax_tilek.testing import OpContract, assert_bytes_equal, jit_call
 
 F32 = jnp.float32
 
@@ -250,14 +250,14 @@ def test_top2_sum_gate_reference_matches_numpy(rng, tokens, experts, topk, scori
         extra["mask"] = rng.random(tokens) < 0.7
         extra["fix_routing_mask"] = rng.random(tokens) < 0.3
         extra["unmapped_topk_idx"] = rng.integers(0, experts, (tokens, topk), dtype=np.int32)
-    got = top2_sum_gate(logits, bias, topk, topk_groups, groups, bool(shared), shared, 1.5, *ep, scoring, **extra, impl="xla")
-    want = np_gate(logits, bias, topk, scoring, groups, topk_groups, shared, 1.5, extra.get("mask"), extra.get("fix_routing_mask"),
-                   extra.get("unmapped_topk_idx"), extra.get("to_physical_map"), extra.get("logical_count"), ep, version=1)  # fmt: skip
-    _check_gate(got, want, with_unmapped=masks)
     def call(impl):
         return jax.jit(lambda *a: top2_sum_gate(*a, topk, topk_groups, groups, bool(shared), shared, 1.5, *ep, scoring, **extra, impl=impl))
 
-    for d, r in zip(call(None)(logits, bias), call("xla")(logits, bias)):  # the default path off the GPU is the reference
+    got = call("xla")(logits, bias)
+    want = np_gate(logits, bias, topk, scoring, groups, topk_groups, shared, 1.5, extra.get("mask"), extra.get("fix_routing_mask"),
+                   extra.get("unmapped_topk_idx"), extra.get("to_physical_map"), extra.get("logical_count"), ep, version=1)  # fmt: skip
+    _check_gate(got, want, with_unmapped=masks)
+    for d, r in zip(call(None)(logits, bias), got):  # the default path off the GPU is the reference
         assert_bytes_equal(d, r)
 
 
@@ -309,11 +309,11 @@ def test_force_random(rng, experts, topk, shared, duplicates):
     logits = separated_gate_logits(rng, tokens, experts, topk, "sqrtsoftplus", np.zeros(experts, np.float32))
     force = rng.random(tokens) < 0.5
     args = (logits, topk, bool(shared), shared, 1.5, 0)
-    plain = moe_topk_gate(*args, **extra, with_scores=True, impl="xla")
+    plain = jit_call(moe_topk_gate, *args, **extra, with_scores=True, impl="xla")
     key = jax.random.key(int(rng.integers(1 << 30)))
-    got = moe_topk_gate(*args, **extra, force_random=force, force_random_key=key, with_scores=True, impl="xla")
-    again = moe_topk_gate(*args, **extra, force_random=force, force_random_key=key, with_scores=True, impl="xla")
-    other = moe_topk_gate(*args, **extra, force_random=force, force_random_key=jax.random.fold_in(key, 1), impl="xla")
+    got = jit_call(moe_topk_gate, *args, **extra, force_random=force, force_random_key=key, with_scores=True, impl="xla")
+    again = jit_call(moe_topk_gate, *args, **extra, force_random=force, force_random_key=key, with_scores=True, impl="xla")
+    other = jit_call(moe_topk_gate, *args, **extra, force_random=force, force_random_key=jax.random.fold_in(key, 1), impl="xla")
     idx, weights, unmapped, scores = map(np.asarray, got)
     forced = force & extra["mask"]
     for want, have in zip(plain, got):

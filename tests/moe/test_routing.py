@@ -13,7 +13,7 @@ from jax_tilek.moe._fused_mapping import capacity, get_fused_mapping, random_top
 from jax_tilek.moe._reduce import reduce_fused
 from jax_tilek.moe._utils import aux_fi, group_count, mask_indices_by_tp, normalize_weight, unique_group_indices
 from jax_tilek.quant import formats as F
-from jax_tilek.testing import OpContract, assert_bytes_equal
+from jax_tilek.testing import OpContract, assert_bytes_equal, jit_call
 
 S = jax.ShapeDtypeStruct
 
@@ -181,7 +181,7 @@ def test_expand_with_sf_reference(rng, layout, npc, e4m3_sf, t):
     flags = dict(use_tma_aligned_col_major_sf=layout != "row", round_sf=layout == "col_ue8m0", use_packed_ue8m0=layout == "col_ue8m0")
     if e4m3_sf:
         flags["use_e4m3_sf"] = True
-    data, sf = per_token_cast(x, "e4m3", num_per_channels=npc, impl="xla", **flags)
+    data, sf = jit_call(per_token_cast, x, "e4m3", num_per_channels=npc, impl="xla", **flags)
     out, out_sf = jax.jit(lambda *a: expand_to_fused_with_sf((a[0], a[1]), npc, a[2], a[3], layout != "row", impl="xla"))(data, sf, ttp, pte)
     p = pte.shape[0]
     assert_bytes_equal(out, np_expand(np.asarray(data), ttp, p))
@@ -195,9 +195,8 @@ def test_expand_with_sf_reference(rng, layout, npc, e4m3_sf, t):
     assert_bytes_equal(out_sf, want)
     # the expanded scales dequantize the expanded data as the originals did
     blocks = F.num_blocks((p, h), (1, npc))
-    logical = F.load_sf(out_sf, layout, blocks)
-    back = F.dequantize_blocks(out, logical, "e4m3", (1, npc))
-    orig = F.dequantize_blocks(data, F.load_sf(jnp.asarray(sf), layout, F.num_blocks((t, h), (1, npc))), "e4m3", (1, npc))
+    back = jit_call(lambda d, s: F.dequantize_blocks(d, F.load_sf(s, layout, blocks), "e4m3", (1, npc)), out, out_sf)
+    orig = jit_call(lambda d, s: F.dequantize_blocks(d, F.load_sf(s, layout, F.num_blocks((t, h), (1, npc))), "e4m3", (1, npc)), data, sf)
     assert_bytes_equal(back, np_expand(np.asarray(orig), ttp, p))
 
 
@@ -242,11 +241,11 @@ def test_grads_use_the_other_op(rng, impl):
     ttp, pte = mapping(rng, t, k, e, 4)
     x = rng.standard_normal((t, h), np.float32)
     g = rng.standard_normal((pte.shape[0], h), np.float32)
-    dx = jax.grad(lambda x: jnp.vdot(expand_to_fused(x, ttp, pte, impl=impl), g))(x)
+    dx = jax.jit(jax.grad(lambda x: jnp.vdot(expand_to_fused(x, ttp, pte, impl=impl), g)))(x)
     np.testing.assert_allclose(dx, np_reduce(g, None, ttp), rtol=1e-6, atol=1e-6)
     w = rng.random((t, k), np.float32)
     dy = rng.standard_normal((t, h), np.float32)
-    dg = jax.grad(lambda g: jnp.vdot(reduce_fused(g, w, ttp, impl=impl), dy))(g)
+    dg = jax.jit(jax.grad(lambda g: jnp.vdot(reduce_fused(g, w, ttp, impl=impl), dy)))(g)
     want = np.zeros_like(g)
     for (r, j), pos in np.ndenumerate(ttp):
         if pos >= 0:

@@ -142,7 +142,7 @@ def test_vmap_stacks_layers_and_maps_calls():
 
     m = moe()
     xs = jax.random.normal(jax.random.key(8), (2, 16, 128), jnp.bfloat16)
-    ys, aux = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(m, xs)  # each batch element routed on its own
+    ys, aux = nnx.jit(nnx.vmap(lambda m, x: m(x), in_axes=(None, 0)))(m, xs)  # each batch element routed on its own
     for i in range(2):
         y_i, aux_i = run(m, xs[i])
         np.testing.assert_allclose(np.asarray(ys[i], np.float32), np.asarray(y_i, np.float32), rtol=1e-2, atol=1e-2)
@@ -201,7 +201,7 @@ def test_fp8_linear_is_the_dequantized_product():
     def objective(x, kernel):
         return jnp.vdot(nnx.merge(graphdef, jax.tree.map(lambda _: kernel, state))(x).astype(jnp.float32), g.astype(jnp.float32))
 
-    dx, dw = jax.grad(objective, argnums=(0, 1))(x, layer.kernel[...])
+    dx, dw = jax.jit(jax.grad(objective, argnums=(0, 1)))(x, layer.kernel[...])
     dx_expected = np.asarray(g.astype(jnp.float32) @ w.astype(jnp.float32).T)
     np.testing.assert_allclose(np.asarray(dx, np.float32), dx_expected, rtol=0, atol=0.1 * np.abs(dx_expected).max())
     dw_expected = np.asarray(x.reshape(150, 256).astype(jnp.float32).T @ g.reshape(150, 384).astype(jnp.float32))

@@ -89,10 +89,10 @@ def check_against_dense(m: MoE, x: jax.Array, gate: str, tol: float) -> None:
         return jnp.sum(y.reshape(x.shape) * cot) + 3.0 * aux, (y, aux)
 
     p = params_of(m)
-    (_, (y_ref, aux_ref)), (g_ref, gx_ref) = jax.value_and_grad(dense_loss, argnums=(0, 1), has_aux=True)(p, x.astype(jnp.float32))
+    (_, (y_ref, aux_ref)), (g_ref, gx_ref) = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1), has_aux=True))(p, x.astype(jnp.float32))
     tokens = x.reshape(-1, x.shape[-1]).astype(m.dtype)
     idx = nnx.jit(lambda r, t: r(t)[0])(m.router, tokens)
-    idx_ref = dense_routing(p, tokens.astype(jnp.float32), 2, **kw)[0]
+    idx_ref = jax.jit(lambda p, t: dense_routing(p, t, 2, **kw)[0])(p, tokens.astype(jnp.float32))
     np.testing.assert_array_equal(idx, idx_ref)  # routing exactly equal, in the gate's order
     assert y.shape == x.shape and y.dtype == m.dtype
     assert rel_err(y, y_ref.reshape(x.shape)) < tol
@@ -165,7 +165,7 @@ def test_router_bias_ranks_but_does_not_weigh():
 def test_balance_loss_of_a_collapsed_routing():
     m = make(64, 64, "sqrtsoftplus", jnp.float32, "xla")
     m.router.w[...] = jnp.zeros((64, 8)).at[:, 0].set(1.0)  # x = 1: logits (64, 0, ..., 0)
-    _, aux = m(jnp.ones((4, 64)))
+    _, aux = nnx.jit(lambda m, x: m(x))(m, jnp.ones((4, 64)))
     u0, u = 8.0, float(jnp.sqrt(jnp.log(2.0)))  # sqrt(softplus(64)), sqrt(softplus(0)); ties go to expert 1
     assert float(aux) == pytest.approx(4 * u0 / (u0 + 7 * u) + 4 * u / (u0 + 7 * u), rel=1e-6)  # f = (4, 4, 0, ...)
 

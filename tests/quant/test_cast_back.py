@@ -9,7 +9,7 @@ import pytest
 
 from jax_tilek.quant import cast_back, per_token_cast_and_cast_back, per_token_cast_back, unpack_from_e2m1fn_x2
 from jax_tilek.quant import formats as F
-from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.testing import OpContract, decode_record, jit_call, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff
 
 TOLERANCE = {"e4m3": 1e-3, "e2m1": 2e-2, "e5m6": 1e-4}
@@ -51,8 +51,8 @@ def np_dequantize(data, sf_logical, fmt, block, out) -> np.ndarray:
 def quantized(rng, t, h, fmt, block, layout, e4m3_sf=False):
     """(original x fp32, data, stored sf, logical sf) from formats.quantize_blocks + store_sf."""
     x = rng.standard_normal((t, h), dtype=np.float32) * (64 if e4m3_sf and fmt == "e4m3" else 1)  # e4m3 scales stay normal
-    data, sf = F.quantize_blocks(jnp.asarray(x), fmt, block, round_sf=layout in ("col_ue8m0", "ue8m0_along_m"), use_e4m3_sf=e4m3_sf)
-    return x, np.asarray(data), np.asarray(F.store_sf(sf, layout)), np.asarray(sf)
+    data, sf = jit_call(F.quantize_blocks, x, fmt, block, round_sf=layout in ("col_ue8m0", "ue8m0_along_m"), use_e4m3_sf=e4m3_sf)
+    return x, np.asarray(data), np.asarray(jit_call(F.store_sf, sf, layout)), np.asarray(sf)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from quant_testing import calc_diff
 
 from jax_tilek import checks
 from jax_tilek.quant import formats as F
+from jax_tilek.testing import jit_call
 
 
 def test_e2m1_matches_ml_dtypes(rng):
@@ -156,8 +157,9 @@ def test_quantize_blocks_against_numpy(rng):
 @pytest.mark.parametrize("fmt,tolerance", [("e4m3", 1e-3), ("e2m1", 2e-2), ("e5m6", 1e-4)])
 def test_block_round_trip_error(rng, fmt, tolerance):
     x = (rng.standard_normal((64, 256)) * np.exp2(rng.integers(-8, 8, (64, 1)))).astype(np.float32)
-    data, sf = F.quantize_blocks(jnp.asarray(x), fmt, (1, 32) if fmt != "e5m6" else (1, 256), round_sf=True)
-    assert calc_diff(F.dequantize_blocks(data, sf, fmt, (1, 32) if fmt != "e5m6" else (1, 256)), x) < tolerance
+    block = (1, 32) if fmt != "e5m6" else (1, 256)
+    data, sf = jit_call(F.quantize_blocks, x, fmt, block, round_sf=True)
+    assert calc_diff(jit_call(F.dequantize_blocks, data, sf, fmt, block), x) < tolerance
 
 
 def test_the_reference_is_jittable(rng):
@@ -199,13 +201,13 @@ def test_partial_last_block_uses_the_columns_it_has(rng, fmt, hidden, bk):
     TileKernels' torch.cast (which pads and masks the padding out of the maximum)."""
     x = (rng.standard_normal((5, hidden)) * np.exp2(rng.integers(-6, 6, (5, 1)))).astype(np.float32)
     x[:, (hidden // bk) * bk :] *= 0.01  # the partial block's values are much smaller than the others'
-    data, sf = F.quantize_blocks(jnp.asarray(x), fmt, (1, bk))
+    data, sf = jit_call(F.quantize_blocks, x, fmt, (1, bk))
     k_b = -(-hidden // bk)
     assert sf.shape == (5, k_b)
     f = F.get_format(fmt)
     amax = np.stack([np.abs(x[:, k * bk : (k + 1) * bk]).max(-1) for k in range(k_b)], axis=-1)  # slices clip at H
     np.testing.assert_array_equal(np.asarray(sf), np.maximum(amax, np.float32(f.amax_floor)) / np.float32(f.max_value))
-    back = F.dequantize_blocks(data, sf, fmt, (1, bk))
+    back = jit_call(F.dequantize_blocks, data, sf, fmt, (1, bk))
     assert back.shape == x.shape
     assert calc_diff(back[:, (hidden // bk) * bk :], x[:, (hidden // bk) * bk :]) < {"e4m3": 1e-3, "e2m1": 2e-2, "e5m6": 1e-4}[fmt]
 

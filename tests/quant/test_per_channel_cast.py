@@ -11,7 +11,7 @@ import pytest
 
 from jax_tilek.quant import formats as F
 from jax_tilek.quant import per_channel_cast, per_channel_cast_and_transpose, per_channel_cast_fused, per_channel_cast_kernel
-from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, tilek_calls
+from jax_tilek.testing import OpContract, decode_record, jit_call, lower_for_cuda, tilek_calls
 from quant_testing import assert_bytes_equal, calc_diff, check_bias
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -37,8 +37,8 @@ def _quant_tensor(rng, t: int, h: int, npc: int, layout: str):
     """An e4m3 QuantTensor with per-token (1, npc) scales stored in ``layout`` (computed on the host)."""
     x = _input(rng, t, h)
     with jax.default_device(jax.devices("cpu")[0]):
-        data, sf = F.quantize_blocks(jnp.asarray(x), "e4m3", (1, npc), round_sf=layout == "col_ue8m0")
-        return np.asarray(data), np.asarray(F.store_sf(sf, layout))
+        data, sf = jit_call(lambda x: F.quantize_blocks(x, "e4m3", (1, npc), round_sf=layout == "col_ue8m0"), x)
+        return np.asarray(data), np.asarray(jit_call(F.store_sf, sf, layout))
 
 
 def _expected(x, npt, round_sf=False, packed=False, x_sf=None, npc=None, layout=None, pos=None, transpose=False):
@@ -88,7 +88,7 @@ def _numpy_pack_along_m(sf: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("t,h,npt,round_sf", [(256, 192, 128, False), (384, 128, 32, True), (128, 64, 32, False)])
 def test_reference_against_numpy(rng, t, h, npt, round_sf):
     x = _input(rng, t, h)
-    data, sf = per_channel_cast(x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
+    data, sf = jit_call(per_channel_cast, x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
     expected_data, expected_sf = _numpy_cast(x.astype(np.float32), npt, round_sf)
     assert_bytes_equal(data, expected_data)
     assert_bytes_equal(sf, expected_sf)
@@ -101,7 +101,7 @@ def test_reference_against_numpy(rng, t, h, npt, round_sf):
 
 def test_reference_rounding_is_unbiased(rng):
     x = (rng.standard_normal((512, 512), np.float32) * 3).astype(BF16)
-    data, sf = per_channel_cast(x, impl="xla")
+    data, sf = jit_call(per_channel_cast, x, impl="xla")
     exact = x.astype(np.float64) / np.repeat(np.asarray(sf, np.float64), 128, axis=0)
     check_bias(np.asarray(data, np.float32), exact)
 
@@ -109,7 +109,7 @@ def test_reference_rounding_is_unbiased(rng):
 @pytest.mark.parametrize("npt,t", [(128, 384), (128, 512), (32, 128), (32, 256)])
 def test_reference_packed_along_m(rng, npt, t):
     x = _input(rng, t, 128)
-    data, sf = per_channel_cast(x, num_per_tokens=npt, round_sf=True, use_packed_ue8m0=True, impl="xla")
+    data, sf = jit_call(per_channel_cast, x, num_per_tokens=npt, round_sf=True, use_packed_ue8m0=True, impl="xla")
     expected_data, expected_sf = _numpy_cast(x.astype(np.float32), npt, True)
     assert_bytes_equal(data, expected_data)
     assert sf.shape == (-(-t // npt // 4), 128) and sf.dtype == jnp.int32
@@ -120,7 +120,7 @@ def test_reference_packed_along_m(rng, npt, t):
 def test_reference_quant_tensor_input(rng, layout, npc):
     t, h = 256, 256
     data_in, sf_in = _quant_tensor(rng, t, h, npc, layout)
-    data, sf = per_channel_cast((data_in, sf_in), num_per_tokens=32, num_per_channels=npc, impl="xla")
+    data, sf = jit_call(per_channel_cast, (data_in, sf_in), num_per_tokens=32, num_per_channels=npc, impl="xla")
     logical = np.asarray(F.load_sf(jnp.asarray(sf_in), layout, (t, h // npc)))
     decoded = data_in.astype(np.float32) * np.repeat(logical, npc, axis=1)  # fp32 product, as the kernel
     expected_data, expected_sf = _numpy_cast(decoded, 32, False)
@@ -131,8 +131,8 @@ def test_reference_quant_tensor_input(rng, layout, npc):
 def test_reference_quant_tensor_layout_can_be_named(rng):
     # T = 128 tokens of H/npc = 128 groups: row-major [128, 128] and column-major [128, 128] look alike.
     data_in, sf_in = _quant_tensor(rng, 128, 4096, 32, "col")
-    by_name = per_channel_cast((data_in, sf_in), num_per_channels=32, x_sf_layout="col", impl="xla")
-    as_row = per_channel_cast((data_in, sf_in.T.copy()), num_per_channels=32, impl="xla")  # the same scales, row-major
+    by_name = jit_call(per_channel_cast, (data_in, sf_in), num_per_channels=32, x_sf_layout="col", impl="xla")
+    as_row = jit_call(per_channel_cast, (data_in, sf_in.T.copy()), num_per_channels=32, impl="xla")  # the same scales, row-major
     for a, b in zip(by_name, as_row):
         assert_bytes_equal(a, b)
 
@@ -142,7 +142,7 @@ def test_reference_fused_gather(rng):
     x = _input(rng, t, h)
     pos = rng.integers(-1, t, size=272).astype(np.int32)
     pos[:3] = -1
-    data, sf = per_channel_cast_fused(x, pos_to_token=pos, impl="xla")
+    data, sf = jit_call(per_channel_cast_fused, x, pos_to_token=pos, impl="xla")
     gathered = np.where(pos[:, None] >= 0, x.astype(np.float32)[np.maximum(pos, 0)], 0).astype(np.float32)
     expected_data, expected_sf = _numpy_cast(gathered, 128, False)
     assert sf.shape == (3, h)  # ceil(272 / 128): the last block has 16 rows
@@ -155,21 +155,21 @@ def test_reference_fused_cast_back(rng):
     t, h = 256, 256
     data_in, sf_in = _quant_tensor(rng, t, h, 128, "row")
     pos = rng.integers(-1, t, size=48).astype(np.int32)
-    data, sf = per_channel_cast_fused((data_in, sf_in), round_sf=True, pos_to_token=pos, impl="xla")
+    data, sf = jit_call(per_channel_cast_fused, (data_in, sf_in), round_sf=True, pos_to_token=pos, impl="xla")
     decoded = data_in.astype(np.float32) * np.repeat(sf_in, 128, axis=1)
     gathered = np.where(pos[:, None] >= 0, decoded[np.maximum(pos, 0)], 0).astype(np.float32)
     expected_data, expected_sf = _numpy_cast(gathered, 128, True)
     assert_bytes_equal(data, expected_data)
     assert_bytes_equal(sf, expected_sf)
-    plain = per_channel_cast_fused((data_in, sf_in), num_per_channels=128, impl="xla")
-    assert_bytes_equal(plain[0], per_channel_cast((data_in, sf_in), num_per_channels=128, impl="xla")[0])
+    plain = jit_call(per_channel_cast_fused, (data_in, sf_in), num_per_channels=128, impl="xla")
+    assert_bytes_equal(plain[0], jit_call(per_channel_cast, (data_in, sf_in), num_per_channels=128, impl="xla")[0])
 
 
 @pytest.mark.parametrize("npt,round_sf", [(32, False), (128, True)])
 def test_reference_transposed(rng, npt, round_sf):
     x = _input(rng, 256, 192)
-    data_t, sf_t = per_channel_cast_and_transpose(x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
-    data, sf = per_channel_cast(x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
+    data_t, sf_t = jit_call(per_channel_cast_and_transpose, x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
+    data, sf = jit_call(per_channel_cast, x, num_per_tokens=npt, round_sf=round_sf, impl="xla")
     assert data_t.shape == (192, 256)
     assert_bytes_equal(data_t, np.asarray(data).T)
     assert_bytes_equal(sf_t, sf)
@@ -181,7 +181,7 @@ def test_reference_fused_gather_out_of_range_positions_give_zero_rows(rng):
     x = _input(rng, t, h)
     pos = rng.integers(0, t, size=64).astype(np.int32)
     pos[::4] = [t, t + 1, 2**31 - 1, -1, -2, -(2**31), 10**6, t + 127, -100, t, 5 * t, -7, 2**30, t + 2, -3, 300]
-    data, sf = per_channel_cast_fused(x, pos_to_token=pos, impl="xla")
+    data, sf = jit_call(per_channel_cast_fused, x, pos_to_token=pos, impl="xla")
     inside = (pos >= 0) & (pos < t)
     gathered = np.where(inside[:, None], x.astype(np.float32)[np.clip(pos, 0, t - 1)], 0).astype(np.float32)
     expected_data, expected_sf = _numpy_cast(gathered, 128, False)
@@ -193,14 +193,14 @@ def test_reference_fused_gather_out_of_range_positions_give_zero_rows(rng):
 def test_zero_tokens():
     x = np.zeros((0, 128), BF16)
     for data, sf in [
-        per_channel_cast(x, impl="xla"),
-        per_channel_cast(x, round_sf=True, use_packed_ue8m0=True, impl="xla"),
-        per_channel_cast_fused(x, pos_to_token=np.zeros(0, np.int32), impl="xla"),
+        jit_call(per_channel_cast, x, impl="xla"),
+        jit_call(per_channel_cast, x, round_sf=True, use_packed_ue8m0=True, impl="xla"),
+        jit_call(per_channel_cast_fused, x, pos_to_token=np.zeros(0, np.int32), impl="xla"),
     ]:
         assert data.shape == (0, 128) and sf.shape == (0, 128)
-    data, sf = per_channel_cast_and_transpose(x, impl="xla")
+    data, sf = jit_call(per_channel_cast_and_transpose, x, impl="xla")
     assert data.shape == (128, 0) and sf.shape == (0, 128)
-    data, sf = per_channel_cast_fused(x, pos_to_token=np.full(16, -1, np.int32), impl="xla")  # nothing to gather from
+    data, sf = jit_call(per_channel_cast_fused, x, pos_to_token=np.full(16, -1, np.int32), impl="xla")  # nothing to gather from
     assert not np.asarray(data, np.float32).any()
     np.testing.assert_array_equal(np.asarray(sf), np.full((1, 128), np.float32(1e-4) / np.float32(448)))
 
