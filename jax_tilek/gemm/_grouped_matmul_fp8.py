@@ -22,6 +22,19 @@ while the tensor cores work, then waits for its own wgmma (``T.wait_wgmma(0)``),
 releases its ring stage to the producer (TileLang releases a stage after the last statement that reads
 it: the branch that ends with the wait). The last block is promoted after the loop.
 
+With ``persistent``, one CTA per multiprocessor (``ctas``, a launch-time scalar: the cubin is the same
+for any GPU), CTA c running tiles c, c + ctas, ... in the same order with the same per-tile arithmetic
+(the same bytes), so that the producer loads the next tile's K blocks while the consumers promote the
+last blocks and store the tile; one CTA per tile leaves that ring fill and that epilogue unoverlapped
+(at K = 2048 a tile has 16 K blocks). TileLang's automatic warp specialization splits the roles at the
+pipelined loop, inside a tile loop: it keeps the mbarrier phases right (counters across tiles) but
+ThreadSync then puts a __syncthreads at the top of every tile (the producer waits for the epilogue),
+and setmaxnreg lands inside the loop or not at all (the two partial sums spill). So this kernel splits
+the roles by hand, DeepGEMM's way: setmaxnreg once, then each role loops over the CTA's tiles, with a
+full and an empty mbarrier per ring stage and the ring's clock (its K-block count) in a register of
+its own. Its bf16 output tile has shared memory of its own (32 KB), which leaves room for 5 stages
+with x's scales in the ring.
+
 Row-major ``"row"`` x-scales are transposed to the column-major storage by XLA before the launch
 (1/32 of x's bytes); ``w`` given as ``[G, K, N]`` is transposed to ``[G, N, K]`` (with its scales)
 by XLA: store FP8 weights as ``[G, N, K]`` (``transpose_w=True``, DeepGEMM's layout) to avoid it.
@@ -36,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_tilek import checks
+from jax_tilek import checks, platform
 from jax_tilek.gemm import _segments as S
 from jax_tilek.gemm._grouped_wgrad import matmul_operands, matmul_tiles, random_sizes
 from jax_tilek.kernel import kernel
@@ -52,6 +65,8 @@ BLOCK = 128  # the scales' block edge: the kernel's K step and N tile
 # number of 128-byte lines).
 SF_ALIGN = 4
 SF_BOX = 160
+SMEM_LIMIT = 227 * 1024  # shared memory a CTA may have on sm_90
+PRODUCER_THREADS = 128  # the persistent kernel's producer warpgroup (the other kernel's is TileLang's)
 FP8 = "float8_e4m3fn"
 SF_LAYOUTS = ("row", "col", "col_ue8m0")  # x's scale layouts (jax_tilek.quant.formats), as given
 OUT_DTYPES = ("bfloat16", "float32")
@@ -84,35 +99,45 @@ class GroupedMatmulFp8Config:
     the consumers (``sf_load``: "ldg", read from global memory before each K block's wgmma, or
     "tma", loaded by the producer into the ring); ``overlap``: promote each K block's partial sum
     while the next block's wgmma runs (two partial sums, 64 more registers a consumer thread)
-    instead of after a synchronous wgmma."""
+    instead of after a synchronous wgmma; ``persistent``: one CTA per multiprocessor looping over
+    tiles, so that the ring fills with the next tile's K blocks while the current one is finished and
+    stored (module docstring). Its bf16 output tile needs 32 KB of its own: at most 5 stages with
+    ``sf_load="tma"`` (``shared_bytes``)."""
 
     stages: int = 6
     sf_load: str = "tma"
     overlap: bool = True
+    persistent: bool = False
 
 
 @config_class(GroupedMatmulFp8Config)
 def _config(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype) -> GroupedMatmulFp8Config:
     """Six stages: as many as fit beside the output tile (DeepGEMM's rule); x's scales through the
     ring and the promotion under the next wgmma: the fastest of the four on an H100 (2026-12-07, 16384
-    tokens: 1177 / 791 us at the up / down G8 / G32 shapes against 1456 / 940 us for ldg without overlap)."""
+    tokens: 1177 / 791 us at the up / down G8 / G32 shapes against 1456 / 940 us for ldg without overlap).
+    One CTA per tile: ``persistent`` (5 stages) gave the same bytes and no gain on an H100 (2026-12-07:
+    1234 / 798 us against 1213 / 813 us), so per-tile fill and epilogue are not what limits it."""
     return GroupedMatmulFp8Config()
 
 
 @kernel
-def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, stages: int, sf_load: str = "tma", overlap: bool = False):
+def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, stages: int, sf_load: str = "tma", overlap: bool = False,
+                              persistent: bool = False):  # fmt: skip
     """``out[r] = Σ_kb (x[r, kb] · w[g, :, kb]ᵀ) · x_sf[r, kb] · w_sf[g, :, kb]`` per the tile table
     (module docstring); ``sf_layout`` "col" (fp32 ``[K/128, MP]``) or "col_ue8m0" (int32
     ``[ceil(K/512), MP]``, byte ``kb % 4`` of word ``kb // 4``); ``overlap``: two partial sums in
-    turn, block kb's promotion under block kb + 1's wgmma."""
+    turn, block kb's promotion under block kb + 1's wgmma; ``persistent``: ``ctas`` CTAs (a scalar
+    parameter, at most the tiles), the roles split by hand, each looping over the CTA's tiles."""
     import tilelang.language as T
 
     M, MP, G, NT = T.dynamic("M, MP, G, NT")
     BM = BN = BK = BLOCK
+    nbn = n // BN
     kb_count = k // BK
     sf_rows, sf_dtype = (kb_count, "float32") if sf_layout == "col" else (F.ceil_div(kb_count, 4), "int32")
+    sf_index = (lambda kb: kb) if sf_layout == "col" else (lambda kb: kb // 4)  # x_sf's row of K block kb
     via_shared = out_dtype != "float32"
-    threads = 256  # the two consumer warpgroups (TileLang adds the producer's)
+    threads = 256  # the two consumer warpgroups (TileLang adds the producer's, or the persistent kernel does)
 
     @T.macro
     def row_scales(kb, sf_word, w_scale: T.Ref, dst):
@@ -130,95 +155,202 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
         for i, j in T.Parallel(BM, BN):
             acc[i, j] += part[i, j] * scale[i]
 
+    @T.macro
+    def load_raw_scales(x_sf, kb, r0, raw):
+        """sf_load="ldg": the tile's rows' scale words of K block kb, from global memory."""
+        for i in T.Parallel(BM):
+            raw[i] = T.if_then_else(r0 + i < MP, x_sf[sf_index(kb), r0 + i], T.cast(0, sf_dtype))
+
+    @T.macro
+    def k_block(kb, a, b, sf_word, w_scale: T.Ref, acc, part, row_scale, part_odd, scale_odd):
+        """K block kb's wgmma on the x and w tiles ``a``, ``b`` and its promotion (with ``overlap``,
+        the previous block's); every read of ``a``, ``b`` and x's scales is done at the end."""
+        if not overlap:
+            T.gemm(a, b, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+            row_scales(kb, sf_word, w_scale, row_scale)
+            promote(acc, part, row_scale)
+        else:
+            # Even blocks into part, odd ones into part_odd. Each branch ends with the wait: TileLang
+            # releases the stage after this if (the last statement reading a_s, b_s and sa_s), so never
+            # under a running wgmma; the persistent kernel releases it after the block too.
+            if kb % 2 == 0:
+                T.wgmma_gemm(a, b, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                if kb > 0:
+                    promote(acc, part_odd, scale_odd)
+                row_scales(kb, sf_word, w_scale, row_scale)
+                T.wait_wgmma(0)
+                T.warpgroup_fence_operand(part, num_regs=BM * BN // threads)  # no read of it moves above the wait
+            else:
+                T.wgmma_gemm(a, b, part_odd, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                promote(acc, part, row_scale)
+                row_scales(kb, sf_word, w_scale, scale_odd)
+                T.wait_wgmma(0)
+                T.warpgroup_fence_operand(part_odd, num_regs=BM * BN // threads)
+
+    @T.macro
+    def finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s):
+        """The last block's promotion (``overlap``), then the tile's rows [r0, r1) of ``out``: through
+        ``c_s`` (bf16) or from registers (fp32)."""
+        if overlap:
+            if count % 2 == 1:
+                promote(acc, part, row_scale)
+            elif count > 0:
+                promote(acc, part_odd, scale_odd)
+        if via_shared:
+            T.copy(acc, c_s)
+            for i, j in T.Parallel(BM, BN):
+                if r0 + i < r1:
+                    out[r0 + i, bn * BN + j] = c_s[i, j]
+        else:
+            for i, j in T.Parallel(BM, BN):
+                if r0 + i < r1:
+                    out[r0 + i, bn * BN + j] = acc[i, j]
+
+    if not persistent:
+
+        @T.prim_func
+        def grouped_matmul_fp8(
+            x: T.Tensor((M, k), FP8),
+            x_sf: T.Tensor((sf_rows, MP), sf_dtype),
+            w: T.Tensor((G, n, k), FP8),
+            w_sf: T.Tensor((G, nbn, kb_count), "float32"),
+            tiles: T.Tensor((NT, 3), "int32"),
+            out: T.Tensor((M, n), out_dtype),
+        ):
+            with T.Kernel(nbn, NT, threads=threads) as (bn, bt):
+                a_s = T.alloc_shared((BM, BK), FP8)
+                b_s = T.alloc_shared((BN, BK), FP8)
+                if sf_load == "tma":
+                    sa_s = T.alloc_shared((SF_BOX,), sf_dtype)
+                part = T.alloc_fragment((BM, BN), "float32")
+                acc = T.alloc_fragment((BM, BN), "float32")
+                row_scale = T.alloc_fragment((BM,), "float32")
+                part_odd = T.alloc_fragment((BM, BN), "float32") if overlap else None
+                scale_odd = T.alloc_fragment((BM,), "float32") if overlap else None
+                raw = T.alloc_fragment((BM,), sf_dtype)
+                w_scale = T.alloc_var("float32")
+                g = tiles[bt, 0]
+                r0 = tiles[bt, 1]
+                r1 = tiles[bt, 2]
+                # The scales' TMA box starts at r0 rounded down to SF_ALIGN rows: a TMA copy whose
+                # innermost coordinate is not 16-byte aligned faults (CUDA_ERROR_ILLEGAL_INSTRUCTION).
+                sf0 = r0 // SF_ALIGN * SF_ALIGN
+                sf_word = (lambda i: sa_s[r0 % SF_ALIGN + i]) if sf_load == "tma" else (lambda i: raw[i])
+                count = T.if_then_else(g >= 0, kb_count, 0)
+                T.clear(acc)
+                if overlap:  # never read before written (kb > 0 below), but TileLang's init check cannot tell
+                    T.clear(part_odd)
+                    T.clear(scale_odd)
+                for kb in T.Pipelined(count, num_stages=stages):
+                    T.copy(x[r0, kb * BK], a_s)
+                    T.copy(w[g, bn * BN, kb * BK], b_s)
+                    if sf_load == "tma":
+                        T.copy(x_sf[sf_index(kb), sf0 : sf0 + SF_BOX], sa_s)
+                    w_scale = w_sf[g, bn, kb]  # loaded before the wgmma, which hides its latency
+                    if sf_load == "ldg":
+                        load_raw_scales(x_sf, kb, r0, raw)
+                    k_block(kb, a_s, b_s, sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd)
+                c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared else None  # over the ring, idle by now
+                finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
+
+        return grouped_matmul_fp8
+
     @T.prim_func
-    def grouped_matmul_fp8(
+    def grouped_matmul_fp8_persistent(
         x: T.Tensor((M, k), FP8),
         x_sf: T.Tensor((sf_rows, MP), sf_dtype),
         w: T.Tensor((G, n, k), FP8),
-        w_sf: T.Tensor((G, n // BN, kb_count), "float32"),
+        w_sf: T.Tensor((G, nbn, kb_count), "float32"),
         tiles: T.Tensor((NT, 3), "int32"),
         out: T.Tensor((M, n), out_dtype),
+        ctas: T.int32,
     ):
-        with T.Kernel(n // BN, NT, threads=threads) as (bn, bt):
-            a_s = T.alloc_shared((BM, BK), FP8)
-            b_s = T.alloc_shared((BN, BK), FP8)
+        with T.Kernel(ctas, threads=PRODUCER_THREADS + threads) as c:
+            a_s = T.alloc_shared((stages, BM, BK), FP8)
+            b_s = T.alloc_shared((stages, BN, BK), FP8)
             if sf_load == "tma":
-                sa_s = T.alloc_shared((SF_BOX,), sf_dtype)
+                sa_s = T.alloc_shared((stages, SF_BOX), sf_dtype)
+            c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared else None  # in use while the ring fills: its own
+            full = T.alloc_barrier([1] * stages)  # the producer's elected thread, and the TMA bytes
+            empty = T.alloc_barrier([threads] * stages)  # every consumer thread
             part = T.alloc_fragment((BM, BN), "float32")
             acc = T.alloc_fragment((BM, BN), "float32")
             row_scale = T.alloc_fragment((BM,), "float32")
-            if overlap:
-                part_odd = T.alloc_fragment((BM, BN), "float32")
-                scale_odd = T.alloc_fragment((BM,), "float32")
+            part_odd = T.alloc_fragment((BM, BN), "float32") if overlap else None
+            scale_odd = T.alloc_fragment((BM,), "float32") if overlap else None
             raw = T.alloc_fragment((BM,), sf_dtype)
             w_scale = T.alloc_var("float32")
-            g = tiles[bt, 0]
-            r0 = tiles[bt, 1]
-            r1 = tiles[bt, 2]
-            # The scales' TMA box starts at r0 rounded down to SF_ALIGN rows: a TMA copy whose
-            # innermost coordinate is not 16-byte aligned faults (CUDA_ERROR_ILLEGAL_INSTRUCTION).
-            sf0 = r0 // SF_ALIGN * SF_ALIGN
-            sf_word = (lambda i: sa_s[r0 % SF_ALIGN + i]) if sf_load == "tma" else (lambda i: raw[i])
-            count = T.if_then_else(g >= 0, kb_count, 0)
-            T.clear(acc)
-            if overlap:  # never read before written (kb > 0 below), but TileLang's init check cannot tell
-                T.clear(part_odd)
-                T.clear(scale_odd)
-            for kb in T.Pipelined(count, num_stages=stages):
-                T.copy(x[r0, kb * BK], a_s)
-                T.copy(w[g, bn * BN, kb * BK], b_s)
-                if sf_load == "tma":
-                    T.copy(x_sf[kb if sf_layout == "col" else kb // 4, sf0 : sf0 + SF_BOX], sa_s)
-                w_scale = w_sf[g, bn, kb]  # loaded before the wgmma, which hides its latency
-                if sf_load == "ldg":
-                    for i in T.Parallel(BM):
-                        raw[i] = T.if_then_else(r0 + i < MP, x_sf[kb if sf_layout == "col" else kb // 4, r0 + i], T.cast(0, sf_dtype))
-                if not overlap:
-                    T.gemm(a_s, b_s, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                    row_scales(kb, sf_word, w_scale, row_scale)
-                    promote(acc, part, row_scale)
-                else:
-                    # Even blocks into part, odd ones into part_odd. Each branch ends with the wait:
-                    # TileLang releases the stage after this if (the last statement reading a_s, b_s
-                    # and sa_s), so never under a running wgmma.
-                    if kb % 2 == 0:
-                        T.wgmma_gemm(a_s, b_s, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                        if kb > 0:
-                            promote(acc, part_odd, scale_odd)
-                        row_scales(kb, sf_word, w_scale, row_scale)
-                        T.wait_wgmma(0)
-                        T.warpgroup_fence_operand(part, num_regs=BM * BN // threads)  # no read of it moves above the wait
-                    else:
-                        T.wgmma_gemm(a_s, b_s, part_odd, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                        promote(acc, part, row_scale)
-                        row_scales(kb, sf_word, w_scale, scale_odd)
-                        T.wait_wgmma(0)
-                        T.warpgroup_fence_operand(part_odd, num_regs=BM * BN // threads)
-            if overlap:
-                if count % 2 == 1:
-                    promote(acc, part, row_scale)
-                elif count > 0:
-                    promote(acc, part_odd, scale_odd)
-            if via_shared:
-                c_s = T.alloc_shared((BM, BN), out_dtype)
-                T.copy(acc, c_s)
-                for i, j in T.Parallel(BM, BN):
-                    if r0 + i < r1:
-                        out[r0 + i, bn * BN + j] = c_s[i, j]
+            blocks = T.alloc_var("int32")  # K blocks this thread's role has gone through, over its tiles: the ring's clock
+            tile_count = T.ceildiv(nbn * NT - c, ctas)  # CTA c's tiles: c, c + ctas, ...
+            last = {"emit_arrive": 1}  # a K block's last copy: the elected thread's arrive (after each copy's expect_tx)
+            if T.get_thread_binding() < PRODUCER_THREADS:
+                T.set_max_nreg(24, 0)
+                blocks = 0
+                for it in T.serial(tile_count):
+                    bn = (c + it * ctas) % nbn
+                    bt = (c + it * ctas) // nbn
+                    g = tiles[bt, 0]
+                    r0 = tiles[bt, 1]
+                    sf0 = r0 // SF_ALIGN * SF_ALIGN
+                    for kb in T.serial(T.if_then_else(g >= 0, kb_count, 0)):
+                        s = blocks % stages
+                        T.mbarrier_wait_parity(empty[s], (blocks // stages) % 2 ^ 1)
+                        T.tma_copy(x[r0 : r0 + BM, kb * BK : kb * BK + BK], a_s[s, :, :], barrier=full[s])
+                        T.tma_copy(w[g, bn * BN : bn * BN + BN, kb * BK : kb * BK + BK], b_s[s, :, :], barrier=full[s],
+                                   annotations=last if sf_load == "ldg" else None)  # fmt: skip
+                        if sf_load == "tma":
+                            T.tma_copy(x_sf[sf_index(kb), sf0 : sf0 + SF_BOX], sa_s[s, :], barrier=full[s], annotations=last)
+                        blocks = blocks + 1
             else:
-                for i, j in T.Parallel(BM, BN):
-                    if r0 + i < r1:
-                        out[r0 + i, bn * BN + j] = acc[i, j]
+                T.set_max_nreg(240, 1)
+                blocks = 0
+                for it in T.serial(tile_count):
+                    bn = (c + it * ctas) % nbn
+                    bt = (c + it * ctas) // nbn
+                    g = tiles[bt, 0]
+                    r0 = tiles[bt, 1]
+                    r1 = tiles[bt, 2]
+                    count = T.if_then_else(g >= 0, kb_count, 0)
+                    T.clear(acc)
+                    if overlap:
+                        T.clear(part_odd)
+                        T.clear(scale_odd)
+                    for kb in T.serial(count):
+                        s = blocks % stages
+                        sf_word = (lambda i: sa_s[s, r0 % SF_ALIGN + i]) if sf_load == "tma" else (lambda i: raw[i])
+                        w_scale = w_sf[g, bn, kb]
+                        if sf_load == "ldg":
+                            load_raw_scales(x_sf, kb, r0, raw)
+                        T.mbarrier_wait_parity(full[s], (blocks // stages) % 2)
+                        k_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd)
+                        T.mbarrier_arrive(empty[s])
+                        blocks = blocks + 1
+                    finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
 
-    return grouped_matmul_fp8
+    return grouped_matmul_fp8_persistent
+
+
+def shared_bytes(config: GroupedMatmulFp8Config, out_dtype: str) -> int:
+    """The kernel's shared memory: the ring, and the bf16 output tile where it cannot reuse the ring
+    (persistent: the producer is filling the ring for the next tile meanwhile)."""
+    stage = 2 * BLOCK * BLOCK + (SF_BOX * 4 if config.sf_load == "tma" else 0)  # x and w tiles (1 byte a code), x's scales
+    out_tile = 0 if np.dtype(out_dtype).name == "float32" else BLOCK * BLOCK * 2
+    return config.stages * stage + out_tile if config.persistent else max(config.stages * stage, out_tile)
 
 
 def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Config, x_sf_layout, out_dtype) -> Launch:
-    return Launch(
-        kernel=grouped_matmul_fp8_kernel,
-        params=dict(k=x.shape[1], n=w.shape[1], sf_layout=x_sf_layout, out_dtype=np.dtype(out_dtype).name, stages=config.stages,
-                    sf_load=config.sf_load, overlap=config.overlap),  # fmt: skip
-    )
+    smem = shared_bytes(config, out_dtype)
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"grouped_matmul_fp8: {config} needs {smem} bytes of shared memory with a {np.dtype(out_dtype).name} output, "
+                         f"more than a CTA has ({SMEM_LIMIT}): give it fewer stages")  # fmt: skip
+    params = dict(k=x.shape[1], n=w.shape[1], sf_layout=x_sf_layout, out_dtype=np.dtype(out_dtype).name, stages=config.stages,
+                  sf_load=config.sf_load, overlap=config.overlap)  # fmt: skip
+    if not config.persistent:
+        return Launch(kernel=grouped_matmul_fp8_kernel, params=params)
+    tiles_total = w.shape[1] // BLOCK * tiles.shape[0]  # (N-tiles) x (M-tiles)
+    # The grid is a launch-time value, not part of the cubin: every tile's bytes are the same for any.
+    return Launch(kernel=grouped_matmul_fp8_kernel, params=dict(params, persistent=True),
+                  scalars=dict(ctas=min(platform.target_num_sms(), tiles_total)))  # fmt: skip
 
 
 _op = TileOp(

@@ -4,8 +4,9 @@ x-scale layouts, both weight layouts, group sizes and segments, segments across 
 blocks, empty groups, M = 0), their agreement with the bf16 products of the values jax_tilek.quant's
 casts quantized, the straight-through gradients (FP8 and bf16 backward), argument errors, the op
 contract (kernels compiled for sm_90a; the generated CUDA runs e4m3 wgmma; the overlapped promotion
-releases a stage only after its wgmma), and on a GPU the kernels at DeepSeek-V3 shapes, the overlapped
-promotion against the default schedule, and the gradients of the quantized matmul."""
+releases a stage only after its wgmma; the persistent kernel's roles loop over tiles on their own), and
+on a GPU the kernels at DeepSeek-V3 shapes, the overlapped promotion and the persistent grid against the
+default schedule, and the gradients of the quantized matmul."""
 
 import re
 
@@ -17,11 +18,11 @@ import pytest
 
 import jax_tilek
 from jax_tilek import gemm, quant
-from jax_tilek.gemm._grouped_matmul_fp8 import grouped_matmul_fp8_kernel, quantized_operands, random_blocks, x_sf_storage
+from jax_tilek.gemm._grouped_matmul_fp8 import SMEM_LIMIT, grouped_matmul_fp8_kernel, quantized_operands, random_blocks, shared_bytes, x_sf_storage
 from jax_tilek.gemm._grouped_wgrad import random_sizes
 from jax_tilek.gemm._grouped_wgrad_fp8 import grouped_wgrad_fp8_kernel
 from jax_tilek.quant import formats
-from jax_tilek.testing import OpContract, lower_for_cuda, over_arrays, random_array, tilek_calls
+from jax_tilek.testing import OpContract, decode_record, lower_for_cuda, over_arrays, random_array, tilek_calls
 
 BF16, E4M3 = ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn
 ST = jax.ShapeDtypeStruct
@@ -431,6 +432,94 @@ def test_overlap_releases_a_stage_after_its_wgmma(k, n, layout, out, sf_load):
     assert WGMMA_E4M3 in source
 
 
+# GroupedMatmulFp8Config.persistent on small cases, with few CTAs assumed (JAX_TILEK_NUM_SMS) so that
+# each runs many tiles, the ring's clock running on across them: empty groups, rows past the last group,
+# M not a multiple of 128, odd, even and single K blocks, both layouts, dtypes, sf_loads and schedules;
+# and the GPU's own CTA count at a DeepSeek-like down projection (K = 2048).
+PERSISTENT_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load, overlap, stages, SMs assumed (None: the GPU's)
+    (700, 640, 256, (130, 0, 301, 200), "col", "bfloat16", "tma", True, 5, 3),
+    (700, 512, 384, (0, 257, 128, 250), "col_ue8m0", "float32", "ldg", True, 6, 7),
+    (333, 128, 256, (100, 0, 200), "col", "float32", "tma", False, 3, 2),
+    (520, 896, 128, (1, 0, 300, 190), "col_ue8m0", "bfloat16", "ldg", False, 4, 5),
+    (3000, 2048, 1024, (700, 0, 523, 1000, 401, 300), "col", "bfloat16", "tma", True, 5, None),
+]
+
+
+def persistent_program(out: str, sf_load: str, overlap: bool, stages: int):
+    """The product with ``persistent`` (a ``stages``-deep ring) and with one CTA per tile (the
+    default depth), both with ``sf_load`` and ``overlap``."""
+
+    def both(x, x_sf, w, w_sf, sizes):
+        def product(**config):
+            fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, overlap=overlap, **config)
+            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
+
+        return product(persistent=True, stages=stages), product()
+
+    return both
+
+
+@pytest.mark.parametrize("k,n,layout,out,sf_load,overlap,stages", [c[1:3] + c[4:9] for c in PERSISTENT_CASES])
+def test_persistent_kernel_loops_over_tiles(k, n, layout, out, sf_load, overlap, stages):
+    """persistent=True for sm_90a: a grid of ``ctas`` CTAs whose producer and consumer warpgroups each
+    set their registers once, then loop over the CTA's tiles; the ring's clock (its K-block count) starts
+    before the tile loop and runs on across tiles; the producer blocks only on the ring's empty barriers
+    (no CTA-wide barrier after the mbarriers' init: it loads the next tile's K blocks during the
+    consumers' epilogue); the consumers clear the accumulator per tile and release a stage after its
+    last wgmma; only the consumers' named barriers guard the bf16 output tile."""
+    params = dict(k=k, n=n, sf_layout=layout, out_dtype=out, stages=stages, sf_load=sf_load, overlap=overlap)
+    artifact = grouped_matmul_fp8_kernel.artifact(dict(params, persistent=True), "sm_90a", record=False)
+    (kern,) = artifact.spec.kernels
+    config = gemm.GroupedMatmulFp8Config(stages=stages, sf_load=sf_load, overlap=overlap, persistent=True)
+    assert kern.grid == ("ctas", 1, 1) and kern.block == (384, 1, 1) and kern.smem == shared_bytes(config, out) <= SMEM_LIMIT
+    assert sorted(t.tensor for t in artifact.spec.tma) == ["w", "x"] + (["x_sf"] if sf_load == "tma" else [])
+    source = artifact.source
+    assert WGMMA_E4M3 in source and artifact.cubin
+    assert source.count("warpgroup_reg_dealloc<24>") == 1 and source.count("warpgroup_reg_alloc<240>") == 1
+    start = source.index("warpgroup_reg_dealloc<24>")
+    producer, consumer = source[start : source.index("warpgroup_reg_alloc<240>")], source[source.index("warpgroup_reg_alloc<240>") :]
+    for role in (producer, consumer):
+        assert len(re.findall(r"for \(int it(_\d+)? = 0", role)) == 1  # the role's own tile loop
+        assert role.index("blocks = 0;") < role.index("for (int it") < role.index("blocks = (blocks + 1);")
+    assert re.findall(r"\.wait\(", producer) == [".wait("] and re.search(r"empty\[[^\]]*\]\.wait\(", producer)
+    assert source.count("__syncthreads()") == 1 and source.index("__syncthreads()") < start
+    assert re.findall(r"__sync_thread_partial\(\d+, (\d+)\)", consumer) == ["256"] * (2 if out == "bfloat16" else 0)
+    assert source.count("__sync_thread_partial") == consumer.count("__sync_thread_partial")
+    tile = consumer[consumer.index("for (int it") :]
+    assert tile.index("*(float4*)(acc + ") < tile.index("full[")  # the accumulator cleared per tile, before its K blocks
+    events = re.findall(r"full\[[^\]]*\]\.wait|warpgroup_commit_batch|wait_wgmma<\d+>|warpgroup_wait<\d+>|empty\[[^\]]*\]\.arrive\(\)", tile)
+    events = [e.split("[")[0] for e in events]
+    block = ["full"] + (["warpgroup_commit_batch", "wait_wgmma<0>"] * 2 if overlap else ["warpgroup_commit_batch", "warpgroup_wait<0>"])
+    assert events[: len(block)] == block and events[len(block)] == "empty" and events.count("empty") == 1
+    default = grouped_matmul_fp8_kernel.artifact(params, "sm_90a", record=False)
+    assert default.spec.kernels[0].grid == (n // 128, "NT", 1)
+
+
+def test_persistent_grid_is_a_launch_time_value(monkeypatch):
+    """persistent=True launches min(SMs, tiles) CTAs, the SMs the lowering assumes: one cubin for any."""
+    m, k, n, g = 700, 640, 256, 4
+    fp8 = gemm.grouped_matmul_fp8.with_config(persistent=True, stages=5)
+    tiles = n // 128 * (-(-m // 128) + 2 * g + 1)  # (N-tiles) x (the tile table's M-tiles)
+    keys, grids = set(), []
+    for sms in (7, 132):
+        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
+        (call,) = tilek_calls(lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(m, k, n, g, "col")))
+        keys.add(call["cubin_key"])
+        grids += [kern["grid"] for kern in decode_record(call["launch"])["kernels"]]
+    assert grids == [[7, 1, 1], [tiles, 1, 1]] and len(keys) == 1
+
+
+def test_persistent_needs_room_for_its_output_tile():
+    """The default 6 stages (x's scales in the ring) and a bf16 output tile of their own do not fit a
+    CTA's shared memory: the lowering says so."""
+    config = gemm.GroupedMatmulFp8Config(persistent=True)
+    assert shared_bytes(config, "bfloat16") > SMEM_LIMIT >= shared_bytes(gemm.GroupedMatmulFp8Config(persistent=True, stages=5), "bfloat16")
+    assert shared_bytes(config, "float32") <= SMEM_LIMIT and shared_bytes(gemm.GroupedMatmulFp8Config(persistent=True, sf_load="ldg"), "bfloat16") <= SMEM_LIMIT
+    fp8 = gemm.grouped_matmul_fp8.with_config(persistent=True)
+    with pytest.raises(ValueError, match="give it fewer stages"):
+        lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, 256, 256, 2, "col"))
+
+
 WGRAD_SHAPES = [(8192, 7168, 2048, 8, 0.0), (16384, 2048, 7168, 32, 1.5)]  # m, k, n, groups, skew
 
 
@@ -446,6 +535,9 @@ GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
     (deepseek_fp8, _deepseek_args(m, k, n, g, layout)) for m, k, n, g, _, layout in DEEPSEEK_SHAPES
 ] + [(deepseek_wgrad_fp8, _wgrad_args(m, k, n, g)) for m, k, n, g, _ in WGRAD_SHAPES] + [
     (overlap_program(out, sf_load), _deepseek_args(m, k, n, len(sizes), layout)) for m, k, n, sizes, layout, out, sf_load in OVERLAP_CASES
+] + [
+    (persistent_program(out, sf_load, overlap, stages), _deepseek_args(m, k, n, len(sizes), layout))
+    for m, k, n, sizes, layout, out, sf_load, overlap, stages, _ in PERSISTENT_CASES
 ]
 
 
@@ -471,6 +563,24 @@ def test_gpu_overlapped_promotion(rng, on_gpu, m, k, n, sizes, layout, out, sf_l
     got, default = on_gpu(overlap_program(out, sf_load), *operands, sizes)
     assert got.dtype == out
     jax_tilek.testing.assert_bytes_equal(got, default, "overlap against the default schedule")
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
+    close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,sizes,layout,out,sf_load,overlap,stages,sms", PERSISTENT_CASES)
+def test_gpu_persistent_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, out, sf_load, overlap, stages, sms):
+    """persistent=True runs each tile's arithmetic as one CTA per tile does: the same bytes, with
+    ``sms`` CTAs each running several tiles (the ring's phases carried across tiles of 0 to 16 K
+    blocks); and the dequantized reference (on the CPU) within the FP8 product's tolerance."""
+    if sms is not None:
+        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
+    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
+    sizes = np.array(sizes, np.int32)
+    got, default = on_gpu(persistent_program(out, sf_load, overlap, stages), *operands, sizes)
+    assert got.dtype == out
+    jax_tilek.testing.assert_bytes_equal(got, default, "persistent against one CTA per tile")
     with jax.default_device(jax.devices("cpu")[0]):
         want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
     close(got, want, 1e-2)
