@@ -389,6 +389,19 @@ def test_sanitize_runs_tools_in_parallel_with_a_bounded_case_count(capsys, tmp_p
     assert manifest["ran"] == [f"{sys.executable} -m jax_tilek._cli.sanitize_child --family transpose --cases-per-op 2"]
 
 
+def test_sanitize_runs_each_family_and_op_in_a_process_of_its_own(capsys, tmp_path):
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER.format(python=sys.executable, env=sanitize.MANIFEST_ENV))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    argv = ["sanitize", "--tool", "racecheck", "--family", "transpose", "--op", "rope.apply_rotary", "--sanitizer", str(fake), "--out", str(tmp_path)]
+    assert main(argv) == 0
+    totals = [line for line in capsys.readouterr().out.splitlines() if "total:" in line]
+    assert len(totals) == 2 and "racecheck.transpose.log" in totals[0] and "racecheck.rope.apply_rotary.log" in totals[1]
+    for name, flag in (("transpose", "--family"), ("rope.apply_rotary", "--op")):
+        manifest = json.load(open(tmp_path / f"racecheck.{name}.manifest.json"))
+        assert manifest["ran"] == [f"{sys.executable} -m jax_tilek._cli.sanitize_child {flag} {name}"]
+
+
 def test_sanitize_stops_a_run_at_its_time_limit_and_says_so(capsys, tmp_path):
     fake = tmp_path / "compute-sanitizer"
     fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
