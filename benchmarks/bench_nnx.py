@@ -85,33 +85,42 @@ def _case(shape: MoEShape) -> Case:
 MHC_SHAPES = ((4096, 4096), (16384, 4096), (4096, 7168), (16384, 7168))  # tokens, hidden
 
 
-def _mhc_forward_backward(dim: int, impl: str):
+def _mhc_forward_backward(dim: int, impl: str, cotangent: bool = False):
+    """One block's forward and backward: the objective ``vdot(block(residual), residual)`` (the input
+    used twice, so its cotangent is the block's plus the new residual, added by XLA), or with
+    ``cotangent`` ``vdot(block(residual), g)`` for a given ``g`` (the input's only use is the block, as
+    in a network whose residual stream goes from block to block)."""
     from jax_tilek.nnx import HyperConnection
 
     graphdef = functools.cache(lambda: nnx.split(nnx.eval_shape(lambda: HyperConnection(jax.nn.silu, dim, 4, impl=impl, rngs=nnx.Rngs(0))))[0])
 
-    def step(residual, state):
+    def step(residual, *rest):
+        *g, state = rest
+
         def objective(state, residual):
-            return jnp.vdot(nnx.merge(graphdef(), state)(residual).astype(jnp.float32), residual.astype(jnp.float32))
+            other = g[0] if cotangent else residual
+            return jnp.vdot(nnx.merge(graphdef(), state)(residual).astype(jnp.float32), other.astype(jnp.float32))
 
         return jax.grad(objective, argnums=(0, 1))(state, residual)
 
     return step
 
 
-def _mhc_case(tokens: int, dim: int) -> Case:
+def _mhc_case(tokens: int, dim: int, cotangent: bool = False) -> Case:
     from jax_tilek.nnx import HyperConnection
 
     def make_inputs(key):
-        k_x, k_params = jax.random.split(key)
+        k_x, k_g, k_params = jax.random.split(key, 3)
         residual = jax.random.normal(k_x, (tokens, 4, dim), jnp.float32).astype(jnp.bfloat16)
-        return residual, nnx.state(HyperConnection(jax.nn.silu, dim, 4, impl="xla", rngs=nnx.Rngs(k_params)))
+        g = (jax.random.normal(k_g, (tokens, 4, dim), jnp.float32).astype(jnp.bfloat16),) if cotangent else ()
+        return residual, *g, nnx.state(HyperConnection(jax.nn.silu, dim, 4, impl="xla", rngs=nnx.Rngs(k_params)))
 
     min_bytes = 2 * tokens * 4 * dim * 2 * 2  # the residual read and written, forward and backward
     params = {"shape": f"{tokens}x4x{dim}", "dtype": "bfloat16"}
-    return Case.of_impls(FAMILY, f"mhc_block_fwd_bwd/t{tokens}_h{dim}", make_inputs, lambda impl: _mhc_forward_backward(dim, impl), min_bytes, params)
+    name = f"mhc_block_fwd_bwd{'_cot' if cotangent else ''}/t{tokens}_h{dim}"
+    return Case.of_impls(FAMILY, name, make_inputs, lambda impl: _mhc_forward_backward(dim, impl, cotangent), min_bytes, params)
 
 
-CASES = [_case(s) for s in SHAPES] + [_mhc_case(t, d) for t, d in MHC_SHAPES]
+CASES = [_case(s) for s in SHAPES] + [_mhc_case(t, d) for t, d in MHC_SHAPES] + [_mhc_case(16384, 4096, cotangent=True)]
 # The mHC blocks with the partials GEMM in the other algorithms (benchmarks/bench_mhc.py).
 VARIANTS = bench_mhc.gemm_variants([c for c in CASES if c.name.startswith("mhc_block_fwd_bwd/")])
