@@ -64,24 +64,11 @@ def bf16_parts(a: jax.Array, count: int) -> list[jax.Array]:
     return [*parts, a.astype(jnp.bfloat16)]
 
 
-@jax.custom_vjp
 def fn_parts(fn: jax.Array) -> jax.Array:
-    """``fn [M, G]`` fp32 -> ``b [padded_rows(M), G]`` bf16: its hi, mid and lo parts, then zeros.
-    Differentiable as its definition says: hi and mid are piecewise constant in fn and ``lo = fn - hi -
-    mid``, so ``dfn`` is the lo part's cotangent."""
+    """``fn [M, G]`` fp32 -> ``b [padded_rows(M), G]`` bf16: its hi, mid and lo parts, then zeros (the
+    kernel's operand; not differentiable: ``_norm_fn.split_bf16_products`` is the differentiable form)."""
     m = fn.shape[0]
     return jnp.pad(jnp.concatenate(bf16_parts(fn, 3)), ((0, padded_rows(m) - 3 * m), (0, 0)))
-
-
-def _parts_fwd(fn):
-    return fn_parts(fn), fn.shape[0]
-
-
-def _parts_bwd(m, db):
-    return (db[2 * m : 3 * m].astype(jnp.float32),)
-
-
-fn_parts.defvjp(_parts_fwd, _parts_bwd)
 
 
 def products_reference(x: jax.Array, b: jax.Array, *, rows: int, splits: int) -> tuple[jax.Array, jax.Array]:
