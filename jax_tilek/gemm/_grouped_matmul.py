@@ -66,6 +66,7 @@ def _config(x, w, start, end, tiles, *, transpose_w, out_dtype) -> GroupedMatmul
 def grouped_matmul_kernel(k: int, n: int, dtype: str, out_dtype: str, transpose_b: bool, block_n: int, block_k: int, stages: int):
     """``out[r] = x[r] · w[g]`` (``w[g]ᵀ`` with ``transpose_b``) per the tile table (module docstring)."""
     import tilelang.language as T
+    from tilelang.layout import make_swizzled_layout
 
     M, G, NT = T.dynamic("M, G, NT")
     BM, BN, BK = BLOCK_M, block_n, block_k
@@ -97,6 +98,7 @@ def grouped_matmul_kernel(k: int, n: int, dtype: str, out_dtype: str, transpose_
                 T.gemm(a_s, b_s, acc, transpose_B=transpose_b)
             if via_shared:
                 c_s = T.alloc_shared((BM, BN), out_dtype)
+                T.annotate_layout({c_s: make_swizzled_layout(c_s)})  # unswizzled, stmatrix's rows share banks
                 T.copy(acc, c_s)
                 for i, j in T.Parallel(BM, BN):
                     if r0 + i < r1:
