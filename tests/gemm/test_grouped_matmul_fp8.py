@@ -346,6 +346,11 @@ def test_kernels_run_e4m3_wgmma_warp_specialized(case):
     assert WGMMA_E4M3 in artifact.source and "warpgroup_reg_alloc" in artifact.source
     assert not re.search(r"wgmma_ss<tl::DataType::kBFloat16", artifact.source)
     assert lowered["has_cubin"]
+    stores = [line for line in artifact.source.splitlines() if "stmatrix" in line]
+    assert bool(stores) == (params["out_dtype"] != "float32")  # bf16 tiles leave through shared memory
+    # Swizzled: an unswizzled [128, 128] bf16 tile puts stmatrix's 8 rows 128 elements (256 bytes) apart,
+    # in the same banks.
+    assert not any("& 15) * 128)" in line for line in stores)
 
 
 @pytest.mark.parametrize("case", [c for c in gemm.grouped_matmul_wgrad_fp8.cases if not c.bench], ids=lambda c: c.name)
