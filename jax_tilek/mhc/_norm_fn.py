@@ -351,7 +351,9 @@ def products_backward(dmul, dsq, x, fn):
     return dx.astype(x.dtype), products_dfn(dmul, x)
 
 
-def _norm_fn_fwd(x, fn, w, *, impl, eps: float, n_splits: int):
+def norm_fn_fwd(x, fn, w, *, impl, eps: float, n_splits: int):
+    """``(mixes [T, M], (x, fn, w, fn merged with w, out_mul [T, M], sqrsum [T]))``: the forward and its
+    residuals, also the first step of mhc_pre's fused chain (:mod:`._residual_grad`)."""
     t, n, h = x.shape
     fn_merged = fn if w is None else _merge_fwd_op(fn, w, impl=impl)
     mul_s, sq_s = products(x.reshape(t, n * h), fn_merged, n_splits, impl=impl)
@@ -370,7 +372,7 @@ def _norm_fn_bwd(res, g, *, impl, eps: float, n_splits: int):
     return dx.reshape(x.shape), dfn, dw
 
 
-norm_fn_flat = with_vjp(lambda *a, **k: _norm_fn_fwd(*a, **k)[0], _norm_fn_fwd, _norm_fn_bwd)
+norm_fn_flat = with_vjp(lambda *a, **k: norm_fn_fwd(*a, **k)[0], norm_fn_fwd, _norm_fn_bwd)
 """``(x [T, n, H] bf16, fn [M, nH], norm_weight [nH] | None)`` -> mixes ``[T, M]`` fp32, differentiable
 in all three; static ``impl``, ``eps``, ``n_splits``."""
 

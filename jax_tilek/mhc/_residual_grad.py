@@ -158,11 +158,8 @@ def _primal(x, fn, scale, base, w, *, impl, eps, n_splits, alias: bool, **mixing
 
 
 def _fwd(x, fn, scale, base, w, *, impl, eps, n_splits, alias: bool, **mixing):
-    t, n, h = x.shape
-    fn_merged = fn if w is None else _norm_fn.merge_flat(fn, w, impl=impl)
-    mul_s, sq_s = _norm_fn.products(x.reshape(t, n * h), fn_merged, n_splits, impl=impl)
-    mixes, mul, sq = _norm_fn._reduce_fwd_op(mul_s, sq_s, impl=impl, group=n * h, eps=eps)
-    (mix, rest), streams_vjp = jax.vjp(lambda *a: _streams(*a, impl=impl, n=n, **mixing), mixes, scale, base)
+    mixes, (*_, fn_merged, mul, sq) = _norm_fn.norm_fn_fwd(x, fn, w, impl=impl, eps=eps, n_splits=n_splits)
+    (mix, rest), streams_vjp = jax.vjp(lambda *a: _streams(*a, impl=impl, n=x.shape[1], **mixing), mixes, scale, base)
     out = _apply_mix._fwd_op(x, mix, impl=impl)
     return ((out, rest, x) if alias else (out, rest)), (x, fn, w, fn_merged, mul, sq, mix, streams_vjp)
 
