@@ -66,13 +66,13 @@ def _config(x, w, start, end, tiles, *, transpose_w, out_dtype) -> GroupedMatmul
 def grouped_matmul_kernel(k: int, n: int, dtype: str, out_dtype: str, transpose_b: bool, block_n: int, block_k: int, stages: int):
     """``out[r] = x[r] · w[g]`` (``w[g]ᵀ`` with ``transpose_b``) per the tile table (module docstring)."""
     import tilelang.language as T
-    from tilelang.layout import make_swizzled_layout
 
     M, G, NT = T.dynamic("M, G, NT")
     BM, BN, BK = BLOCK_M, block_n, block_k
     w_shape = (G, n, k) if transpose_b else (G, k, n)
     b_tile = (BN, BK) if transpose_b else (BK, BN)
     via_shared = out_dtype != "float32"
+    store = S.tile_store(T, BM, BN, via_shared)
 
     @T.prim_func
     def grouped_matmul(
@@ -96,17 +96,8 @@ def grouped_matmul_kernel(k: int, n: int, dtype: str, out_dtype: str, transpose_
                 else:
                     T.copy(w[g, kk * BK, bn * BN], b_s)
                 T.gemm(a_s, b_s, acc, transpose_B=transpose_b)
-            if via_shared:
-                c_s = T.alloc_shared((BM, BN), out_dtype)
-                T.annotate_layout({c_s: make_swizzled_layout(c_s)})  # unswizzled, stmatrix's rows share banks
-                T.copy(acc, c_s)
-                for i, j in T.Parallel(BM, BN):
-                    if r0 + i < r1:
-                        out[r0 + i, bn * BN + j] = c_s[i, j]
-            else:
-                for i, j in T.Parallel(BM, BN):
-                    if r0 + i < r1:
-                        out[r0 + i, bn * BN + j] = acc[i, j]
+            c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared else None
+            store(out, acc, c_s, r0, r1, bn * BN)
 
     return grouped_matmul
 

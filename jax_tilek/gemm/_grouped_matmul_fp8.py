@@ -129,7 +129,6 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
     turn, block kb's promotion under block kb + 1's wgmma; ``persistent``: ``ctas`` CTAs (a scalar
     parameter, at most the tiles), the roles split by hand, each looping over the CTA's tiles."""
     import tilelang.language as T
-    from tilelang.layout import make_swizzled_layout
 
     M, MP, G, NT = T.dynamic("M, MP, G, NT")
     BM = BN = BK = BLOCK
@@ -138,6 +137,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
     sf_rows, sf_dtype = (kb_count, "float32") if sf_layout == "col" else (F.ceil_div(kb_count, 4), "int32")
     sf_index = (lambda kb: kb) if sf_layout == "col" else (lambda kb: kb // 4)  # x_sf's row of K block kb
     via_shared = out_dtype != "float32"
+    store = S.tile_store(T, BM, BN, via_shared)
     threads = 256  # the two consumer warpgroups (TileLang adds the producer's, or the persistent kernel does)
 
     @T.macro
@@ -197,18 +197,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 promote(acc, part, row_scale)
             elif count > 0:
                 promote(acc, part_odd, scale_odd)
-        if via_shared:
-            # Swizzled: unswizzled, the stmatrix stores' 8 rows of 256 bytes fall in the same banks
-            # (8-way conflicts; Nsight Compute, H100 2026-12-07: 26% of the shared-memory wavefronts).
-            T.annotate_layout({c_s: make_swizzled_layout(c_s)})
-            T.copy(acc, c_s)
-            for i, j in T.Parallel(BM, BN):
-                if r0 + i < r1:
-                    out[r0 + i, bn * BN + j] = c_s[i, j]
-        else:
-            for i, j in T.Parallel(BM, BN):
-                if r0 + i < r1:
-                    out[r0 + i, bn * BN + j] = acc[i, j]
+        store(out, acc, c_s, r0, r1, bn * BN)
 
     if not persistent:
 

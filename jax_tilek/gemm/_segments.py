@@ -90,3 +90,27 @@ def row_order(start: jax.Array, end: jax.Array, m: int) -> tuple[jax.Array, jax.
     perm = jnp.argsort(row_group, stable=True)
     sizes = jnp.zeros((g + 1,), jnp.int32).at[row_group].add(1)[:g]
     return perm, sizes
+
+
+def tile_store(T, rows: int, cols: int, via_shared: bool):
+    """The forward kernels' epilogue, a TileLang macro ``store(out, acc, c_s, r0, r1, c0)``: the rows
+    ``r0 + i < r1`` of the fp32 tile ``acc [rows, cols]`` into ``out[r0 + i, c0 + j]``, through the
+    shared tile ``c_s`` (16-bit outputs) or from registers (fp32; ``c_s`` None). ``c_s`` is swizzled:
+    unswizzled, each stmatrix store's 8 rows, 256 or 512 bytes apart, fall in the same banks (8-way
+    conflicts; Nsight Compute of the FP8 kernel, H100 2026-12-07: 26% of its shared-memory wavefronts)."""
+    from tilelang.layout import make_swizzled_layout
+
+    @T.macro
+    def store(out, acc, c_s, r0, r1, c0):
+        if via_shared:
+            T.annotate_layout({c_s: make_swizzled_layout(c_s)})
+            T.copy(acc, c_s)
+            for i, j in T.Parallel(rows, cols):
+                if r0 + i < r1:
+                    out[r0 + i, c0 + j] = c_s[i, j]
+        else:
+            for i, j in T.Parallel(rows, cols):
+                if r0 + i < r1:
+                    out[r0 + i, c0 + j] = acc[i, j]
+
+    return store
