@@ -35,6 +35,16 @@ full and an empty mbarrier per ring stage and the ring's clock (its K-block coun
 its own. Its bf16 output tile has shared memory of its own (32 KB), which leaves room for 5 stages
 with x's scales in the ring.
 
+With ``multicast=2`` (persistent only), the CTAs run in clusters of two: CTA c (c even) and c + 1 get
+tiles t and t + 1 (``ctas`` and N/128 even), one M-tile at N-tiles bn, bn + 1, the same K blocks. Per K
+block the two need the same x tile: rank 0's producer TMA-multicasts it into both CTAs' ring stage
+(each CTA expects its bytes on its own full barrier); each loads its own w tile and x's scales. A
+stage is refilled only when the consumers of both CTAs are done with it: its empty barrier is a
+cluster barrier on which lane i of each consumer warp of either CTA arrives for CTA i (2 x 8
+arrivals a phase). The x tile comes from L2 once for two CTAs: 24 KB instead of 32 KB a K block per
+CTA (DeepGEMM's multicast). A cluster sync follows the barriers' init and ends the kernel (a CTA stays
+until its peer has done with its shared memory).
+
 Row-major ``"row"`` x-scales are transposed to the column-major storage by XLA before the launch
 (1/32 of x's bytes); ``w`` given as ``[G, K, N]`` is transposed to ``[G, N, K]`` (with its scales)
 by XLA: store FP8 weights as ``[G, N, K]`` (``transpose_w=True``, DeepGEMM's layout) to avoid it.
@@ -102,12 +112,15 @@ class GroupedMatmulFp8Config:
     instead of after a synchronous wgmma; ``persistent``: one CTA per multiprocessor looping over
     tiles, so that the ring fills with the next tile's K blocks while the current one is finished and
     stored (module docstring). Its bf16 output tile needs 32 KB of its own: at most 5 stages with
-    ``sf_load="tma"`` (``shared_bytes``)."""
+    ``sf_load="tma"`` (``shared_bytes``). ``multicast=2`` (with ``persistent``; N a multiple of 256):
+    clusters of two CTAs on neighbouring N-tiles of one M-tile, sharing each K block's x tile (one TMA
+    multicast) to cut L2 traffic from 32 to 24 KB a K block per CTA; the same bytes out."""
 
     stages: int = 6
     sf_load: str = "tma"
     overlap: bool = True
     persistent: bool = False
+    multicast: int = 1
 
 
 @config_class(GroupedMatmulFp8Config)
@@ -122,12 +135,15 @@ def _config(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype) -> G
 
 @kernel
 def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, stages: int, sf_load: str = "tma", overlap: bool = False,
-                              persistent: bool = False):  # fmt: skip
+                              persistent: bool = False, multicast: int = 1):  # fmt: skip
     """``out[r] = Σ_kb (x[r, kb] · w[g, :, kb]ᵀ) · x_sf[r, kb] · w_sf[g, :, kb]`` per the tile table
     (module docstring); ``sf_layout`` "col" (fp32 ``[K/128, MP]``) or "col_ue8m0" (int32
     ``[ceil(K/512), MP]``, byte ``kb % 4`` of word ``kb // 4``); ``overlap``: two partial sums in
     turn, block kb's promotion under block kb + 1's wgmma; ``persistent``: ``ctas`` CTAs (a scalar
-    parameter, at most the tiles), the roles split by hand, each looping over the CTA's tiles."""
+    parameter, at most the tiles), the roles split by hand, each looping over the CTA's tiles;
+    ``multicast=2`` (persistent, N/128 and ``ctas`` even): clusters of two CTAs on the tiles t, t + 1
+    (one M-tile, N-tiles bn, bn + 1), the x tile TMA-multicast to both, the ring's stages released to
+    both producers."""
     import tilelang.language as T
 
     M, MP, G, NT = T.dynamic("M, MP, G, NT")
@@ -258,14 +274,17 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
         out: T.Tensor((M, n), out_dtype),
         ctas: T.int32,
     ):
-        with T.Kernel(ctas, threads=PRODUCER_THREADS + threads) as c:
+        with T.Kernel(ctas, threads=PRODUCER_THREADS + threads, cluster_dims=(multicast, 1, 1) if multicast > 1 else None) as c:
             a_s = T.alloc_shared((stages, BM, BK), FP8)
             b_s = T.alloc_shared((stages, BN, BK), FP8)
             if sf_load == "tma":
                 sa_s = T.alloc_shared((stages, SF_BOX), sf_dtype)
             c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared else None  # in use while the ring fills: its own
-            full = T.alloc_barrier([1] * stages)  # the producer's elected thread, and the TMA bytes
-            empty = T.alloc_barrier([threads] * stages)  # every consumer thread
+            full = T.alloc_barrier([1] * stages)  # the producer's elected thread, and the TMA bytes (the multicast x tile's too)
+            if multicast == 1:
+                empty = T.alloc_barrier([threads] * stages)  # every consumer thread
+            else:  # one lane of each consumer warp of each CTA of the cluster (the cluster barrier's init ends in a cluster sync)
+                empty = T.alloc_cluster_barrier([multicast * threads // 32] * stages)
             part = T.alloc_fragment((BM, BN), "float32")
             acc = T.alloc_fragment((BM, BN), "float32")
             row_scale = T.alloc_fragment((BM,), "float32")
@@ -288,7 +307,9 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                     for kb in T.serial(T.if_then_else(g >= 0, kb_count, 0)):
                         s = blocks % stages
                         T.mbarrier_wait_parity(empty[s], (blocks // stages) % 2 ^ 1)
-                        T.tma_copy(x[r0 : r0 + BM, kb * BK : kb * BK + BK], a_s[s, :, :], barrier=full[s])
+                        # multicast: rank 0 loads x into both CTAs, each expecting its bytes on its own full[s]
+                        T.tma_copy(x[r0 : r0 + BM, kb * BK : kb * BK + BK], a_s[s, :, :], barrier=full[s],
+                                   cluster_mask=(1 << multicast) - 1 if multicast > 1 else None)  # fmt: skip
                         T.tma_copy(w[g, bn * BN : bn * BN + BN, kb * BK : kb * BK + BK], b_s[s, :, :], barrier=full[s],
                                    annotations=last if sf_load == "ldg" else None)  # fmt: skip
                         if sf_load == "tma":
@@ -316,9 +337,16 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                             load_raw_scales(x_sf, kb, r0, raw)
                         T.mbarrier_wait_parity(full[s], (blocks // stages) % 2)
                         k_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd)
-                        T.mbarrier_arrive(empty[s])
+                        if multicast == 1:
+                            T.mbarrier_arrive(empty[s])
+                        else:  # the warp's reads of stage s done, lane i releases it to CTA i's producer
+                            T.sync_warp()
+                            if T.get_thread_binding() % 32 < multicast:
+                                T.mbarrier_arrive(empty[s], T.get_thread_binding() % 32)
                         blocks = blocks + 1
                     finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
+            if multicast > 1:
+                T.cluster_sync()  # no CTA exits while its peer may still multicast into it or arrive on its barriers
 
     return grouped_matmul_fp8_persistent
 
@@ -338,12 +366,18 @@ def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Conf
                          f"more than a CTA has ({SMEM_LIMIT}): give it fewer stages")  # fmt: skip
     params = dict(k=x.shape[1], n=w.shape[1], sf_layout=x_sf_layout, out_dtype=np.dtype(out_dtype).name, stages=config.stages,
                   sf_load=config.sf_load, overlap=config.overlap)  # fmt: skip
+    nbn, mc = w.shape[1] // BLOCK, config.multicast
+    if mc not in (1, 2) or (mc == 2 and (not config.persistent or nbn % 2)):
+        raise ValueError(f"grouped_matmul_fp8: {config} with N = {w.shape[1]}: multicast must be 1, or 2 with persistent=True "
+                         f"and an even number of {BLOCK}-wide N-tiles")  # fmt: skip
     if not config.persistent:
         return Launch(kernel=grouped_matmul_fp8_kernel, params=params)
-    tiles_total = w.shape[1] // BLOCK * tiles.shape[0]  # (N-tiles) x (M-tiles)
-    # The grid is a launch-time value, not part of the cubin: every tile's bytes are the same for any.
-    return Launch(kernel=grouped_matmul_fp8_kernel, params=dict(params, persistent=True),
-                  scalars=dict(ctas=min(platform.target_num_sms(), tiles_total)))  # fmt: skip
+    tiles_total = nbn * tiles.shape[0]  # (N-tiles) x (M-tiles): even with multicast
+    # The grid is a launch-time value, not part of the cubin: every tile's bytes are the same for any. With
+    # multicast, a whole number of clusters: the SMs rounded down to a multiple of the cluster size.
+    ctas = min(max(platform.target_num_sms() // mc, 1) * mc, tiles_total)
+    return Launch(kernel=grouped_matmul_fp8_kernel, params=dict(params, persistent=True, **({"multicast": mc} if mc > 1 else {})),
+                  scalars=dict(ctas=ctas))  # fmt: skip
 
 
 _op = TileOp(
