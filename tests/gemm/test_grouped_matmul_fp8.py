@@ -525,6 +525,96 @@ def test_persistent_needs_room_for_its_output_tile():
         lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, 256, 256, 2, "col"))
 
 
+# GroupedMatmulFp8Config.multicast=2 (persistent, clusters of two CTAs sharing the x tile): as
+# PERSISTENT_CASES, with an even number of N-tiles, an even CTA count from an odd number of SMs assumed,
+# one cluster running every tile (2 SMs), and a DeepSeek-V3 down projection on the GPU's own SMs.
+MULTICAST_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load, overlap, stages, SMs assumed (None: the GPU's)
+    (700, 640, 256, (130, 0, 301, 200), "col", "bfloat16", "tma", True, 5, 4),
+    (700, 512, 512, (0, 257, 128, 250), "col_ue8m0", "float32", "ldg", True, 6, 7),
+    (333, 128, 256, (100, 0, 200), "col", "float32", "tma", False, 3, 2),
+    (520, 896, 256, (1, 0, 300, 190), "col_ue8m0", "bfloat16", "ldg", False, 4, 5),
+    (8192, 2048, 7168, (1100, 0, 1337, 900, 1500, 1024, 700, 1200), "col", "bfloat16", "tma", True, 5, None),
+]
+
+
+def multicast_program(out: str, sf_load: str, overlap: bool, stages: int):
+    """The product with ``persistent`` and ``multicast=2`` (a ``stages``-deep ring) and with one CTA per
+    tile (the default depth), both with ``sf_load`` and ``overlap``."""
+
+    def both(x, x_sf, w, w_sf, sizes):
+        def product(**config):
+            fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, overlap=overlap, **config)
+            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
+
+        return product(persistent=True, multicast=2, stages=stages), product()
+
+    return both
+
+
+@pytest.mark.parametrize("k,n,layout,out,sf_load,overlap,stages", [c[1:3] + c[4:9] for c in MULTICAST_CASES])
+def test_multicast_kernel_shares_x_across_a_cluster(k, n, layout, out, sf_load, overlap, stages):
+    """multicast=2 for sm_90a: clusters of two CTAs; the x tile's one TMA load a multicast to both CTAs
+    (mask 0b11) issued by rank 0 alone after each CTA's own expect_tx of its 16 KB, w and x's scales
+    unicast; the empty barriers count one arrive per consumer warp and CTA (2 x 8), each warp's lanes 0
+    and 1 arriving, after a __syncwarp, on CTA 0's and CTA 1's barrier of the stage; the full barriers
+    still one local arrive; a cluster sync after the barriers' init and one at the end, after both roles'
+    loops; no CTA-wide __syncthreads."""
+    params = dict(k=k, n=n, sf_layout=layout, out_dtype=out, stages=stages, sf_load=sf_load, overlap=overlap, persistent=True)
+    artifact = grouped_matmul_fp8_kernel.artifact(dict(params, multicast=2), "sm_90a", record=False)
+    (kern,) = artifact.spec.kernels
+    config = gemm.GroupedMatmulFp8Config(stages=stages, sf_load=sf_load, overlap=overlap, persistent=True, multicast=2)
+    assert kern.grid == ("ctas", 1, 1) and kern.block == (384, 1, 1) and kern.cluster == (2, 1, 1)
+    assert kern.smem == shared_bytes(config, out) <= SMEM_LIMIT and artifact.cubin
+    assert grouped_matmul_fp8_kernel.artifact(params, "sm_90a", record=False).spec.kernels[0].cluster == (1, 1, 1)
+    source = artifact.source
+    assert WGMMA_E4M3 in source
+    inits = re.findall(r"(full|empty)\[(\d+)\]\.init\((\d+)\);", source)
+    assert sorted(inits) == sorted([("full", str(i), "1") for i in range(stages)] + [("empty", str(i), "16") for i in range(stages)])
+    start, consumer_start = source.index("warpgroup_reg_dealloc<24>"), source.index("warpgroup_reg_alloc<240>")
+    producer, consumer = source[start:consumer_start], source[consumer_start:]
+    assert re.findall(r"tl::cluster_sync\(\);", source) == ["tl::cluster_sync();"] * 2 and "__syncthreads()" not in source
+    assert source.index("tl::fence_barrier_init();") < source.index("tl::cluster_sync();") < start
+    assert consumer.rstrip().endswith("tl::cluster_sync();\n}") and consumer.index("ptx_stmatrix" if out == "bfloat16" else "*(float2*)(out + ") < consumer.index("tl::cluster_sync")
+    (multicast,) = re.findall(r"tl::tma_load_multicast\((\w+), full\[\(\(int64_t\)s\)\], .*, \(uint16_t\)\((\d+)\), ", producer)
+    assert multicast == ("x_desc", "3") and source.count("tma_load_multicast") == 1
+    shared = producer[producer.index("expect_transaction(16384);") :]
+    assert shared.index("if (tl::block_rank_in_cluster() == 0) {") < shared.index("tl::tma_load_multicast(x_desc")
+    assert sorted(re.findall(r"tl::tma_load\((\w+),", producer)) == sorted(["x_desc", "w_desc"] + (["x_sf_desc"] if sf_load == "tma" else []))
+    arrives = re.findall(r"empty\[[^\]]*\]\.arrive\(([^;]*)\);", consumer)
+    assert arrives == ["(((int)threadIdx.x) & 31)"] and not re.search(r"empty\[[^\]]*\]\.arrive\(\);", source)
+    release = consumer[consumer.index("__syncwarp();") :]
+    assert release.index("if ((((int)threadIdx.x) & 31) < 2) {") < release.index("].arrive((((int)threadIdx.x) & 31));") < release.index("blocks = (blocks + 1);")
+    tile = consumer[consumer.index("for (int it") :]
+    events = re.findall(r"full\[[^\]]*\]\.wait|wait_wgmma<\d+>|warpgroup_wait<\d+>|__syncwarp|empty\[[^\]]*\]\.arrive", tile)
+    events = [e.split("[")[0] for e in events]
+    block = ["full"] + (["wait_wgmma<0>"] * 2 if overlap else ["warpgroup_wait<0>"]) + ["__syncwarp", "empty"]
+    assert events[: len(block)] == block and events.count("empty") == 1
+
+
+def test_multicast_grid_is_whole_clusters(monkeypatch):
+    """multicast=2 launches clusters of two: min(SMs rounded down to even (at least 2), tiles) CTAs."""
+    m, k, n, g = 700, 640, 256, 4
+    fp8 = gemm.grouped_matmul_fp8.with_config(persistent=True, multicast=2, stages=5)
+    tiles = n // 128 * (-(-m // 128) + 2 * g + 1)  # (N-tiles) x (the tile table's M-tiles), even
+    keys, launches = set(), []
+    for sms in (7, 1, 132):
+        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
+        (call,) = tilek_calls(lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(m, k, n, g, "col")))
+        keys.add(call["cubin_key"])
+        launches += [(kern["grid"], kern["cluster"]) for kern in decode_record(call["launch"])["kernels"]]
+    assert launches == [([6, 1, 1], [2, 1, 1]), ([2, 1, 1], [2, 1, 1]), ([tiles, 1, 1], [2, 1, 1])] and len(keys) == 1
+
+
+@pytest.mark.parametrize("config,n", [(dict(multicast=2), 256), (dict(multicast=2, persistent=True, stages=5), 384),
+                                      (dict(multicast=3, persistent=True, stages=5), 768), (dict(multicast=0), 256)])  # fmt: skip
+def test_multicast_needs_persistent_and_pairs_of_n_tiles(config, n):
+    """multicast=2 only on the persistent grid and with an even number of N-tiles (a cluster's two CTAs
+    on N-tiles bn, bn + 1); no other cluster size: the lowering says so."""
+    fp8 = gemm.grouped_matmul_fp8.with_config(**config)
+    with pytest.raises(ValueError, match="multicast must be 1, or 2 with persistent=True"):
+        lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, 256, n, 2, "col"))
+
+
 WGRAD_SHAPES = [(8192, 7168, 2048, 8, 0.0), (16384, 2048, 7168, 32, 1.5)]  # m, k, n, groups, skew
 
 
@@ -543,6 +633,9 @@ GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
 ] + [
     (persistent_program(out, sf_load, overlap, stages), _deepseek_args(m, k, n, len(sizes), layout))
     for m, k, n, sizes, layout, out, sf_load, overlap, stages, _ in PERSISTENT_CASES
+] + [
+    (multicast_program(out, sf_load, overlap, stages), _deepseek_args(m, k, n, len(sizes), layout))
+    for m, k, n, sizes, layout, out, sf_load, overlap, stages, _ in MULTICAST_CASES
 ]
 
 
@@ -586,6 +679,25 @@ def test_gpu_persistent_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, 
     got, default = on_gpu(persistent_program(out, sf_load, overlap, stages), *operands, sizes)
     assert got.dtype == out
     jax_tilek.testing.assert_bytes_equal(got, default, "persistent against one CTA per tile")
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
+    close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,sizes,layout,out,sf_load,overlap,stages,sms", MULTICAST_CASES)
+def test_gpu_multicast_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, out, sf_load, overlap, stages, sms):
+    """multicast=2 runs each tile's arithmetic as one CTA per tile does: the same bytes, with ``sms``
+    rounded down to even CTAs in clusters of two sharing each K block's x tile (the ring's stages
+    released to both producers across tiles of 0 to 16 K blocks); and the dequantized reference (on the
+    CPU) within the FP8 product's tolerance."""
+    if sms is not None:
+        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
+    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
+    sizes = np.array(sizes, np.int32)
+    got, default = on_gpu(multicast_program(out, sf_load, overlap, stages), *operands, sizes)
+    assert got.dtype == out
+    jax_tilek.testing.assert_bytes_equal(got, default, "multicast against one CTA per tile")
     with jax.default_device(jax.devices("cpu")[0]):
         want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
     close(got, want, 1e-2)
