@@ -19,6 +19,7 @@ activation and 128 × 128 weight block scales, forward and backward products.
     python examples/train_moe.py --steps 600          # again: resumes from the checkpoint in --out
     python examples/train_moe.py --mhc --engram       # mHC residual streams (n = 4) and the Engram gate
     python examples/train_moe.py --fp8                # FP8 expert matmuls
+    python examples/train_moe.py --model wide --mhc  # hidden 4096 (DeepSeek-scale width): mHC's cost where matmuls dominate
     python examples/train_moe.py --precompile sm_90a  # fill the kernel cache for exactly this job, then exit
 
 Writes to ``--out``: ``metrics.jsonl`` (one JSON object per logged step and per evaluation),
@@ -87,11 +88,13 @@ class Config:
     mhc_sinkhorn_repeat: int = 20  # --mhc: Sinkhorn iterations of every comb mix (the mHC paper's 20)
 
 
-# Head dim 64 in both: the rotary kernels take rotary dims of 64 or 128.
+# The rotary kernels take rotary dims of 64 or 128.
 CONFIGS = {
     "tiny": Config(dim=128, layers=2, heads=2, experts=8, topk=2, ffn=128, seq=128, batch=16, steps=500, lr=3e-3),
     "small": Config(dim=512, layers=6, heads=8, experts=32, topk=4, ffn=256, seq=512, batch=32, steps=2000, lr=1e-3,
                     engram_layers=(1, 3), engram_vocab=((16381, 16369), (65521, 65519)), engram_dim=64),
+    # DeepSeek-scale width (head dim 128) in two layers on one GPU, for what mHC costs where matmuls dominate.
+    "wide": Config(dim=4096, layers=2, heads=32, experts=16, topk=4, ffn=1024, seq=1024, batch=8, steps=200, lr=3e-4),
 }
 
 
