@@ -12,9 +12,11 @@ Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15
 - ``donated``: the chains run as ``x = f(x)`` with x donated, so the buffers' addresses repeat
   between executions (XLA updates a command buffer in place when they do, and must re-record a
   traced custom call when they do not);
-- ``execute_ns``: the launcher's own host time per execute call (``JAX_TILEK_LAUNCH_STATS=1``), and
-  how many execute calls one run of the chain makes with command buffers on (0 when XLA replays the
-  graph, 100 when it re-captures our calls);
+- ``execute_ns``: the launcher's own host time per execute (or record) call
+  (``JAX_TILEK_LAUNCH_STATS=1``), and how many execute and record calls one run of the chain makes
+  with command buffers on (0 when XLA replays the graph, 100 when it re-captures or re-records our
+  calls); the settings ``on`` (kernel nodes by the FFI record stage, where the launcher has it) and
+  ``on_capture`` (stream capture, ``JAX_TILEK_RECORD=0``) side by side;
 - ``graph``: the same cubin in CUDA graphs built by hand with the driver API, outside XLA, timed by
   events: 100 kernel nodes in a chain (how XLA's own kernels enter a graph) against 100 child-graph
   nodes of one kernel each (how a traced FFI call enters one).
@@ -37,19 +39,27 @@ import jax_tilek
 CHAIN = 100
 REPEATS = 3
 SHAPE = (64, 64)
-FLAGS = {
-    "on": "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1",
-    "off": "--xla_gpu_enable_command_buffer=",
+ON = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+# Command-buffer settings: XLA flags and environment. "on": our calls enter the graph as kernel nodes
+# where the launcher has the FFI record stage (jaxlib with it), else by stream capture; "on_capture":
+# stream capture into child graphs always (JAX_TILEK_RECORD=0, the launch path before the record stage).
+SETTINGS = {
+    "on": (ON, {}),
+    "on_capture": (ON, {"JAX_TILEK_RECORD": "0"}),
+    "off": ("--xla_gpu_enable_command_buffer=", {}),
 }
 
 
 @jax_tilek.kernel
-def affine_kernel(n_cols: int):
+def affine_kernel(n_cols: int, pdl: bool = False):
     """y = x * 2 + 1 on bf16 rows; CTAs of 256 threads, each thread one 16-byte vector (8 values), as
     XLA's own elementwise fusion of this size does it: no thread waits on a second load (an earlier
     version looped over two vectors per thread and measured ~0.3 us more per call on the device
-    alone, in hand-built graphs too). M must be a multiple of 2048 / n_cols rows."""
+    alone, in hand-built graphs too). M must be a multiple of 2048 / n_cols rows. ``pdl``: a
+    programmatic dependent launch (the next kernel may start as this one starts; each waits for its
+    predecessor's completion before reading x), as XLA may launch its own kernels."""
     import tilelang.language as T
+    from tilelang.cuda.language import pdl_sync, pdl_trigger
 
     M = T.dynamic("M")
     rows = 256 * 8 // n_cols
@@ -58,15 +68,18 @@ def affine_kernel(n_cols: int):
     def affine(x: T.Tensor((M, n_cols), "bfloat16"), y: T.Tensor((M, n_cols), "bfloat16")):
         with T.Kernel(M // rows, threads=256) as bx:
             T.assume(M % rows == 0)
+            if pdl:
+                pdl_trigger()
+                pdl_sync()
             for i, j in T.Parallel(rows, n_cols):
                 y[bx * rows + i, j] = x[bx * rows + i, j] * T.bfloat16(2) + T.bfloat16(1)
 
     return affine
 
 
-def affine(x):
+def affine(x, pdl: bool = False):
     return jax_tilek.tilelang_call(
-        affine_kernel, x, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), params=dict(n_cols=x.shape[1])
+        affine_kernel, x, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), params=dict(n_cols=x.shape[1], pdl=pdl)
     )
 
 
@@ -81,7 +94,10 @@ def _chain(step, barrier: bool):
     return chain
 
 
-PAIRS = {"elementwise": (_chain(affine, False), _chain(lambda x: x * 2 + 1, True))}
+PAIRS = {
+    "elementwise": (_chain(affine, False), _chain(lambda x: x * 2 + 1, True)),
+    "elementwise_pdl": (_chain(lambda x: affine(x, pdl=True), False), _chain(lambda x: x * 2 + 1, True)),
+}
 
 
 def _child() -> None:
@@ -119,6 +135,7 @@ def _donated_child() -> None:
         if label == "kernel":
             executions = after["executions"] - before["executions"]
             out["executions_per_run"] = executions / (5 * runs)
+            out["records_per_run"] = (after["records"] - before["records"]) / (5 * runs)
             out["execute_ns_per_call"] = (after["execute_ns"] - before["execute_ns"]) / max(executions, 1)
     print(json.dumps(out))
 
@@ -207,8 +224,9 @@ def _graph_child() -> None:
     print(json.dumps(out))
 
 
-def _run_child(mode: str, flags: str, **env_extra: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **env_extra)
+def _run_child(mode: str, setting: str, **env_extra: str) -> dict:
+    flags, env_setting = SETTINGS[setting]
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **env_setting, **env_extra)
     done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", mode], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
@@ -217,29 +235,26 @@ def _run_child(mode: str, flags: str, **env_extra: str) -> dict:
 
 def explain() -> dict:
     """Issue 15's measurements (module docstring), each command-buffer setting in its own processes."""
-    result = {"graph": _run_child("--graph", "")}
-    for setting, flags in FLAGS.items():
-        result[f"donated_{setting}"] = [_run_child("--donated", flags) for _ in range(REPEATS)]
-        result[f"stats_{setting}"] = _run_child("--donated", flags, JAX_TILEK_LAUNCH_STATS="1")
+    result = {"graph": _run_child("--graph", "off")}
+    for setting in SETTINGS:
+        result[f"donated_{setting}"] = [_run_child("--donated", setting) for _ in range(REPEATS)]
+        result[f"stats_{setting}"] = _run_child("--donated", setting, JAX_TILEK_LAUNCH_STATS="1")
     print(json.dumps(result, indent=1), flush=True)
     return result
 
 
 def measure() -> list[dict]:
-    samples: dict[str, list[dict]] = {setting: [] for setting in FLAGS}
+    samples: dict[tuple[str, str], list[dict]] = {}
     for _ in range(REPEATS):
-        for setting, flags in FLAGS.items():
-            env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-            done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--child"], env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(done.stderr[-3000:])
-            samples[setting].append(json.loads(done.stdout.strip().splitlines()[-1])["elementwise"])
+        for setting in SETTINGS:
+            for pair, times in _run_child("--child", setting).items():
+                samples.setdefault((pair, setting), []).append(times)
     results = []
-    for setting, runs in samples.items():
+    for (pair, setting), runs in samples.items():
         kernel, xla = sorted(r["kernel"] for r in runs), sorted(r["xla"] for r in runs)
         ratios = sorted(r["kernel"] / r["xla"] for r in runs)
         results.append({
-            "family": "overhead", "case": f"elementwise x{CHAIN}", "command_buffers": setting,
+            "family": "overhead", "case": f"{pair} x{CHAIN}", "command_buffers": setting,
             "kernel_us_per_call": statistics.median(kernel), "xla_us_per_call": statistics.median(xla),
             "ratio": statistics.median(ratios), "ratio_range": f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
             "samples": runs,

@@ -8,6 +8,12 @@
 //                XLA's stream (cuLaunchKernel, or cuLaunchKernelEx for clusters, PDL or cooperative
 //                launches). Nothing else: no loading, no allocation, no sync,
 //                so the handler is command-buffer (CUDA graph) compatible.
+//   record       (jaxlib whose XLA has the FFI record stage) when XLA builds a command buffer: the same
+//                launches as kernel nodes (create_launch: the cubin, dims, shared memory, the buffers as
+//                device pointers and the TMA descriptors and scalars as host values), updated in place
+//                when the buffers move (update_launch) instead of re-capturing a stream into a child
+//                graph. Call sites it cannot express (a zero fill, a cooperative launch) or
+//                JAX_TILEK_RECORD=0 ask XLA for stream capture, which runs execute as before.
 //
 // The launch record layout is written by jax_tilek/_record.py (encode_record); keep the two in step.
 // The CUDA driver is reached through dlopen("libcuda.so.1"), so this module loads on machines without
@@ -33,6 +39,12 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#if __has_include("xla/ffi/api/record_api.h")
+#include "xla/ffi/api/record_api.h"
+#define TILEK_HAS_RECORD 1
+#else
+#define TILEK_HAS_RECORD 0
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -162,6 +174,7 @@ std::atomic<int64_t> g_executions{0};
 std::atomic<int64_t> g_captured_executions{0};
 std::atomic<int64_t> g_execute_ns{0};
 std::atomic<int64_t> g_encode_ns{0};
+std::atomic<int64_t> g_records{0};  // record-stage calls that created or updated kernel nodes
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -185,6 +198,7 @@ struct LaunchState {
   static ffi::TypeId id;
 
   bool count_stats = false;
+  bool use_record = true;  // JAX_TILEK_RECORD=0: always fall back to stream capture
   std::string name;       // the op or kernel name, for error messages
   std::string cubin;      // the module image
   std::string cubin_key;  // content hash of the image, keys the per-context module cache
@@ -411,6 +425,8 @@ ffi::ErrorOr<std::unique_ptr<LaunchState>> Instantiate(std::string_view name, st
   st->cubin_key = std::string(cubin_key);
   const char* stats = std::getenv("JAX_TILEK_LAUNCH_STATS");
   st->count_stats = stats != nullptr && stats[0] == '1';
+  const char* record_env = std::getenv("JAX_TILEK_RECORD");
+  st->use_record = record_env == nullptr || record_env[0] != '0';
   if (ffi::Error e = DecodeRecord(record, entries, *st); e.failure()) return ffi::Unexpected(e);
   // Load now if a CUDA context is current; otherwise the initialize stage (or first execute) does.
   CUcontext ctx = nullptr;
@@ -423,6 +439,52 @@ ffi::ErrorOr<std::unique_ptr<LaunchState>> Instantiate(std::string_view name, st
 ffi::Error Initialize(LaunchState* st) {
   auto fns = Functions(*st, /*capturing=*/false);
   if (fns.has_error()) return fns.error();
+  return ffi::Error::Success();
+}
+
+// The call's buffers, operands then results: device addresses and sizes.
+struct Buffers {
+  std::array<char*, kMaxBuffers> ptrs;
+  std::array<size_t, kMaxBuffers> sizes;
+};
+
+ffi::Error GatherBuffers(const LaunchState& st, ffi::RemainingArgs args, ffi::RemainingRets rets, Buffers& out) {
+  const size_t num_args = args.size();
+  if (static_cast<int64_t>(num_args + rets.size()) != st.num_buffers) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      st.Where() + ": expected " + std::to_string(st.num_buffers) + " buffers, got " +
+                          std::to_string(num_args + rets.size()));
+  }
+  for (size_t i = 0; i < num_args; ++i) {
+    auto buf = args.get<ffi::AnyBuffer>(i);
+    if (buf.has_error()) return buf.error();
+    out.ptrs[i] = static_cast<char*>(buf.value().untyped_data());
+    out.sizes[i] = buf.value().size_bytes();
+  }
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto buf = rets.get<ffi::AnyBuffer>(i);
+    if (buf.has_error()) return buf.error();
+    out.ptrs[num_args + i] = static_cast<char*>(buf.value()->untyped_data());
+    out.sizes[num_args + i] = buf.value()->size_bytes();
+  }
+  return ffi::Error::Success();
+}
+
+// The call site's TMA descriptors for these buffers, into maps[0 .. st.tma.size()).
+ffi::Error EncodeTma(const LaunchState& st, const Buffers& buffers, CUtensorMap* maps) {
+  const Driver& d = GetDriver();
+  HostTimer encode_timer(st.count_stats && !st.tma.empty(), g_encode_ns);
+  for (size_t i = 0; i < st.tma.size(); ++i) {
+    const TmaRecipe& t = st.tma[i];
+    CUresult r = d.TensorMapEncodeTiled(&maps[i], t.dtype, t.rank, buffers.ptrs[t.buffer] + t.byte_offset, t.dims,
+                                        t.strides, t.box, t.element_strides, t.interleave, t.swizzle, t.l2_promotion,
+                                        t.oob_fill);
+    if (r != CUDA_SUCCESS) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        st.Where() + ": cuTensorMapEncodeTiled failed for TMA descriptor " + std::to_string(i) +
+                            " (buffer " + std::to_string(t.buffer) + "): " + DescribeCuda(r));
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -445,48 +507,15 @@ ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ff
   }
   if (fns.has_error()) return fns.error();
 
-  const size_t num_args = args.size();
-  if (static_cast<int64_t>(num_args + rets.size()) != st->num_buffers) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      st->Where() + ": expected " + std::to_string(st->num_buffers) + " buffers, got " +
-                          std::to_string(num_args + rets.size()));
-  }
-  std::array<char*, kMaxBuffers> ptrs;
-  std::array<size_t, kMaxBuffers> sizes;
-  for (size_t i = 0; i < num_args; ++i) {
-    auto buf = args.get<ffi::AnyBuffer>(i);
-    if (buf.has_error()) return buf.error();
-    ptrs[i] = static_cast<char*>(buf.value().untyped_data());
-    sizes[i] = buf.value().size_bytes();
-  }
-  for (size_t i = 0; i < rets.size(); ++i) {
-    auto buf = rets.get<ffi::AnyBuffer>(i);
-    if (buf.has_error()) return buf.error();
-    ptrs[num_args + i] = static_cast<char*>(buf.value()->untyped_data());
-    sizes[num_args + i] = buf.value()->size_bytes();
-  }
-
+  Buffers buffers;
+  if (ffi::Error e = GatherBuffers(*st, args, rets, buffers); e.failure()) return e;
   for (int64_t z : st->zero_fill) {
-    if (sizes[z] == 0) continue;
-    CUresult r = d.MemsetD8Async(reinterpret_cast<CUdeviceptr>(ptrs[z]), 0, sizes[z], stream);
+    if (buffers.sizes[z] == 0) continue;
+    CUresult r = d.MemsetD8Async(reinterpret_cast<CUdeviceptr>(buffers.ptrs[z]), 0, buffers.sizes[z], stream);
     if (r != CUDA_SUCCESS) return ffi::Error(ffi::ErrorCode::kInternal, st->Where() + ": zero fill failed: " + DescribeCuda(r));
   }
-
   alignas(64) std::array<CUtensorMap, kMaxTma> maps;
-  {
-    HostTimer encode_timer(st->count_stats && !st->tma.empty(), g_encode_ns);
-    for (size_t i = 0; i < st->tma.size(); ++i) {
-      const TmaRecipe& t = st->tma[i];
-      CUresult r = d.TensorMapEncodeTiled(&maps[i], t.dtype, t.rank, ptrs[t.buffer] + t.byte_offset, t.dims, t.strides,
-                                          t.box, t.element_strides, t.interleave, t.swizzle, t.l2_promotion,
-                                          t.oob_fill);
-      if (r != CUDA_SUCCESS) {
-        return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                          st->Where() + ": cuTensorMapEncodeTiled failed for TMA descriptor " + std::to_string(i) +
-                              " (buffer " + std::to_string(t.buffer) + "): " + DescribeCuda(r));
-      }
-    }
-  }
+  if (ffi::Error e = EncodeTma(*st, buffers, maps.data()); e.failure()) return e;
 
   for (size_t n = 0; n < st->kernels.size(); ++n) {
     const KernelLaunch& k = st->kernels[n];
@@ -495,7 +524,7 @@ ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ff
     for (size_t j = 0; j < k.args.size(); ++j) {
       const Arg& a = k.args[j];
       if (a.kind == kBufferArg) {
-        values[j] = ptrs[a.a] + a.b;
+        values[j] = buffers.ptrs[a.a] + a.b;
         params[j] = &values[j];
       } else if (a.kind == kTmaArg) {
         params[j] = &maps[a.a];
@@ -550,6 +579,78 @@ ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ff
   return ffi::Error::Success();
 }
 
+
+#if TILEK_HAS_RECORD
+// The record stage's context, decoded from XLA's record extension with the header-only error policy.
+using RecordContext = ffi::internal::RecordContextBase<ffi::internal::ErrorPolicy>;
+struct RecordExtension : ffi::internal::RecordExtensionBase<RecordContext> {};
+
+// Whether kernel nodes can carry this call site: the record API has no memset and no cooperative launch.
+bool Recordable(const LaunchState& st) {
+  if (!st.use_record || !st.zero_fill.empty()) return false;
+  for (const KernelLaunch& k : st.kernels) {
+    if (k.cooperative) return false;
+  }
+  return true;
+}
+
+ffi::Error Record(RecordContext rec, LaunchState* st, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  if (!Recordable(*st)) return rec.RequestStreamCapture();
+  HostTimer execute_timer(st->count_stats, g_execute_ns);
+  if (st->count_stats) g_records.fetch_add(1, std::memory_order_relaxed);
+  Buffers buffers;
+  if (ffi::Error e = GatherBuffers(*st, args, rets, buffers); e.failure()) return e;
+  alignas(64) std::array<CUtensorMap, kMaxTma> maps;
+  if (ffi::Error e = EncodeTma(*st, buffers, maps.data()); e.failure()) return e;
+
+  const bool create = rec.action() == ffi::RecordAction::kCreate;
+  ffi::BoundedCommandVector commands = rec.commands();
+  if (st->kernels.empty()) {  // nothing to launch: one empty node for XLA to depend on
+    if (!create) return ffi::Error::Success();
+    auto cmd = rec.CreateEmptyCommand();
+    return cmd.has_error() ? cmd.error() : ffi::Error::Success();
+  }
+  if (!create && commands.size() != static_cast<int64_t>(st->kernels.size())) {
+    return ffi::Error(ffi::ErrorCode::kInternal, st->Where() + ": the command buffer holds " +
+                                                     std::to_string(commands.size()) + " of its " +
+                                                     std::to_string(st->kernels.size()) + " launches");
+  }
+  const XLA_FFI_Command* previous = nullptr;
+  for (size_t n = 0; n < st->kernels.size(); ++n) {
+    const KernelLaunch& k = st->kernels[n];
+    std::vector<ffi::KernelArg> kargs;
+    kargs.reserve(k.args.size());
+    for (const Arg& a : k.args) {
+      if (a.kind == kBufferArg) {
+        kargs.push_back(ffi::DevicePointer{buffers.ptrs[a.a] + a.b});
+      } else if (a.kind == kTmaArg) {
+        kargs.push_back(ffi::HostValue{&maps[a.a], sizeof(CUtensorMap)});
+      } else {
+        kargs.push_back(ffi::HostValue{&a.b, static_cast<size_t>(a.a)});
+      }
+    }
+    if (!create) {
+      if (ffi::Error e = rec.UpdateLaunch(commands[n], kargs); e.failure()) return e;
+      continue;
+    }
+    const bool clustered = k.cluster[0] * k.cluster[1] * k.cluster[2] > 1;
+    auto dim3 = [](const unsigned* v) {
+      return XLA_FFI_Dim3{static_cast<int32_t>(v[0]), static_cast<int32_t>(v[1]), static_cast<int32_t>(v[2])};
+    };
+    XLA_FFI_LaunchDims dims{dim3(k.grid), dim3(k.block), clustered ? dim3(k.cluster) : XLA_FFI_Dim3{0, 0, 0}};
+    // The first launch depends on what XLA says it follows (no dependencies given); the others on the previous one.
+    auto cmd = previous == nullptr
+                   ? rec.CreateLaunch(k.entry.c_str(), st->cubin.data(), st->cubin.size(), ffi::SourceFormat::kCubin,
+                                      dims, k.smem, k.pdl, kargs)
+                   : rec.CreateLaunch(k.entry.c_str(), st->cubin.data(), st->cubin.size(), ffi::SourceFormat::kCubin,
+                                      dims, k.smem, k.pdl, kargs, {previous});
+    if (cmd.has_error()) return ffi::Error(cmd.error().errc().value_or(ffi::ErrorCode::kInternal), st->Where(&k) + ": recording a kernel node failed: " + std::string(cmd.error().message()));
+    previous = cmd.value();
+  }
+  return ffi::Error::Success();
+}
+#endif
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER(kTilekInstantiate, Instantiate,
@@ -571,6 +672,15 @@ XLA_FFI_DEFINE_HANDLER(kTilekExecute, Execute,
                            .RemainingRets(),
                        {ffi::Traits::kCmdBufferCompatible});
 
+#if TILEK_HAS_RECORD
+XLA_FFI_DEFINE_HANDLER(kTilekRecord, Record,
+                       ffi::Ffi::BindRecord()
+                           .Ctx<ffi::Extension<RecordExtension>>()
+                           .Ctx<ffi::State<LaunchState>>()
+                           .RemainingArgs()
+                           .RemainingRets());
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Python module: capsules for jax.ffi.register_ffi_target / register_ffi_type.
 
@@ -584,6 +694,9 @@ PyObject* Handlers(PyObject*, PyObject*) {
       {"instantiate", reinterpret_cast<void*>(kTilekInstantiate)},
       {"initialize", reinterpret_cast<void*>(kTilekInitialize)},
       {"execute", reinterpret_cast<void*>(kTilekExecute)},
+#if TILEK_HAS_RECORD
+      {"record", reinterpret_cast<void*>(kTilekRecord)},
+#endif
   };
   for (const auto& [stage, fn] : stages) {
     PyObject* c = Capsule(fn);
@@ -608,9 +721,10 @@ PyObject* StateType(PyObject*, PyObject*) {
 PyObject* DriverProblem(PyObject*, PyObject*) { return PyUnicode_FromString(GetDriver().problem.c_str()); }
 
 PyObject* LaunchStats(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:L,s:L,s:L,s:L}", "executions", static_cast<long long>(g_executions.load()), "captured",
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:O}", "executions", static_cast<long long>(g_executions.load()), "captured",
                        static_cast<long long>(g_captured_executions.load()), "execute_ns",
-                       static_cast<long long>(g_execute_ns.load()), "encode_ns", static_cast<long long>(g_encode_ns.load()));
+                       static_cast<long long>(g_execute_ns.load()), "encode_ns", static_cast<long long>(g_encode_ns.load()),
+                       "records", static_cast<long long>(g_records.load()), "record_stage", TILEK_HAS_RECORD ? Py_True : Py_False);
 }
 
 PyMethodDef kMethods[] = {

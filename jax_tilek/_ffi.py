@@ -79,10 +79,12 @@ def allow_export() -> None:
         stable.add(TARGET)
 
 
-def launch_stats() -> dict[str, int]:
-    """Execute-stage calls so far, those made while XLA captured a CUDA graph, and the host time spent
-    in them (``execute_ns``; ``encode_ns`` of it encoding TMA descriptors), at call sites
-    instantiated with ``JAX_TILEK_LAUNCH_STATS=1`` (a diagnostic; off by default)."""
+def launch_stats() -> dict[str, int | bool]:
+    """Execute-stage calls so far, those made while XLA captured a CUDA graph, record-stage calls that
+    created or updated kernel nodes (``records``), and the host time spent in them (``execute_ns``;
+    ``encode_ns`` of it encoding TMA descriptors), at call sites instantiated with
+    ``JAX_TILEK_LAUNCH_STATS=1`` (a diagnostic; off by default); ``record_stage``: whether this
+    launcher was built with the FFI record stage (a jaxlib whose XLA has it)."""
     return _launcher().launch_stats()
 
 

@@ -17,9 +17,11 @@ from jax_tilek import config
 import gpu_programs
 
 HERE = os.path.dirname(__file__)
-COMMAND_BUFFERS = {
-    "on": "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1",
-    "off": "--xla_gpu_enable_command_buffer=",
+ON = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+COMMAND_BUFFERS = {  # mode -> environment
+    "on": {"XLA_FLAGS": ON},  # kernel nodes from the record stage, where the launcher has it
+    "on_capture": {"XLA_FLAGS": ON, "JAX_TILEK_RECORD": "0"},  # stream capture into child graphs
+    "off": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="},
 }
 
 
@@ -34,13 +36,21 @@ def _run(*args, **env) -> dict:
 
 @pytest.mark.gpu
 def test_command_buffers_on_and_off_agree():
-    runs = {mode: _run("run", XLA_FLAGS=flags, JAX_TILEK_LAUNCH_STATS="1") for mode, flags in COMMAND_BUFFERS.items()}
-    assert runs["on"]["digest"] == runs["off"]["digest"] == runs["on"]["expected"]
-    # Off: XLA calls the handler for every launch, never while capturing.
-    assert runs["off"]["executions"] == runs["off"]["launches"] and runs["off"]["captured"] == 0
-    # On: the handler ran while XLA captured a graph, and replays skipped it.
-    assert runs["on"]["captured"] >= 1, runs["on"]
-    assert runs["on"]["executions"] < runs["on"]["launches"], runs["on"]
+    runs = {mode: _run("run", JAX_TILEK_LAUNCH_STATS="1", **env) for mode, env in COMMAND_BUFFERS.items()}
+    assert runs["on"]["digest"] == runs["on_capture"]["digest"] == runs["off"]["digest"] == runs["on"]["expected"]
+    # Off: XLA calls the execute handler for every launch, never while capturing, and never records.
+    off = runs["off"]
+    assert off["executions"] == off["launches"] and off["captured"] == 0 and off["records"] == 0, off
+    # Stream capture: the handler ran while XLA captured a graph, and replays skipped it.
+    capture = runs["on_capture"]
+    assert capture["captured"] >= 1 and capture["executions"] < capture["launches"] and capture["records"] == 0, capture
+    # Record stage (where the launcher has it): kernel nodes recorded, no stream capture of those call sites.
+    on = runs["on"]
+    assert on["executions"] < on["launches"], on
+    if on["record_stage"]:
+        assert on["records"] >= 1 and on["captured"] < capture["captured"], on
+    else:
+        assert on["records"] == 0 and on["captured"] >= 1, on
 
 
 @pytest.mark.gpu
