@@ -15,8 +15,8 @@ Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15
 - ``execute_ns``: the launcher's own host time per execute (or record) call
   (``JAX_TILEK_LAUNCH_STATS=1``), and how many execute and record calls one run of the chain makes
   with command buffers on (0 when XLA replays the graph, 100 when it re-captures or re-records our
-  calls); the settings ``on`` (kernel nodes by the FFI record stage, where the launcher has it) and
-  ``on_capture`` (stream capture, ``JAX_TILEK_RECORD=0``) side by side;
+  calls); the settings ``on`` (stream capture, the default) and ``on_record`` (kernel nodes by the FFI
+  record stage, ``JAX_TILEK_RECORD=1``, where the launcher has it) side by side;
 - ``graph``: the same cubin in CUDA graphs built by hand with the driver API, outside XLA, timed by
   events: 100 kernel nodes in a chain (how XLA's own kernels enter a graph) against 100 child-graph
   nodes of one kernel each (how a traced FFI call enters one).
@@ -37,15 +37,15 @@ import numpy as np
 import jax_tilek
 
 CHAIN = 100
-REPEATS = 3
+REPEATS = int(os.environ.get("JAX_TILEK_OVERHEAD_REPEATS", "3"))  # processes per setting
 SHAPE = (64, 64)
 ON = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
-# Command-buffer settings: XLA flags and environment. "on": our calls enter the graph as kernel nodes
-# where the launcher has the FFI record stage (jaxlib with it), else by stream capture; "on_capture":
-# stream capture into child graphs always (JAX_TILEK_RECORD=0, the launch path before the record stage).
+# Command-buffer settings: XLA flags and environment. "on": our calls enter the graph by stream capture
+# into child graphs (the default); "on_record": as kernel nodes where the launcher has the FFI record
+# stage (JAX_TILEK_RECORD=1; a jaxlib whose XLA has it), else by stream capture too.
 SETTINGS = {
     "on": (ON, {}),
-    "on_capture": (ON, {"JAX_TILEK_RECORD": "0"}),
+    "on_record": (ON, {"JAX_TILEK_RECORD": "1"}),
     "off": ("--xla_gpu_enable_command_buffer=", {}),
 }
 

@@ -12,8 +12,9 @@
 //                launches as kernel nodes (create_launch: the cubin, dims, shared memory, the buffers as
 //                device pointers and the TMA descriptors and scalars as host values), updated in place
 //                when the buffers move (update_launch) instead of re-capturing a stream into a child
-//                graph. Call sites it cannot express (a zero fill, a cooperative launch) or
-//                JAX_TILEK_RECORD=0 ask XLA for stream capture, which runs execute as before.
+//                graph. Opt-in (JAX_TILEK_RECORD=1) until it has run on a GPU; call sites it cannot
+//                express (a zero fill, a cooperative launch) ask XLA for stream capture, which runs
+//                execute as before.
 //
 // The launch record layout is written by jax_tilek/_record.py (encode_record); keep the two in step.
 // The CUDA driver is reached through dlopen("libcuda.so.1"), so this module loads on machines without
@@ -198,7 +199,7 @@ struct LaunchState {
   static ffi::TypeId id;
 
   bool count_stats = false;
-  bool use_record = true;  // JAX_TILEK_RECORD=0: always fall back to stream capture
+  bool use_record = false;  // JAX_TILEK_RECORD=1: kernel nodes by the record stage, else stream capture
   std::string name;       // the op or kernel name, for error messages
   std::string cubin;      // the module image
   std::string cubin_key;  // content hash of the image, keys the per-context module cache
@@ -426,7 +427,7 @@ ffi::ErrorOr<std::unique_ptr<LaunchState>> Instantiate(std::string_view name, st
   const char* stats = std::getenv("JAX_TILEK_LAUNCH_STATS");
   st->count_stats = stats != nullptr && stats[0] == '1';
   const char* record_env = std::getenv("JAX_TILEK_RECORD");
-  st->use_record = record_env == nullptr || record_env[0] != '0';
+  st->use_record = record_env != nullptr && record_env[0] == '1';
   if (ffi::Error e = DecodeRecord(record, entries, *st); e.failure()) return ffi::Unexpected(e);
   // Load now if a CUDA context is current; otherwise the initialize stage (or first execute) does.
   CUcontext ctx = nullptr;

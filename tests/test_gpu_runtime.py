@@ -19,8 +19,8 @@ import gpu_programs
 HERE = os.path.dirname(__file__)
 ON = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 COMMAND_BUFFERS = {  # mode -> environment
-    "on": {"XLA_FLAGS": ON},  # kernel nodes from the record stage, where the launcher has it
-    "on_capture": {"XLA_FLAGS": ON, "JAX_TILEK_RECORD": "0"},  # stream capture into child graphs
+    "on": {"XLA_FLAGS": ON},  # stream capture into child graphs (the default)
+    "on_record": {"XLA_FLAGS": ON, "JAX_TILEK_RECORD": "1"},  # kernel nodes from the record stage, where the launcher has it
     "off": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="},
 }
 
@@ -37,20 +37,20 @@ def _run(*args, **env) -> dict:
 @pytest.mark.gpu
 def test_command_buffers_on_and_off_agree():
     runs = {mode: _run("run", JAX_TILEK_LAUNCH_STATS="1", **env) for mode, env in COMMAND_BUFFERS.items()}
-    assert runs["on"]["digest"] == runs["on_capture"]["digest"] == runs["off"]["digest"] == runs["on"]["expected"]
+    assert runs["on"]["digest"] == runs["on_record"]["digest"] == runs["off"]["digest"] == runs["on"]["expected"]
     # Off: XLA calls the execute handler for every launch, never while capturing, and never records.
     off = runs["off"]
     assert off["executions"] == off["launches"] and off["captured"] == 0 and off["records"] == 0, off
     # Stream capture: the handler ran while XLA captured a graph, and replays skipped it.
-    capture = runs["on_capture"]
+    capture = runs["on"]
     assert capture["captured"] >= 1 and capture["executions"] < capture["launches"] and capture["records"] == 0, capture
     # Record stage (where the launcher has it): kernel nodes recorded, no stream capture of those call sites.
-    on = runs["on"]
-    assert on["executions"] < on["launches"], on
-    if on["record_stage"]:
-        assert on["records"] >= 1 and on["captured"] < capture["captured"], on
+    record = runs["on_record"]
+    assert record["executions"] < record["launches"], record
+    if record["record_stage"]:
+        assert record["records"] >= 1 and record["captured"] < capture["captured"], record
     else:
-        assert on["records"] == 0 and on["captured"] >= 1, on
+        assert record["records"] == 0 and record["captured"] >= 1, record
 
 
 @pytest.mark.gpu
