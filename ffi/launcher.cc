@@ -598,7 +598,6 @@ bool Recordable(const LaunchState& st) {
 ffi::Error Record(RecordContext rec, LaunchState* st, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   if (!Recordable(*st)) return rec.RequestStreamCapture();
   HostTimer execute_timer(st->count_stats, g_execute_ns);
-  if (st->count_stats) g_records.fetch_add(1, std::memory_order_relaxed);
   Buffers buffers;
   if (ffi::Error e = GatherBuffers(*st, args, rets, buffers); e.failure()) return e;
   alignas(64) std::array<CUtensorMap, kMaxTma> maps;
@@ -648,6 +647,7 @@ ffi::Error Record(RecordContext rec, LaunchState* st, ffi::RemainingArgs args, f
     if (cmd.has_error()) return ffi::Error(cmd.error().errc().value_or(ffi::ErrorCode::kInternal), st->Where(&k) + ": recording a kernel node failed: " + std::string(cmd.error().message()));
     previous = cmd.value();
   }
+  if (st->count_stats) g_records.fetch_add(1, std::memory_order_relaxed);
   return ffi::Error::Success();
 }
 #endif
