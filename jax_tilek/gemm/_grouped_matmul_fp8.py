@@ -35,6 +35,16 @@ full and an empty mbarrier per ring stage and the ring's clock (its K-block coun
 its own. Its bf16 output tile has shared memory of its own (32 KB), which leaves room for 5 stages
 with x's scales in the ring.
 
+With ``pingpong`` (persistent, without ``overlap``), the two consumer warpgroups take turns at the
+tensor cores, CUTLASS's ping-pong order at K-block granularity: a warpgroup issues its wgmma, lets the
+other one issue (a named-barrier arrive, so that wgmma queues behind its own), then waits for its own,
+promotes it and releases the stage, while the other's wgmma runs. ``overlap`` instead promotes a
+second partial sum under the same warpgroup's next wgmma, but ptxas does not let a warpgroup read
+accumulators of another wgmma inside a wgmma's pipeline stage unless it proves that wgmma complete: it
+injects a wait right after one parity's wgmmas (warning C7517; SASS of the default kernel, 2026-12-07),
+so half the blocks promote unoverlapped; a ``wait_group 1`` variant got every wgmma serialized (C7514).
+The ping-pong warpgroup reads only its own, completed accumulator.
+
 With ``multicast=2`` (persistent only), the CTAs run in clusters of two: CTA c (c even) and c + 1 get
 tiles t and t + 1 (``ctas`` and N/128 even), one M-tile at N-tiles bn, bn + 1, the same K blocks. Per K
 block the two need the same x tile: rank 0's producer TMA-multicasts it into both CTAs' ring stage
@@ -77,6 +87,7 @@ SF_ALIGN = 4
 SF_BOX = 160
 SMEM_LIMIT = 227 * 1024  # shared memory a CTA may have on sm_90
 PRODUCER_THREADS = 128  # the persistent kernel's producer warpgroup (the other kernel's is TileLang's)
+TURN_BARRIERS = (10, 11)  # pingpong: named barriers on which each consumer warpgroup waits for its turn
 FP8 = "float8_e4m3fn"
 SF_LAYOUTS = ("row", "col", "col_ue8m0")  # x's scale layouts (jax_tilek.quant.formats), as given
 OUT_DTYPES = ("bfloat16", "float32")
@@ -114,13 +125,16 @@ class GroupedMatmulFp8Config:
     stored (module docstring). Its bf16 output tile needs 32 KB of its own: at most 5 stages with
     ``sf_load="tma"`` (``shared_bytes``). ``multicast=2`` (with ``persistent``; N a multiple of 256):
     clusters of two CTAs on neighbouring N-tiles of one M-tile, sharing each K block's x tile (one TMA
-    multicast) to cut L2 traffic from 32 to 24 KB a K block per CTA; the same bytes out."""
+    multicast) to cut L2 traffic from 32 to 24 KB a K block per CTA; the same bytes out. ``pingpong``
+    (with ``persistent``, without ``overlap``): the consumer warpgroups take turns at the tensor cores,
+    each promoting while the other's wgmma runs (module docstring); the same bytes out."""
 
     stages: int = 6
     sf_load: str = "tma"
     overlap: bool = True
     persistent: bool = False
     multicast: int = 1
+    pingpong: bool = False
 
 
 @config_class(GroupedMatmulFp8Config)
@@ -135,7 +149,7 @@ def _config(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype) -> G
 
 @kernel
 def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, stages: int, sf_load: str = "tma", overlap: bool = False,
-                              persistent: bool = False, multicast: int = 1):  # fmt: skip
+                              persistent: bool = False, multicast: int = 1, pingpong: bool = False):  # fmt: skip
     """``out[r] = Σ_kb (x[r, kb] · w[g, :, kb]ᵀ) · x_sf[r, kb] · w_sf[g, :, kb]`` per the tile table
     (module docstring); ``sf_layout`` "col" (fp32 ``[K/128, MP]``) or "col_ue8m0" (int32
     ``[ceil(K/512), MP]``, byte ``kb % 4`` of word ``kb // 4``); ``overlap``: two partial sums in
@@ -143,7 +157,8 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
     parameter, at most the tiles), the roles split by hand, each looping over the CTA's tiles;
     ``multicast=2`` (persistent, N/128 and ``ctas`` even): clusters of two CTAs on the tiles t, t + 1
     (one M-tile, N-tiles bn, bn + 1), the x tile TMA-multicast to both, the ring's stages released to
-    both producers."""
+    both producers; ``pingpong`` (persistent, no overlap): the consumer warpgroups' wgmmas in turn,
+    each promoting its own while the other's runs."""
     import tilelang.language as T
 
     M, MP, G, NT = T.dynamic("M, MP, G, NT")
@@ -203,6 +218,28 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 row_scales(kb, sf_word, w_scale, scale_odd)
                 T.wait_wgmma(0)
                 T.warpgroup_fence_operand(part_odd, num_regs=BM * BN // threads)
+
+    @T.macro
+    def pingpong_block(kb, a, b, sf_word, w_scale: T.Ref, acc, part, row_scale, blocks):
+        """K block kb of the persistent kernel's ping-pong order: consumer warpgroup 0 goes first (and
+        then after each turn signal of warpgroup 1, its own first block of the CTA excepted), warpgroup
+        1 after each of warpgroup 0's; a warpgroup signals the other's turn as soon as its wgmma is
+        issued, so that the other's queues behind it, then waits for it and promotes."""
+        first = T.get_thread_binding() < PRODUCER_THREADS + 128  # consumer warpgroup 0
+        if first:
+            if blocks > 0:
+                T.sync_threads(TURN_BARRIERS[0], threads)
+        else:
+            T.sync_threads(TURN_BARRIERS[1], threads)
+        T.wgmma_gemm(a, b, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+        if first:
+            T.named_barrier_arrive(TURN_BARRIERS[1], threads)
+        else:
+            T.named_barrier_arrive(TURN_BARRIERS[0], threads)
+        row_scales(kb, sf_word, w_scale, row_scale)
+        T.wait_wgmma(0)
+        T.warpgroup_fence_operand(part, num_regs=BM * BN // threads)
+        promote(acc, part, row_scale)
 
     @T.macro
     def finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s):
@@ -336,7 +373,10 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                         if sf_load == "ldg":
                             load_raw_scales(x_sf, kb, r0, raw)
                         T.mbarrier_wait_parity(full[s], (blocks // stages) % 2)
-                        k_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd)
+                        if pingpong:
+                            pingpong_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, blocks)
+                        else:
+                            k_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd)
                         if multicast == 1:
                             T.mbarrier_arrive(empty[s])
                         else:  # the warp's reads of stage s done, lane i releases it to CTA i's producer
@@ -345,6 +385,8 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                                 T.mbarrier_arrive(empty[s], T.get_thread_binding() % 32)
                         blocks = blocks + 1
                     finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
+                if pingpong and blocks > 0 and T.get_thread_binding() < PRODUCER_THREADS + 128:
+                    T.sync_threads(TURN_BARRIERS[0], threads)  # warpgroup 1's turn signal after its last block
             if multicast > 1:
                 T.cluster_sync()  # no CTA exits while its peer may still multicast into it or arrive on its barriers
 
@@ -370,13 +412,16 @@ def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Conf
     if mc not in (1, 2) or (mc == 2 and (not config.persistent or nbn % 2)):
         raise ValueError(f"grouped_matmul_fp8: {config} with N = {w.shape[1]}: multicast must be 1, or 2 with persistent=True "
                          f"and an even number of {BLOCK}-wide N-tiles")  # fmt: skip
+    if config.pingpong and (not config.persistent or config.overlap):
+        raise ValueError(f"grouped_matmul_fp8: {config}: pingpong needs persistent=True and overlap=False")
     if not config.persistent:
         return Launch(kernel=grouped_matmul_fp8_kernel, params=params)
     tiles_total = nbn * tiles.shape[0]  # (N-tiles) x (M-tiles): even with multicast
     # The grid is a launch-time value, not part of the cubin: every tile's bytes are the same for any. With
     # multicast, a whole number of clusters: the SMs rounded down to a multiple of the cluster size.
     ctas = min(max(platform.target_num_sms() // mc, 1) * mc, tiles_total)
-    return Launch(kernel=grouped_matmul_fp8_kernel, params=dict(params, persistent=True, **({"multicast": mc} if mc > 1 else {})),
+    extra = ({"multicast": mc} if mc > 1 else {}) | ({"pingpong": True} if config.pingpong else {})
+    return Launch(kernel=grouped_matmul_fp8_kernel, params=dict(params, persistent=True, **extra),
                   scalars=dict(ctas=ctas))  # fmt: skip
 
 

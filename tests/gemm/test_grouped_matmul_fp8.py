@@ -615,6 +615,56 @@ def test_multicast_needs_persistent_and_pairs_of_n_tiles(config, n):
         lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, 256, n, 2, "col"))
 
 
+# GroupedMatmulFp8Config.pingpong (persistent, no overlap: the consumer warpgroups' wgmmas in turn): tiles
+# of 0 to 7 K blocks over few CTAs (one CTA running every tile), K = 128 (one block a tile), and a
+# DeepSeek-V3 down projection on the GPU's own SMs.
+PINGPONG_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load, stages, SMs assumed (None: the GPU's)
+    (700, 640, 256, (130, 0, 301, 200), "col", "bfloat16", "tma", 5, 4),
+    (520, 896, 256, (1, 0, 300, 190), "col_ue8m0", "float32", "ldg", 4, 1),
+    (333, 128, 256, (100, 0, 200), "col", "float32", "tma", 3, 3),
+    (8192, 2048, 7168, (1100, 0, 1337, 900, 1500, 1024, 700, 1200), "col", "bfloat16", "tma", 5, None),
+]
+
+
+def pingpong_program(out: str, sf_load: str, stages: int):
+    """The product with ``persistent`` and ``pingpong`` (a ``stages``-deep ring) and with one CTA per
+    tile (the default depth), both without ``overlap``."""
+
+    def both(x, x_sf, w, w_sf, sizes):
+        def product(**config):
+            fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, overlap=False, **config)
+            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
+
+        return product(persistent=True, pingpong=True, stages=stages), product()
+
+    return both
+
+
+@pytest.mark.parametrize("k,n,layout,out,sf_load,stages", [c[1:3] + c[4:8] for c in PINGPONG_CASES])
+def test_pingpong_kernel_takes_turns(k, n, layout, out, sf_load, stages):
+    """pingpong for sm_90a: consumer warpgroup 0 waits for its turn on named barrier 10 (but before the
+    CTA's first block), warpgroup 1 on barrier 11, each signals the other's turn right after issuing its
+    wgmmas and before waiting for them, and warpgroup 0 takes warpgroup 1's last signal at the end, so
+    every barrier's arrivals and waits pair up; one partial sum (no overlap)."""
+    params = dict(k=k, n=n, sf_layout=layout, out_dtype=out, stages=stages, sf_load=sf_load, overlap=False, persistent=True)
+    source = grouped_matmul_fp8_kernel.artifact(dict(params, pingpong=True), "sm_90a", record=False).source
+    consumer = source[source.index("tl::warpgroup_reg_alloc<240>()"):]
+    issue = consumer.index("tl::warpgroup_commit_batch();")
+    turns = [consumer.index(f"tl::__named_barrier_arrive({b}, 256);") for b in (11, 10)]
+    waits = [m.start() for m in re.finditer(r"tl::__sync_thread_partial\((1[01]), 256\);", consumer)]
+    assert len(waits) == 3 and max(waits[:2]) < consumer.index("tl::wgmma_ss") < issue < min(turns)
+    assert max(turns) < consumer.index("tl::wait_wgmma<0>();") and waits[2] > consumer.index("tl::wait_wgmma<0>();")
+    assert re.findall(r"tl::__sync_thread_partial\((1[01]), 256\);", consumer) == ["10", "11", "10"]
+    assert "part_odd" not in source
+
+
+@pytest.mark.parametrize("config", [dict(pingpong=True, overlap=False), dict(pingpong=True, persistent=True, stages=5)])
+def test_pingpong_needs_persistent_without_overlap(config):
+    fp8 = gemm.grouped_matmul_fp8.with_config(**config)
+    with pytest.raises(ValueError, match="pingpong needs persistent=True and overlap=False"):
+        lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, 256, 256, 2, "col"))
+
+
 WGRAD_SHAPES = [(8192, 7168, 2048, 8, 0.0), (16384, 2048, 7168, 32, 1.5)]  # m, k, n, groups, skew
 
 
@@ -636,6 +686,9 @@ GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
 ] + [
     (multicast_program(out, sf_load, overlap, stages), _deepseek_args(m, k, n, len(sizes), layout))
     for m, k, n, sizes, layout, out, sf_load, overlap, stages, _ in MULTICAST_CASES
+] + [
+    (pingpong_program(out, sf_load, stages), _deepseek_args(m, k, n, len(sizes), layout))
+    for m, k, n, sizes, layout, out, sf_load, stages, _ in PINGPONG_CASES
 ]
 
 
@@ -682,6 +735,19 @@ def test_gpu_persistent_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, 
     with jax.default_device(jax.devices("cpu")[0]):
         want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
     close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,sizes,layout,out,sf_load,stages,sms", PINGPONG_CASES)
+def test_gpu_pingpong_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, out, sf_load, stages, sms):
+    """pingpong runs each tile's arithmetic as one CTA per tile does: the same bytes, with the consumer
+    warpgroups' turns carried across tiles of 0 to 16 K blocks on ``sms`` CTAs."""
+    if sms is not None:
+        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
+    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
+    got, default = on_gpu(pingpong_program(out, sf_load, stages), *operands, np.array(sizes, np.int32))
+    assert got.dtype == out
+    jax_tilek.testing.assert_bytes_equal(got, default, "pingpong against one CTA per tile")
 
 
 @pytest.mark.gpu
