@@ -450,16 +450,17 @@ PERSISTENT_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load, o
 ]
 
 
-def persistent_program(out: str, sf_load: str, overlap: bool, stages: int):
-    """The product with ``persistent`` (a ``stages``-deep ring) and with one CTA per tile (the
-    default depth), both with ``sf_load`` and ``overlap``."""
+def persistent_program(out: str, sf_load: str, overlap: bool, stages: int, **options):
+    """The product with ``persistent`` (a ``stages``-deep ring, and the persistent grid's ``options``:
+    ``multicast``, ``pingpong``) and with one CTA per tile (the default depth), both with ``sf_load``
+    and ``overlap``."""
 
     def both(x, x_sf, w, w_sf, sizes):
         def product(**config):
             fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, overlap=overlap, **config)
             return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
 
-        return product(persistent=True, stages=stages), product()
+        return product(persistent=True, stages=stages, **options), product()
 
     return both
 
@@ -537,20 +538,6 @@ MULTICAST_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load, ov
 ]
 
 
-def multicast_program(out: str, sf_load: str, overlap: bool, stages: int):
-    """The product with ``persistent`` and ``multicast=2`` (a ``stages``-deep ring) and with one CTA per
-    tile (the default depth), both with ``sf_load`` and ``overlap``."""
-
-    def both(x, x_sf, w, w_sf, sizes):
-        def product(**config):
-            fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, overlap=overlap, **config)
-            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
-
-        return product(persistent=True, multicast=2, stages=stages), product()
-
-    return both
-
-
 @pytest.mark.parametrize("k,n,layout,out,sf_load,overlap,stages", [c[1:3] + c[4:9] for c in MULTICAST_CASES])
 def test_multicast_kernel_shares_x_across_a_cluster(k, n, layout, out, sf_load, overlap, stages):
     """multicast=2 for sm_90a: clusters of two CTAs; the x tile's one TMA load a multicast to both CTAs
@@ -626,20 +613,6 @@ PINGPONG_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load, sta
 ]
 
 
-def pingpong_program(out: str, sf_load: str, stages: int):
-    """The product with ``persistent`` and ``pingpong`` (a ``stages``-deep ring) and with one CTA per
-    tile (the default depth), both without ``overlap``."""
-
-    def both(x, x_sf, w, w_sf, sizes):
-        def product(**config):
-            fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, overlap=False, **config)
-            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
-
-        return product(persistent=True, pingpong=True, stages=stages), product()
-
-    return both
-
-
 @pytest.mark.parametrize("k,n,layout,out,sf_load,stages", [c[1:3] + c[4:8] for c in PINGPONG_CASES])
 def test_pingpong_kernel_takes_turns(k, n, layout, out, sf_load, stages):
     """pingpong for sm_90a: consumer warpgroup 0 waits for its turn on named barrier 10 (but before the
@@ -684,10 +657,10 @@ GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
     (persistent_program(out, sf_load, overlap, stages), _deepseek_args(m, k, n, len(sizes), layout))
     for m, k, n, sizes, layout, out, sf_load, overlap, stages, _ in PERSISTENT_CASES
 ] + [
-    (multicast_program(out, sf_load, overlap, stages), _deepseek_args(m, k, n, len(sizes), layout))
+    (persistent_program(out, sf_load, overlap, stages, multicast=2), _deepseek_args(m, k, n, len(sizes), layout))
     for m, k, n, sizes, layout, out, sf_load, overlap, stages, _ in MULTICAST_CASES
 ] + [
-    (pingpong_program(out, sf_load, stages), _deepseek_args(m, k, n, len(sizes), layout))
+    (persistent_program(out, sf_load, False, stages, pingpong=True), _deepseek_args(m, k, n, len(sizes), layout))
     for m, k, n, sizes, layout, out, sf_load, stages, _ in PINGPONG_CASES
 ]
 
@@ -719,35 +692,40 @@ def test_gpu_overlapped_promotion(rng, on_gpu, m, k, n, sizes, layout, out, sf_l
     close(got, want, 1e-2)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,k,n,sizes,layout,out,sf_load,overlap,stages,sms", PERSISTENT_CASES)
-def test_gpu_persistent_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, out, sf_load, overlap, stages, sms):
-    """persistent=True runs each tile's arithmetic as one CTA per tile does: the same bytes, with
-    ``sms`` CTAs each running several tiles (the ring's phases carried across tiles of 0 to 16 K
-    blocks); and the dequantized reference (on the CPU) within the FP8 product's tolerance."""
+def check_against_one_cta_per_tile(rng, on_gpu, monkeypatch, program, m, k, n, sizes, layout, out, sms, what: str) -> None:
+    """``program`` (:func:`persistent_program`) on quantized random operands, ``sms`` SMs assumed (None:
+    the GPU's): its persistent grid's bytes equal one CTA per tile's, and the dequantized reference (on
+    the CPU) is met within the FP8 product's tolerance."""
     if sms is not None:
         monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
     operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
     sizes = np.array(sizes, np.int32)
-    got, default = on_gpu(persistent_program(out, sf_load, overlap, stages), *operands, sizes)
+    got, default = on_gpu(program, *operands, sizes)
     assert got.dtype == out
-    jax_tilek.testing.assert_bytes_equal(got, default, "persistent against one CTA per tile")
+    jax_tilek.testing.assert_bytes_equal(got, default, f"{what} against one CTA per tile")
     with jax.default_device(jax.devices("cpu")[0]):
         want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
     close(got, want, 1e-2)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,sizes,layout,out,sf_load,overlap,stages,sms", PERSISTENT_CASES)
+def test_gpu_persistent_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, out, sf_load, overlap, stages, sms):
+    """persistent=True runs each tile's arithmetic as one CTA per tile does: the same bytes, with
+    ``sms`` CTAs each running several tiles (the ring's phases carried across tiles of 0 to 16 K
+    blocks); and the dequantized reference (on the CPU) within the FP8 product's tolerance."""
+    check_against_one_cta_per_tile(rng, on_gpu, monkeypatch, persistent_program(out, sf_load, overlap, stages), m, k, n, sizes, layout,
+                                   out, sms, "persistent")  # fmt: skip
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n,sizes,layout,out,sf_load,stages,sms", PINGPONG_CASES)
 def test_gpu_pingpong_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, out, sf_load, stages, sms):
     """pingpong runs each tile's arithmetic as one CTA per tile does: the same bytes, with the consumer
-    warpgroups' turns carried across tiles of 0 to 16 K blocks on ``sms`` CTAs."""
-    if sms is not None:
-        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
-    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
-    got, default = on_gpu(pingpong_program(out, sf_load, stages), *operands, np.array(sizes, np.int32))
-    assert got.dtype == out
-    jax_tilek.testing.assert_bytes_equal(got, default, "pingpong against one CTA per tile")
+    warpgroups' turns carried across tiles of 0 to 16 K blocks on ``sms`` CTAs; and the dequantized
+    reference (on the CPU) within the FP8 product's tolerance."""
+    check_against_one_cta_per_tile(rng, on_gpu, monkeypatch, persistent_program(out, sf_load, False, stages, pingpong=True), m, k, n,
+                                   sizes, layout, out, sms, "pingpong")  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -757,16 +735,8 @@ def test_gpu_multicast_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, o
     rounded down to even CTAs in clusters of two sharing each K block's x tile (the ring's stages
     released to both producers across tiles of 0 to 16 K blocks); and the dequantized reference (on the
     CPU) within the FP8 product's tolerance."""
-    if sms is not None:
-        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
-    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
-    sizes = np.array(sizes, np.int32)
-    got, default = on_gpu(multicast_program(out, sf_load, overlap, stages), *operands, sizes)
-    assert got.dtype == out
-    jax_tilek.testing.assert_bytes_equal(got, default, "multicast against one CTA per tile")
-    with jax.default_device(jax.devices("cpu")[0]):
-        want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
-    close(got, want, 1e-2)
+    check_against_one_cta_per_tile(rng, on_gpu, monkeypatch, persistent_program(out, sf_load, overlap, stages, multicast=2), m, k, n,
+                                   sizes, layout, out, sms, "multicast")  # fmt: skip
 
 
 @pytest.mark.gpu
