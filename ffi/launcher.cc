@@ -639,12 +639,14 @@ ffi::Error Record(RecordContext rec, LaunchState* st, ffi::RemainingArgs args, f
     };
     XLA_FFI_LaunchDims dims{dim3(k.grid), dim3(k.block), clustered ? dim3(k.cluster) : XLA_FFI_Dim3{0, 0, 0}};
     // The first launch depends on what XLA says it follows (no dependencies given); the others on the previous one.
-    auto cmd = previous == nullptr
-                   ? rec.CreateLaunch(k.entry.c_str(), st->cubin.data(), st->cubin.size(), ffi::SourceFormat::kCubin,
-                                      dims, k.smem, k.pdl, kargs)
-                   : rec.CreateLaunch(k.entry.c_str(), st->cubin.data(), st->cubin.size(), ffi::SourceFormat::kCubin,
-                                      dims, k.smem, k.pdl, kargs, {previous});
-    if (cmd.has_error()) return ffi::Error(cmd.error().errc().value_or(ffi::ErrorCode::kInternal), st->Where(&k) + ": recording a kernel node failed: " + std::string(cmd.error().message()));
+    std::vector<const XLA_FFI_Command*> after;
+    if (previous != nullptr) after.push_back(previous);
+    auto cmd = rec.CreateLaunch(k.entry.c_str(), st->cubin.data(), st->cubin.size(), ffi::SourceFormat::kCubin, dims,
+                                k.smem, k.pdl, kargs, after);
+    if (cmd.has_error()) {
+      return ffi::Error(cmd.error().errc().value_or(ffi::ErrorCode::kInternal),
+                        st->Where(&k) + ": recording a kernel node failed: " + std::string(cmd.error().message()));
+    }
     previous = cmd.value();
   }
   if (st->count_stats) g_records.fetch_add(1, std::memory_order_relaxed);
