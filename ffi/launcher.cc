@@ -12,9 +12,14 @@
 //                launches as kernel nodes (create_launch: the cubin, dims, shared memory, the buffers as
 //                device pointers and the TMA descriptors and scalars as host values), updated in place
 //                when the buffers move (update_launch) instead of re-capturing a stream into a child
-//                graph. Opt-in (JAX_TILEK_RECORD=1) until it has run on a GPU; call sites it cannot
-//                express (a zero fill, a cooperative launch) ask XLA for stream capture, which runs
-//                execute as before.
+//                graph. Call sites it cannot express (a zero fill, a cooperative launch) ask XLA for
+//                stream capture, which runs execute as before.
+//
+// Targets: "tilek_launch" (instantiate, initialize, execute) is registered through jax.ffi, whose
+// handler dictionary has no record slot (jaxlib 0.11.2). Its twin "tilek_launch_record" adds the record
+// stage and is registered straight into XLA's FFI registry (XLA_FFI_Handler_Register), with the FFI API
+// pointer that XLA passes when it asks the execute handler for its metadata at registration. Opt-in:
+// jax_tilek emits the twin under JAX_TILEK_RECORD=1.
 //
 // The launch record layout is written by jax_tilek/_record.py (encode_record); keep the two in step.
 // The CUDA driver is reached through dlopen("libcuda.so.1"), so this module loads on machines without
@@ -176,6 +181,7 @@ std::atomic<int64_t> g_captured_executions{0};
 std::atomic<int64_t> g_execute_ns{0};
 std::atomic<int64_t> g_encode_ns{0};
 std::atomic<int64_t> g_records{0};  // record-stage calls that created or updated kernel nodes
+std::atomic<bool> g_record_target{false};  // "tilek_launch_record" registered (RegisterRecordTarget)
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -199,7 +205,6 @@ struct LaunchState {
   static ffi::TypeId id;
 
   bool count_stats = false;
-  bool use_record = false;  // JAX_TILEK_RECORD=1: kernel nodes by the record stage, else stream capture
   std::string name;       // the op or kernel name, for error messages
   std::string cubin;      // the module image
   std::string cubin_key;  // content hash of the image, keys the per-context module cache
@@ -426,8 +431,6 @@ ffi::ErrorOr<std::unique_ptr<LaunchState>> Instantiate(std::string_view name, st
   st->cubin_key = std::string(cubin_key);
   const char* stats = std::getenv("JAX_TILEK_LAUNCH_STATS");
   st->count_stats = stats != nullptr && stats[0] == '1';
-  const char* record_env = std::getenv("JAX_TILEK_RECORD");
-  st->use_record = record_env != nullptr && record_env[0] == '1';
   if (ffi::Error e = DecodeRecord(record, entries, *st); e.failure()) return ffi::Unexpected(e);
   // Load now if a CUDA context is current; otherwise the initialize stage (or first execute) does.
   CUcontext ctx = nullptr;
@@ -588,7 +591,7 @@ struct RecordExtension : ffi::internal::RecordExtensionBase<RecordContext> {};
 
 // Whether kernel nodes can carry this call site: the record API has no memset and no cooperative launch.
 bool Recordable(const LaunchState& st) {
-  if (!st.use_record || !st.zero_fill.empty()) return false;
+  if (!st.zero_fill.empty()) return false;
   for (const KernelLaunch& k : st.kernels) {
     if (k.cooperative) return false;
   }
@@ -667,13 +670,26 @@ XLA_FFI_DEFINE_HANDLER(kTilekInstantiate, Instantiate,
 XLA_FFI_DEFINE_HANDLER(kTilekInitialize, Initialize,
                        ffi::Ffi::Bind<ffi::ExecutionStage::kInitialize>().Ctx<ffi::State<LaunchState>>());
 
-XLA_FFI_DEFINE_HANDLER(kTilekExecute, Execute,
+XLA_FFI_DEFINE_HANDLER(kTilekExecuteBound, Execute,
                        ffi::Ffi::Bind()
                            .Ctx<ffi::PlatformStream<CUstream>>()
                            .Ctx<ffi::State<LaunchState>>()
                            .RemainingArgs()
                            .RemainingRets(),
                        {ffi::Traits::kCmdBufferCompatible});
+
+namespace {
+// The FFI API of the XLA runtime that calls the execute handler (first seen; one runtime per process).
+std::atomic<const XLA_FFI_Api*> g_ffi_api{nullptr};
+}  // namespace
+
+// The execute handler, noting the FFI API pointer of the call frame (also the metadata query's) on the way.
+static XLA_FFI_Error* kTilekExecute(XLA_FFI_CallFrame* frame) {
+  if (frame->api != nullptr && g_ffi_api.load(std::memory_order_relaxed) == nullptr) {
+    g_ffi_api.store(frame->api, std::memory_order_relaxed);
+  }
+  return kTilekExecuteBound(frame);
+}
 
 #if TILEK_HAS_RECORD
 XLA_FFI_DEFINE_HANDLER(kTilekRecord, Record,
@@ -697,9 +713,6 @@ PyObject* Handlers(PyObject*, PyObject*) {
       {"instantiate", reinterpret_cast<void*>(kTilekInstantiate)},
       {"initialize", reinterpret_cast<void*>(kTilekInitialize)},
       {"execute", reinterpret_cast<void*>(kTilekExecute)},
-#if TILEK_HAS_RECORD
-      {"record", reinterpret_cast<void*>(kTilekRecord)},
-#endif
   };
   for (const auto& [stage, fn] : stages) {
     PyObject* c = Capsule(fn);
@@ -721,18 +734,58 @@ PyObject* StateType(PyObject*, PyObject*) {
   return d;
 }
 
+// Registers the launcher's handlers with the record stage under `name` for `platform`, straight into
+// XLA's FFI registry. False when this launcher has no record stage or XLA has not called the execute
+// handler yet (so its FFI API is unknown); raises on a registry error.
+PyObject* RegisterRecordTarget(PyObject*, PyObject* py_args) {
+  const char* name;
+  const char* platform;
+  if (!PyArg_ParseTuple(py_args, "ss", &name, &platform)) return nullptr;
+#if TILEK_HAS_RECORD
+  const XLA_FFI_Api* api = g_ffi_api.load();
+  if (api == nullptr) Py_RETURN_FALSE;
+  XLA_FFI_Handler_Register_Args args{};
+  args.struct_size = XLA_FFI_Handler_Register_Args_STRUCT_SIZE;
+  args.name = XLA_FFI_ByteSpan{name, std::strlen(name)};
+  args.platform = XLA_FFI_ByteSpan{platform, std::strlen(platform)};
+  args.bundle = XLA_FFI_Handler_Bundle{kTilekInstantiate, nullptr, kTilekInitialize, kTilekExecute, kTilekRecord};
+  args.traits = XLA_FFI_HANDLER_TRAITS_COMMAND_BUFFER_COMPATIBLE;
+  XLA_FFI_Error* error = api->XLA_FFI_Handler_Register(&args);
+  if (error == nullptr) {
+    g_record_target.store(true);
+    Py_RETURN_TRUE;
+  }
+  XLA_FFI_Error_GetDetails_Args details{};
+  details.struct_size = XLA_FFI_Error_GetDetails_Args_STRUCT_SIZE;
+  details.error = error;
+  api->XLA_FFI_Error_GetDetails(&details);
+  std::string message = details.message != nullptr ? details.message : "(no message)";
+  XLA_FFI_Error_Destroy_Args destroy{};
+  destroy.struct_size = XLA_FFI_Error_Destroy_Args_STRUCT_SIZE;
+  destroy.error = error;
+  api->XLA_FFI_Error_Destroy(&destroy);
+  PyErr_SetString(PyExc_RuntimeError, ("registering " + std::string(name) + " with XLA failed: " + message).c_str());
+  return nullptr;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 PyObject* DriverProblem(PyObject*, PyObject*) { return PyUnicode_FromString(GetDriver().problem.c_str()); }
 
 PyObject* LaunchStats(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:O}", "executions", static_cast<long long>(g_executions.load()), "captured",
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:O,s:O}", "executions", static_cast<long long>(g_executions.load()), "captured",
                        static_cast<long long>(g_captured_executions.load()), "execute_ns",
                        static_cast<long long>(g_execute_ns.load()), "encode_ns", static_cast<long long>(g_encode_ns.load()),
-                       "records", static_cast<long long>(g_records.load()), "record_stage", TILEK_HAS_RECORD ? Py_True : Py_False);
+                       "records", static_cast<long long>(g_records.load()), "record_stage", TILEK_HAS_RECORD ? Py_True : Py_False,
+                       "record_target", g_record_target.load() ? Py_True : Py_False);
 }
 
 PyMethodDef kMethods[] = {
     {"handlers", Handlers, METH_NOARGS, "Stage name -> PyCapsule of the tilek_launch FFI handlers."},
     {"state_type", StateType, METH_NOARGS, "type_id/type_info PyCapsules of the launcher's FFI state."},
+    {"register_record_target", RegisterRecordTarget, METH_VARARGS,
+     "(name, platform): registers the handlers with the record stage straight into XLA's FFI registry."},
     {"driver_problem", DriverProblem, METH_NOARGS, "Why the CUDA driver cannot be used here ('' when it can)."},
     {"launch_stats", LaunchStats, METH_NOARGS, "Counts of execute calls (JAX_TILEK_LAUNCH_STATS=1 call sites)."},
     {nullptr, nullptr, 0, nullptr},

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.interpreters import mlir
 
+from jax_tilek import config
 from jax_tilek.compiler import Artifact
 
 TARGET = "tilek_launch"
+RECORD_TARGET = "tilek_launch_record"  # TARGET plus XLA's FFI record stage (kernel nodes in command buffers)
 STATE_TYPE = "jax_tilek.LaunchState"
 
 
@@ -63,6 +66,26 @@ def register() -> None:
     jax.ffi.register_ffi_target(TARGET, launcher.handlers(), platform="CUDA", api_version=1)
 
 
+_record_target_registered = False
+
+
+def target() -> str:
+    """The FFI target calls are emitted to: ``tilek_launch``, or with ``JAX_TILEK_RECORD=1`` (:func:`config.record_stage`) its twin with
+    the record stage, so that XLA's command buffers hold our launches as kernel nodes instead of
+    stream-captured child graphs. jax.ffi cannot register a record stage (jaxlib 0.11.2), so the launcher
+    registers the twin itself, with the FFI API that XLA hands the execute handler when it registers
+    ``tilek_launch``; until that has happened (or where the launcher has no record stage), ``tilek_launch``."""
+    global _record_target_registered
+    register()
+    if not config.record_stage():
+        return TARGET
+    if not _record_target_registered:
+        _record_target_registered = _launcher().register_record_target(RECORD_TARGET, "CUDA")
+        if not _record_target_registered:
+            logging.getLogger(__name__).info("JAX_TILEK_RECORD=1: no record stage (yet); emitting %s", TARGET)
+    return RECORD_TARGET if _record_target_registered else TARGET
+
+
 def allow_export() -> None:
     """Lets plain ``jax.export`` serialize ``tilek_launch`` calls (as it does JAX's own stable targets).
 
@@ -76,7 +99,7 @@ def allow_export() -> None:
         return
     stable = getattr(_export, "_CUSTOM_CALL_TARGETS_GUARANTEED_STABLE", None)
     if isinstance(stable, set):
-        stable.add(TARGET)
+        stable.update((TARGET, RECORD_TARGET))
 
 
 def launch_stats() -> dict[str, int | bool]:
@@ -84,7 +107,8 @@ def launch_stats() -> dict[str, int | bool]:
     created or updated kernel nodes (``records``), and the host time spent in them (``execute_ns``;
     ``encode_ns`` of it encoding TMA descriptors), at call sites instantiated with
     ``JAX_TILEK_LAUNCH_STATS=1`` (a diagnostic; off by default); ``record_stage``: whether this
-    launcher was built with the FFI record stage (a jaxlib whose XLA has it)."""
+    launcher was built with the FFI record stage (a jaxlib whose XLA has it); ``record_target``:
+    whether its twin target with that stage is registered (:func:`target`)."""
     return _launcher().launch_stats()
 
 
@@ -108,9 +132,8 @@ def emit(
     record: np.ndarray,
     entries: str,
 ):
-    """Emits one ``tilek_launch`` custom call; returns its result values."""
-    register()
-    rule = jax.ffi.ffi_lowering(TARGET)
+    """Emits one ``tilek_launch`` custom call (:func:`target`); returns its result values."""
+    rule = jax.ffi.ffi_lowering(target())
     return rule(
         ctx.replace(avals_out=tuple(result_avals)),
         *operands,

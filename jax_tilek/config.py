@@ -9,6 +9,9 @@
   one read from the GPU. Needed to lower for "cuda" on a machine without a GPU (precompiling). Read
   when jax_tilek is imported; :func:`target_arch` scopes another one.
 - ``JAX_TILEK_LOCK_TIMEOUT``: seconds to wait for another process compiling the same kernel (600).
+- ``JAX_TILEK_RECORD``: ``1`` emits launches to the launcher's target with XLA's FFI record stage, so
+  that command buffers hold them as kernel nodes instead of stream-captured child graphs (where the
+  installed jaxlib's XLA has that stage); off by default. ``jax_tilek.export`` never uses it.
 
 The target architecture is a JAX configuration state (``jax_tilek_arch``) that is part of JAX's trace
 context: jit's trace and lowering caches and the compiled-program cache all key on it, so lowering the
@@ -99,6 +102,17 @@ def lock_timeout() -> float:
         return float(value) if value else 600.0
     except ValueError:
         raise ValueError(f"JAX_TILEK_LOCK_TIMEOUT={value!r} is not a number of seconds") from None
+
+
+def record_stage() -> bool:
+    """Whether launches are emitted for XLA's FFI record stage (``JAX_TILEK_RECORD``)."""
+    forced = getattr(_local, "record_stage", None)
+    return forced if forced is not None else env_flag("JAX_TILEK_RECORD")
+
+
+def without_record_stage() -> contextlib.AbstractContextManager[None]:
+    """Emits launches without the record stage inside the block, whatever ``JAX_TILEK_RECORD`` says."""
+    return _scoped("record_stage", False)
 
 
 def arch_override() -> str | None:

@@ -45,8 +45,11 @@ def precompile(fn: Callable[..., Any], *args: Any, arch: str, **kwargs: Any) -> 
 
 
 def export(fn: Callable[..., Any], *args: Any, arch: str, platforms=("cuda",), **kwargs: Any) -> jax.export.Exported:
-    """``jax.export`` of ``fn`` for ``platforms``, with jax_tilek kernels compiled for ``arch``."""
-    with config.target_arch(arch):
+    """``jax.export`` of ``fn`` for ``platforms``, with jax_tilek kernels compiled for ``arch``.
+
+    Always to the plain ``tilek_launch`` target (lowered afresh, without the record stage), which every
+    jax_tilek that loads the artifact registers."""
+    with config.target_arch(arch), config.without_record_stage(), config.fresh_lowering():
         return jax.export.export(jax.jit(fn), platforms=platforms, disabled_checks=EXPORT_DISABLED_CHECKS)(
             *args, **kwargs
         )

@@ -89,3 +89,42 @@ def test_plain_jax_export_without_an_architecture_is_a_short_error():
     message = str(error.value)
     assert len(message) < 600, message
     assert "jax_tilek.export(" in message and "target_arch" in message
+
+
+class _RecordingLauncher:
+    """Stands in for a launcher whose XLA took the record-stage twin target."""
+
+    def __init__(self, wrapped, registers: bool):
+        self._wrapped, self.registers, self.calls = wrapped, registers, []
+
+    def register_record_target(self, name, platform):
+        self.calls.append((name, platform))
+        return self.registers
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+
+def _targets(module_text: str) -> set[str]:
+    return set(re.findall(r"stablehlo\.custom_call @(\w+)", module_text))
+
+
+@pytest.mark.parametrize("registers", [True, False])
+def test_record_stage_target_is_opt_in_and_never_exported(monkeypatch, registers):
+    pytest.importorskip("tilelang")
+    from jax_tilek import _ffi
+
+    launcher = _RecordingLauncher(_ffi._launcher(), registers)
+    monkeypatch.setattr(_ffi, "_launcher", lambda: launcher)
+    monkeypatch.setattr(_ffi, "_record_target_registered", False)
+    lower = lambda: jax.jit(_fresh_program()).trace(X).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
+    with jax_tilek.target_arch("sm_90a"):
+        monkeypatch.delenv("JAX_TILEK_RECORD", raising=False)
+        assert _targets(lower()) == {"tilek_launch"} and launcher.calls == []
+        monkeypatch.setenv("JAX_TILEK_RECORD", "1")
+        assert _targets(lower()) == {"tilek_launch_record" if registers else "tilek_launch"}
+        assert launcher.calls[0] == ("tilek_launch_record", "CUDA")
+        lower()  # registered once; retried while XLA has not been seen
+        assert len(launcher.calls) == (1 if registers else 2)
+        exported = jax_tilek.export(_fresh_program(), X, arch="sm_90a")
+    assert _targets(exported.mlir_module()) == {"tilek_launch"}

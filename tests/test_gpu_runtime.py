@@ -44,11 +44,12 @@ def test_command_buffers_on_and_off_agree():
     # Stream capture: the handler ran while XLA captured a graph, and replays skipped it.
     capture = runs["on"]
     assert capture["captured"] >= 1 and capture["executions"] < capture["launches"] and capture["records"] == 0, capture
-    # Record stage (where the launcher has it): kernel nodes recorded, no stream capture of those call sites.
+    # Record stage (where the launcher has it): the twin target registered, kernel nodes recorded, no
+    # stream capture of those call sites.
     record = runs["on_record"]
     assert record["executions"] < record["launches"], record
     if record["record_stage"]:
-        assert record["records"] >= 1 and record["captured"] < capture["captured"], record
+        assert record["record_target"] and record["records"] >= 1 and record["captured"] < capture["captured"], record
     else:
         assert record["records"] == 0 and record["captured"] >= 1, record
 
