@@ -14,8 +14,11 @@ python -c "import sys; from benchmarks import overhead; overhead.precompile(sys.
 for model in tiny small; do
   for variant in "" --mhc --engram --fp8; do python examples/train_moe.py --precompile "$ARCH" --model $model $variant > /dev/null && echo "precompiled train_moe --model $model $variant"; done
 done
-# The wide model (hidden 4096) with and without mHC: what mHC costs a training step where the matmuls dominate.
-for variant in "" --mhc; do python examples/train_moe.py --precompile "$ARCH" --model wide $variant > /dev/null && echo "precompiled train_moe --model wide $variant"; done
+# The wide (hidden 4096) and deep (DeepSeek-V3 proportions) models with and without mHC: what mHC costs a
+# training step where the matmuls dominate.
+for model in wide deep; do
+  for variant in "" --mhc; do python examples/train_moe.py --precompile "$ARCH" --model $model $variant > /dev/null && echo "precompiled train_moe --model $model $variant"; done
+done
 # The tunings the benchmarks compare (the *_variants families) are configurations no case uses, and
 # the layer benchmarks (nnx) run whole models whose gates and GEMMs take sizes of their own:
 families=$(python -m jax_tilek bench --list)

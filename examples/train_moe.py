@@ -20,6 +20,7 @@ activation and 128 × 128 weight block scales, forward and backward products.
     python examples/train_moe.py --mhc --engram       # mHC residual streams (n = 4) and the Engram gate
     python examples/train_moe.py --fp8                # FP8 expert matmuls
     python examples/train_moe.py --model wide --mhc  # hidden 4096 (DeepSeek-scale width): mHC's cost where matmuls dominate
+    python examples/train_moe.py --model deep --mhc  # DeepSeek-V3's layer proportions (hidden 7168, 8 + 1 experts of 2048)
     python examples/train_moe.py --precompile sm_90a  # fill the kernel cache for exactly this job, then exit
 
 Writes to ``--out``: ``metrics.jsonl`` (one JSON object per logged step and per evaluation),
@@ -95,6 +96,9 @@ CONFIGS = {
                     engram_layers=(1, 3), engram_vocab=((16381, 16369), (65521, 65519)), engram_dim=64),
     # DeepSeek-scale width (head dim 128) in two layers on one GPU, for what mHC costs where matmuls dominate.
     "wide": Config(dim=4096, layers=2, heads=32, experts=16, topk=4, ffn=1024, seq=1024, batch=8, steps=200, lr=3e-4),
+    # DeepSeek-V3's layer proportions (hidden 7168, expert intermediate 2048, 8 routed experts + 1 shared
+    # per token: about as many matmul FLOPs per residual element), two layers on one GPU.
+    "deep": Config(dim=7168, layers=2, heads=56, experts=16, topk=8, ffn=2048, seq=1024, batch=4, steps=100, lr=3e-4),
 }
 
 
