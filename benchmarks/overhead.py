@@ -19,7 +19,8 @@ Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15
   record stage, ``JAX_TILEK_RECORD=1``, where the launcher has it) side by side;
 - ``graph``: the same cubin in CUDA graphs built by hand with the driver API, outside XLA, timed by
   events: 100 kernel nodes in a chain (how XLA's own kernels enter a graph) against 100 child-graph
-  nodes of one kernel each (how a traced FFI call enters one).
+  nodes of one kernel each (how a traced FFI call enters one), and 100 kernel nodes whose functions
+  come from 100 loads of the cubin (what a record-stage node gets if XLA loads the cubin per node).
 """
 
 from __future__ import annotations
@@ -176,17 +177,24 @@ def _graph_child() -> None:
 
     keep = []
 
-    def add_kernel(graph, deps, i):
+    def own_function():
+        """The entry of a fresh load of the same cubin (a module of its own, as a record-stage node may get)."""
+        own_module, own_fn = p(), p()
+        check(cuda.cuModuleLoadData(ctypes.byref(own_module), image), "cuModuleLoadData")
+        check(cuda.cuModuleGetFunction(ctypes.byref(own_fn), own_module, entry), "cuModuleGetFunction")
+        return own_fn
+
+    def add_kernel(graph, deps, i, function):
         src, dst = buffers[i % 2], buffers[(i + 1) % 2]
         values = [ctypes.c_uint64(src.value), ctypes.c_uint64(dst.value), ctypes.c_int32(rows.value)]
         args = (p * 3)(*[ctypes.addressof(v) for v in values])
         keep.extend([values, args])
-        node_params = KernelNodeParams(fn, (ctas, 1, 1), (256, 1, 1), 0, args, None, None, None)
+        node_params = KernelNodeParams(function, (ctas, 1, 1), (256, 1, 1), 0, args, None, None, None)
         node = p()
         check(cuda.cuGraphAddKernelNode_v2(ctypes.byref(node), graph, deps, len(deps), ctypes.byref(node_params)), "cuGraphAddKernelNode")
         return node
 
-    def build(child_nodes: bool):
+    def build(child_nodes: bool, own_modules: bool):
         graph = p()
         check(cuda.cuGraphCreate(ctypes.byref(graph), 0), "cuGraphCreate")
         previous = None
@@ -195,11 +203,11 @@ def _graph_child() -> None:
             if child_nodes:
                 child = p()
                 check(cuda.cuGraphCreate(ctypes.byref(child), 0), "cuGraphCreate")
-                add_kernel(child, (p * 0)(), i)
+                add_kernel(child, (p * 0)(), i, fn)
                 node = p()
                 check(cuda.cuGraphAddChildGraphNode(ctypes.byref(node), graph, deps, len(deps), child), "cuGraphAddChildGraphNode")
             else:
-                node = add_kernel(graph, deps, i)
+                node = add_kernel(graph, deps, i, own_function() if own_modules else fn)
             previous = node
         executable = p()
         check(cuda.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, ctypes.c_ulonglong(0)), "cuGraphInstantiate")
@@ -209,8 +217,9 @@ def _graph_child() -> None:
     check(cuda.cuEventCreate(ctypes.byref(start), 0), "cuEventCreate")
     check(cuda.cuEventCreate(ctypes.byref(stop), 0), "cuEventCreate")
     out = {}
-    for label, child_nodes in (("kernel_nodes", False), ("child_graph_nodes", True)):
-        executable = build(child_nodes)
+    variants = {"kernel_nodes": (False, False), "child_graph_nodes": (True, False), "kernel_nodes_own_modules": (False, True)}
+    for label, (child_nodes, own_modules) in variants.items():
+        executable = build(child_nodes, own_modules)
         samples = []
         for _ in range(60):
             check(cuda.cuEventRecord(start, stream), "cuEventRecord")
