@@ -94,7 +94,7 @@ def _fp8_case(t, g, proj, skew, sf_load: str | None = None, overlap: bool = Fals
     make = lambda key: (*_fp8_inputs(key, t, k, n, g), jnp.asarray(sizes))  # noqa: E731
     config = {"sf_load": sf_load, "overlap": overlap} if sf_load else {}
     if persistent:
-        config.update(persistent=True, stages=5, **({"multicast": multicast} if multicast > 1 else {}), **({"pingpong": True} if pingpong else {}))
+        config.update(persistent=True, stages=5, multicast=multicast, pingpong=pingpong)
     fp8 = gemm.grouped_matmul_fp8.with_config(**config) if config else gemm.grouped_matmul_fp8
     kernel = lambda x8, x_sf, w8, w_sf, s: fp8(x8, x_sf, w8, w_sf, s, transpose_w=True, impl="tilelang")  # noqa: E731
     min_bytes = t * k + g * k * n + 2 * t * n + 4 * (t * k // 128 + g * k * n // 128**2)

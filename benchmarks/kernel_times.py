@@ -5,10 +5,10 @@
 
 runs ``ncu`` (``--clock-control none``, metric ``gpu__time_duration.sum``) over one call of the case's
 jitted kernel side (or its plain-JAX side), after two warm-up calls outside the profiled range, with
-XLA's command buffers off so that each kernel is its own launch. The same child runs once without ncu
-first, filling a JAX compilation cache that the profiled run then reads: compiling (and XLA's
-autotuning) under ncu's interception took minutes for plain JAX's larger programs; prints the kernels grouped by name,
-the largest first, and their total. ``FAMILY`` is a ``benchmarks.run`` family (``nnx_variants`` ...),
+XLA's command buffers off so that each kernel is its own launch; prints the kernels grouped by name,
+the largest first, and their total. The same child runs once without ncu first, filling a JAX
+compilation cache that the profiled run reads: compiling (and XLA's autotuning) under ncu's
+interception took minutes for plain JAX's larger programs. ``FAMILY`` is a ``benchmarks.run`` family (``nnx_variants`` ...),
 ``CASE`` a case name or a prefix that names one case. ``--details ARGS`` prints ncu's full report
 (``--set full``) of the kernels ``ARGS`` choose instead (ncu's own filter options).
 """
@@ -18,7 +18,6 @@ import collections
 import csv
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,16 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         return _child(args.family, args.case, args.side)
-    cache = tempfile.mkdtemp(prefix="kernel_times_jax_cache_")
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip(),
-               KERNEL_TIMES_JAX_CACHE=cache)  # fmt: skip
     child = [sys.executable, "-m", "benchmarks.kernel_times", args.family, args.case, "--side", args.side, "--child"]
-    warm = subprocess.run(child, env=env, capture_output=True, text=True)  # compiles into the cache, no ncu
-    if warm.returncode:
-        sys.exit(f"kernel_times: the unprofiled run exited {warm.returncode}\n{warm.stderr[-3000:]}")
     what = ["--set", "full", *args.details.split()] if args.details else ["--metrics", METRIC, "--csv", "--print-units", "base"]
-    done = subprocess.run(["ncu", "--clock-control", "none", "--profile-from-start", "off", *what, *child], env=env, capture_output=True, text=True)
-    shutil.rmtree(cache, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="kernel_times_jax_cache_") as cache:
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip(),
+                   KERNEL_TIMES_JAX_CACHE=cache)  # fmt: skip
+        warm = subprocess.run(child, env=env, capture_output=True, text=True)  # compiles into the cache, no ncu
+        if warm.returncode:
+            sys.exit(f"kernel_times: the unprofiled run exited {warm.returncode}\n{warm.stderr[-3000:]}")
+        done = subprocess.run(["ncu", "--clock-control", "none", "--profile-from-start", "off", *what, *child], env=env, capture_output=True, text=True)
     if args.details:
         print(done.stdout[-60000:], done.stderr[-2000:] if done.returncode else "")
         sys.exit(done.returncode)
