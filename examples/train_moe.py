@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-bytes", type=int, default=3_000_000)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", metavar="DIR", help="after training, trace three more steps (not saved) into DIR (jax.profiler; summarise with benchmarks.step_profile)")
     args = p.parse_args(argv)
 
     tok, train_ids, val_ids = load_data(args.data_bytes)
@@ -469,6 +470,15 @@ def main(argv: list[str] | None = None) -> dict:
     if rate:
         print(f"{rate:,.0f} tokens/s after the first step ({ran})")
     print("sample:\n" + text)
+    if args.profile and stop > start:
+        batches = [batch_at(train_ids, stop + i, c.batch, c.seq, args.seed) for i in range(3)]
+        state, _ = train_step(state, batches[0])  # warm: the trace holds steady-state steps only
+        jax.block_until_ready(state)
+        with jax.profiler.trace(args.profile):
+            for b in batches:
+                state, m = train_step(state, b)
+            jax.block_until_ready((state, m))
+        print(f"traced 3 steps into {args.profile}")
     return {"eval_loss": final_eval, "losses": losses, "start": start, "sample": text, "tokens_per_s": rate}
 
 

@@ -542,3 +542,28 @@ def test_kernel_times_groups_ncu_rows_by_kernel_name():
             '"3","loop_fusion_3","dram__bytes.sum","byte","99999"']  # fmt: skip
     text = "\n".join(["==PROF== Connected to process 1", header, *rows, "program output"])
     assert kernel_table(text) == [("expand_to_fused_kernel", 2, 2.0), ("loop_fusion_3", 1, 0.25)]
+
+
+def test_step_profile_groups_kernels_and_shows_what_a_variant_adds(tmp_path):
+    from benchmarks import step_profile
+
+    assert step_profile.group("loop_fusion_12") == step_profile.group("loop_fusion_7") == "loop_fusion"
+    assert step_profile.group("fusion.3.1") == "fusion" and step_profile.group("mhc_post_kernel") == "mhc_post_kernel"
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((128, 128))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path / "trace")):
+        f(x).block_until_ready()
+    # A CPU trace has no GPU plane: its XLA CPU client's threads stand in for the streams.
+    with pytest.raises(ValueError, match="no plane"):
+        step_profile.kernel_times(str(tmp_path / "trace"))
+    times = step_profile.kernel_times(str(tmp_path / "trace"), plane="/host:CPU", line="tf_XLA")
+    assert times and all(ns >= 0 for ns in times.values())
+    variant = times.copy()
+    variant["mhc_post_kernel"] += 3_000_000
+    rows = step_profile.table(variant, times, steps=3, top=5)
+    assert "mhc_post_kernel" in rows[1] and rows[1].split()[-1] == "+1000.0"
+    assert rows[-1].startswith("total device time") and "+1000.0" in rows[-1]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError):
+        step_profile.kernel_times(str(tmp_path / "empty"))
