@@ -29,7 +29,11 @@ from jax_tilek.op import Launch, Rows, TileOp, with_vjp
 PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
 COLUMNS = 32 * VEC  # a CTA's columns of G: one 16-byte vector per lane
 TOKENS = 128  # a CTA's tokens
-STEP = 8  # tokens a thread accumulates at once (8 x 8 fp32 registers)
+# Tokens a thread accumulates at once (STEP x 8 fp32 registers). At 8 the kernel took 127 registers,
+# 4 CTAs an SM, and was latency-bound (H100, 2026-12-07, ncu at 16384 x 4 x 4096: 757 us, 70% of
+# DRAM bandwidth, no eligible warp 53% of cycles).
+STEP = 4
+CTAS_PER_SM = 6  # __launch_bounds__: at most 80 registers; the shared memory (36 KB a CTA) allows 6
 
 
 def residual_grad_reference(dout, x, mix, dmul, dsq, fn, dres=None):
@@ -43,13 +47,14 @@ def residual_grad_reference(dout, x, mix, dmul, dsq, fn, dres=None):
 
 
 @kernel(pass_configs=PASS_CONFIGS)
-def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool = False):
+def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool = False, step: int = STEP, tokens: int = TOKENS,
+                         ctas_per_sm: int = CTAS_PER_SM):
     """A CTA per (COLUMNS columns of G, TOKENS tokens): fn's columns and the tokens' d out_mul in shared
-    memory; warp w takes tokens ``w * TOKENS / 4 + ...``, STEP at a time, a lane one 8-column vector.
+    memory; warp w takes tokens ``w * tokens / 4 + ...``, ``step`` at a time, a lane one 8-column vector.
     ``accumulate``: dres is given and added before the rounding."""
     import tilelang.language as T
 
-    N, H, M = mult, hidden, rows
+    N, H, M, STEP, TOKENS = mult, hidden, rows, step, tokens
     G = N * H
     warps = THREADS // 32
     rounds = TOKENS // (warps * STEP)
@@ -67,6 +72,7 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool = F
         dx: T.Tensor((TT, N, H), "bfloat16"),
     ):
         with T.Kernel(T.ceildiv(G, COLUMNS), T.ceildiv(TT, TOKENS), threads=THREADS) as (bc, bt):
+            T.annotate_min_blocks_per_sm(ctas_per_sm)
             fn_s = T.alloc_shared((M, COLUMNS), "float32")
             d_s = T.alloc_shared((TOKENS, M), "float32")
             f = T.alloc_local((VEC,), "float32")
@@ -133,7 +139,9 @@ residual_grad_op = TileOp(
     name="mhc_pre_residual_bwd", operands=("dout", "x", "mix", "dmul", "dsq", "fn", "dres?"), results=("dx",),
     reference=residual_grad_reference, rows=Rows(("dout", "x", "mix", "dmul", "dsq", "dres"), ("dx",)),
     launch=lambda dout, x, mix, dmul, dsq, fn, dres: Launch(
-        kernel=residual_grad_kernel, params=dict(mult=x.shape[1], hidden=x.shape[2], rows=fn.shape[0], accumulate=dres is not None)),
+        kernel=residual_grad_kernel,
+        params=dict(mult=x.shape[1], hidden=x.shape[2], rows=fn.shape[0], accumulate=dres is not None, step=STEP, tokens=TOKENS,
+                    ctas_per_sm=CTAS_PER_SM)),
 )  # fmt: skip
 
 
