@@ -5,7 +5,8 @@ functions (norm_fn, pre, head, big_fuse) time the XLA split-K GEMM on both sides
 
 ``VARIANTS`` (family "mhc_variants"): ``mhc_pre_norm_fn`` and ``mhc_pre`` with that GEMM as the S-split
 fp32 einsum at ``HIGHEST`` precision or in XLA's ``BF16_BF16_F32_X6`` / ``X3`` algorithms instead of
-the default one-pass bf16 dot (``_norm_fn.GEMM_PRECISION``), on both sides."""
+the default one-pass bf16 dot (``_norm_fn.GEMM_PRECISION``), on both sides; and the backward's
+``mhc_pre_residual_bwd`` kernel in each of ``RESIDUAL_BWD_TILINGS`` (all give the same bits)."""
 
 import dataclasses
 import functools
@@ -14,10 +15,10 @@ import jax
 import numpy as np
 
 from jax_tilek import mhc
-from jax_tilek.mhc import _norm_fn
+from jax_tilek.mhc import _norm_fn, _residual_grad
 from jax_tilek.testing import ArgSpec, over_arrays
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, random_on_device
 
 FAMILY = "mhc"
 
@@ -47,24 +48,52 @@ GEMM_ALGORITHMS = {
 }  # fmt: skip
 
 
-def with_gemm_precision(fn, precision):
-    """``fn`` traced with the mHC partials GEMM at ``precision`` (the module constant is read at trace time)."""
+def with_constants(fn, module, **values):
+    """``fn`` traced with ``module``'s constants set to ``values`` (read at trace time), then restored."""
 
     @functools.wraps(fn)
     def traced(*args):
-        saved, _norm_fn.GEMM_PRECISION = _norm_fn.GEMM_PRECISION, precision
+        saved = {name: getattr(module, name) for name in values}
+        for name, value in values.items():
+            setattr(module, name, value)
         try:
             return fn(*args)
         finally:
-            _norm_fn.GEMM_PRECISION = saved
+            for name, value in saved.items():
+                setattr(module, name, value)
 
     return traced
 
 
 def gemm_variants(cases) -> list:
     """Each case once per :data:`GEMM_ALGORITHMS` entry, kernel and plain-JAX sides alike."""
-    return [dataclasses.replace(c, name=f"{c.name}_gemm_{label}", kernel=with_gemm_precision(c.kernel, p), xla=with_gemm_precision(c.xla, p))
+    return [dataclasses.replace(c, name=f"{c.name}_gemm_{label}", kernel=with_constants(c.kernel, _norm_fn, GEMM_PRECISION=p),
+                                xla=with_constants(c.xla, _norm_fn, GEMM_PRECISION=p))
             for label, p in GEMM_ALGORITHMS.items() for c in cases]  # fmt: skip
 
 
-VARIANTS = gemm_variants([c for c in CASES if c.name.startswith(("mhc_pre_norm_fn/", "mhc_pre/"))])
+# mhc_pre_residual_bwd's tilings (_residual_grad.ResidualGradConfig): tokens a thread, tokens a CTA, CTAs an SM.
+RESIDUAL_BWD_TILINGS = ((8, 128, 1), (4, 128, 6), (4, 128, 5), (2, 128, 6), (4, 64, 7))
+
+
+def residual_bwd_variants(shapes=((4096, 7168), (16384, 4096)), n: int = 4) -> list:
+    """The backward's residual kernel alone (with mhc_post's cotangent added, as HyperConnection runs
+    it) in each of :data:`RESIDUAL_BWD_TILINGS`, against its XLA reference."""
+    m = n * (n + 2)
+    cases = []
+    for t, h in shapes:
+        structs = ((t, h, "bfloat16"), (t, n, h, "bfloat16"), (t, n, 1, "float32"), (t, m, "float32"), (t, "float32"),
+                   (m, n * h, "float32"), (t, n, h, "bfloat16"))  # fmt: skip
+        structs = tuple(jax.ShapeDtypeStruct(s[:-1], s[-1]) for s in structs)
+        out = 2 * t * n * h
+        for step, tokens, ctas in RESIDUAL_BWD_TILINGS:
+            op = _residual_grad.residual_grad_op.with_config(tokens_per_thread=step, tokens_per_cta=tokens, ctas_per_sm=ctas)
+            kernel = functools.partial(op, impl="tilelang")
+            name = f"mhc_pre_residual_bwd/t{t}_h{h}_thread{step}_cta{tokens}_sm{ctas}"
+            make = lambda key, structs=structs: tuple(random_on_device(k, s) for k, s in zip(jax.random.split(key, len(structs)), structs))
+            params = {"shape": f"{t}x{n}x{h}", "dtype": "bfloat16"}
+            cases.append(Case(FAMILY, name, make, kernel, _residual_grad.residual_grad_reference, _nbytes(structs) + out, params))
+    return cases
+
+
+VARIANTS = gemm_variants([c for c in CASES if c.name.startswith(("mhc_pre_norm_fn/", "mhc_pre/"))]) + residual_bwd_variants()

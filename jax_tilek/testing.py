@@ -322,7 +322,20 @@ class OpContract:
         if case.config:  # the configuration reaches a kernel (a function that bypasses its ops would drop it)
             default = dataclasses.replace(case, config={})
             keys = [c["cubin_key"] for c in tilek_calls(lower_for_cuda(*_flat(self.bound(default, None, default.structs()))))]
-            assert [c["cubin_key"] for c in calls] != keys, f"{case.name}: with_config({case.config}) changed no kernel"
+            changed = [c["cubin_key"] for c in calls] != keys
+            if not changed and self.differentiable:  # a backward kernel's configuration
+                changed = self._gradient_keys(case) != self._gradient_keys(default)
+            assert changed, f"{case.name}: with_config({case.config}) changed no kernel"
+
+    def _gradient_keys(self, case: ArgSpec) -> list[str]:
+        """The cubin keys of the gradient (of the floating outputs' sum, by every floating input) lowered for "cuda"."""
+        fn, *structs = _flat(self.bound(case, None, case.structs()))
+        argnums = tuple(i for i, s in enumerate(structs) if jnp.issubdtype(s.dtype, jnp.floating))
+
+        def scalar(*arrays):
+            return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(fn(*arrays)) if jnp.issubdtype(o.dtype, jnp.floating))
+
+        return [c["cubin_key"] for c in tilek_calls(lower_for_cuda(jax.grad(scalar, argnums=argnums), *structs))]
 
     def test_tilelang_refused_off_gpu(self, case: ArgSpec) -> None:
         if jax_tilek.kernels_available():

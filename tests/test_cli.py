@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -567,3 +568,28 @@ def test_step_profile_groups_kernels_and_shows_what_a_variant_adds(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         step_profile.kernel_times(str(tmp_path / "empty"))
+
+
+def test_residual_bwd_variants_launch_their_tiling_and_match_the_reference_shape():
+    import numpy as np
+
+    from benchmarks import bench_mhc
+    from jax_tilek.kernel import record_kernels
+    from jax_tilek.testing import tilek_calls
+
+    cases = bench_mhc.residual_bwd_variants(shapes=((16, 64),))
+    assert len(cases) == len(bench_mhc.RESIDUAL_BWD_TILINGS)
+    for case, (step, tokens, ctas) in zip(cases, bench_mhc.RESIDUAL_BWD_TILINGS):
+        inputs = case.make_inputs(jax.random.key(0))
+        with record_kernels() as used:
+            text = lower_for_cuda(case.kernel, *inputs)
+        assert len(tilek_calls(text)) == 1
+        params = [p for name, p, *_ in used if name.endswith("residual_grad_kernel")]
+        assert params and all((p["tokens_per_thread"], p["tokens_per_cta"], p["ctas_per_sm"]) == (step, tokens, ctas) for p in params)
+        want = jax.eval_shape(case.xla, *inputs)
+        assert (want.shape, want.dtype) == ((16, 4, 64), np.dtype("bfloat16"))
+    from jax_tilek.mhc import _residual_grad
+
+    bad = _residual_grad.residual_grad_op.with_config(tokens_per_thread=3)
+    with pytest.raises(ValueError, match="multiple of 4 x tokens_per_thread"):
+        lower_for_cuda(functools.partial(bad, impl="tilelang"), *cases[0].make_inputs(jax.random.key(0)))

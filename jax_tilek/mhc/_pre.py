@@ -61,12 +61,12 @@ def _check_pre(op, residual, fn, scale, base, norm_weight, norm_eps, mhc_mult, p
     return residual, fn, scale, base, w, n, h, dict(eps=eps, n_splits=s, post_mult_value=pm, pre_eps=pre_eps, repeat=repeat, sinkhorn_eps=sk_eps)
 
 
-def _pre_flat(x, fn, scale, base, w, *, impl, n: int, eps, n_splits, post_mult_value, pre_eps, repeat, sinkhorn_eps, alias=False):
+def _pre_flat(x, fn, scale, base, w, *, impl, n: int, eps, n_splits, post_mult_value, pre_eps, repeat, sinkhorn_eps, alias=False, residual_op=None):
     """The pre chain on flat tokens: ``(layer_input [T, H], post [T, n, 1], comb [T, n, n])`` and, with
     ``alias``, x (:mod:`jax_tilek.mhc._residual_grad`: the step-by-step kernels forward, a fused backward)."""
     layer_input, (post, comb), *x_alias = _residual_grad.norm_mix_apply_flat(
         x, fn, scale, base, w, impl=impl, kind="pre", eps=eps, n_splits=n_splits, post_mult_value=post_mult_value,
-        pre_eps=pre_eps, repeat=repeat, sinkhorn_eps=sinkhorn_eps, alias=alias,
+        pre_eps=pre_eps, repeat=repeat, sinkhorn_eps=sinkhorn_eps, alias=alias, residual_op=residual_op,
     )  # fmt: skip
     return layer_input, post, comb, *x_alias
 
@@ -104,6 +104,7 @@ PRE_SPECS = (
     _pre_case((2, 4), 128),
     _pre_case((6,), 64, weight=True),
     _pre_case((3,), 32, n=2),
+    _pre_case((5, 7), 64, config=dict(tokens_per_thread=8, tokens_per_cta=32, ctas_per_sm=2)),  # the backward's tiling
     _pre_case((4096,), 7168, bench=True),
     _pre_case((16384,), 4096, weight=True, bench=True),
 )
@@ -130,7 +131,9 @@ def mhc_pre(
     )
     return_residual = checks.static_bool("mhc_pre", "return_residual", return_residual)
     lead = residual.shape[:-2]
-    li, post, comb, *alias = _pre_flat(residual.reshape(-1, n, h), fn, scale, base, w, impl=impl, n=n, alias=return_residual, **opts)
+    li, post, comb, *alias = _pre_flat(
+        residual.reshape(-1, n, h), fn, scale, base, w, impl=impl, n=n, alias=return_residual, residual_op=_residual_grad.configured(ops), **opts
+    )
     out = li.reshape(*lead, h), (post.reshape(*lead, n, 1), comb.reshape(*lead, n, n))
     return (*out, alias[0].reshape(residual.shape)) if return_residual else out
 
@@ -164,7 +167,7 @@ def mhc_pre_big_fuse(
         mhc_pre_eps, mhc_sinkhorn_eps, sinkhorn_repeat, n_splits,
     )  # fmt: skip
     lead = residual.shape[:-2]
-    li, post, comb = _pre_flat(residual.reshape(-1, n, h), fn, scale, base, w, impl=impl, n=n, **opts)
+    li, post, comb = _pre_flat(residual.reshape(-1, n, h), fn, scale, base, w, impl=impl, n=n, residual_op=_residual_grad.configured(ops), **opts)
     return post.reshape(*lead, n, 1), comb.reshape(*lead, n, n), li.reshape(*lead, h)
 
 
@@ -217,7 +220,7 @@ def mhc_head(
     lead = residual.shape[:-2]
     out, _ = _residual_grad.norm_mix_apply_flat(
         residual.reshape(-1, n, h), fn, scale.reshape(1), base, w, impl=impl, kind="head", eps=eps, n_splits=s,
-        post_mult_value=None, pre_eps=pre_eps, repeat=None, sinkhorn_eps=None, alias=False,
+        post_mult_value=None, pre_eps=pre_eps, repeat=None, sinkhorn_eps=None, alias=False, residual_op=_residual_grad.configured(ops),
     )  # fmt: skip
     return out.reshape(*lead, h)
 

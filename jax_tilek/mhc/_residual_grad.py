@@ -18,22 +18,38 @@ runs the step-by-step kernels, so its results are those of the unfused path bit 
 closure.)
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jax_tilek.kernel import kernel
 from jax_tilek.mhc import _apply_mix, _norm_fn, _sinkhorn, _split_mixes
 from jax_tilek.mhc._common import THREADS, VEC
-from jax_tilek.op import Launch, Rows, TileOp, with_vjp
+from jax_tilek.op import Launch, Rows, TileOp, config_class, with_vjp
 
 PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
 COLUMNS = 32 * VEC  # a CTA's columns of G: one 16-byte vector per lane
-TOKENS = 128  # a CTA's tokens
-# Tokens a thread accumulates at once (STEP x 8 fp32 registers). At 8 the kernel took 127 registers,
-# 4 CTAs an SM, and was latency-bound (H100, 2026-12-07, ncu at 16384 x 4 x 4096: 757 us, 70% of
-# DRAM bandwidth, no eligible warp 53% of cycles).
-STEP = 4
-CTAS_PER_SM = 6  # __launch_bounds__: at most 80 registers; the shared memory (36 KB a CTA) allows 6
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualGradConfig:
+    """``mhc_pre_residual_bwd``'s tiling: tokens a thread accumulates at once (``tokens_per_thread`` x 8
+    fp32 registers), tokens a CTA (``tokens_per_cta``, a multiple of 4 x ``tokens_per_thread``; their
+    d out_mul and fn's columns sit in shared memory), and the CTAs per SM it is compiled for
+    (``__launch_bounds__``). The default (4, 128, 6) takes 80 registers; (8, 128, 1), the first
+    version, took 102-127, ran 4 CTAs an SM and was latency-bound (ncu, H100 2026-12-07: 757 us at
+    16384 x 4 x 4096, 70% of DRAM bandwidth). ``bench --family mhc_variants`` times the others; every
+    tiling gives the same bits."""
+
+    tokens_per_thread: int = 4
+    tokens_per_cta: int = 128
+    ctas_per_sm: int = 6
+
+
+@config_class(ResidualGradConfig)
+def _config(*_, **__) -> ResidualGradConfig:
+    return ResidualGradConfig()
 
 
 def residual_grad_reference(dout, x, mix, dmul, dsq, fn, dres=None):
@@ -47,14 +63,13 @@ def residual_grad_reference(dout, x, mix, dmul, dsq, fn, dres=None):
 
 
 @kernel(pass_configs=PASS_CONFIGS)
-def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool = False, step: int = STEP, tokens: int = TOKENS,
-                         ctas_per_sm: int = CTAS_PER_SM):
-    """A CTA per (COLUMNS columns of G, TOKENS tokens): fn's columns and the tokens' d out_mul in shared
-    memory; warp w takes tokens ``w * tokens / 4 + ...``, ``step`` at a time, a lane one 8-column vector.
-    ``accumulate``: dres is given and added before the rounding."""
+def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool, tokens_per_thread: int, tokens_per_cta: int, ctas_per_sm: int):
+    """A CTA per (COLUMNS columns of G, ``tokens_per_cta`` tokens): fn's columns and the tokens' d out_mul
+    in shared memory; warp w takes tokens ``w * tokens_per_cta / 4 + ...``, ``tokens_per_thread`` at a
+    time, a lane one 8-column vector. ``accumulate``: dres is given and added before the rounding."""
     import tilelang.language as T
 
-    N, H, M, STEP, TOKENS = mult, hidden, rows, step, tokens
+    N, H, M, STEP, TOKENS = mult, hidden, rows, tokens_per_thread, tokens_per_cta
     G = N * H
     warps = THREADS // 32
     rounds = TOKENS // (warps * STEP)
@@ -135,13 +150,18 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool = F
     return mhc_pre_residual_bwd
 
 
+def _launch(dout, x, mix, dmul, dsq, fn, dres, *, config: ResidualGradConfig) -> Launch:
+    step, tokens = config.tokens_per_thread, config.tokens_per_cta
+    if step < 1 or tokens < 1 or tokens % (THREADS // 32 * step) or config.ctas_per_sm < 1:
+        raise ValueError(f"mhc_pre_residual_bwd: {config} needs tokens_per_cta a positive multiple of {THREADS // 32} x tokens_per_thread and ctas_per_sm >= 1")
+    params = dict(mult=x.shape[1], hidden=x.shape[2], rows=fn.shape[0], accumulate=dres is not None)
+    return Launch(kernel=residual_grad_kernel, params=dict(params, **dataclasses.asdict(config)))
+
+
 residual_grad_op = TileOp(
     name="mhc_pre_residual_bwd", operands=("dout", "x", "mix", "dmul", "dsq", "fn", "dres?"), results=("dx",),
     reference=residual_grad_reference, rows=Rows(("dout", "x", "mix", "dmul", "dsq", "dres"), ("dx",)),
-    launch=lambda dout, x, mix, dmul, dsq, fn, dres: Launch(
-        kernel=residual_grad_kernel,
-        params=dict(mult=x.shape[1], hidden=x.shape[2], rows=fn.shape[0], accumulate=dres is not None, step=STEP, tokens=TOKENS,
-                    ctas_per_sm=CTAS_PER_SM)),
+    config=_config, launch=_launch,
 )  # fmt: skip
 
 
@@ -158,33 +178,38 @@ def _streams(mixes, scale, base, *, impl, kind: str, n: int, post_mult_value, pr
     return pre, (post, _sinkhorn.sinkhorn_flat(comb, impl=impl, repeat=repeat, eps=sinkhorn_eps))
 
 
-def _primal(x, fn, scale, base, w, *, impl, eps, n_splits, alias: bool, **mixing):
+def _primal(x, fn, scale, base, w, *, impl, eps, n_splits, alias: bool, residual_op=None, **mixing):
     mixes = _norm_fn.norm_fn_flat(x, fn, w, impl=impl, eps=eps, n_splits=n_splits)
     mix, rest = _streams(mixes, scale, base, impl=impl, n=x.shape[1], **mixing)
     out = _apply_mix.apply_mix_flat(x, mix, impl=impl)
     return (out, rest, x) if alias else (out, rest)
 
 
-def _fwd(x, fn, scale, base, w, *, impl, eps, n_splits, alias: bool, **mixing):
+def _fwd(x, fn, scale, base, w, *, impl, eps, n_splits, alias: bool, residual_op=None, **mixing):
     mixes, (*_, fn_merged, mul, sq) = _norm_fn.norm_fn_fwd(x, fn, w, impl=impl, eps=eps, n_splits=n_splits)
     (mix, rest), streams_vjp = jax.vjp(lambda *a: _streams(*a, impl=impl, n=x.shape[1], **mixing), mixes, scale, base)
     out = _apply_mix._fwd_op(x, mix, impl=impl)
     return ((out, rest, x) if alias else (out, rest)), (x, fn, w, fn_merged, mul, sq, mix, streams_vjp)
 
 
-def _bwd(residuals, g, *, impl, eps, n_splits, alias: bool, **mixing):
+def _bwd(residuals, g, *, impl, eps, n_splits, alias: bool, residual_op=None, **mixing):
     x, fn, w, fn_merged, mul, sq, mix, streams_vjp = residuals
     dout, drest, dres = g if alias else (*g, None)
     t, n, h = x.shape
     dmix = _apply_mix.dmix_op(dout, x, mix, impl=impl)
     dmixes, dscale, dbase = streams_vjp((dmix, drest))
     dmul, dsq = _norm_fn._reduce_bwd_op(dmixes, mul, sq, impl=impl, group=n * h, eps=eps)
-    dx = residual_grad_op(dout, x, mix, dmul, dsq, fn_merged, dres, impl=impl)
+    dx = (residual_op or residual_grad_op)(dout, x, mix, dmul, dsq, fn_merged, dres, impl=impl)
     dfn = _norm_fn.products_dfn(dmul, x.reshape(t, n * h))
     if w is None:
         return dx, dfn, dscale, dbase, None
     dfn, dw = _norm_fn._merge_bwd_op(dfn, fn, w, impl=impl)
     return dx, dfn, dscale, dbase, dw
+
+
+def configured(ops) -> TileOp:
+    """``residual_grad_op`` as a public function's ``ops`` holds it (with its ``with_config`` fields)."""
+    return next((op for op in ops if op.name == residual_grad_op.name), residual_grad_op)
 
 
 norm_mix_apply_flat = with_vjp(_primal, _fwd, _bwd)
