@@ -153,7 +153,7 @@ def _graph_child() -> None:
         if result != 0:
             raise RuntimeError(f"{what} failed: CUresult {result}")
 
-    artifact = affine_kernel.artifact(dict(n_cols=SHAPE[1], pdl=False), os.environ.get("JAX_TILEK_GRAPH_ARCH", "sm_90a"), record=False)
+    artifact = affine_kernel.artifact(dict(n_cols=SHAPE[1]), os.environ.get("JAX_TILEK_GRAPH_ARCH", "sm_90a"), record=False)
     entry = artifact.spec.kernels[0].entry.encode()
     p = ctypes.c_void_p
     ctx, dev, module, fn, stream = p(), ctypes.c_int(), p(), p(), p()

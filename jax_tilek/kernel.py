@@ -334,12 +334,21 @@ class TileKernel:
         name = self.module
         return sorted(m for m in module_closure([name, *(d.__name__ for d in self.depends)]) if m != name)
 
+    @functools.cached_property
+    def _defaults(self) -> dict[str, Any]:
+        return {
+            name: p.default
+            for name, p in inspect.signature(self.factory).parameters.items()
+            if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
     def cache_fields(self, params: Mapping[str, Any], arch: str) -> dict[str, Any]:
-        """What identifies one compiled configuration of this kernel."""
+        """What identifies one compiled configuration of this kernel: the factory's defaults fill the
+        parameters ``params`` leaves out, so ``dict(n=64)`` and ``dict(n=64, pdl=False)`` are one entry."""
         return {
             "kernel": self.name,
             "source": self.source_digest,
-            "params": canonical_param(dict(params)),
+            "params": canonical_param({**self._defaults, **params}),
             "pass_configs": canonical_param(dict(self.pass_configs)),
             "arch": arch,
             "spec_format": compiler.SPEC_FORMAT,

@@ -55,6 +55,17 @@ def test_key_covers_every_field():
     assert len(keys) == 7
 
 
+def test_key_fills_the_factorys_defaults():
+    """A configuration spelled with or without its default parameters is one cache entry."""
+    import byo_kernels
+
+    k = byo_kernels.gemm
+    short = k.cache_fields(dict(n=256, k=128), "sm_90a")
+    assert short == k.cache_fields(dict(n=256, k=128, block_m=128, stages=3), "sm_90a")
+    assert short["params"]["block_k"] == 64
+    assert cache.entry_key(short) != cache.entry_key(k.cache_fields(dict(n=256, k=128, stages=4), "sm_90a"))
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_cubin", "flip_spec"])
 def test_corrupted_entry_is_rebuilt_never_used(tmp_path, damage):
     cache.get_or_compile(FIELDS, TOOLCHAIN, lambda: _artifact(b"1"), root=str(tmp_path))
