@@ -156,7 +156,7 @@ def test_export_serializes_with_the_cubin(tmp_path):
 def test_precompile_reports_kernels():
     used = jax_tilek.precompile(scale, jax.ShapeDtypeStruct((9, 64), jnp.bfloat16), jax.ShapeDtypeStruct((9,), jnp.float32), arch="sm_90a")
     assert [(name.rsplit(".", 1)[-1], params, arch) for name, params, arch, _ in used] == [
-        ("scale_rows", {"dtype": "bfloat16", "n_cols": 64}, "sm_90a")
+        ("scale_rows", {"block_m": 4, "dtype": "bfloat16", "n_cols": 64}, "sm_90a")  # the factory's default filled in
     ]
 
 
