@@ -104,9 +104,10 @@ def residual_grad_kernel(mult: int, hidden: int, rows: int, accumulate: bool, to
                 m = (e * THREADS + tid) // COLUMNS
                 c = (e * THREADS + tid) % COLUMNS
                 fn_s[m, c] = T.if_then_else(c0 + c < G, fn[m, c0 + c], T.float32(0))
-            for e in T.serial(TOKENS * M // THREADS):
-                r = (e * THREADS + tid) // M
-                d_s[r, (e * THREADS + tid) % M] = T.if_then_else(t0 + r < TT, dmul[t0 + r, (e * THREADS + tid) % M], T.float32(0))
+            for e in T.serial(-(-TOKENS * M // THREADS)):  # TOKENS * M need not be a multiple of THREADS
+                q = e * THREADS + tid
+                if q < TOKENS * M:
+                    d_s[q // M, q % M] = T.if_then_else(t0 + q // M < TT, dmul[t0 + q // M, q % M], T.float32(0))
             T.sync_threads()
             k = c0 + lane * VEC
             i = k // H

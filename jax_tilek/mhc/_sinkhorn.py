@@ -11,7 +11,8 @@ Per token, in float32, in TileKernels' torch reference order (``sinkhorn_normali
 
 i.e. ``repeat`` column and ``repeat - 1`` row normalisations; the result's columns sum to 1 (up to
 eps) and its rows within the last step's change. The backward kernel recomputes the forward, keeps
-every normalisation's input (per thread, in local memory) and back-propagates through each step
+every normalisation's input (a lane's entry in registers for n <= 5, a token's matrices in a thread's
+local memory above) and back-propagates through each step
 (``g <- (g - sum(g * y)) / (s + eps)`` along the normalised axis), then through the softmax
 (``g <- (g - sum(g * p)) * p``; the +eps shift passes the gradient unchanged).
 
