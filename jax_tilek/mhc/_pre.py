@@ -194,7 +194,13 @@ def _head_case(lead, h, n=4, weight=False, **options) -> ArgSpec:
     return ArgSpec(name, args, dict(mhc_mult=n, pre_eps=1e-2), make=make, tolerance=1e-2, launches=(4 if weight else 3) + _products.takes(n * h, n), **options)
 
 
-HEAD_SPECS = (_head_case((2, 4), 128), _head_case((6,), 64, weight=True), _head_case((4096,), 7168, bench=True))
+HEAD_SPECS = (
+    _head_case((2, 4), 128),
+    _head_case((6,), 64, weight=True),
+    # the backward's tiling, where tokens_per_cta x n rows (32 x 2) is less than a CTA's threads:
+    _head_case((3, 11), 64, n=2, config=dict(tokens_per_thread=8, tokens_per_cta=32, ctas_per_sm=2)),
+    _head_case((4096,), 7168, bench=True),
+)
 
 
 @uses(*_PRE_OPS[:5], _split_mixes._head_fwd_op, _split_mixes._head_bwd_op, *_PRE_OPS[-3:], cases=HEAD_SPECS, differentiable=True)
