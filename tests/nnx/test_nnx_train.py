@@ -66,8 +66,14 @@ def test_resume_continues_the_curve(train_moe, tmp_path):
 
 def test_variants_train(train_moe, tmp_path, capsys):
     """--mhc, --engram and --fp8 together (one run: each is a full compile of the job on the CPU)."""
-    run = train_moe.main(["--mhc", "--engram", "--fp8", "--steps", "8", "--eval-every", "1000", "--data-bytes", "200000", "--out", str(tmp_path)])
-    assert "mHC (n = 4) + Engram + FP8 MoE" in capsys.readouterr().out
+    run = train_moe.main(["--mhc", "--engram", "--fp8", "--steps", "8", "--eval-every", "1000", "--data-bytes", "200000", "--out", str(tmp_path),
+                          "--profile", str(tmp_path / "trace")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "mHC (n = 4) + Engram + FP8 MoE" in printed and "traced 3 steps" in printed
+    from benchmarks import step_profile
+
+    assert step_profile.kernel_times(str(tmp_path / "trace"), plane="/host:CPU", line="tf_XLA")  # a CPU trace's XLA threads
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["8"]  # the traced steps are not saved
     losses = run["losses"]
     assert sorted(losses) == [1, 8] and np.isfinite(list(losses.values())).all()
     assert losses[8] < losses[1] - 0.8
