@@ -417,7 +417,9 @@ ARG_SPECS = (
     _case((2, 64)),
     _case((1,)),
     _case((37,), n=2, repeat=3),
-    _case((64,), n=8, repeat=1),
+    _case((9,), n=3, repeat=4),  # lanes 9-15 of each 16-lane group hold no entry
+    _case((7,), n=5, repeat=2),  # 25 entries in a whole warp
+    _case((64,), n=8, repeat=1),  # one thread per token
     _case((16384,), bench=True),
     _case((65536,), bench=True),
 )

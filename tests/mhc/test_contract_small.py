@@ -13,6 +13,10 @@ class TestSinkhorn(OpContract):
     rows = True
     differentiable = (0,)
 
+    def vmap_tolerance(self, case):
+        """Within 1e-6 (the sharding test's reason below): a vmapped batch is another token count."""
+        return 1e-6
+
     def test_token_sharding(self, case, rng):
         """As the contract's, within 1e-6: XLA's CPU fusion of the whole reference rounds some
         quotients differently for another token count (each step alone is shape-invariant), so the
