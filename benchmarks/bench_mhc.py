@@ -18,7 +18,7 @@ from jax_tilek import mhc
 from jax_tilek.mhc import _norm_fn, _residual_grad
 from jax_tilek.testing import ArgSpec, over_arrays
 
-from benchmarks.harness import Case, random_on_device
+from benchmarks.harness import Case, random_inputs
 
 FAMILY = "mhc"
 
@@ -48,27 +48,23 @@ GEMM_ALGORITHMS = {
 }  # fmt: skip
 
 
-def with_constants(fn, module, **values):
-    """``fn`` traced with ``module``'s constants set to ``values`` (read at trace time), then restored."""
+def with_gemm_precision(fn, precision):
+    """``fn`` traced with the mHC partials GEMM at ``precision`` (the module constant is read at trace time)."""
 
     @functools.wraps(fn)
     def traced(*args):
-        saved = {name: getattr(module, name) for name in values}
-        for name, value in values.items():
-            setattr(module, name, value)
+        saved, _norm_fn.GEMM_PRECISION = _norm_fn.GEMM_PRECISION, precision
         try:
             return fn(*args)
         finally:
-            for name, value in saved.items():
-                setattr(module, name, value)
+            _norm_fn.GEMM_PRECISION = saved
 
     return traced
 
 
 def gemm_variants(cases) -> list:
     """Each case once per :data:`GEMM_ALGORITHMS` entry, kernel and plain-JAX sides alike."""
-    return [dataclasses.replace(c, name=f"{c.name}_gemm_{label}", kernel=with_constants(c.kernel, _norm_fn, GEMM_PRECISION=p),
-                                xla=with_constants(c.xla, _norm_fn, GEMM_PRECISION=p))
+    return [dataclasses.replace(c, name=f"{c.name}_gemm_{label}", kernel=with_gemm_precision(c.kernel, p), xla=with_gemm_precision(c.xla, p))
             for label, p in GEMM_ALGORITHMS.items() for c in cases]  # fmt: skip
 
 
@@ -78,7 +74,7 @@ RESIDUAL_BWD_TILINGS = ((8, 128, 1), (4, 128, 6), (4, 128, 5), (2, 128, 6), (4, 
 
 def residual_bwd_variants(shapes=((4096, 7168), (16384, 4096)), n: int = 4) -> list:
     """The backward's residual kernel alone (with mhc_post's cotangent added, as HyperConnection runs
-    it) in each of :data:`RESIDUAL_BWD_TILINGS`, against its XLA reference."""
+    it) in each of :data:`RESIDUAL_BWD_TILINGS`, against the op's reference (``impl="xla"``)."""
     m = n * (n + 2)
     cases = []
     for t, h in shapes:
@@ -88,11 +84,9 @@ def residual_bwd_variants(shapes=((4096, 7168), (16384, 4096)), n: int = 4) -> l
         out = 2 * t * n * h
         for step, tokens, ctas in RESIDUAL_BWD_TILINGS:
             op = _residual_grad.residual_grad_op.with_config(tokens_per_thread=step, tokens_per_cta=tokens, ctas_per_sm=ctas)
-            kernel = functools.partial(op, impl="tilelang")
             name = f"mhc_pre_residual_bwd/t{t}_h{h}_thread{step}_cta{tokens}_sm{ctas}"
-            make = lambda key, structs=structs: tuple(random_on_device(k, s) for k, s in zip(jax.random.split(key, len(structs)), structs))
             params = {"shape": f"{t}x{n}x{h}", "dtype": "bfloat16"}
-            cases.append(Case(FAMILY, name, make, kernel, _residual_grad.residual_grad_reference, _nbytes(structs) + out, params))
+            cases.append(Case.of_impls(FAMILY, name, random_inputs(structs), lambda impl, op=op: functools.partial(op, impl=impl), _nbytes(structs) + out, params))
     return cases
 
 

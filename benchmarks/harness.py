@@ -63,8 +63,7 @@ class Case:
         spec's. ``xla`` takes the same arguments as the function (None: the function with ``impl="xla"``)."""
         kernel, structs = over_arrays(spec.call(fn, "tilelang"), spec.args)
         plain = over_arrays(xla if xla is not None else spec.call(fn, "xla"), spec.args)[0]
-        make = make_inputs or (lambda key: tuple(random_on_device(k, s) for k, s in zip(jax.random.split(key, len(structs)), structs)))
-        return cls(family, spec.name, make, kernel, plain, int(min_bytes), dict(params or {}))
+        return cls(family, spec.name, make_inputs or random_inputs(structs), kernel, plain, int(min_bytes), dict(params or {}))
 
     @classmethod
     def of_impls(cls, family: str, name: str, make_inputs, op_with_impl: Callable[[str], Callable[..., Any]], min_bytes: int, params: dict) -> "Case":
@@ -79,6 +78,11 @@ def random_on_device(key: jax.Array, struct: jax.ShapeDtypeStruct) -> jax.Array:
     if np.issubdtype(dtype, np.integer):
         return jax.random.bits(key, struct.shape, jnp.dtype(f"uint{dtype.itemsize * 8}")).view(dtype)
     return (jax.random.normal(key, struct.shape, jnp.float32) * 4).astype(dtype)
+
+
+def random_inputs(structs: Sequence[jax.ShapeDtypeStruct]) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+    """A PRNG key -> one :func:`random_on_device` array per struct, each from its own split of the key."""
+    return lambda key: tuple(random_on_device(k, s) for k, s in zip(jax.random.split(key, len(structs)), structs))
 
 
 def _input_bytes(inputs: Sequence[Any]) -> int:
