@@ -195,9 +195,10 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
             raw[i] = T.if_then_else(r0 + i < MP, x_sf[sf_index(kb), r0 + i], T.cast(0, sf_dtype))
 
     @T.macro
-    def k_block(kb, a, b, sf_word, w_scale: T.Ref, acc, part, row_scale, part_odd, scale_odd):
+    def k_block(kb, a, b, sf_word, w_scale: T.Ref, acc, part, row_scale, part_odd, scale_odd, even_done: T.Ref):
         """K block kb's wgmma on the x and w tiles ``a``, ``b`` and its promotion (with ``overlap``,
-        the previous block's); every read of ``a``, ``b`` and x's scales is done at the end."""
+        the previous block's); every read of ``a``, ``b`` and x's scales is done at the end.
+        ``even_done`` (``overlap``): 1 once an even block's partial sum exists (module docstring)."""
         if not overlap:
             T.gemm(a, b, part, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
             row_scales(kb, sf_word, w_scale, row_scale)
@@ -213,9 +214,13 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 row_scales(kb, sf_word, w_scale, row_scale)
                 T.wait_wgmma(0)
                 T.warpgroup_fence_operand(part, num_regs=BM * BN // threads)  # no read of it moves above the wait
+                even_done = 1
             else:
                 T.wgmma_gemm(a, b, part_odd, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                promote(acc, part, row_scale)
+                # Always true here; a branch, like the even blocks' kb > 0, keeps ptxas from hoisting
+                # the promotion above the wgmma issue (which TileLang would fold for kb > 0).
+                if even_done == 1:
+                    promote(acc, part, row_scale)
                 row_scales(kb, sf_word, w_scale, scale_odd)
                 T.wait_wgmma(0)
                 T.warpgroup_fence_operand(part_odd, num_regs=BM * BN // threads)
@@ -276,6 +281,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 scale_odd = T.alloc_fragment((BM,), "float32") if overlap else None
                 raw = T.alloc_fragment((BM,), sf_dtype)
                 w_scale = T.alloc_var("float32")
+                even_done = T.alloc_var("int32", init=0)
                 g = tiles[bt, 0]
                 r0 = tiles[bt, 1]
                 r1 = tiles[bt, 2]
@@ -296,7 +302,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                     w_scale = w_sf[g, bn, kb]  # loaded before the wgmma, which hides its latency
                     if sf_load == "ldg":
                         load_raw_scales(x_sf, kb, r0, raw)
-                    k_block(kb, a_s, b_s, sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd)
+                    k_block(kb, a_s, b_s, sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd, even_done)
                 c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared else None  # over the ring, idle by now
                 finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
 
@@ -330,6 +336,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
             scale_odd = T.alloc_fragment((BM,), "float32") if overlap else None
             raw = T.alloc_fragment((BM,), sf_dtype)
             w_scale = T.alloc_var("float32")
+            even_done = T.alloc_var("int32", init=0)
             blocks = T.alloc_var("int32")  # K blocks this thread's role has gone through, over its tiles: the ring's clock
             tile_count = T.ceildiv(nbn * NT - c, ctas)  # CTA c's tiles: c, c + ctas, ...
             last = {"emit_arrive": 1}  # a K block's last copy: the elected thread's arrive (after each copy's expect_tx)
@@ -377,7 +384,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                         if pingpong:
                             pingpong_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, blocks)
                         else:
-                            k_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd)
+                            k_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd, even_done)
                         if multicast == 1:
                             T.mbarrier_arrive(empty[s])
                         else:  # the warp's reads of stage s done, lane i releases it to CTA i's producer
