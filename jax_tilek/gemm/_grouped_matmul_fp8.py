@@ -39,11 +39,12 @@ With ``pingpong`` (persistent, without ``overlap``), the two consumer warpgroups
 tensor cores, CUTLASS's ping-pong order at K-block granularity: a warpgroup issues its wgmma, lets the
 other one issue (a named-barrier arrive, so that wgmma queues behind its own), then waits for its own,
 promotes it and releases the stage, while the other's wgmma runs. ``overlap`` instead promotes a
-second partial sum under the same warpgroup's next wgmma, but ptxas does not let a warpgroup read
-accumulators of another wgmma inside a wgmma's pipeline stage unless it proves that wgmma complete: it
-injects a wait right after one parity's wgmmas (warning C7517; SASS of the default kernel, 2026-12-07),
-so half the blocks promote unoverlapped; a ``wait_group 1`` variant got every wgmma serialized (C7514).
-The ping-pong warpgroup reads only its own, completed accumulator.
+second partial sum under the same warpgroup's next wgmma. In the SASS of the odd blocks (nvcc 13.0,
+2026-12-07) ptxas had moved those 64 FFMAs above the wgmma issue, so half the blocks promoted
+unoverlapped; the even blocks' promotion sits in a branch (``kb > 0``), which ptxas does not hoist
+across, so the odd blocks' now does too (``even_done``, a flag TileLang cannot fold). A ``wait_group
+1`` variant got every wgmma serialized (C7514). The ping-pong warpgroup reads only its own, completed
+accumulator.
 
 With ``multicast=2`` (persistent only), the CTAs run in clusters of two: CTA c (c even) and c + 1 get
 tiles t and t + 1 (``ctas`` and N/128 even), one M-tile at N-tiles bn, bn + 1, the same K blocks. Per K
