@@ -20,17 +20,13 @@ Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15
 - ``graph``: the same cubin in CUDA graphs built by hand with the driver API, outside XLA, timed by
   events: 100 kernel nodes in a chain (how XLA's own kernels enter a graph) against 100 child-graph
   nodes of one kernel each (how a traced FFI call enters one), and 100 kernel nodes whose functions
-  come from 100 loads of the cubin (what a record-stage node gets if XLA loads the cubin per node);
-  and 100 kernel nodes of XLA's own kernel for the same op (its PTX from an XLA dump, loaded by the
-  driver, launched with the threads its PTX requires and the fewest CTAs that give the right result),
-  so that the two kernels' device time compares with no launch path of either in between.
+  come from 100 loads of the cubin (what a record-stage node gets if XLA loads the cubin per node).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -145,32 +141,6 @@ def _donated_child() -> None:
     print(json.dumps(out))
 
 
-def ptx_entry(ptx: str) -> tuple[str, int, int]:
-    """The first kernel entry of a PTX module: its name, its parameter count and the threads a CTA it
-    requires (``.reqntid`` or ``.maxntid``, x only)."""
-    match = re.search(r"\.visible\s+\.entry\s+(\w+)\s*\(([^)]*)\)\s*((?:\.\w+[^{]*?)*)\{", ptx, re.S)
-    if match is None:
-        raise ValueError("no .visible .entry in the PTX")
-    name, params, directives = match.groups()
-    threads = re.search(r"\.(?:reqntid|maxntid)\s+(\d+)", directives)
-    if threads is None:
-        raise ValueError(f"{name}: no .reqntid / .maxntid")
-    return name, params.count(".param"), int(threads.group(1))
-
-
-def _xla_ptx(dump_dir: str) -> str:
-    """XLA's PTX for its own kernel of one ``x * 2 + 1`` on ``SHAPE`` (this process's XLA_FLAGS must
-    dump to ``dump_dir``)."""
-    import glob
-
-    x = jnp.ones(SHAPE, jnp.bfloat16)
-    jax.block_until_ready(jax.jit(lambda v: v * 2 + 1)(x))
-    found = sorted(glob.glob(os.path.join(dump_dir, "*lambda*.ptx")))
-    if not found:
-        raise RuntimeError(f"XLA dumped no PTX for the op into {dump_dir}: {sorted(os.listdir(dump_dir))[:20]}")
-    return open(found[-1]).read()
-
-
 def _graph_child() -> None:
     """The affine cubin in hand-built CUDA graphs (driver API through ctypes, no XLA): microseconds
     per node, by events over a launch of each graph (median of 50), for a chain of ``CHAIN`` kernel
@@ -183,7 +153,6 @@ def _graph_child() -> None:
         if result != 0:
             raise RuntimeError(f"{what} failed: CUresult {result}")
 
-    xla_ptx = _xla_ptx(os.environ["JAX_TILEK_GRAPH_DUMP"])
     artifact = affine_kernel.artifact(dict(n_cols=SHAPE[1]), os.environ.get("JAX_TILEK_GRAPH_ARCH", "sm_90a"), record=False)
     entry = artifact.spec.kernels[0].entry.encode()
     p = ctypes.c_void_p
@@ -215,47 +184,17 @@ def _graph_child() -> None:
         check(cuda.cuModuleGetFunction(ctypes.byref(own_fn), own_module, entry), "cuModuleGetFunction")
         return own_fn
 
-    def kernel_args(i: int, n_params: int):
-        src, dst = buffers[i % 2], buffers[(i + 1) % 2]
-        values = [ctypes.c_uint64(src.value), ctypes.c_uint64(dst.value), ctypes.c_int32(rows.value)][:n_params]
-        args = (p * n_params)(*[ctypes.addressof(v) for v in values])
-        keep.extend([values, args])
-        return args
-
-    # XLA's kernel: its entry takes (x, out); the grid is the fewest CTAs that write every output value.
-    xla_name, xla_params, xla_threads = ptx_entry(xla_ptx)
-    if xla_params != 2:
-        raise RuntimeError(f"XLA's kernel {xla_name} takes {xla_params} parameters, not (x, out)")
-    xla_module, xla_fn = p(), p()
-    check(cuda.cuModuleLoadData(ctypes.byref(xla_module), ctypes.create_string_buffer(xla_ptx.encode())), "cuModuleLoadData(PTX)")
-    check(cuda.cuModuleGetFunction(ctypes.byref(xla_fn), xla_module, xla_name.encode()), "cuModuleGetFunction")
-    host = np.random.default_rng(1).standard_normal(SHAPE, np.float32).astype(jnp.bfloat16)
-    want = (host * 2 + 1).astype(jnp.bfloat16)
-    check(cuda.cuMemcpyHtoD_v2(buffers[0], p(host.ctypes.data), host.nbytes), "cuMemcpyHtoD")
-    xla_ctas = 0
-    for grid in (1, 2, 4, 8, 16, 32):
-        check(cuda.cuMemsetD8_v2(buffers[1], 0, host.nbytes), "cuMemsetD8")
-        args = kernel_args(0, 2)
-        check(cuda.cuLaunchKernel(xla_fn, grid, 1, 1, xla_threads, 1, 1, 0, stream, args, None), "cuLaunchKernel")
-        got = np.empty_like(host)
-        check(cuda.cuStreamSynchronize(stream), "cuStreamSynchronize")
-        check(cuda.cuMemcpyDtoH_v2(p(got.ctypes.data), buffers[1], got.nbytes), "cuMemcpyDtoH")
-        if np.array_equal(got.view(np.uint16), want.view(np.uint16)):
-            xla_ctas = grid
-            break
-    if not xla_ctas:
-        raise RuntimeError(f"XLA's kernel {xla_name} at {xla_threads} threads gave no right result up to 32 CTAs")
-
     def add_kernel(graph, deps, i, function):
-        xla = function is xla_fn
-        args = kernel_args(i, 2 if xla else 3)
-        launch = ((xla_ctas, 1, 1), (xla_threads, 1, 1)) if xla else ((ctas, 1, 1), (256, 1, 1))
-        node_params = KernelNodeParams(function, *launch, 0, args, None, None, None)
+        src, dst = buffers[i % 2], buffers[(i + 1) % 2]
+        values = [ctypes.c_uint64(src.value), ctypes.c_uint64(dst.value), ctypes.c_int32(rows.value)]
+        args = (p * 3)(*[ctypes.addressof(v) for v in values])
+        keep.extend([values, args])
+        node_params = KernelNodeParams(function, (ctas, 1, 1), (256, 1, 1), 0, args, None, None, None)
         node = p()
         check(cuda.cuGraphAddKernelNode_v2(ctypes.byref(node), graph, deps, len(deps), ctypes.byref(node_params)), "cuGraphAddKernelNode")
         return node
 
-    def build(child_nodes: bool, own_modules: bool, function=None):
+    def build(child_nodes: bool, own_modules: bool):
         graph = p()
         check(cuda.cuGraphCreate(ctypes.byref(graph), 0), "cuGraphCreate")
         previous = None
@@ -268,7 +207,7 @@ def _graph_child() -> None:
                 node = p()
                 check(cuda.cuGraphAddChildGraphNode(ctypes.byref(node), graph, deps, len(deps), child), "cuGraphAddChildGraphNode")
             else:
-                node = add_kernel(graph, deps, i, function or (own_function() if own_modules else fn))
+                node = add_kernel(graph, deps, i, own_function() if own_modules else fn)
             previous = node
         executable = p()
         check(cuda.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, ctypes.c_ulonglong(0)), "cuGraphInstantiate")
@@ -278,15 +217,9 @@ def _graph_child() -> None:
     check(cuda.cuEventCreate(ctypes.byref(start), 0), "cuEventCreate")
     check(cuda.cuEventCreate(ctypes.byref(stop), 0), "cuEventCreate")
     out = {}
-    variants = {
-        "kernel_nodes": (False, False, None),
-        "child_graph_nodes": (True, False, None),
-        "kernel_nodes_own_modules": (False, True, None),
-        "xla_kernel_nodes": (False, False, xla_fn),
-    }
-    out["xla_kernel"] = {"entry": xla_name, "threads": xla_threads, "ctas": xla_ctas}
-    for label, (child_nodes, own_modules, function) in variants.items():
-        executable = build(child_nodes, own_modules, function)
+    variants = {"kernel_nodes": (False, False), "child_graph_nodes": (True, False), "kernel_nodes_own_modules": (False, True)}
+    for label, (child_nodes, own_modules) in variants.items():
+        executable = build(child_nodes, own_modules)
         samples = []
         for _ in range(60):
             check(cuda.cuEventRecord(start, stream), "cuEventRecord")
@@ -302,8 +235,7 @@ def _graph_child() -> None:
 
 def _run_child(mode: str, setting: str, **env_extra: str) -> dict:
     flags, env_setting = SETTINGS[setting]
-    extra = env_extra.pop("XLA_FLAGS_EXTRA", "")
-    env = dict(os.environ, XLA_FLAGS=" ".join(f for f in (os.environ.get("XLA_FLAGS", ""), flags, extra) if f), **env_setting, **env_extra)
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **env_setting, **env_extra)
     done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", mode], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
@@ -312,10 +244,7 @@ def _run_child(mode: str, setting: str, **env_extra: str) -> dict:
 
 def explain() -> dict:
     """Issue 15's measurements (module docstring), each command-buffer setting in its own processes."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as dump:
-        result = {"graph": _run_child("--graph", "off", JAX_TILEK_GRAPH_DUMP=dump, XLA_FLAGS_EXTRA=f"--xla_dump_to={dump}")}
+    result = {"graph": _run_child("--graph", "off")}
     for setting in SETTINGS:
         result[f"donated_{setting}"] = [_run_child("--donated", setting) for _ in range(REPEATS)]
         result[f"stats_{setting}"] = _run_child("--donated", setting, JAX_TILEK_LAUNCH_STATS="1")

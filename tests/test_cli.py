@@ -593,26 +593,3 @@ def test_residual_bwd_variants_launch_their_tiling_and_match_the_reference_shape
     bad = _residual_grad.residual_grad_op.with_config(tokens_per_thread=3)
     with pytest.raises(ValueError, match="multiple of 4 x tokens_per_thread"):
         lower_for_cuda(functools.partial(bad, impl="tilelang"), *cases[0].make_inputs(jax.random.key(0)))
-
-
-def test_overhead_reads_the_kernel_entry_of_xla_ptx():
-    from benchmarks.overhead import ptx_entry
-
-    ptx = textwrap.dedent("""\
-        .version 8.8
-        .target sm_90a
-        .visible .entry loop_multiply_add_fusion(
-        \t.param .u64 .ptr .align 16 loop_multiply_add_fusion_param_0,
-        \t.param .u64 .ptr .align 128 loop_multiply_add_fusion_param_1
-        )
-        .reqntid 128, 1, 1
-        {
-        \tret;
-        }
-        """)
-    assert ptx_entry(ptx) == ("loop_multiply_add_fusion", 2, 128)
-    assert ptx_entry(ptx.replace(".reqntid 128, 1, 1", ".maxntid 512, 1, 1\n.minnctapersm 1"))[2] == 512
-    with pytest.raises(ValueError, match="no .reqntid"):
-        ptx_entry(ptx.replace(".reqntid 128, 1, 1\n", ""))
-    with pytest.raises(ValueError, match="no .visible .entry"):
-        ptx_entry(".version 8.8\n")
