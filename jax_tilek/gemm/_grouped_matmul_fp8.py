@@ -42,9 +42,13 @@ promotes it and releases the stage, while the other's wgmma runs. ``overlap`` in
 second partial sum under the same warpgroup's next wgmma. In the SASS of the odd blocks (nvcc 13.0,
 2026-12-07) ptxas had moved those 64 FFMAs above the wgmma issue, so half the blocks promoted
 unoverlapped; the even blocks' promotion sits in a branch (``kb > 0``), which ptxas does not hoist
-across, so the odd blocks' now does too (``even_done``, a flag TileLang cannot fold). A ``wait_group
-1`` variant got every wgmma serialized (C7514). The ping-pong warpgroup reads only its own, completed
-accumulator.
+across, so the odd blocks' now does too (``even_done``, a flag TileLang cannot fold). Timed on an H100
+(2026-12-07) that changed nothing measurable (1171 / 761 us against 1180 / 755 at up G8 / down G32):
+the other warpgroup's wgmma likely kept the tensor cores busy during those promotions. By Nsight
+Compute's warp-stall samples the consumers' K loop waits most on its chain of dependent scalar
+instructions (stage index, w's scale address, wgmma descriptors) and on the ring's full barrier
+(``benchmarks/results/h100-2026-12-07-j-fp8/``). A ``wait_group 1`` variant got every wgmma serialized
+(C7514). The ping-pong warpgroup reads only its own, completed accumulator.
 
 With ``multicast=2`` (persistent only), the CTAs run in clusters of two: CTA c (c even) and c + 1 get
 tiles t and t + 1 (``ctas`` and N/128 even), one M-tile at N-tiles bn, bn + 1, the same K blocks. Per K
