@@ -84,23 +84,29 @@ def _dequantized_ragged_dot(x8, x_sf, w8, w_sf, sizes):
 
 
 def _fp8_case(t, g, proj, skew, sf_load: str | None = None, overlap: bool = False, persistent: bool = False, multicast: int = 1,
-              pingpong: bool = False) -> Case:  # fmt: skip
+              pingpong: bool = False, stages: int | None = None, blocks_per_stage: int = 1) -> Case:  # fmt: skip
     """The FP8 forward; given ``sf_load`` or ``overlap``, with those GroupedMatmulFp8Config fields
     set (and named in the case's name); ``persistent`` with a 5-stage ring (6 and the bf16 output
     tile's own 32 KB do not fit), and ``multicast`` (2: x tiles shared by clusters of two CTAs) or
-    ``pingpong`` (the consumer warpgroups' wgmmas in turn)."""
+    ``pingpong`` (the consumer warpgroups' wgmmas in turn); ``stages``: another ring depth;
+    ``blocks_per_stage``: K blocks a ring stage."""
     k, n = PROJECTIONS[proj]
     sizes = sizes_for(t, g, skew)
     make = lambda key: (*_fp8_inputs(key, t, k, n, g), jnp.asarray(sizes))  # noqa: E731
     config = {"sf_load": sf_load, "overlap": overlap} if sf_load else {}
     if persistent:
         config.update(persistent=True, stages=5, multicast=multicast, pingpong=pingpong)
+    if stages is not None:
+        config["stages"] = stages
+    if blocks_per_stage > 1:
+        config["blocks_per_stage"] = blocks_per_stage
     fp8 = gemm.grouped_matmul_fp8.with_config(**config) if config else gemm.grouped_matmul_fp8
     kernel = lambda x8, x_sf, w8, w_sf, s: fp8(x8, x_sf, w8, w_sf, s, transpose_w=True, impl="tilelang")  # noqa: E731
     min_bytes = t * k + g * k * n + 2 * t * n + 4 * (t * k // 128 + g * k * n // 128**2)
     params = {"shape": f"{t}x{k}x{n}", "dtype": "float8_e4m3fn", "groups": g, "skew": skew}
     name = "fp8_" + _name(t, g, proj, skew) + (f"_sf_{sf_load}" if sf_load else "") + ("_overlap" if overlap else "") + ("_persistent" if persistent else "")
-    name += (f"_multicast{multicast}" if multicast > 1 else "") + ("_pingpong" if pingpong else "")
+    name += (f"_multicast{multicast}" if multicast > 1 else "") + ("_pingpong" if pingpong else "") + (f"_stages{stages}" if stages else "")
+    name += "_pairs" if blocks_per_stage == 2 else ""
     return Case(FAMILY, name, make, kernel, _dequantized_ragged_dot, min_bytes, params)
 
 
@@ -109,11 +115,15 @@ CASES = [_case(*s) for s in SHAPES] + [_fp8_case(*s) for s in SHAPES]
 # each also with the promotion under the next K block's wgmma (GroupedMatmulFp8Config.overlap); and the default
 # (tma, overlap) on a persistent grid (GroupedMatmulFp8Config.persistent, 5 stages), without and with the x tile
 # multicast across clusters of two CTAs (GroupedMatmulFp8Config.multicast); and (tma, no overlap) persistent with
-# the consumer warpgroups taking turns (GroupedMatmulFp8Config.pingpong).
+# the consumer warpgroups taking turns (GroupedMatmulFp8Config.pingpong); the default with a 4-stage ring, whose
+# stage index and phase are a mask and a shift instead of a division by 6; two K blocks a stage
+# (GroupedMatmulFp8Config.blocks_per_stage) in rings of 3 and 2 stages.
 VARIANT_SHAPES = [(16384, 8, "up", 0.0), (16384, 32, "down", 1.5)]
 VARIANTS = [_fp8_case(*s, sf_load=v, overlap=o) for s in VARIANT_SHAPES for o in (False, True) for v in ("ldg", "tma")] + [
     _fp8_case(*s, sf_load="tma", overlap=True, persistent=True, multicast=mc) for s in VARIANT_SHAPES for mc in (1, 2)
-] + [_fp8_case(*s, sf_load="tma", overlap=False, persistent=True, pingpong=True) for s in VARIANT_SHAPES]
+] + [_fp8_case(*s, sf_load="tma", overlap=False, persistent=True, pingpong=True) for s in VARIANT_SHAPES] + [
+    _fp8_case(*s, sf_load="tma", overlap=True, stages=st, blocks_per_stage=bps) for s in VARIANT_SHAPES for st, bps in ((4, 1), (3, 2), (2, 2))
+]
 
 
 def _padded(x, w, sizes: np.ndarray):

@@ -12,15 +12,19 @@ Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15
 - ``donated``: the chains run as ``x = f(x)`` with x donated, so the buffers' addresses repeat
   between executions (XLA updates a command buffer in place when they do, and must re-record a
   traced custom call when they do not);
-- ``execute_ns``: the launcher's own host time per execute (or record) call
-  (``JAX_TILEK_LAUNCH_STATS=1``), and how many execute and record calls one run of the chain makes
+- ``kernel_xla_grid``: our chain with the kernel in the CTA shape of XLA's own fusion (32 CTAs of 128
+  threads, one value each, instead of 2 CTAs of 256 threads, a 16-byte vector each), so that the two
+  chains differ only in how their kernels are launched;
+- ``execute_ns``: the launcher's own host time per execute (or record) call, ``launch_ns`` of it in the
+  driver's launch call (``JAX_TILEK_LAUNCH_STATS=1``), and how many execute and record calls one run of the chain makes
   with command buffers on (0 when XLA replays the graph, 100 when it re-captures or re-records our
   calls); the settings ``on`` (stream capture, the default) and ``on_record`` (kernel nodes by the FFI
   record stage, ``JAX_TILEK_RECORD=1``, where the launcher has it) side by side;
 - ``graph``: the same cubin in CUDA graphs built by hand with the driver API, outside XLA, timed by
   events: 100 kernel nodes in a chain (how XLA's own kernels enter a graph) against 100 child-graph
   nodes of one kernel each (how a traced FFI call enters one), and 100 kernel nodes whose functions
-  come from 100 loads of the cubin (what a record-stage node gets if XLA loads the cubin per node).
+  come from 100 loads of the cubin (what a record-stage node gets if XLA loads the cubin per node);
+  the same in XLA's CTA shape; and the host time of a plain ``cuLaunchKernel`` of the cubin.
 """
 
 from __future__ import annotations
@@ -52,22 +56,24 @@ SETTINGS = {
 
 
 @jax_tilek.kernel
-def affine_kernel(n_cols: int, pdl: bool = False):
+def affine_kernel(n_cols: int, pdl: bool = False, threads: int = 256, vector: int = 8):
     """y = x * 2 + 1 on bf16 rows; CTAs of 256 threads, each thread one 16-byte vector (8 values), as
     XLA's own elementwise fusion of this size does it: no thread waits on a second load (an earlier
     version looped over two vectors per thread and measured ~0.3 us more per call on the device
-    alone, in hand-built graphs too). M must be a multiple of 2048 / n_cols rows. ``pdl``: a
+    alone, in hand-built graphs too). M must be a multiple of threads * vector / n_cols rows. ``pdl``: a
     programmatic dependent launch (the next kernel may start as this one starts; each waits for its
-    predecessor's completion before reading x), as XLA may launch its own kernels."""
+    predecessor's completion before reading x), as XLA may launch its own kernels. ``threads`` and
+    ``vector`` (values a thread) give other CTA shapes: 128 and 1 is the grid XLA's own fusion of this op
+    takes at 64 x 64 (Nsight Compute, H100, 2026-12-07: 32 CTAs of 128 threads)."""
     import tilelang.language as T
     from tilelang.cuda.language import pdl_sync, pdl_trigger
 
     M = T.dynamic("M")
-    rows = 256 * 8 // n_cols
+    rows = threads * vector // n_cols
 
     @T.prim_func
     def affine(x: T.Tensor((M, n_cols), "bfloat16"), y: T.Tensor((M, n_cols), "bfloat16")):
-        with T.Kernel(M // rows, threads=256) as bx:
+        with T.Kernel(M // rows, threads=threads) as bx:
             T.assume(M % rows == 0)
             if pdl:
                 pdl_trigger()
@@ -78,10 +84,12 @@ def affine_kernel(n_cols: int, pdl: bool = False):
     return affine
 
 
-def affine(x, pdl: bool = False):
-    return jax_tilek.tilelang_call(
-        affine_kernel, x, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), params=dict(n_cols=x.shape[1], pdl=pdl)
-    )
+def affine(x, pdl: bool = False, **shape):
+    params = dict(n_cols=x.shape[1], pdl=pdl, **shape)
+    return jax_tilek.tilelang_call(affine_kernel, x, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), params=params)
+
+
+XLA_GRID = dict(threads=128, vector=1)  # the CTA shape of XLA's own fusion of x * 2 + 1 at SHAPE
 
 
 def _chain(step, barrier: bool):
@@ -98,6 +106,7 @@ def _chain(step, barrier: bool):
 PAIRS = {
     "elementwise": (_chain(affine, False), _chain(lambda x: x * 2 + 1, True)),
     "elementwise_pdl": (_chain(lambda x: affine(x, pdl=True), False), _chain(lambda x: x * 2 + 1, True)),
+    "elementwise_xla_grid": (_chain(lambda x: affine(x, **XLA_GRID), False), _chain(lambda x: x * 2 + 1, True)),
 }
 
 
@@ -112,7 +121,7 @@ def _child() -> None:
 
 
 def _donated_child() -> None:
-    """Per-call microseconds of both chains run as ``x = f(x)`` with x donated, and with
+    """Per-call microseconds of the chains (ours in both CTA shapes, XLA's) run as ``x = f(x)`` with x donated, and with
     ``JAX_TILEK_LAUNCH_STATS=1`` set, the launcher's execute count and host time per timed run."""
     import time
 
@@ -120,7 +129,8 @@ def _donated_child() -> None:
 
     x = jax.device_put(np.random.default_rng(0).standard_normal(SHAPE, np.float32).astype(jnp.bfloat16))
     out = {}
-    for label, chain in zip(("kernel", "xla"), PAIRS["elementwise"]):
+    chains = {"kernel": PAIRS["elementwise"][0], "kernel_xla_grid": PAIRS["elementwise_xla_grid"][0], "xla": PAIRS["elementwise"][1]}
+    for label, chain in chains.items():
         f = jax.jit(chain, donate_argnums=0)
         x = jax.block_until_ready(f(f(x)))
         before = _ffi.launch_stats()
@@ -138,14 +148,18 @@ def _donated_child() -> None:
             out["executions_per_run"] = executions / (5 * runs)
             out["records_per_run"] = (after["records"] - before["records"]) / (5 * runs)
             out["execute_ns_per_call"] = (after["execute_ns"] - before["execute_ns"]) / max(executions, 1)
+            out["launch_ns_per_call"] = (after["launch_ns"] - before["launch_ns"]) / max(executions, 1)
     print(json.dumps(out))
 
 
 def _graph_child() -> None:
     """The affine cubin in hand-built CUDA graphs (driver API through ctypes, no XLA): microseconds
     per node, by events over a launch of each graph (median of 50), for a chain of ``CHAIN`` kernel
-    nodes and a chain of ``CHAIN`` child-graph nodes of one kernel node each."""
+    nodes, a chain of ``CHAIN`` child-graph nodes of one kernel node each, kernel nodes of 100 loads
+    of the cubin, and kernel nodes of the cubin with XLA's CTA shape (``XLA_GRID``); and the host time
+    of one plain ``cuLaunchKernel`` of it on a stream (a ctypes call: an upper bound)."""
     import ctypes
+    import time
 
     cuda = ctypes.CDLL("libcuda.so.1")
 
@@ -153,23 +167,36 @@ def _graph_child() -> None:
         if result != 0:
             raise RuntimeError(f"{what} failed: CUresult {result}")
 
-    artifact = affine_kernel.artifact(dict(n_cols=SHAPE[1]), os.environ.get("JAX_TILEK_GRAPH_ARCH", "sm_90a"), record=False)
-    entry = artifact.spec.kernels[0].entry.encode()
     p = ctypes.c_void_p
-    ctx, dev, module, fn, stream = p(), ctypes.c_int(), p(), p(), p()
+    ctx, dev, stream = p(), ctypes.c_int(), p()
     check(cuda.cuInit(0), "cuInit")
     check(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
     check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
     check(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-    image = ctypes.create_string_buffer(artifact.cubin, len(artifact.cubin))
-    check(cuda.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
-    check(cuda.cuModuleGetFunction(ctypes.byref(fn), module, entry), "cuModuleGetFunction")
     check(cuda.cuStreamCreate(ctypes.byref(stream), 0), "cuStreamCreate")
+    arch = os.environ.get("JAX_TILEK_GRAPH_ARCH", "sm_90a")
+    images = {}  # CTA shape -> (cubin image, entry name)
+    for shape in ({}, XLA_GRID):
+        artifact = affine_kernel.artifact(dict(n_cols=SHAPE[1], **shape), arch, record=False)
+        images[tuple(shape.items())] = (ctypes.create_string_buffer(artifact.cubin, len(artifact.cubin)), artifact.spec.kernels[0].entry.encode())
+
+    def load(shape: dict):
+        """A fresh module of the affine cubin of this CTA shape: its entry function."""
+        image, entry = images[tuple(shape.items())]
+        module, function = p(), p()
+        check(cuda.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
+        check(cuda.cuModuleGetFunction(ctypes.byref(function), module, entry), "cuModuleGetFunction")
+        return function
+
+    def dims(shape: dict) -> tuple[int, int]:
+        threads = shape.get("threads", 256)
+        return SHAPE[0] * SHAPE[1] // (threads * shape.get("vector", 8)), threads
+
+    fn = load({})
     buffers = [ctypes.c_uint64() for _ in range(2)]
     for b in buffers:
         check(cuda.cuMemAlloc_v2(ctypes.byref(b), SHAPE[0] * SHAPE[1] * 2), "cuMemAlloc")
     rows = ctypes.c_int32(SHAPE[0])
-    ctas = SHAPE[0] * SHAPE[1] // (256 * 8)  # affine_kernel's grid: a 16-byte vector per thread
 
     class KernelNodeParams(ctypes.Structure):  # CUDA_KERNEL_NODE_PARAMS_v2
         _fields_ = [("func", p), ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
@@ -177,37 +204,34 @@ def _graph_child() -> None:
 
     keep = []
 
-    def own_function():
-        """The entry of a fresh load of the same cubin (a module of its own, as a record-stage node may get)."""
-        own_module, own_fn = p(), p()
-        check(cuda.cuModuleLoadData(ctypes.byref(own_module), image), "cuModuleLoadData")
-        check(cuda.cuModuleGetFunction(ctypes.byref(own_fn), own_module, entry), "cuModuleGetFunction")
-        return own_fn
-
-    def add_kernel(graph, deps, i, function):
+    def kernel_args(i):
         src, dst = buffers[i % 2], buffers[(i + 1) % 2]
         values = [ctypes.c_uint64(src.value), ctypes.c_uint64(dst.value), ctypes.c_int32(rows.value)]
         args = (p * 3)(*[ctypes.addressof(v) for v in values])
         keep.extend([values, args])
-        node_params = KernelNodeParams(function, (ctas, 1, 1), (256, 1, 1), 0, args, None, None, None)
+        return args
+
+    def add_kernel(graph, deps, i, function, shape):
+        ctas, threads = dims(shape)
+        node_params = KernelNodeParams(function, (ctas, 1, 1), (threads, 1, 1), 0, kernel_args(i), None, None, None)
         node = p()
         check(cuda.cuGraphAddKernelNode_v2(ctypes.byref(node), graph, deps, len(deps), ctypes.byref(node_params)), "cuGraphAddKernelNode")
         return node
 
-    def build(child_nodes: bool, own_modules: bool):
+    def build(child_nodes: bool, own_modules: bool, shape: dict):
         graph = p()
         check(cuda.cuGraphCreate(ctypes.byref(graph), 0), "cuGraphCreate")
-        previous = None
+        previous, function = None, load(shape)
         for i in range(CHAIN):
             deps = (p * 1)(previous) if previous is not None else (p * 0)()
             if child_nodes:
                 child = p()
                 check(cuda.cuGraphCreate(ctypes.byref(child), 0), "cuGraphCreate")
-                add_kernel(child, (p * 0)(), i, fn)
+                add_kernel(child, (p * 0)(), i, function, shape)
                 node = p()
                 check(cuda.cuGraphAddChildGraphNode(ctypes.byref(node), graph, deps, len(deps), child), "cuGraphAddChildGraphNode")
             else:
-                node = add_kernel(graph, deps, i, own_function() if own_modules else fn)
+                node = add_kernel(graph, deps, i, load(shape) if own_modules else function, shape)
             previous = node
         executable = p()
         check(cuda.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, ctypes.c_ulonglong(0)), "cuGraphInstantiate")
@@ -217,9 +241,10 @@ def _graph_child() -> None:
     check(cuda.cuEventCreate(ctypes.byref(start), 0), "cuEventCreate")
     check(cuda.cuEventCreate(ctypes.byref(stop), 0), "cuEventCreate")
     out = {}
-    variants = {"kernel_nodes": (False, False), "child_graph_nodes": (True, False), "kernel_nodes_own_modules": (False, True)}
-    for label, (child_nodes, own_modules) in variants.items():
-        executable = build(child_nodes, own_modules)
+    variants = {"kernel_nodes": (False, False, {}), "child_graph_nodes": (True, False, {}), "kernel_nodes_own_modules": (False, True, {}),
+                "kernel_nodes_xla_grid": (False, False, XLA_GRID), "child_graph_nodes_xla_grid": (True, False, XLA_GRID)}  # fmt: skip
+    for label, (child_nodes, own_modules, shape) in variants.items():
+        executable = build(child_nodes, own_modules, shape)
         samples = []
         for _ in range(60):
             check(cuda.cuEventRecord(start, stream), "cuEventRecord")
@@ -230,6 +255,17 @@ def _graph_child() -> None:
             check(cuda.cuEventElapsedTime(ctypes.byref(ms), start, stop), "cuEventElapsedTime")
             samples.append(ms.value * 1e3 / CHAIN)
         out[label] = statistics.median(samples[10:])
+    ctas, threads = dims({})
+    args = kernel_args(0)
+    launch = cuda.cuLaunchKernel
+    samples = []
+    for _ in range(7):
+        begin = time.perf_counter()
+        for _ in range(CHAIN):
+            launch(fn, ctas, 1, 1, threads, 1, 1, 0, stream, args, None)
+        samples.append((time.perf_counter() - begin) / CHAIN * 1e6)
+        check(cuda.cuStreamSynchronize(stream), "cuStreamSynchronize")
+    out["stream_launch_host_us"] = statistics.median(samples[2:])
     print(json.dumps(out))
 
 

@@ -180,6 +180,7 @@ std::atomic<int64_t> g_executions{0};
 std::atomic<int64_t> g_captured_executions{0};
 std::atomic<int64_t> g_execute_ns{0};
 std::atomic<int64_t> g_encode_ns{0};
+std::atomic<int64_t> g_launch_ns{0};  // of execute's time, in the driver's launch calls
 std::atomic<int64_t> g_records{0};  // record-stage calls that created or updated kernel nodes
 std::atomic<bool> g_record_target{false};  // "tilek_launch_record" registered (RegisterRecordTarget)
 
@@ -556,6 +557,7 @@ ffi::Error Execute(CUstream stream, LaunchState* st, ffi::RemainingArgs args, ff
       ++num_attrs;
     }
     CUresult r;
+    HostTimer launch_timer(st->count_stats, g_launch_ns);
     if (num_attrs == 0) {  // the plain launch, as XLA's own kernels use
       r = d.LaunchKernel((*fns.value())[n], k.grid[0], k.grid[1], k.grid[2], k.block[0], k.block[1], k.block[2],
                          k.smem, stream, params.data(), nullptr);
@@ -774,9 +776,10 @@ PyObject* RegisterRecordTarget(PyObject*, PyObject* py_args) {
 PyObject* DriverProblem(PyObject*, PyObject*) { return PyUnicode_FromString(GetDriver().problem.c_str()); }
 
 PyObject* LaunchStats(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:O,s:O}", "executions", static_cast<long long>(g_executions.load()), "captured",
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:O,s:O}", "executions", static_cast<long long>(g_executions.load()), "captured",
                        static_cast<long long>(g_captured_executions.load()), "execute_ns",
                        static_cast<long long>(g_execute_ns.load()), "encode_ns", static_cast<long long>(g_encode_ns.load()),
+                       "launch_ns", static_cast<long long>(g_launch_ns.load()),
                        "records", static_cast<long long>(g_records.load()), "record_stage", TILEK_HAS_RECORD ? Py_True : Py_False,
                        "record_target", g_record_target.load() ? Py_True : Py_False);
 }

@@ -105,7 +105,7 @@ def allow_export() -> None:
 def launch_stats() -> dict[str, int | bool]:
     """Execute-stage calls so far, those made while XLA captured a CUDA graph, record-stage calls that
     created or updated kernel nodes (``records``), and the host time spent in them (``execute_ns``;
-    ``encode_ns`` of it encoding TMA descriptors), at call sites instantiated with
+    ``encode_ns`` of it encoding TMA descriptors, ``launch_ns`` in the driver's launch calls), at call sites instantiated with
     ``JAX_TILEK_LAUNCH_STATS=1`` (a diagnostic; off by default); ``record_stage``: whether this
     launcher was built with the FFI record stage (a jaxlib whose XLA has it); ``record_target``:
     whether its twin target with that stage is registered (:func:`target`)."""

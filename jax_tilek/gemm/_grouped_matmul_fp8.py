@@ -132,7 +132,10 @@ class GroupedMatmulFp8Config:
     clusters of two CTAs on neighbouring N-tiles of one M-tile, sharing each K block's x tile (one TMA
     multicast) to cut L2 traffic from 32 to 24 KB a K block per CTA; the same bytes out. ``pingpong``
     (with ``persistent``, without ``overlap``): the consumer warpgroups take turns at the tensor cores,
-    each promoting while the other's wgmma runs (module docstring); the same bytes out."""
+    each promoting while the other's wgmma runs (module docstring); the same bytes out.
+    ``blocks_per_stage=2`` (one CTA per tile, ``sf_load="tma"``, ``overlap``; K/128 even): each ring
+    stage holds two K blocks, so that the consumers' per-stage work (barrier wait, stage index and
+    phase, the release) comes once per two blocks; the same bytes out."""
 
     stages: int = 6
     sf_load: str = "tma"
@@ -140,6 +143,7 @@ class GroupedMatmulFp8Config:
     persistent: bool = False
     multicast: int = 1
     pingpong: bool = False
+    blocks_per_stage: int = 1
 
 
 @config_class(GroupedMatmulFp8Config)
@@ -155,7 +159,7 @@ def _config(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype) -> G
 
 @kernel
 def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, stages: int, sf_load: str = "tma", overlap: bool = False,
-                              persistent: bool = False, multicast: int = 1, pingpong: bool = False):  # fmt: skip
+                              persistent: bool = False, multicast: int = 1, pingpong: bool = False, blocks_per_stage: int = 1):  # fmt: skip
     """``out[r] = Σ_kb (x[r, kb] · w[g, :, kb]ᵀ) · x_sf[r, kb] · w_sf[g, :, kb]`` per the tile table
     (module docstring); ``sf_layout`` "col" (fp32 ``[K/128, MP]``) or "col_ue8m0" (int32
     ``[ceil(K/512), MP]``, byte ``kb % 4`` of word ``kb // 4``); ``overlap``: two partial sums in
@@ -164,7 +168,8 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
     ``multicast=2`` (persistent, N/128 and ``ctas`` even): clusters of two CTAs on the tiles t, t + 1
     (one M-tile, N-tiles bn, bn + 1), the x tile TMA-multicast to both, the ring's stages released to
     both producers; ``pingpong`` (persistent, no overlap): the consumer warpgroups' wgmmas in turn,
-    each promoting its own while the other's runs."""
+    each promoting its own while the other's runs; ``blocks_per_stage=2`` (one CTA per tile, tma,
+    overlap, K/128 even): K blocks 2p and 2p + 1 in ring stage p."""
     import tilelang.language as T
 
     M, MP, G, NT = T.dynamic("M, MP, G, NT")
@@ -279,6 +284,10 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 b_s = T.alloc_shared((BN, BK), FP8)
                 if sf_load == "tma":
                     sa_s = T.alloc_shared((SF_BOX,), sf_dtype)
+                if blocks_per_stage == 2:  # the odd K block of each stage
+                    a1_s = T.alloc_shared((BM, BK), FP8)
+                    b1_s = T.alloc_shared((BN, BK), FP8)
+                    sa1_s = T.alloc_shared((SF_BOX,), sf_dtype)
                 part = T.alloc_fragment((BM, BN), "float32")
                 acc = T.alloc_fragment((BM, BN), "float32")
                 row_scale = T.alloc_fragment((BM,), "float32")
@@ -299,15 +308,34 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 if overlap:  # never read before written (kb > 0 below), but TileLang's init check cannot tell
                     T.clear(part_odd)
                     T.clear(scale_odd)
-                for kb in T.Pipelined(count, num_stages=stages):
-                    T.copy(x[r0, kb * BK], a_s)
-                    T.copy(w[g, bn * BN, kb * BK], b_s)
-                    if sf_load == "tma":
-                        T.copy(x_sf[sf_index(kb), sf0 : sf0 + SF_BOX], sa_s)
-                    w_scale = w_sf[g, bn, kb]  # loaded before the wgmma, which hides its latency
-                    if sf_load == "ldg":
-                        load_raw_scales(x_sf, kb, r0, raw)
-                    k_block(kb, a_s, b_s, sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd, even_done)
+                if blocks_per_stage == 1:
+                    for kb in T.Pipelined(count, num_stages=stages):
+                        T.copy(x[r0, kb * BK], a_s)
+                        T.copy(w[g, bn * BN, kb * BK], b_s)
+                        if sf_load == "tma":
+                            T.copy(x_sf[sf_index(kb), sf0 : sf0 + SF_BOX], sa_s)
+                        w_scale = w_sf[g, bn, kb]  # loaded before the wgmma, which hides its latency
+                        if sf_load == "ldg":
+                            load_raw_scales(x_sf, kb, r0, raw)
+                        k_block(kb, a_s, b_s, sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd, even_done)
+                else:
+                    w_scale1 = T.alloc_var("float32")
+                    for kp in T.Pipelined(count // 2, num_stages=stages):
+                        T.copy(x[r0, 2 * kp * BK], a_s)
+                        T.copy(x[r0, (2 * kp + 1) * BK], a1_s)
+                        T.copy(w[g, bn * BN, 2 * kp * BK], b_s)
+                        T.copy(w[g, bn * BN, (2 * kp + 1) * BK], b1_s)
+                        T.copy(x_sf[sf_index(2 * kp), sf0 : sf0 + SF_BOX], sa_s)
+                        T.copy(x_sf[sf_index(2 * kp + 1), sf0 : sf0 + SF_BOX], sa1_s)
+                        w_scale = w_sf[g, bn, 2 * kp]
+                        w_scale1 = w_sf[g, bn, 2 * kp + 1]
+                        # One statement (g >= 0 holds in the loop): TileLang waits for the whole stage before it
+                        # and releases it after it, not each tile after its wgmma's issue. The K blocks'
+                        # parities fold (2p even, 2p + 1 odd): no branch on them.
+                        if g >= 0:
+                            k_block(2 * kp, a_s, b_s, sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd, even_done)
+                            k_block(2 * kp + 1, a1_s, b1_s, lambda i: sa1_s[r0 % SF_ALIGN + i], w_scale1, acc, part, row_scale,
+                                    part_odd, scale_odd, even_done)  # fmt: skip
                 c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared else None  # over the ring, idle by now
                 finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
 
@@ -409,18 +437,22 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
 def shared_bytes(config: GroupedMatmulFp8Config, out_dtype: str) -> int:
     """The kernel's shared memory: the ring, and the bf16 output tile where it cannot reuse the ring
     (persistent: the producer is filling the ring for the next tile meanwhile)."""
-    stage = 2 * BLOCK * BLOCK + (SF_BOX * 4 if config.sf_load == "tma" else 0)  # x and w tiles (1 byte a code), x's scales
+    stage = (2 * BLOCK * BLOCK + (SF_BOX * 4 if config.sf_load == "tma" else 0)) * config.blocks_per_stage  # x and w tiles (1 byte a code), x's scales
     out_tile = 0 if np.dtype(out_dtype).name == "float32" else BLOCK * BLOCK * 2
     return config.stages * stage + out_tile if config.persistent else max(config.stages * stage, out_tile)
 
 
 def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Config, x_sf_layout, out_dtype) -> Launch:
+    bps = config.blocks_per_stage
+    if bps not in (1, 2) or (bps == 2 and (config.persistent or config.sf_load != "tma" or not config.overlap or x.shape[1] // BLOCK % 2)):
+        raise ValueError(f"grouped_matmul_fp8: {config} with K = {x.shape[1]}: blocks_per_stage must be 1, or 2 with one CTA per tile, "
+                         f'sf_load="tma", overlap=True and an even number of {BLOCK}-deep K blocks')  # fmt: skip
     smem = shared_bytes(config, out_dtype)
     if smem > SMEM_LIMIT:
         raise ValueError(f"grouped_matmul_fp8: {config} needs {smem} bytes of shared memory with a {np.dtype(out_dtype).name} output, "
                          f"more than a CTA has ({SMEM_LIMIT}): give it fewer stages")  # fmt: skip
     params = dict(k=x.shape[1], n=w.shape[1], sf_layout=x_sf_layout, out_dtype=np.dtype(out_dtype).name, stages=config.stages,
-                  sf_load=config.sf_load, overlap=config.overlap)  # fmt: skip
+                  sf_load=config.sf_load, overlap=config.overlap, **({"blocks_per_stage": 2} if bps == 2 else {}))  # fmt: skip
     nbn, mc = w.shape[1] // BLOCK, config.multicast
     if mc not in (1, 2) or (mc == 2 and (not config.persistent or nbn % 2)):
         raise ValueError(f"grouped_matmul_fp8: {config} with N = {w.shape[1]}: multicast must be 1, or 2 with persistent=True "

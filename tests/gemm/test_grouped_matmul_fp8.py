@@ -411,17 +411,57 @@ OVERLAP_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load
 ]
 
 
-def overlap_program(out: str, sf_load: str):
-    """The product with ``overlap`` and with the default schedule (both with ``sf_load``)."""
+def overlap_program(out: str, sf_load: str, **options):
+    """The product with ``overlap`` (and the config's ``options``) and without it (the promotion after
+    each block's wgmma), both with ``sf_load``."""
 
     def both(x, x_sf, w, w_sf, sizes):
         def product(**config):
             fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, **config)
             return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
 
-        return product(overlap=True), product()
+        return product(overlap=True, **options), product(overlap=False)
 
     return both
+
+
+# GroupedMatmulFp8Config.blocks_per_stage=2: 2, 4, 8 and 16 K blocks (one to eight stages a tile, the
+# ring's phases wrapping), UE8M0 words that span two stages, both output dtypes, empty groups and rows
+# past the last group.
+PAIR_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, stages
+    (700, 512, 256, (130, 0, 301, 200), "col", "bfloat16", 3),
+    (520, 256, 384, (1, 0, 300, 190), "col_ue8m0", "float32", 3),
+    (333, 1024, 256, (100, 0, 200), "col_ue8m0", "bfloat16", 2),
+    (3000, 2048, 1024, (700, 0, 523, 1000, 401, 300), "col", "bfloat16", 3),
+]
+
+
+@pytest.mark.parametrize("k,n,layout,out,stages", [c[1:3] + c[4:] for c in PAIR_CASES])
+def test_pair_stages_wait_and_release_once(k, n, layout, out, stages):
+    """blocks_per_stage=2 for sm_90a: the consumers wait once per stage (one full barrier for its six
+    TMA loads), run K block 2p's wgmma then 2p + 1's, each waited for (wait_wgmma<0>), with no branch
+    on their parity, and release the stage once, after both."""
+    params = dict(k=k, n=n, sf_layout=layout, out_dtype=out, stages=stages, sf_load="tma", overlap=True, blocks_per_stage=2)
+    artifact = grouped_matmul_fp8_kernel.artifact(params, "sm_90a", record=False)
+    assert artifact.spec.kernels[0].smem == shared_bytes(gemm.GroupedMatmulFp8Config(stages=stages, blocks_per_stage=2), out)
+    source = artifact.source
+    producer = source[source.index("for (int kp = 0") : source.index("warpgroup_reg_alloc")]
+    assert producer.count("tl::tma_load(") == 6 and producer.count("arrive_and_expect_tx") == 1
+    loop = source[source.index("for (int kp_1 = 0") :]
+    loop = loop[: loop.index("int condval_", loop.index("wait_wgmma"))]
+    events = re.findall(r"\]\.wait\(|warpgroup_commit_batch|wait_wgmma<\d+>|warpgroup_wait<\d+>|\]\.arrive\(\)", loop)
+    assert events == ["].wait("] + ["warpgroup_commit_batch", "wait_wgmma<0>"] * 2 + ["].arrive()"]
+    assert "% 2" not in loop and WGMMA_E4M3 in source
+
+
+@pytest.mark.parametrize("config, k", [(dict(blocks_per_stage=2), 640), (dict(blocks_per_stage=3, stages=2), 768),
+                                       (dict(blocks_per_stage=2, stages=3, sf_load="ldg"), 768),
+                                       (dict(blocks_per_stage=2, stages=3, overlap=False), 768),
+                                       (dict(blocks_per_stage=2, stages=3, persistent=True), 768)])  # fmt: skip
+def test_pair_stages_need_one_cta_per_tile_tma_overlap_and_even_blocks(config, k):
+    fp8 = gemm.grouped_matmul_fp8.with_config(**config)
+    with pytest.raises(ValueError, match="blocks_per_stage must be 1, or 2 with one CTA per tile"):
+        lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, k, 256, 2, "col"))
 
 
 @pytest.mark.parametrize("k,n,layout,out,sf_load", [(k, n, lay, out, sfl) for _, k, n, _, lay, out, sfl in OVERLAP_CASES])
@@ -654,6 +694,9 @@ GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
 ] + [(deepseek_wgrad_fp8, _wgrad_args(m, k, n, g)) for m, k, n, g, _ in WGRAD_SHAPES] + [
     (overlap_program(out, sf_load), _deepseek_args(m, k, n, len(sizes), layout)) for m, k, n, sizes, layout, out, sf_load in OVERLAP_CASES
 ] + [
+    (overlap_program(out, "tma", blocks_per_stage=2, stages=stages), _deepseek_args(m, k, n, len(sizes), layout))
+    for m, k, n, sizes, layout, out, stages in PAIR_CASES
+] + [
     (persistent_program(out, sf_load, overlap, stages), _deepseek_args(m, k, n, len(sizes), layout))
     for m, k, n, sizes, layout, out, sf_load, overlap, stages, _ in PERSISTENT_CASES
 ] + [
@@ -679,14 +722,30 @@ def test_gpu_deepseek_shapes(rng, on_gpu, m, k, n, g, skew, layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n,sizes,layout,out,sf_load", OVERLAP_CASES)
 def test_gpu_overlapped_promotion(rng, on_gpu, m, k, n, sizes, layout, out, sf_load):
-    """overlap=True does the default schedule's float32 arithmetic (the same wgmma, the same fused
+    """overlap=True does the plain schedule's (overlap=False) float32 arithmetic (the same wgmma, the same fused
     promotions in K order), only issued in another order: the same bytes; and the dequantized
     reference (on the CPU) within the FP8 product's tolerance."""
     operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
     sizes = np.array(sizes, np.int32)
-    got, default = on_gpu(overlap_program(out, sf_load), *operands, sizes)
+    got, plain = on_gpu(overlap_program(out, sf_load), *operands, sizes)
     assert got.dtype == out
-    jax_tilek.testing.assert_bytes_equal(got, default, "overlap against the default schedule")
+    jax_tilek.testing.assert_bytes_equal(got, plain, "overlap against the plain schedule")
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
+    close(got, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,sizes,layout,out,stages", PAIR_CASES)
+def test_gpu_pair_stages(rng, on_gpu, m, k, n, sizes, layout, out, stages):
+    """blocks_per_stage=2 does the plain schedule's float32 arithmetic (the same wgmma, the same fused
+    promotions in K order) from a ring of two K blocks a stage: the same bytes; and the dequantized
+    reference (on the CPU) within the FP8 product's tolerance."""
+    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
+    sizes = np.array(sizes, np.int32)
+    got, plain = on_gpu(overlap_program(out, "tma", blocks_per_stage=2, stages=stages), *operands, sizes)
+    assert got.dtype == out
+    jax_tilek.testing.assert_bytes_equal(got, plain, "two K blocks a stage against the plain schedule")
     with jax.default_device(jax.devices("cpu")[0]):
         want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
     close(got, want, 1e-2)
