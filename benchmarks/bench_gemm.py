@@ -89,7 +89,8 @@ def _fp8_case(t, g, proj, skew, sf_load: str | None = None, overlap: bool = Fals
     set (and named in the case's name); ``persistent`` with a 5-stage ring (6 and the bf16 output
     tile's own 32 KB do not fit), and ``multicast`` (2: x tiles shared by clusters of two CTAs) or
     ``pingpong`` (the consumer warpgroups' wgmmas in turn); ``stages``: another ring depth;
-    ``blocks_per_stage``: K blocks a ring stage."""
+    ``blocks_per_stage``: K blocks a ring stage (a named variant has one unless told; the plain case,
+    the default: two where K allows)."""
     k, n = PROJECTIONS[proj]
     sizes = sizes_for(t, g, skew)
     make = lambda key: (*_fp8_inputs(key, t, k, n, g), jnp.asarray(sizes))  # noqa: E731
@@ -98,8 +99,8 @@ def _fp8_case(t, g, proj, skew, sf_load: str | None = None, overlap: bool = Fals
         config.update(persistent=True, stages=5, multicast=multicast, pingpong=pingpong)
     if stages is not None:
         config["stages"] = stages
-    if blocks_per_stage > 1:
-        config["blocks_per_stage"] = blocks_per_stage
+    if config:
+        config["blocks_per_stage"] = blocks_per_stage  # named variants: one K block a stage unless asked
     fp8 = gemm.grouped_matmul_fp8.with_config(**config) if config else gemm.grouped_matmul_fp8
     kernel = lambda x8, x_sf, w8, w_sf, s: fp8(x8, x_sf, w8, w_sf, s, transpose_w=True, impl="tilelang")  # noqa: E731
     min_bytes = t * k + g * k * n + 2 * t * n + 4 * (t * k // 128 + g * k * n // 128**2)

@@ -50,6 +50,15 @@ instructions (stage index, w's scale address, wgmma descriptors) and on the ring
 (``benchmarks/results/h100-2026-12-07-j-fp8/``). A ``wait_group 1`` variant got every wgmma serialized
 (C7514). The ping-pong warpgroup reads only its own, completed accumulator.
 
+With ``blocks_per_stage=2`` (the default where K/128 is even, one CTA per tile), each ring stage holds
+two K blocks (three stages: the same six blocks in flight), so that the consumers' work per stage (the
+full-barrier wait, the stage index and phase, the release) comes once per two blocks, and the blocks'
+parities are known when the kernel is built (block 2p into one partial sum, 2p + 1 into the other).
+The two blocks sit in one statement (``if g >= 0``, true in the loop): otherwise TileLang gives each
+tile a barrier of its own and releases x's and w's tiles right after their wgmma's issue, while the
+tensor cores still read them. On an H100 (2026-12-07) it took 1091 / 721 us against 1194 / 763 at up
+G8 / down G32 (16384 tokens), the scalar work Nsight Compute had found per block halved.
+
 With ``multicast=2`` (persistent only), the CTAs run in clusters of two: CTA c (c even) and c + 1 get
 tiles t and t + 1 (``ctas`` and N/128 even), one M-tile at N-tiles bn, bn + 1, the same K blocks. Per K
 block the two need the same x tile: rank 0's producer TMA-multicasts it into both CTAs' ring stage
@@ -121,7 +130,8 @@ def _reference(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype):
 
 @dataclasses.dataclass(frozen=True)
 class GroupedMatmulFp8Config:
-    """The depth of the TMA ring (``stages``; 32.5 KB of shared memory a stage); how x's scales reach
+    """The depth of the TMA ring (``stages``; 32.5 KB of shared memory a K block; by default as many as
+    fit beside the output tile, at most 6 K blocks: ``resolve``); how x's scales reach
     the consumers (``sf_load``: "ldg", read from global memory before each K block's wgmma, or
     "tma", loaded by the producer into the ring); ``overlap``: promote each K block's partial sum
     while the next block's wgmma runs (two partial sums, 64 more registers a consumer thread)
@@ -135,25 +145,48 @@ class GroupedMatmulFp8Config:
     each promoting while the other's wgmma runs (module docstring); the same bytes out.
     ``blocks_per_stage=2`` (one CTA per tile, ``sf_load="tma"``, ``overlap``; K/128 even): each ring
     stage holds two K blocks, so that the consumers' per-stage work (barrier wait, stage index and
-    phase, the release) comes once per two blocks; the same bytes out."""
+    phase, the release) comes once per two blocks; the same bytes out. By default two wherever the
+    other fields and K allow it and the ring fits, else one."""
 
-    stages: int = 6
+    stages: int | None = None
     sf_load: str = "tma"
     overlap: bool = True
     persistent: bool = False
     multicast: int = 1
     pingpong: bool = False
-    blocks_per_stage: int = 1
+    blocks_per_stage: int | None = None
+
+
+BLOCKS_IN_FLIGHT = 6  # the ring's depth in K blocks where the config leaves it open (as many as fit, DeepGEMM's rule)
+
+
+def resolve(config: GroupedMatmulFp8Config, k: int, out_dtype: str) -> GroupedMatmulFp8Config:
+    """``config`` with its open fields chosen for K and the output dtype: ``blocks_per_stage`` 2 where
+    the schedule takes it (one CTA per tile, ``sf_load="tma"``, ``overlap``, K/128 even) and the ring
+    fits, else 1; ``stages``: as many as fit (:func:`shared_bytes`), at most ``BLOCKS_IN_FLIGHT`` K blocks."""
+    bps = config.blocks_per_stage
+    if bps is None:
+        pairs = dataclasses.replace(config, blocks_per_stage=2)
+        takes_pairs = not config.persistent and config.sf_load == "tma" and config.overlap and k // BLOCK % 2 == 0
+        bps = 2 if takes_pairs and (config.stages is None or shared_bytes(pairs, out_dtype) <= SMEM_LIMIT) else 1
+    stages = config.stages
+    if stages is None:
+        depths = range(max(BLOCKS_IN_FLIGHT // bps, 1), 0, -1)
+        stages = next((d for d in depths if shared_bytes(dataclasses.replace(config, stages=d, blocks_per_stage=bps), out_dtype) <= SMEM_LIMIT), 1)
+    return dataclasses.replace(config, stages=stages, blocks_per_stage=bps)
 
 
 @config_class(GroupedMatmulFp8Config)
 def _config(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype) -> GroupedMatmulFp8Config:
-    """Six stages: as many as fit beside the output tile (DeepGEMM's rule); x's scales through the
+    """The ring's depth and its K blocks a stage left open (:func:`resolve`: six stages of one block, or
+    three of two where K/128 is even, five persistent with a bf16 output); x's scales through the
     ring and the promotion under the next wgmma: the fastest of the four on an H100 (2026-12-07, 16384
     tokens: 1177 / 791 us at the up / down G8 / G32 shapes against 1456 / 940 us for ldg without overlap).
     One CTA per tile: ``persistent`` (5 stages) gave the same bytes and no gain on an H100 (2026-12-07:
     1234 / 798 us against 1213 / 813 us), so per-tile fill and epilogue are not what limits it; nor is
-    the promotion's overlap: ``pingpong`` took 1244 / 767 us against 1180 / 755 (H100, 2026-12-07)."""
+    the promotion's overlap: ``pingpong`` took 1244 / 767 us against 1180 / 755 (H100, 2026-12-07).
+    Two K blocks a stage in a 3-stage ring (the same 6 blocks in flight): 1091 / 721 us against 1194 /
+    763 for one block a stage in 6, 1140 / 759 in 4 (H100, 2026-12-07)."""
     return GroupedMatmulFp8Config()
 
 
@@ -436,13 +469,16 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
 
 def shared_bytes(config: GroupedMatmulFp8Config, out_dtype: str) -> int:
     """The kernel's shared memory: the ring, and the bf16 output tile where it cannot reuse the ring
-    (persistent: the producer is filling the ring for the next tile meanwhile)."""
-    stage = (2 * BLOCK * BLOCK + (SF_BOX * 4 if config.sf_load == "tma" else 0)) * config.blocks_per_stage  # x and w tiles (1 byte a code), x's scales
+    (persistent: the producer is filling the ring for the next tile meanwhile); ``config.stages`` set,
+    an open ``blocks_per_stage`` counted as one."""
+    block = 2 * BLOCK * BLOCK + (SF_BOX * 4 if config.sf_load == "tma" else 0)  # x and w tiles (1 byte a code), x's scales
+    stage = block * (config.blocks_per_stage or 1)
     out_tile = 0 if np.dtype(out_dtype).name == "float32" else BLOCK * BLOCK * 2
     return config.stages * stage + out_tile if config.persistent else max(config.stages * stage, out_tile)
 
 
 def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Config, x_sf_layout, out_dtype) -> Launch:
+    config = resolve(config, x.shape[1], out_dtype)
     bps = config.blocks_per_stage
     if bps not in (1, 2) or (bps == 2 and (config.persistent or config.sf_load != "tma" or not config.overlap or x.shape[1] // BLOCK % 2)):
         raise ValueError(f"grouped_matmul_fp8: {config} with K = {x.shape[1]}: blocks_per_stage must be 1, or 2 with one CTA per tile, "

@@ -18,7 +18,8 @@ import pytest
 
 import jax_tilek
 from jax_tilek import gemm, quant
-from jax_tilek.gemm._grouped_matmul_fp8 import SMEM_LIMIT, grouped_matmul_fp8_kernel, quantized_operands, random_blocks, shared_bytes, x_sf_storage
+from jax_tilek.gemm._grouped_matmul_fp8 import (SMEM_LIMIT, grouped_matmul_fp8_kernel, quantized_operands, random_blocks, resolve, shared_bytes,
+                                               x_sf_storage)  # fmt: skip
 from jax_tilek.gemm._grouped_wgrad import random_sizes
 from jax_tilek.gemm._grouped_wgrad_fp8 import grouped_wgrad_fp8_kernel
 from jax_tilek.quant import formats
@@ -321,7 +322,7 @@ def test_ambiguous_scales_are_taken_as_told(rng):
 def test_config_and_overrides():
     op = gemm.grouped_matmul_fp8.ops[0]
     structs = (ST((64, 256), E4M3), ST((2, 64), jnp.float32), ST((2, 384, 256), E4M3), ST((2, 3, 2), jnp.float32), SIZES, SIZES, ST((5, 3), jnp.int32))
-    assert op.config_for(*structs, x_sf_layout="col", out_dtype="bfloat16") == gemm.GroupedMatmulFp8Config(stages=6)
+    assert op.config_for(*structs, x_sf_layout="col", out_dtype="bfloat16") == gemm.GroupedMatmulFp8Config()
     assert gemm.grouped_matmul_fp8.with_config(stages=4).ops[0].config_for(*structs, x_sf_layout="col", out_dtype="bfloat16").stages == 4
     assert gemm.grouped_matmul_quantized.with_config(stages=3).ops[0].config_for(*structs, x_sf_layout="col", out_dtype="bfloat16").stages == 3
     with pytest.raises(ValueError, match="no config field"):
@@ -555,13 +556,32 @@ def test_persistent_grid_is_a_launch_time_value(monkeypatch):
     assert grids == [[7, 1, 1], [tiles, 1, 1]] and len(keys) == 1
 
 
+@pytest.mark.parametrize("k, config, out, resolved", [
+    (7168, dict(), "bfloat16", dict(stages=3, blocks_per_stage=2)),  # DeepSeek-V3's up projection: pairs
+    (640, dict(), "bfloat16", dict(stages=6, blocks_per_stage=1)),  # 5 K blocks: one a stage
+    (2048, dict(sf_load="ldg"), "float32", dict(stages=6, blocks_per_stage=1)),
+    (2048, dict(overlap=False), "bfloat16", dict(stages=6, blocks_per_stage=1)),
+    (2048, dict(stages=6), "bfloat16", dict(stages=6, blocks_per_stage=1)),  # six pairs would not fit
+    (2048, dict(stages=2), "bfloat16", dict(stages=2, blocks_per_stage=2)),
+    (2048, dict(blocks_per_stage=1), "bfloat16", dict(stages=6, blocks_per_stage=1)),
+    (2048, dict(persistent=True), "bfloat16", dict(stages=5, blocks_per_stage=1)),  # beside its own output tile
+    (2048, dict(persistent=True), "float32", dict(stages=6, blocks_per_stage=1)),
+])  # fmt: skip
+def test_open_fields_resolve_to_what_fits(k, config, out, resolved):
+    """An open ring depth is as many stages as fit, at most 6 K blocks; open K blocks a stage are two
+    where the schedule and K allow it and the ring fits."""
+    got = resolve(gemm.GroupedMatmulFp8Config(**config), k, out)
+    assert got == gemm.GroupedMatmulFp8Config(**{**config, **resolved}) and shared_bytes(got, out) <= SMEM_LIMIT
+
+
 def test_persistent_needs_room_for_its_output_tile():
-    """The default 6 stages (x's scales in the ring) and a bf16 output tile of their own do not fit a
-    CTA's shared memory: the lowering says so."""
-    config = gemm.GroupedMatmulFp8Config(persistent=True)
+    """6 stages (x's scales in the ring) and a bf16 output tile of their own do not fit a CTA's shared
+    memory: the lowering says so."""
+    config = gemm.GroupedMatmulFp8Config(persistent=True, stages=6)
     assert shared_bytes(config, "bfloat16") > SMEM_LIMIT >= shared_bytes(gemm.GroupedMatmulFp8Config(persistent=True, stages=5), "bfloat16")
-    assert shared_bytes(config, "float32") <= SMEM_LIMIT and shared_bytes(gemm.GroupedMatmulFp8Config(persistent=True, sf_load="ldg"), "bfloat16") <= SMEM_LIMIT
-    fp8 = gemm.grouped_matmul_fp8.with_config(persistent=True)
+    assert shared_bytes(config, "float32") <= SMEM_LIMIT
+    assert shared_bytes(gemm.GroupedMatmulFp8Config(persistent=True, sf_load="ldg", stages=6), "bfloat16") <= SMEM_LIMIT
+    fp8 = gemm.grouped_matmul_fp8.with_config(persistent=True, stages=6)
     with pytest.raises(ValueError, match="give it fewer stages"):
         lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, 256, 256, 2, "col"))
 
