@@ -14,7 +14,8 @@ Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15
   traced custom call when they do not);
 - ``kernel_xla_grid``: our chain with the kernel in the CTA shape of XLA's own fusion (32 CTAs of 128
   threads, one value each, instead of 2 CTAs of 256 threads, a 16-byte vector each), so that the two
-  chains differ only in how their kernels are launched;
+  chains differ only in how their kernels are launched (H100, 2026-12-07: no closer, 1.08-1.10 us a call
+  replayed against XLA's 0.82, ours 1.02 in its own shape);
 - ``execute_ns``: the launcher's own host time per execute (or record) call, ``launch_ns`` of it in the
   driver's launch call (``JAX_TILEK_LAUNCH_STATS=1``), and how many execute and record calls one run of the chain makes
   with command buffers on (0 when XLA replays the graph, 100 when it re-captures or re-records our
@@ -24,7 +25,8 @@ Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15
   events: 100 kernel nodes in a chain (how XLA's own kernels enter a graph) against 100 child-graph
   nodes of one kernel each (how a traced FFI call enters one), and 100 kernel nodes whose functions
   come from 100 loads of the cubin (what a record-stage node gets if XLA loads the cubin per node);
-  the same in XLA's CTA shape; and the host time of a plain ``cuLaunchKernel`` of the cubin.
+  the same in XLA's CTA shape, and for a plain nvcc-built kernel of the op in that shape (``PLAIN_CUDA``);
+  and the host time of a plain ``cuLaunchKernel`` of the cubin.
 """
 
 from __future__ import annotations
@@ -91,6 +93,17 @@ def affine(x, pdl: bool = False, **shape):
 
 XLA_GRID = dict(threads=128, vector=1)  # the CTA shape of XLA's own fusion of x * 2 + 1 at SHAPE
 
+# The same op as a plain CUDA kernel in XLA's CTA shape (one value a thread, 128 threads), built by nvcc
+# without TileLang's headers: in hand-built graphs beside TileLang's cubin, whether the per-node device
+# time is the kernel's code (``--explain``; needs nvcc where it runs, the GPU image has one).
+PLAIN_CUDA = r"""
+#include <cuda_bf16.h>
+extern "C" __global__ void __launch_bounds__(128) plain_affine(const __nv_bfloat16* x, __nv_bfloat16* y, int n) {
+  int i = blockIdx.x * 128 + threadIdx.x;
+  if (i < n) y[i] = __float2bfloat16(__bfloat162float(x[i]) * 2.f + 1.f);
+}
+"""
+
 
 def _chain(step, barrier: bool):
     def chain(x):
@@ -156,8 +169,9 @@ def _graph_child() -> None:
     """The affine cubin in hand-built CUDA graphs (driver API through ctypes, no XLA): microseconds
     per node, by events over a launch of each graph (median of 50), for a chain of ``CHAIN`` kernel
     nodes, a chain of ``CHAIN`` child-graph nodes of one kernel node each, kernel nodes of 100 loads
-    of the cubin, and kernel nodes of the cubin with XLA's CTA shape (``XLA_GRID``); and the host time
-    of one plain ``cuLaunchKernel`` of it on a stream (a ctypes call: an upper bound)."""
+    of the cubin, kernel and child-graph nodes of the cubin with XLA's CTA shape (``XLA_GRID``), kernel
+    nodes of ``PLAIN_CUDA`` where nvcc runs; and the host time of one plain ``cuLaunchKernel`` of the
+    cubin on a stream (a ctypes call: an upper bound)."""
     import ctypes
     import time
 
@@ -175,10 +189,13 @@ def _graph_child() -> None:
     check(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
     check(cuda.cuStreamCreate(ctypes.byref(stream), 0), "cuStreamCreate")
     arch = os.environ.get("JAX_TILEK_GRAPH_ARCH", "sm_90a")
-    images = {}  # CTA shape -> (cubin image, entry name)
+    images = {}  # tuple(shape.items()) -> (cubin image, entry name); shape {"plain": True} is PLAIN_CUDA's
     for shape in ({}, XLA_GRID):
         artifact = affine_kernel.artifact(dict(n_cols=SHAPE[1], **shape), arch, record=False)
         images[tuple(shape.items())] = (ctypes.create_string_buffer(artifact.cubin, len(artifact.cubin)), artifact.spec.kernels[0].entry.encode())
+    plain = _plain_cubin(arch)
+    if plain is not None:
+        images[(("plain", True),)] = (ctypes.create_string_buffer(plain, len(plain)), b"plain_affine")
 
     def load(shape: dict):
         """A fresh module of the affine cubin of this CTA shape: its entry function."""
@@ -189,6 +206,8 @@ def _graph_child() -> None:
         return function
 
     def dims(shape: dict) -> tuple[int, int]:
+        if shape.get("plain"):
+            return SHAPE[0] * SHAPE[1] // 128, 128
         threads = shape.get("threads", 256)
         return SHAPE[0] * SHAPE[1] // (threads * shape.get("vector", 8)), threads
 
@@ -196,7 +215,6 @@ def _graph_child() -> None:
     buffers = [ctypes.c_uint64() for _ in range(2)]
     for b in buffers:
         check(cuda.cuMemAlloc_v2(ctypes.byref(b), SHAPE[0] * SHAPE[1] * 2), "cuMemAlloc")
-    rows = ctypes.c_int32(SHAPE[0])
 
     class KernelNodeParams(ctypes.Structure):  # CUDA_KERNEL_NODE_PARAMS_v2
         _fields_ = [("func", p), ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
@@ -204,16 +222,18 @@ def _graph_child() -> None:
 
     keep = []
 
-    def kernel_args(i):
+    def kernel_args(i, extent: int = SHAPE[0]):
+        """x, y and the int the kernel takes (TileLang's: rows; the plain kernel's: values)."""
         src, dst = buffers[i % 2], buffers[(i + 1) % 2]
-        values = [ctypes.c_uint64(src.value), ctypes.c_uint64(dst.value), ctypes.c_int32(rows.value)]
+        values = [ctypes.c_uint64(src.value), ctypes.c_uint64(dst.value), ctypes.c_int32(extent)]
         args = (p * 3)(*[ctypes.addressof(v) for v in values])
         keep.extend([values, args])
         return args
 
     def add_kernel(graph, deps, i, function, shape):
         ctas, threads = dims(shape)
-        node_params = KernelNodeParams(function, (ctas, 1, 1), (threads, 1, 1), 0, kernel_args(i), None, None, None)
+        args = kernel_args(i, SHAPE[0] * SHAPE[1] if shape.get("plain") else SHAPE[0])
+        node_params = KernelNodeParams(function, (ctas, 1, 1), (threads, 1, 1), 0, args, None, None, None)
         node = p()
         check(cuda.cuGraphAddKernelNode_v2(ctypes.byref(node), graph, deps, len(deps), ctypes.byref(node_params)), "cuGraphAddKernelNode")
         return node
@@ -243,6 +263,8 @@ def _graph_child() -> None:
     out = {}
     variants = {"kernel_nodes": (False, False, {}), "child_graph_nodes": (True, False, {}), "kernel_nodes_own_modules": (False, True, {}),
                 "kernel_nodes_xla_grid": (False, False, XLA_GRID), "child_graph_nodes_xla_grid": (True, False, XLA_GRID)}  # fmt: skip
+    if plain is not None:
+        variants["kernel_nodes_plain_nvcc"] = (False, False, {"plain": True})
     for label, (child_nodes, own_modules, shape) in variants.items():
         executable = build(child_nodes, own_modules, shape)
         samples = []
@@ -267,6 +289,24 @@ def _graph_child() -> None:
         check(cuda.cuStreamSynchronize(stream), "cuStreamSynchronize")
     out["stream_launch_host_us"] = statistics.median(samples[2:])
     print(json.dumps(out))
+
+
+def _plain_cubin(arch: str) -> bytes | None:
+    """``PLAIN_CUDA`` built by nvcc for ``arch`` (None where no nvcc runs)."""
+    import tempfile
+
+    from jax_tilek import compiler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, cubin = os.path.join(tmp, "plain.cu"), os.path.join(tmp, "plain.cubin")
+        with open(source, "w") as f:
+            f.write(PLAIN_CUDA)
+        try:
+            subprocess.run([compiler.nvcc_path(), f"-arch={arch}", "-cubin", "-O3", "-o", cubin, source], check=True, capture_output=True)
+        except (OSError, compiler.CompileError, subprocess.CalledProcessError):
+            return None
+        with open(cubin, "rb") as f:
+            return f.read()
 
 
 def _run_child(mode: str, setting: str, **env_extra: str) -> dict:
