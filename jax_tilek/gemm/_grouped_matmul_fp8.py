@@ -57,7 +57,8 @@ parities are known when the kernel is built (block 2p into one partial sum, 2p +
 The two blocks sit in one statement (``if g >= 0``, true in the loop): otherwise TileLang gives each
 tile a barrier of its own and releases x's and w's tiles right after their wgmma's issue, while the
 tensor cores still read them. On an H100 (2026-12-07) it took 1091 / 721 us against 1194 / 763 at up
-G8 / down G32 (16384 tokens), the scalar work Nsight Compute had found per block halved.
+G8 / down G32 (16384 tokens): the per-block scalar work Nsight Compute had found, in part, comes once
+per two blocks (not yet profiled again).
 
 With ``multicast=2`` (persistent only), the CTAs run in clusters of two: CTA c (c even) and c + 1 get
 tiles t and t + 1 (``ctas`` and N/128 even), one M-tile at N-tiles bn, bn + 1, the same K blocks. Per K
