@@ -745,14 +745,7 @@ def test_gpu_overlapped_promotion(rng, on_gpu, m, k, n, sizes, layout, out, sf_l
     """overlap=True does the plain schedule's (overlap=False) float32 arithmetic (the same wgmma, the same fused
     promotions in K order), only issued in another order: the same bytes; and the dequantized
     reference (on the CPU) within the FP8 product's tolerance."""
-    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
-    sizes = np.array(sizes, np.int32)
-    got, plain = on_gpu(overlap_program(out, sf_load), *operands, sizes)
-    assert got.dtype == out
-    jax_tilek.testing.assert_bytes_equal(got, plain, "overlap against the plain schedule")
-    with jax.default_device(jax.devices("cpu")[0]):
-        want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
-    close(got, want, 1e-2)
+    check_same_bytes(rng, on_gpu, overlap_program(out, sf_load), m, k, n, sizes, layout, out, "overlap against the plain schedule")
 
 
 @pytest.mark.gpu
@@ -761,30 +754,30 @@ def test_gpu_pair_stages(rng, on_gpu, m, k, n, sizes, layout, out, stages):
     """blocks_per_stage=2 does the plain schedule's float32 arithmetic (the same wgmma, the same fused
     promotions in K order) from a ring of two K blocks a stage: the same bytes; and the dequantized
     reference (on the CPU) within the FP8 product's tolerance."""
+    check_same_bytes(rng, on_gpu, overlap_program(out, "tma", blocks_per_stage=2, stages=stages), m, k, n, sizes, layout, out,
+                     "two K blocks a stage against the plain schedule")  # fmt: skip
+
+
+def check_same_bytes(rng, on_gpu, program, m, k, n, sizes, layout, out, what: str) -> None:
+    """``program`` (a pair of products) on quantized random operands: its two results have the same
+    bytes (``what`` names the pair), and the first meets the dequantized reference (on the CPU) within
+    the FP8 product's tolerance."""
     operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
     sizes = np.array(sizes, np.int32)
-    got, plain = on_gpu(overlap_program(out, "tma", blocks_per_stage=2, stages=stages), *operands, sizes)
+    got, other = on_gpu(program, *operands, sizes)
     assert got.dtype == out
-    jax_tilek.testing.assert_bytes_equal(got, plain, "two K blocks a stage against the plain schedule")
+    jax_tilek.testing.assert_bytes_equal(got, other, what)
     with jax.default_device(jax.devices("cpu")[0]):
         want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
     close(got, want, 1e-2)
 
 
 def check_against_one_cta_per_tile(rng, on_gpu, monkeypatch, program, m, k, n, sizes, layout, out, sms, what: str) -> None:
-    """``program`` (:func:`persistent_program`) on quantized random operands, ``sms`` SMs assumed (None:
-    the GPU's): its persistent grid's bytes equal one CTA per tile's, and the dequantized reference (on
-    the CPU) is met within the FP8 product's tolerance."""
+    """:func:`check_same_bytes` of ``program`` (:func:`persistent_program`: the persistent grid and one
+    CTA per tile), ``sms`` SMs assumed (None: the GPU's)."""
     if sms is not None:
         monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
-    operands = quantized_operands(rng, m, k, n, len(sizes), transpose_w=True, layout=layout)
-    sizes = np.array(sizes, np.int32)
-    got, default = on_gpu(program, *operands, sizes)
-    assert got.dtype == out
-    jax_tilek.testing.assert_bytes_equal(got, default, f"{what} against one CTA per tile")
-    with jax.default_device(jax.devices("cpu")[0]):
-        want = jax.jit(lambda *a: gemm.grouped_matmul_fp8(*a, transpose_w=True, preferred_element_type=jnp.float32, impl="xla"))(*operands, sizes)
-    close(got, want, 1e-2)
+    check_same_bytes(rng, on_gpu, program, m, k, n, sizes, layout, out, f"{what} against one CTA per tile")
 
 
 @pytest.mark.gpu
