@@ -87,8 +87,9 @@ def _fp8_case(t, g, proj, skew, sf_load: str | None = None, overlap: bool = Fals
               pingpong: bool = False, stages: int | None = None, blocks_per_stage: int = 1) -> Case:  # fmt: skip
     """The FP8 forward; given ``sf_load`` or ``overlap``, with those GroupedMatmulFp8Config fields
     set (and named in the case's name); ``persistent`` with a 5-stage ring (6 and the bf16 output
-    tile's own 32 KB do not fit), and ``multicast`` (2: x tiles shared by clusters of two CTAs) or
-    ``pingpong`` (the consumer warpgroups' wgmmas in turn); ``stages``: another ring depth;
+    tile's own 32 KB do not fit) or two K blocks a stage in 2, ``pingpong`` (the consumer warpgroups'
+    wgmmas in turn); ``multicast`` (2: x tiles shared by clusters of two CTAs, persistent or on a CTA
+    a tile); ``stages``: another ring depth;
     ``blocks_per_stage``: K blocks a ring stage (a named variant has one unless told; the plain case,
     the default: two where K allows)."""
     k, n = PROJECTIONS[proj]
@@ -96,7 +97,9 @@ def _fp8_case(t, g, proj, skew, sf_load: str | None = None, overlap: bool = Fals
     make = lambda key: (*_fp8_inputs(key, t, k, n, g), jnp.asarray(sizes))  # noqa: E731
     config = {"sf_load": sf_load, "overlap": overlap} if sf_load else {}
     if persistent:
-        config.update(persistent=True, stages=5, multicast=multicast, pingpong=pingpong)
+        config.update(persistent=True, pingpong=pingpong, **({"stages": 5} if blocks_per_stage == 1 else {}))
+    if multicast > 1:
+        config["multicast"] = multicast
     if stages is not None:
         config["stages"] = stages
     if config:
@@ -118,12 +121,17 @@ CASES = [_case(*s) for s in SHAPES] + [_fp8_case(*s) for s in SHAPES]
 # multicast across clusters of two CTAs (GroupedMatmulFp8Config.multicast); and (tma, no overlap) persistent with
 # the consumer warpgroups taking turns (GroupedMatmulFp8Config.pingpong); the default with a 4-stage ring, whose
 # stage index and phase are a mask and a shift instead of a division by 6; two K blocks a stage
-# (GroupedMatmulFp8Config.blocks_per_stage) in rings of 3 and 2 stages.
+# (GroupedMatmulFp8Config.blocks_per_stage) in rings of 3 and 2 stages; and two K blocks a stage in the hand-split
+# kernels: with the x tile multicast on a CTA a tile (3 stages, the output tile over the ring), persistent (2
+# stages beside the output tile) without and with the multicast.
 VARIANT_SHAPES = [(16384, 8, "up", 0.0), (16384, 32, "down", 1.5)]
 VARIANTS = [_fp8_case(*s, sf_load=v, overlap=o) for s in VARIANT_SHAPES for o in (False, True) for v in ("ldg", "tma")] + [
     _fp8_case(*s, sf_load="tma", overlap=True, persistent=True, multicast=mc) for s in VARIANT_SHAPES for mc in (1, 2)
 ] + [_fp8_case(*s, sf_load="tma", overlap=False, persistent=True, pingpong=True) for s in VARIANT_SHAPES] + [
     _fp8_case(*s, sf_load="tma", overlap=True, stages=st, blocks_per_stage=bps) for s in VARIANT_SHAPES for st, bps in ((4, 1), (3, 2), (2, 2))
+] + [
+    _fp8_case(*s, sf_load="tma", overlap=True, persistent=p, multicast=mc, blocks_per_stage=2)
+    for s in VARIANT_SHAPES for p, mc in ((False, 2), (True, 1), (True, 2))
 ]
 
 

@@ -50,7 +50,8 @@ instructions (stage index, w's scale address, wgmma descriptors) and on the ring
 (``benchmarks/results/h100-2026-12-07-j-fp8/``). A ``wait_group 1`` variant got every wgmma serialized
 (C7514). The ping-pong warpgroup reads only its own, completed accumulator.
 
-With ``blocks_per_stage=2`` (the default where K/128 is even, one CTA per tile), each ring stage holds
+With ``blocks_per_stage=2`` (the default where K/128 is even and TileLang splits the roles; the
+hand-split kernels take it when asked), each ring stage holds
 two K blocks (three stages: the same six blocks in flight), so that the consumers' work per stage (the
 full-barrier wait, the stage index and phase, the release) comes once per two blocks, and the blocks'
 parities are known when the kernel is built (block 2p into one partial sum, 2p + 1 into the other).
@@ -58,9 +59,11 @@ The two blocks sit in one statement (``if g >= 0``, true in the loop): otherwise
 tile a barrier of its own and releases x's and w's tiles right after their wgmma's issue, while the
 tensor cores still read them. On an H100 (2026-12-07) it took 1091 / 721 us against 1194 / 763 at up
 G8 / down G32 (16384 tokens): the per-block scalar work Nsight Compute had found, in part, comes once
-per two blocks (not yet profiled again).
+per two blocks (not yet profiled again). The hand-split kernels' producer waits for a stage's empty
+barrier once and loads both blocks onto its full barrier, the consumers release it once, after both.
 
-With ``multicast=2`` (persistent only), the CTAs run in clusters of two: CTA c (c even) and c + 1 get
+With ``multicast=2`` (the hand-split kernel, persistent or on a CTA a tile), the CTAs run in clusters
+of two: CTA c (c even) and c + 1 get
 tiles t and t + 1 (``ctas`` and N/128 even), one M-tile at N-tiles bn, bn + 1, the same K blocks. Per K
 block the two need the same x tile: rank 0's producer TMA-multicasts it into both CTAs' ring stage
 (each CTA expects its bytes on its own full barrier); each loads its own w tile and x's scales. A
@@ -68,7 +71,9 @@ stage is refilled only when the consumers of both CTAs are done with it: its emp
 cluster barrier on which lane i of each consumer warp of either CTA arrives for CTA i (2 x 8
 arrivals a phase). The x tile comes from L2 once for two CTAs: 24 KB instead of 32 KB a K block per
 CTA (DeepGEMM's multicast). A cluster sync follows the barriers' init and ends the kernel (a CTA stays
-until its peer has done with its shared memory).
+until its peer has done with its shared memory). On a CTA a tile (``persistent=False``: a grid of every
+tile) the bf16 output tile lies over the ring, idle once the consumers are done with the last block
+(their named barrier guards it), so that three stages of two K blocks fit beside it.
 
 Row-major ``"row"`` x-scales are transposed to the column-major storage by XLA before the launch
 (1/32 of x's bytes); ``w`` given as ``[G, K, N]`` is transposed to ``[G, N, K]`` (with its scales)
@@ -132,22 +137,22 @@ def _reference(x, x_sf, w, w_sf, start, end, tiles, *, x_sf_layout, out_dtype):
 @dataclasses.dataclass(frozen=True)
 class GroupedMatmulFp8Config:
     """The depth of the TMA ring (``stages``; 32.5 KB of shared memory a K block; by default as many as
-    fit beside the output tile, at most 6 K blocks: ``resolve``); how x's scales reach
-    the consumers (``sf_load``: "ldg", read from global memory before each K block's wgmma, or
-    "tma", loaded by the producer into the ring); ``overlap``: promote each K block's partial sum
-    while the next block's wgmma runs (two partial sums, 64 more registers a consumer thread)
-    instead of after a synchronous wgmma; ``persistent``: one CTA per multiprocessor looping over
-    tiles, so that the ring fills with the next tile's K blocks while the current one is finished and
-    stored (module docstring). Its bf16 output tile needs 32 KB of its own: at most 5 stages with
-    ``sf_load="tma"`` (``shared_bytes``). ``multicast=2`` (with ``persistent``; N a multiple of 256):
+    fit beside the output tile, at most 6 K blocks: ``resolve``); how x's scales reach the consumers
+    (``sf_load``: "ldg", read from global memory before each K block's wgmma, or "tma", loaded by the
+    producer into the ring); ``overlap``: promote each K block's partial sum while the next block's
+    wgmma runs (two partial sums, 64 more registers a consumer thread) instead of after a synchronous
+    wgmma; ``persistent``: one CTA per multiprocessor looping over tiles, so that the ring fills with
+    the next tile's K blocks while the current one is finished and stored (module docstring). Its bf16
+    output tile needs 32 KB of its own: at most 5 stages with ``sf_load="tma"`` (``shared_bytes``).
+    ``multicast=2`` (N a multiple of 256; persistent, or the hand-split kernel on a CTA a tile):
     clusters of two CTAs on neighbouring N-tiles of one M-tile, sharing each K block's x tile (one TMA
     multicast) to cut L2 traffic from 32 to 24 KB a K block per CTA; the same bytes out. ``pingpong``
     (with ``persistent``, without ``overlap``): the consumer warpgroups take turns at the tensor cores,
     each promoting while the other's wgmma runs (module docstring); the same bytes out.
-    ``blocks_per_stage=2`` (one CTA per tile, ``sf_load="tma"``, ``overlap``; K/128 even): each ring
-    stage holds two K blocks, so that the consumers' per-stage work (barrier wait, stage index and
-    phase, the release) comes once per two blocks; the same bytes out. By default two wherever the
-    other fields and K allow it and the ring fits, else one."""
+    ``blocks_per_stage=2`` (``sf_load="tma"``, ``overlap``; K/128 even): each ring stage holds two K
+    blocks, so that the consumers' per-stage work (barrier wait, stage index and phase, the release)
+    comes once per two blocks; the same bytes out. By default two on a CTA a tile (not persistent)
+    where the other fields and K allow it and the ring fits, else one."""
 
     stages: int | None = None
     sf_load: str = "tma"
@@ -199,11 +204,12 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
     ``[ceil(K/512), MP]``, byte ``kb % 4`` of word ``kb // 4``); ``overlap``: two partial sums in
     turn, block kb's promotion under block kb + 1's wgmma; ``persistent``: ``ctas`` CTAs (a scalar
     parameter, at most the tiles), the roles split by hand, each looping over the CTA's tiles;
-    ``multicast=2`` (persistent, N/128 and ``ctas`` even): clusters of two CTAs on the tiles t, t + 1
-    (one M-tile, N-tiles bn, bn + 1), the x tile TMA-multicast to both, the ring's stages released to
-    both producers; ``pingpong`` (persistent, no overlap): the consumer warpgroups' wgmmas in turn,
-    each promoting its own while the other's runs; ``blocks_per_stage=2`` (one CTA per tile, tma,
-    overlap, K/128 even): K blocks 2p and 2p + 1 in ring stage p."""
+    ``multicast=2`` (N/128 and ``ctas`` even): the roles split by hand, clusters of two CTAs on the
+    tiles t, t + 1 (one M-tile, N-tiles bn, bn + 1), the x tile TMA-multicast to both, the ring's
+    stages released to both producers; without ``persistent``, ``ctas`` is every tile, one each;
+    ``pingpong`` (persistent, no overlap): the consumer warpgroups' wgmmas in turn, each promoting its
+    own while the other's runs; ``blocks_per_stage=2`` (tma, overlap, K/128 even): K blocks 2p and
+    2p + 1 in ring stage p."""
     import tilelang.language as T
 
     M, MP, G, NT = T.dynamic("M, MP, G, NT")
@@ -292,6 +298,18 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
         promote(acc, part, row_scale)
 
     @T.macro
+    def copy_block(x, x_sf, w, kb, g, bn, r0, a_s, b_s, sa_s):
+        """K block kb's x and w tiles (and with ``sf_load="tma"`` x's scales) into ``a_s``, ``b_s``
+        (``sa_s``): TileLang's roles make them the producer's TMA loads into the ring."""
+        T.copy(x[r0, kb * BK], a_s)
+        T.copy(w[g, bn * BN, kb * BK], b_s)
+        if sf_load == "tma":
+            # The scales' TMA box starts at r0 rounded down to SF_ALIGN rows: a TMA copy whose
+            # innermost coordinate is not 16-byte aligned faults (CUDA_ERROR_ILLEGAL_INSTRUCTION).
+            sf0 = r0 // SF_ALIGN * SF_ALIGN
+            T.copy(x_sf[sf_index(kb), sf0 : sf0 + SF_BOX], sa_s)
+
+    @T.macro
     def finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s):
         """The last block's promotion (``overlap``), then the tile's rows [r0, r1) of ``out``: through
         ``c_s`` (bf16) or from registers (fp32)."""
@@ -302,7 +320,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 promote(acc, part_odd, scale_odd)
         store(out, acc, c_s, r0, r1, bn * BN)
 
-    if not persistent:
+    if not persistent and multicast == 1:
 
         @T.prim_func
         def grouped_matmul_fp8(
@@ -316,8 +334,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
             with T.Kernel(nbn, NT, threads=threads) as (bn, bt):
                 a_s = T.alloc_shared((BM, BK), FP8)
                 b_s = T.alloc_shared((BN, BK), FP8)
-                if sf_load == "tma":
-                    sa_s = T.alloc_shared((SF_BOX,), sf_dtype)
+                sa_s = T.alloc_shared((SF_BOX,), sf_dtype) if sf_load == "tma" else None
                 if blocks_per_stage == 2:  # the odd K block of each stage
                     a1_s = T.alloc_shared((BM, BK), FP8)
                     b1_s = T.alloc_shared((BN, BK), FP8)
@@ -333,9 +350,6 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 g = tiles[bt, 0]
                 r0 = tiles[bt, 1]
                 r1 = tiles[bt, 2]
-                # The scales' TMA box starts at r0 rounded down to SF_ALIGN rows: a TMA copy whose
-                # innermost coordinate is not 16-byte aligned faults (CUDA_ERROR_ILLEGAL_INSTRUCTION).
-                sf0 = r0 // SF_ALIGN * SF_ALIGN
                 sf_word = (lambda i: sa_s[r0 % SF_ALIGN + i]) if sf_load == "tma" else (lambda i: raw[i])
                 count = T.if_then_else(g >= 0, kb_count, 0)
                 T.clear(acc)
@@ -344,10 +358,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                     T.clear(scale_odd)
                 if blocks_per_stage == 1:
                     for kb in T.Pipelined(count, num_stages=stages):
-                        T.copy(x[r0, kb * BK], a_s)
-                        T.copy(w[g, bn * BN, kb * BK], b_s)
-                        if sf_load == "tma":
-                            T.copy(x_sf[sf_index(kb), sf0 : sf0 + SF_BOX], sa_s)
+                        copy_block(x, x_sf, w, kb, g, bn, r0, a_s, b_s, sa_s)
                         w_scale = w_sf[g, bn, kb]  # loaded before the wgmma, which hides its latency
                         if sf_load == "ldg":
                             load_raw_scales(x_sf, kb, r0, raw)
@@ -355,12 +366,8 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                 else:
                     w_scale1 = T.alloc_var("float32")
                     for kp in T.Pipelined(count // 2, num_stages=stages):
-                        T.copy(x[r0, 2 * kp * BK], a_s)
-                        T.copy(x[r0, (2 * kp + 1) * BK], a1_s)
-                        T.copy(w[g, bn * BN, 2 * kp * BK], b_s)
-                        T.copy(w[g, bn * BN, (2 * kp + 1) * BK], b1_s)
-                        T.copy(x_sf[sf_index(2 * kp), sf0 : sf0 + SF_BOX], sa_s)
-                        T.copy(x_sf[sf_index(2 * kp + 1), sf0 : sf0 + SF_BOX], sa1_s)
+                        copy_block(x, x_sf, w, 2 * kp, g, bn, r0, a_s, b_s, sa_s)
+                        copy_block(x, x_sf, w, 2 * kp + 1, g, bn, r0, a1_s, b1_s, sa1_s)
                         w_scale = w_sf[g, bn, 2 * kp]
                         w_scale1 = w_sf[g, bn, 2 * kp + 1]
                         # One statement (g >= 0 holds in the loop): TileLang waits for the whole stage before it
@@ -375,8 +382,26 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
 
         return grouped_matmul_fp8
 
+    def ring_scales(sa_s, slot, r0, raw):
+        """``sf_word`` of the hand-split kernel's K block in ring slot ``slot``: from the ring (tma) or ``raw`` (ldg)."""
+        return (lambda i: sa_s[slot, r0 % SF_ALIGN + i]) if sf_load == "tma" else (lambda i: raw[i])
+
+    @T.macro
+    def load_block(x, x_sf, w, kb, slot, s, g, bn, r0, full, a_s, b_s, sa_s, last_of_stage: bool):
+        """The hand-split producer's TMA loads of K block kb into ring slot ``slot`` (stage s's full
+        barrier); the stage's last copy carries the elected thread's arrive."""
+        last = {"emit_arrive": 1} if last_of_stage else None  # after each copy's expect_tx
+        sf0 = r0 // SF_ALIGN * SF_ALIGN  # as in copy_block
+        # multicast: rank 0 loads x into both CTAs, each expecting its bytes on its own full[s]
+        T.tma_copy(x[r0 : r0 + BM, kb * BK : kb * BK + BK], a_s[slot, :, :], barrier=full[s],
+                   cluster_mask=(1 << multicast) - 1 if multicast > 1 else None)  # fmt: skip
+        T.tma_copy(w[g, bn * BN : bn * BN + BN, kb * BK : kb * BK + BK], b_s[slot, :, :], barrier=full[s],
+                   annotations=last if sf_load == "ldg" else None)  # fmt: skip
+        if sf_load == "tma":
+            T.tma_copy(x_sf[sf_index(kb), sf0 : sf0 + SF_BOX], sa_s[slot, :], barrier=full[s], annotations=last)
+
     @T.prim_func
-    def grouped_matmul_fp8_persistent(
+    def grouped_matmul_fp8_split(
         x: T.Tensor((M, k), FP8),
         x_sf: T.Tensor((sf_rows, MP), sf_dtype),
         w: T.Tensor((G, n, k), FP8),
@@ -386,11 +411,12 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
         ctas: T.int32,
     ):
         with T.Kernel(ctas, threads=PRODUCER_THREADS + threads, cluster_dims=(multicast, 1, 1) if multicast > 1 else None) as c:
-            a_s = T.alloc_shared((stages, BM, BK), FP8)
-            b_s = T.alloc_shared((stages, BN, BK), FP8)
-            if sf_load == "tma":
-                sa_s = T.alloc_shared((stages, SF_BOX), sf_dtype)
-            c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared else None  # in use while the ring fills: its own
+            slots = stages * blocks_per_stage  # K blocks in the ring; stage s holds slots s * blocks_per_stage + j
+            a_s = T.alloc_shared((slots, BM, BK), FP8)
+            b_s = T.alloc_shared((slots, BN, BK), FP8)
+            sa_s = T.alloc_shared((slots, SF_BOX), sf_dtype) if sf_load == "tma" else None
+            # persistent: in use while the ring fills for the next tile, so its own; else over the ring, idle by then
+            c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared and persistent else None
             full = T.alloc_barrier([1] * stages)  # the producer's elected thread, and the TMA bytes (the multicast x tile's too)
             if multicast == 1:
                 empty = T.alloc_barrier([threads] * stages)  # every consumer thread
@@ -403,10 +429,11 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
             scale_odd = T.alloc_fragment((BM,), "float32") if overlap else None
             raw = T.alloc_fragment((BM,), sf_dtype)
             w_scale = T.alloc_var("float32")
+            w_scale1 = T.alloc_var("float32")  # blocks_per_stage=2: the stage's odd K block's
             even_done = T.alloc_var("int32", init=0)
-            blocks = T.alloc_var("int32")  # K blocks this thread's role has gone through, over its tiles: the ring's clock
-            tile_count = T.ceildiv(nbn * NT - c, ctas)  # CTA c's tiles: c, c + ctas, ...
-            last = {"emit_arrive": 1}  # a K block's last copy: the elected thread's arrive (after each copy's expect_tx)
+            blocks = T.alloc_var("int32")  # ring stages this thread's role has gone through, over its tiles: the ring's clock
+            # CTA c's tiles: c, c + ctas, ... (persistent), or tile c alone (ctas: all the tiles)
+            tile_count = T.ceildiv(nbn * NT - c, ctas) if persistent else 1
             if T.get_thread_binding() < PRODUCER_THREADS:
                 T.set_max_nreg(24, 0)
                 blocks = 0
@@ -415,17 +442,14 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                     bt = (c + it * ctas) // nbn
                     g = tiles[bt, 0]
                     r0 = tiles[bt, 1]
-                    sf0 = r0 // SF_ALIGN * SF_ALIGN
-                    for kb in T.serial(T.if_then_else(g >= 0, kb_count, 0)):
+                    for kp in T.serial(T.if_then_else(g >= 0, kb_count // blocks_per_stage, 0)):
                         s = blocks % stages
                         T.mbarrier_wait_parity(empty[s], (blocks // stages) % 2 ^ 1)
-                        # multicast: rank 0 loads x into both CTAs, each expecting its bytes on its own full[s]
-                        T.tma_copy(x[r0 : r0 + BM, kb * BK : kb * BK + BK], a_s[s, :, :], barrier=full[s],
-                                   cluster_mask=(1 << multicast) - 1 if multicast > 1 else None)  # fmt: skip
-                        T.tma_copy(w[g, bn * BN : bn * BN + BN, kb * BK : kb * BK + BK], b_s[s, :, :], barrier=full[s],
-                                   annotations=last if sf_load == "ldg" else None)  # fmt: skip
-                        if sf_load == "tma":
-                            T.tma_copy(x_sf[sf_index(kb), sf0 : sf0 + SF_BOX], sa_s[s, :], barrier=full[s], annotations=last)
+                        if blocks_per_stage == 1:
+                            load_block(x, x_sf, w, kp, s, s, g, bn, r0, full, a_s, b_s, sa_s, True)
+                        else:
+                            load_block(x, x_sf, w, 2 * kp, 2 * s, s, g, bn, r0, full, a_s, b_s, sa_s, False)
+                            load_block(x, x_sf, w, 2 * kp + 1, 2 * s + 1, s, g, bn, r0, full, a_s, b_s, sa_s, True)
                         blocks = blocks + 1
             else:
                 T.set_max_nreg(240, 1)
@@ -441,17 +465,24 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                     if overlap:
                         T.clear(part_odd)
                         T.clear(scale_odd)
-                    for kb in T.serial(count):
+                    for kp in T.serial(count // blocks_per_stage):
                         s = blocks % stages
-                        sf_word = (lambda i: sa_s[s, r0 % SF_ALIGN + i]) if sf_load == "tma" else (lambda i: raw[i])
-                        w_scale = w_sf[g, bn, kb]
+                        w_scale = w_sf[g, bn, kp * blocks_per_stage]
                         if sf_load == "ldg":
-                            load_raw_scales(x_sf, kb, r0, raw)
+                            load_raw_scales(x_sf, kp, r0, raw)
+                        if blocks_per_stage == 2:
+                            w_scale1 = w_sf[g, bn, 2 * kp + 1]
                         T.mbarrier_wait_parity(full[s], (blocks // stages) % 2)
                         if pingpong:
-                            pingpong_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, blocks)
-                        else:
-                            k_block(kb, a_s[s, :, :], b_s[s, :, :], sf_word, w_scale, acc, part, row_scale, part_odd, scale_odd, even_done)
+                            pingpong_block(kp, a_s[s, :, :], b_s[s, :, :], ring_scales(sa_s, s, r0, raw), w_scale, acc, part, row_scale, blocks)
+                        elif blocks_per_stage == 1:
+                            k_block(kp, a_s[s, :, :], b_s[s, :, :], ring_scales(sa_s, s, r0, raw), w_scale, acc, part, row_scale, part_odd,
+                                    scale_odd, even_done)  # fmt: skip
+                        else:  # the K blocks' parities fold (2p even, 2p + 1 odd): no branch on them
+                            k_block(2 * kp, a_s[2 * s, :, :], b_s[2 * s, :, :], ring_scales(sa_s, 2 * s, r0, raw), w_scale, acc, part,
+                                    row_scale, part_odd, scale_odd, even_done)  # fmt: skip
+                            k_block(2 * kp + 1, a_s[2 * s + 1, :, :], b_s[2 * s + 1, :, :], ring_scales(sa_s, 2 * s + 1, r0, raw), w_scale1,
+                                    acc, part, row_scale, part_odd, scale_odd, even_done)  # fmt: skip
                         if multicast == 1:
                             T.mbarrier_arrive(empty[s])
                         else:  # the warp's reads of stage s done, lane i releases it to CTA i's producer
@@ -459,13 +490,25 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                             if T.get_thread_binding() % 32 < multicast:
                                 T.mbarrier_arrive(empty[s], T.get_thread_binding() % 32)
                         blocks = blocks + 1
-                    finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
+                    if not via_shared or persistent:
+                        finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
+                    else:
+                        c_one = T.alloc_shared((BM, BN), out_dtype)
+                        finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_one)
                 if pingpong and blocks > 0 and T.get_thread_binding() < PRODUCER_THREADS + 128:
                     T.sync_threads(TURN_BARRIERS[0], threads)  # warpgroup 1's turn signal after its last block
             if multicast > 1:
                 T.cluster_sync()  # no CTA exits while its peer may still multicast into it or arrive on its barriers
 
-    return grouped_matmul_fp8_persistent
+    return grouped_matmul_fp8_split
+
+
+# The hand-split kernel on a CTA a tile (multicast without persistent). TileLang's default shared-memory merge
+# takes the roles' if/else for one statement, in which the ring and the bf16 output tile are both live; its
+# liveness-based merge puts the output tile over the ring, idle by then (a named barrier of the consumers
+# before the tile's first write), so that three stages of two K blocks fit beside it.
+grouped_matmul_fp8_one_tile_kernel = kernel(grouped_matmul_fp8_kernel.factory, name=f"{grouped_matmul_fp8_kernel.name}.one_tile",
+                                            pass_configs={"tl.enable_aggressive_shared_memory_merge": True})  # fmt: skip
 
 
 def shared_bytes(config: GroupedMatmulFp8Config, out_dtype: str) -> int:
@@ -481,8 +524,8 @@ def shared_bytes(config: GroupedMatmulFp8Config, out_dtype: str) -> int:
 def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Config, x_sf_layout, out_dtype) -> Launch:
     config = resolve(config, x.shape[1], out_dtype)
     bps = config.blocks_per_stage
-    if bps not in (1, 2) or (bps == 2 and (config.persistent or config.sf_load != "tma" or not config.overlap or x.shape[1] // BLOCK % 2)):
-        raise ValueError(f"grouped_matmul_fp8: {config} with K = {x.shape[1]}: blocks_per_stage must be 1, or 2 with one CTA per tile, "
+    if bps not in (1, 2) or (bps == 2 and (config.sf_load != "tma" or not config.overlap or x.shape[1] // BLOCK % 2)):
+        raise ValueError(f"grouped_matmul_fp8: {config} with K = {x.shape[1]}: blocks_per_stage must be 1, or 2 with "
                          f'sf_load="tma", overlap=True and an even number of {BLOCK}-deep K blocks')  # fmt: skip
     smem = shared_bytes(config, out_dtype)
     if smem > SMEM_LIMIT:
@@ -491,20 +534,21 @@ def _launch(x, x_sf, w, w_sf, start, end, tiles, *, config: GroupedMatmulFp8Conf
     params = dict(k=x.shape[1], n=w.shape[1], sf_layout=x_sf_layout, out_dtype=np.dtype(out_dtype).name, stages=config.stages,
                   sf_load=config.sf_load, overlap=config.overlap, **({"blocks_per_stage": 2} if bps == 2 else {}))  # fmt: skip
     nbn, mc = w.shape[1] // BLOCK, config.multicast
-    if mc not in (1, 2) or (mc == 2 and (not config.persistent or nbn % 2)):
-        raise ValueError(f"grouped_matmul_fp8: {config} with N = {w.shape[1]}: multicast must be 1, or 2 with persistent=True "
-                         f"and an even number of {BLOCK}-wide N-tiles")  # fmt: skip
+    if mc not in (1, 2) or nbn % mc:
+        raise ValueError(f"grouped_matmul_fp8: {config} with N = {w.shape[1]}: multicast must be 1, or 2 with an even number of "
+                         f"{BLOCK}-wide N-tiles")  # fmt: skip
     if config.pingpong and (not config.persistent or config.overlap):
         raise ValueError(f"grouped_matmul_fp8: {config}: pingpong needs persistent=True and overlap=False")
-    if not config.persistent:
-        return Launch(kernel=grouped_matmul_fp8_kernel, params=params)
     tiles_total = nbn * tiles.shape[0]  # (N-tiles) x (M-tiles): even with multicast
-    # The grid is a launch-time value, not part of the cubin: every tile's bytes are the same for any. With
-    # multicast, a whole number of clusters: the SMs rounded down to a multiple of the cluster size.
-    ctas = min(max(platform.target_num_sms() // mc, 1) * mc, tiles_total)
     extra = ({"multicast": mc} if mc > 1 else {}) | ({"pingpong": True} if config.pingpong else {})
-    return Launch(kernel=grouped_matmul_fp8_kernel, params=dict(params, persistent=True, **extra),
-                  scalars=dict(ctas=ctas))  # fmt: skip
+    if config.persistent:
+        # The grid is a launch-time value, not part of the cubin: every tile's bytes are the same for any. With
+        # multicast, a whole number of clusters: the SMs rounded down to a multiple of the cluster size.
+        ctas = min(max(platform.target_num_sms() // mc, 1) * mc, tiles_total)
+        return Launch(kernel=grouped_matmul_fp8_kernel, params=dict(params, persistent=True, **extra), scalars=dict(ctas=ctas))
+    if mc > 1:  # the hand-split kernel, a CTA a tile
+        return Launch(kernel=grouped_matmul_fp8_one_tile_kernel, params=dict(params, **extra), scalars=dict(ctas=tiles_total))
+    return Launch(kernel=grouped_matmul_fp8_kernel, params=params)
 
 
 _op = TileOp(

@@ -18,7 +18,7 @@ import pytest
 
 import jax_tilek
 from jax_tilek import gemm, quant
-from jax_tilek.gemm._grouped_matmul_fp8 import (SMEM_LIMIT, grouped_matmul_fp8_kernel, quantized_operands, random_blocks, resolve, shared_bytes,
+from jax_tilek.gemm._grouped_matmul_fp8 import (SMEM_LIMIT, grouped_matmul_fp8_kernel, grouped_matmul_fp8_one_tile_kernel, quantized_operands, random_blocks, resolve, shared_bytes,
                                                x_sf_storage)  # fmt: skip
 from jax_tilek.gemm._grouped_wgrad import random_sizes
 from jax_tilek.gemm._grouped_wgrad_fp8 import grouped_wgrad_fp8_kernel
@@ -458,10 +458,10 @@ def test_pair_stages_wait_and_release_once(k, n, layout, out, stages):
 @pytest.mark.parametrize("config, k", [(dict(blocks_per_stage=2), 640), (dict(blocks_per_stage=3, stages=2), 768),
                                        (dict(blocks_per_stage=2, stages=3, sf_load="ldg"), 768),
                                        (dict(blocks_per_stage=2, stages=3, overlap=False), 768),
-                                       (dict(blocks_per_stage=2, stages=3, persistent=True), 768)])  # fmt: skip
-def test_pair_stages_need_one_cta_per_tile_tma_overlap_and_even_blocks(config, k):
+                                       (dict(blocks_per_stage=2, stages=2, persistent=True), 640)])  # fmt: skip
+def test_pair_stages_need_tma_overlap_and_even_blocks(config, k):
     fp8 = gemm.grouped_matmul_fp8.with_config(**config)
-    with pytest.raises(ValueError, match="blocks_per_stage must be 1, or 2 with one CTA per tile"):
+    with pytest.raises(ValueError, match='blocks_per_stage must be 1, or 2 with sf_load="tma", overlap=True and an even number'):
         lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, k, 256, 2, "col"))
 
 
@@ -476,6 +476,20 @@ def test_overlap_releases_a_stage_after_its_wgmma(k, n, layout, out, sf_load):
     assert events[:4] == ["warpgroup_commit_batch", "wait_wgmma<0>"] * 2
     assert events[4:] and set(events[4:]) == {"].arrive()"}
     assert WGMMA_E4M3 in source
+
+
+def split_pair_program(out: str, config: dict):
+    """The product with two K blocks a stage in the hand-split kernel ``config`` names (persistent, or
+    multicast on a CTA a tile) and with one K block a stage and a CTA a tile (TileLang's roles)."""
+
+    def both(x, x_sf, w, w_sf, sizes):
+        def product(**options):
+            fp8 = gemm.grouped_matmul_fp8.with_config(**options)
+            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
+
+        return product(blocks_per_stage=2, **config), product(blocks_per_stage=1)
+
+    return both
 
 
 # GroupedMatmulFp8Config.persistent on small cases, with few CTAs assumed (JAX_TILEK_NUM_SMS) so that
@@ -652,14 +666,81 @@ def test_multicast_grid_is_whole_clusters(monkeypatch):
     assert launches == [([6, 1, 1], [2, 1, 1]), ([2, 1, 1], [2, 1, 1]), ([tiles, 1, 1], [2, 1, 1])] and len(keys) == 1
 
 
-@pytest.mark.parametrize("config,n", [(dict(multicast=2), 256), (dict(multicast=2, persistent=True, stages=5), 384),
+@pytest.mark.parametrize("config,n", [(dict(multicast=2), 384), (dict(multicast=2, persistent=True, stages=5), 384),
                                       (dict(multicast=3, persistent=True, stages=5), 768), (dict(multicast=0), 256)])  # fmt: skip
-def test_multicast_needs_persistent_and_pairs_of_n_tiles(config, n):
-    """multicast=2 only on the persistent grid and with an even number of N-tiles (a cluster's two CTAs
-    on N-tiles bn, bn + 1); no other cluster size: the lowering says so."""
+def test_multicast_needs_pairs_of_n_tiles(config, n):
+    """multicast=2 only with an even number of N-tiles (a cluster's two CTAs on N-tiles bn, bn + 1); no
+    other cluster size: the lowering says so."""
     fp8 = gemm.grouped_matmul_fp8.with_config(**config)
-    with pytest.raises(ValueError, match="multicast must be 1, or 2 with persistent=True"):
+    with pytest.raises(ValueError, match="multicast must be 1, or 2 with an even number of 128-wide N-tiles"):
         lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(300, 256, n, 2, "col"))
+
+
+# GroupedMatmulFp8Config.blocks_per_stage=2 in the hand-split kernels: persistent over few CTAs, and
+# multicast=2 on a CTA a tile (the bf16 output tile over the idle ring); 4 to 16 K blocks, both layouts
+# and output dtypes, empty groups, rows past the last group, the default depth and shallower rings.
+SPLIT_PAIR_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, config, SMs assumed (None: the GPU's)
+    (700, 512, 256, (130, 0, 301, 200), "col", "bfloat16", dict(multicast=2), None),
+    (520, 1024, 512, (1, 0, 300, 190), "col_ue8m0", "float32", dict(multicast=2, stages=2), None),
+    (3000, 2048, 1024, (700, 0, 523, 1000, 401, 300), "col", "bfloat16", dict(multicast=2), None),
+    (700, 1024, 256, (130, 0, 301, 200), "col_ue8m0", "bfloat16", dict(persistent=True), 3),
+    (3000, 2048, 1024, (700, 0, 523, 1000, 401, 300), "col", "float32", dict(persistent=True, multicast=2), 5),
+]
+
+
+def split_pair_artifact(k, n, layout, out, config):
+    """The hand-split kernel that ``config`` with two K blocks a stage launches, and its resolved config."""
+    resolved = resolve(gemm.GroupedMatmulFp8Config(blocks_per_stage=2, **config), k, out)
+    params = dict(k=k, n=n, sf_layout=layout, out_dtype=out, stages=resolved.stages, sf_load="tma", overlap=True, blocks_per_stage=2,
+                  **{key: v for key, v in config.items() if key in ("persistent", "multicast")})  # fmt: skip
+    one_tile = not resolved.persistent
+    return (grouped_matmul_fp8_one_tile_kernel if one_tile else grouped_matmul_fp8_kernel).artifact(params, "sm_90a", record=False), resolved
+
+
+@pytest.mark.parametrize("k,n,layout,out,config", [c[1:3] + c[4:7] for c in SPLIT_PAIR_CASES])
+def test_split_kernels_take_two_blocks_a_stage(k, n, layout, out, config):
+    """blocks_per_stage=2 in the hand-split kernels for sm_90a: per stage the producer waits once for
+    its empty barrier and loads both K blocks (x, or x multicast, w and x's scales each) with one arrive;
+    the consumers wait once for its full barrier, run K block 2p's wgmma then 2p + 1's, each waited for,
+    with no branch on their parity, then release the stage once. On a CTA a tile the bf16 output tile
+    lies over the ring (the kernel's shared memory is the ring's), written after a named barrier of
+    the consumers."""
+    artifact, resolved = split_pair_artifact(k, n, layout, out, config)
+    (kern,) = artifact.spec.kernels
+    assert kern.grid == ("ctas", 1, 1) and kern.cluster == (resolved.multicast, 1, 1)
+    assert kern.smem == shared_bytes(resolved, out) <= SMEM_LIMIT and artifact.cubin
+    source = artifact.source
+    producer = source[source.index("warpgroup_reg_dealloc<24>") : source.index("warpgroup_reg_alloc<240>")]
+    producer = producer[producer.index("for (int kp") :]
+    assert producer.count(".wait(") == 1 and producer.count("arrive_and_expect_tx") == 1
+    x_load = "tl::tma_load_multicast(x_desc" if resolved.multicast > 1 else "tl::tma_load(x_desc"
+    assert producer.count(x_load) == producer.count("tl::tma_load(w_desc") == producer.count("tl::tma_load(x_sf_desc") == 2
+    consumer = source[source.index("warpgroup_reg_alloc<240>") :]
+    loop = consumer[consumer.index("for (int kp") :]
+    loop = loop[: loop.index("blocks = (blocks + 1);")]
+    events = re.findall(r"full\[[^\]]*\]\.wait|warpgroup_commit_batch|wait_wgmma<\d+>|warpgroup_wait<\d+>|empty\[[^\]]*\]\.arrive", loop)
+    assert [e.split("[")[0] for e in events] == ["full"] + ["warpgroup_commit_batch", "wait_wgmma<0>"] * 2 + ["empty"]
+    assert not re.search(r"if \(.*kp\w* (% 2|& 1)", loop) and WGMMA_E4M3 in source
+    if out == "bfloat16" and not resolved.persistent:
+        assert kern.smem == resolved.stages * 2 * shared_bytes(gemm.GroupedMatmulFp8Config(stages=1), "float32")
+        epilogue = consumer[consumer.index("blocks = (blocks + 1);") :]
+        assert epilogue.index("tl::__sync_thread_partial(") < epilogue.index("ptx_stmatrix")
+
+
+def test_multicast_on_a_cta_a_tile_launches_every_tile(monkeypatch):
+    """multicast=2 without persistent: the hand-split kernel on a grid of every tile, in clusters of two,
+    whatever the SMs; three stages of two K blocks by default (beside nothing: the output tile over the ring)."""
+    m, k, n, g = 700, 640 + 128, 256, 4
+    fp8 = gemm.grouped_matmul_fp8.with_config(multicast=2)
+    tiles = n // 128 * (-(-m // 128) + 2 * g + 1)  # (N-tiles) x (the tile table's M-tiles)
+    launches = []
+    for sms in (7, 132):
+        monkeypatch.setenv("JAX_TILEK_NUM_SMS", str(sms))
+        (call,) = tilek_calls(lower_for_cuda(lambda *a: fp8(*a, transpose_w=True, impl="tilelang"), *_deepseek_args(m, k, n, g, "col")))
+        launches += [(kern["grid"], kern["cluster"], kern["smem"]) for kern in decode_record(call["launch"])["kernels"]]
+    assert resolve(gemm.GroupedMatmulFp8Config(multicast=2), k, "bfloat16") == gemm.GroupedMatmulFp8Config(multicast=2, stages=3, blocks_per_stage=2)
+    smem = shared_bytes(gemm.GroupedMatmulFp8Config(multicast=2, stages=3, blocks_per_stage=2), "bfloat16")
+    assert launches == [([tiles, 1, 1], [2, 1, 1], smem)] * 2
 
 
 # GroupedMatmulFp8Config.pingpong (persistent, no overlap: the consumer warpgroups' wgmmas in turn): tiles
@@ -725,6 +806,8 @@ GPU_PROGRAMS = [quantized_program(form, "tilelang") for form in GRAD_FORMS] + [
 ] + [
     (persistent_program(out, sf_load, False, stages, pingpong=True), _deepseek_args(m, k, n, len(sizes), layout))
     for m, k, n, sizes, layout, out, sf_load, stages, _ in PINGPONG_CASES
+] + [
+    (split_pair_program(out, config), _deepseek_args(m, k, n, len(sizes), layout)) for m, k, n, sizes, layout, out, config, _ in SPLIT_PAIR_CASES
 ]
 
 
@@ -809,6 +892,17 @@ def test_gpu_multicast_tiles(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, o
     CPU) within the FP8 product's tolerance."""
     check_against_one_cta_per_tile(rng, on_gpu, monkeypatch, persistent_program(out, sf_load, overlap, stages, multicast=2), m, k, n,
                                    sizes, layout, out, sms, "multicast")  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,sizes,layout,out,config,sms", SPLIT_PAIR_CASES)
+def test_gpu_split_pair_stages(rng, on_gpu, monkeypatch, m, k, n, sizes, layout, out, config, sms):
+    """Two K blocks a stage in the hand-split kernels (persistent on ``sms`` CTAs, or multicast=2 on a
+    CTA a tile, the output tile over the ring) run each tile's arithmetic as one K block a stage on a CTA
+    a tile does: the same bytes; and the dequantized reference (on the CPU) within the FP8 product's
+    tolerance."""
+    check_against_one_cta_per_tile(rng, on_gpu, monkeypatch, split_pair_program(out, config), m, k, n, sizes, layout, out, sms,
+                                   f"two K blocks a stage, {config}")  # fmt: skip
 
 
 @pytest.mark.gpu
