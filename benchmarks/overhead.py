@@ -25,8 +25,9 @@ Where the difference goes (``python -m benchmarks.overhead --explain``, issue 15
   events: 100 kernel nodes in a chain (how XLA's own kernels enter a graph) against 100 child-graph
   nodes of one kernel each (how a traced FFI call enters one), and 100 kernel nodes whose functions
   come from 100 loads of the cubin (what a record-stage node gets if XLA loads the cubin per node);
-  the same in XLA's CTA shape, and for a plain nvcc-built kernel of the op in that shape (``PLAIN_CUDA``);
-  and the host time of a plain ``cuLaunchKernel`` of the cubin.
+  the same in XLA's CTA shape, for a plain nvcc-built kernel of the op in that shape (``PLAIN_CUDA``)
+  and for XLA's own kernel of the op (its dumped PTX, built by nvcc), each also writing in place (as
+  XLA's chain may: its buffers' reuse); and the host time of a plain ``cuLaunchKernel`` of the cubin.
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ def _graph_child() -> None:
     """The affine cubin in hand-built CUDA graphs (driver API through ctypes, no XLA): microseconds
     per node, by events over a launch of each graph (median of 50), for a chain of ``CHAIN`` kernel
     nodes, a chain of ``CHAIN`` child-graph nodes of one kernel node each, kernel nodes of 100 loads
-    of the cubin, kernel and child-graph nodes of the cubin with XLA's CTA shape (``XLA_GRID``), kernel
-    nodes of ``PLAIN_CUDA`` where nvcc runs; and the host time of one plain ``cuLaunchKernel`` of the
-    cubin on a stream (a ctypes call: an upper bound)."""
+    of the cubin, kernel nodes writing in place, kernel and child-graph nodes of the cubin with XLA's
+    CTA shape (``XLA_GRID``), kernel nodes of ``PLAIN_CUDA`` where nvcc runs and of XLA's own kernel
+    of the op (:func:`_xla_cubin`), out of place and in place; and the host time of one plain
+    ``cuLaunchKernel`` of the cubin on a stream (a ctypes call: an upper bound)."""
     import ctypes
     import time
 
@@ -189,32 +191,34 @@ def _graph_child() -> None:
     check(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
     check(cuda.cuStreamCreate(ctypes.byref(stream), 0), "cuStreamCreate")
     arch = os.environ.get("JAX_TILEK_GRAPH_ARCH", "sm_90a")
-    images = {}  # tuple(shape.items()) -> (cubin image, entry name); shape {"plain": True} is PLAIN_CUDA's
-    for shape in ({}, XLA_GRID):
+    values = SHAPE[0] * SHAPE[1]
+    # name -> (cubin image, entry, CTAs, threads, the int argument: TileLang's rows, the plain kernel's values)
+    images = {}
+    for name, shape in (("tilelang", {}), ("tilelang_xla_grid", XLA_GRID)):
         artifact = affine_kernel.artifact(dict(n_cols=SHAPE[1], **shape), arch, record=False)
-        images[tuple(shape.items())] = (ctypes.create_string_buffer(artifact.cubin, len(artifact.cubin)), artifact.spec.kernels[0].entry.encode())
+        threads = shape.get("threads", 256)
+        images[name] = (artifact.cubin, artifact.spec.kernels[0].entry, values // (threads * shape.get("vector", 8)), threads, SHAPE[0])
     plain = _plain_cubin(arch)
     if plain is not None:
-        images[(("plain", True),)] = (ctypes.create_string_buffer(plain, len(plain)), b"plain_affine")
+        images["plain_nvcc"] = (plain, "plain_affine", values // 128, 128, values)
+    xla = _xla_cubin(arch)
+    if xla is not None:
+        cubin, entry, threads = xla
+        images["xla_ptx"] = (cubin, entry, -(-values // threads), threads, values)
+    images = {name: (ctypes.create_string_buffer(c, len(c)), e.encode(), *rest) for name, (c, e, *rest) in images.items()}
 
-    def load(shape: dict):
-        """A fresh module of the affine cubin of this CTA shape: its entry function."""
-        image, entry = images[tuple(shape.items())]
+    def load(name: str):
+        """A fresh module of cubin ``name``: its entry function."""
+        image, entry = images[name][:2]
         module, function = p(), p()
         check(cuda.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
         check(cuda.cuModuleGetFunction(ctypes.byref(function), module, entry), "cuModuleGetFunction")
         return function
 
-    def dims(shape: dict) -> tuple[int, int]:
-        if shape.get("plain"):
-            return SHAPE[0] * SHAPE[1] // 128, 128
-        threads = shape.get("threads", 256)
-        return SHAPE[0] * SHAPE[1] // (threads * shape.get("vector", 8)), threads
-
-    fn = load({})
+    fn = load("tilelang")
     buffers = [ctypes.c_uint64() for _ in range(2)]
-    for b in buffers:
-        check(cuda.cuMemAlloc_v2(ctypes.byref(b), SHAPE[0] * SHAPE[1] * 2), "cuMemAlloc")
+    for b in buffers:  # 1 MiB: room past the 8 KB a kernel of another's grid might touch
+        check(cuda.cuMemAlloc_v2(ctypes.byref(b), 1 << 20), "cuMemAlloc")
 
     class KernelNodeParams(ctypes.Structure):  # CUDA_KERNEL_NODE_PARAMS_v2
         _fields_ = [("func", p), ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
@@ -222,36 +226,35 @@ def _graph_child() -> None:
 
     keep = []
 
-    def kernel_args(i, extent: int = SHAPE[0]):
-        """x, y and the int the kernel takes (TileLang's: rows; the plain kernel's: values)."""
-        src, dst = buffers[i % 2], buffers[(i + 1) % 2]
+    def kernel_args(i, extent: int, in_place: bool = False):
+        """x, y (x itself ``in_place``) and the int the kernel takes (a kernel of fewer arguments ignores the rest)."""
+        src, dst = buffers[i % 2], buffers[i % 2 if in_place else (i + 1) % 2]
         values = [ctypes.c_uint64(src.value), ctypes.c_uint64(dst.value), ctypes.c_int32(extent)]
         args = (p * 3)(*[ctypes.addressof(v) for v in values])
         keep.extend([values, args])
         return args
 
-    def add_kernel(graph, deps, i, function, shape):
-        ctas, threads = dims(shape)
-        args = kernel_args(i, SHAPE[0] * SHAPE[1] if shape.get("plain") else SHAPE[0])
-        node_params = KernelNodeParams(function, (ctas, 1, 1), (threads, 1, 1), 0, args, None, None, None)
+    def add_kernel(graph, deps, i, function, name, in_place):
+        _, _, ctas, threads, extent = images[name]
+        node_params = KernelNodeParams(function, (ctas, 1, 1), (threads, 1, 1), 0, kernel_args(i, extent, in_place), None, None, None)
         node = p()
         check(cuda.cuGraphAddKernelNode_v2(ctypes.byref(node), graph, deps, len(deps), ctypes.byref(node_params)), "cuGraphAddKernelNode")
         return node
 
-    def build(child_nodes: bool, own_modules: bool, shape: dict):
+    def build(child_nodes: bool, own_modules: bool, name: str, in_place: bool):
         graph = p()
         check(cuda.cuGraphCreate(ctypes.byref(graph), 0), "cuGraphCreate")
-        previous, function = None, load(shape)
+        previous, function = None, load(name)
         for i in range(CHAIN):
             deps = (p * 1)(previous) if previous is not None else (p * 0)()
             if child_nodes:
                 child = p()
                 check(cuda.cuGraphCreate(ctypes.byref(child), 0), "cuGraphCreate")
-                add_kernel(child, (p * 0)(), i, function, shape)
+                add_kernel(child, (p * 0)(), i, function, name, in_place)
                 node = p()
                 check(cuda.cuGraphAddChildGraphNode(ctypes.byref(node), graph, deps, len(deps), child), "cuGraphAddChildGraphNode")
             else:
-                node = add_kernel(graph, deps, i, load(shape) if own_modules else function, shape)
+                node = add_kernel(graph, deps, i, load(name) if own_modules else function, name, in_place)
             previous = node
         executable = p()
         check(cuda.cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, ctypes.c_ulonglong(0)), "cuGraphInstantiate")
@@ -261,12 +264,15 @@ def _graph_child() -> None:
     check(cuda.cuEventCreate(ctypes.byref(start), 0), "cuEventCreate")
     check(cuda.cuEventCreate(ctypes.byref(stop), 0), "cuEventCreate")
     out = {}
-    variants = {"kernel_nodes": (False, False, {}), "child_graph_nodes": (True, False, {}), "kernel_nodes_own_modules": (False, True, {}),
-                "kernel_nodes_xla_grid": (False, False, XLA_GRID), "child_graph_nodes_xla_grid": (True, False, XLA_GRID)}  # fmt: skip
-    if plain is not None:
-        variants["kernel_nodes_plain_nvcc"] = (False, False, {"plain": True})
-    for label, (child_nodes, own_modules, shape) in variants.items():
-        executable = build(child_nodes, own_modules, shape)
+    variants = {  # label -> (child-graph nodes, a module per node, cubin, in place)
+        "kernel_nodes": (False, False, "tilelang", False), "child_graph_nodes": (True, False, "tilelang", False),
+        "kernel_nodes_own_modules": (False, True, "tilelang", False), "kernel_nodes_in_place": (False, False, "tilelang", True),
+        "kernel_nodes_xla_grid": (False, False, "tilelang_xla_grid", False), "child_graph_nodes_xla_grid": (True, False, "tilelang_xla_grid", False),
+    }  # fmt: skip
+    variants |= {f"kernel_nodes_{name}": (False, False, name, False) for name in ("plain_nvcc", "xla_ptx") if name in images}
+    variants |= {"kernel_nodes_xla_ptx_in_place": (False, False, "xla_ptx", True)} if "xla_ptx" in images else {}
+    for label, (child_nodes, own_modules, name, in_place) in variants.items():
+        executable = build(child_nodes, own_modules, name, in_place)
         samples = []
         for _ in range(60):
             check(cuda.cuEventRecord(start, stream), "cuEventRecord")
@@ -277,8 +283,8 @@ def _graph_child() -> None:
             check(cuda.cuEventElapsedTime(ctypes.byref(ms), start, stop), "cuEventElapsedTime")
             samples.append(ms.value * 1e3 / CHAIN)
         out[label] = statistics.median(samples[10:])
-    ctas, threads = dims({})
-    args = kernel_args(0)
+    _, _, ctas, threads, extent = images["tilelang"]
+    args = kernel_args(0, extent)
     launch = cuda.cuLaunchKernel
     samples = []
     for _ in range(7):
@@ -307,6 +313,34 @@ def _plain_cubin(arch: str) -> bytes | None:
             return None
         with open(cubin, "rb") as f:
             return f.read()
+
+
+def _xla_cubin(arch: str) -> tuple[bytes, str, int] | None:
+    """XLA's own kernel of ``x * 2 + 1`` at ``SHAPE`` (bf16): the PTX a JAX process dumps
+    (``--xla_dump_to``), built by nvcc for ``arch``; ``(cubin, entry, threads a CTA)``, or None where
+    no GPU JAX, dump or nvcc is at hand."""
+    import glob
+    import re
+    import tempfile
+
+    from jax_tilek import compiler
+
+    code = ("import jax, jax.numpy as jnp, numpy as np; "
+            f"x = jax.device_put(np.ones({SHAPE}, jnp.bfloat16)); jax.jit(lambda x: x * 2 + 1)(x).block_until_ready()")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp}")
+        try:
+            subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+            ptx = sorted(f for f in glob.glob(os.path.join(tmp, "*.ptx")) if "lambda" in os.path.basename(f))[0]
+            text = open(ptx).read()
+            (entry,) = re.findall(r"\.entry\s+(\w+)\s*\(", text)
+            threads = int(re.search(r"\.(?:reqntid|maxntid)\s+(\d+)", text).group(1))
+            cubin = os.path.join(tmp, "xla.cubin")
+            subprocess.run([compiler.nvcc_path(), f"-arch={arch}", "-cubin", "-o", cubin, ptx], check=True, capture_output=True)
+        except (OSError, IndexError, ValueError, AttributeError, compiler.CompileError, subprocess.CalledProcessError):
+            return None
+        with open(cubin, "rb") as f:
+            return f.read(), entry, threads
 
 
 def _run_child(mode: str, setting: str, **env_extra: str) -> dict:
