@@ -580,6 +580,8 @@ def test_persistent_grid_is_a_launch_time_value(monkeypatch):
     (2048, dict(blocks_per_stage=1), "bfloat16", dict(stages=6, blocks_per_stage=1)),
     (2048, dict(persistent=True), "bfloat16", dict(stages=5, blocks_per_stage=1)),  # beside its own output tile
     (2048, dict(persistent=True), "float32", dict(stages=6, blocks_per_stage=1)),
+    (2048, dict(persistent=True, blocks_per_stage=2), "bfloat16", dict(stages=2)),  # pairs when asked, beside the output tile
+    (7168, dict(multicast=2), "bfloat16", dict(stages=3, blocks_per_stage=2)),  # a CTA a tile: the output tile over the ring
 ])  # fmt: skip
 def test_open_fields_resolve_to_what_fits(k, config, out, resolved):
     """An open ring depth is as many stages as fit, at most 6 K blocks; open K blocks a stage are two
