@@ -412,18 +412,24 @@ OVERLAP_CASES = [  # m, k, n, group sizes, x_sf layout, out dtype, sf_load
 ]
 
 
+def two_configs_program(out: str, first: dict, second: dict):
+    """``(x, x_sf, w, w_sf, sizes) -> (product, product)``: the FP8 product (w as ``[G, N, K]``, an
+    ``out`` result) with config ``first`` and with ``second``."""
+
+    def both(x, x_sf, w, w_sf, sizes):
+        def product(config: dict):
+            fp8 = gemm.grouped_matmul_fp8.with_config(**config)
+            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
+
+        return product(first), product(second)
+
+    return both
+
+
 def overlap_program(out: str, sf_load: str, **options):
     """The product with ``overlap`` (and the config's ``options``) and without it (the promotion after
     each block's wgmma), both with ``sf_load``."""
-
-    def both(x, x_sf, w, w_sf, sizes):
-        def product(**config):
-            fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, **config)
-            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
-
-        return product(overlap=True, **options), product(overlap=False)
-
-    return both
+    return two_configs_program(out, dict(sf_load=sf_load, overlap=True, **options), dict(sf_load=sf_load, overlap=False))
 
 
 # GroupedMatmulFp8Config.blocks_per_stage=2: 2, 4, 8 and 16 K blocks (one to eight stages a tile, the
@@ -481,15 +487,7 @@ def test_overlap_releases_a_stage_after_its_wgmma(k, n, layout, out, sf_load):
 def split_pair_program(out: str, config: dict):
     """The product with two K blocks a stage in the hand-split kernel ``config`` names (persistent, or
     multicast on a CTA a tile) and with one K block a stage and a CTA a tile (TileLang's roles)."""
-
-    def both(x, x_sf, w, w_sf, sizes):
-        def product(**options):
-            fp8 = gemm.grouped_matmul_fp8.with_config(**options)
-            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
-
-        return product(blocks_per_stage=2, **config), product(blocks_per_stage=1)
-
-    return both
+    return two_configs_program(out, dict(blocks_per_stage=2, **config), dict(blocks_per_stage=1))
 
 
 # GroupedMatmulFp8Config.persistent on small cases, with few CTAs assumed (JAX_TILEK_NUM_SMS) so that
@@ -509,15 +507,8 @@ def persistent_program(out: str, sf_load: str, overlap: bool, stages: int, **opt
     """The product with ``persistent`` (a ``stages``-deep ring, and the persistent grid's ``options``:
     ``multicast``, ``pingpong``) and with one CTA per tile (the default depth), both with ``sf_load``
     and ``overlap``."""
-
-    def both(x, x_sf, w, w_sf, sizes):
-        def product(**config):
-            fp8 = gemm.grouped_matmul_fp8.with_config(sf_load=sf_load, overlap=overlap, **config)
-            return fp8(x, x_sf, w, w_sf, sizes, transpose_w=True, preferred_element_type=out, impl="tilelang")
-
-        return product(persistent=True, stages=stages, **options), product()
-
-    return both
+    schedule = dict(sf_load=sf_load, overlap=overlap)
+    return two_configs_program(out, dict(schedule, persistent=True, stages=stages, **options), schedule)
 
 
 @pytest.mark.parametrize("k,n,layout,out,sf_load,overlap,stages", [c[1:3] + c[4:9] for c in PERSISTENT_CASES])
