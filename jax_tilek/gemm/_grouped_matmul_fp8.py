@@ -416,7 +416,8 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
             b_s = T.alloc_shared((slots, BN, BK), FP8)
             sa_s = T.alloc_shared((slots, SF_BOX), sf_dtype) if sf_load == "tma" else None
             # persistent: in use while the ring fills for the next tile, so its own; else over the ring, idle by then
-            c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared and persistent else None
+            # (grouped_matmul_fp8_one_tile_kernel's merge)
+            c_s = T.alloc_shared((BM, BN), out_dtype) if via_shared else None
             full = T.alloc_barrier([1] * stages)  # the producer's elected thread, and the TMA bytes (the multicast x tile's too)
             if multicast == 1:
                 empty = T.alloc_barrier([threads] * stages)  # every consumer thread
@@ -490,11 +491,7 @@ def grouped_matmul_fp8_kernel(k: int, n: int, sf_layout: str, out_dtype: str, st
                             if T.get_thread_binding() % 32 < multicast:
                                 T.mbarrier_arrive(empty[s], T.get_thread_binding() % 32)
                         blocks = blocks + 1
-                    if not via_shared or persistent:
-                        finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
-                    else:
-                        c_one = T.alloc_shared((BM, BN), out_dtype)
-                        finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_one)
+                    finish_tile(out, count, bn, r0, r1, acc, part, row_scale, part_odd, scale_odd, c_s)
                 if pingpong and blocks > 0 and T.get_thread_binding() < PRODUCER_THREADS + 128:
                     T.sync_threads(TURN_BARRIERS[0], threads)  # warpgroup 1's turn signal after its last block
             if multicast > 1:
