@@ -297,22 +297,28 @@ def _graph_child() -> None:
     print(json.dumps(out))
 
 
+def _nvcc_cubin(arch: str, source: str) -> bytes | None:
+    """The cubin nvcc builds for ``arch`` from ``source`` (a .cu or .ptx file; None where no nvcc runs)."""
+    from jax_tilek import compiler
+
+    cubin = os.path.splitext(source)[0] + ".cubin"
+    try:
+        subprocess.run([compiler.nvcc_path(), f"-arch={arch}", "-cubin", "-O3", "-o", cubin, source], check=True, capture_output=True)
+    except (OSError, compiler.CompileError, subprocess.CalledProcessError):
+        return None
+    with open(cubin, "rb") as f:
+        return f.read()
+
+
 def _plain_cubin(arch: str) -> bytes | None:
     """``PLAIN_CUDA`` built by nvcc for ``arch`` (None where no nvcc runs)."""
     import tempfile
 
-    from jax_tilek import compiler
-
     with tempfile.TemporaryDirectory() as tmp:
-        source, cubin = os.path.join(tmp, "plain.cu"), os.path.join(tmp, "plain.cubin")
+        source = os.path.join(tmp, "plain.cu")
         with open(source, "w") as f:
             f.write(PLAIN_CUDA)
-        try:
-            subprocess.run([compiler.nvcc_path(), f"-arch={arch}", "-cubin", "-O3", "-o", cubin, source], check=True, capture_output=True)
-        except (OSError, compiler.CompileError, subprocess.CalledProcessError):
-            return None
-        with open(cubin, "rb") as f:
-            return f.read()
+        return _nvcc_cubin(arch, source)
 
 
 def _xla_cubin(arch: str) -> tuple[bytes, str, int] | None:
@@ -322,8 +328,6 @@ def _xla_cubin(arch: str) -> tuple[bytes, str, int] | None:
     import glob
     import re
     import tempfile
-
-    from jax_tilek import compiler
 
     code = ("import jax, jax.numpy as jnp, numpy as np; "
             f"x = jax.device_put(np.ones({SHAPE}, jnp.bfloat16)); jax.jit(lambda x: x * 2 + 1)(x).block_until_ready()")  # fmt: skip
@@ -335,12 +339,10 @@ def _xla_cubin(arch: str) -> tuple[bytes, str, int] | None:
             text = open(ptx).read()
             (entry,) = re.findall(r"\.entry\s+(\w+)\s*\(", text)
             threads = int(re.search(r"\.(?:reqntid|maxntid)\s+(\d+)", text).group(1))
-            cubin = os.path.join(tmp, "xla.cubin")
-            subprocess.run([compiler.nvcc_path(), f"-arch={arch}", "-cubin", "-o", cubin, ptx], check=True, capture_output=True)
-        except (OSError, IndexError, ValueError, AttributeError, compiler.CompileError, subprocess.CalledProcessError):
+        except (OSError, IndexError, ValueError, AttributeError, subprocess.CalledProcessError):
             return None
-        with open(cubin, "rb") as f:
-            return f.read(), entry, threads
+        cubin = _nvcc_cubin(arch, ptx)
+        return None if cubin is None else (cubin, entry, threads)
 
 
 def _run_child(mode: str, setting: str, **env_extra: str) -> dict:
